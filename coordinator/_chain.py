@@ -1,0 +1,79 @@
+"""The chain interface: what every job needs from "all the blocks, wherever they run".
+
+Jobs (score, generate, tune) are written once against `Chain`. Two implementations exist: `LocalChain`
+streams the blocks from disk in this process; `RemoteChain` sends activations through nodes over
+WebSockets. Hidden states cross this interface in the chain's compute dtype, left-padded, with a 0/1
+token mask.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from slowllm.node import Batch
+
+__all__ = ["Batch", "Chain", "ChainSession"]
+
+
+class ChainSession(ABC):
+    """A generation session: the blocks keep keys/values of everything stepped so far."""
+
+    @abstractmethod
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run new positions `hidden` [B, q, H]; `mask` [B, past + q] covers past and new tokens."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Chain(ABC):
+    n_layer: int
+    dtype: torch.dtype
+    max_batch_tokens: int  # padded tokens per batch that one forward/backward may carry
+    max_batch_rows: int = 1 << 30
+    head_tokens: int = 1 << 16  # positions per LM-head pass (bounded by the chain's memory plan)
+
+    @abstractmethod
+    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
+        """Outputs of the last block for each batch, in order. Batches may be consumed lazily."""
+
+    @abstractmethod
+    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Input gradients for the batches of the preceding `forward(keep_for_backward=True)`."""
+
+    @abstractmethod
+    def open_session(self, batch_size: int, max_length: int) -> ChainSession: ...
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Group item indices into batches, similar lengths together, each within max_tokens padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,148 @@
+"""The model's ends: tokenizer, embeddings (+ their layer norm), final layer norm and the LM head.
+
+The LM head of Bloom is the embedding matrix (250880 x 14336 for Bloom-176B: 7.2 GB in bf16, 14.4 GB
+as fp32). It is never converted whole: it is kept in the checkpoint's dtype (or left on disk when the
+memory plan says so) and applied in vocabulary chunks, converted into one reused buffer. Log-likelihoods
+use a running log-sum-exp over the chunks, so only the positions that are scored are ever computed, and
+the gradient for tuning is a second chunked pass, not a [tokens x vocab] autograd graph.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from slowllm.node import Checkpoint
+from slowllm.node._checkpoint import EMBEDDING, EMBEDDING_NORM, FINAL_NORM
+
+
+class ModelEnds:
+    def __init__(self, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32,
+                 resident_embedding: bool = True, head_chunk_bytes: int = 64 << 20):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.dtype = dtype
+        self.tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path()))
+        self.eos_token_id = self.config.eos_token_id
+        self.bos_token_id = self.config.bos_token_id
+        eps = self.config.layer_norm_epsilon
+        norms = {k: t.float().clone() for k, t in checkpoint.read([*EMBEDDING_NORM, *FINAL_NORM]).items()}
+        self._emb_norm = (norms[EMBEDDING_NORM[0]], norms[EMBEDDING_NORM[1]], eps)
+        self._final_norm = (norms[FINAL_NORM[0]], norms[FINAL_NORM[1]], eps)
+        self.vocab_size, self.hidden_size = checkpoint.meta(EMBEDDING)[0]
+        self._resident: dict[str, torch.Tensor] = {}
+        if resident_embedding:  # kept in the checkpoint's dtype: for 176B, 7.2 GB instead of 14.4
+            keys = {EMBEDDING, checkpoint.head_key}
+            self._resident = {k: t.clone() for k, t in checkpoint.read(sorted(keys)).items()}
+        row_bytes = self.hidden_size * max(dtype.itemsize, checkpoint.meta(EMBEDDING)[1].itemsize)
+        self.head_chunk_rows = max(256, min(self.vocab_size, head_chunk_bytes // row_bytes))
+        self._buffer: torch.Tensor | None = None
+
+    # ---- text ----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ---- embeddings ----------------------------------------------------------------------------
+    def _matrix(self, key: str) -> torch.Tensor:
+        # Non-resident: a fresh memory map per use, dropped after, so its pages leave our RSS again.
+        return self._resident[key] if key in self._resident else self.checkpoint.read([key])[key]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Raw input embeddings [B, T, H] in fp32 (before the embedding layer norm, as `inputs_embeds`)."""
+        matrix = self._matrix(EMBEDDING)
+        return matrix[ids.reshape(-1)].float().reshape(*ids.shape, self.hidden_size)
+
+    def embed_norm(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        w, b, eps = self._emb_norm
+        return F.layer_norm(inputs_embeds, (self.hidden_size,), w, b, eps)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        w, b, eps = self._final_norm
+        return F.layer_norm(hidden.float(), (self.hidden_size,), w, b, eps)
+
+    # ---- LM head -------------------------------------------------------------------------------
+    def _head_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, weight rows in compute dtype), converted into one reused buffer."""
+        key = self.checkpoint.head_key
+        rows = self.head_chunk_rows
+        if self._buffer is None or self._buffer.dtype != self.dtype:
+            self._buffer = torch.empty(rows, self.hidden_size, dtype=self.dtype)
+        for start in range(0, self.vocab_size, rows):
+            stop = min(start + rows, self.vocab_size)
+            source = self._matrix(key)[start:stop]
+            if source.dtype == self.dtype and key in self._resident:
+                yield start, source
+            else:
+                chunk = self._buffer[: stop - start]
+                chunk.copy_(source)
+                yield start, chunk
+            del source
+
+    def _chunk_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (hidden.to(self.dtype) @ weight.T).float()
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits [N, V] in fp32 for normed hidden states [N, H] (generation: N is the batch)."""
+        out = torch.empty(hidden.shape[0], self.vocab_size, dtype=torch.float32)
+        for start, w in self._head_chunks():
+            out[:, start:start + w.shape[0]] = self._chunk_logits(hidden, w)
+        return out
+
+    @torch.no_grad()
+    def target_stats(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For normed hidden [N, H] and target ids [N]: (log p(target), target is the argmax, logsumexp)."""
+        n = hidden.shape[0]
+        run_max = torch.full((n,), float("-inf"))
+        run_sum = torch.zeros(n)
+        best = torch.full((n,), float("-inf"))
+        best_id = torch.zeros(n, dtype=torch.long)
+        target_logit = torch.zeros(n)
+        for start, w in self._head_chunks():
+            logits = self._chunk_logits(hidden, w)
+            chunk_max, chunk_arg = logits.max(dim=1)
+            better = chunk_max > best
+            best = torch.where(better, chunk_max, best)
+            best_id = torch.where(better, chunk_arg + start, best_id)
+            new_max = torch.maximum(run_max, chunk_max)
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            run_max = new_max
+            inside = (targets >= start) & (targets < start + w.shape[0])
+            if inside.any():
+                rows = inside.nonzero().squeeze(1)
+                target_logit[rows] = logits[rows, targets[rows] - start]
+        lse = run_max + torch.log(run_sum)
+        return target_logit - lse, best_id == targets, lse
+
+    def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log p(target) per position, differentiable w.r.t. `hidden` (chunked forward and backward)."""
+        return _ChunkedNLL.apply(hidden, targets, self)
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, targets, ends: ModelEnds):
+        logprob, _, lse = ends.target_stats(hidden.detach(), targets)
+        ctx.save_for_backward(hidden, targets, lse)
+        ctx.ends = ends
+        return -logprob
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, targets, lse = ctx.saved_tensors
+        ends: ModelEnds = ctx.ends
+        grad = torch.zeros(hidden.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for start, w in ends._head_chunks():
+                probs = torch.exp(ends._chunk_logits(hidden, w) - lse[:, None])
+                inside = (targets >= start) & (targets < start + w.shape[0])
+                rows = inside.nonzero().squeeze(1)
+                probs[rows, targets[rows] - start] -= 1.0
+                grad += (probs * grad_out[:, None]) @ w.float()
+        return grad.to(hidden.dtype), None, None

@@ -1,0 +1,213 @@
+"""The jobs, written once against `Chain`: score continuations and generate text.
+
+Both run identically over the local streaming chain and the remote chain of nodes. Inputs are
+left-padded (so every row's last position is its newest token) and sorted by length into batches that
+fit the chain's limits; a soft prompt, when given, sits between the padding and the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from slowllm.protocol import InputError
+
+from ._chain import Batch, Chain, plan_batches
+from ._ends import ModelEnds
+
+
+def inputs_embeds(ends: ModelEnds, rows: Sequence[Sequence[int]],
+                  soft_prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `inputs_embeds` [B, T, H] (fp32, differentiable w.r.t. the soft prompt) and mask [B, T]."""
+    p = 0 if soft_prompt is None else soft_prompt.shape[0]
+    width = max(len(r) for r in rows) + p
+    ids = torch.full((len(rows), width), ends.config.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) - p:] = 1
+    embeds = ends.embed(ids)
+    if soft_prompt is not None:
+        embeds = torch.stack([
+            torch.cat([embeds[i, : width - len(r) - p], soft_prompt.float(), embeds[i, width - len(r):]])
+            for i, r in enumerate(rows)
+        ])
+    return embeds, mask
+
+
+def hidden_batch(ends: ModelEnds, rows, soft_prompt=None) -> Batch:
+    embeds, mask = inputs_embeds(ends, rows, soft_prompt)
+    with torch.no_grad():
+        return Batch(ends.embed_norm(embeds), mask)
+
+
+# ---- score ---------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    line: int
+    choice: int | None
+    inputs: list[int]  # context + continuation, without the last token
+    targets: list[int]  # the continuation tokens
+
+
+def parse_score_request(obj, line: int) -> list[str] | str:
+    if not isinstance(obj, dict) or not isinstance(obj.get("context"), str):
+        raise InputError(f"line {line}: expected an object with a string \"context\" and a \"continuation\" or \"choices\".")
+    if isinstance(obj.get("continuation"), str):
+        return obj["continuation"]
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+        return choices
+    raise InputError(f"line {line}: needs a string \"continuation\" or a non-empty list of string \"choices\".")
+
+
+def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: torch.Tensor | None = None) -> list[dict]:
+    """Log-likelihood of each continuation given its context (lm-evaluation-harness conventions).
+
+    Context and continuation are tokenized separately and concatenated; an empty context is replaced
+    by the end-of-text token, as the harness does. All lines go through the chain in one pass.
+    """
+    items: list[_Item] = []
+    for line, req in enumerate(requests, start=1):
+        conts = parse_score_request(req, line)
+        ctx = ends.encode(req["context"]) or [ends.eos_token_id]
+        for choice, cont in enumerate([conts] if isinstance(conts, str) else conts):
+            cont_ids = ends.encode(cont)
+            if not cont_ids:
+                raise InputError(f"line {line}: a continuation is empty; give it at least one character.")
+            seq = ctx + cont_ids
+            items.append(_Item(line, None if isinstance(conts, str) else choice, seq[:-1], cont_ids))
+    p = 0 if soft_prompt is None else soft_prompt.shape[0]
+    batches = plan_batches([len(it.inputs) + p for it in items], chain.max_batch_tokens, chain.max_batch_rows)
+
+    def make() -> Iterator[Batch]:
+        for batch in batches:
+            yield hidden_batch(ends, [items[i].inputs for i in batch], soft_prompt)
+
+    logprob = [0.0] * len(items)
+    greedy = [True] * len(items)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (item, hidden rows, targets)
+    pending_tokens = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_tokens
+        if not pending:
+            return
+        hidden = torch.cat([h for _, h, _ in pending])
+        targets = torch.cat([t for _, _, t in pending])
+        lp, is_best, _ = ends.target_stats(hidden, targets)
+        offset = 0
+        for i, h, _ in pending:
+            n = h.shape[0]
+            logprob[i] += lp[offset:offset + n].double().sum().item()
+            greedy[i] = greedy[i] and bool(is_best[offset:offset + n].all())
+            offset += n
+        pending, pending_tokens = [], 0
+
+    for batch, out in zip(batches, chain.forward(make())):
+        width = out.shape[1]
+        for row, i in enumerate(batch):
+            it = items[i]
+            n = len(it.targets)
+            cols = torch.arange(width - n, width)  # the last n inputs predict the continuation
+            with torch.no_grad():
+                pending.append((i, ends.final_norm(out[row, cols]), torch.tensor(it.targets)))
+            pending_tokens += n
+            if pending_tokens >= chain.head_tokens:
+                flush()
+    flush()
+
+    results: list[dict] = []
+    for line, req in enumerate(requests, start=1):
+        mine = [i for i, it in enumerate(items) if it.line == line]
+        if mine and items[mine[0]].choice is None:
+            results.append({"logprob": logprob[mine[0]], "is_greedy": greedy[mine[0]]})
+        else:
+            lps = [logprob[i] for i in mine]
+            results.append({"logprobs": lps, "is_greedy": [greedy[i] for i in mine],
+                            "best": max(range(len(lps)), key=lps.__getitem__)})
+    return results
+
+
+# ---- generate ------------------------------------------------------------------------------------
+@dataclass
+class Sampling:
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1.")
+        if self.temperature < 0:
+            raise InputError("--temperature must be 0 (greedy) or positive.")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError("--top-k must be at least 1.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError("--top-p must be in (0, 1].")
+
+
+def pick_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= s.top_p  # keep the first token always
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def generate(ends: ModelEnds, chain: Chain, prompts: Sequence[str], sampling: Sampling,
+             soft_prompt: torch.Tensor | None = None,
+             on_tokens: Callable[[int, list[int]], None] | None = None) -> list[dict]:
+    """Generate for several prompts together: one pass over the blocks advances every prompt by a token.
+
+    Stops a prompt at EOS (not included in the output) or at `max_new_tokens`. `on_tokens(i, ids)` is
+    called as tokens arrive (for streaming clients).
+    """
+    sampling.check()
+    rows = [ends.encode(p) or [ends.bos_token_id] for p in prompts]
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    results: list[dict] = [{} for _ in prompts]
+    p = 0 if soft_prompt is None else soft_prompt.shape[0]
+    groups = plan_batches([len(r) + p + sampling.max_new_tokens for r in rows],
+                          chain.max_batch_tokens, chain.max_batch_rows)
+    for group in sorted(groups):
+        batch = hidden_batch(ends, [rows[i] for i in group], soft_prompt)
+        out_ids: list[list[int]] = [[] for _ in group]
+        done = [False] * len(group)
+        reason = ["length"] * len(group)
+        mask = batch.mask
+        with chain.open_session(len(group), mask.shape[1] + sampling.max_new_tokens) as session:
+            hidden = session.step(batch.hidden, mask)
+            for step in range(sampling.max_new_tokens):
+                with torch.no_grad():
+                    logits = ends.logits(ends.final_norm(hidden[:, -1]))
+                nxt = pick_tokens(logits, sampling, generator)
+                for j, token in enumerate(nxt.tolist()):
+                    if done[j]:
+                        continue
+                    if token == ends.eos_token_id:
+                        done[j], reason[j] = True, "eos"
+                        continue
+                    out_ids[j].append(token)
+                    if on_tokens:
+                        on_tokens(group[j], [token])
+                if all(done) or step == sampling.max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones(len(group), 1, dtype=mask.dtype)], dim=1)
+                with torch.no_grad():
+                    hidden = session.step(ends.embed_norm(ends.embed(nxt[:, None])), mask)
+        for j, i in enumerate(group):
+            results[i] = {"prompt": prompts[i], "text": ends.decode(out_ids[j]), "token_ids": out_ids[j],
+                          "finish_reason": reason[j]}
+    return results

@@ -1,0 +1,112 @@
+"""Local mode: the chain is the disk-streaming executor in this process, within a RAM budget.
+
+`plan_memory` splits `--max-ram` (the whole process, interpreter included) between what is already
+used, the blocks in flight, the model's ends and activations, and refuses up front, saying how much is
+needed, when one block cannot fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from slowllm.node import Checkpoint, StreamingExecutor, block_keys, format_size, process_rss
+from slowllm.node._checkpoint import EMBEDDING
+from slowllm.protocol import MemoryBudgetError
+
+from ._chain import Batch, Chain, ChainSession
+
+
+@dataclass
+class MemoryPlan:
+    max_ram: int
+    baseline: int  # the process before any model memory (interpreter, torch, libraries)
+    blocks: int  # weights in flight
+    prefetch: bool
+    resident_embedding: bool
+    ends: int
+    activations: int  # SpillStore budget
+    work: int  # transient memory inside a block / LM-head chunk
+    max_batch_tokens: int
+    head_chunk_bytes: int
+
+
+def _work_per_token(checkpoint: Checkpoint, dtype: torch.dtype, length: int) -> int:
+    # Inside one block, per token: fused qkv, context, MLP 4h twice, norms and residuals (~16 hidden
+    # vectors), attention scores in fp32 (x3 copies), doubled for the recompute graph of backward.
+    c = checkpoint.config
+    return 2 * (16 * c.hidden_size * dtype.itemsize + 3 * c.n_head * length * 4)
+
+
+def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, prefetch: bool = True,
+                max_length: int = 2048) -> MemoryPlan:
+    baseline = process_rss()
+    raw_block = checkpoint.nbytes(block_keys(0))
+    zero_copy = checkpoint.storage_dtype() == dtype
+    compute_block = raw_block // checkpoint.storage_dtype().itemsize * dtype.itemsize
+
+    def blocks_bytes(pre: bool) -> int:
+        return raw_block * (2 if pre else 1) if zero_copy else compute_block + raw_block
+
+    embedding = checkpoint.nbytes([EMBEDDING])
+    per_token = _work_per_token(checkpoint, dtype, max_length)
+    min_work = per_token * 16 + 16 * checkpoint.hidden_size * 256 * 4
+    free = max_ram - baseline
+    if free < blocks_bytes(prefetch) + min_work:
+        prefetch = False
+    need = baseline + blocks_bytes(prefetch) + min_work
+    if max_ram < need:
+        raise MemoryBudgetError(
+            f"--max-ram {format_size(max_ram)} is too small: streaming this model needs at least "
+            f"{format_size(need)} (one block is {format_size(compute_block)} in {str(dtype).removeprefix('torch.')}, "
+            f"and this process already uses {format_size(baseline)}); raise --max-ram"
+            + (" or use --dtype bfloat16." if dtype == torch.float32 else ".")
+        )
+    rest = free - blocks_bytes(prefetch)
+    resident = embedding <= rest // 4  # the head is re-read per pass otherwise: keep it if it is cheap
+    rest -= embedding if resident else 0
+    work = max(min_work, rest * 2 // 5)
+    activations = max(0, rest - work)
+    head_chunk = max(16 * checkpoint.hidden_size * 256, min(256 << 20, work // 4))
+    return MemoryPlan(max_ram=max_ram, baseline=baseline, blocks=blocks_bytes(prefetch), prefetch=prefetch,
+                      resident_embedding=resident, ends=embedding if resident else 0, activations=activations,
+                      work=work, max_batch_tokens=max(16, (work - head_chunk) // per_token),
+                      head_chunk_bytes=head_chunk)
+
+
+class LocalChain(Chain):
+    """All blocks streamed from the checkpoint in this process."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: MemoryPlan, *, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None):
+        self.checkpoint = checkpoint
+        self.plan = plan
+        self.n_layer = checkpoint.n_layer
+        self.dtype = dtype
+        self.max_batch_tokens = plan.max_batch_tokens
+        self.head_tokens = max(64, plan.work // 2 // (checkpoint.hidden_size * 8 + 1))
+        self.executor = StreamingExecutor(checkpoint, dtype=dtype, device=device,
+                                          activation_budget=plan.activations, prefetch=plan.prefetch,
+                                          spill_dir=spill_dir, progress=progress)
+
+    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
+        return self.executor.forward(batches, keep_for_backward)
+
+    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.executor.backward(grads, masks)
+
+    def open_session(self, batch_size: int, max_length: int) -> ChainSession:
+        return _LocalSession(self.executor.session())
+
+
+class _LocalSession(ChainSession):
+    def __init__(self, session):
+        self._session = session
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._session.step(hidden, mask)
+
+    def close(self) -> None:
+        self._session.close()

@@ -1,0 +1,103 @@
+"""Small random-weight Bloom checkpoints with a real tokenizer, made offline.
+
+`slowllm demo`, the tests and the benchmarks use these: nothing is ever downloaded. The weights are
+drawn with a larger standard deviation than Bloom's default init, because at the default init every
+prompt collapses to one repeated token, which would hide KV-cache and padding bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Bloom's ids 0..3
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A slow model still answers if you wait for it.
+Bloom is a large language model trained on many languages. Each block holds attention and a small
+network; the blocks run one after another, and the last one feeds the head that picks the next word.
+Is the sky blue? Yes. Is fire cold? No. Which is larger, a mouse or an elephant? An elephant.
+Volunteers lend their computers, and a coordinator routes the activations through them in order.
+Once upon a time there was a researcher without a cluster, who read every block from disk in turn.
+Questions and answers, stories and lists: one, two, three, four, five, six, seven, eight, nine, ten.
+The capital of France is Paris. The capital of Italy is Rome. Water boils at one hundred degrees.
+"""
+
+
+def train_tokenizer(vocab_size: int = 384) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    return tok
+
+
+def tiny_config(n_layer: int = 6, hidden: int = 64, n_head: int = 4, vocab_size: int = 384,
+                std: float = 0.25) -> BloomConfig:
+    return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
+                       initializer_range=std, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, *, seed: int = 0,
+                    fmt: str = "safetensors", sharded: bool = True, prefix: bool = True,
+                    dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Path:
+    """Write a random Bloom checkpoint to `path`.
+
+    fmt "safetensors" with prefix=True is transformers' own `save_pretrained`; the other layouts (keys
+    without `transformer.` as in bigscience/bloom, `.bin` shards) are written by hand as those repos have them.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = config or tiny_config()
+    torch.manual_seed(seed)
+    model = BloomForCausalLM(config).to(dtype)
+    if fmt == "safetensors" and prefix:
+        shard = "20KB" if sharded else "10GB"
+        if sharded:  # about one shard per block, like bigscience/bloom
+            per_block = sum(p.numel() for p in model.transformer.h[0].parameters()) * dtype.itemsize
+            shard = f"{max(per_block // 1000 + 1, 1)}KB"
+        model.save_pretrained(path, max_shard_size=shard)
+    else:
+        _write_by_hand(model, path, fmt=fmt, sharded=sharded, prefix=prefix)
+        config.save_pretrained(path)
+    if tokenizer:
+        tok = train_tokenizer(config.vocab_size)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                       eos_token="</s>", pad_token="<pad>")
+        fast.save_pretrained(path)
+    return path
+
+
+def _write_by_hand(model: BloomForCausalLM, path: Path, *, fmt: str, sharded: bool, prefix: bool) -> None:
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if not prefix:
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        parts = key.removeprefix("transformer.").split(".")
+        group = f"h{parts[1]}" if parts[0] == "h" else "ends"
+        groups.setdefault(group if sharded else "all", {})[key] = tensor
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+    weight_map, total = {}, 0
+    for i, (_, tensors) in enumerate(groups.items()):
+        name = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" if sharded else f"{stem}.{ext}"
+        if ext == "safetensors":
+            save_file(tensors, str(path / name), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, path / name)
+        for key, tensor in tensors.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    if sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))

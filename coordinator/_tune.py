@@ -1,0 +1,103 @@
+"""Soft-prompt tuning: the model stays frozen; only `prompt_tokens` input embeddings are trained.
+
+One step: embed the batch with the prompt prepended (autograd records only the prompt and the embedding
+layer norm), run the chain forward keeping each block's input, take the mean NLL of the continuation
+tokens through the chunked LM head, send its gradient back through the chain (which recomputes each
+block from its saved input), and finish the backward pass into the prompt. Adam updates the prompt
+only after the whole step succeeded, so a failed step is never half-applied.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from slowllm.protocol import InputError
+
+from ._chain import Batch, Chain
+from ._ends import ModelEnds
+from ._jobs import inputs_embeds
+
+
+@dataclass
+class TuneOptions:
+    prompt_tokens: int = 8
+    steps: int = 20
+    lr: float = 1e-2
+    batch_size: int = 4
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.prompt_tokens < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise InputError("--prompt-tokens, --steps and --batch-size must be at least 1, and --lr positive.")
+
+
+def tokenize_examples(ends: ModelEnds, data: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+    examples = []
+    for line, obj in enumerate(data, start=1):
+        if not (isinstance(obj, dict) and isinstance(obj.get("context"), str) and isinstance(obj.get("continuation"), str)):
+            raise InputError(f"line {line}: tuning needs objects with string \"context\" and \"continuation\".")
+        ctx, cont = ends.encode(obj["context"]) or [ends.eos_token_id], ends.encode(obj["continuation"])
+        if not cont:
+            raise InputError(f"line {line}: the continuation is empty; give it at least one character.")
+        examples.append((ctx, cont))
+    if not examples:
+        raise InputError("the tuning data is empty: give at least one {\"context\", \"continuation\"} line.")
+    return examples
+
+
+def init_prompt(ends: ModelEnds, tokens: int, seed: int) -> torch.Tensor:
+    """Start from the embeddings of random vocabulary tokens (a common, stable initialisation)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, ends.vocab_size, (tokens,), generator=g)
+    return ends.embed(ids[None])[0].clone()
+
+
+def loss_and_grad(ends: ModelEnds, chain: Chain, prompt: torch.Tensor,
+                  batch: Sequence[tuple[list[int], list[int]]]) -> tuple[float, torch.Tensor]:
+    """Mean continuation NLL for one batch and its gradient w.r.t. the prompt (model frozen)."""
+    prompt = prompt.detach().requires_grad_(True)
+    rows = [(ctx + cont)[:-1] for ctx, cont in batch]
+    embeds, mask = inputs_embeds(ends, rows, prompt)
+    hidden0 = ends.embed_norm(embeds)
+    (out,) = list(chain.forward([Batch(hidden0.detach(), mask)], keep_for_backward=True))
+    out = out.detach().float().requires_grad_(True)
+    width = out.shape[1]
+    picked, targets = [], []
+    for r, (_, cont) in enumerate(batch):
+        picked.append(out[r, width - len(cont):])
+        targets += cont
+    normed = ends.final_norm(torch.cat(picked))
+    loss = ends.nll(normed, torch.tensor(targets)).mean()
+    loss.backward()
+    (grad_in,) = chain.backward([out.grad], [mask])
+    hidden0.backward(grad_in.float())
+    return loss.item(), prompt.grad
+
+
+def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptions,
+         on_step: Callable[[int, float], None] | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    options.check()
+    examples = tokenize_examples(ends, data)
+    prompt = (init_prompt(ends, options.prompt_tokens, options.seed) if prompt is None else prompt.clone()).float()
+    prompt = torch.nn.Parameter(prompt)
+    optimizer = torch.optim.Adam([prompt], lr=options.lr)
+    order = random.Random(options.seed)
+    queue: list[int] = []
+    for step in range(1, options.steps + 1):
+        batch = []
+        while len(batch) < min(options.batch_size, len(examples)):
+            if not queue:
+                queue = list(range(len(examples)))
+                order.shuffle(queue)
+            batch.append(examples[queue.pop()])
+        loss, grad = loss_and_grad(ends, chain, prompt, batch)
+        prompt.grad = grad
+        optimizer.step()
+        optimizer.zero_grad()
+        if on_step:
+            on_step(step, loss)
+    return prompt.detach()

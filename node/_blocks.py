@@ -1,0 +1,140 @@
+"""Run transformers' own `BloomBlock` on weights we load ourselves.
+
+Attention, MLP and layer norms are transformers' code; this module only decides where the weights come
+from, builds the alibi bias and the causal + padding mask once per batch (not once per block), and keeps
+the per-block key/value cache that `BloomAttention` appends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import BloomConfig
+from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
+
+from ._checkpoint import BLOCK_SUFFIXES
+
+
+def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> BloomBlock:
+    """An empty block whose parameters are filled by `load_weights`.
+
+    layer_idx is 0 because every block gets a cache object of its own (`BlockCache`).
+    """
+    with torch.device("meta"):
+        block = BloomBlock(config, layer_idx=0)
+    block.to_empty(device=device).to(dtype)
+    block.eval()
+    block.requires_grad_(False)
+    return block
+
+
+def load_weights(block: BloomBlock, tensors: dict[str, torch.Tensor], layer: int) -> None:
+    """Point or copy the block's parameters at one layer's tensors.
+
+    When the checkpoint already holds the compute dtype on the same device, the parameters become the
+    (memory-mapped) checkpoint tensors themselves: no copy, no allocation. Otherwise the tensors are
+    converted into the block's existing parameter buffers, which is several times faster than
+    converting into freshly allocated tensors.
+    """
+    params = dict(block.named_parameters())
+    for suffix in BLOCK_SUFFIXES:
+        src = tensors[f"h.{layer}.{suffix}"]
+        param = params[suffix]
+        if src.shape != block_param_shape(block, suffix):
+            raise ValueError(f"tensor h.{layer}.{suffix} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
+        if src.dtype == param.dtype and src.device == param.device:
+            param.data = src
+        else:
+            if param.data.shape != src.shape:  # released earlier: allocate the buffer once more
+                param.data = torch.empty(src.shape, dtype=param.dtype, device=param.device)
+            param.data.copy_(src)
+
+
+def release_weights(block: BloomBlock) -> None:
+    """Drop the block's references to checkpoint memory maps so their pages can be reclaimed."""
+    for param in block.parameters():
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+def block_param_shape(block: BloomBlock, suffix: str) -> tuple[int, ...]:
+    h = block.self_attention.hidden_size
+    inner = {"query_key_value": 3 * h, "dense_h_to_4h": 4 * h}
+    name, kind = suffix.rsplit(".", 2)[-2:]
+    rows = inner.get(name, h)
+    if kind == "bias" or "layernorm" in suffix:
+        return (rows,)
+    return (rows, 4 * h) if name == "dense_4h_to_h" else (rows, h)
+
+
+def block_nbytes(config: BloomConfig, dtype: torch.dtype) -> int:
+    h = config.hidden_size
+    params = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
+    return params * dtype.itemsize
+
+
+@dataclass
+class AttentionInputs:
+    """Alibi bias and additive mask for one batch, shared by every block it passes through."""
+
+    alibi: torch.Tensor  # [batch * heads, 1, kv_len]
+    mask: torch.Tensor  # [batch, 1, q_len, kv_len], 0 where attention is allowed, dtype-min elsewhere
+
+
+def attention_inputs(attention_mask: torch.Tensor, q_len: int, n_head: int, dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> AttentionInputs:
+    """Build alibi and mask for queries that are the last `q_len` positions of `attention_mask` [B, T].
+
+    Alibi positions count only real tokens (transformers' `build_alibi_tensor`), so a left-padded row
+    gets exactly the biases of the same prompt unpadded. Every query may attend to itself, so rows of
+    padding never see an all-masked softmax (which would give NaN and poison later steps' caches).
+    """
+    attention_mask = attention_mask.to(device)
+    batch, kv_len = attention_mask.shape
+    alibi = build_alibi_tensor(attention_mask, n_head, dtype)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & attention_mask.bool()[:, None, :]
+    allowed |= (k_pos == q_pos)[None]
+    mask = torch.zeros(batch, 1, q_len, kv_len, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return AttentionInputs(alibi, mask)
+
+
+class BlockCache:
+    """Keys and values of one block for one generation session (the `Cache.update` that BloomAttention calls).
+
+    Tensors grow by concatenation, as transformers' DynamicCache does; `state`/`from_state` let the
+    streaming executor move a cache to disk and back.
+    """
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        self.keys, self.values = keys, values
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.keys is None else {"keys": self.keys.contiguous(), "values": self.values.contiguous()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockCache":
+        return cls(state.get("keys"), state.get("values"))
+
+
+def run_block(block: BloomBlock, hidden: torch.Tensor, attn: AttentionInputs,
+              cache: BlockCache | None = None) -> torch.Tensor:
+    out, _ = block(hidden, alibi=attn.alibi, attention_mask=attn.mask, layer_past=cache, use_cache=cache is not None)
+    return out

@@ -1,0 +1,238 @@
+"""The disk-streaming executor: Bloom with one block in RAM at a time.
+
+Every input goes through block i before block i+1 is needed, so each pass reads the weights once,
+however many inputs there are. A reader thread pulls the next block into the page cache while the
+current one computes (IO overlaps compute without taking a core: see `touch`). Activations, the inputs
+saved for backward and generation KV caches live in `SpillStore`s: in RAM within the budget, on disk
+beyond it, so the number of inputs is not bounded by memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ._blocks import AttentionInputs, BlockCache, attention_inputs, load_weights, new_block, release_weights, run_block
+from ._checkpoint import Checkpoint, block_keys, touch
+from ._memory import SpillStore
+
+
+@dataclass
+class Batch:
+    """Hidden states of a left-padded batch and its token mask (1 = real token)."""
+
+    hidden: torch.Tensor  # [batch, length, hidden]
+    mask: torch.Tensor  # [batch, length]
+
+
+class BlockStream:
+    """Yields (layer, block) for a sequence of layers, reading the next block while the caller computes.
+
+    The yielded block is only valid until the next iteration. When the checkpoint's dtype is the compute
+    dtype the block's parameters are the memory-mapped checkpoint tensors (zero copy): two blocks are in
+    flight. Otherwise weights are converted into one reusable block: that block plus one raw block.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: str = "cpu", prefetch: bool = True):
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.zero_copy = checkpoint.storage_dtype() == dtype and self.device.type == "cpu"
+        self._block = new_block(checkpoint.config, dtype, self.device)
+        if self.zero_copy:
+            release_weights(self._block)
+
+    def bytes_in_flight(self) -> int:
+        """Peak bytes of weights this stream holds at once (for the memory plan)."""
+        raw = self.checkpoint.nbytes(block_keys(0))
+        if self.zero_copy:
+            return raw * (2 if self.prefetch else 1)
+        compute = raw // self.checkpoint.storage_dtype().itemsize * self.dtype.itemsize
+        return compute + raw
+
+    def blocks(self, layers: Sequence[int], desc: str = "blocks", tokens: int = 0,
+               progress: bool | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
+        slots = threading.Semaphore(2 if self.zero_copy and self.prefetch else 1)
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def load(layer: int):
+            try:
+                tensors = self.checkpoint.read(block_keys(layer))
+                touch(list(tensors.values()))
+                return layer, tensors, None
+            except BaseException as e:  # handed to the consumer, which raises it
+                return layer, None, e
+
+        def reader() -> None:
+            for layer in layers:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                item = load(layer)
+                ready.put(item)
+                if item[2] is not None:
+                    return
+
+        if self.prefetch:
+            threading.Thread(target=reader, name="slowllm-block-reader", daemon=True).start()
+        bar = tqdm(total=len(layers), desc=desc, unit="block", file=sys.stderr, leave=False,
+                   disable=None if progress is None else not progress)
+        start = time.perf_counter()
+        try:
+            for i, layer in enumerate(layers):
+                if self.prefetch:
+                    item = ready.get()
+                else:
+                    slots.acquire()
+                    item = load(layer)
+                layer, tensors, error = item
+                del item
+                if error is not None:
+                    raise error
+                load_weights(self._block, tensors, layer)
+                del tensors
+                if not self.zero_copy:
+                    slots.release()  # converted into the block: the raw pages may go
+                yield layer, self._block
+                if self.zero_copy:
+                    release_weights(self._block)
+                    slots.release()
+                bar.update(1)
+                if tokens:
+                    bar.set_postfix_str(f"{tokens * (i + 1) / (time.perf_counter() - start):.0f} tok-blocks/s")
+        finally:
+            stop.set()
+            bar.close()
+            if self.zero_copy:
+                release_weights(self._block)
+
+
+class StreamingExecutor:
+    """Forward, backward and generation steps of blocks [0, n_layer) streamed from a checkpoint."""
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 activation_budget: int = 1 << 62, prefetch: bool = True, spill_dir: str | None = None,
+                 progress: bool | None = None):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.n_layer = checkpoint.n_layer
+        self.dtype = dtype
+        self.device = device
+        self.stream = BlockStream(checkpoint, dtype, device, prefetch)
+        self.activation_budget = activation_budget
+        self.spill_dir = spill_dir
+        self.progress = progress
+        self._saved: SpillStore | None = None  # block inputs kept for backward
+        self._saved_count = 0
+        self.passes = 0  # weight passes made (the figure that streaming tries to minimise)
+
+    def _attn(self, mask: torch.Tensor, q_len: int) -> AttentionInputs:
+        return attention_inputs(mask, q_len, self.config.n_head, self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False,
+                desc: str = "forward") -> Iterator[torch.Tensor]:
+        """Pass every batch through all blocks, one block at a time; yield outputs in batch order."""
+        self._drop_saved()
+        budget = self.activation_budget // (2 if keep_for_backward else 1)
+        acts = SpillStore(budget, self.spill_dir)
+        saved = SpillStore(budget, self.spill_dir) if keep_for_backward else None
+        try:
+            count, tokens = 0, 0
+            for batch in batches:  # consumed lazily: the caller may build embeddings batch by batch
+                hidden = batch.hidden.to(self.device, self.dtype)
+                attn = self._attn(batch.mask, hidden.shape[1])
+                acts.put(count, {"h": hidden, "alibi": attn.alibi, "mask": attn.mask})
+                count += 1
+                tokens += hidden.shape[0] * hidden.shape[1]
+            self.passes += 1
+            for layer, block in self.stream.blocks(range(self.n_layer), desc, tokens, self.progress):
+                for j in range(count):
+                    entry = acts.get(j)
+                    if saved is not None:
+                        saved.put((layer, j), {"h": entry["h"]})
+                    out = run_block(block, entry["h"], AttentionInputs(entry["alibi"], entry["mask"]))
+                    acts.put(j, {**entry, "h": out})
+            if saved is not None:
+                self._saved, self._saved_count = saved, count
+                saved = None
+            for j in range(count):
+                yield acts.get(j)["h"]
+                acts.pop(j)
+        finally:
+            acts.close()
+            if saved is not None:
+                saved.close()
+
+    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                 desc: str = "backward") -> list[torch.Tensor]:
+        """Gradients w.r.t. the inputs of the last `forward(keep_for_backward=True)`.
+
+        Streams the blocks in reverse and recomputes each block's forward from its saved input, so no
+        block's internals are kept between the passes.
+        """
+        if self._saved is None or len(grads) != self._saved_count:
+            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
+        grads = [g.to(self.device, self.dtype) for g in grads]
+        attns = [self._attn(m, g.shape[1]) for m, g in zip(masks, grads)]
+        self.passes += 1
+        try:
+            layers = list(reversed(range(self.n_layer)))
+            tokens = sum(g.shape[0] * g.shape[1] for g in grads)
+            for layer, block in self.stream.blocks(layers, desc, tokens, self.progress):
+                for j, attn in enumerate(attns):
+                    x = self._saved.get((layer, j))["h"].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        y = run_block(block, x, attn)
+                        (grad_x,) = torch.autograd.grad(y, x, grads[j])
+                    grads[j] = grad_x
+                    self._saved.pop((layer, j))
+        finally:
+            self._drop_saved()
+        return grads
+
+    def _drop_saved(self) -> None:
+        if self._saved is not None:
+            self._saved.close()
+            self._saved = None
+
+    def session(self) -> "StreamingSession":
+        return StreamingSession(self)
+
+
+class StreamingSession:
+    """A generation session: KV caches per block, one pass over the weights per step for the whole batch."""
+
+    def __init__(self, executor: StreamingExecutor):
+        self.executor = executor
+        self.caches = SpillStore(executor.activation_budget, executor.spill_dir)
+        self.length = 0
+
+    @torch.no_grad()
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the new positions `hidden` [B, q, H]; `mask` [B, past + q] covers past and new tokens."""
+        ex = self.executor
+        hidden = hidden.to(ex.device, ex.dtype)
+        attn = ex._attn(mask, hidden.shape[1])
+        ex.passes += 1
+        tokens = hidden.shape[0] * hidden.shape[1]
+        for layer, block in ex.stream.blocks(range(ex.n_layer), "step", tokens, ex.progress):
+            cache = BlockCache.from_state(self.caches.get(layer)) if layer in self.caches else BlockCache()
+            hidden = run_block(block, hidden, attn, cache)
+            self.caches.put(layer, cache.state())
+        self.length = mask.shape[1]
+        return hidden
+
+    def close(self) -> None:
+        self.caches.close()
