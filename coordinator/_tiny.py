@@ -55,6 +55,9 @@ def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, 
     fmt "safetensors" with prefix=True is transformers' own `save_pretrained`; the other layouts (keys
     without `transformer.` as in bigscience/bloom, `.bin` shards) are written by hand as those repos have them.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = config or tiny_config()

@@ -1,0 +1,92 @@
+"""A model's ends plus a chain: the jobs as methods, for the CLI, the client library and the coordinator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slowllm.node import Checkpoint, default_max_ram, parse_size
+
+from ._chain import Chain
+from ._ends import ModelEnds
+from ._jobs import Sampling, generate, score
+from ._local import LocalChain, plan_memory
+from ._softprompt import load_soft_prompt, save_soft_prompt
+from ._tune import TuneOptions, tune
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TextStream:
+    """Turns token ids arriving per prompt into printable text deltas (whole UTF-8 characters only)."""
+
+    def __init__(self, ends: ModelEnds, on_text: Callable[[int, str], None]):
+        self.ends, self.on_text = ends, on_text
+        self.ids: dict[int, list[int]] = {}
+        self.sent: dict[int, int] = {}
+
+    def __call__(self, i: int, ids: list[int]) -> None:
+        self.ids.setdefault(i, []).extend(ids)
+        text = self.ends.decode(self.ids[i])
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return
+        done = self.sent.get(i, 0)
+        if len(text) > done:
+            self.on_text(i, text[done:])
+            self.sent[i] = len(text)
+
+
+class Runner:
+    def __init__(self, checkpoint: Checkpoint, ends: ModelEnds, chain: Chain):
+        self.checkpoint, self.ends, self.chain = checkpoint, ends, chain
+        self.fingerprint = checkpoint.fingerprint()
+
+    def soft_prompt(self, value: str | os.PathLike | torch.Tensor | None) -> torch.Tensor | None:
+        if value is None or isinstance(value, torch.Tensor):
+            return value
+        return load_soft_prompt(value, self.fingerprint, self.checkpoint.hidden_size)
+
+    def generate(self, prompts: list[str], sampling: Sampling, soft_prompt=None,
+                 on_text: Callable[[int, str], None] | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[dict]:
+        if on_text is not None:
+            on_tokens = TextStream(self.ends, on_text)
+        return generate(self.ends, self.chain, prompts, sampling, self.soft_prompt(soft_prompt), on_tokens)
+
+    def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
+        return score(self.ends, self.chain, requests, self.soft_prompt(soft_prompt))
+
+    def tune(self, data: list[dict], options: TuneOptions, out: str | os.PathLike | None = None,
+             on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
+        prompt = tune(self.ends, self.chain, data, options, on_step)
+        if out is not None:
+            save_soft_prompt(out, prompt, self.fingerprint, self.checkpoint.model_id)
+        return prompt
+
+    def close(self) -> None:
+        self.chain.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalRunner(Runner):
+    """Everything in this process: the blocks streamed from disk within `max_ram`."""
+
+    def __init__(self, model: str | Path, *, dtype: str = "float32", max_ram: str | int | None = None,
+                 device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None):
+        checkpoint = Checkpoint(model)
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        budget = default_max_ram() if max_ram is None else (max_ram if isinstance(max_ram, int) else parse_size(max_ram))
+        self.plan = plan_memory(checkpoint, torch_dtype, budget)
+        ends = ModelEnds(checkpoint, dtype=torch_dtype, resident_embedding=self.plan.resident_embedding,
+                         head_chunk_bytes=self.plan.head_chunk_bytes)
+        chain = LocalChain(checkpoint, self.plan, dtype=torch_dtype, device=device, spill_dir=spill_dir,
+                           progress=progress)
+        super().__init__(checkpoint, ends, chain)

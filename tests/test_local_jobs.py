@@ -1,0 +1,170 @@
+"""Local streaming mode against the oracle: transformers' BloomForCausalLM in fp32 on the same checkpoint."""
+
+import pytest
+import torch
+
+from conftest import hf_logprob, hf_model
+from slowllm.coordinator import LocalRunner, Sampling, TuneOptions
+from slowllm.coordinator._jobs import inputs_embeds
+from slowllm.coordinator._tune import loss_and_grad
+
+PROMPTS = ["The capital of", "Once upon a time there was a researcher", "Yes", "Bloom is a large language model"]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    with LocalRunner(tiny_model, progress=False) as r:
+        yield r
+
+
+def test_weights_give_context_dependent_output(runner):
+    """Guard against the default-init collapse that would hide cache and padding bugs."""
+    outs = runner.generate(PROMPTS, Sampling(max_new_tokens=6))
+    firsts = {tuple(o["token_ids"]) for o in outs}
+    assert len(firsts) == len(PROMPTS)
+    assert all(len(set(o["token_ids"])) > 1 for o in outs)
+
+
+def test_score_matches_transformers(runner, tiny_model):
+    model = hf_model(tiny_model)
+    ends = runner.ends
+    ctx = ends.encode("Is the sky blue?")
+    # the model's own greedy next tokens, as text that tokenizes back to the same ids
+    for n in (3, 2, 1):
+        greedy_cont = model.generate(torch.tensor([ctx]), max_new_tokens=n, do_sample=False,
+                                     pad_token_id=3)[0, len(ctx):].tolist()
+        if ends.encode(ends.decode(greedy_cont)) == greedy_cont:
+            break
+    assert ends.encode(ends.decode(greedy_cont)) == greedy_cont
+    requests = [
+        {"context": "The quick brown fox", "continuation": " jumps over the lazy dog"},
+        {"context": "Is the sky blue?", "choices": [" Yes.", " No.", ends.decode(greedy_cont)]},
+        {"context": "", "continuation": "Bloom"},
+        {"context": "Once upon a time", "continuation": " there"},
+    ]
+    results = runner.score(requests)
+    assert results[0]["logprob"] == pytest.approx(hf_logprob(model, ends.encode(requests[0]["context"]),
+                                                             ends.encode(requests[0]["continuation"]))[0], abs=1e-4)
+    choice_refs = [hf_logprob(model, ctx, ends.encode(c)) for c in requests[1]["choices"]]
+    assert results[1]["logprobs"] == pytest.approx([r[0] for r in choice_refs], abs=1e-4)
+    assert results[1]["is_greedy"] == [r[1] for r in choice_refs]
+    assert results[1]["is_greedy"][2] is True  # the model's own greedy continuation
+    assert results[1]["best"] == max(range(3), key=lambda i: choice_refs[i][0])
+    # empty context: the end-of-text token stands in, as in lm-evaluation-harness
+    assert results[2]["logprob"] == pytest.approx(hf_logprob(model, [2], ends.encode("Bloom"))[0], abs=1e-4)
+    assert set(results[3]) == {"logprob", "is_greedy"}
+
+
+def test_greedy_generate_matches_transformers_for_a_batch_of_lengths(runner, tiny_model):
+    model = hf_model(tiny_model)
+    outs = runner.generate(PROMPTS, Sampling(max_new_tokens=10))
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([runner.ends.encode(prompt)])
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=3)[0, ids.shape[1]:]
+        ref = ref.tolist()
+        if 2 in ref:
+            ref = ref[: ref.index(2)]
+        assert out["token_ids"] == ref, prompt
+        assert out["text"] == runner.ends.decode(ref)
+        assert out["prompt"] == prompt
+
+
+def test_batched_equals_one_at_a_time(runner):
+    together = runner.generate(PROMPTS, Sampling(max_new_tokens=5))
+    alone = [runner.generate([p], Sampling(max_new_tokens=5))[0] for p in PROMPTS]
+    assert [o["token_ids"] for o in together] == [o["token_ids"] for o in alone]
+
+
+def test_sampling_is_reproducible_with_a_seed(runner):
+    s = Sampling(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    a = runner.generate(PROMPTS[:2], s)
+    b = runner.generate(PROMPTS[:2], s)
+    c = runner.generate(PROMPTS[:2], Sampling(max_new_tokens=8, temperature=1.0, seed=8))
+    assert a == b
+    assert [x["token_ids"] for x in a] != [x["token_ids"] for x in c]
+
+
+def test_soft_prompt_gradient_matches_autograd_through_transformers(runner, tiny_model):
+    model = hf_model(tiny_model)
+    ends = runner.ends
+    batch = [(ends.encode("Is the sky blue?"), ends.encode(" Yes.")),
+             (ends.encode("Which is larger, a mouse or an elephant?"), ends.encode(" An elephant."))]
+    prompt = torch.randn(5, 64) * 0.5
+    loss, grad = loss_and_grad(ends, runner.chain, prompt, batch)
+
+    ref_prompt = prompt.clone().requires_grad_(True)
+    total, count = 0.0, 0
+    for ctx, cont in batch:
+        seq = torch.tensor(ctx + cont)
+        embeds = torch.cat([ref_prompt, model.transformer.word_embeddings(seq)])[None]
+        logits = model(inputs_embeds=embeds).logits[0]
+        start = ref_prompt.shape[0] + len(ctx) - 1
+        lp = torch.log_softmax(logits[start:start + len(cont)], dim=-1)
+        total = total - lp[torch.arange(len(cont)), torch.tensor(cont)].sum()
+        count += len(cont)
+    ref_loss = total / count
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    rel = (grad - ref_prompt.grad).norm() / ref_prompt.grad.norm()
+    assert rel < 1e-4
+
+
+def test_tuning_lowers_the_loss_and_raises_logprobs(runner, tmp_path):
+    data = [{"context": "Is the sky blue?", "continuation": " Yes."},
+            {"context": "Is fire cold?", "continuation": " No."},
+            {"context": "The capital of France is", "continuation": " Paris."}]
+    losses = []
+    out = tmp_path / "p.safetensors"
+    runner.tune(data, TuneOptions(prompt_tokens=4, steps=12, lr=0.05, batch_size=3), out,
+                on_step=lambda step, loss: losses.append(loss))
+    assert len(losses) == 12 and losses[-1] < losses[0] * 0.8
+    before = runner.score(data)
+    after = runner.score(data, soft_prompt=out)
+    assert sum(a["logprob"] for a in after) > sum(b["logprob"] for b in before)
+
+
+def test_soft_prompt_in_generate_changes_the_output(runner, tmp_path):
+    from slowllm.coordinator._softprompt import save_soft_prompt
+    path = tmp_path / "p.safetensors"
+    save_soft_prompt(path, torch.randn(3, 64), runner.fingerprint, "tiny")
+    plain = runner.generate(PROMPTS[:2], Sampling(max_new_tokens=5))
+    prompted = runner.generate(PROMPTS[:2], Sampling(max_new_tokens=5), soft_prompt=path)
+    assert plain != prompted
+
+
+def test_bfloat16_compute_stays_close(tiny_model, runner):
+    req = [{"context": "The quick brown fox", "continuation": " jumps over the lazy dog"}]
+    with LocalRunner(tiny_model, dtype="bfloat16", progress=False) as bf:
+        got = bf.score(req)[0]["logprob"]
+    ref = runner.score(req)[0]["logprob"]
+    assert got == pytest.approx(ref, rel=0.05)
+
+
+def test_spilling_and_tiny_batches_give_the_same_numbers(tiny_model, runner):
+    """Everything on disk (activation budget 0) and one row per batch: same results as all in RAM."""
+    requests = [{"context": p, "continuation": " and then"} for p in PROMPTS]
+    with LocalRunner(tiny_model, progress=False) as small:
+        small.chain.executor.activation_budget = 0
+        small.chain.max_batch_tokens = 16
+        small.chain.head_tokens = 2
+        spilled = small.score(requests)
+        gen = small.generate(PROMPTS, Sampling(max_new_tokens=6))
+        ends = small.ends
+        batch = [(ends.encode("Is the sky blue?"), ends.encode(" Yes."))]
+        prompt = torch.randn(3, 64)
+        _, grad_spilled = loss_and_grad(ends, small.chain, prompt, batch)
+        assert small.chain.executor.passes > 0
+    _, grad = loss_and_grad(runner.ends, runner.chain, prompt, batch)
+    assert [r["logprob"] for r in spilled] == pytest.approx([r["logprob"] for r in runner.score(requests)], abs=1e-5)
+    assert [g["token_ids"] for g in gen] == [g["token_ids"] for g in runner.generate(PROMPTS, Sampling(max_new_tokens=6))]
+    assert torch.allclose(grad, grad_spilled, atol=1e-6)
+
+
+def test_left_padding_equals_unpadded(runner):
+    rows = [runner.ends.encode("Yes"), runner.ends.encode("Once upon a time there was")]
+    embeds, mask = inputs_embeds(runner.ends, rows)
+    assert mask[0].tolist()[: embeds.shape[1] - len(rows[0])] == [0] * (embeds.shape[1] - len(rows[0]))
+    batch_out = runner.score([{"context": "Yes", "continuation": " it is"},
+                              {"context": "Once upon a time there was", "continuation": " a"}])
+    single = runner.score([{"context": "Yes", "continuation": " it is"}])
+    assert batch_out[0]["logprob"] == pytest.approx(single[0]["logprob"], abs=1e-5)
