@@ -53,10 +53,12 @@ def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, pre
     embedding = checkpoint.nbytes([EMBEDDING])
     per_token = _work_per_token(checkpoint, dtype, max_length)
     min_work = per_token * 16 + 16 * checkpoint.hidden_size * 256 * 4
-    free = max_ram - baseline
+    # Headroom for what grows beside the model: tokenizer, Python objects of the job, allocator slack.
+    reserve = max(64 << 20, max_ram // 20)
+    free = max_ram - baseline - reserve
     if free < blocks_bytes(prefetch) + min_work:
         prefetch = False
-    need = baseline + blocks_bytes(prefetch) + min_work
+    need = baseline + reserve + blocks_bytes(prefetch) + min_work
     if max_ram < need:
         raise MemoryBudgetError(
             f"--max-ram {format_size(max_ram)} is too small: streaming this model needs at least "

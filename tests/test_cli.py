@@ -1,0 +1,95 @@
+"""The `slowllm` command as users script it: formats from SPEC.md, and one-sentence errors."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _one_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("slowllm: error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_generate_json(tiny_model):
+    proc = run_cli("generate", "The capital of", "Yes", "--max-new-tokens", "5", "--json",
+                   "--local", "--model", str(tiny_model), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["The capital of", "Yes"]
+    for r in rows:
+        assert isinstance(r["text"], str) and all(isinstance(t, int) for t in r["token_ids"])
+        assert 1 <= len(r["token_ids"]) <= 5
+
+
+def test_score_tune_and_soft_prompt_round_trip(tiny_model, tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"context": "Is the sky blue?", "continuation": " Yes."},
+                                         {"context": "Is fire cold?", "continuation": " No."}])
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"context": "Is the sky blue?", "choices": [" Yes.", " No."]},
+                                        {"context": "Is fire cold?", "continuation": " No."}])
+    local = ["--local", "--model", str(tiny_model), "--no-progress"]
+    proc = run_cli("score", "--input", str(mc), "--json", *local)
+    assert proc.returncode == 0, proc.stderr
+    first, second = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert set(first) == {"logprobs", "is_greedy", "best"} and len(first["logprobs"]) == 2
+    assert set(second) == {"logprob", "is_greedy"}
+
+    out = tmp_path / "prompt.safetensors"
+    proc = run_cli("tune", "--data", str(data), "--out", str(out), "--steps", "6", "--prompt-tokens", "4",
+                   "--lr", "0.05", *local)
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(ln.split()[-1]) for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert out.is_file()
+
+    before = [json.loads(ln)["logprob"] for ln in run_cli("score", "--input", str(data), "--json", *local).stdout.splitlines()]
+    after = run_cli("score", "--input", str(data), "--json", "--soft-prompt", str(out), *local)
+    assert after.returncode == 0, after.stderr
+    assert sum(json.loads(ln)["logprob"] for ln in after.stdout.splitlines()) > sum(before)
+    gen = run_cli("generate", "Yes", "--soft-prompt", str(out), "--max-new-tokens", "3", "--json", *local)
+    assert gen.returncode == 0, gen.stderr
+
+
+def test_bad_inputs_give_one_sentence(tiny_model, other_model, tmp_path):
+    local = ["--local", "--model", str(tiny_model), "--no-progress"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "continuation": "b"}\n{"context": "a", oops}\n')
+    _one_clean_error(run_cli("score", "--input", str(bad), *local), "line 2")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    _one_clean_error(run_cli("score", "--input", str(empty), *local), "empty")
+
+    wrong = _jsonl(tmp_path / "w.jsonl", [{"context": "a"}])
+    _one_clean_error(run_cli("score", "--input", str(wrong), *local), "line 1")
+
+    _one_clean_error(run_cli("score", "--input", str(wrong), "--local", "--model", str(tmp_path / "nope")),
+                     "nope")
+    _one_clean_error(run_cli("generate", "x", *local, "--soft-prompt", str(tmp_path / "missing.safetensors")),
+                     "does not exist")
+    _one_clean_error(run_cli("generate", "x", "--local", "--model", str(tiny_model), "--max-ram", "200MB"),
+                     "--max-ram", "needs at least")
+    _one_clean_error(run_cli("generate", "x"), "--coordinator URL")
+
+    # a soft prompt tuned for another model
+    data = _jsonl(tmp_path / "d.jsonl", [{"context": "Is the sky blue?", "continuation": " Yes."}])
+    other_prompt = tmp_path / "other.safetensors"
+    proc = run_cli("tune", "--data", str(data), "--out", str(other_prompt), "--steps", "1",
+                   "--local", "--model", str(other_model), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _one_clean_error(run_cli("generate", "x", *local, "--soft-prompt", str(other_prompt)), "another model")
+
+    # a tuning run that fails leaves no partial output file behind
+    out = tmp_path / "never.safetensors"
+    _one_clean_error(run_cli("tune", "--data", str(wrong), "--out", str(out), *local), "line 1")
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
