@@ -8,10 +8,11 @@ Public API:
 """
 
 from ._chain import Batch, Chain, ChainSession
+from ._client import Client
 from ._jobs import Sampling
 from ._runner import LocalRunner, Runner
 from ._tiny import make_checkpoint, tiny_config
 from ._tune import TuneOptions
 
-__all__ = ["Batch", "Chain", "ChainSession", "LocalRunner", "Runner", "Sampling", "TuneOptions",
+__all__ = ["Batch", "Chain", "ChainSession", "Client", "LocalRunner", "Runner", "Sampling", "TuneOptions",
            "make_checkpoint", "tiny_config"]

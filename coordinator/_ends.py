@@ -9,6 +9,7 @@ the gradient for tuning is a second chunked pass, not a [tokens x vocab] autogra
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 import torch
@@ -39,7 +40,7 @@ class ModelEnds:
             self._resident = {k: t.clone() for k, t in checkpoint.read(sorted(keys)).items()}
         row_bytes = self.hidden_size * max(dtype.itemsize, checkpoint.meta(EMBEDDING)[1].itemsize)
         self.head_chunk_rows = max(256, min(self.vocab_size, head_chunk_bytes // row_bytes))
-        self._buffer: torch.Tensor | None = None
+        self._local = threading.local()  # one conversion buffer per thread: jobs may run concurrently
 
     # ---- text ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -71,15 +72,16 @@ class ModelEnds:
         """(start, weight rows in compute dtype), converted into one reused buffer."""
         key = self.checkpoint.head_key
         rows = self.head_chunk_rows
-        if self._buffer is None or self._buffer.dtype != self.dtype:
-            self._buffer = torch.empty(rows, self.hidden_size, dtype=self.dtype)
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = torch.empty(rows, self.hidden_size, dtype=self.dtype)
         for start in range(0, self.vocab_size, rows):
             stop = min(start + rows, self.vocab_size)
             source = self._matrix(key)[start:stop]
             if source.dtype == self.dtype and key in self._resident:
                 yield start, source
             else:
-                chunk = self._buffer[: stop - start]
+                chunk = buffer[: stop - start]
                 chunk.copy_(source)
                 yield start, chunk
             del source

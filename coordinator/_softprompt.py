@@ -27,7 +27,8 @@ def save_soft_prompt(path: str | os.PathLike, prompt: torch.Tensor, fingerprint:
         tmp.unlink(missing_ok=True)
 
 
-def load_soft_prompt(path: str | os.PathLike, fingerprint: str, hidden_size: int) -> torch.Tensor:
+def read_soft_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """The prompt tensor and its metadata, unchecked (the client sends both to a coordinator)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"soft prompt {path} does not exist: pass a file written by `slowllm tune --out`.")
@@ -41,8 +42,17 @@ def load_soft_prompt(path: str | os.PathLike, fingerprint: str, hidden_size: int
     prompt = tensors.get("prompt")
     if meta.get("format") != FORMAT or prompt is None or prompt.ndim != 2:
         raise InputError(f"{path} is not a slowllm soft prompt: pass a file written by `slowllm tune --out`.")
-    if meta.get("model_fingerprint") != fingerprint or prompt.shape[1] != hidden_size:
+    return prompt.float(), meta
+
+
+def check_soft_prompt(prompt: torch.Tensor, meta: dict, fingerprint: str, hidden_size: int, source: str) -> torch.Tensor:
+    if prompt.ndim != 2 or meta.get("model_fingerprint") != fingerprint or prompt.shape[1] != hidden_size:
         raise InputError(
-            f"soft prompt {path} was made for another model ({meta.get('model', '?')}): tune one for this model."
+            f"soft prompt {source} was made for another model ({meta.get('model', '?')}): tune one for this model."
         )
     return prompt.float()
+
+
+def load_soft_prompt(path: str | os.PathLike, fingerprint: str, hidden_size: int) -> torch.Tensor:
+    prompt, meta = read_soft_prompt(path)
+    return check_soft_prompt(prompt, meta, fingerprint, hidden_size, str(path))

@@ -14,14 +14,31 @@ from ._errors import (
     SlowllmError,
     UnavailableError,
 )
+from ._framing import DEFAULT_LIMITS, Limits, decode_tensor, encode_tensor, new_nonce, pack, read_secret, sign, unpack, verify
+from ._messages import (
+    PROTOCOL_VERSION,
+    Auth,
+    Backward,
+    Challenge,
+    CloseSession,
+    Error,
+    Event,
+    Forward,
+    Heartbeat,
+    Hello,
+    Job,
+    JobResult,
+    Register,
+    Result,
+    Step,
+    Welcome,
+    WireTensor,
+)
 
 __all__ = [
-    "AuthError",
-    "BusyError",
-    "CheckpointError",
-    "InputError",
-    "MemoryBudgetError",
-    "ProtocolError",
-    "SlowllmError",
-    "UnavailableError",
+    "AuthError", "Auth", "Backward", "BusyError", "Challenge", "CheckpointError", "CloseSession", "DEFAULT_LIMITS",
+    "Error", "Event", "Forward", "Heartbeat", "Hello", "InputError", "Job", "JobResult", "Limits",
+    "MemoryBudgetError", "PROTOCOL_VERSION", "ProtocolError", "Register", "Result", "SlowllmError", "Step",
+    "UnavailableError", "Welcome", "WireTensor", "decode_tensor", "encode_tensor", "new_nonce", "pack",
+    "read_secret", "sign", "unpack", "verify",
 ]

@@ -1,0 +1,129 @@
+"""The Python client: run jobs through a coordinator.
+
+    from slowllm.coordinator import Client, Sampling
+    with Client("ws://127.0.0.1:8765", secret_file="secret.txt") as c:
+        print(c.generate(["Is the sky blue?"], Sampling(max_new_tokens=5)))
+        c.score([{"context": "Is the sky blue?", "choices": [" Yes", " No"]}])
+        c.tune(data, TuneOptions(steps=10), out="prompt.safetensors")
+        c.status()
+
+Each call opens a connection, authenticates (HMAC challenge-response), sends one job and reads its
+streamed events until the result. Errors from the coordinator come back as `SlowllmError`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import ssl
+from typing import Callable
+
+import torch
+import websockets
+
+from slowllm.protocol import (
+    PROTOCOL_VERSION, Auth, Challenge, Error, Event, Hello, Job, JobResult, Limits, SlowllmError, UnavailableError,
+    WireTensor, decode_tensor, encode_tensor, pack, read_secret, sign, unpack,
+)
+
+from ._jobs import Sampling
+from ._softprompt import read_soft_prompt, save_soft_prompt
+from ._tune import TuneOptions
+
+
+class Client:
+    def __init__(self, url: str, *, secret_file: str | os.PathLike | None = None, secret: bytes | None = None,
+                 cafile: str | None = None, limits: Limits = Limits(), compression: str = "raw"):
+        if not url.startswith(("ws://", "wss://")):
+            raise SlowllmError(f"coordinator URL {url!r} must start with ws:// or wss://.", code="bad_input")
+        self.url = url
+        self.secret = secret if secret is not None else read_secret(secret_file)
+        self.cafile, self.limits, self.compression = cafile, limits, compression
+        self.fingerprint: str | None = None
+
+    async def _job(self, job: str, params: dict, on_event: Callable[[dict], None] | None = None) -> dict:
+        ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
+        try:
+            ws = await websockets.connect(self.url, max_size=self.limits.max_frame, ssl=ssl_ctx, open_timeout=20)
+        except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError) as e:
+            raise UnavailableError(f"cannot reach the coordinator at {self.url} ({type(e).__name__}): "
+                                   "check the URL and that it is running.") from None
+        async with ws:
+            try:
+                await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="client")))
+                challenge = unpack(await ws.recv(), self.limits)
+                if isinstance(challenge, Error):
+                    raise SlowllmError(challenge.message, code=challenge.code)
+                assert isinstance(challenge, Challenge)
+                if challenge.auth_required and self.secret is None:
+                    raise SlowllmError("the coordinator requires a shared secret: pass --secret-file "
+                                       "(or set SLOWLLM_SECRET_FILE).", code="auth")
+                await ws.send(pack(Auth(mac=sign(self.secret, challenge.nonce, "client") if self.secret else b"")))
+                welcome = unpack(await ws.recv(), self.limits)
+                if isinstance(welcome, Error):
+                    raise SlowllmError(welcome.message, code=welcome.code)
+                self.fingerprint = challenge.fingerprint
+                await ws.send(pack(Job(id=1, job=job, params=params)))
+                while True:
+                    msg = unpack(await ws.recv(), self.limits)
+                    if isinstance(msg, Event) and on_event:
+                        on_event(msg.data)
+                    elif isinstance(msg, JobResult):
+                        return msg.data
+                    elif isinstance(msg, Error):
+                        raise SlowllmError(msg.message, code=msg.code)
+            except websockets.ConnectionClosed as e:
+                raise UnavailableError(f"the coordinator closed the connection ({e.rcvd.reason if e.rcvd else 'no reason'}); "
+                                       "retry the job.") from None
+
+    def _run(self, job: str, params: dict, on_event=None) -> dict:
+        return asyncio.run(self._job(job, params, on_event))
+
+    def _soft(self, path) -> dict | None:
+        if path is None:
+            return None
+        tensor, meta = read_soft_prompt(path)
+        return {"tensor": encode_tensor(tensor).model_dump(), "meta": {**meta, "source": str(path)}}
+
+    def generate(self, prompts: list[str], sampling: Sampling = Sampling(), soft_prompt=None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[dict]:
+        params = {"prompts": list(prompts), **dataclasses.asdict(sampling), "soft_prompt": self._soft(soft_prompt),
+                  "compression": self.compression}
+        on_event = (lambda d: on_text(d["prompt"], d["text"])) if on_text else None
+        return self._run("generate", params, on_event)["results"]
+
+    def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
+        params = {"requests": list(requests), "soft_prompt": self._soft(soft_prompt), "compression": self.compression}
+        return self._run("score", params)["results"]
+
+    def tune(self, data: list[dict], options: TuneOptions = TuneOptions(), out=None,
+             on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
+        params = {"data": list(data), **dataclasses.asdict(options)}
+        result = self._run("tune", params, (lambda d: on_step(d["step"], d["loss"])) if on_step else None)
+        prompt = decode_tensor(WireTensor.model_validate(result["prompt"]), self.limits)
+        if out is not None:
+            save_soft_prompt(out, prompt, result["fingerprint"], self.url)
+        return prompt
+
+    def status(self) -> dict:
+        return self._run("status", {})
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def format_status(status: dict) -> str:
+    lines = [f"model {status['model']}: {status['n_layer']} blocks, {len(status['nodes'])} nodes"]
+    for node in status["nodes"]:
+        a, b = node["layers"]
+        lines.append(f"  {node['name']:<20} blocks {a}-{b:<6} {node['device']}/{node['dtype']:<9} "
+                     f"speed {node['speed']:>8} load {node['load']} sessions {node['sessions']}")
+    lines.append("missing blocks: " + (", ".join(map(str, status["missing"])) or "none"))
+    return "\n".join(lines)

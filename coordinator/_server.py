@@ -1,0 +1,424 @@
+"""`slowllm-coordinator`: one WebSocket port for nodes and clients, and the remote chain over the nodes.
+
+The coordinator owns the model's ends (tokenizer, embeddings, final norm, LM head) and runs every client
+job with the same job code as local mode, over `RemoteChain`: activations go to each node of a route in
+turn (nodes dial in, so the coordinator is the hub) and come back. Jobs run in worker threads; the
+event loop only moves frames, so a slow job never blocks another client or a node's heartbeat.
+`GET /status` (HTML) and `GET /status.json` are served on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import websockets
+
+from slowllm.node import Batch, Checkpoint, default_max_ram
+from slowllm.node._checkpoint import EMBEDDING
+from slowllm.protocol import (
+    PROTOCOL_VERSION, Auth, Backward, Challenge, CloseSession, Error, Event, Forward, Heartbeat, Hello, InputError,
+    Job, JobResult, Limits, ProtocolError, Register, Result, SlowllmError, Step, UnavailableError, Welcome,
+    WireTensor, decode_tensor, encode_tensor, new_nonce, pack, unpack, verify,
+)
+
+from ._chain import Chain, ChainSession
+from ._ends import ModelEnds
+from ._jobs import Sampling
+from ._runner import Runner
+from ._softprompt import check_soft_prompt
+from ._status_page import render_status
+from ._tune import TuneOptions
+
+log = logging.getLogger("slowllm.coordinator")
+
+
+@dataclass(eq=False)
+class NodeLink:
+    """A registered node and its in-flight requests."""
+
+    ws: object
+    name: str
+    first: int
+    last: int
+    device: str
+    dtype: str
+    speed: float
+    load: int = 0
+    sessions: int = 0
+    assigned: int = 0  # requests the coordinator has in flight on this node
+    pending: dict = field(default_factory=dict)
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    since: float = field(default_factory=time.time)
+
+    async def request(self, make, timeout: float | None = None):
+        msg_id = next(self.ids)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[msg_id] = future
+        self.assigned += 1
+        try:
+            await self.ws.send(pack(make(msg_id)))
+            return await asyncio.wait_for(future, timeout)
+        except websockets.ConnectionClosed:
+            raise UnavailableError(f"node {self.name} disconnected during the request; retry the job.") from None
+        finally:
+            self.pending.pop(msg_id, None)
+            self.assigned -= 1
+
+    def resolve(self, msg) -> None:
+        future = self.pending.get(msg.id)
+        if future is None or future.done():
+            return
+        if isinstance(msg, Error):
+            future.set_exception(SlowllmError(f"node {self.name}: {msg.message}", code=msg.code))
+        else:
+            future.set_result(msg.tensor)
+
+    def fail_all(self) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(UnavailableError(f"node {self.name} disconnected; retry the job."))
+
+
+class Coordinator:
+    def __init__(self, model: str, *, host: str = "127.0.0.1", port: int = 8765, secret: bytes | None = None,
+                 wait_for_nodes: float = 60.0, limits: Limits = Limits(), ssl_context=None,
+                 compression: str = "raw"):
+        self.checkpoint = Checkpoint(model)
+        self.model = model
+        self.fingerprint = self.checkpoint.fingerprint()
+        resident = self.checkpoint.nbytes([EMBEDDING]) < default_max_ram() // 2
+        self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
+        self.host, self.port, self.secret = host, port, secret
+        self.wait_for_nodes, self.limits, self.ssl = wait_for_nodes, limits, ssl_context
+        self.compression = compression
+        self.nodes: list[NodeLink] = []
+        self.jobs = ThreadPoolExecutor(max_workers=32, thread_name_prefix="slowllm-job")
+        self.active_jobs = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._coverage_changed: asyncio.Event | None = None
+
+    # ---- serving -------------------------------------------------------------------------------
+    async def serve(self, ready=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._coverage_changed = asyncio.Event()
+        async with websockets.serve(self._handler, self.host, self.port, max_size=self.limits.max_frame,
+                                    process_request=self._http, ssl=self.ssl) as server:
+            port = server.sockets[0].getsockname()[1]
+            self.port = port
+            scheme = "wss" if self.ssl else "ws"
+            print(f"slowllm coordinator ready at {scheme}://{self.host}:{port} (model {self.model}, "
+                  f"{self.checkpoint.n_layer} blocks)", flush=True)
+            if ready is not None:
+                ready(port)
+            await asyncio.Future()
+
+    def _http(self, connection, request):
+        path = request.path.split("?")[0]
+        if path not in ("/status", "/status.json"):
+            return None  # a WebSocket handshake
+        status = self.status()
+        if path == "/status.json":
+            response = connection.respond(HTTPStatus.OK, json.dumps(status))
+            response.headers["Content-Type"] = "application/json"
+        else:
+            response = connection.respond(HTTPStatus.OK, render_status(status))
+            response.headers["Content-Type"] = "text/html; charset=utf-8"
+        return response
+
+    async def _handler(self, ws) -> None:
+        try:
+            hello = unpack(await ws.recv(), self.limits)
+            if not isinstance(hello, Hello):
+                raise ProtocolError("the first message must be 'hello'.")
+            if hello.version != PROTOCOL_VERSION:
+                raise ProtocolError(f"protocol version {hello.version} is not supported (this coordinator speaks "
+                                    f"{PROTOCOL_VERSION}): upgrade slowllm on both sides.")
+            nonce = new_nonce()
+            await ws.send(pack(Challenge(version=PROTOCOL_VERSION, nonce=nonce, auth_required=self.secret is not None,
+                                         model=self.model, fingerprint=self.fingerprint,
+                                         n_layer=self.checkpoint.n_layer)))
+            auth = unpack(await ws.recv(), self.limits)
+            if not isinstance(auth, Auth):
+                raise ProtocolError("expected 'auth' after the challenge.")
+            verify(self.secret, nonce, hello.role, auth.mac)
+            await ws.send(pack(Welcome(info={"fingerprint": self.fingerprint, "model": self.model})))
+            if hello.role == "node":
+                await self._node(ws, hello)
+            else:
+                await self._client(ws)
+        except SlowllmError as e:
+            try:
+                await ws.send(pack(Error(code=e.code, message=str(e))))
+                await ws.close(1008 if e.code in ("auth", "protocol") else 1000, str(e)[:120])
+            except websockets.ConnectionClosed:
+                pass
+        except websockets.ConnectionClosed:
+            pass
+
+    async def _node(self, ws, hello: Hello) -> None:
+        reg = unpack(await ws.recv(), self.limits)
+        if not isinstance(reg, Register):
+            raise ProtocolError("a node must send 'register' after authenticating.")
+        n = self.checkpoint.n_layer
+        if not 0 <= reg.first <= reg.last < n:
+            raise InputError(f"node {reg.name or hello.name} claims blocks {reg.first}-{reg.last}, outside this "
+                             f"model's 0-{n - 1}: pick a range inside it.")
+        if reg.fingerprint != self.fingerprint:
+            raise SlowllmError(f"node {reg.name or hello.name} has a different checkpoint than the coordinator's "
+                               f"{self.model} (fingerprint {reg.fingerprint} != {self.fingerprint}): use the same model.",
+                               code="bad_checkpoint")
+        link = NodeLink(ws, reg.name or hello.name or f"node-{len(self.nodes)}", reg.first, reg.last, reg.device,
+                        reg.dtype, reg.speed)
+        await ws.send(pack(Welcome(info={"registered": [reg.first, reg.last]})))
+        self.nodes.append(link)
+        self._coverage_changed.set()
+        log.info("node %s registered blocks %d-%d", link.name, link.first, link.last)
+        try:
+            async for frame in ws:
+                try:
+                    msg = unpack(frame, self.limits)
+                except ProtocolError as e:
+                    await ws.send(pack(Error(code=e.code, message=str(e))))
+                    continue
+                if isinstance(msg, Heartbeat):
+                    link.load, link.sessions = msg.load, msg.sessions
+                elif isinstance(msg, (Result, Error)) and msg.id is not None:
+                    link.resolve(msg)
+        finally:
+            self.nodes.remove(link)
+            link.fail_all()
+            log.info("node %s left", link.name)
+
+    async def _client(self, ws) -> None:
+        lock = asyncio.Lock()
+
+        async def send(msg) -> None:
+            async with lock:
+                await ws.send(pack(msg))
+
+        tasks = set()
+        async for frame in ws:
+            try:
+                msg = unpack(frame, self.limits)
+                if not isinstance(msg, Job):
+                    raise ProtocolError(f"a client may send 'job' messages only, not {msg.type!r}.")
+            except ProtocolError as e:
+                await send(Error(code=e.code, message=str(e)))
+                continue
+            task = asyncio.create_task(self._run_job(msg, send))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _run_job(self, job: Job, send) -> None:
+        loop = asyncio.get_running_loop()
+
+        def emit(data: dict) -> None:
+            asyncio.run_coroutine_threadsafe(send(Event(id=job.id, data=data)), loop)
+
+        try:
+            if job.job == "status":
+                data = self.status()
+            else:
+                self.active_jobs += 1
+                try:
+                    data = await loop.run_in_executor(self.jobs, self._job_in_thread, job, emit)
+                finally:
+                    self.active_jobs -= 1
+            await send(JobResult(id=job.id, data=data))
+        except SlowllmError as e:
+            await send(Error(id=job.id, code=e.code, message=str(e)))
+        except websockets.ConnectionClosed:
+            pass
+        except Exception as e:
+            log.exception("job failed")
+            await send(Error(id=job.id, code="internal", message=f"the job failed: {type(e).__name__}: {e}"))
+
+    # ---- jobs (worker threads) -----------------------------------------------------------------
+    def _job_in_thread(self, job: Job, emit) -> dict:
+        p = job.params
+        runner = Runner(self.checkpoint, self.ends, RemoteChain(self, compression=p.get("compression", "raw")))
+        try:
+            soft = self._soft_prompt(p.get("soft_prompt"))
+            if job.job == "generate":
+                sampling = Sampling(**_pick(p, "max_new_tokens", "temperature", "top_k", "top_p", "seed"))
+                prompts = p.get("prompts")
+                if not (isinstance(prompts, list) and prompts and all(isinstance(x, str) for x in prompts)):
+                    raise InputError("generate needs a non-empty list of string prompts.")
+                results = runner.generate(prompts, sampling, soft_prompt=soft,
+                                          on_text=lambda i, text: emit({"prompt": i, "text": text}))
+                return {"results": results}
+            if job.job == "score":
+                requests = p.get("requests")
+                if not isinstance(requests, list) or not requests:
+                    raise InputError("score needs a non-empty list of requests.")
+                return {"results": runner.score(requests, soft_prompt=soft)}
+            options = TuneOptions(**_pick(p, "prompt_tokens", "steps", "lr", "batch_size", "seed"))
+            data = p.get("data")
+            if not isinstance(data, list):
+                raise InputError("tune needs a list of {context, continuation} objects.")
+            prompt = runner.tune(data, options, on_step=lambda step, loss: emit({"step": step, "loss": loss}))
+            return {"prompt": encode_tensor(prompt).model_dump(), "fingerprint": self.fingerprint}
+        except TypeError as e:
+            raise InputError(f"bad job parameters: {e}.") from None
+
+    def _soft_prompt(self, value) -> torch.Tensor | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise InputError("soft_prompt must be an object with 'tensor' and 'meta'.")
+        try:
+            tensor = decode_tensor(WireTensor.model_validate(value.get("tensor")), self.limits)
+        except Exception:
+            raise InputError("soft_prompt tensor is malformed.") from None
+        return check_soft_prompt(tensor, value.get("meta") or {}, self.fingerprint, self.checkpoint.hidden_size,
+                                 str((value.get("meta") or {}).get("source", "")))
+
+    # ---- routing -------------------------------------------------------------------------------
+    def missing(self) -> list[int]:
+        covered = set()
+        for node in self.nodes:
+            covered.update(range(node.first, node.last + 1))
+        return [b for b in range(self.checkpoint.n_layer) if b not in covered]
+
+    def route(self) -> list[tuple[NodeLink, int, int]]:
+        """Spans covering every block: fewest hops first, then faster and less loaded nodes.
+
+        Greedy from block 0: among nodes holding the next needed block, take the one reaching furthest;
+        ties go to the least busy, then fastest, so sessions spread over redundant nodes.
+        """
+        spans, block, n = [], 0, self.checkpoint.n_layer
+        while block < n:
+            holders = [x for x in self.nodes if x.first <= block <= x.last]
+            if not holders:
+                raise UnavailableError(f"no node serves block {block}")
+            best = max(holders, key=lambda x: (x.last, -(x.assigned + x.load), x.speed))
+            spans.append((best, block, best.last))
+            block = best.last + 1
+        return spans
+
+    async def wait_route(self) -> list[tuple[NodeLink, int, int]]:
+        deadline = time.monotonic() + self.wait_for_nodes
+        while True:
+            if not self.missing():
+                return self.route()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UnavailableError(f"no node serves blocks {_ranges(self.missing())} (waited "
+                                       f"{self.wait_for_nodes:.0f} s): start nodes covering them.")
+            self._coverage_changed.clear()
+            try:
+                await asyncio.wait_for(self._coverage_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def status(self) -> dict:
+        return {
+            "model": self.model, "n_layer": self.checkpoint.n_layer, "fingerprint": self.fingerprint,
+            "nodes": [{"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
+                       "speed": round(x.speed, 1), "load": x.load + x.assigned, "sessions": x.sessions,
+                       "connected_for_s": round(time.time() - x.since, 1)} for x in self.nodes],
+            "missing": self.missing(), "active_jobs": self.active_jobs,
+        }
+
+
+def _pick(params: dict, *names: str) -> dict:
+    return {k: params[k] for k in names if params.get(k) is not None}
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}" if start == b else f"{start}-{b}")
+            start = None
+    return ", ".join(out)
+
+
+class RemoteChain(Chain):
+    """The chain of nodes, called from a job's worker thread; each hop is a request on the event loop."""
+
+    def __init__(self, coordinator: Coordinator, compression: str = "raw"):
+        self.c = coordinator
+        self.n_layer = coordinator.checkpoint.n_layer
+        self.dtype = torch.float32
+        self.max_batch_tokens = coordinator.limits.max_batch_tokens // 4
+        self.compression = compression
+        self._kept: list[tuple[list, list[torch.Tensor], torch.Tensor]] = []
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.c.loop).result()
+
+    def _hop(self, node: NodeLink, make) -> torch.Tensor:
+        wire = self._call(node.request(make))
+        return decode_tensor(wire, self.c.limits)
+
+    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
+        self._kept = []
+        for batch in batches:
+            route = self._call(self.c.wait_route())
+            hidden, mask = batch.hidden.float(), encode_tensor(batch.mask)
+            inputs = []
+            for node, first, last in route:
+                inputs.append(hidden)
+                hidden = self._hop(node, lambda i, h=hidden: Forward(
+                    id=i, first=first, last=last, hidden=encode_tensor(h, self.compression), mask=mask,
+                    compression=self.compression))
+            if keep_for_backward:
+                self._kept.append((route, inputs, batch.mask))
+            yield hidden
+
+    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(grads) != len(self._kept):
+            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
+        out = []
+        for grad, (route, inputs, mask) in zip(grads, self._kept):
+            grad = grad.float()
+            for (node, first, last), hidden in zip(reversed(route), reversed(inputs)):
+                grad = self._hop(node, lambda i, h=hidden, g=grad: Backward(
+                    id=i, first=first, last=last, hidden=encode_tensor(h), mask=encode_tensor(mask),
+                    grad=encode_tensor(g)))
+            out.append(grad)
+        self._kept = []
+        return out
+
+    def open_session(self, batch_size: int, max_length: int) -> ChainSession:
+        return RemoteSession(self, max_length)
+
+
+class RemoteSession(ChainSession):
+    """A generation session pinned to one route; the nodes on it keep the KV caches."""
+
+    def __init__(self, chain: RemoteChain, max_length: int):
+        self.chain, self.max_length = chain, max_length
+        self.id = uuid.uuid4().hex
+        self.route = chain._call(chain.c.wait_route())
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # each step's inputs (for replay on failover)
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.history.append((hidden, mask))
+        wire_mask = encode_tensor(mask)
+        hidden = hidden.float()
+        for node, first, last in self.route:
+            hidden = self.chain._hop(node, lambda i, h=hidden: Step(
+                id=i, session=self.id, first=first, last=last, hidden=encode_tensor(h), mask=wire_mask,
+                max_length=self.max_length))
+        return hidden
+
+    def close(self) -> None:
+        for node, _, _ in self.route:
+            try:
+                self.chain._call(node.request(lambda i: CloseSession(id=i, session=self.id), timeout=10))
+            except SlowllmError:
+                pass  # the node forgot it already (expired or reconnected): nothing left to free

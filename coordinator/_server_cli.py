@@ -1,0 +1,73 @@
+"""`slowllm-coordinator --model MODEL`: the hub nodes and clients connect to."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import ssl
+import sys
+
+from slowllm.protocol import SlowllmError, read_secret
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slowllm-coordinator", description="Coordinate slowllm nodes and clients.")
+    p.add_argument("--model", required=True, help="local directory or hub id of a Bloom checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    p.add_argument("--secret-file", metavar="PATH")
+    p.add_argument("--wait-for-nodes", type=float, default=60.0, metavar="S",
+                   help="how long a job waits for missing blocks to be covered")
+    p.add_argument("--certfile", help="TLS certificate (serve wss://)")
+    p.add_argument("--keyfile", help="TLS private key")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    from ._server import Coordinator
+
+    try:
+        secret = read_secret(args.secret_file)
+        if secret is None and not _loopback(args.host):
+            if not args.insecure:
+                raise SlowllmError(f"refusing to listen on {args.host} without a shared secret: pass --secret-file "
+                                   "(or --insecure if this network is trusted).")
+            print("slowllm-coordinator: warning: listening without a secret; anyone who reaches this port can use "
+                  "it.", file=sys.stderr)
+        ctx = None
+        if args.certfile:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(args.certfile, args.keyfile)
+        coordinator = Coordinator(args.model, host=args.host, port=args.port, secret=secret,
+                                  wait_for_nodes=args.wait_for_nodes, ssl_context=ctx)
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(coordinator.serve())
+    except SlowllmError as e:
+        print(f"slowllm-coordinator: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"slowllm-coordinator: error: cannot listen on {args.host}:{args.port} ({e.strerror}): "
+              "pick another --port.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""`slowllm-node`: keep blocks first..last in memory and serve them to a coordinator over WebSockets.
+
+The node dials out (so it works behind NAT), authenticates, registers its range and then answers
+forward, backward and generation-step requests. Compute runs in one worker thread so the connection
+keeps answering heartbeats and other sessions' messages; each request's failure is an error reply for
+that request alone. KV caches live here, per session, under a memory budget: a step beyond it gets a
+"busy" error, never an out-of-memory crash. When the coordinator goes away, the node reconnects with
+jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import websockets
+
+from slowllm.protocol import (
+    PROTOCOL_VERSION, Auth, Backward, BusyError, Challenge, CheckpointError, CloseSession, Error, Forward,
+    Heartbeat, Hello, InputError, Limits, ProtocolError, Register, Result, SlowllmError, Step, Welcome,
+    decode_tensor, encode_tensor, pack, sign, unpack,
+)
+
+from ._blocks import BlockCache, attention_inputs, load_weights, new_block, run_block
+from ._checkpoint import Checkpoint, block_keys
+from ._memory import format_size
+
+log = logging.getLogger("slowllm.node")
+
+
+class ResidentBlocks:
+    """Blocks first..last held in memory (RAM or GPU) in the compute dtype."""
+
+    def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu"):
+        if not 0 <= first <= last < checkpoint.n_layer:
+            raise InputError(f"--layers {first}-{last} is outside the model's blocks 0-{checkpoint.n_layer - 1}.")
+        self.checkpoint, self.first, self.last = checkpoint, first, last
+        self.config = checkpoint.config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.blocks: dict[int, torch.nn.Module] = {}
+        for layer in range(first, last + 1):
+            block = new_block(self.config, dtype, self.device)
+            load_weights(block, checkpoint.read(block_keys(layer)), layer)
+            for p in block.parameters():  # own the memory: no page-cache-backed maps left behind
+                if p.data.device.type == "cpu" and p.data.dtype == dtype:
+                    p.data = p.data.clone()
+            self.blocks[layer] = block
+
+    def check_range(self, first: int, last: int) -> None:
+        if not self.first <= first <= last <= self.last:
+            raise InputError(f"blocks {first}-{last} requested, but this node serves {self.first}-{self.last}.")
+
+    def check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor, past: int = 0) -> None:
+        h = self.config.hidden_size
+        if hidden.ndim != 3 or hidden.shape[-1] != h or not hidden.is_floating_point():
+            raise InputError(f"hidden states must be a float tensor [batch, length, {h}], got {list(hidden.shape)}.")
+        if mask.ndim != 2 or mask.shape[0] != hidden.shape[0] or mask.shape[1] != past + hidden.shape[1]:
+            raise InputError(f"mask must be [batch, past + length] = [{hidden.shape[0]}, {past + hidden.shape[1]}], "
+                             f"got {list(mask.shape)}.")
+
+    @torch.no_grad()
+    def forward(self, hidden, mask, first, last, caches: dict[int, BlockCache] | None = None) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
+        for layer in range(first, last + 1):
+            hidden = run_block(self.blocks[layer], hidden, attn, None if caches is None else caches[layer])
+        return hidden.cpu()
+
+    def backward(self, hidden, mask, grad, first, last) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
+        inputs = []
+        with torch.no_grad():  # recompute the span's forward, keeping each block's input
+            for layer in range(first, last + 1):
+                inputs.append(hidden)
+                hidden = run_block(self.blocks[layer], hidden, attn)
+        grad = grad.to(self.device, self.dtype)
+        for layer, x in zip(reversed(range(first, last + 1)), reversed(inputs)):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(run_block(self.blocks[layer], x, attn), x, grad)
+        return grad.cpu()
+
+    def measure_speed(self) -> float:
+        """Tokens x blocks per second on a small batch (the router prefers faster nodes)."""
+        x = torch.zeros(1, 16, self.config.hidden_size)
+        start = time.perf_counter()
+        self.forward(x, torch.ones(1, 16, dtype=torch.long), self.first, self.last)
+        return 16 * (self.last - self.first + 1) / max(time.perf_counter() - start, 1e-6)
+
+
+class Sessions:
+    """Per-session KV caches with a byte budget, an idle timeout and explicit close."""
+
+    def __init__(self, budget: int, idle_timeout: float = 600.0):
+        self.budget, self.idle_timeout = budget, idle_timeout
+        self._caches: dict[str, dict[int, BlockCache]] = {}
+        self._used: dict[str, float] = {}
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for caches in self._caches.values() for c in caches.values())
+
+    def get(self, session: str, layers: range, new_bytes: int) -> dict[int, BlockCache]:
+        self.expire()
+        if self.nbytes() + new_bytes > self.budget:
+            raise BusyError(f"node is busy: its KV-cache budget of {format_size(self.budget)} is full; retry in 10 s.")
+        caches = self._caches.setdefault(session, {})
+        for layer in layers:
+            caches.setdefault(layer, BlockCache())
+        self._used[session] = time.monotonic()
+        return caches
+
+    def close(self, session: str) -> bool:
+        self._used.pop(session, None)
+        return self._caches.pop(session, None) is not None
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for s in [s for s, t in self._used.items() if now - t > self.idle_timeout]:
+            self.close(s)
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+
+class NodeServer:
+    def __init__(self, *, first: int, last: int, coordinator: str, model: str | None = None,
+                 secret: bytes | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 name: str = "", cafile: str | None = None, session_budget: int = 2 << 30,
+                 limits: Limits = Limits(), heartbeat: float = 5.0):
+        self.first, self.last = first, last
+        self.url, self.model, self.secret = coordinator, model, secret
+        self.dtype, self.device, self.name = dtype, device, name or f"node-{first}-{last}"
+        self.cafile, self.limits, self.heartbeat = cafile, limits, heartbeat
+        self.blocks: ResidentBlocks | None = None
+        self.sessions = Sessions(session_budget)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-compute")
+        self.load = 0
+        self.speed = 0.0
+        if model is not None:
+            self._load(model)
+
+    def _load(self, model: str) -> None:
+        checkpoint = Checkpoint(model)
+        if not 0 <= self.first <= self.last < checkpoint.n_layer:
+            raise InputError(f"--layers {self.first}-{self.last} is outside the model's blocks "
+                             f"0-{checkpoint.n_layer - 1}: pick a range inside it.")
+        log.info("loading blocks %d-%d of %s", self.first, self.last, model)
+        self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device)
+        self.speed = self.blocks.measure_speed()
+
+    def _ssl(self):
+        if not self.url.startswith("wss://"):
+            return None
+        return ssl.create_default_context(cafile=self.cafile)
+
+    async def run_forever(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._session()
+                delay = 0.5
+            except CheckpointError:
+                raise
+            except (InputError, ProtocolError) as e:
+                raise
+            except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as e:
+                log.warning("coordinator %s unreachable (%s); retrying in %.1f s", self.url, type(e).__name__, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 30.0)
+
+    async def _session(self) -> None:
+        async with websockets.connect(self.url, max_size=self.limits.max_frame, ssl=self._ssl(),
+                                      open_timeout=10) as ws:
+            await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="node", name=self.name)))
+            challenge = unpack(await ws.recv(), self.limits)
+            if isinstance(challenge, Error):
+                raise ProtocolError(challenge.message)
+            assert isinstance(challenge, Challenge)
+            mac = sign(self.secret, challenge.nonce, "node") if self.secret else b""
+            await ws.send(pack(Auth(mac=mac)))
+            reply = unpack(await ws.recv(), self.limits)
+            if isinstance(reply, Error):
+                raise SlowllmError(reply.message, code=reply.code)
+            if self.blocks is None:
+                await asyncio.get_running_loop().run_in_executor(self.pool, self._load, challenge.model)
+            fingerprint = self.blocks.checkpoint.fingerprint()
+            await ws.send(pack(Register(first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
+                                        dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name)))
+            reply = unpack(await ws.recv(), self.limits)
+            if isinstance(reply, Error):
+                raise CheckpointError(reply.message) if reply.code == "bad_checkpoint" else InputError(reply.message)
+            log.info("registered blocks %d-%d with %s", self.first, self.last, self.url)
+            print(f"node {self.name} serving blocks {self.first}-{self.last} for {self.url}", flush=True)
+            await self._serve(ws)
+
+    async def _serve(self, ws) -> None:
+        lock = asyncio.Lock()
+
+        async def send(msg) -> None:
+            async with lock:
+                await ws.send(pack(msg))
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.heartbeat)
+                self.sessions.expire()
+                await send(Heartbeat(load=self.load, sessions=len(self.sessions)))
+
+        tasks: set[asyncio.Task] = set()
+        beater = asyncio.create_task(beat())
+        try:
+            async for frame in ws:
+                task = asyncio.create_task(self._handle(frame, send))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            beater.cancel()
+            for t in tasks:
+                t.cancel()
+
+    async def _handle(self, frame, send) -> None:
+        msg_id = None
+        try:
+            msg = unpack(frame, self.limits)
+            msg_id = getattr(msg, "id", None)
+            if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
+                raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
+            self.load += 1
+            try:
+                tensor = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, msg)
+            finally:
+                self.load -= 1
+            codec = msg.compression if isinstance(msg, Forward) else "raw"
+            await send(Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec)))
+        except SlowllmError as e:
+            await send(Error(id=msg_id, code=e.code, message=str(e)))
+        except websockets.ConnectionClosed:
+            pass
+        except Exception as e:  # a bug must not take the node down: report it for this request only
+            log.exception("request failed")
+            await send(Error(id=msg_id, code="internal", message=f"node failed on this request: {type(e).__name__}: {e}"))
+
+    def _tensors(self, msg, past: int = 0):
+        hidden = decode_tensor(msg.hidden, self.limits)
+        mask = decode_tensor(msg.mask, self.limits)
+        self.blocks.check_range(msg.first, msg.last)
+        self.blocks.check_inputs(hidden, mask, past)
+        if hidden.shape[0] * mask.shape[1] > self.limits.max_batch_tokens:
+            raise InputError(f"batch x length {hidden.shape[0] * mask.shape[1]} exceeds this node's limit of "
+                             f"{self.limits.max_batch_tokens}: send smaller batches.")
+        return hidden, mask
+
+    def _compute(self, msg) -> torch.Tensor | None:
+        if isinstance(msg, CloseSession):
+            if not self.sessions.close(msg.session):
+                raise InputError(f"unknown session {msg.session!r}: it was closed or expired.")
+            return None
+        if isinstance(msg, Forward):
+            hidden, mask = self._tensors(msg)
+            return self.blocks.forward(hidden, mask, msg.first, msg.last)
+        if isinstance(msg, Backward):
+            hidden, mask = self._tensors(msg)
+            grad = decode_tensor(msg.grad, self.limits)
+            if grad.shape != hidden.shape:
+                raise InputError(f"gradient shape {list(grad.shape)} differs from hidden shape {list(hidden.shape)}.")
+            return self.blocks.backward(hidden, mask, grad, msg.first, msg.last)
+        # Step: the mask covers the session's past tokens plus the new ones
+        layers = range(msg.first, msg.last + 1)
+        known = self.sessions._caches.get(msg.session)
+        past = known[msg.first].length if known and msg.first in known else 0
+        hidden, mask = self._tensors(msg, past)
+        if mask.shape[1] > msg.max_length:
+            raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")
+        per_token = 2 * self.blocks.config.hidden_size * self.dtype.itemsize * len(layers)
+        caches = self.sessions.get(msg.session, layers, per_token * hidden.shape[0] * hidden.shape[1])
+        return self.blocks.forward(hidden, mask, msg.first, msg.last, caches)

@@ -1,0 +1,164 @@
+"""Typed messages of the slowllm protocol (pydantic), one model per `type`.
+
+Conversation shapes:
+  peer -> coordinator: Hello;  coordinator -> peer: Challenge;  peer: Auth;  coordinator: Welcome | Error
+  node: Register -> Welcome | Error, then serves Forward / Backward / Step / CloseSession with Result | Error,
+        and sends Heartbeat now and then
+  client: Job -> Event* -> JobResult | Error
+Every request carries an `id` that its reply repeats, so replies may come back in any order.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class WireTensor(_Msg):
+    """A tensor on the wire: dtype, shape, raw little-endian bytes, optionally compressed.
+
+    codec "raw" keeps the dtype exactly; "fp16"/"bf16" halve fp32 (relative error <= 2**-11 / 2**-8);
+    "int8" stores each block of 64 values as int8 times one fp32 scale (error <= max|block| / 254).
+    """
+
+    dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "int8"]
+    shape: list[Annotated[int, Field(ge=0)]]
+    codec: Literal["raw", "fp16", "bf16", "int8"] = "raw"
+    data: bytes
+    scales: bytes = b""
+
+
+class Hello(_Msg):
+    type: Literal["hello"] = "hello"
+    version: int
+    role: Literal["node", "client"]
+    name: str = Field("", max_length=200)
+
+
+class Challenge(_Msg):
+    type: Literal["challenge"] = "challenge"
+    version: int
+    nonce: bytes
+    auth_required: bool
+    model: str
+    fingerprint: str
+    n_layer: int
+
+
+class Auth(_Msg):
+    type: Literal["auth"] = "auth"
+    mac: bytes = b""
+
+
+class Welcome(_Msg):
+    type: Literal["welcome"] = "welcome"
+    info: dict[str, Any] = {}
+
+
+class Error(_Msg):
+    type: Literal["error"] = "error"
+    id: int | None = None
+    code: str
+    message: str
+
+
+class Register(_Msg):
+    type: Literal["register"] = "register"
+    first: int
+    last: int
+    fingerprint: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    speed: float = 0.0  # measured tokens x blocks per second
+    name: str = ""
+
+
+class Heartbeat(_Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+    load: int = 0
+    sessions: int = 0
+
+
+class Forward(_Msg):
+    """Run blocks first..last (within the node's range) on `hidden`; no state is kept."""
+
+    type: Literal["forward"] = "forward"
+    id: int
+    first: int
+    last: int
+    hidden: WireTensor
+    mask: WireTensor
+    compression: Literal["raw", "fp16", "bf16", "int8"] = "raw"
+
+
+class Backward(_Msg):
+    """Recompute blocks first..last from their input `hidden` and return the gradient w.r.t. it."""
+
+    type: Literal["backward"] = "backward"
+    id: int
+    first: int
+    last: int
+    hidden: WireTensor
+    mask: WireTensor
+    grad: WireTensor
+
+
+class Step(_Msg):
+    """One generation step of a session; the node keeps the session's KV cache for blocks first..last."""
+
+    type: Literal["step"] = "step"
+    id: int
+    session: str = Field(max_length=64)
+    first: int
+    last: int
+    hidden: WireTensor
+    mask: WireTensor
+    max_length: int = 2048
+
+
+class CloseSession(_Msg):
+    type: Literal["close_session"] = "close_session"
+    id: int
+    session: str = Field(max_length=64)
+
+
+class Result(_Msg):
+    type: Literal["result"] = "result"
+    id: int
+    tensor: WireTensor | None = None
+
+
+class Job(_Msg):
+    type: Literal["job"] = "job"
+    id: int
+    job: Literal["generate", "score", "tune", "status"]
+    params: dict[str, Any] = {}
+
+
+class Event(_Msg):
+    """Streamed progress of a job: generated tokens, tuning losses."""
+
+    type: Literal["event"] = "event"
+    id: int
+    data: dict[str, Any]
+
+
+class JobResult(_Msg):
+    type: Literal["job_result"] = "job_result"
+    id: int
+    data: dict[str, Any]
+
+
+Message = Annotated[
+    Union[Hello, Challenge, Auth, Welcome, Error, Register, Heartbeat, Forward, Backward, Step, CloseSession,
+          Result, Job, Event, JobResult],
+    Field(discriminator="type"),
+]
+MESSAGE = TypeAdapter(Message)
