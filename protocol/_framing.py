@@ -78,7 +78,7 @@ def encode_tensor(t: torch.Tensor, codec: str = "raw") -> WireTensor:
         scales = scale.numpy().astype("<f4").tobytes()
     else:
         payload = t
-    data = payload.view(torch.uint8).numpy().tobytes() if payload.numel() else b""
+    data = payload.reshape(-1).view(torch.uint8).numpy().tobytes() if payload.numel() else b""
     return WireTensor(dtype=_NAMES[t.dtype], shape=list(t.shape), codec=codec, data=data, scales=scales)
 
 

@@ -1,0 +1,98 @@
+"""Protocol property tests: every message and dtype round-trips; random bytes only raise ProtocolError."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slowllm.protocol import (Auth, Backward, Challenge, CloseSession, Error, Event, Forward, Heartbeat, Hello, Job,
+                              JobResult, Limits, ProtocolError, Register, Result, Step, Welcome, decode_tensor,
+                              encode_tensor, pack, sign, unpack, verify)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8]
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3)
+
+
+def _tensor(dtype, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, generator=g).to(dtype)
+
+
+@given(st.sampled_from(DTYPES), shapes, st.integers(0, 1000))
+def test_raw_tensors_round_trip_exactly(dtype, shape, seed):
+    t = _tensor(dtype, shape, seed)
+    back = decode_tensor(unpack(pack(Result(id=1, tensor=encode_tensor(t)))).tensor)
+    assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+@given(shapes, st.integers(0, 1000), st.sampled_from(["fp16", "bf16", "int8"]))
+def test_compression_error_is_within_its_documented_bound(shape, seed, codec):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+    back = decode_tensor(unpack(pack(Result(id=1, tensor=encode_tensor(t, codec)))).tensor)
+    assert back.shape == t.shape and back.dtype == torch.float32
+    if t.numel():
+        err = (back - t).abs()
+        if codec == "int8":
+            assert err.max() <= t.abs().max() / 254 + 1e-6
+        else:
+            rel = 2.0 ** -11 if codec == "fp16" else 2.0 ** -8
+            assert (err <= t.abs() * rel + 1e-7).all()
+
+
+def test_every_message_round_trips():
+    w = encode_tensor(torch.randn(2, 3, 4))
+    m = encode_tensor(torch.ones(2, 3, dtype=torch.long))
+    msgs = [Hello(version=1, role="node", name="a"), Challenge(version=1, nonce=b"x" * 32, auth_required=True,
+            model="m", fingerprint="f", n_layer=3), Auth(mac=b"y"), Welcome(info={"a": 1}),
+            Error(id=3, code="busy", message="busy"), Register(first=0, last=2, fingerprint="f"),
+            Heartbeat(load=1, sessions=2), Forward(id=1, first=0, last=1, hidden=w, mask=m),
+            Backward(id=2, first=0, last=1, hidden=w, mask=m, grad=w), Step(id=3, session="s", first=0, last=0,
+            hidden=w, mask=m), CloseSession(id=4, session="s"), Result(id=5, tensor=w),
+            Job(id=6, job="score", params={"requests": []}), Event(id=6, data={"step": 1}), JobResult(id=6, data={})]
+    for msg in msgs:
+        assert unpack(pack(msg)) == msg
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_protocol_errors(data):
+    try:
+        unpack(data)
+    except ProtocolError:
+        pass
+
+
+@given(st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=8), st.binary(max_size=8),
+                                                     st.none()), max_size=5))
+def test_random_maps_raise_only_protocol_errors(obj):
+    import msgpack
+    try:
+        unpack(msgpack.packb(obj, use_bin_type=True))
+    except ProtocolError:
+        pass
+
+
+def test_limits_and_inconsistent_tensors():
+    big = pack(Result(id=1, tensor=encode_tensor(torch.zeros(1000))))
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        unpack(big, Limits(max_frame=100))
+    with pytest.raises(ProtocolError, match="elements exceeds"):
+        decode_tensor(encode_tensor(torch.zeros(1000)), Limits(max_tensor_elements=10))
+    w = encode_tensor(torch.zeros(4))
+    with pytest.raises(ProtocolError, match="needs 16"):
+        decode_tensor(w.model_copy(update={"shape": [4], "data": b"\x00" * 15}))
+    with pytest.raises(ProtocolError):
+        unpack("a text frame")
+
+
+def test_hmac_authentication():
+    secret, nonce = b"s" * 32, b"n" * 32
+    verify(secret, nonce, "node", sign(secret, nonce, "node"))
+    with pytest.raises(Exception, match="authentication failed"):
+        verify(secret, nonce, "client", sign(secret, nonce, "node"))  # bound to the role
+    with pytest.raises(Exception, match="authentication failed"):
+        verify(secret, nonce, "node", sign(b"t" * 32, nonce, "node"))
