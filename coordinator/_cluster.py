@@ -1,0 +1,123 @@
+"""`slowllm cluster up|down FILE.yaml`: start and stop on this machine what a cluster file describes.
+
+`up` starts the coordinator (waiting for its `ready` line) and the nodes as detached processes, logs
+in the state directory, and records their PIDs; `down` stops exactly those PIDs (checking they are
+still slowllm processes) and forgets them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from slowllm.protocol import InputError
+
+
+def load_cluster(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"cluster file {path} does not exist (see cluster.example.yaml).")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"cluster file {path} is not valid YAML ({e.__class__.__name__}): fix its syntax.") from None
+    coord = spec.get("coordinator")
+    if not isinstance(coord, dict) or "model" not in coord:
+        raise InputError(f"cluster file {path} needs a 'coordinator' section with a 'model'.")
+    nodes = spec.get("nodes") or []
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "layers" in n for n in nodes):
+        raise InputError(f"cluster file {path}: 'nodes' must be a list of entries with 'layers' (e.g. 0-11).")
+    return spec
+
+
+def _state_dir(path: Path, spec: dict) -> Path:
+    d = Path(spec.get("state_dir") or path.parent / f".{path.stem}.slowllm")
+    return d if d.is_absolute() else (path.parent / d)
+
+
+def _rel(base: Path, value):
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(str(value)))
+    return str(p if p.is_absolute() or not (base / p).exists() else (base / p).resolve())
+
+
+def cluster(action: str, file: str) -> int:
+    path = Path(file).resolve()
+    spec = load_cluster(path)
+    state = _state_dir(path, spec)
+    pids_file = state / "pids.json"
+    if action == "down":
+        if not pids_file.is_file():
+            print(f"nothing to stop: no cluster started from {file}")
+            return 0
+        stopped = 0
+        for entry in json.loads(pids_file.read_text()):
+            try:
+                proc = psutil.Process(entry["pid"])
+                if "slowllm" in " ".join(proc.cmdline()):
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(15)
+                    except psutil.TimeoutExpired:
+                        proc.kill()
+                    stopped += 1
+            except psutil.NoSuchProcess:
+                pass
+        pids_file.unlink()
+        print(f"stopped {stopped} processes")
+        return 0
+
+    if pids_file.is_file():
+        raise InputError(f"a cluster from {file} is already up: run `slowllm cluster down {file}` first.")
+    state.mkdir(parents=True, exist_ok=True)
+    base = path.parent
+    c = spec["coordinator"]
+    host, port = c.get("host", "127.0.0.1"), int(c.get("port", 8765))
+    url = c.get("url") or f"ws://{host}:{port}"
+    secret = _rel(base, c.get("secret_file"))
+    model = _rel(base, c["model"])
+    started: list[dict] = []
+
+    def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(state / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        started.append({"name": name, "pid": proc.pid})
+        pids_file.write_text(json.dumps(started))
+        return proc
+
+    cmd = [sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", model, "--host", host,
+           "--port", str(port), "--wait-for-nodes", str(c.get("wait_for_nodes", 60))]
+    if secret:
+        cmd += ["--secret-file", secret]
+    coord = spawn("coordinator", cmd)
+    deadline = time.time() + 120
+    while "ready" not in (state / "coordinator.log").read_text():
+        if coord.poll() is not None or time.time() > deadline:
+            raise InputError(f"the coordinator did not start: see {state / 'coordinator.log'}.")
+        time.sleep(0.2)
+    print(f"coordinator ready at {url} (pid {coord.pid})")
+    for i, node in enumerate(spec.get("nodes") or []):
+        name = str(node.get("name") or f"node{i}")
+        cmd = [sys.executable, "-m", "slowllm.node._cli", "--layers", str(node["layers"]), "--coordinator", url,
+               "--name", name, "--device", node.get("device", "cpu")]
+        for key in ("dtype", "session_memory"):
+            if node.get(key):
+                cmd += [f"--{key.replace('_', '-')}", str(node[key])]
+        if node.get("model"):
+            cmd += ["--model", _rel(base, node["model"])]
+        if secret:
+            cmd += ["--secret-file", secret]
+        proc = spawn(name, cmd)
+        print(f"node {name} blocks {node['layers']} started (pid {proc.pid})")
+    print(f"logs and PIDs in {state}; stop with: slowllm cluster down {file}")
+    return 0
