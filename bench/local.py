@@ -1,0 +1,185 @@
+"""Local streaming benchmark: one scoring pass and generation, side by side with the baselines.
+
+    python bench/local.py [--n-layer 24] [--repeat 3] [--dtype float32 bfloat16]
+
+Creates (once, under bench/_work/) a bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880,
+bf16, sharded safetensors; --n-layer blocks), then times, each in a fresh subprocess (so peak RSS is its
+own), 8 prompts x 32 tokens:
+  (a) slowllm local score pass, page cache evicted (cold) and warm
+  (b) the same job with every block already in RAM (transformers' BloomForCausalLM: the compute limit)
+  (c) cold sequential read of the checkpoint files (the IO limit)
+  (d) accelerate disk offload of the same checkpoint
+  (e) naive streaming: load each block's shard, convert, compute, no overlap
+and generation of 16 tokens for 1 and for 8 prompts. Prints a table and one JSON line; every figure is
+also given as a ratio to a baseline measured in the same run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORK = Path(__file__).parent / "_work"
+PROMPT = "Once upon a time there was a researcher without a cluster who read every block "
+
+
+def evict(model: Path) -> None:
+    for f in model.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def make_model(n_layer: int) -> Path:
+    import torch
+    from slowllm.coordinator import make_checkpoint, tiny_config
+
+    path = WORK / f"bloom-1b7-shaped-{n_layer}"
+    if not (path / "config.json").exists():
+        cfg = tiny_config(n_layer=n_layer, hidden=2048, n_head=16, vocab_size=250880, std=0.02)
+        make_checkpoint(path, cfg, dtype=torch.bfloat16)
+    return path
+
+
+def requests(ends) -> list[dict]:
+    out = []
+    for i in range(8):  # 8 prompts x 32 tokens
+        ids = (ends.encode(f"{i} " + PROMPT * 4))[:32]
+        out.append({"context": ends.decode(ids[:24]), "continuation": ends.decode(ids[24:])})
+    return out
+
+
+def one(kind: str, model: Path, dtype_name: str) -> dict:
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    torch.set_num_threads(os.cpu_count())
+    start = time.perf_counter()
+    if kind == "read":
+        for f in sorted(model.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+    elif kind in ("slowllm", "gen1", "gen8"):
+        from slowllm.coordinator import LocalRunner, Sampling
+
+        with LocalRunner(model, dtype=dtype_name, progress=False) as r:
+            if kind == "slowllm":
+                start = time.perf_counter()
+                r.score(requests(r.ends))
+            else:
+                n = 1 if kind == "gen1" else 8
+                start = time.perf_counter()
+                r.generate([f"{i} {PROMPT}" for i in range(n)], Sampling(max_new_tokens=16))
+    elif kind in ("inram", "naive", "accelerate"):
+        from transformers import BloomConfig, BloomForCausalLM
+
+        from slowllm.node import Checkpoint
+        from slowllm.coordinator._ends import ModelEnds
+
+        ends = ModelEnds(Checkpoint(model))
+        reqs = requests(ends)
+        rows = [ends.encode(q["context"]) + ends.encode(q["continuation"]) for q in reqs]
+        width = max(map(len, rows))
+        ids = torch.tensor([[3] * (width - len(x)) + x for x in rows])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(x) for x in rows])[:, None]).long()
+        if kind == "inram":
+            m = BloomForCausalLM.from_pretrained(model, dtype=dtype).eval()
+            start = time.perf_counter()
+        elif kind == "accelerate":
+            from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+            with init_empty_weights():
+                m = BloomForCausalLM(BloomConfig.from_pretrained(model)).to(dtype)
+            dmap = {"transformer.word_embeddings": "cpu", "transformer.word_embeddings_layernorm": "cpu",
+                    "transformer.ln_f": "cpu", "lm_head": "cpu", "transformer.h": "disk"}
+            m = load_checkpoint_and_dispatch(m, str(model), device_map=dmap, offload_folder=str(WORK / "offload"),
+                                             dtype=dtype).eval()
+        if kind == "naive":
+            from safetensors.torch import load_file
+            from slowllm.node import attention_inputs, new_block, run_block
+            from slowllm.node._checkpoint import block_keys
+
+            ck = Checkpoint(model)
+            start = time.perf_counter()
+            with torch.no_grad():
+                h = ends.embed_norm(ends.embed(ids)).to(dtype)
+                attn = attention_inputs(mask, width, ck.config.n_head, dtype)
+                for layer in range(ck.n_layer):
+                    shard = ck.weight_map[block_keys(layer)[0]][0]
+                    state = load_file(str(model / shard))
+                    block = new_block(ck.config, dtype)
+                    block.load_state_dict({k.split(f"h.{layer}.", 1)[1]: v.to(dtype) for k, v in state.items()
+                                           if f"h.{layer}." in k})
+                    h = run_block(block, h, attn)
+                    del state, block
+                logits = ends.logits(ends.final_norm(h[:, -8:].reshape(-1, h.shape[-1])))
+        else:
+            with torch.no_grad():
+                m(input_ids=ids, attention_mask=mask, logits_to_keep=9)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def measure(kind: str, model: Path, dtype: str, cold: bool, repeat: int) -> dict:
+    runs = []
+    for _ in range(repeat):
+        if cold:
+            evict(model)
+        proc = subprocess.run([sys.executable, __file__, "--one", kind, "--model", str(model), "--dtype", dtype],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {"seconds": statistics.median(r["seconds"] for r in runs), "peak_rss": max(r["peak_rss"] for r in runs)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n-layer", type=int, default=24)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--one")
+    p.add_argument("--model")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, Path(args.model), args.dtype[0])))
+        return
+    model = make_model(args.n_layer)
+    rows, out = [], {"n_layer": args.n_layer, "model_gb": sum(f.stat().st_size for f in model.iterdir()) / 2**30}
+    read = measure("read", model, "float32", True, args.repeat)
+    out["cold_read_s"] = read["seconds"]
+    for dtype in args.dtype:
+        r = {}
+        r["slowllm_cold"] = measure("slowllm", model, dtype, True, args.repeat)
+        r["slowllm_warm"] = measure("slowllm", model, dtype, False, args.repeat)
+        r["inram"] = measure("inram", model, dtype, False, args.repeat)
+        r["naive_cold"] = measure("naive", model, dtype, True, args.repeat)
+        r["accelerate_cold"] = measure("accelerate", model, dtype, True, args.repeat)
+        r["gen1"] = measure("gen1", model, dtype, False, args.repeat)
+        r["gen8"] = measure("gen8", model, dtype, False, args.repeat)
+        limit = max(r["inram"].get("seconds", 0), read["seconds"])
+        for name, v in r.items():
+            if "error" in v:
+                rows.append((dtype, name, "failed: " + v["error"][:60], "", ""))
+                continue
+            ratio = v["seconds"] / limit if not name.startswith("gen") else v["seconds"] / r["gen1"]["seconds"]
+            base = "max(in-RAM, cold read)" if not name.startswith("gen") else "gen1"
+            rows.append((dtype, name, f"{v['seconds']:.2f} s", f"{ratio:.2f} x {base}", f"{v['peak_rss'] / 2**30:.2f} GB"))
+        out[dtype] = {k: v for k, v in r.items()}
+        out[dtype]["limit_s"] = limit
+    print(f"{'dtype':<9} {'run':<16} {'time':>9}  {'ratio':<32} peak RSS")
+    for row in rows:
+        print(f"{row[0]:<9} {row[1]:<16} {row[2]:>9}  {row[3]:<32} {row[4]}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
