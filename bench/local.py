@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -113,8 +112,9 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
                 h = ends.embed_norm(ends.embed(ids)).to(dtype)
                 attn = attention_inputs(mask, width, ck.config.n_head, dtype)
                 for layer in range(ck.n_layer):
-                    shard = ck.weight_map[block_keys(layer)[0]][0]
-                    state = load_file(str(model / shard))
+                    state = {}
+                    for shard in {ck.weight_map[k][0] for k in block_keys(layer)}:  # whole shards, as naive code does
+                        state.update(load_file(str(model / shard)))
                     block = new_block(ck.config, dtype)
                     block.load_state_dict({k.split(f"h.{layer}.", 1)[1]: v.to(dtype) for k, v in state.items()
                                            if f"h.{layer}." in k})
@@ -125,7 +125,9 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
             with torch.no_grad():
                 m(input_ids=ids, attention_mask=mask, logits_to_keep=9)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    # VmHWM is this process's own peak (ru_maxrss would inherit the parent's across fork)
+    hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]
+    return {"seconds": seconds, "peak_rss": int(hwm) * 1024}
 
 
 def measure(kind: str, model: Path, dtype: str, cold: bool, repeat: int) -> dict:
