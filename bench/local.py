@@ -120,7 +120,7 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
                                            if f"h.{layer}." in k})
                     h = run_block(block, h, attn)
                     del state, block
-                logits = ends.logits(ends.final_norm(h[:, -8:].reshape(-1, h.shape[-1])))
+                ends.logits(ends.final_norm(h[:, -8:].reshape(-1, h.shape[-1])))
         else:
             with torch.no_grad():
                 m(input_ids=ids, attention_mask=mask, logits_to_keep=9)

@@ -119,10 +119,13 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
                 flush()
     flush()
 
+    by_line: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_line.setdefault(it.line, []).append(i)
     results: list[dict] = []
-    for line, req in enumerate(requests, start=1):
-        mine = [i for i, it in enumerate(items) if it.line == line]
-        if mine and items[mine[0]].choice is None:
+    for line in range(1, len(requests) + 1):
+        mine = by_line[line]
+        if items[mine[0]].choice is None:
             results.append({"logprob": logprob[mine[0]], "is_greedy": greedy[mine[0]]})
         else:
             lps = [logprob[i] for i in mine]

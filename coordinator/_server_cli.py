@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import ssl
 import sys
 
 from slowllm.protocol import SlowllmError, read_secret
+from slowllm.node._aio import run
 
 
 def _loopback(host: str) -> bool:
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.load_cert_chain(args.certfile, args.keyfile)
         coordinator = Coordinator(args.model, host=args.host, port=args.port, secret=secret,
                                   wait_for_nodes=args.wait_for_nodes, ssl_context=ctx)
-        try:
-            import uvloop
-            uvloop.install()
-        except ImportError:
-            pass
-        asyncio.run(coordinator.serve())
+        run(coordinator.serve())
     except SlowllmError as e:
         print(f"slowllm-coordinator: error: {e}", file=sys.stderr)
         return 2

@@ -239,12 +239,17 @@ class Checkpoint:
 
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of a tensor, without reading its data."""
-        if key not in self._meta:
-            t = self.read([key])[key]
-            self._meta[key] = (tuple(t.shape), t.dtype)
+        self._fill_meta([key])
         return self._meta[key]
 
+    def _fill_meta(self, keys: list[str]) -> None:
+        missing = [k for k in keys if k not in self._meta]
+        if missing:  # one open per shard for all of them, not one per tensor
+            for key, t in self.read(missing).items():
+                self._meta[key] = (tuple(t.shape), t.dtype)
+
     def nbytes(self, keys: list[str]) -> int:
+        self._fill_meta(keys)
         total = 0
         for key in keys:
             shape, dtype = self.meta(key)
@@ -261,6 +266,7 @@ class Checkpoint:
         storage dtype is left out on purpose (a bf16 and an fp32 copy of one model are interchangeable).
         """
         c = self.config
+        self._fill_meta(self.end_keys() + block_keys(0))
         essentials = {
             "n_layer": c.n_layer, "hidden_size": c.hidden_size, "n_head": c.n_head,
             "vocab_size": c.vocab_size, "layer_norm_epsilon": c.layer_norm_epsilon,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import re
 import sys
@@ -11,6 +10,8 @@ import sys
 import torch
 
 from slowllm.protocol import SlowllmError, read_secret
+
+from ._aio import run
 
 from ._memory import parse_size
 
@@ -50,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         server = NodeServer(first=args.layers[0], last=args.layers[1], coordinator=args.coordinator,
                             model=args.model, secret=read_secret(args.secret_file), dtype=dtype, device=args.device,
                             name=args.name, cafile=args.cafile, session_budget=parse_size(args.session_memory))
-        try:
-            import uvloop
-            uvloop.install()
-        except ImportError:
-            pass
-        asyncio.run(server.run_forever())
+        run(server.run_forever())
     except SlowllmError as e:
         print(f"slowllm-node: error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ import websockets
 
 from slowllm.protocol import (
     PROTOCOL_VERSION, Auth, Backward, BusyError, Challenge, CheckpointError, CloseSession, Error, Forward,
-    Heartbeat, Hello, InputError, Limits, ProtocolError, Register, Result, SlowllmError, Step, Welcome,
+    Heartbeat, Hello, InputError, Limits, ProtocolError, Register, Result, SlowllmError, Step,
     decode_tensor, encode_tensor, pack, sign, unpack,
 )
 
@@ -115,6 +115,10 @@ class Sessions:
         self._used[session] = time.monotonic()
         return caches
 
+    def past_length(self, session: str, layer: int) -> int:
+        cache = self._caches.get(session, {}).get(layer)
+        return 0 if cache is None else cache.length
+
     def close(self, session: str) -> bool:
         self._used.pop(session, None)
         return self._caches.pop(session, None) is not None
@@ -165,10 +169,6 @@ class NodeServer:
             try:
                 await self._session()
                 delay = 0.5
-            except CheckpointError:
-                raise
-            except (InputError, ProtocolError) as e:
-                raise
             except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as e:
                 log.warning("coordinator %s unreachable (%s); retrying in %.1f s", self.url, type(e).__name__, delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
@@ -272,8 +272,7 @@ class NodeServer:
             return self.blocks.backward(hidden, mask, grad, msg.first, msg.last)
         # Step: the mask covers the session's past tokens plus the new ones
         layers = range(msg.first, msg.last + 1)
-        known = self.sessions._caches.get(msg.session)
-        past = known[msg.first].length if known and msg.first in known else 0
+        past = self.sessions.past_length(msg.session, msg.first)
         hidden, mask = self._tensors(msg, past)
         if mask.shape[1] > msg.max_length:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")

@@ -50,14 +50,6 @@ class BlockStream:
         if self.zero_copy:
             release_weights(self._block)
 
-    def bytes_in_flight(self) -> int:
-        """Peak bytes of weights this stream holds at once (for the memory plan)."""
-        raw = self.checkpoint.nbytes(block_keys(0))
-        if self.zero_copy:
-            return raw * (2 if self.prefetch else 1)
-        compute = raw // self.checkpoint.storage_dtype().itemsize * self.dtype.itemsize
-        return compute + raw
-
     def blocks(self, layers: Sequence[int], desc: str = "blocks", tokens: int = 0,
                progress: bool | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
         slots = threading.Semaphore(2 if self.zero_copy and self.prefetch else 1)

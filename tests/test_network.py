@@ -1,7 +1,7 @@
 """Coordinator and nodes as real processes on 127.0.0.1, talking real WebSockets."""
 
 import asyncio
-import json
+import sys
 import threading
 
 import msgpack
@@ -12,8 +12,8 @@ import websockets
 from conftest import hf_logprob, hf_model, run_cli
 from netutil import Cluster
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions
-from slowllm.protocol import (PROTOCOL_VERSION, Auth, Forward, Hello, Register, SlowllmError, Step, encode_tensor,
-                              pack, sign, unpack)
+from slowllm.protocol import (PROTOCOL_VERSION, Auth, Challenge, CloseSession, Forward, Hello, Job, SlowllmError,
+                              Step, Welcome, encode_tensor, pack, sign, unpack)
 
 PROMPTS = ["The capital of", "Once upon a time there was a researcher", "Yes", "Bloom is a large language model"]
 REQUESTS = [{"context": "The quick brown fox", "continuation": " jumps over the lazy dog"},
@@ -120,7 +120,7 @@ def test_malformed_frames_get_errors_and_the_server_stays_up(cluster, secret):
                       hidden=encode_tensor(torch.zeros(1, 2, 64)), mask=encode_tensor(torch.ones(1, 2, dtype=torch.long))))]:
             await ws.send(frame)
             replies.append(unpack(await ws.recv()))
-        await ws.send(pack(__import__("slowllm.protocol", fromlist=["Job"]).Job(id=9, job="score", params={"requests": [{"context": 1}]})))
+        await ws.send(pack(Job(id=9, job="score", params={"requests": [{"context": 1}]})))
         replies.append(unpack(await ws.recv()))
         await ws.close()
         return replies
@@ -149,21 +149,17 @@ def test_oversized_frame_is_refused_without_harming_others(cluster, secret):
 def test_bad_requests_to_a_node_get_errors(cluster, secret):
     """Talk to a live node through a fake coordinator: wrong shapes, unknown sessions, blocks it lacks."""
     # Nodes dial out, so the test plays coordinator on its own port and lets a node connect to it.
-    from slowllm.protocol import Challenge, CloseSession, Welcome
-    secret_bytes = secret.read_bytes().strip()
-    results = {}
-
     async def fake_coordinator():
         got = asyncio.get_running_loop().create_future()
 
         async def handler(ws):
-            hello = unpack(await ws.recv())
+            unpack(await ws.recv())  # hello
             nonce = b"n" * 32
             await ws.send(pack(Challenge(version=PROTOCOL_VERSION, nonce=nonce, auth_required=True,
                                          model=cluster.model, fingerprint="x", n_layer=6)))
             unpack(await ws.recv())
             await ws.send(pack(Welcome()))
-            reg = unpack(await ws.recv())
+            unpack(await ws.recv())  # register
             await ws.send(pack(Welcome()))
             h = lambda shape: encode_tensor(torch.zeros(*shape))  # noqa: E731
             m = lambda shape: encode_tensor(torch.ones(*shape, dtype=torch.long))  # noqa: E731
@@ -187,7 +183,7 @@ def test_bad_requests_to_a_node_get_errors(cluster, secret):
         async with websockets.serve(handler, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]
             proc = await asyncio.create_subprocess_exec(
-                __import__("sys").executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--coordinator",
+                sys.executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--coordinator",
                 f"ws://127.0.0.1:{port}", "--model", cluster.model, "--secret-file", str(secret))
             try:
                 return await asyncio.wait_for(got, 60)
