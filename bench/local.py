@@ -64,7 +64,7 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
     torch.set_num_threads(os.cpu_count())
     start = time.perf_counter()
     if kind == "baseline":  # the interpreter with every library the jobs import, before any model memory
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401 (imported for its memory, like the jobs)
         from slowllm.coordinator import LocalRunner  # noqa: F401
     elif kind == "read":
         for f in sorted(model.glob("*.safetensors")):

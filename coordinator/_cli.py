@@ -46,6 +46,8 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                    "(default: 80%% of available memory)")
     g.add_argument("--spill-dir", metavar="DIR", help="local mode: where activations beyond --max-ram go (default: $TMPDIR)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="local mode: where blocks compute")
+    g.add_argument("--keep-in-ram", action="store_true",
+                   help="local mode: load every block once and keep it (for models that fit; much faster generation)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -104,7 +106,8 @@ def _backend(args):
             raise InputError("--local needs --model MODEL (a checkpoint directory or hub id).")
         from ._runner import LocalRunner
         return LocalRunner(args.model, dtype=args.dtype, max_ram=args.max_ram, device=args.device,
-                           spill_dir=args.spill_dir, progress=False if args.no_progress else None)
+                           spill_dir=args.spill_dir, progress=False if args.no_progress else None,
+                           keep_in_ram=args.keep_in_ram)
     from ._client import Client
     return Client(args.coordinator, secret_file=args.secret_file, cafile=args.cafile)
 

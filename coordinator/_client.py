@@ -24,7 +24,7 @@ import websockets
 
 from slowllm.protocol import (
     PROTOCOL_VERSION, Auth, Challenge, Error, Event, Hello, Job, JobResult, Limits, SlowllmError, UnavailableError,
-    WireTensor, decode_tensor, encode_tensor, pack, read_secret, sign, unpack,
+    WireTensor, decode_tensor, encode_tensor, error_from_reply, pack, read_secret, sign, unpack,
 )
 
 from ._jobs import Sampling
@@ -46,6 +46,9 @@ class Client:
         ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
         try:
             ws = await websockets.connect(self.url, max_size=self.limits.max_frame, ssl=ssl_ctx, open_timeout=20)
+        except ssl.SSLCertVerificationError as e:
+            raise UnavailableError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
+                                   "pass --cafile with the CA that signed it.") from None
         except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError) as e:
             raise UnavailableError(f"cannot reach the coordinator at {self.url} ({type(e).__name__}): "
                                    "check the URL and that it is running.") from None
@@ -54,7 +57,7 @@ class Client:
                 await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="client")))
                 challenge = unpack(await ws.recv(), self.limits)
                 if isinstance(challenge, Error):
-                    raise SlowllmError(challenge.message, code=challenge.code)
+                    raise error_from_reply(challenge.code, challenge.message)
                 assert isinstance(challenge, Challenge)
                 if challenge.auth_required and self.secret is None:
                     raise SlowllmError("the coordinator requires a shared secret: pass --secret-file "
@@ -62,7 +65,7 @@ class Client:
                 await ws.send(pack(Auth(mac=sign(self.secret, challenge.nonce, "client") if self.secret else b"")))
                 welcome = unpack(await ws.recv(), self.limits)
                 if isinstance(welcome, Error):
-                    raise SlowllmError(welcome.message, code=welcome.code)
+                    raise error_from_reply(welcome.code, welcome.message)
                 self.fingerprint = challenge.fingerprint
                 await ws.send(pack(Job(id=1, job=job, params=params)))
                 while True:
@@ -72,7 +75,7 @@ class Client:
                     elif isinstance(msg, JobResult):
                         return msg.data
                     elif isinstance(msg, Error):
-                        raise SlowllmError(msg.message, code=msg.code)
+                        raise error_from_reply(msg.code, msg.message)
             except websockets.ConnectionClosed as e:
                 raise UnavailableError(f"the coordinator closed the connection ({e.rcvd.reason if e.rcvd else 'no reason'}); "
                                        "retry the job.") from None

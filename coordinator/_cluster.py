@@ -82,7 +82,9 @@ def cluster(action: str, file: str) -> int:
     base = path.parent
     c = spec["coordinator"]
     host, port = c.get("host", "127.0.0.1"), int(c.get("port", 8765))
-    url = c.get("url") or f"ws://{host}:{port}"
+    tls = c.get("certfile") is not None
+    url = c.get("url") or f"{'wss' if tls else 'ws'}://{host}:{port}"
+    cafile = _rel(base, c.get("cafile"))
     secret = _rel(base, c.get("secret_file"))
     model = _rel(base, c["model"])
     started: list[dict] = []
@@ -99,6 +101,14 @@ def cluster(action: str, file: str) -> int:
            "--port", str(port), "--wait-for-nodes", str(c.get("wait_for_nodes", 60))]
     if secret:
         cmd += ["--secret-file", secret]
+    for key in ("request_timeout", "max_jobs_per_client", "max_jobs"):
+        if c.get(key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(c[key])]
+    for key in ("certfile", "keyfile"):
+        if c.get(key):
+            cmd += [f"--{key}", _rel(base, c[key])]
+    if c.get("insecure"):
+        cmd.append("--insecure")
     coord = spawn("coordinator", cmd)
     deadline = time.time() + 120
     while "ready" not in (state / "coordinator.log").read_text():
@@ -117,6 +127,8 @@ def cluster(action: str, file: str) -> int:
             cmd += ["--model", _rel(base, node["model"])]
         if secret:
             cmd += ["--secret-file", secret]
+        if cafile:
+            cmd += ["--cafile", cafile]
         proc = spawn(name, cmd)
         print(f"node {name} blocks {node['layers']} started (pid {proc.pid})")
     print(f"logs and PIDs in {state}; stop with: slowllm cluster down {file}")

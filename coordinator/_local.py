@@ -1,4 +1,5 @@
-"""Local mode: the chain is the disk-streaming executor in this process, within a RAM budget.
+"""Local mode: the chain is the disk-streaming executor in this process, within a RAM budget
+(or, with --keep-in-ram, every block resident: `ResidentChain`).
 
 `plan_memory` splits `--max-ram` (the whole process, interpreter included) between what is already
 used, the blocks in flight, the model's ends and activations, and refuses up front, saying how much is
@@ -12,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from slowllm.node import Checkpoint, StreamingExecutor, block_keys, format_size, process_rss
+from slowllm.node import BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_keys, format_size, process_rss
 from slowllm.node._checkpoint import EMBEDDING
 from slowllm.protocol import MemoryBudgetError
 
@@ -112,3 +113,47 @@ class _LocalSession(ChainSession):
 
     def close(self) -> None:
         self._session.close()
+
+
+class ResidentChain(Chain):
+    """Every block kept in memory in this process: no disk in the loop once loaded.
+
+    For models that fit (bloom-560m ... bloom-7b1 on a large PC), and the in-process baseline that the
+    network is measured against.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.n_layer = checkpoint.n_layer
+        self.dtype = dtype
+        self.max_batch_tokens = 1 << 14
+        self.blocks = ResidentBlocks(checkpoint, 0, self.n_layer - 1, dtype, device)
+        self._kept: list[Batch] = []
+
+    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
+        self._kept = []
+        for batch in batches:
+            if keep_for_backward:
+                self._kept.append(batch)
+            yield self.blocks.forward(batch.hidden, batch.mask, 0, self.n_layer - 1)
+
+    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(grads) != len(self._kept):
+            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
+        out = [self.blocks.backward(b.hidden, b.mask, g, 0, self.n_layer - 1) for b, g in zip(self._kept, grads)]
+        self._kept = []
+        return out
+
+    def open_session(self, batch_size: int, max_length: int) -> ChainSession:
+        return _ResidentSession(self.blocks)
+
+
+class _ResidentSession(ChainSession):
+    def __init__(self, blocks: ResidentBlocks):
+        self.blocks = blocks
+        self.caches = {layer: BlockCache() for layer in blocks.blocks}
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.blocks.forward(hidden, mask, self.blocks.first, self.blocks.last, self.caches)
+
+    def close(self) -> None:
+        self.caches.clear()

@@ -13,7 +13,7 @@ from slowllm.node import Checkpoint, default_max_ram, parse_size
 from ._chain import Chain
 from ._ends import ModelEnds
 from ._jobs import Sampling, generate, score
-from ._local import LocalChain, plan_memory
+from ._local import LocalChain, ResidentChain, plan_memory
 from ._softprompt import load_soft_prompt, save_soft_prompt
 from ._tune import TuneOptions, tune
 
@@ -77,16 +77,20 @@ class Runner:
 
 
 class LocalRunner(Runner):
-    """Everything in this process: the blocks streamed from disk within `max_ram`."""
+    """Everything in this process: the blocks streamed from disk within `max_ram`, or all kept in RAM."""
 
     def __init__(self, model: str | Path, *, dtype: str = "float32", max_ram: str | int | None = None,
-                 device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None):
+                 device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None,
+                 keep_in_ram: bool = False):
         checkpoint = Checkpoint(model)
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         budget = default_max_ram() if max_ram is None else (max_ram if isinstance(max_ram, int) else parse_size(max_ram))
         self.plan = plan_memory(checkpoint, torch_dtype, budget)
         ends = ModelEnds(checkpoint, dtype=torch_dtype, resident_embedding=self.plan.resident_embedding,
                          head_chunk_bytes=self.plan.head_chunk_bytes)
-        chain = LocalChain(checkpoint, self.plan, dtype=torch_dtype, device=device, spill_dir=spill_dir,
-                           progress=progress)
+        if keep_in_ram:
+            chain = ResidentChain(checkpoint, dtype=torch_dtype, device=device)
+        else:
+            chain = LocalChain(checkpoint, self.plan, dtype=torch_dtype, device=device, spill_dir=spill_dir,
+                               progress=progress)
         super().__init__(checkpoint, ends, chain)

@@ -14,26 +14,25 @@ import itertools
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 import websockets
 
-from slowllm.node import Batch, Checkpoint, default_max_ram
+from slowllm.node import Checkpoint, default_max_ram
 from slowllm.node._checkpoint import EMBEDDING
 from slowllm.protocol import (
-    PROTOCOL_VERSION, Auth, Backward, Challenge, CloseSession, Error, Event, Forward, Heartbeat, Hello, InputError,
-    Job, JobResult, Limits, ProtocolError, Register, Result, SlowllmError, Step, UnavailableError, Welcome,
-    WireTensor, decode_tensor, encode_tensor, new_nonce, pack, unpack, verify,
+    PROTOCOL_VERSION, Auth, BusyError, Challenge, Error, Event, Heartbeat, Hello, InputError,
+    Job, JobResult, Limits, ProtocolError, Register, Result, SlowllmError, UnavailableError, Welcome,
+    WireTensor, decode_tensor, encode_tensor, error_from_reply, new_nonce, pack, unpack, verify,
 )
 
-from ._chain import Chain, ChainSession
 from ._ends import ModelEnds
 from ._jobs import Sampling
+from ._remote import RemoteChain
 from ._runner import Runner
 from ._softprompt import check_soft_prompt
 from ._status_page import render_status
@@ -59,15 +58,20 @@ class NodeLink:
     pending: dict = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     since: float = field(default_factory=time.time)
+    failures: int = 0
+    avoid_until: float = 0.0  # monotonic time until which the router prefers other nodes
 
     async def request(self, make, timeout: float | None = None):
         msg_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         self.pending[msg_id] = future
         self.assigned += 1
-        try:
+        async def exchange():
             await self.ws.send(pack(make(msg_id)))
-            return await asyncio.wait_for(future, timeout)
+            return await future
+
+        try:  # the send is inside the timeout too: a hung node may have stopped reading
+            return await asyncio.wait_for(exchange(), timeout)
         except websockets.ConnectionClosed:
             raise UnavailableError(f"node {self.name} disconnected during the request; retry the job.") from None
         finally:
@@ -79,7 +83,7 @@ class NodeLink:
         if future is None or future.done():
             return
         if isinstance(msg, Error):
-            future.set_exception(SlowllmError(f"node {self.name}: {msg.message}", code=msg.code))
+            future.set_exception(error_from_reply(msg.code, f"node {self.name}: {msg.message}"))
         else:
             future.set_result(msg.tensor)
 
@@ -92,7 +96,7 @@ class NodeLink:
 class Coordinator:
     def __init__(self, model: str, *, host: str = "127.0.0.1", port: int = 8765, secret: bytes | None = None,
                  wait_for_nodes: float = 60.0, limits: Limits = Limits(), ssl_context=None,
-                 compression: str = "raw"):
+                 request_timeout: float = 120.0, max_jobs_per_client: int = 8, max_jobs: int = 32):
         self.checkpoint = Checkpoint(model)
         self.model = model
         self.fingerprint = self.checkpoint.fingerprint()
@@ -100,9 +104,14 @@ class Coordinator:
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
         self.host, self.port, self.secret = host, port, secret
         self.wait_for_nodes, self.limits, self.ssl = wait_for_nodes, limits, ssl_context
-        self.compression = compression
+        self.request_timeout = request_timeout
+        self.max_jobs_per_client, self.max_jobs = max_jobs_per_client, max_jobs
+        self.jobs_by_client: dict[str, int] = {}
+        self.failovers = 0  # hops retried on another node after a failure or timeout
+        self.replayed_bytes = 0  # session inputs re-sent to rebuild replacement nodes' KV caches
+        self.sessions: set = set()  # open RemoteSessions (their spans say which nodes hold their caches)
         self.nodes: list[NodeLink] = []
-        self.jobs = ThreadPoolExecutor(max_workers=32, thread_name_prefix="slowllm-job")
+        self.jobs = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="slowllm-job")
         self.active_jobs = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._coverage_changed: asyncio.Event | None = None
@@ -215,11 +224,19 @@ class Coordinator:
             except ProtocolError as e:
                 await send(Error(code=e.code, message=str(e)))
                 continue
-            task = asyncio.create_task(self._run_job(msg, send))
+            task = asyncio.create_task(self._run_job(msg, send, _peer(ws)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    async def _run_job(self, job: Job, send) -> None:
+    def _admit(self, client: str) -> None:
+        """Admission control: a bounded number of jobs per client address and in all."""
+        if self.active_jobs >= self.max_jobs:
+            raise BusyError(f"the coordinator is busy with {self.active_jobs} jobs; retry in 5 s.")
+        if self.jobs_by_client.get(client, 0) >= self.max_jobs_per_client:
+            raise BusyError(f"busy: {self.max_jobs_per_client} of your jobs are already running; retry in 5 s "
+                            "(or when one finishes).")
+
+    async def _run_job(self, job: Job, send, client: str = "") -> None:
         loop = asyncio.get_running_loop()
 
         def emit(data: dict) -> None:
@@ -229,11 +246,16 @@ class Coordinator:
             if job.job == "status":
                 data = self.status()
             else:
+                self._admit(client)
                 self.active_jobs += 1
+                self.jobs_by_client[client] = self.jobs_by_client.get(client, 0) + 1
                 try:
                     data = await loop.run_in_executor(self.jobs, self._job_in_thread, job, emit)
                 finally:
                     self.active_jobs -= 1
+                    self.jobs_by_client[client] -= 1
+                    if not self.jobs_by_client[client]:
+                        del self.jobs_by_client[client]
             await send(JobResult(id=job.id, data=data))
         except SlowllmError as e:
             await send(Error(id=job.id, code=e.code, message=str(e)))
@@ -246,7 +268,10 @@ class Coordinator:
     # ---- jobs (worker threads) -----------------------------------------------------------------
     def _job_in_thread(self, job: Job, emit) -> dict:
         p = job.params
-        runner = Runner(self.checkpoint, self.ends, RemoteChain(self, compression=p.get("compression", "raw")))
+        compression = p.get("compression", "raw")
+        if compression not in ("raw", "fp16", "bf16", "int8"):
+            raise InputError(f"unknown compression {compression!r}: use raw, fp16, bf16 or int8.")
+        runner = Runner(self.checkpoint, self.ends, RemoteChain(self, compression=compression))
         try:
             soft = self._soft_prompt(p.get("soft_prompt"))
             if job.job == "generate":
@@ -284,36 +309,44 @@ class Coordinator:
                                  str((value.get("meta") or {}).get("source", "")))
 
     # ---- routing -------------------------------------------------------------------------------
-    def missing(self) -> list[int]:
+    def missing(self, first: int = 0, last: int | None = None, exclude: set = frozenset()) -> list[int]:
+        last = self.checkpoint.n_layer - 1 if last is None else last
         covered = set()
         for node in self.nodes:
-            covered.update(range(node.first, node.last + 1))
-        return [b for b in range(self.checkpoint.n_layer) if b not in covered]
+            if node not in exclude:
+                covered.update(range(node.first, node.last + 1))
+        return [b for b in range(first, last + 1) if b not in covered]
 
-    def route(self) -> list[tuple[NodeLink, int, int]]:
-        """Spans covering every block: fewest hops first, then faster and less loaded nodes.
+    def route(self, first: int = 0, last: int | None = None,
+              exclude: set = frozenset()) -> list[tuple[NodeLink, int, int]]:
+        """Spans covering blocks first..last: healthy nodes, then fewest hops, less loaded, faster nodes.
 
-        Greedy from block 0: among nodes holding the next needed block, take the one reaching furthest;
-        ties go to the least busy, then fastest, so sessions spread over redundant nodes.
+        Greedy from `first`: among nodes holding the next needed block, prefer those that have not failed
+        recently, then the one reaching furthest; ties go to the least busy, then the fastest, so sessions
+        spread over redundant nodes. Nodes in `exclude` (failed during this operation) are never used.
         """
-        spans, block, n = [], 0, self.checkpoint.n_layer
-        while block < n:
-            holders = [x for x in self.nodes if x.first <= block <= x.last]
+        last = self.checkpoint.n_layer - 1 if last is None else last
+        spans, block, now = [], first, time.monotonic()
+        while block <= last:
+            holders = [x for x in self.nodes if x.first <= block <= x.last and x not in exclude]
             if not holders:
                 raise UnavailableError(f"no node serves block {block}")
-            best = max(holders, key=lambda x: (x.last, -(x.assigned + x.load), x.speed))
-            spans.append((best, block, best.last))
+            best = max(holders, key=lambda x: (x.avoid_until <= now, min(x.last, last),
+                                               -(x.assigned + x.load), x.speed))
+            spans.append((best, block, min(best.last, last)))
             block = best.last + 1
         return spans
 
-    async def wait_route(self) -> list[tuple[NodeLink, int, int]]:
+    async def wait_route(self, first: int = 0, last: int | None = None,
+                         exclude: set = frozenset()) -> list[tuple[NodeLink, int, int]]:
         deadline = time.monotonic() + self.wait_for_nodes
         while True:
-            if not self.missing():
-                return self.route()
+            missing = self.missing(first, last, exclude)
+            if not missing:
+                return self.route(first, last, exclude)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise UnavailableError(f"no node serves blocks {_ranges(self.missing())} (waited "
+                raise UnavailableError(f"no node serves blocks {_ranges(missing)} (waited "
                                        f"{self.wait_for_nodes:.0f} s): start nodes covering them.")
             self._coverage_changed.clear()
             try:
@@ -321,14 +354,28 @@ class Coordinator:
             except asyncio.TimeoutError:
                 pass
 
+    def penalize(self, node: NodeLink) -> None:
+        """A node that failed or timed out is avoided by the router for a while, longer each time."""
+        node.failures += 1
+        node.avoid_until = time.monotonic() + min(5.0 * 2 ** (node.failures - 1), 300.0)
+
     def status(self) -> dict:
         return {
             "model": self.model, "n_layer": self.checkpoint.n_layer, "fingerprint": self.fingerprint,
             "nodes": [{"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
-                       "speed": round(x.speed, 1), "load": x.load + x.assigned, "sessions": x.sessions,
-                       "connected_for_s": round(time.time() - x.since, 1)} for x in self.nodes],
-            "missing": self.missing(), "active_jobs": self.active_jobs,
+                       "speed": round(x.speed, 1), "load": x.load + x.assigned,
+                       "sessions": sum(any(s.node is x for s in session.spans) for session in list(self.sessions)),
+                       "node_sessions": x.sessions, "failures": x.failures,
+                       "connected_for_s": round(time.time() - x.since, 1)}
+                      for x in sorted(self.nodes, key=lambda x: (x.first, x.last, x.name))],
+            "missing": self.missing(), "active_jobs": self.active_jobs, "sessions": len(self.sessions),
+            "failovers": self.failovers, "replayed_bytes": self.replayed_bytes,
         }
+
+
+def _peer(ws) -> str:
+    address = getattr(ws, "remote_address", None)
+    return str(address[0]) if address else ""
 
 
 def _pick(params: dict, *names: str) -> dict:
@@ -344,81 +391,3 @@ def _ranges(blocks: list[int]) -> str:
             out.append(f"{start}" if start == b else f"{start}-{b}")
             start = None
     return ", ".join(out)
-
-
-class RemoteChain(Chain):
-    """The chain of nodes, called from a job's worker thread; each hop is a request on the event loop."""
-
-    def __init__(self, coordinator: Coordinator, compression: str = "raw"):
-        self.c = coordinator
-        self.n_layer = coordinator.checkpoint.n_layer
-        self.dtype = torch.float32
-        self.max_batch_tokens = coordinator.limits.max_batch_tokens // 4
-        self.compression = compression
-        self._kept: list[tuple[list, list[torch.Tensor], torch.Tensor]] = []
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.c.loop).result()
-
-    def _hop(self, node: NodeLink, make) -> torch.Tensor:
-        wire = self._call(node.request(make))
-        return decode_tensor(wire, self.c.limits)
-
-    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
-        self._kept = []
-        for batch in batches:
-            route = self._call(self.c.wait_route())
-            hidden, mask = batch.hidden.float(), encode_tensor(batch.mask)
-            inputs = []
-            for node, first, last in route:
-                inputs.append(hidden)
-                hidden = self._hop(node, lambda i, h=hidden: Forward(
-                    id=i, first=first, last=last, hidden=encode_tensor(h, self.compression), mask=mask,
-                    compression=self.compression))
-            if keep_for_backward:
-                self._kept.append((route, inputs, batch.mask))
-            yield hidden
-
-    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(grads) != len(self._kept):
-            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
-        out = []
-        for grad, (route, inputs, mask) in zip(grads, self._kept):
-            grad = grad.float()
-            for (node, first, last), hidden in zip(reversed(route), reversed(inputs)):
-                grad = self._hop(node, lambda i, h=hidden, g=grad: Backward(
-                    id=i, first=first, last=last, hidden=encode_tensor(h), mask=encode_tensor(mask),
-                    grad=encode_tensor(g)))
-            out.append(grad)
-        self._kept = []
-        return out
-
-    def open_session(self, batch_size: int, max_length: int) -> ChainSession:
-        return RemoteSession(self, max_length)
-
-
-class RemoteSession(ChainSession):
-    """A generation session pinned to one route; the nodes on it keep the KV caches."""
-
-    def __init__(self, chain: RemoteChain, max_length: int):
-        self.chain, self.max_length = chain, max_length
-        self.id = uuid.uuid4().hex
-        self.route = chain._call(chain.c.wait_route())
-        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # each step's inputs (for replay on failover)
-
-    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.history.append((hidden, mask))
-        wire_mask = encode_tensor(mask)
-        hidden = hidden.float()
-        for node, first, last in self.route:
-            hidden = self.chain._hop(node, lambda i, h=hidden: Step(
-                id=i, session=self.id, first=first, last=last, hidden=encode_tensor(h), mask=wire_mask,
-                max_length=self.max_length))
-        return hidden
-
-    def close(self) -> None:
-        for node, _, _ in self.route:
-            try:
-                self.chain._call(node.request(lambda i: CloseSession(id=i, session=self.id), timeout=10))
-            except SlowllmError:
-                pass  # the node forgot it already (expired or reconnected): nothing left to free

@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--secret-file", metavar="PATH")
     p.add_argument("--wait-for-nodes", type=float, default=60.0, metavar="S",
                    help="how long a job waits for missing blocks to be covered")
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
+                   help="a node that does not answer a request within S seconds is failed over")
+    p.add_argument("--max-jobs-per-client", type=int, default=8, metavar="N",
+                   help="jobs one client address may run at once; beyond: a 'busy, retry' error")
+    p.add_argument("--max-jobs", type=int, default=32, metavar="N", help="jobs running at once in all")
     p.add_argument("--certfile", help="TLS certificate (serve wss://)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(args.certfile, args.keyfile)
         coordinator = Coordinator(args.model, host=args.host, port=args.port, secret=secret,
-                                  wait_for_nodes=args.wait_for_nodes, ssl_context=ctx)
+                                  wait_for_nodes=args.wait_for_nodes, ssl_context=ctx,
+                                  request_timeout=args.request_timeout, max_jobs_per_client=args.max_jobs_per_client,
+                                  max_jobs=args.max_jobs)
         run(coordinator.serve())
     except SlowllmError as e:
         print(f"slowllm-coordinator: error: {e}", file=sys.stderr)

@@ -26,6 +26,15 @@ def parse_layers(text: str) -> tuple[int, int]:
     return first, last
 
 
+def _fault(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    kind, _, n = text.partition(":")
+    if kind not in ("exit", "hang") or not n.isdigit():
+        raise SlowllmError("--inject-fault takes exit:N or hang:N.")
+    return kind, int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="slowllm-node", description="Serve Bloom blocks to a slowllm coordinator.")
     p.add_argument("--layers", required=True, type=parse_layers, metavar="A-B", help="inclusive, 0-based: 10-19")
@@ -39,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="")
     p.add_argument("--session-memory", default="2GB", metavar="SIZE", help="KV-cache budget for all sessions")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--inject-fault", metavar="KIND:N", help=argparse.SUPPRESS)  # tests: exit:N or hang:N
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     from ._server import NodeServer
@@ -50,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
         server = NodeServer(first=args.layers[0], last=args.layers[1], coordinator=args.coordinator,
                             model=args.model, secret=read_secret(args.secret_file), dtype=dtype, device=args.device,
-                            name=args.name, cafile=args.cafile, session_budget=parse_size(args.session_memory))
+                            name=args.name, cafile=args.cafile, session_budget=parse_size(args.session_memory),
+                            fault=_fault(args.inject_fault))
         run(server.run_forever())
     except SlowllmError as e:
         print(f"slowllm-node: error: {e}", file=sys.stderr)

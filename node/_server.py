@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 import time
@@ -26,72 +27,12 @@ from slowllm.protocol import (
     decode_tensor, encode_tensor, pack, sign, unpack,
 )
 
-from ._blocks import BlockCache, attention_inputs, load_weights, new_block, run_block
-from ._checkpoint import Checkpoint, block_keys
+from ._blocks import BlockCache
+from ._checkpoint import Checkpoint
+from ._resident import ResidentBlocks
 from ._memory import format_size
 
 log = logging.getLogger("slowllm.node")
-
-
-class ResidentBlocks:
-    """Blocks first..last held in memory (RAM or GPU) in the compute dtype."""
-
-    def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu"):
-        if not 0 <= first <= last < checkpoint.n_layer:
-            raise InputError(f"--layers {first}-{last} is outside the model's blocks 0-{checkpoint.n_layer - 1}.")
-        self.checkpoint, self.first, self.last = checkpoint, first, last
-        self.config = checkpoint.config
-        self.dtype, self.device = dtype, torch.device(device)
-        self.blocks: dict[int, torch.nn.Module] = {}
-        for layer in range(first, last + 1):
-            block = new_block(self.config, dtype, self.device)
-            load_weights(block, checkpoint.read(block_keys(layer)), layer)
-            for p in block.parameters():  # own the memory: no page-cache-backed maps left behind
-                if p.data.device.type == "cpu" and p.data.dtype == dtype:
-                    p.data = p.data.clone()
-            self.blocks[layer] = block
-
-    def check_range(self, first: int, last: int) -> None:
-        if not self.first <= first <= last <= self.last:
-            raise InputError(f"blocks {first}-{last} requested, but this node serves {self.first}-{self.last}.")
-
-    def check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor, past: int = 0) -> None:
-        h = self.config.hidden_size
-        if hidden.ndim != 3 or hidden.shape[-1] != h or not hidden.is_floating_point():
-            raise InputError(f"hidden states must be a float tensor [batch, length, {h}], got {list(hidden.shape)}.")
-        if mask.ndim != 2 or mask.shape[0] != hidden.shape[0] or mask.shape[1] != past + hidden.shape[1]:
-            raise InputError(f"mask must be [batch, past + length] = [{hidden.shape[0]}, {past + hidden.shape[1]}], "
-                             f"got {list(mask.shape)}.")
-
-    @torch.no_grad()
-    def forward(self, hidden, mask, first, last, caches: dict[int, BlockCache] | None = None) -> torch.Tensor:
-        hidden = hidden.to(self.device, self.dtype)
-        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
-        for layer in range(first, last + 1):
-            hidden = run_block(self.blocks[layer], hidden, attn, None if caches is None else caches[layer])
-        return hidden.cpu()
-
-    def backward(self, hidden, mask, grad, first, last) -> torch.Tensor:
-        hidden = hidden.to(self.device, self.dtype)
-        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
-        inputs = []
-        with torch.no_grad():  # recompute the span's forward, keeping each block's input
-            for layer in range(first, last + 1):
-                inputs.append(hidden)
-                hidden = run_block(self.blocks[layer], hidden, attn)
-        grad = grad.to(self.device, self.dtype)
-        for layer, x in zip(reversed(range(first, last + 1)), reversed(inputs)):
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(run_block(self.blocks[layer], x, attn), x, grad)
-        return grad.cpu()
-
-    def measure_speed(self) -> float:
-        """Tokens x blocks per second on a small batch (the router prefers faster nodes)."""
-        x = torch.zeros(1, 16, self.config.hidden_size)
-        start = time.perf_counter()
-        self.forward(x, torch.ones(1, 16, dtype=torch.long), self.first, self.last)
-        return 16 * (self.last - self.first + 1) / max(time.perf_counter() - start, 1e-6)
 
 
 class Sessions:
@@ -136,7 +77,7 @@ class NodeServer:
     def __init__(self, *, first: int, last: int, coordinator: str, model: str | None = None,
                  secret: bytes | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  name: str = "", cafile: str | None = None, session_budget: int = 2 << 30,
-                 limits: Limits = Limits(), heartbeat: float = 5.0):
+                 limits: Limits = Limits(), heartbeat: float = 5.0, fault: tuple[str, int] | None = None):
         self.first, self.last = first, last
         self.url, self.model, self.secret = coordinator, model, secret
         self.dtype, self.device, self.name = dtype, device, name or f"node-{first}-{last}"
@@ -146,6 +87,10 @@ class NodeServer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-compute")
         self.load = 0
         self.speed = 0.0
+        # Failure injection for resilience tests and benchmarks: ("exit", n) dies like `kill -9` on the
+        # n-th compute request; ("hang", n) accepts it and every later one and never answers.
+        self.fault = fault
+        self.requests = 0
         if model is not None:
             self._load(model)
 
@@ -169,10 +114,13 @@ class NodeServer:
             try:
                 await self._session()
                 delay = 0.5
+            except ssl.SSLCertVerificationError as e:
+                raise SlowllmError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
+                                   "pass --cafile with the CA that signed it.") from None
             except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as e:
                 log.warning("coordinator %s unreachable (%s); retrying in %.1f s", self.url, type(e).__name__, delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, 4.0)  # a volunteer node should be back within seconds of the coordinator
 
     async def _session(self) -> None:
         async with websockets.connect(self.url, max_size=self.limits.max_frame, ssl=self._ssl(),
@@ -231,6 +179,11 @@ class NodeServer:
             msg_id = getattr(msg, "id", None)
             if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
                 raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
+            self.requests += 1
+            if self.fault and self.requests >= self.fault[1]:
+                if self.fault[0] == "exit":
+                    os._exit(137)
+                return  # hang: the request is accepted and never answered
             self.load += 1
             try:
                 tensor = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, msg)

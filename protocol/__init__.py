@@ -13,6 +13,7 @@ from ._errors import (
     ProtocolError,
     SlowllmError,
     UnavailableError,
+    error_from_reply,
 )
 from ._framing import DEFAULT_LIMITS, Limits, decode_tensor, encode_tensor, new_nonce, pack, read_secret, sign, unpack, verify
 from ._messages import (
@@ -39,6 +40,6 @@ __all__ = [
     "AuthError", "Auth", "Backward", "BusyError", "Challenge", "CheckpointError", "CloseSession", "DEFAULT_LIMITS",
     "Error", "Event", "Forward", "Heartbeat", "Hello", "InputError", "Job", "JobResult", "Limits",
     "MemoryBudgetError", "PROTOCOL_VERSION", "ProtocolError", "Register", "Result", "SlowllmError", "Step",
-    "UnavailableError", "Welcome", "WireTensor", "decode_tensor", "encode_tensor", "new_nonce", "pack",
+    "UnavailableError", "Welcome", "WireTensor", "decode_tensor", "encode_tensor", "error_from_reply", "new_nonce", "pack",
     "read_secret", "sign", "unpack", "verify",
 ]

@@ -45,3 +45,11 @@ class BusyError(SlowllmError):
 
 class UnavailableError(SlowllmError):
     code = "unavailable"
+
+
+def error_from_reply(code: str, message: str) -> SlowllmError:
+    """The typed error for an error reply, so callers can catch e.g. `BusyError` and retry."""
+    for cls in (CheckpointError, InputError, MemoryBudgetError, ProtocolError, AuthError, BusyError, UnavailableError):
+        if cls.code == code:
+            return cls(message)
+    return SlowllmError(message, code=code)

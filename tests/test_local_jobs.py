@@ -160,6 +160,18 @@ def test_spilling_and_tiny_batches_give_the_same_numbers(tiny_model, runner):
     assert torch.allclose(grad, grad_spilled, atol=1e-6)
 
 
+def test_keep_in_ram_gives_the_same_numbers(tiny_model, runner):
+    requests = [{"context": p, "continuation": " and then"} for p in PROMPTS]
+    with LocalRunner(tiny_model, keep_in_ram=True) as resident:
+        assert [r["logprob"] for r in resident.score(requests)] == pytest.approx(
+            [r["logprob"] for r in runner.score(requests)], abs=1e-5)
+        assert resident.generate(PROMPTS, Sampling(max_new_tokens=6)) == runner.generate(PROMPTS, Sampling(max_new_tokens=6))
+        batch = [(resident.ends.encode("Is the sky blue?"), resident.ends.encode(" Yes."))]
+        prompt = torch.randn(3, 64)
+        assert torch.allclose(loss_and_grad(resident.ends, resident.chain, prompt, batch)[1],
+                              loss_and_grad(runner.ends, runner.chain, prompt, batch)[1], atol=1e-6)
+
+
 def test_left_padding_equals_unpadded(runner):
     rows = [runner.ends.encode("Yes"), runner.ends.encode("Once upon a time there was")]
     embeds, mask = inputs_embeds(runner.ends, rows)

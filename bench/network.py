@@ -1,0 +1,123 @@
+"""Network benchmark: coordinator + 3 node processes on loopback vs the same blocks in one process.
+
+    python bench/network.py [--n-layer 24] [--hidden 1024] [--repeat 3]
+
+Creates (once, under bench/_work/) a random checkpoint (hidden 1024, 24 blocks: per-token compute of
+tens of ms on a 2-core CPU), then measures, in one run:
+  - generation ms/token for 1 and for 8 prompts (time of 33 new tokens minus 1, over 32: no prefill),
+  - batch forward throughput (a score job of 16 x 64 tokens), tokens/s,
+  - one tuning step (batch of 4),
+in-process (every block resident: `ResidentChain`) and through the network (`Client`, raw and bf16
+compression), and bytes per token per hop with each codec. Prints a table and one JSON line, each
+network figure also as a ratio to the in-process one. Targets: per-token latency <= 1.15x in-process,
+forward throughput >= 0.9x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+from slowllm.coordinator import Runner, Sampling, TuneOptions, make_checkpoint, tiny_config
+from slowllm.coordinator._ends import ModelEnds
+from slowllm.coordinator._launch import LocalCluster
+from slowllm.coordinator._local import ResidentChain
+from slowllm.node import Checkpoint
+from slowllm.protocol import Step, encode_tensor, pack
+
+WORK = Path(__file__).parent / "_work"
+TEXT = "Once upon a time there was a researcher without a cluster who read every block from disk in turn. "
+TUNE = [{"context": f"Question {i}: is the sky blue?", "continuation": " Yes, it is."} for i in range(4)]
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(job, repeat: int) -> dict:
+    prompts8 = [f"{i} {TEXT}" for i in range(8)]
+    score_reqs = [{"context": f"{i} " + TEXT * 3, "continuation": " and then"} for i in range(16)]
+
+    def per_token(prompts):
+        long = median_time(lambda: job.generate(prompts, Sampling(max_new_tokens=33)), repeat)
+        short = median_time(lambda: job.generate(prompts, Sampling(max_new_tokens=1)), repeat)
+        return (long - short) / 32 * 1000
+
+    forward_s = median_time(lambda: job.score(score_reqs), repeat)
+    tokens = sum(len(job_tokens(r)) for r in score_reqs)
+    return {
+        "ms_per_token_1": per_token(prompts8[:1]),
+        "ms_per_token_8": per_token(prompts8),
+        "forward_tokens_per_s": tokens / forward_s,
+        "tune_step_s": median_time(lambda: job.tune(TUNE, TuneOptions(prompt_tokens=8, steps=1, batch_size=4)), repeat),
+    }
+
+
+_ENDS: ModelEnds | None = None
+
+
+def job_tokens(req: dict) -> list[int]:
+    return _ENDS.encode(req["context"]) + _ENDS.encode(req["continuation"])
+
+
+def main() -> None:
+    global _ENDS
+    p = argparse.ArgumentParser()
+    p.add_argument("--n-layer", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    model = WORK / f"net-h{args.hidden}-l{args.n_layer}"
+    if not (model / "config.json").exists():
+        make_checkpoint(model, tiny_config(n_layer=args.n_layer, hidden=args.hidden, n_head=16, vocab_size=8192,
+                                           std=0.02))
+    ck = Checkpoint(model)
+    _ENDS = ModelEnds(ck)
+    third = args.n_layer // 3
+    ranges = [f"0-{third - 1}", f"{third}-{2 * third - 1}", f"{2 * third}-{args.n_layer - 1}"]
+
+    results = {}
+    local = Runner(ck, _ENDS, ResidentChain(ck))
+    results["in_process"] = measure(local, args.repeat)
+    del local
+    with LocalCluster(model, ranges) as cluster:
+        results["network_raw"] = measure(cluster.client(), args.repeat)
+        results["network_bf16"] = measure(cluster.client(compression="bf16"), args.repeat)
+
+    hop_bytes = {}
+    for codec in ("raw", "fp16", "bf16", "int8"):
+        for n in (1, 8):
+            h = torch.randn(n, 1, args.hidden)
+            frame = pack(Step(id=1, session="0" * 32, first=0, last=third - 1, hidden=encode_tensor(h, codec),
+                              mask=encode_tensor(torch.ones(n, 64, dtype=torch.long))))
+            hop_bytes[f"{codec}_{n}"] = len(frame) / n
+
+    base = results["in_process"]
+    print(f"{'run':<14} {'ms/token (1)':>14} {'ms/token (8)':>14} {'forward tok/s':>15} {'tune step s':>12}")
+    for name, r in results.items():
+        ratio = lambda k: f" ({r[k] / base[k]:.2f}x)" if name != "in_process" else ""  # noqa: E731
+        print(f"{name:<14} {r['ms_per_token_1']:>8.1f}{ratio('ms_per_token_1'):>7} "
+              f"{r['ms_per_token_8']:>8.1f}{ratio('ms_per_token_8'):>7} "
+              f"{r['forward_tokens_per_s']:>8.0f}{ratio('forward_tokens_per_s'):>8} "
+              f"{r['tune_step_s']:>6.2f}{ratio('tune_step_s'):>7}")
+    print("bytes per token per hop (step frame, incl. a 64-token mask): " +
+          ", ".join(f"{k}: {v:.0f}" for k, v in hop_bytes.items()))
+    summary = {"config": {"n_layer": args.n_layer, "hidden": args.hidden, "nodes": ranges}, "results": results,
+               "hop_bytes_per_token": hop_bytes,
+               "ratios": {name: {k: r[k] / base[k] for k in r} for name, r in results.items() if name != "in_process"}}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""A coordinator and nodes as child processes on 127.0.0.1: for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+from slowllm.protocol import SlowllmError
+
+from ._client import Client
+
+
+class LocalCluster:
+    def __init__(self, model, layer_ranges: list[str], *, secret_file=None, coordinator_args=(),
+                 node_args=(), node_model: bool = True, timeout: float = 120, port: int = 0,
+                 cafile=None):
+        self.model, self.secret_file = str(model), secret_file
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self._coordinator_cmd = [sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", self.model,
+                                 "--port", str(port), *coordinator_args]
+        if secret_file:
+            self._coordinator_cmd += ["--secret-file", str(secret_file)]
+        self.cafile = cafile
+        self.node_args = tuple(node_args) + (("--cafile", str(cafile)) if cafile else ())
+        try:
+            self.start_coordinator()
+            for i, layers in enumerate(layer_ranges):
+                self.start_node(layers, name=f"n{i}-{layers}", model=node_model)
+            self.wait_covered(len(layer_ranges), timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_coordinator(self) -> None:
+        """Start (or, after it was stopped, restart on the same port) the coordinator."""
+        self.coordinator = self._spawn(self._coordinator_cmd)
+        line = self.coordinator.stdout.readline()
+        found = re.search(r"ready at (wss?://\S+)", line)
+        if not found:
+            raise SlowllmError(f"the coordinator did not start: {line.strip() or 'no output'}")
+        self.url = found.group(1)
+        port = self.url.rsplit(":", 1)[1]
+        self._coordinator_cmd[self._coordinator_cmd.index("--port") + 1] = port
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        self.procs.append(proc)
+        return proc
+
+    def start_node(self, layers: str, name: str, model=True, secret_file="default", extra=()) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "slowllm.node._cli", "--layers", layers, "--coordinator", self.url,
+               "--name", name, *self.node_args, *extra]
+        if model:
+            cmd += ["--model", self.model if model is True else str(model)]
+        secret = self.secret_file if secret_file == "default" else secret_file
+        if secret:
+            cmd += ["--secret-file", str(secret)]
+        self.nodes[name] = self._spawn(cmd)
+        return self.nodes[name]
+
+    def client(self, **kw) -> Client:
+        return Client(self.url, secret_file=self.secret_file, **{"cafile": self.cafile, **kw})
+
+    def wait_covered(self, count: int, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            status = self.client().status()
+            if len(status["nodes"]) >= count and not status["missing"]:
+                return status
+            if time.time() > deadline:
+                raise SlowllmError(f"{count} nodes did not register within {timeout:.0f} s (missing blocks "
+                                   f"{status['missing']}).")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout:
+                p.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,77 @@
+"""Blocks held in memory (RAM or GPU) for as long as the process lives: a node's range, or all of them.
+
+Forward, backward (recomputing the span from its input) and cached generation steps over a contiguous
+range of transformers' `BloomBlock`s, with the inputs checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from slowllm.protocol import InputError
+
+from ._blocks import BlockCache, attention_inputs, load_weights, new_block, run_block
+from ._checkpoint import Checkpoint, block_keys
+
+
+class ResidentBlocks:
+    """Blocks first..last held in memory (RAM or GPU) in the compute dtype."""
+
+    def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu"):
+        if not 0 <= first <= last < checkpoint.n_layer:
+            raise InputError(f"--layers {first}-{last} is outside the model's blocks 0-{checkpoint.n_layer - 1}.")
+        self.checkpoint, self.first, self.last = checkpoint, first, last
+        self.config = checkpoint.config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.blocks: dict[int, torch.nn.Module] = {}
+        for layer in range(first, last + 1):
+            block = new_block(self.config, dtype, self.device)
+            load_weights(block, checkpoint.read(block_keys(layer)), layer)
+            for p in block.parameters():  # own the memory: no page-cache-backed maps left behind
+                if p.data.device.type == "cpu" and p.data.dtype == dtype:
+                    p.data = p.data.clone()
+            self.blocks[layer] = block
+
+    def check_range(self, first: int, last: int) -> None:
+        if not self.first <= first <= last <= self.last:
+            raise InputError(f"blocks {first}-{last} requested, but this node serves {self.first}-{self.last}.")
+
+    def check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor, past: int = 0) -> None:
+        h = self.config.hidden_size
+        if hidden.ndim != 3 or hidden.shape[-1] != h or not hidden.is_floating_point():
+            raise InputError(f"hidden states must be a float tensor [batch, length, {h}], got {list(hidden.shape)}.")
+        if mask.ndim != 2 or mask.shape[0] != hidden.shape[0] or mask.shape[1] != past + hidden.shape[1]:
+            raise InputError(f"mask must be [batch, past + length] = [{hidden.shape[0]}, {past + hidden.shape[1]}], "
+                             f"got {list(mask.shape)}.")
+
+    @torch.no_grad()
+    def forward(self, hidden, mask, first, last, caches: dict[int, BlockCache] | None = None) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
+        for layer in range(first, last + 1):
+            hidden = run_block(self.blocks[layer], hidden, attn, None if caches is None else caches[layer])
+        return hidden.cpu()
+
+    def backward(self, hidden, mask, grad, first, last) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
+        inputs = []
+        with torch.no_grad():  # recompute the span's forward, keeping each block's input
+            for layer in range(first, last + 1):
+                inputs.append(hidden)
+                hidden = run_block(self.blocks[layer], hidden, attn)
+        grad = grad.to(self.device, self.dtype)
+        for layer, x in zip(reversed(range(first, last + 1)), reversed(inputs)):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(run_block(self.blocks[layer], x, attn), x, grad)
+        return grad.cpu()
+
+    def measure_speed(self) -> float:
+        """Tokens x blocks per second on a small batch (the router prefers faster nodes)."""
+        x = torch.zeros(1, 16, self.config.hidden_size)
+        start = time.perf_counter()
+        self.forward(x, torch.ones(1, 16, dtype=torch.long), self.first, self.last)
+        return 16 * (self.last - self.first + 1) / max(time.perf_counter() - start, 1e-6)
