@@ -1,6 +1,6 @@
 """Network benchmark: coordinator + 3 node processes on loopback vs the same blocks in one process.
 
-    python bench/network.py [--n-layer 24] [--hidden 1024] [--repeat 3]
+    python bench/network.py [--n-layer 24] [--hidden 1024] [--repeat 5]
 
 Creates (once, under bench/_work/) a random checkpoint (hidden 1024, 24 blocks: per-token compute of
 tens of ms on a 2-core CPU), then measures, in one run:
@@ -36,32 +36,32 @@ TEXT = "Once upon a time there was a researcher without a cluster who read every
 TUNE = [{"context": f"Question {i}: is the sky blue?", "continuation": " Yes, it is."} for i in range(4)]
 
 
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(job, repeat: int) -> dict:
+def measure(jobs: dict, repeat: int) -> dict:
+    """Every figure for every job, the jobs interleaved round by round so that load changes on this
+    shared machine hit them alike; medians over `repeat` rounds."""
     prompts8 = [f"{i} {TEXT}" for i in range(8)]
     score_reqs = [{"context": f"{i} " + TEXT * 3, "continuation": " and then"} for i in range(16)]
-
-    def per_token(prompts):
-        long = median_time(lambda: job.generate(prompts, Sampling(max_new_tokens=33)), repeat)
-        short = median_time(lambda: job.generate(prompts, Sampling(max_new_tokens=1)), repeat)
-        return (long - short) / 32 * 1000
-
-    forward_s = median_time(lambda: job.score(score_reqs), repeat)
     tokens = sum(len(job_tokens(r)) for r in score_reqs)
-    return {
-        "ms_per_token_1": per_token(prompts8[:1]),
-        "ms_per_token_8": per_token(prompts8),
-        "forward_tokens_per_s": tokens / forward_s,
-        "tune_step_s": median_time(lambda: job.tune(TUNE, TuneOptions(prompt_tokens=8, steps=1, batch_size=4)), repeat),
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    figures = {
+        "ms_per_token_1": lambda job: (timed(lambda: job.generate(prompts8[:1], Sampling(max_new_tokens=33)))
+                                       - timed(lambda: job.generate(prompts8[:1], Sampling(max_new_tokens=1)))) / 32 * 1000,
+        "ms_per_token_8": lambda job: (timed(lambda: job.generate(prompts8, Sampling(max_new_tokens=33)))
+                                       - timed(lambda: job.generate(prompts8, Sampling(max_new_tokens=1)))) / 32 * 1000,
+        "forward_tokens_per_s": lambda job: tokens / timed(lambda: job.score(score_reqs)),
+        "tune_step_s": lambda job: timed(lambda: job.tune(TUNE, TuneOptions(prompt_tokens=8, steps=1, batch_size=4))),
     }
+    samples = {name: {f: [] for f in figures} for name in jobs}
+    for _ in range(repeat):
+        for figure, fn in figures.items():
+            for name, job in jobs.items():
+                samples[name][figure].append(fn(job))
+    return {name: {f: statistics.median(v) for f, v in figs.items()} for name, figs in samples.items()}
 
 
 _ENDS: ModelEnds | None = None
@@ -76,7 +76,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n-layer", type=int, default=24)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     model = WORK / f"net-h{args.hidden}-l{args.n_layer}"
     if not (model / "config.json").exists():
@@ -87,13 +87,12 @@ def main() -> None:
     third = args.n_layer // 3
     ranges = [f"0-{third - 1}", f"{third}-{2 * third - 1}", f"{2 * third}-{args.n_layer - 1}"]
 
-    results = {}
     local = Runner(ck, _ENDS, ResidentChain(ck))
-    results["in_process"] = measure(local, args.repeat)
-    del local
     with LocalCluster(model, ranges) as cluster:
-        results["network_raw"] = measure(cluster.client(), args.repeat)
-        results["network_bf16"] = measure(cluster.client(compression="bf16"), args.repeat)
+        jobs = {"in_process": local, "network_raw": cluster.client(), "network_bf16": cluster.client(compression="bf16")}
+        for job in jobs.values():  # warm up
+            job.generate([TEXT], Sampling(max_new_tokens=2))
+        results = measure(jobs, args.repeat)
 
     hop_bytes = {}
     for codec in ("raw", "fp16", "bf16", "int8"):

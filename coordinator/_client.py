@@ -45,7 +45,9 @@ class Client:
     async def _job(self, job: str, params: dict, on_event: Callable[[dict], None] | None = None) -> dict:
         ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
         try:
-            ws = await websockets.connect(self.url, max_size=self.limits.max_frame, ssl=ssl_ctx, open_timeout=20)
+            # no permessage-deflate: activations do not compress, and zlib on megabytes costs more than the wire
+            ws = await websockets.connect(self.url, max_size=self.limits.max_frame, compression=None, ssl=ssl_ctx,
+                                          open_timeout=20)
         except ssl.SSLCertVerificationError as e:
             raise UnavailableError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None

@@ -120,7 +120,8 @@ class Coordinator:
     async def serve(self, ready=None) -> None:
         self.loop = asyncio.get_running_loop()
         self._coverage_changed = asyncio.Event()
-        async with websockets.serve(self._handler, self.host, self.port, max_size=self.limits.max_frame,
+        # no permessage-deflate: activations do not compress, and zlib on megabytes costs more than the wire
+        async with websockets.serve(self._handler, self.host, self.port, max_size=self.limits.max_frame, compression=None,
                                     process_request=self._http, ssl=self.ssl) as server:
             port = server.sockets[0].getsockname()[1]
             self.port = port

@@ -123,7 +123,7 @@ class NodeServer:
             delay = min(delay * 2, 4.0)  # a volunteer node should be back within seconds of the coordinator
 
     async def _session(self) -> None:
-        async with websockets.connect(self.url, max_size=self.limits.max_frame, ssl=self._ssl(),
+        async with websockets.connect(self.url, max_size=self.limits.max_frame, compression=None, ssl=self._ssl(),
                                       open_timeout=10) as ws:
             await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="node", name=self.name)))
             challenge = unpack(await ws.recv(), self.limits)
