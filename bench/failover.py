@@ -1,6 +1,6 @@
 """Failover benchmark: how long a generation stalls when a node dies, and what the replay costs.
 
-    python bench/failover.py [--kills 20] [--n-layer 12] [--hidden 512]
+    python bench/failover.py [--kills 20] [--n-layer 24] [--hidden 1024]
 
 Coordinator + 4 nodes on loopback (two redundant pairs covering the blocks). For each of --kills runs a
 32-token generation is started and the node holding its session's first span is killed with SIGKILL
@@ -28,6 +28,7 @@ PROMPT = "Once upon a time there was a researcher without a cluster"
 def timed_generation(client, kill=None, at_token: int = 16) -> tuple[float, list[float], float | None]:
     stamps: list[float] = []
     killed_at: list[float] = []
+    killers: list[threading.Thread] = []
 
     def kill_now():
         kill()
@@ -36,22 +37,27 @@ def timed_generation(client, kill=None, at_token: int = 16) -> tuple[float, list
     def on_text(i, text):  # runs inside the client's event loop: the kill goes to another thread
         stamps.append(time.perf_counter())
         if kill and len(stamps) == at_token:
-            threading.Thread(target=kill_now).start()
+            killers.append(threading.Thread(target=kill_now))
+            killers[0].start()
 
     start = time.perf_counter()
     client.generate([PROMPT], Sampling(max_new_tokens=32), on_text=on_text)
-    return time.perf_counter() - start, stamps, killed_at[0] if killed_at else None
+    total = time.perf_counter() - start
+    for killer in killers:
+        killer.join()
+    return total, stamps, killed_at[0] if killed_at else None
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--n-layer", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
     args = p.parse_args()
-    model = WORK / f"failover-h{args.hidden}-l{args.n_layer}"
+    model = WORK / f"net-h{args.hidden}-l{args.n_layer}"  # the checkpoint bench/network.py uses
     if not (model / "config.json").exists():
-        make_checkpoint(model, tiny_config(n_layer=args.n_layer, hidden=args.hidden, n_head=8, vocab_size=4096))
+        make_checkpoint(model, tiny_config(n_layer=args.n_layer, hidden=args.hidden, n_head=16, vocab_size=8192,
+                                           std=0.02))
     half = args.n_layer // 2
     ranges = [f"0-{half - 1}", f"{half}-{args.n_layer - 1}"] * 2
     with LocalCluster(model, ranges) as cluster:
@@ -70,6 +76,8 @@ def main() -> None:
                 cluster.nodes[busy[0]["name"]].kill()
 
             total, stamps, killed_at = timed_generation(client, kill)
+            if killed_at is None or not any(t > killed_at for t in stamps):
+                raise SystemExit(f"run {run}: the kill did not land mid-generation; use a larger model")
             gaps += [b - a for a, b in zip(stamps, stamps[1:])][:10]
             after = next(t for t in stamps if t > killed_at)
             stalls.append(after - killed_at)

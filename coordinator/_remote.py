@@ -4,8 +4,8 @@ Every hop is a request from a job's worker thread to the coordinator's event loo
 disconnects or does not answer within the request timeout, the hop is retried on another node covering
 the same blocks (one node or several), waiting up to `--wait-for-nodes` for one to register; the failed
 node is avoided by the router for a while. Stateless forward/backward just re-run the span. Generation
-sessions keep every step's input per span, so a replacement's KV cache is rebuilt by replaying them:
-greedy output is identical to an uninterrupted run, the client sees only a delay.
+sessions keep every step's input per span, so a replacement's KV cache is rebuilt by replaying them (in
+one request): greedy output is identical to an uninterrupted run, the client sees only a delay.
 """
 
 from __future__ import annotations
@@ -153,13 +153,16 @@ class RemoteSession(ChainSession):
                     node, a, b = self.chain._next_span(block, old.last, exclude)
                     fresh.append(_Span(node, a, b))
                     block = b + 1
-                for hidden, mask in old.inputs:
-                    self.chain.c.replayed_bytes += hidden.numel() * 4
-                    for span in fresh:
-                        span.inputs.append((hidden, mask))
-                        hidden = self._step(span, hidden, mask)
+                # All past steps in one request: the causal mask makes this the same keys and values as
+                # step by step, for one round trip per span instead of one per generated token.
+                hidden = torch.cat([h for h, _ in old.inputs], dim=1)
+                mask, latest = old.inputs[-1][1], old.inputs[-1][0].shape[1]
+                self.chain.c.replayed_bytes += hidden.numel() * 4
+                for span in fresh:
+                    span.inputs.append((hidden, mask))
+                    hidden = self._step(span, hidden, mask)
                 self.spans[index:index + 1] = fresh
-                return hidden
+                return hidden[:, -latest:]
             except NodeFailed as e:
                 exclude.add(e.node)
                 self._close(fresh)
