@@ -5,14 +5,30 @@ Public API:
     Client(url, secret_file=...)                  -- jobs through a coordinator over WebSockets
     Sampling, TuneOptions                         -- job options
     make_checkpoint(path, ...)                    -- a small random Bloom checkpoint (tests, demo)
+
+Names load on first use (PEP 562), so the CLIs answer `--help` without importing torch.
 """
 
-from ._chain import Batch, Chain, ChainSession
-from ._client import Client
-from ._jobs import Sampling
-from ._runner import LocalRunner, Runner
-from ._tiny import make_checkpoint, tiny_config
-from ._tune import TuneOptions
+from __future__ import annotations
 
-__all__ = ["Batch", "Chain", "ChainSession", "Client", "LocalRunner", "Runner", "Sampling", "TuneOptions",
-           "make_checkpoint", "tiny_config"]
+from typing import TYPE_CHECKING
+
+from slowllm.protocol._lazy import lazy_exports
+
+_EXPORTS = {
+    "._chain": ["Batch", "Chain", "ChainSession"],
+    "._client": ["Client"],
+    "._jobs": ["Sampling"],
+    "._runner": ["LocalRunner", "Runner"],
+    "._tiny": ["make_checkpoint", "tiny_config"],
+    "._tune": ["TuneOptions"],
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from ._chain import Batch, Chain, ChainSession  # noqa: F401
+    from ._client import Client  # noqa: F401
+    from ._jobs import Sampling  # noqa: F401
+    from ._runner import LocalRunner, Runner  # noqa: F401
+    from ._tiny import make_checkpoint, tiny_config  # noqa: F401
+    from ._tune import TuneOptions  # noqa: F401

@@ -53,6 +53,9 @@ class Chain(ABC):
     @abstractmethod
     def open_session(self, batch_size: int, max_length: int) -> ChainSession: ...
 
+    def set_progress(self, on: bool) -> None:
+        """Chains that show progress bars (local streaming) turn them on or off."""
+
     def close(self) -> None:
         pass
 

@@ -2,6 +2,9 @@
 
 Every job takes `--coordinator URL` (through the network) or `--local --model MODEL` (this process,
 blocks streamed from disk). User mistakes end in one sentence on stderr and exit status 2.
+
+Nothing heavy is imported before the arguments are parsed: `slowllm --help`, `--version` and typos
+answer at once; torch and transformers load only when a job runs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,64 @@ import os
 import sys
 from pathlib import Path
 
-from slowllm.protocol import InputError, SlowllmError
+from slowllm.protocol._errors import InputError, SlowllmError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless it has none or says it already); examples kept as written."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" not in help and action.option_strings \
+                and all(action.default is not x for x in (None, False, argparse.SUPPRESS)):
+            help += " (default: %(default)s)"
+        return help
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("slowllm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+class Terminal:
+    """stdout as the CLI writes it: knows whether a line is left open (streamed text without newline),
+    so that an error or a notice starts on a line of its own."""
+
+    def __init__(self):
+        self.open_line = False
+
+    def text(self, s: str) -> None:
+        if s and sys.stdout.isatty():
+            s = terminal_safe(s)
+        if s:
+            sys.stdout.write(s)
+            sys.stdout.flush()
+            self.open_line = not s.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.open_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.open_line = False
+
+    def notice(self, message: str) -> None:
+        if sys.stdout.isatty() and sys.stderr.isatty():  # same screen: do not glue it to the text
+            self.end_line()
+        print(f"slowllm: {message}", file=sys.stderr, flush=True)
+
+
+TERMINAL = Terminal()
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f] if chr(c) not in "\n\t"}
+
+
+def terminal_safe(text: str) -> str:
+    """Model output on a terminal: control characters (ESC sequences, vertical tabs, carriage returns)
+    shown as visible escapes, so generated text cannot move the cursor, recolour or retitle the terminal."""
+    return text.translate(_CONTROL)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -33,72 +93,110 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("where to run (one of)")
+    g = p.add_argument_group("where to run (one of --coordinator or --local)")
     g.add_argument("--coordinator", metavar="URL", help="run through the network coordinator at URL (ws:// or wss://)")
     g.add_argument("--local", action="store_true", help="run in this process, streaming blocks from disk")
-    g.add_argument("--model", metavar="MODEL", help="local directory or hub id of a Bloom checkpoint (with --local)")
+    g.add_argument("--model", metavar="MODEL", help="with --local: a checkpoint directory or hub id")
     g.add_argument("--secret-file", metavar="PATH", default=os.environ.get("SLOWLLM_SECRET_FILE"),
-                   help="shared secret of the coordinator (default: $SLOWLLM_SECRET_FILE)")
+                   help="your key for the coordinator (also $SLOWLLM_SECRET_FILE)")
     g.add_argument("--cafile", metavar="PATH", help="CA certificate to trust for a wss:// coordinator")
+    g = p.add_argument_group("local mode")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype in local mode (bfloat16 is 2-2.7x faster on CPUs with AVX512-BF16)")
-    g.add_argument("--max-ram", metavar="SIZE", help="local mode: memory budget of the whole process, e.g. 12GB "
+                   help="compute dtype (bfloat16 is 2-2.7x faster on CPUs with AVX512-BF16)")
+    g.add_argument("--max-ram", metavar="SIZE", help="memory budget of the whole process, e.g. 12GB "
                    "(default: 80%% of available memory)")
-    g.add_argument("--spill-dir", metavar="DIR", help="local mode: where activations beyond --max-ram go (default: $TMPDIR)")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="local mode: where blocks compute")
+    g.add_argument("--spill-dir", metavar="DIR", help="where activations beyond --max-ram go (default: $TMPDIR)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where blocks compute")
     g.add_argument("--keep-in-ram", action="store_true",
-                   help="local mode: load every block once and keep it (for models that fit; much faster generation)")
+                   help="load every block once and keep it (for models that fit; much faster generation)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slowllm", description="Run and tune Bloom models on ordinary PCs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+_EXAMPLES = {
+    "generate": """examples:
+  slowllm generate "Is the sky blue?" --local --model bigscience/bloom-560m --max-new-tokens 10
+  slowllm generate "Once upon a time" "The capital of" --json --coordinator ws://COORD:8765 --secret-file key.txt
+  slowllm generate "Tell me a story:" --temperature 0.8 --top-p 0.9 --seed 1 --local --model /data/bloom""",
+    "score": """input lines: {"context": str, "continuation": str} or {"context": str, "choices": [str, ...]}
 
-    p = sub.add_parser("generate", help="generate text for one or more prompts")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--soft-prompt", metavar="FILE")
+examples:
+  slowllm score --input questions.jsonl --local --model /data/bloom --dtype bfloat16 --json
+  slowllm score --input questions.jsonl --coordinator ws://COORD:8765 --secret-file key.txt""",
+    "tune": """data lines: {"context": str, "continuation": str} (the loss is on the continuation)
+
+examples:
+  slowllm tune --data train.jsonl --out prompt.safetensors --steps 50 --save-every 10 --local --model /data/bloom
+  slowllm generate "Is fire cold?" --soft-prompt prompt.safetensors --local --model /data/bloom""",
+    "status": """examples:
+  slowllm status --coordinator ws://COORD:8765 --secret-file key.txt
+  slowllm status --coordinator ws://COORD:8765 --json""",
+    "cluster": """examples:
+  slowllm cluster up cluster.example.yaml     # waits until every node registered
+  slowllm cluster down cluster.example.yaml""",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slowllm", formatter_class=HelpFormatter,
+        description="Run and tune Bloom models on ordinary PCs: through a network of volunteer nodes "
+                    "(--coordinator URL) or on this machine, streaming blocks from disk (--local --model MODEL).",
+        epilog="start with: slowllm demo      (offline, builds a tiny random model; no download)\n"
+               "more help:  slowllm COMMAND --help")
+    parser.add_argument("--version", action="version", version=f"slowllm {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=_EXAMPLES.get(name), formatter_class=HelpFormatter)
+
+    p = command("generate", "generate text for one or more prompts")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue (several are generated together)")
+    p.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="stop after N new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample only among the K likeliest tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample only within the top probability mass P")
+    p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
+    p.add_argument("--soft-prompt", metavar="FILE", help="a soft prompt made by `slowllm tune`")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     _add_backend(p)
 
-    p = sub.add_parser("score", help="log-likelihoods of continuations / multiple choice")
-    p.add_argument("--input", required=True, metavar="FILE.jsonl")
-    p.add_argument("--soft-prompt", metavar="FILE")
+    p = command("score", "log-likelihoods of continuations, or the best of several choices")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl", help="one request per line (see below)")
+    p.add_argument("--soft-prompt", metavar="FILE", help="a soft prompt made by `slowllm tune`")
     p.add_argument("--json", action="store_true", help="one JSON object per input line")
     _add_backend(p)
 
-    p = sub.add_parser("tune", help="train a soft prompt (model weights frozen)")
-    p.add_argument("--data", required=True, metavar="FILE.jsonl")
-    p.add_argument("--out", required=True, metavar="PROMPT.safetensors")
-    p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("tune", "train a soft prompt (model weights frozen)")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see below)")
+    p.add_argument("--out", required=True, metavar="PROMPT.safetensors", help="where the prompt is saved")
+    p.add_argument("--prompt-tokens", type=int, default=8, metavar="N", help="length of the soft prompt")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="examples per step")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt initialisation and data order")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also save --out every N steps (0: only at the end; Ctrl-C always saves the latest)")
     _add_backend(p)
 
-    p = sub.add_parser("status", help="nodes, layer ranges and coverage of a coordinator")
-    p.add_argument("--coordinator", required=True, metavar="URL")
-    p.add_argument("--secret-file", metavar="PATH", default=os.environ.get("SLOWLLM_SECRET_FILE"))
-    p.add_argument("--cafile", metavar="PATH")
-    p.add_argument("--json", action="store_true")
+    p = command("status", "nodes, layer ranges and coverage of a coordinator")
+    p.add_argument("--coordinator", required=True, metavar="URL", help="ws:// or wss:// URL of the coordinator")
+    p.add_argument("--secret-file", metavar="PATH", default=os.environ.get("SLOWLLM_SECRET_FILE"),
+                   help="your key for the coordinator (also $SLOWLLM_SECRET_FILE)")
+    p.add_argument("--cafile", metavar="PATH", help="CA certificate to trust for a wss:// coordinator")
+    p.add_argument("--json", action="store_true", help="one JSON object (the coordinator's /status.json)")
 
-    p = sub.add_parser("demo", help="offline end-to-end demo on a small random model")
+    p = command("demo", "offline end-to-end demo on a small random model")
     p.add_argument("--workdir", metavar="DIR", help="where the demo model goes (default: ~/.cache/slowllm/demo)")
 
-    p = sub.add_parser("cluster", help="start/stop the coordinator and nodes a YAML file describes")
-    p.add_argument("action", choices=["up", "down"])
-    p.add_argument("file", metavar="FILE.yaml")
+    p = command("cluster", "start/stop on this machine the coordinator and nodes a YAML file describes")
+    p.add_argument("action", choices=["up", "down"], help="up: start and wait for every node; down: stop them")
+    p.add_argument("file", metavar="FILE.yaml", help="cluster description (see cluster.example.yaml)")
     return parser
 
 
 def _backend(args):
-    """(runner) for the chosen mode: an object with generate/score/tune like `LocalRunner`."""
+    """The runner for the chosen mode: an object with generate/score/tune like `LocalRunner`."""
     if bool(args.coordinator) == bool(args.local):
         raise InputError("say where to run: --coordinator URL (network) or --local --model MODEL (this machine).")
     if args.local:
@@ -109,11 +207,97 @@ def _backend(args):
                            spill_dir=args.spill_dir, progress=False if args.no_progress else None,
                            keep_in_ram=args.keep_in_ram)
     from ._client import Client
-    return Client(args.coordinator, secret_file=args.secret_file, cafile=args.cafile)
+    return Client(args.coordinator, secret_file=args.secret_file, cafile=args.cafile, on_notice=TERMINAL.notice)
 
 
 def _print(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+def _generate(args) -> int:
+    from ._jobs import Sampling
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.check()
+    with _backend(args) as runner:
+        stream = not args.json and len(args.prompts) == 1
+        # A progress bar redraws its line with '\r': on the terminal that shows the streamed text it would
+        # erase it. So the bar runs only until the first text (the prompt pass), and the prompt is
+        # printed together with that text; piped output keeps the bar on stderr for every pass.
+        same_screen = sys.stdout.isatty() and sys.stderr.isatty()
+        shown = []
+
+        def on_text(i: int, text: str) -> None:
+            if not shown:
+                shown.append(True)
+                if same_screen:
+                    runner.set_progress(False)
+                    TERMINAL.text(args.prompts[0])
+            TERMINAL.text(text)
+
+        if stream and not same_screen:
+            TERMINAL.text(args.prompts[0])
+            shown.append(True)
+        results = runner.generate(args.prompts, sampling, soft_prompt=args.soft_prompt,
+                                  on_text=on_text if stream else None)
+    for r in results:
+        if args.json:
+            _print({"prompt": r["prompt"], "text": r["text"], "token_ids": r["token_ids"],
+                    "finish_reason": r.get("finish_reason")})
+        elif stream:
+            if not shown:
+                TERMINAL.text(args.prompts[0])
+            TERMINAL.end_line()
+        else:
+            print(r["prompt"] + r["text"], flush=True)
+    return 0
+
+
+def _score(args) -> int:
+    requests = read_jsonl(args.input)
+    with _backend(args) as runner:
+        results = runner.score(requests, soft_prompt=args.soft_prompt)
+    for n, r in enumerate(results, start=1):
+        if args.json:
+            _print(r)
+        elif "logprob" in r:
+            print(f"{n}\tlogprob {r['logprob']:.4f}\tgreedy {'yes' if r['is_greedy'] else 'no'}")
+        else:
+            lps = " ".join(f"{x:.4f}" for x in r["logprobs"])
+            print(f"{n}\tbest {r['best']}\tlogprobs {lps}")
+    return 0
+
+
+def _tune(args) -> int:
+    from ._tune import TuneOptions
+
+    data = read_jsonl(args.data)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: directory {out.parent} does not exist.")
+    if args.save_every < 0:
+        raise InputError("--save-every must be 0 (only at the end) or a number of steps.")
+    options = TuneOptions(args.prompt_tokens, args.steps, args.lr, args.batch_size, args.seed)
+    options.check()
+    latest: dict = {}
+
+    def on_prompt(step: int, prompt) -> None:
+        latest.update(step=step, prompt=prompt)
+        if args.save_every and step % args.save_every == 0 and step < options.steps:
+            runner.save_prompt(out, prompt)
+            print(f"saved the prompt of step {step} to {out}", flush=True)
+
+    with _backend(args) as runner:
+        try:
+            runner.tune(data, options, out, on_prompt=on_prompt,
+                        on_step=lambda step, loss: print(f"step {step}/{options.steps} loss {loss:.4f}", flush=True))
+        except KeyboardInterrupt:
+            if latest:
+                runner.save_prompt(out, latest["prompt"])
+                print(f"interrupted: saved the prompt of step {latest['step']} to {out}", file=sys.stderr)
+            raise
+    print(f"saved soft prompt ({options.prompt_tokens} tokens) to {out}")
+    return 0
 
 
 def run(args) -> int:
@@ -128,55 +312,7 @@ def run(args) -> int:
         status = Client(args.coordinator, secret_file=args.secret_file, cafile=args.cafile).status()
         print(json.dumps(status) if args.json else format_status(status))
         return 0
-
-    if args.command == "generate":
-        from ._jobs import Sampling
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        sampling.check()
-        with _backend(args) as runner:
-            stream = not args.json and len(args.prompts) == 1
-            if stream:
-                print(args.prompts[0], end="", flush=True)
-            results = runner.generate(args.prompts, sampling, soft_prompt=args.soft_prompt,
-                                      on_text=(lambda i, text: print(text, end="", flush=True)) if stream else None)
-        for r in results:
-            if args.json:
-                _print({"prompt": r["prompt"], "text": r["text"], "token_ids": r["token_ids"],
-                        "finish_reason": r.get("finish_reason")})
-            elif stream:
-                print(flush=True)
-            else:
-                print(r["prompt"] + r["text"], flush=True)
-        return 0
-
-    if args.command == "score":
-        requests = read_jsonl(args.input)
-        with _backend(args) as runner:
-            results = runner.score(requests, soft_prompt=args.soft_prompt)
-        for n, r in enumerate(results, start=1):
-            if args.json:
-                _print(r)
-            elif "logprob" in r:
-                print(f"{n}\tlogprob {r['logprob']:.4f}\tgreedy {'yes' if r['is_greedy'] else 'no'}")
-            else:
-                lps = " ".join(f"{x:.4f}" for x in r["logprobs"])
-                print(f"{n}\tbest {r['best']}\tlogprobs {lps}")
-        return 0
-
-    if args.command == "tune":
-        from ._tune import TuneOptions
-        data = read_jsonl(args.data)
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise InputError(f"cannot write {out}: directory {out.parent} does not exist.")
-        options = TuneOptions(args.prompt_tokens, args.steps, args.lr, args.batch_size, args.seed)
-        options.check()
-        with _backend(args) as runner:
-            runner.tune(data, options, out,
-                        on_step=lambda step, loss: print(f"step {step}/{options.steps} loss {loss:.4f}", flush=True))
-        print(f"saved soft prompt ({options.prompt_tokens} tokens) to {out}")
-        return 0
-    raise AssertionError(args.command)
+    return {"generate": _generate, "score": _score, "tune": _tune}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except SlowllmError as e:
+        TERMINAL.end_line()
         print(f"slowllm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        TERMINAL.end_line()
         print("slowllm: interrupted", file=sys.stderr)
         return 130
 

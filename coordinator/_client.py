@@ -4,8 +4,9 @@
     with Client("ws://127.0.0.1:8765", secret_file="secret.txt") as c:
         print(c.generate(["Is the sky blue?"], Sampling(max_new_tokens=5)))
         c.score([{"context": "Is the sky blue?", "choices": [" Yes", " No"]}])
-        c.tune(data, TuneOptions(steps=10), out="prompt.safetensors")
-        c.status()
+        c.tune([{"context": "Is fire cold?", "continuation": " No."}], TuneOptions(steps=10),
+               out="prompt.safetensors")
+        print(c.status())
 
 Each call opens a connection, authenticates (HMAC challenge-response), sends one job and reads its
 streamed events until the result. Errors from the coordinator come back as `SlowllmError`s.
@@ -27,6 +28,9 @@ from slowllm.protocol import (
     WireTensor, decode_tensor, encode_tensor, error_from_reply, pack, read_secret, sign, unpack,
 )
 
+from slowllm.node._aio import why_connection_failed
+from slowllm.node._units import format_ranges
+
 from ._jobs import Sampling
 from ._softprompt import read_soft_prompt, save_soft_prompt
 from ._tune import TuneOptions
@@ -34,13 +38,15 @@ from ._tune import TuneOptions
 
 class Client:
     def __init__(self, url: str, *, secret_file: str | os.PathLike | None = None, secret: bytes | None = None,
-                 cafile: str | None = None, limits: Limits = Limits(), compression: str = "raw"):
+                 cafile: str | None = None, limits: Limits = Limits(), compression: str = "raw",
+                 on_notice: Callable[[str], None] | None = None):
         if not url.startswith(("ws://", "wss://")):
             raise SlowllmError(f"coordinator URL {url!r} must start with ws:// or wss://.", code="bad_input")
         self.url = url
         self.secret = secret if secret is not None else read_secret(secret_file)
         self.cafile, self.limits, self.compression = cafile, limits, compression
         self.fingerprint: str | None = None
+        self.on_notice = on_notice  # e.g. "waiting up to 60 s for nodes serving blocks 3-5"
 
     async def _job(self, job: str, params: dict, on_event: Callable[[dict], None] | None = None) -> dict:
         ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
@@ -52,7 +58,7 @@ class Client:
             raise UnavailableError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
         except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError) as e:
-            raise UnavailableError(f"cannot reach the coordinator at {self.url} ({type(e).__name__}): "
+            raise UnavailableError(f"cannot reach the coordinator at {self.url}: {why_connection_failed(e, self.url)}; "
                                    "check the URL and that it is running.") from None
         async with ws:
             try:
@@ -72,7 +78,10 @@ class Client:
                 await ws.send(pack(Job(id=1, job=job, params=params)))
                 while True:
                     msg = unpack(await ws.recv(), self.limits)
-                    if isinstance(msg, Event) and on_event:
+                    if isinstance(msg, Event) and "notice" in msg.data:
+                        if self.on_notice:
+                            self.on_notice(str(msg.data["notice"]))
+                    elif isinstance(msg, Event) and on_event:
                         on_event(msg.data)
                     elif isinstance(msg, JobResult):
                         return msg.data
@@ -103,13 +112,29 @@ class Client:
         return self._run("score", params)["results"]
 
     def tune(self, data: list[dict], options: TuneOptions = TuneOptions(), out=None,
-             on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
-        params = {"data": list(data), **dataclasses.asdict(options)}
-        result = self._run("tune", params, (lambda d: on_step(d["step"], d["loss"])) if on_step else None)
+             on_step: Callable[[int, float], None] | None = None,
+             on_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        params = {"data": list(data), **dataclasses.asdict(options), "send_prompt": on_prompt is not None}
+
+        def on_event(d: dict) -> None:
+            if on_step:
+                on_step(d["step"], d["loss"])
+            if on_prompt and "prompt" in d:
+                self.fingerprint = d.get("fingerprint", self.fingerprint)
+                on_prompt(d["step"], decode_tensor(WireTensor.model_validate(d["prompt"]), self.limits))
+
+        result = self._run("tune", params, on_event)
         prompt = decode_tensor(WireTensor.model_validate(result["prompt"]), self.limits)
+        self.fingerprint = result["fingerprint"]
         if out is not None:
-            save_soft_prompt(out, prompt, result["fingerprint"], self.url)
+            self.save_prompt(out, prompt)
         return prompt
+
+    def save_prompt(self, out, prompt: torch.Tensor) -> None:
+        save_soft_prompt(out, prompt, self.fingerprint, self.url)
+
+    def set_progress(self, on: bool) -> None:
+        pass  # the work runs at the coordinator and its nodes: no progress bar here
 
     def status(self) -> dict:
         return self._run("status", {})
@@ -124,11 +149,18 @@ class Client:
         self.close()
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def format_status(status: dict) -> str:
-    lines = [f"model {status['model']}: {status['n_layer']} blocks, {len(status['nodes'])} nodes"]
-    for node in status["nodes"]:
+    nodes = status["nodes"]
+    lines = [f"model {status['model']}: {_plural(status['n_layer'], 'block')}, {_plural(len(nodes), 'node')}, "
+             f"{_plural(status.get('active_jobs', 0), 'active job')}, {_plural(status.get('failovers', 0), 'failover')}"]
+    for node in nodes:
         a, b = node["layers"]
-        lines.append(f"  {node['name']:<20} blocks {a}-{b:<6} {node['device']}/{node['dtype']:<9} "
-                     f"speed {node['speed']:>8} load {node['load']} sessions {node['sessions']}")
-    lines.append("missing blocks: " + (", ".join(map(str, status["missing"])) or "none"))
+        lines.append(f"  {node['name']:<20} blocks {f'{a}-{b}':<7} {node['device']}/{node['dtype']:<9} "
+                     f"speed {node['speed']:>8.1f} token-blocks/s  load {node['load']}  "
+                     f"{_plural(node['sessions'], 'session')}")
+    lines.append("missing blocks: " + (format_ranges(status["missing"]) or "none"))
     return "\n".join(lines)

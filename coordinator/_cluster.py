@@ -1,8 +1,10 @@
 """`slowllm cluster up|down FILE.yaml`: start and stop on this machine what a cluster file describes.
 
-`up` starts the coordinator (waiting for its `ready` line) and the nodes as detached processes, logs
-in the state directory, and records their PIDs; `down` stops exactly those PIDs (checking they are
-still slowllm processes) and forgets them.
+`up` checks every node's range against the model first, starts the coordinator (waiting for its
+`ready` line) and the nodes as detached processes with logs in the state directory, records their
+PIDs, and waits until every node has registered. A node that dies first (bad range, too little memory,
+wrong secret) makes `up` stop what it started and exit non-zero, naming the node and its last log
+line. `down` stops exactly the recorded PIDs (checking they are still slowllm processes).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def cluster(action: str, file: str) -> int:
 
     if pids_file.is_file():
         raise InputError(f"a cluster from {file} is already up: run `slowllm cluster down {file}` first.")
+    check_ranges(path, spec)
     state.mkdir(parents=True, exist_ok=True)
     base = path.parent
     c = spec["coordinator"]
@@ -88,6 +91,7 @@ def cluster(action: str, file: str) -> int:
     secret = _rel(base, c.get("secret_file"))
     model = _rel(base, c["model"])
     started: list[dict] = []
+    nodes: dict[str, subprocess.Popen] = {}
 
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(state / f"{name}.log", "w")
@@ -115,7 +119,8 @@ def cluster(action: str, file: str) -> int:
         if coord.poll() is not None or time.time() > deadline:
             raise InputError(f"the coordinator did not start: see {state / 'coordinator.log'}.")
         time.sleep(0.2)
-    print(f"coordinator ready at {url} (pid {coord.pid})")
+    print(f"coordinator ready at {url} (pid {coord.pid}); waiting for {len(spec.get('nodes') or [])} nodes to register",
+          flush=True)
     for i, node in enumerate(spec.get("nodes") or []):
         name = str(node.get("name") or f"node{i}")
         cmd = [sys.executable, "-m", "slowllm.node._cli", "--layers", str(node["layers"]), "--coordinator", url,
@@ -129,7 +134,63 @@ def cluster(action: str, file: str) -> int:
             cmd += ["--secret-file", secret]
         if cafile:
             cmd += ["--cafile", cafile]
-        proc = spawn(name, cmd)
-        print(f"node {name} blocks {node['layers']} started (pid {proc.pid})")
+        nodes[name] = spawn(name, cmd)
+    try:
+        _wait_registered(url, secret, cafile, nodes, state, float(spec.get("start_timeout", 600)))
+    except InputError:
+        cluster("down", file)
+        raise
     print(f"logs and PIDs in {state}; stop with: slowllm cluster down {file}")
     return 0
+
+
+def check_ranges(path: Path, spec: dict) -> None:
+    """Every node's range parses and lies inside the model; gaps are named (other PCs may fill them)."""
+    from slowllm.node import Checkpoint
+    from slowllm.node._cli import parse_layers
+    from slowllm.node._units import format_ranges
+
+    n_layer = Checkpoint(_rel(path.parent, spec["coordinator"]["model"])).n_layer
+    covered: set[int] = set()
+    for i, node in enumerate(spec.get("nodes") or []):
+        name = str(node.get("name") or f"node{i}")
+        try:
+            first, last = parse_layers(str(node["layers"]))
+        except Exception as e:
+            raise InputError(f"{path.name}: node {name}: {e}") from None
+        if last >= n_layer:
+            raise InputError(f"{path.name}: node {name} has layers {first}-{last}, but the model has blocks "
+                             f"0-{n_layer - 1}: pick a range inside it.")
+        covered.update(range(first, last + 1))
+    gaps = [b for b in range(n_layer) if b not in covered]
+    if gaps:
+        print(f"note: no node in {path.name} serves blocks {format_ranges(gaps)}: jobs will wait for nodes from "
+              "other PCs to cover them.")
+
+
+def _last_line(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def _wait_registered(url: str, secret, cafile, nodes: dict[str, subprocess.Popen], state: Path,
+                     timeout: float) -> None:
+    """Until every node is on the coordinator's status: a node that exits first fails `up`, by name."""
+    from ._client import Client
+
+    client = Client(url, secret_file=secret, cafile=cafile)
+    deadline, waiting = time.time() + timeout, set(nodes)
+    while waiting:
+        for name in sorted(waiting):
+            if nodes[name].poll() is not None:
+                raise InputError(f"node {name} exited (status {nodes[name].returncode}) before registering: "
+                                 f"{_last_line(state / f'{name}.log')} (log: {state / f'{name}.log'}).")
+        registered = {n["name"] for n in client.status()["nodes"]}
+        for name in sorted(waiting & registered):
+            print(f"node {name} registered (pid {nodes[name].pid})", flush=True)
+        waiting -= registered
+        if waiting and time.time() > deadline:
+            raise InputError(f"nodes {', '.join(sorted(waiting))} did not register within {timeout:.0f} s: see "
+                             f"their logs in {state}.")
+        if waiting:
+            time.sleep(0.3)

@@ -64,5 +64,7 @@ def run_demo(workdir: str | None = None) -> int:
     for r in local["score"]:
         print(f"  score: {json.dumps(r)}")
     print(f"  tune losses: {' '.join(f'{x:.3f}' for x in local['tune_losses'])}")
+    print("  (the demo model has random weights, so its text is gibberish: what matters is that local and "
+          "remote agree)")
     from ._demo_network import run_network
     return run_network(model, local)

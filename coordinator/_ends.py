@@ -61,7 +61,8 @@ class ModelEnds:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        """Text of generated ids; special tokens (<unk>, <pad>, ...) are not text and are left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ---- embeddings ----------------------------------------------------------------------------
     def _matrix(self, key: str) -> torch.Tensor:

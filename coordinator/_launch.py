@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 from slowllm.protocol import SlowllmError
@@ -20,6 +22,8 @@ class LocalCluster:
         self.model, self.secret_file = str(model), secret_file
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs: list[subprocess.Popen] = []
+        self._lines: dict[int, collections.deque] = {}
+        self._drains: dict[int, threading.Thread] = {}
         self.nodes: dict[str, subprocess.Popen] = {}
         self._coordinator_cmd = [sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", self.model,
                                  "--port", str(port), *coordinator_args]
@@ -31,7 +35,8 @@ class LocalCluster:
             self.start_coordinator()
             for i, layers in enumerate(layer_ranges):
                 self.start_node(layers, name=f"n{i}-{layers}", model=node_model)
-            self.wait_covered(len(layer_ranges), timeout)
+            if layer_ranges:
+                self.wait_covered(len(layer_ranges), timeout)
         except BaseException:
             self.stop()
             raise
@@ -39,10 +44,13 @@ class LocalCluster:
     def start_coordinator(self) -> None:
         """Start (or, after it was stopped, restart on the same port) the coordinator."""
         self.coordinator = self._spawn(self._coordinator_cmd)
-        line = self.coordinator.stdout.readline()
-        found = re.search(r"ready at (wss?://\S+)", line)
-        if not found:
-            raise SlowllmError(f"the coordinator did not start: {line.strip() or 'no output'}")
+        deadline = time.time() + 120
+        while not (found := re.search(r"ready at (wss?://\S+)", self.output(self.coordinator))):
+            if self.coordinator.poll() is not None or time.time() > deadline:
+                time.sleep(0.2)  # the last lines of a dead process are still being drained
+                raise SlowllmError(f"the coordinator did not start: {self.output(self.coordinator).strip() or 'no output'}")
+            time.sleep(0.05)
+        self.ready_line = next(ln for ln in self.output(self.coordinator).splitlines() if "ready at" in ln)
         self.url = found.group(1)
         port = self.url.rsplit(":", 1)[1]
         self._coordinator_cmd[self._coordinator_cmd.index("--port") + 1] = port
@@ -50,7 +58,24 @@ class LocalCluster:
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         self.procs.append(proc)
+        # Drain the pipe all the time: a child whose pipe fills up (64 KB of log lines) blocks on its next
+        # write, and a blocked coordinator or node looks exactly like a hung one.
+        lines: collections.deque[str] = collections.deque(maxlen=2000)
+        self._lines[proc.pid] = lines
+        drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True, name=f"drain-{proc.pid}")
+        drain.start()
+        self._drains[proc.pid] = drain
         return proc
+
+    def wait(self, proc: subprocess.Popen, timeout: float) -> int:
+        """`proc`'s exit status once it exits, with all its output drained into `output(proc)`."""
+        code = proc.wait(timeout)
+        self._drains[proc.pid].join(10)
+        return code
+
+    def output(self, proc: subprocess.Popen) -> str:
+        """What `proc` printed so far (its last 2000 lines)."""
+        return "".join(list(self._lines.get(proc.pid, ())))
 
     def start_node(self, layers: str, name: str, model=True, secret_file="default", extra=()) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "slowllm.node._cli", "--layers", layers, "--coordinator", self.url,
@@ -87,8 +112,6 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-            if p.stdout:
-                p.stdout.close()
 
     def __enter__(self):
         return self

@@ -36,8 +36,9 @@ class NodeFailed(UnavailableError):
 
 
 class RemoteChain(Chain):
-    def __init__(self, coordinator: "Coordinator", compression: str = "raw"):
+    def __init__(self, coordinator: "Coordinator", compression: str = "raw", notify=None):
         self.c = coordinator
+        self.notify = notify  # tells the client what a job waits for
         self.n_layer = coordinator.checkpoint.n_layer
         self.dtype = torch.float32
         self.max_batch_tokens = coordinator.limits.max_batch_tokens // 4
@@ -58,7 +59,7 @@ class RemoteChain(Chain):
         return None if wire is None else decode_tensor(wire, self.c.limits)
 
     def _next_span(self, first: int, last: int, exclude: set) -> tuple["NodeLink", int, int]:
-        return self._call(self.c.wait_route(first, last, exclude))[0]
+        return self._call(self.c.wait_route(first, last, exclude, self.notify))[0]
 
     # ---- stateless forward / backward ----------------------------------------------------------
     def _forward_range(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor):
@@ -135,7 +136,7 @@ class RemoteSession(ChainSession):
 
     def __init__(self, chain: RemoteChain, max_length: int):
         self.chain, self.max_length = chain, max_length
-        self.spans = [_Span(node, a, b) for node, a, b in chain._call(chain.c.wait_route())]
+        self.spans = [_Span(node, a, b) for node, a, b in chain._call(chain.c.wait_route(notify=chain.notify))]
         chain.c.sessions.add(self)
 
     def _step(self, span: _Span, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

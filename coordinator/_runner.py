@@ -21,22 +21,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TextStream:
-    """Turns token ids arriving per prompt into printable text deltas (whole UTF-8 characters only)."""
+    """Turns token ids arriving per prompt into printable text deltas (whole UTF-8 characters only).
+
+    Incremental: each token decodes only the few ids since the last emitted text (with one token of
+    left context, for tokenizers whose decoding of a token depends on its neighbour), so the cost per
+    token does not grow with the length of the text.
+    """
 
     def __init__(self, ends: ModelEnds, on_text: Callable[[int, str], None]):
         self.ends, self.on_text = ends, on_text
         self.ids: dict[int, list[int]] = {}
-        self.sent: dict[int, int] = {}
+        self.offsets: dict[int, tuple[int, int]] = {}  # (prefix start, read start) per prompt
 
     def __call__(self, i: int, ids: list[int]) -> None:
-        self.ids.setdefault(i, []).extend(ids)
-        text = self.ends.decode(self.ids[i])
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+        tokens = self.ids.setdefault(i, [])
+        tokens.extend(ids)
+        prefix, read = self.offsets.get(i, (0, 0))
+        before = self.ends.decode(tokens[prefix:read])
+        text = self.ends.decode(tokens[prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(before):  # a character split across tokens: wait
             return
-        done = self.sent.get(i, 0)
-        if len(text) > done:
-            self.on_text(i, text[done:])
-            self.sent[i] = len(text)
+        self.offsets[i] = (read, len(tokens))
+        self.on_text(i, text[len(before):])
 
 
 class Runner:
@@ -60,11 +66,19 @@ class Runner:
         return score(self.ends, self.chain, requests, self.soft_prompt(soft_prompt))
 
     def tune(self, data: list[dict], options: TuneOptions, out: str | os.PathLike | None = None,
-             on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
-        prompt = tune(self.ends, self.chain, data, options, on_step)
+             on_step: Callable[[int, float], None] | None = None,
+             on_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        prompt = tune(self.ends, self.chain, data, options, on_step, on_prompt=on_prompt)
         if out is not None:
-            save_soft_prompt(out, prompt, self.fingerprint, self.checkpoint.model_id)
+            self.save_prompt(out, prompt)
         return prompt
+
+    def save_prompt(self, out: str | os.PathLike, prompt: torch.Tensor) -> None:
+        save_soft_prompt(out, prompt, self.fingerprint, self.checkpoint.model_id)
+
+    def set_progress(self, on: bool) -> None:
+        """Show or hide progress bars from now on (the CLI hides them once text streams to the terminal)."""
+        self.chain.set_progress(on)
 
     def close(self) -> None:
         self.chain.close()

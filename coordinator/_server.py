@@ -24,6 +24,7 @@ import websockets
 
 from slowllm.node import Checkpoint, default_max_ram
 from slowllm.node._checkpoint import EMBEDDING
+from slowllm.node._units import format_ranges
 from slowllm.protocol import (
     PROTOCOL_VERSION, Auth, BusyError, Challenge, Error, Event, Heartbeat, Hello, InputError,
     Job, JobResult, Limits, ProtocolError, Register, Result, SlowllmError, UnavailableError, Welcome,
@@ -126,16 +127,24 @@ class Coordinator:
             port = server.sockets[0].getsockname()[1]
             self.port = port
             scheme = "wss" if self.ssl else "ws"
+            http = "https" if self.ssl else "http"
             print(f"slowllm coordinator ready at {scheme}://{self.host}:{port} (model {self.model}, "
-                  f"{self.checkpoint.n_layer} blocks)", flush=True)
+                  f"{self.checkpoint.n_layer} blocks); status page: {http}://{self.host}:{port}/status", flush=True)
             if ready is not None:
                 ready(port)
             await asyncio.Future()
 
     def _http(self, connection, request):
         path = request.path.split("?")[0]
+        if request.headers.get("Upgrade", "").lower() == "websocket" and path not in ("/status", "/status.json"):
+            return None  # a WebSocket handshake: nodes and clients
+        if path == "/":  # a person who typed the coordinator's address into a browser
+            response = connection.respond(HTTPStatus.FOUND, "see /status\n")
+            response.headers["Location"] = "/status"
+            return response
         if path not in ("/status", "/status.json"):
-            return None  # a WebSocket handshake
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: this port serves /status, /status.json and "
+                                      "slowllm's WebSocket protocol\n")
         status = self.status()
         if path == "/status.json":
             response = connection.respond(HTTPStatus.OK, json.dumps(status))
@@ -272,7 +281,8 @@ class Coordinator:
         compression = p.get("compression", "raw")
         if compression not in ("raw", "fp16", "bf16", "int8"):
             raise InputError(f"unknown compression {compression!r}: use raw, fp16, bf16 or int8.")
-        runner = Runner(self.checkpoint, self.ends, RemoteChain(self, compression=compression))
+        chain = RemoteChain(self, compression=compression, notify=lambda text: emit({"notice": text}))
+        runner = Runner(self.checkpoint, self.ends, chain)
         try:
             soft = self._soft_prompt(p.get("soft_prompt"))
             if job.job == "generate":
@@ -292,7 +302,14 @@ class Coordinator:
             data = p.get("data")
             if not isinstance(data, list):
                 raise InputError("tune needs a list of {context, continuation} objects.")
-            prompt = runner.tune(data, options, on_step=lambda step, loss: emit({"step": step, "loss": loss}))
+            if p.get("send_prompt"):  # the client saves every N steps, and the latest on Ctrl-C
+                losses: dict = {}
+                prompt = runner.tune(data, options, on_step=lambda step, loss: losses.update({step: loss}),
+                                     on_prompt=lambda step, t: emit({"step": step, "loss": losses.pop(step),
+                                                                     "prompt": encode_tensor(t).model_dump(),
+                                                                     "fingerprint": self.fingerprint}))
+            else:
+                prompt = runner.tune(data, options, on_step=lambda step, loss: emit({"step": step, "loss": loss}))
             return {"prompt": encode_tensor(prompt).model_dump(), "fingerprint": self.fingerprint}
         except TypeError as e:
             raise InputError(f"bad job parameters: {e}.") from None
@@ -338,16 +355,22 @@ class Coordinator:
             block = best.last + 1
         return spans
 
-    async def wait_route(self, first: int = 0, last: int | None = None,
-                         exclude: set = frozenset()) -> list[tuple[NodeLink, int, int]]:
+    async def wait_route(self, first: int = 0, last: int | None = None, exclude: set = frozenset(),
+                         notify=None) -> list[tuple[NodeLink, int, int]]:
+        """`route`, after waiting up to --wait-for-nodes for missing blocks; `notify(text)` tells the client
+        what it is waiting for (at once, then every 15 s), so a waiting job is never silent."""
         deadline = time.monotonic() + self.wait_for_nodes
+        told = None
         while True:
             missing = self.missing(first, last, exclude)
             if not missing:
                 return self.route(first, last, exclude)
             left = deadline - time.monotonic()
+            if notify is not None and left > 0 and (told is None or time.monotonic() - told >= 15):
+                told = time.monotonic()
+                notify(f"waiting up to {left:.0f} s for a node serving blocks {format_ranges(missing)}")
             if left <= 0:
-                raise UnavailableError(f"no node serves blocks {_ranges(missing)} (waited "
+                raise UnavailableError(f"no node serves blocks {format_ranges(missing)} (waited "
                                        f"{self.wait_for_nodes:.0f} s): start nodes covering them.")
             self._coverage_changed.clear()
             try:
@@ -381,14 +404,3 @@ def _peer(ws) -> str:
 
 def _pick(params: dict, *names: str) -> dict:
     return {k: params[k] for k in names if params.get(k) is not None}
-
-
-def _ranges(blocks: list[int]) -> str:
-    out, start = [], None
-    for i, b in enumerate(blocks):
-        if start is None:
-            start = b
-        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
-            out.append(f"{start}" if start == b else f"{start}-{b}")
-            start = None
-    return ", ".join(out)

@@ -8,8 +8,15 @@ import logging
 import ssl
 import sys
 
-from slowllm.protocol import SlowllmError, read_secret
-from slowllm.node._aio import run
+from slowllm.protocol._errors import SlowllmError
+
+EXAMPLES = """examples:
+  openssl rand -hex 32 > secret.txt
+  slowllm-coordinator --model bigscience/bloom --host 0.0.0.0 --secret-file secret.txt
+  slowllm-coordinator --model /data/bloom --certfile cert.pem --keyfile key.pem --secret-file secret.txt
+
+Nodes dial in with `slowllm-node --layers A-B --coordinator ws://THIS:8765 --secret-file secret.txt`;
+open http://THIS:8765/status in a browser to see which blocks are covered."""
 
 
 def _loopback(host: str) -> bool:
@@ -21,12 +28,18 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="slowllm-coordinator", description="Coordinate slowllm nodes and clients.")
+def build_parser() -> argparse.ArgumentParser:
+    from ._cli import HelpFormatter, version
+
+    p = argparse.ArgumentParser(prog="slowllm-coordinator", formatter_class=HelpFormatter, epilog=EXAMPLES,
+                                description="Own the model's ends (tokenizer, embeddings, head), route activations "
+                                            "through the nodes and run clients' jobs. One port for nodes, clients "
+                                            "and the /status page.")
+    p.add_argument("--version", action="version", version=f"slowllm-coordinator {version()}")
     p.add_argument("--model", required=True, help="local directory or hub id of a Bloom checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    p.add_argument("--secret-file", metavar="PATH")
+    p.add_argument("--secret-file", metavar="PATH", help="shared secret of nodes and clients (16+ bytes)")
     p.add_argument("--wait-for-nodes", type=float, default=60.0, metavar="S",
                    help="how long a job waits for missing blocks to be covered")
     p.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
@@ -37,12 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--certfile", help="TLS certificate (serve wss://)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    from ._server import Coordinator
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     try:
+        from slowllm.node._aio import run
+        from slowllm.protocol import read_secret
+
+        from ._server import Coordinator
+
         secret = read_secret(args.secret_file)
         if secret is None and not _loopback(args.host):
             if not args.insecure:

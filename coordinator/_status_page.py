@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import html
+import time
+
+
+def _e(value) -> str:
+    """Every field a node reports is escaped: names, devices and dtypes come from strangers."""
+    return html.escape(str(value))
 
 
 def render_status(status: dict) -> str:
@@ -12,9 +18,9 @@ def render_status(status: dict) -> str:
     for node in status["nodes"]:
         first, last = node["layers"]
         cells = "".join(f'<td class="{"on" if first <= b <= last else "off"}" title="block {b}"></td>' for b in range(n))
-        rows.append(f"<tr><th>{html.escape(node['name'])}</th>{cells}<td>{first}-{last}</td>"
-                    f"<td>{node['device']}/{node['dtype']}</td><td>{node['speed']}</td><td>{node['load']}</td>"
-                    f"<td>{node['sessions']}</td></tr>")
+        rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{first}-{last}</td>"
+                    f"<td>{_e(node['device'])}/{_e(node['dtype'])}</td><td>{_e(node['speed'])}</td><td>{_e(node['load'])}</td>"
+                    f"<td>{_e(node['sessions'])}</td></tr>")
     coverage = "".join(f'<td class="{"gap" if b in missing else "ok"}" title="block {b}"></td>' for b in range(n))
     header = "".join(f"<th class=b>{b}</th>" for b in range(n))
     gaps = ", ".join(map(str, sorted(missing))) or "none"
@@ -27,12 +33,22 @@ table {{ border-collapse: collapse; }} td, th {{ padding: 2px 6px; font-size: 13
 td.on {{ background: #2e7d32; }} td.off {{ background: #eee; }} td.ok {{ background: #81c784; }}
 td.gap {{ background: #d32f2f; }} th.b {{ font-weight: normal; color: #666; font-size: 10px; }}
 td.on, td.off, td.ok, td.gap {{ width: 12px; height: 16px; border: 1px solid #fff; padding: 0; }}
+.sw {{ display: inline-block; width: 12px; height: 12px; vertical-align: middle; }}
+.sw.on {{ background: #2e7d32; }} .sw.ok {{ background: #81c784; }} .sw.gap {{ background: #d32f2f; }}
+.legend, .updated {{ color: #555; font-size: 13px; }}
 </style></head><body>
 <h1>slowllm coordinator</h1>
-<p>model <b>{html.escape(status['model'])}</b>, {n} blocks, {len(status['nodes'])} nodes,
-{status.get('active_jobs', 0)} active jobs. Missing blocks: <b id="missing">{gaps}</b></p>
+<p>model <b>{_e(status['model'])}</b>, {n} blocks, {len(status['nodes'])} nodes,
+{status.get('active_jobs', 0)} active jobs, {status.get('sessions', 0)} generation sessions,
+<span id="failovers">{status.get('failovers', 0)}</span> failovers ({status.get('replayed_bytes', 0)} bytes replayed).
+Missing blocks: <b id="missing">{gaps}</b></p>
+<p class="legend"><span class="sw on"></span> block held by the node
+<span class="sw ok"></span> block covered by some node <span class="sw gap"></span> block no node serves (jobs
+wait for it) &middot; speed in token-blocks per second &middot; load = requests in flight</p>
 <table id="coverage">
 <tr><th></th>{header}<th>blocks</th><th>device</th><th>speed (tok-blocks/s)</th><th>load</th><th>sessions</th></tr>
 {''.join(rows)}
 <tr><th>coverage</th>{coverage}</tr>
-</table></body></html>"""
+</table>
+<p class="updated" id="updated">updated {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}; refreshes every 5 s</p>
+</body></html>"""

@@ -79,7 +79,10 @@ def loss_and_grad(ends: ModelEnds, chain: Chain, prompt: torch.Tensor,
 
 
 def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptions,
-         on_step: Callable[[int, float], None] | None = None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+         on_step: Callable[[int, float], None] | None = None, prompt: torch.Tensor | None = None,
+         on_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Train the prompt; `on_step(step, loss)` after each step, `on_prompt(step, prompt)` with a copy of it
+    (for saving every N steps, and on Ctrl-C)."""
     options.check()
     examples = tokenize_examples(ends, data)
     prompt = (init_prompt(ends, options.prompt_tokens, options.seed) if prompt is None else prompt.clone()).float()
@@ -100,4 +103,6 @@ def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptio
         optimizer.zero_grad()
         if on_step:
             on_step(step, loss)
+        if on_prompt:
+            on_prompt(step, prompt.detach().clone())
     return prompt.detach()

@@ -1,13 +1,28 @@
-"""slowllm.node: reading Bloom checkpoints and running their blocks (in RAM, or streamed from disk)."""
+"""slowllm.node: reading Bloom checkpoints and running their blocks (in RAM, or streamed from disk).
 
-from ._blocks import AttentionInputs, BlockCache, attention_inputs, block_nbytes, load_weights, new_block, run_block
-from ._checkpoint import Checkpoint, block_keys, touch
-from ._memory import SpillStore, default_max_ram, format_size, parse_size, process_rss
-from ._resident import ResidentBlocks
-from ._streaming import Batch, BlockStream, StreamingExecutor, StreamingSession
+Names load on first use (PEP 562): importing the package costs nothing until a name is used.
+"""
 
-__all__ = [
-    "AttentionInputs", "Batch", "BlockCache", "BlockStream", "Checkpoint", "ResidentBlocks", "SpillStore", "StreamingExecutor",
-    "StreamingSession", "attention_inputs", "block_keys", "block_nbytes", "default_max_ram", "format_size",
-    "load_weights", "new_block", "parse_size", "process_rss", "run_block", "touch",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from slowllm.protocol._lazy import lazy_exports
+
+_EXPORTS = {
+    "._blocks": ["AttentionInputs", "BlockCache", "attention_inputs", "block_nbytes", "load_weights", "new_block", "run_block"],
+    "._checkpoint": ["Checkpoint", "block_keys", "touch"],
+    "._memory": ["SpillStore", "default_max_ram", "process_rss"],
+    "._units": ["format_size", "parse_size"],
+    "._resident": ["ResidentBlocks"],
+    "._streaming": ["Batch", "BlockStream", "StreamingExecutor", "StreamingSession"],
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from ._blocks import AttentionInputs, BlockCache, attention_inputs, block_nbytes, load_weights, new_block, run_block  # noqa: F401
+    from ._checkpoint import Checkpoint, block_keys, touch  # noqa: F401
+    from ._memory import SpillStore, default_max_ram, process_rss  # noqa: F401
+    from ._units import format_size, parse_size  # noqa: F401
+    from ._resident import ResidentBlocks  # noqa: F401
+    from ._streaming import Batch, BlockStream, StreamingExecutor, StreamingSession  # noqa: F401

@@ -100,10 +100,21 @@ class Checkpoint:
                 raise CheckpointError(f"checkpoint file {local} is missing: copy or re-download the checkpoint.")
         else:
             from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError
+            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+            try:  # the local cache first: no network, no retries, for files fetched before
+                local = Path(hf_hub_download(self.model_id, name, revision=self.revision, local_files_only=True))
+            except Exception:
+                local = None
             try:
-                local = Path(hf_hub_download(self.model_id, name, revision=self.revision))
+                if local is None:
+                    _check_hub_reachable(self.model_id, name)
+                    local = Path(hf_hub_download(self.model_id, name, revision=self.revision))
+            except CheckpointError:
+                raise
+            except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE, or the hub unreachable) and not cached
+                raise HubUnreachable(f"cannot reach the hub to fetch {name} of {self.model_id}, and it is not in "
+                                      "the local cache: check your network, or pass a local directory.") from None
             except EntryNotFoundError:
                 raise CheckpointError(f"{self.model_id} has no file {name} on the hub.") from None
             except Exception as e:  # network, auth, unknown repo: one sentence, not a traceback
@@ -120,6 +131,8 @@ class Checkpoint:
         try:
             self.file(name)
             return True
+        except HubUnreachable:
+            raise  # offline is not "the file does not exist"
         except CheckpointError:
             return False
 
@@ -274,6 +287,29 @@ class Checkpoint:
             "shapes": {k: list(self.meta(k)[0]) for k in self.end_keys() + block_keys(0)},
         }
         return hashlib.sha256(json.dumps(essentials, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class HubUnreachable(CheckpointError):
+    """The hub could not be asked (no network, HF_HUB_OFFLINE): not the same as a missing file."""
+
+
+def _check_hub_reachable(model_id: str, name: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of retries, when the hub cannot be reached at all."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnreachable(f"HF_HUB_OFFLINE is set and {name} of {model_id} is not in the local cache: "
+                              "unset it to download, or pass a local directory.")
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise HubUnreachable(f"cannot reach the hub at {constants.ENDPOINT} ({e.strerror or type(e).__name__}) to "
+                              f"fetch {name} of {model_id}: check your network, or pass a local directory.") from None
 
 
 def touch(tensors: list[torch.Tensor], threads: int = _TOUCH_THREADS) -> None:

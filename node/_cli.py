@@ -7,13 +7,9 @@ import logging
 import re
 import sys
 
-import torch
+from slowllm.protocol._errors import SlowllmError
 
-from slowllm.protocol import SlowllmError, read_secret
-
-from ._aio import run
-
-from ._memory import parse_size
+from ._units import parse_size
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -35,33 +31,62 @@ def _fault(text: str | None) -> tuple[str, int] | None:
     return kind, int(n)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="slowllm-node", description="Serve Bloom blocks to a slowllm coordinator.")
-    p.add_argument("--layers", required=True, type=parse_layers, metavar="A-B", help="inclusive, 0-based: 10-19")
-    p.add_argument("--coordinator", default="ws://127.0.0.1:8765", metavar="URL")
-    p.add_argument("--model", help="own copy of the checkpoint (default: the coordinator's model id)")
-    p.add_argument("--secret-file", metavar="PATH")
+EXAMPLES = """examples:
+  slowllm-node --layers 0-9 --coordinator ws://COORD:8765 --secret-file secret.txt
+  slowllm-node --layers 10-19 --coordinator wss://COORD:8765 --secret-file secret.txt --cafile ca.pem --model /data/bloom
+  slowllm-node --layers 0-34 --device cuda --coordinator ws://COORD:8765 --secret-file secret.txt
+
+Before loading, the node checks that its blocks (in the dtype it keeps them in), the KV budget
+(--session-memory) and ~1 GB of runtime fit in the available memory, and otherwise names the largest
+range that fits. See deploy/GUIDE.md for how many blocks fit per PC."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slowllm.coordinator._cli import HelpFormatter, version
+
+    p = argparse.ArgumentParser(prog="slowllm-node", formatter_class=HelpFormatter, epilog=EXAMPLES,
+                                description="Keep a range of Bloom blocks in memory and serve them to a slowllm "
+                                            "coordinator (dials out: works behind NAT).")
+    p.add_argument("--version", action="version", version=f"slowllm-node {version()}")
+    p.add_argument("--layers", required=True, type=parse_layers, metavar="A-B",
+                   help="blocks to serve, inclusive and 0-based: 10-19 is ten blocks")
+    p.add_argument("--coordinator", default="ws://127.0.0.1:8765", metavar="URL", help="the coordinator to serve")
+    p.add_argument("--model", help="own copy of the checkpoint (default: open the coordinator's model id)")
+    p.add_argument("--secret-file", metavar="PATH", help="the coordinator's node secret")
     p.add_argument("--cafile", metavar="PATH", help="CA certificate to trust for a wss:// coordinator")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the blocks live and compute")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--name", default="")
+                   help="dtype blocks are kept in (default: bfloat16 on cuda, and on CPUs with native bf16 when the "
+                        "checkpoint is bf16; float32 otherwise)")
+    p.add_argument("--name", default="", help="shown on the coordinator's status (default: node-A-B)")
     p.add_argument("--session-memory", default="2GB", metavar="SIZE", help="KV-cache budget for all sessions")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="memory this node may use in all (default: what the OS reports available at start)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection and request")
     p.add_argument("--inject-fault", metavar="KIND:N", help=argparse.SUPPRESS)  # tests: exit:N or hang:N
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    from ._server import NodeServer
 
     try:
+        import torch
+
+        from slowllm.protocol import read_secret
+
+        from ._aio import run
+        from ._server import NodeServer
+
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SlowllmError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu.")
-        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[
-            args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
         server = NodeServer(first=args.layers[0], last=args.layers[1], coordinator=args.coordinator,
                             model=args.model, secret=read_secret(args.secret_file), dtype=dtype, device=args.device,
                             name=args.name, cafile=args.cafile, session_budget=parse_size(args.session_memory),
-                            fault=_fault(args.inject_fault))
+                            fault=_fault(args.inject_fault),
+                            memory=None if args.memory is None else parse_size(args.memory))
         run(server.run_forever())
     except SlowllmError as e:
         print(f"slowllm-node: error: {e}", file=sys.stderr)

@@ -8,7 +8,6 @@ its byte budget, otherwise in safetensors files under a temporary directory that
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -18,27 +17,7 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from slowllm.protocol import InputError
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'16GB', '1.5g', '512MiB', '1000000' -> bytes (binary units: 1 GB = 2**30 bytes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"cannot read size {text!r}: write it like 12GB, 800MB or 1.5GiB.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
+from ._units import format_size, parse_size  # noqa: F401  (re-exported)
 
 def default_max_ram() -> int:
     """A safe share of what the machine has free now: 80% of available memory."""
@@ -113,3 +92,53 @@ class SpillStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---- a node's memory: what `slowllm-node` checks before loading, and deploy/GUIDE.md's table -----------
+NODE_RUNTIME_BYTES = 1 << 30  # interpreter, torch, transformers and one request's activations
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def node_dtype(storage: torch.dtype, device: str, asked: torch.dtype | None) -> tuple[torch.dtype, str]:
+    """The dtype a node keeps its blocks in, and why (printed at start-up)."""
+    if asked is not None:
+        return asked, "as asked with --dtype"
+    if device == "cuda":
+        return torch.bfloat16, "the default on a GPU"
+    if storage == torch.bfloat16 and native_bf16():
+        return torch.bfloat16, "the checkpoint's dtype, and this CPU computes bfloat16 natively (--dtype float32 to change)"
+    return torch.float32, "this CPU has no native bfloat16 or the checkpoint is not bfloat16 (--dtype bfloat16 halves RAM)"
+
+
+def node_memory_need(block_bytes: int, blocks: int, session_memory: int) -> int:
+    """Bytes a node needs: its blocks in the kept dtype, the KV-cache budget, and the runtime."""
+    return blocks * block_bytes + session_memory + NODE_RUNTIME_BYTES
+
+
+def blocks_that_fit(block_bytes: int, available: int, session_memory: int) -> int:
+    return max(0, (available - session_memory - NODE_RUNTIME_BYTES) // block_bytes)
+
+
+def guide_table(block_bytes_bf16: int, block_bytes_fp32: int, n_layer: int, session_memory: int = 2 << 30) -> str:
+    """The table of deploy/GUIDE.md: Bloom-176B blocks per PC by RAM (85% of it free for the node)."""
+    rows = ["| PC RAM | blocks in bfloat16 | blocks in float32 | PCs for all 70 blocks (bf16) |",
+            "|---|---|---|---|"]
+    for ram_gb in (16, 32, 64, 128, 256):
+        available = int(ram_gb * (1 << 30) * 0.85)
+        bf16 = min(n_layer, blocks_that_fit(block_bytes_bf16, available, session_memory))
+        fp32 = min(n_layer, blocks_that_fit(block_bytes_fp32, available, session_memory))
+        pcs = f"{-(-n_layer // bf16)}" if bf16 else "-"
+        rows.append(f"| {ram_gb} GB | {bf16} | {fp32} | {pcs} |")
+    return "\n".join(rows)

@@ -18,21 +18,25 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import torch
 import websockets
 
 from slowllm.protocol import (
     PROTOCOL_VERSION, Auth, Backward, BusyError, Challenge, CheckpointError, CloseSession, Error, Forward,
-    Heartbeat, Hello, InputError, Limits, ProtocolError, Register, Result, SlowllmError, Step,
+    Heartbeat, Hello, InputError, Limits, MemoryBudgetError, ProtocolError, Register, Result, SlowllmError, Step, Welcome,
     decode_tensor, encode_tensor, pack, sign, unpack,
 )
 
+from ._aio import why_connection_failed
 from ._blocks import BlockCache
 from ._checkpoint import Checkpoint
 from ._resident import ResidentBlocks
-from ._memory import format_size
+from ._blocks import block_nbytes
+from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need
 
 log = logging.getLogger("slowllm.node")
+HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
 
 
 class Sessions:
@@ -75,15 +79,17 @@ class Sessions:
 
 class NodeServer:
     def __init__(self, *, first: int, last: int, coordinator: str, model: str | None = None,
-                 secret: bytes | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 secret: bytes | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  name: str = "", cafile: str | None = None, session_budget: int = 2 << 30,
-                 limits: Limits = Limits(), heartbeat: float = 5.0, fault: tuple[str, int] | None = None):
+                 limits: Limits = Limits(), heartbeat: float = 5.0, fault: tuple[str, int] | None = None,
+                 memory: int | None = None):
         self.first, self.last = first, last
         self.url, self.model, self.secret = coordinator, model, secret
         self.dtype, self.device, self.name = dtype, device, name or f"node-{first}-{last}"
         self.cafile, self.limits, self.heartbeat = cafile, limits, heartbeat
         self.blocks: ResidentBlocks | None = None
         self.sessions = Sessions(session_budget)
+        self.memory = memory  # bytes this node may use; None: what the OS reports available at load time
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-compute")
         self.load = 0
         self.speed = 0.0
@@ -99,9 +105,34 @@ class NodeServer:
         if not 0 <= self.first <= self.last < checkpoint.n_layer:
             raise InputError(f"--layers {self.first}-{self.last} is outside the model's blocks "
                              f"0-{checkpoint.n_layer - 1}: pick a range inside it.")
-        log.info("loading blocks %d-%d of %s", self.first, self.last, model)
+        self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype)
+        self._check_memory(checkpoint)
+        print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
+              f"{str(self.dtype).removeprefix('torch.')} ({why})", flush=True)
         self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device)
         self.speed = self.blocks.measure_speed()
+
+    def _check_memory(self, checkpoint: Checkpoint) -> None:
+        """Refuse, before loading anything, a range that does not fit: one sentence with one that does."""
+        if self.device == "cuda":
+            available = torch.cuda.mem_get_info()[0] if self.memory is None else self.memory
+        else:
+            available = psutil.virtual_memory().available if self.memory is None else self.memory
+        block = block_nbytes(checkpoint.config, self.dtype)
+        count = self.last - self.first + 1
+        need = node_memory_need(block, count, self.sessions.budget)
+        if need <= available:
+            return
+        fits = blocks_that_fit(block, available, self.sessions.budget)
+        dtype = str(self.dtype).removeprefix("torch.")
+        advice = (f"use --layers {self.first}-{self.first + fits - 1} ({fits} blocks) or fewer" if fits else
+                  "not even one block fits: lower --session-memory or use a PC with more memory")
+        if self.dtype == torch.float32:
+            advice += ", or --dtype bfloat16 (half the memory)"
+        raise MemoryBudgetError(
+            f"blocks {self.first}-{self.last} need {format_size(need)} ({count} x {format_size(block)} in {dtype} "
+            f"+ {format_size(self.sessions.budget)} KV budget + {format_size(NODE_RUNTIME_BYTES)} runtime), but "
+            f"{format_size(available)} is available: {advice}.")
 
     def _ssl(self):
         if not self.url.startswith("wss://"):
@@ -117,8 +148,10 @@ class NodeServer:
             except ssl.SSLCertVerificationError as e:
                 raise SlowllmError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
-            except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as e:
-                log.warning("coordinator %s unreachable (%s); retrying in %.1f s", self.url, type(e).__name__, delay)
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError, ProtocolError) as e:
+                # Every failure to reach or talk to the coordinator is retried: a reverse proxy answering
+                # 502 while the coordinator restarts, a wrong port, a dropped link must not kill the node.
+                log.warning("coordinator %s: %s; retrying in %.1f s", self.url, why_connection_failed(e, self.url), delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 4.0)  # a volunteer node should be back within seconds of the coordinator
 
@@ -126,15 +159,18 @@ class NodeServer:
         async with websockets.connect(self.url, max_size=self.limits.max_frame, compression=None, ssl=self._ssl(),
                                       open_timeout=10) as ws:
             await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="node", name=self.name)))
-            challenge = unpack(await ws.recv(), self.limits)
+            challenge = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
             if isinstance(challenge, Error):
-                raise ProtocolError(challenge.message)
-            assert isinstance(challenge, Challenge)
+                raise ProtocolError(f"refused: {challenge.message[:200]}")
+            if not isinstance(challenge, Challenge):
+                raise ProtocolError(f"expected a challenge, got {challenge.type!r}")
             mac = sign(self.secret, challenge.nonce, "node") if self.secret else b""
             await ws.send(pack(Auth(mac=mac)))
-            reply = unpack(await ws.recv(), self.limits)
+            reply = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
             if isinstance(reply, Error):
                 raise SlowllmError(reply.message, code=reply.code)
+            if not isinstance(reply, Welcome):
+                raise ProtocolError(f"expected a welcome, got {reply.type!r}")
             if self.blocks is None:
                 await asyncio.get_running_loop().run_in_executor(self.pool, self._load, challenge.model)
             fingerprint = self.blocks.checkpoint.fingerprint()

@@ -2,44 +2,24 @@
 
 Nothing here touches a socket or an event loop; the node and the coordinator feed bytes in and get
 messages out (and the reverse), like the `websockets` library's protocol core.
+
+Names load on first use (PEP 562), so `slowllm --help` and argument errors never import torch.
 """
 
-from ._errors import (
-    AuthError,
-    BusyError,
-    CheckpointError,
-    InputError,
-    MemoryBudgetError,
-    ProtocolError,
-    SlowllmError,
-    UnavailableError,
-    error_from_reply,
-)
-from ._framing import DEFAULT_LIMITS, Limits, decode_tensor, encode_tensor, new_nonce, pack, read_secret, sign, unpack, verify
-from ._messages import (
-    PROTOCOL_VERSION,
-    Auth,
-    Backward,
-    Challenge,
-    CloseSession,
-    Error,
-    Event,
-    Forward,
-    Heartbeat,
-    Hello,
-    Job,
-    JobResult,
-    Register,
-    Result,
-    Step,
-    Welcome,
-    WireTensor,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AuthError", "Auth", "Backward", "BusyError", "Challenge", "CheckpointError", "CloseSession", "DEFAULT_LIMITS",
-    "Error", "Event", "Forward", "Heartbeat", "Hello", "InputError", "Job", "JobResult", "Limits",
-    "MemoryBudgetError", "PROTOCOL_VERSION", "ProtocolError", "Register", "Result", "SlowllmError", "Step",
-    "UnavailableError", "Welcome", "WireTensor", "decode_tensor", "encode_tensor", "error_from_reply", "new_nonce", "pack",
-    "read_secret", "sign", "unpack", "verify",
-]
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
+
+_EXPORTS = {
+    "._errors": ["AuthError", "BusyError", "CheckpointError", "InputError", "MemoryBudgetError", "ProtocolError", "SlowllmError", "UnavailableError", "error_from_reply"],
+    "._framing": ["DEFAULT_LIMITS", "Limits", "decode_tensor", "encode_tensor", "new_nonce", "pack", "read_secret", "sign", "unpack", "verify"],
+    "._messages": ["PROTOCOL_VERSION", "Auth", "Backward", "Challenge", "CloseSession", "Error", "Event", "Forward", "Heartbeat", "Hello", "Job", "JobResult", "Register", "Result", "Step", "Welcome", "WireTensor"],
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from ._errors import AuthError, BusyError, CheckpointError, InputError, MemoryBudgetError, ProtocolError, SlowllmError, UnavailableError, error_from_reply  # noqa: F401
+    from ._framing import DEFAULT_LIMITS, Limits, decode_tensor, encode_tensor, new_nonce, pack, read_secret, sign, unpack, verify  # noqa: F401
+    from ._messages import PROTOCOL_VERSION, Auth, Backward, Challenge, CloseSession, Error, Event, Forward, Heartbeat, Hello, Job, JobResult, Register, Result, Step, Welcome, WireTensor  # noqa: F401

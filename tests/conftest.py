@@ -76,6 +76,6 @@ def hf_logprob(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     return total, greedy
 
 
-def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "slowllm.coordinator._cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)

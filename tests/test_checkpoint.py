@@ -107,8 +107,11 @@ def test_hub_id_downloads_only_needed_files(monkeypatch, tiny_model):
     """A hub id resolves files one by one through hf_hub_download (mocked: tests never reach a hub)."""
     fetched = []
 
-    def fake_download(repo_id, filename, revision=None):
+    def fake_download(repo_id, filename, revision=None, local_files_only=False):
         assert repo_id == "bigscience/bloom-tiny"
+        if local_files_only:  # nothing is cached yet
+            from huggingface_hub.errors import LocalEntryNotFoundError
+            raise LocalEntryNotFoundError(filename)
         fetched.append(filename)
         path = tiny_model / filename
         if not path.exists():
@@ -118,6 +121,7 @@ def test_hub_id_downloads_only_needed_files(monkeypatch, tiny_model):
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("slowllm.node._checkpoint._check_hub_reachable", lambda *a: None)  # the mock hub is up
     ck = Checkpoint("bigscience/bloom-tiny")
     ck.read(block_keys(4))
     index = json.loads((tiny_model / "model.safetensors.index.json").read_text())["weight_map"]
@@ -125,3 +129,22 @@ def test_hub_id_downloads_only_needed_files(monkeypatch, tiny_model):
     shards = {f for f in fetched if f.endswith(".safetensors")}
     assert shards == needed
     assert len(shards) < len(set(index.values()))
+
+
+def test_unreachable_hub_says_so_in_seconds(tmp_path):
+    """No network: one sentence saying the hub cannot be reached (not "has no config.json"), without a
+    minute of retries. The hub endpoint is a closed local port, so nothing leaves this machine."""
+    import time
+
+    from conftest import run_cli
+
+    (tmp_path / "in.jsonl").write_text('{"context": "a", "continuation": " b"}\n')
+    start = time.time()
+    proc = run_cli("score", "--input", str(tmp_path / "in.jsonl"), "--local", "--model", "bigscience/bloom",
+                   env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot reach the hub" in proc.stderr and "local directory" in proc.stderr
+    assert time.time() - start < 20
+    offline = run_cli("score", "--input", str(tmp_path / "in.jsonl"), "--local", "--model", "bigscience/bloom",
+                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr

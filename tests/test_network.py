@@ -96,8 +96,8 @@ def test_wrong_or_missing_secret_is_refused(cluster, tmp_path):
     proc = run_cli("status", "--coordinator", cluster.url, "--secret-file", str(wrong))
     assert proc.returncode == 2 and "authentication failed" in proc.stderr and "Traceback" not in proc.stderr
     node = cluster.start_node("0-1", name="intruder", secret_file=wrong)
-    assert node.wait(60) == 2
-    assert "authentication failed" in node.stdout.read()
+    assert cluster.wait(node, 60) == 2
+    assert "authentication failed" in cluster.output(node)
 
 
 async def _handshake(url, secret, role="client"):
@@ -201,7 +201,16 @@ def test_bad_requests_to_a_node_get_errors(cluster, secret):
 
 def test_node_out_of_range_or_other_checkpoint_is_refused(cluster, other_model):
     bad = cluster.start_node("4-9", name="too-far", model=True)
-    assert bad.wait(60) == 2 and "outside" in bad.stdout.read()
+    assert cluster.wait(bad, 60) == 2 and "outside" in cluster.output(bad)
     other = cluster.start_node("0-1", name="other", model=other_model)
-    assert other.wait(60) == 2 and "different checkpoint" in other.stdout.read()
+    assert cluster.wait(other, 60) == 2 and "different checkpoint" in cluster.output(other)
     assert cluster.client().status()["missing"] == []
+
+
+def test_remote_tuning_streams_each_steps_prompt_for_saving(cluster, local):
+    """What `slowllm tune --save-every` and Ctrl-C rely on through a coordinator: every step's prompt."""
+    seen = []
+    options = TuneOptions(prompt_tokens=2, steps=3, lr=0.05, batch_size=2, seed=1)
+    final = cluster.client().tune(TUNE_DATA, options, on_prompt=lambda step, prompt: seen.append((step, prompt)))
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert torch.equal(seen[-1][1], final) and not torch.equal(seen[0][1], final)

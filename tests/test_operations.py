@@ -40,7 +40,7 @@ def test_tls_coordinator_with_self_signed_certificate(tiny_model, tmp_path):
         with pytest.raises(UnavailableError, match="not trusted.*--cafile"):
             c.client(cafile=str(other)).status()
         stranger = c.start_node("0-5", name="wrong-ca", extra=["--cafile", str(other)])
-        assert stranger.wait(60) == 2 and "not trusted" in stranger.stdout.read()
+        assert c.wait(stranger, 60) == 2 and "not trusted" in c.output(stranger)
 
 
 def test_non_loopback_without_secret_is_refused(tiny_model):

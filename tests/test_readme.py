@@ -1,0 +1,90 @@
+"""The README's code blocks run, so the README cannot drift from the code.
+
+Every `slowllm`, `slowllm-node` and `slowllm-coordinator` command in a shell block must parse with
+today's options; the `--local` jobs run for real on a tiny checkpoint (the model names replaced by
+its path); every Python block runs as written, with the model path, the coordinator URL and the
+secret file pointing at a tiny checkpoint and a live coordinator + nodes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from netutil import Cluster
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MODELS = ("bigscience/bloom", "/data/bloom")
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+
+
+def commands() -> list[list[str]]:
+    out = []
+    for block in blocks("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                if words and words[0] in ("slowllm", "slowllm-node", "slowllm-coordinator"):
+                    out.append(words)
+    return out
+
+
+def test_readme_has_the_blocks_this_test_runs():
+    assert len(blocks("python")) >= 2 and len(commands()) >= 8
+    assert [w for w in commands() if "--local" in w and w[1] in ("generate", "score", "tune")]
+
+
+@pytest.mark.parametrize("words", commands(), ids=lambda w: " ".join(w)[:60])
+def test_every_command_parses(words):
+    from slowllm.coordinator._cli import build_parser as jobs
+    from slowllm.coordinator._server_cli import build_parser as coordinator
+    from slowllm.node._cli import build_parser as node
+
+    parser = {"slowllm": jobs, "slowllm-node": node, "slowllm-coordinator": coordinator}[words[0]]()
+    try:
+        parser.parse_args(words[1:])
+    except SystemExit as e:  # argparse exits 0 for --help and 2 for an unknown option
+        assert e.code == 0, f"README command no longer parses: {' '.join(words)}"
+
+
+def test_local_commands_run(tiny_model, tmp_path):
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"context": "Is the sky blue?", "choices": [" Yes", " No"]}) + "\n")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"context": "Is fire cold?", "continuation": " No."}) + "\n")
+    ran = 0
+    for words in commands():
+        if words[0] != "slowllm" or "--local" not in words:
+            continue
+        args = [str(tiny_model) if w in MODELS else w for w in words[1:]]
+        proc = run_cli(*args, "--no-progress", cwd=tmp_path)
+        assert proc.returncode == 0, f"{' '.join(words)}: {proc.stderr}"
+        ran += 1
+    assert ran >= 3
+
+
+def test_python_blocks_run(tiny_model, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("readme-secret-0123456789abcdef")
+    with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret) as cluster:
+        for code in blocks("python"):
+            code = code.replace("ws://127.0.0.1:8765", cluster.url)
+            for name in MODELS:
+                code = code.replace(f'"{name}"', json.dumps(str(tiny_model)))
+            cwd, out = os.getcwd(), io.StringIO()
+            os.chdir(tmp_path)
+            try:
+                with contextlib.redirect_stdout(out):
+                    exec(compile(code, "README.md", "exec"), {})
+            finally:
+                os.chdir(cwd)
+            assert out.getvalue().strip(), code
