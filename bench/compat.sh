@@ -16,8 +16,9 @@ venv=bench/_work/compat-$version
 if [ ! -x "$venv/bin/python" ]; then
     python -m venv --system-site-packages "$venv"
     "$venv/bin/pip" install -q "transformers==$version" >/dev/null
-    "$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
+# slowllm itself comes from this checkout (the editable install beside this machine's torch), or:
+"$venv/bin/python" -c "import slowllm.node" 2>/dev/null || "$venv/bin/pip" install -q --no-deps -e . >/dev/null
 installed=$("$venv/bin/python" -c "import transformers; print(transformers.__version__)")
 start=$(date +%s)
 set +e

@@ -38,17 +38,21 @@ class ChainSession(ABC):
 class Chain(ABC):
     n_layer: int
     dtype: torch.dtype
-    max_batch_tokens: int  # padded tokens per batch that one forward/backward may carry
+    max_batch_tokens: int  # padded tokens per batch that one forward/backward/step may carry
     max_batch_rows: int = 1 << 30
     head_tokens: int = 1 << 16  # positions per LM-head pass (bounded by the chain's memory plan)
 
     @abstractmethod
-    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
+    def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
         """Outputs of the last block for each batch, in order. Batches may be consumed lazily."""
 
     @abstractmethod
-    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Input gradients for the batches of the preceding `forward(keep_for_backward=True)`."""
+    def forward_for_backward(self, batch: Batch) -> tuple[torch.Tensor, object]:
+        """The output for one batch, and a tape: what `backward` needs of this forward (kept inputs)."""
+
+    @abstractmethod
+    def backward(self, tape, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. the input of the forward that made `tape` (which it consumes)."""
 
     @abstractmethod
     def open_session(self, batch_size: int, max_length: int) -> ChainSession: ...

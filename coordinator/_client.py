@@ -24,7 +24,8 @@ import torch
 import websockets
 
 from slowllm.protocol import (
-    PROTOCOL_VERSION, Auth, Challenge, Error, Event, Hello, Job, JobResult, Limits, SlowllmError, UnavailableError,
+    PROTOCOL_VERSION, Auth, Challenge, Error, Event, Hello, InputError, Job, JobResult, Limits, SlowllmError,
+    UnavailableError,
     WireTensor, decode_tensor, encode_tensor, error_from_reply, pack, read_secret, sign, unpack,
 )
 
@@ -34,6 +35,10 @@ from slowllm.node._units import format_ranges
 from ._jobs import Sampling
 from ._softprompt import read_soft_prompt, save_soft_prompt
 from ._tune import TuneOptions
+
+
+class _TooLarge(InputError):
+    """A job message over the coordinator's --max-message-size (score jobs are split and resent)."""
 
 
 class Client:
@@ -75,7 +80,12 @@ class Client:
                 if isinstance(welcome, Error):
                     raise error_from_reply(welcome.code, welcome.message)
                 self.fingerprint = challenge.fingerprint
-                await ws.send(pack(Job(id=1, job=job, params=params)))
+                limit = welcome.info.get("max_message_size", self.limits.max_frame)
+                frame = pack(Job(id=1, job=job, params=params))
+                if len(frame) > limit:
+                    raise _TooLarge(f"this {job} job is {len(frame)} bytes, more than the coordinator's "
+                                    f"--max-message-size of {limit}: send less at once.")
+                await ws.send(frame)
                 while True:
                     msg = unpack(await ws.recv(), self.limits)
                     if isinstance(msg, Event) and "notice" in msg.data:
@@ -109,7 +119,13 @@ class Client:
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
         params = {"requests": list(requests), "soft_prompt": self._soft(soft_prompt), "compression": self.compression}
-        return self._run("score", params)["results"]
+        try:
+            return self._run("score", params)["results"]
+        except _TooLarge:
+            if len(requests) == 1:
+                raise
+            half = len(requests) // 2  # a scoring file of any length: in as many jobs as it takes
+            return self.score(requests[:half], soft_prompt) + self.score(requests[half:], soft_prompt)
 
     def tune(self, data: list[dict], options: TuneOptions = TuneOptions(), out=None,
              on_step: Callable[[int, float], None] | None = None,

@@ -105,7 +105,7 @@ def cluster(action: str, file: str) -> int:
            "--port", str(port), "--wait-for-nodes", str(c.get("wait_for_nodes", 60))]
     if secret:
         cmd += ["--secret-file", secret]
-    for key in ("request_timeout", "max_jobs_per_client", "max_jobs"):
+    for key in ("request_timeout", "max_jobs_per_client", "max_jobs", "max_message_size", "max_new_tokens"):
         if c.get(key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(c[key])]
     for key in ("certfile", "keyfile"):

@@ -7,6 +7,7 @@ fit the chain's limits; a soft prompt, when given, sits between the padding and 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -80,11 +81,22 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
             seq = ctx + cont_ids
             items.append(_Item(line, None if isinstance(conts, str) else choice, seq[:-1], cont_ids))
     p = 0 if soft_prompt is None else soft_prompt.shape[0]
-    batches = plan_batches([len(it.inputs) + p for it in items], chain.max_batch_tokens, chain.max_batch_rows)
+    # Rows longer than one request may carry go through a session instead, in as many steps as it takes
+    # (the same numbers under the causal mask); the rest are batched by length.
+    fits = [i for i, it in enumerate(items) if len(it.inputs) + p <= chain.max_batch_tokens]
+    long = [i for i, it in enumerate(items) if len(it.inputs) + p > chain.max_batch_tokens]
+    batches = [[fits[j] for j in group] for group in
+               plan_batches([len(items[i].inputs) + p for i in fits], chain.max_batch_tokens, chain.max_batch_rows)]
 
     def make() -> Iterator[Batch]:
         for batch in batches:
             yield hidden_batch(ends, [items[i].inputs for i in batch], soft_prompt)
+
+    def long_rows() -> Iterator[tuple[list[int], torch.Tensor]]:
+        for i in long:
+            batch = hidden_batch(ends, [items[i].inputs], soft_prompt)
+            with chain.open_session(1, batch.mask.shape[1]) as session:
+                yield [i], session.step(batch.hidden, batch.mask)
 
     logprob = [0.0] * len(items)
     greedy = [True] * len(items)
@@ -106,7 +118,7 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
             offset += n
         pending, pending_tokens = [], 0
 
-    for batch, out in zip(batches, chain.forward(make())):
+    for batch, out in itertools.chain(zip(batches, chain.forward(make())), long_rows()):
         width = out.shape[1]
         for row, i in enumerate(batch):
             it = items[i]

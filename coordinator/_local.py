@@ -9,7 +9,7 @@ needed, when one block cannot fit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
 
@@ -92,13 +92,16 @@ class LocalChain(Chain):
         self.head_tokens = max(64, plan.work // 2 // (checkpoint.hidden_size * 8 + 1))
         self.executor = StreamingExecutor(checkpoint, dtype=dtype, device=device,
                                           activation_budget=plan.activations, prefetch=plan.prefetch,
-                                          spill_dir=spill_dir, progress=progress)
+                                          spill_dir=spill_dir, progress=progress, score_budget=plan.work // 2)
 
-    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
-        return self.executor.forward(batches, keep_for_backward)
+    def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
+        return self.executor.forward(batches)
 
-    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.executor.backward(grads, masks)
+    def forward_for_backward(self, batch: Batch):
+        return self.executor.forward_for_backward(batch)
+
+    def backward(self, tape, grad: torch.Tensor) -> torch.Tensor:
+        return self.executor.backward(tape, grad)
 
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
         return _LocalSession(self.executor.session())
@@ -130,21 +133,17 @@ class ResidentChain(Chain):
         self.dtype = dtype
         self.max_batch_tokens = 1 << 14
         self.blocks = ResidentBlocks(checkpoint, 0, self.n_layer - 1, dtype, device)
-        self._kept: list[Batch] = []
 
-    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
-        self._kept = []
+    def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
         for batch in batches:
-            if keep_for_backward:
-                self._kept.append(batch)
             yield self.blocks.forward(batch.hidden, batch.mask, 0, self.n_layer - 1)
 
-    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(grads) != len(self._kept):
-            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
-        out = [self.blocks.backward(b.hidden, b.mask, g, 0, self.n_layer - 1) for b, g in zip(self._kept, grads)]
-        self._kept = []
-        return out
+    def forward_for_backward(self, batch: Batch):
+        (out,) = list(self.forward([batch]))
+        return out, batch  # the tape: the input itself (backward recomputes the blocks from it)
+
+    def backward(self, tape: Batch, grad: torch.Tensor) -> torch.Tensor:
+        return self.blocks.backward(tape.hidden, tape.mask, grad, 0, self.n_layer - 1)
 
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
         return _ResidentSession(self.blocks)

@@ -1,32 +1,41 @@
 """The remote chain: activations hop through nodes, and a failed hop moves to another node.
 
-Every hop is a request from a job's worker thread to the coordinator's event loop. When a node dies,
-disconnects or does not answer within the request timeout, the hop is retried on another node covering
-the same blocks (one node or several), waiting up to `--wait-for-nodes` for one to register; the failed
-node is avoided by the router for a while. Stateless forward/backward just re-run the span. Generation
-sessions keep every step's input per span, so a replacement's KV cache is rebuilt by replaying them (in
-one request): greedy output is identical to an uninterrupted run, the client sees only a delay.
+Every hop is a request from a job's worker thread: the thread packs the frame, the event loop only sends
+it and routes the reply's raw frame back by id, and the thread unpacks and checks it. When a node dies,
+disconnects, times out, answers `busy`/`internal` or sends a reply that is not what was asked (wrong
+shape or dtype, non-finite values), the hop is retried on another node covering the same blocks (one
+node or several), waiting up to `--wait-for-nodes` for one to register; the failed node is avoided by
+the router for a while. Stateless forward/backward just re-run the span. Generation sessions keep each
+span's past inputs (and the latest mask), so a replacement's KV cache is rebuilt by replaying them:
+greedy output is identical to an uninterrupted run, the client sees only a delay.
+
+Sizes come from the wire: every request is cut to fit `--max-message-size` from the hidden size, so a
+long prompt is prefilled, and a session replayed, in as many frames as it takes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
 from slowllm.node import Batch
-from slowllm.protocol import (Backward, CloseSession, Forward, SlowllmError, Step, UnavailableError, decode_tensor,
-                              encode_tensor)
+from slowllm.protocol import (Backward, CloseSession, Error, Forward, InputError, Limits, ProtocolError, Result,
+                              SlowllmError, Step, UnavailableError, decode_tensor, encode_tensor, pack, unpack)
 
 from ._chain import Chain, ChainSession
 
 if TYPE_CHECKING:
-    from ._server import Coordinator, NodeLink
+    from ._router import NodeLink, Router
 
 MAX_FAILOVERS = 8  # per span and operation: beyond this the job fails rather than loop forever
+FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut request always fits
+FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's
 
 
 class NodeFailed(UnavailableError):
@@ -35,88 +44,156 @@ class NodeFailed(UnavailableError):
         self.node = node
 
 
+class Cancelled(SlowllmError):
+    code = "cancelled"
+
+
+def _node_text(text: str, limit: int = 300) -> str:
+    """A node's error text, as far as it is shown to a client: printable and short."""
+    text = "".join(c if c.isprintable() else " " for c in str(text))
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+@dataclass
+class _RemoteTape:
+    spans: list[tuple[int, int, torch.Tensor]]  # (first, last, input) of each span as run
+    mask: torch.Tensor
+
+
 class RemoteChain(Chain):
-    def __init__(self, coordinator: "Coordinator", compression: str = "raw", notify=None):
-        self.c = coordinator
-        self.notify = notify  # tells the client what a job waits for
-        self.n_layer = coordinator.checkpoint.n_layer
+    def __init__(self, router: "Router", limits: Limits, hidden_size: int, *, compression: str = "raw",
+                 notify: Callable[[str], None] | None = None, cancel: threading.Event | None = None):
+        self.router, self.limits, self.hidden_size = router, limits, hidden_size
+        self.n_layer = router.n_layer
         self.dtype = torch.float32
-        self.max_batch_tokens = coordinator.limits.max_batch_tokens // 4
         self.compression = compression
-        self._kept: list[tuple[list[tuple[int, int, torch.Tensor]], torch.Tensor]] = []
+        self.notify = notify  # tells the client what a job waits for
+        self.cancel = cancel or threading.Event()  # set when the client went away
+        # forward: hidden [B, T, H] + mask [B, T]; backward carries hidden and grad: 8H + 8 bytes a token
+        per_token = 8 * hidden_size + 8
+        self.max_batch_tokens = min(limits.max_batch_tokens // 4, (limits.max_frame - FRAME_OVERHEAD) // per_token)
+        if self.max_batch_tokens < 1:
+            raise InputError(f"--max-message-size {limits.max_frame} bytes cannot carry one token of this model "
+                             f"({per_token} bytes at hidden size {hidden_size}): raise it to at least 1MB.")
+
+    def step_positions(self, rows: int, total: int) -> int:
+        """New positions per step frame for `rows` rows whose mask covers `total` positions."""
+        room = self.limits.max_frame - FRAME_OVERHEAD - rows * total * 8
+        return min(self.limits.max_batch_tokens // rows, max(0, room // (rows * self.hidden_size * 4)))
 
     # ---- one hop -------------------------------------------------------------------------------
     def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.c.loop).result()
+        """Run `coro` on the event loop and wait for it here, giving up as soon as the job is cancelled."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.router.loop)
+        # (not `future.result(timeout)` in a loop: its TimeoutError is also what a timed-out hop raises)
+        while not concurrent.futures.wait([future], timeout=0.25).done:
+            if self.cancel.is_set():
+                future.cancel()
+                raise Cancelled("the job was cancelled (its client went away).")
+        return future.result()
 
-    def _hop(self, node: "NodeLink", make) -> torch.Tensor | None:
+    def _fail(self, node: "NodeLink", why: str) -> NodeFailed:
+        self.router.loop.call_soon_threadsafe(self.router.penalize, node)
+        self.router.record_failover()
+        return NodeFailed(node, f"node {node.name} failed ({why})")
+
+    def _exchange(self, node: "NodeLink", make, expect: tuple[int, ...] | None) -> torch.Tensor | None:
+        """One request to `node`, its reply checked: a tensor of shape `expect` (float, finite) or None."""
+        if self.cancel.is_set():
+            raise Cancelled("the job was cancelled (its client went away).")
+        msg_id = node.next_id()
+        frame = pack(make(msg_id))
         try:
-            wire = self._call(node.request(make, timeout=self.c.request_timeout))
+            reply = self._call(node.request(msg_id, frame, timeout=self.router.request_timeout))
         except (UnavailableError, asyncio.TimeoutError, TimeoutError):
-            self.c.penalize(node)
-            self.c.failovers += 1
-            raise NodeFailed(node, f"node {node.name} failed or timed out") from None
-        return None if wire is None else decode_tensor(wire, self.c.limits)
+            raise self._fail(node, "disconnected or timed out") from None
+        try:
+            msg = unpack(reply, self.limits)
+        except ProtocolError:
+            raise self._fail(node, "malformed reply") from None
+        if isinstance(msg, Error):
+            if msg.code in FAILOVER_CODES:
+                raise self._fail(node, f"answered {msg.code}")
+            # the request itself was refused (a limit, a bad session): tell the job, in the node's words
+            raise SlowllmError(f"node {_node_text(node.name, 64)} refused the request: {_node_text(msg.message)}",
+                               code="bad_input" if msg.code == "bad_input" else "error")
+        if not isinstance(msg, Result):
+            raise self._fail(node, f"answered {msg.type!r}")
+        if msg.tensor is None:
+            if expect is not None:
+                raise self._fail(node, "answered no tensor")
+            return None
+        try:
+            tensor = decode_tensor(msg.tensor, self.limits)
+        except ProtocolError:
+            raise self._fail(node, "sent an undecodable tensor") from None
+        if expect is None or tuple(tensor.shape) != tuple(expect) or not tensor.is_floating_point():
+            raise self._fail(node, f"sent a {msg.tensor.dtype} tensor of shape {list(tensor.shape)}, expected "
+                                   f"{list(expect) if expect else 'none'}")
+        if not torch.isfinite(tensor).all():
+            raise self._fail(node, "sent non-finite values")
+        return tensor.float()
 
-    def _next_span(self, first: int, last: int, exclude: set) -> tuple["NodeLink", int, int]:
-        return self._call(self.c.wait_route(first, last, exclude, self.notify))[0]
+    def _with_failover(self, first: int, last: int, exclude: set, run):
+        """Route from block `first` towards `last` and `run(node, a, b)` on the first span; when its node
+        fails, exclude it and route again. Returns (node, a, b, result). The one retry loop of this chain."""
+        while True:
+            routes = self._call(self.router.wait_route(first, last, exclude, self.notify, self.cancel))
+            node, a, b = routes[0]
+            try:
+                return node, a, b, run(node, a, b)
+            except NodeFailed as e:
+                exclude.add(e.node)
+                if len(exclude) > MAX_FAILOVERS:
+                    raise UnavailableError(f"blocks {first}-{last} failed on {len(exclude)} nodes in a row: "
+                                           "retry the job later.") from None
 
     # ---- stateless forward / backward ----------------------------------------------------------
     def _forward_range(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor):
         """Output of blocks first..last, and each span's (first, last, input) as actually run."""
         wire_mask, spans, exclude, block = encode_tensor(mask), [], set(), first
         while block <= last:
-            node, a, b = self._next_span(block, last, exclude)
-            try:
-                out = self._hop(node, lambda i, h=hidden: Forward(
+            def run(node, a, b, h=hidden):
+                return self._exchange(node, lambda i: Forward(
                     id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
-                    compression=self.compression))
-            except NodeFailed:
-                exclude.add(node)
-                if len(exclude) > MAX_FAILOVERS:
-                    raise
-                continue
+                    compression=self.compression), tuple(h.shape))
+            _, a, b, out = self._with_failover(block, last, exclude, run)
             spans.append((a, b, hidden))
             hidden, block = out, b + 1
         return hidden, spans
 
     def _backward_range(self, first: int, last: int, hidden, mask, grad) -> torch.Tensor:
-        exclude: set = set()
-        while True:
-            node, a, b = self._next_span(first, last, exclude)
-            if b < last:  # no single node holds the span any more: split it and recurse
-                _, subspans = self._forward_range(first, last, hidden, mask)
-                for sa, sb, sh in reversed(subspans):
-                    grad = self._backward_range(sa, sb, sh, mask, grad)
-                return grad
-            try:
-                return self._hop(node, lambda i: Backward(
-                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
-                    grad=encode_tensor(grad)))
-            except NodeFailed:
-                exclude.add(node)
-                if len(exclude) > MAX_FAILOVERS:
-                    raise
+        class Split(Exception):
+            pass
 
-    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False) -> Iterator[torch.Tensor]:
-        self._kept = []
+        def run(node, a, b):
+            if b < last:  # no single node holds the span any more
+                raise Split
+            return self._exchange(node, lambda i: Backward(
+                id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
+                grad=encode_tensor(grad)), tuple(hidden.shape))
+
+        try:
+            return self._with_failover(first, last, set(), run)[3]
+        except Split:  # recompute the span's pieces forward, then backward through each in reverse
+            _, pieces = self._forward_range(first, last, hidden, mask)
+            for a, b, h in reversed(pieces):
+                grad = self._backward_range(a, b, h, mask, grad)
+            return grad
+
+    def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
         for batch in batches:
-            out, spans = self._forward_range(0, self.n_layer - 1, batch.hidden.float(), batch.mask)
-            if keep_for_backward:
-                self._kept.append((spans, batch.mask))
-            yield out
+            yield self._forward_range(0, self.n_layer - 1, batch.hidden.float(), batch.mask)[0]
 
-    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(grads) != len(self._kept):
-            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
-        out = []
-        for grad, (spans, mask) in zip(grads, self._kept):
-            grad = grad.float()
-            for a, b, hidden in reversed(spans):
-                grad = self._backward_range(a, b, hidden, mask, grad)
-            out.append(grad)
-        self._kept = []
-        return out
+    def forward_for_backward(self, batch: Batch):
+        out, spans = self._forward_range(0, self.n_layer - 1, batch.hidden.float(), batch.mask)
+        return out, _RemoteTape(spans, batch.mask)
+
+    def backward(self, tape: _RemoteTape, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.float()
+        for a, b, hidden in reversed(tape.spans):
+            grad = self._backward_range(a, b, hidden, tape.mask, grad)
+        return grad
 
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
         return RemoteSession(self, max_length)
@@ -128,7 +205,8 @@ class _Span:
     first: int
     last: int
     session: str = field(default_factory=lambda: uuid.uuid4().hex)
-    inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # every step's input
+    inputs: list[torch.Tensor] = field(default_factory=list)  # every step's new positions, for replay
+    mask: torch.Tensor | None = None  # the latest mask (earlier ones are its prefixes)
 
 
 class RemoteSession(ChainSession):
@@ -136,63 +214,81 @@ class RemoteSession(ChainSession):
 
     def __init__(self, chain: RemoteChain, max_length: int):
         self.chain, self.max_length = chain, max_length
-        self.spans = [_Span(node, a, b) for node, a, b in chain._call(chain.c.wait_route(notify=chain.notify))]
-        chain.c.sessions.add(self)
+        routes = chain._call(chain.router.wait_route(notify=chain.notify, cancel=chain.cancel))
+        self.spans = [_Span(node, a, b) for node, a, b in routes]
+        chain.router.open_session(self)
 
-    def _step(self, span: _Span, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.chain._hop(span.node, lambda i: Step(
-            id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(hidden),
-            mask=encode_tensor(mask), max_length=self.max_length))
+    def _step_span(self, span: _Span, node: "NodeLink", hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """New positions `hidden` through `span` on `node`, in as many frames as the wire needs."""
+        rows, new, total = hidden.shape[0], hidden.shape[1], mask.shape[1]
+        per_frame = self.chain.step_positions(rows, total)
+        if per_frame < 1:
+            raise InputError(f"a session of {total} positions x {rows} rows cannot be sent within the coordinator's "
+                             f"--max-message-size ({self.chain.limits.max_frame} bytes): use fewer or shorter prompts.")
+        outs, past = [], total - new
+        for start in range(0, new, per_frame):
+            end = min(new, start + per_frame)
+            piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
+            outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask: Step(
+                id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
+                mask=encode_tensor(m), max_length=self.max_length), tuple(piece.shape)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _replace(self, index: int, exclude: set) -> torch.Tensor:
+    def _replace(self, index: int, failed: "NodeLink") -> torch.Tensor:
         """Rebuild span `index` on other nodes by replaying its inputs; returns the latest step's output."""
         old = self.spans[index]
-        while True:
-            fresh, block = [], old.first
-            try:
-                while block <= old.last:
-                    node, a, b = self.chain._next_span(block, old.last, exclude)
-                    fresh.append(_Span(node, a, b))
-                    block = b + 1
-                # All past steps in one request: the causal mask makes this the same keys and values as
-                # step by step, for one round trip per span instead of one per generated token.
-                hidden = torch.cat([h for h, _ in old.inputs], dim=1)
-                mask, latest = old.inputs[-1][1], old.inputs[-1][0].shape[1]
-                self.chain.c.replayed_bytes += hidden.numel() * 4
-                for span in fresh:
-                    span.inputs.append((hidden, mask))
-                    hidden = self._step(span, hidden, mask)
-                self.spans[index:index + 1] = fresh
-                return hidden[:, -latest:]
-            except NodeFailed as e:
-                exclude.add(e.node)
-                self._close(fresh)
-                if len(exclude) > MAX_FAILOVERS:
+        self._close([old], wait=False)  # frees its KV cache if the node is still there
+        # All past steps at once (in as few frames as fit): under the causal mask these are the same keys
+        # and values as step by step, for one round trip per frame instead of one per generated token.
+        hidden, mask, latest = torch.cat(old.inputs, dim=1), old.mask, old.inputs[-1].shape[1]
+        fresh, block, exclude = [], old.first, {failed}
+        while block <= old.last:
+            def run(node, a, b, h=hidden):
+                span = _Span(node, a, b, inputs=[h], mask=mask)
+                self.chain.router.record_replay(h.numel() * 4)
+                try:
+                    return span, self._step_span(span, node, h, mask)
+                except NodeFailed:
+                    self._close([span], wait=False)
                     raise
+            _, _, b, (span, hidden) = self.chain._with_failover(block, old.last, exclude, run)
+            fresh.append(span)
+            block = b + 1
+        self.spans[index:index + 1] = fresh
+        return hidden[:, -latest:]
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()
         index = 0
         while index < len(self.spans):
             span = self.spans[index]
-            span.inputs.append((hidden, mask))
+            span.inputs.append(hidden)
+            span.mask = mask
             try:
-                hidden = self._step(span, hidden, mask)
+                hidden = self._step_span(span, span.node, hidden, mask)
                 index += 1
             except NodeFailed as e:
                 count = len(self.spans)
-                hidden = self._replace(index, {e.node})
+                hidden = self._replace(index, e.node)
                 index += len(self.spans) - count + 1
         return hidden
 
-    def _close(self, spans: list[_Span]) -> None:
+    def _close(self, spans: list[_Span], wait: bool = True) -> None:
         for span in spans:
-            try:
-                self.chain._call(span.node.request(lambda i, s=span.session: CloseSession(id=i, session=s),
-                                                   timeout=10))
-            except (SlowllmError, asyncio.TimeoutError, TimeoutError):
-                pass  # gone, expired or never opened there: nothing left to free
+            if not span.node.connected:
+                continue  # gone: nothing left to free
+            msg_id = span.node.next_id()
+            frame = pack(CloseSession(id=msg_id, session=span.session))
+            future = asyncio.run_coroutine_threadsafe(span.node.request(msg_id, frame, timeout=10),
+                                                      self.chain.router.loop)
+            if wait:
+                try:
+                    future.result(timeout=11)
+                except Exception:
+                    pass  # expired, or never opened there (the node failed at its first step)
+            else:
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def close(self) -> None:
-        self.chain.c.sessions.discard(self)
+        self.chain.router.close_session(self)
         self._close(self.spans)

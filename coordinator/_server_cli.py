@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-jobs-per-client", type=int, default=8, metavar="N",
                    help="jobs one client address may run at once; beyond: a 'busy, retry' error")
     p.add_argument("--max-jobs", type=int, default=32, metavar="N", help="jobs running at once in all")
+    p.add_argument("--max-message-size", default="256MB", metavar="SIZE",
+                   help="largest WebSocket message anyone sends (at least 1MB); jobs of any size are cut to fit")
+    p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N",
+                   help="most tokens one generation request may ask for")
     p.add_argument("--certfile", help="TLS certificate (serve wss://)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
@@ -74,7 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.certfile:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(args.certfile, args.keyfile)
+        from slowllm.node._units import parse_size
+        from slowllm.protocol import Limits
+
+        size = parse_size(args.max_message_size)
+        if not 1 << 20 <= size <= 1 << 30:
+            raise SlowllmError(f"--max-message-size {args.max_message_size} must be between 1MB and 1GB.")
+        if args.max_new_tokens < 1:
+            raise SlowllmError("--max-new-tokens must be at least 1.")
         coordinator = Coordinator(args.model, host=args.host, port=args.port, secret=secret,
+                                  limits=Limits(max_frame=size), max_new_tokens=args.max_new_tokens,
                                   wait_for_nodes=args.wait_for_nodes, ssl_context=ctx,
                                   request_timeout=args.request_timeout, max_jobs_per_client=args.max_jobs_per_client,
                                   max_jobs=args.max_jobs)

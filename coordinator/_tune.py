@@ -17,7 +17,7 @@ import torch
 
 from slowllm.protocol import InputError
 
-from ._chain import Batch, Chain
+from ._chain import Batch, Chain, plan_batches
 from ._ends import ModelEnds
 from ._jobs import inputs_embeds
 
@@ -58,24 +58,34 @@ def init_prompt(ends: ModelEnds, tokens: int, seed: int) -> torch.Tensor:
 
 def loss_and_grad(ends: ModelEnds, chain: Chain, prompt: torch.Tensor,
                   batch: Sequence[tuple[list[int], list[int]]]) -> tuple[float, torch.Tensor]:
-    """Mean continuation NLL for one batch and its gradient w.r.t. the prompt (model frozen)."""
+    """Mean continuation NLL for one batch and its gradient w.r.t. the prompt (model frozen).
+
+    A batch too large for one request of the chain runs as several (rows grouped by length); their
+    gradients add up to exactly the batch's, since the loss is a sum over tokens divided by their count.
+    """
     prompt = prompt.detach().requires_grad_(True)
     rows = [(ctx + cont)[:-1] for ctx, cont in batch]
-    embeds, mask = inputs_embeds(ends, rows, prompt)
-    hidden0 = ends.embed_norm(embeds)
-    (out,) = list(chain.forward([Batch(hidden0.detach(), mask)], keep_for_backward=True))
-    out = out.detach().float().requires_grad_(True)
-    width = out.shape[1]
-    picked, targets = [], []
-    for r, (_, cont) in enumerate(batch):
-        picked.append(out[r, width - len(cont):])
-        targets += cont
-    normed = ends.final_norm(torch.cat(picked))
-    loss = ends.nll(normed, torch.tensor(targets)).mean()
-    loss.backward()
-    (grad_in,) = chain.backward([out.grad], [mask])
-    hidden0.backward(grad_in.float())
-    return loss.item(), prompt.grad
+    total = sum(len(cont) for _, cont in batch)
+    loss_sum = 0.0
+    p = prompt.shape[0]
+    for group in plan_batches([len(r) + p for r in rows], chain.max_batch_tokens, chain.max_batch_rows):
+        embeds, mask = inputs_embeds(ends, [rows[i] for i in group], prompt)
+        hidden0 = ends.embed_norm(embeds)
+        out, tape = chain.forward_for_backward(Batch(hidden0.detach(), mask))
+        out = out.detach().float().requires_grad_(True)
+        width = out.shape[1]
+        picked, targets = [], []
+        for r, i in enumerate(group):
+            cont = batch[i][1]
+            picked.append(out[r, width - len(cont):])
+            targets += cont
+        normed = ends.final_norm(torch.cat(picked))
+        loss = ends.nll(normed, torch.tensor(targets)).sum() / total
+        loss.backward()
+        grad_in = chain.backward(tape, out.grad)
+        hidden0.backward(grad_in.float())
+        loss_sum += loss.item()
+    return loss_sum, prompt.grad
 
 
 def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptions,
@@ -85,6 +95,11 @@ def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptio
     (for saving every N steps, and on Ctrl-C)."""
     options.check()
     examples = tokenize_examples(ends, data)
+    for line, (ctx, cont) in enumerate(examples, start=1):
+        if len(ctx) + len(cont) - 1 + options.prompt_tokens > chain.max_batch_tokens:
+            raise InputError(f"line {line}: {len(ctx) + len(cont)} tokens plus the prompt are more than one request "
+                             f"can carry at this model's width ({chain.max_batch_tokens} tokens): shorten the "
+                             "example, or raise the coordinator's --max-message-size.")
     prompt = (init_prompt(ends, options.prompt_tokens, options.seed) if prompt is None else prompt.clone()).float()
     prompt = torch.nn.Parameter(prompt)
     optimizer = torch.optim.Adam([prompt], lr=options.lr)

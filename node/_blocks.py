@@ -138,3 +138,44 @@ def run_block(block: BloomBlock, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
     out, _ = block(hidden, alibi=attn.alibi, attention_mask=attn.mask, layer_past=cache, use_cache=cache is not None)
     return out
+
+
+# Bytes per attention-score element while one block runs: fp32 scores, the mask added to them, softmax in
+# fp32 and its cast back, plus the additive mask itself (BloomAttention keeps about five such copies).
+SCORE_BYTES = 20
+DEFAULT_SCORE_BUDGET = 256 << 20
+
+
+def query_chunk(batch: int, n_head: int, kv_len: int, score_budget: int) -> int:
+    """Query positions per chunk so that one chunk's attention scores stay within `score_budget` bytes."""
+    return max(1, score_budget // (batch * n_head * kv_len * SCORE_BYTES))
+
+
+class Attention:
+    """How one batch attends, for every block it passes through: its 0/1 mask [B, past + q] and the
+    last q positions as queries.
+
+    Attention scores are [B, heads, q, kv]: for one long prompt they are gigabytes (a 12k-token prompt
+    at Bloom-176B's 112 heads: 65 GB in fp32). So queries run in chunks through a key/value cache (the
+    session's, or a temporary one): the same keys and values under the causal mask, the same numbers up
+    to float rounding, and memory linear in the length. Short inputs (every decode step) build alibi and
+    mask once and share them across all blocks.
+    """
+
+    def __init__(self, mask: torch.Tensor, q_len: int, n_head: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", score_budget: int = DEFAULT_SCORE_BUDGET):
+        self.mask, self.q_len, self.n_head, self.dtype, self.device = mask, q_len, n_head, dtype, device
+        self.chunk = query_chunk(mask.shape[0], n_head, mask.shape[1], score_budget)
+        self._whole = attention_inputs(mask, q_len, n_head, dtype, device) if q_len <= self.chunk else None
+
+    def run(self, block: BloomBlock, hidden: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        if self._whole is not None:
+            return run_block(block, hidden, self._whole, cache)
+        work = cache if cache is not None else BlockCache()  # a stateless pass keeps keys only per block
+        past = self.mask.shape[1] - self.q_len
+        outs = []
+        for start in range(0, self.q_len, self.chunk):
+            end = min(self.q_len, start + self.chunk)
+            attn = attention_inputs(self.mask[:, : past + end], end - start, self.n_head, self.dtype, self.device)
+            outs.append(run_block(block, hidden[:, start:end], attn, work))
+        return torch.cat(outs, dim=1)

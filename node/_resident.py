@@ -12,20 +12,22 @@ import torch
 
 from slowllm.protocol import InputError
 
-from ._blocks import BlockCache, attention_inputs, load_weights, new_block, run_block
+from ._blocks import DEFAULT_SCORE_BUDGET, SCORE_BYTES, Attention, BlockCache, load_weights, new_block
 from ._checkpoint import Checkpoint, block_keys
 
 
 class ResidentBlocks:
     """Blocks first..last held in memory (RAM or GPU) in the compute dtype."""
 
-    def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu"):
+    def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu",
+                 score_budget: int = DEFAULT_SCORE_BUDGET):
         if not 0 <= first <= last < checkpoint.n_layer:
             raise InputError(f"--layers {first}-{last} is outside the model's blocks 0-{checkpoint.n_layer - 1}.")
         self.checkpoint, self.first, self.last = checkpoint, first, last
         self.config = checkpoint.config
         self.dtype, self.device = dtype, torch.device(device)
         self.blocks: dict[int, torch.nn.Module] = {}
+        self.score_budget = score_budget  # attention scores of one block: bounds a request's working memory
         for layer in range(first, last + 1):
             block = new_block(self.config, dtype, self.device)
             load_weights(block, checkpoint.read(block_keys(layer)), layer)
@@ -46,27 +48,41 @@ class ResidentBlocks:
             raise InputError(f"mask must be [batch, past + length] = [{hidden.shape[0]}, {past + hidden.shape[1]}], "
                              f"got {list(mask.shape)}.")
 
+    def attention(self, mask: torch.Tensor, q_len: int) -> Attention:
+        return Attention(mask, q_len, self.config.n_head, self.dtype, self.device, self.score_budget)
+
     @torch.no_grad()
     def forward(self, hidden, mask, first, last, caches: dict[int, BlockCache] | None = None) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)
-        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
+        attn = self.attention(mask.to(self.device), hidden.shape[1])
         for layer in range(first, last + 1):
-            hidden = run_block(self.blocks[layer], hidden, attn, None if caches is None else caches[layer])
+            hidden = attn.run(self.blocks[layer], hidden, None if caches is None else caches[layer])
         return hidden.cpu()
 
+    def max_backward_length(self, batch: int) -> int:
+        """Longest input whose backward fits the score budget: autograd keeps one block's scores whole."""
+        return int((self.score_budget / (batch * self.config.n_head * SCORE_BYTES * 2)) ** 0.5)
+
     def backward(self, hidden, mask, grad, first, last) -> torch.Tensor:
+        limit = self.max_backward_length(hidden.shape[0])
+        if hidden.shape[1] > limit:
+            raise InputError(f"backward of {hidden.shape[1]} positions x {hidden.shape[0]} rows exceeds this node's "
+                             f"limit of {limit} positions for that many rows (attention memory): use shorter "
+                             "tuning examples or --batch-size 1.")
         hidden = hidden.to(self.device, self.dtype)
-        attn = attention_inputs(mask, hidden.shape[1], self.config.n_head, self.dtype, self.device)
+        attn = self.attention(mask.to(self.device), hidden.shape[1])
+        whole = Attention(mask.to(self.device), hidden.shape[1], self.config.n_head, self.dtype, self.device,
+                          score_budget=1 << 62)  # within the limit above: one graph per block
         inputs = []
         with torch.no_grad():  # recompute the span's forward, keeping each block's input
             for layer in range(first, last + 1):
                 inputs.append(hidden)
-                hidden = run_block(self.blocks[layer], hidden, attn)
+                hidden = attn.run(self.blocks[layer], hidden)
         grad = grad.to(self.device, self.dtype)
         for layer, x in zip(reversed(range(first, last + 1)), reversed(inputs)):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad(run_block(self.blocks[layer], x, attn), x, grad)
+                (grad,) = torch.autograd.grad(whole.run(self.blocks[layer], x), x, grad)
         return grad.cpu()
 
     def measure_speed(self) -> float:

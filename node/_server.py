@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import ssl
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,56 +26,74 @@ import websockets
 from slowllm.protocol import (
     PROTOCOL_VERSION, Auth, Backward, BusyError, Challenge, CheckpointError, CloseSession, Error, Forward,
     Heartbeat, Hello, InputError, Limits, MemoryBudgetError, ProtocolError, Register, Result, SlowllmError, Step, Welcome,
-    decode_tensor, encode_tensor, pack, sign, unpack,
+    decode_tensor, encode_tensor, pack, peek, sign, unpack,
 )
 
 from ._aio import why_connection_failed
 from ._blocks import BlockCache
 from ._checkpoint import Checkpoint
 from ._resident import ResidentBlocks
-from ._blocks import block_nbytes
+from ._blocks import DEFAULT_SCORE_BUDGET, block_nbytes
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need
 
 log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
+HANDSHAKE_FRAME = 1 << 20  # bytes a handshake frame may have; the coordinator's limit applies after it
 
 
 class Sessions:
-    """Per-session KV caches with a byte budget, an idle timeout and explicit close."""
+    """Per-session KV caches with a byte budget, an idle timeout and explicit close.
+
+    Used from the compute thread (steps, closes) and the event loop (heartbeat expiry, counts): every
+    method holds the lock.
+    """
 
     def __init__(self, budget: int, idle_timeout: float = 600.0):
         self.budget, self.idle_timeout = budget, idle_timeout
         self._caches: dict[str, dict[int, BlockCache]] = {}
         self._used: dict[str, float] = {}
+        self._lock = threading.RLock()
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() for caches in self._caches.values() for c in caches.values())
+        with self._lock:
+            return sum(c.nbytes() for caches in self._caches.values() for c in caches.values())
 
-    def get(self, session: str, layers: range, new_bytes: int) -> dict[int, BlockCache]:
-        self.expire()
-        if self.nbytes() + new_bytes > self.budget:
-            raise BusyError(f"node is busy: its KV-cache budget of {format_size(self.budget)} is full; retry in 10 s.")
-        caches = self._caches.setdefault(session, {})
-        for layer in layers:
-            caches.setdefault(layer, BlockCache())
-        self._used[session] = time.monotonic()
-        return caches
+    def get(self, session: str, layers: range, new_bytes: int, total_bytes: int) -> dict[int, BlockCache]:
+        """The session's caches, with room for `new_bytes` more; `total_bytes` is what it will hold then."""
+        if total_bytes > self.budget:
+            raise InputError(f"a session of that length needs {format_size(total_bytes)} of KV cache on this node, "
+                             f"more than its --session-memory of {format_size(self.budget)}: use shorter or fewer "
+                             "prompts (or nodes with more memory).")
+        with self._lock:
+            self.expire()
+            if self.nbytes() + new_bytes > self.budget:
+                raise BusyError(f"node is busy: its KV-cache budget of {format_size(self.budget)} is full; "
+                                "retry in 10 s.")
+            caches = self._caches.setdefault(session, {})
+            for layer in layers:
+                caches.setdefault(layer, BlockCache())
+            self._used[session] = time.monotonic()
+            return caches
 
     def past_length(self, session: str, layer: int) -> int:
-        cache = self._caches.get(session, {}).get(layer)
-        return 0 if cache is None else cache.length
+        with self._lock:
+            cache = self._caches.get(session, {}).get(layer)
+            return 0 if cache is None else cache.length
 
     def close(self, session: str) -> bool:
-        self._used.pop(session, None)
-        return self._caches.pop(session, None) is not None
+        with self._lock:
+            self._used.pop(session, None)
+            return self._caches.pop(session, None) is not None
 
     def expire(self) -> None:
-        now = time.monotonic()
-        for s in [s for s, t in self._used.items() if now - t > self.idle_timeout]:
-            self.close(s)
+        with self._lock:
+            now = time.monotonic()
+            for s in [s for s, t in self._used.items() if now - t > self.idle_timeout]:
+                self.close(s)
 
     def __len__(self) -> int:
-        return len(self._caches)
+        with self._lock:
+            return len(self._caches)
 
 
 class NodeServer:
@@ -91,12 +110,18 @@ class NodeServer:
         self.sessions = Sessions(session_budget)
         self.memory = memory  # bytes this node may use; None: what the OS reports available at load time
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-compute")
+        # frames are decoded and replies encoded here, never on the event loop (it keeps heartbeats going)
+        self.codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slowllm-codec")
+        self.inflight = 0  # bytes of request frames accepted and not yet answered (the event loop's)
+        self.inflight_budget = 256 << 20  # raised from the node's spare memory once the blocks are loaded
+        self.score_budget = DEFAULT_SCORE_BUDGET
         self.load = 0
         self.speed = 0.0
         # Failure injection for resilience tests and benchmarks: ("exit", n) dies like `kill -9` on the
         # n-th compute request; ("hang", n) accepts it and every later one and never answers.
         self.fault = fault
         self.requests = 0
+        self.registered = False
         if model is not None:
             self._load(model)
 
@@ -109,7 +134,8 @@ class NodeServer:
         self._check_memory(checkpoint)
         print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
               f"{str(self.dtype).removeprefix('torch.')} ({why})", flush=True)
-        self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device)
+        self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device,
+                                     score_budget=self.score_budget)
         self.speed = self.blocks.measure_speed()
 
     def _check_memory(self, checkpoint: Checkpoint) -> None:
@@ -122,6 +148,10 @@ class NodeServer:
         count = self.last - self.first + 1
         need = node_memory_need(block, count, self.sessions.budget)
         if need <= available:
+            # What is left over holds requests waiting for the compute thread (beyond it: "busy") and,
+            # within the runtime share, one request's attention scores.
+            self.inflight_budget = min(2 << 30, max(256 << 20, (available - need) // 2))
+            self.score_budget = DEFAULT_SCORE_BUDGET
             return
         fits = blocks_that_fit(block, available, self.sessions.budget)
         dtype = str(self.dtype).removeprefix("torch.")
@@ -142,21 +172,25 @@ class NodeServer:
     async def run_forever(self) -> None:
         delay = 0.5
         while True:
+            self.registered = False
             try:
                 await self._session()
-                delay = 0.5
             except ssl.SSLCertVerificationError as e:
                 raise SlowllmError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError, ProtocolError) as e:
                 # Every failure to reach or talk to the coordinator is retried: a reverse proxy answering
                 # 502 while the coordinator restarts, a wrong port, a dropped link must not kill the node.
+                if self.registered:  # it served until now: the coordinator restarts, come back at once
+                    delay = 0.5
                 log.warning("coordinator %s: %s; retrying in %.1f s", self.url, why_connection_failed(e, self.url), delay)
+            else:
+                delay = 0.5
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 4.0)  # a volunteer node should be back within seconds of the coordinator
 
     async def _session(self) -> None:
-        async with websockets.connect(self.url, max_size=self.limits.max_frame, compression=None, ssl=self._ssl(),
+        async with websockets.connect(self.url, max_size=HANDSHAKE_FRAME, compression=None, ssl=self._ssl(),
                                       open_timeout=10) as ws:
             await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="node", name=self.name)))
             challenge = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
@@ -171,14 +205,21 @@ class NodeServer:
                 raise SlowllmError(reply.message, code=reply.code)
             if not isinstance(reply, Welcome):
                 raise ProtocolError(f"expected a welcome, got {reply.type!r}")
+            limit = reply.info.get("max_message_size", self.limits.max_frame)
+            if not isinstance(limit, int) or not 1 << 20 <= limit <= 1 << 30:
+                raise ProtocolError(f"the coordinator announced a message size of {limit!r}")
+            self.limits = Limits(max_frame=limit, max_tensor_elements=self.limits.max_tensor_elements,
+                                 max_batch_tokens=self.limits.max_batch_tokens)
+            ws.protocol.max_message_size = limit  # the handshake ran under a small limit
             if self.blocks is None:
                 await asyncio.get_running_loop().run_in_executor(self.pool, self._load, challenge.model)
             fingerprint = self.blocks.checkpoint.fingerprint()
             await ws.send(pack(Register(first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
                                         dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name)))
-            reply = unpack(await ws.recv(), self.limits)
+            reply = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
             if isinstance(reply, Error):
                 raise CheckpointError(reply.message) if reply.code == "bad_checkpoint" else InputError(reply.message)
+            self.registered = True
             log.info("registered blocks %d-%d with %s", self.first, self.last, self.url)
             print(f"node {self.name} serving blocks {self.first}-{self.last} for {self.url}", flush=True)
             await self._serve(ws)
@@ -186,15 +227,15 @@ class NodeServer:
     async def _serve(self, ws) -> None:
         lock = asyncio.Lock()
 
-        async def send(msg) -> None:
+        async def send(frame: bytes) -> None:
             async with lock:
-                await ws.send(pack(msg))
+                await ws.send(frame)
 
         async def beat() -> None:
             while True:
                 await asyncio.sleep(self.heartbeat)
                 self.sessions.expire()
-                await send(Heartbeat(load=self.load, sessions=len(self.sessions)))
+                await send(pack(Heartbeat(load=self.load, sessions=len(self.sessions))))
 
         tasks: set[asyncio.Task] = set()
         beater = asyncio.create_task(beat())
@@ -209,31 +250,44 @@ class NodeServer:
                 t.cancel()
 
     async def _handle(self, frame, send) -> None:
-        msg_id = None
+        loop = asyncio.get_running_loop()
+        msg_id, size = None, len(frame)
         try:
-            msg = unpack(frame, self.limits)
-            msg_id = getattr(msg, "id", None)
+            kind, msg_id = peek(frame)
+            if self.inflight and self.inflight + size > self.inflight_budget:  # they pile up faster than they compute
+                raise BusyError(f"node is busy: {format_size(self.inflight)} of requests are waiting; retry in 5 s.")
+        except SlowllmError as e:
+            await send(pack(Error(id=msg_id, code=e.code, message=str(e))))
+            return
+        self.inflight += size
+        try:
+            msg = await loop.run_in_executor(self.codec, unpack, frame, self.limits)
+            del frame
             if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
                 raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
             self.requests += 1
             if self.fault and self.requests >= self.fault[1]:
                 if self.fault[0] == "exit":
                     os._exit(137)
-                return  # hang: the request is accepted and never answered
+                await asyncio.Future()  # hang: the request is accepted and never answered
             self.load += 1
             try:
-                tensor = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, msg)
+                tensor = await loop.run_in_executor(self.pool, self._compute, msg)
             finally:
                 self.load -= 1
             codec = msg.compression if isinstance(msg, Forward) else "raw"
-            await send(Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec)))
+            reply = await loop.run_in_executor(
+                self.codec, lambda: pack(Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec))))
+            await send(reply)
         except SlowllmError as e:
-            await send(Error(id=msg_id, code=e.code, message=str(e)))
+            await send(pack(Error(id=msg_id, code=e.code, message=str(e))))
         except websockets.ConnectionClosed:
             pass
         except Exception as e:  # a bug must not take the node down: report it for this request only
             log.exception("request failed")
-            await send(Error(id=msg_id, code="internal", message=f"node failed on this request: {type(e).__name__}: {e}"))
+            await send(pack(Error(id=msg_id, code="internal", message=f"node failed on this request: {type(e).__name__}")))
+        finally:
+            self.inflight -= size
 
     def _tensors(self, msg, past: int = 0):
         hidden = decode_tensor(msg.hidden, self.limits)
@@ -266,5 +320,7 @@ class NodeServer:
         if mask.shape[1] > msg.max_length:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")
         per_token = 2 * self.blocks.config.hidden_size * self.dtype.itemsize * len(layers)
-        caches = self.sessions.get(msg.session, layers, per_token * hidden.shape[0] * hidden.shape[1])
+        rows = hidden.shape[0]
+        caches = self.sessions.get(msg.session, layers, per_token * rows * hidden.shape[1],
+                                   per_token * rows * mask.shape[1])
         return self.blocks.forward(hidden, mask, msg.first, msg.last, caches)

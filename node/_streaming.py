@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from ._blocks import AttentionInputs, BlockCache, attention_inputs, load_weights, new_block, release_weights, run_block
+from ._blocks import DEFAULT_SCORE_BUDGET, Attention, BlockCache, load_weights, new_block, release_weights
 from ._checkpoint import Checkpoint, block_keys, touch
 from ._memory import SpillStore
 
@@ -110,12 +110,23 @@ class BlockStream:
                 release_weights(self._block)
 
 
+@dataclass
+class Tape:
+    """What a backward pass needs from its forward: each block's input (in a SpillStore) and the mask."""
+
+    saved: SpillStore
+    mask: torch.Tensor
+
+    def close(self) -> None:
+        self.saved.close()
+
+
 class StreamingExecutor:
     """Forward, backward and generation steps of blocks [0, n_layer) streamed from a checkpoint."""
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  activation_budget: int = 1 << 62, prefetch: bool = True, spill_dir: str | None = None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, score_budget: int = DEFAULT_SCORE_BUDGET):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.n_layer = checkpoint.n_layer
@@ -125,79 +136,69 @@ class StreamingExecutor:
         self.activation_budget = activation_budget
         self.spill_dir = spill_dir
         self.progress = progress
-        self._saved: SpillStore | None = None  # block inputs kept for backward
-        self._saved_count = 0
+        self.score_budget = score_budget
         self.passes = 0  # weight passes made (the figure that streaming tries to minimise)
 
-    def _attn(self, mask: torch.Tensor, q_len: int) -> AttentionInputs:
-        return attention_inputs(mask, q_len, self.config.n_head, self.dtype, self.device)
+    def attention(self, mask: torch.Tensor, q_len: int, score_budget: int | None = None) -> Attention:
+        return Attention(mask.to(self.device), q_len, self.config.n_head, self.dtype, self.device,
+                         self.score_budget if score_budget is None else score_budget)
 
     @torch.no_grad()
-    def forward(self, batches: Iterable[Batch], keep_for_backward: bool = False,
+    def forward(self, batches: Iterable[Batch], tape: SpillStore | None = None,
                 desc: str = "forward") -> Iterator[torch.Tensor]:
-        """Pass every batch through all blocks, one block at a time; yield outputs in batch order."""
-        self._drop_saved()
-        budget = self.activation_budget // (2 if keep_for_backward else 1)
-        acts = SpillStore(budget, self.spill_dir)
-        saved = SpillStore(budget, self.spill_dir) if keep_for_backward else None
+        """Pass every batch through all blocks, one block at a time; yield outputs in batch order.
+
+        With `tape`, every block's input is kept there (key (layer, batch index)) for a backward pass.
+        """
+        acts = SpillStore(self.activation_budget // (2 if tape is not None else 1), self.spill_dir)
         try:
             count, tokens = 0, 0
             for batch in batches:  # consumed lazily: the caller may build embeddings batch by batch
-                hidden = batch.hidden.to(self.device, self.dtype)
-                attn = self._attn(batch.mask, hidden.shape[1])
-                acts.put(count, {"h": hidden, "alibi": attn.alibi, "mask": attn.mask})
+                acts.put(count, {"h": batch.hidden.to(self.device, self.dtype), "m": batch.mask})
                 count += 1
-                tokens += hidden.shape[0] * hidden.shape[1]
+                tokens += batch.hidden.shape[0] * batch.hidden.shape[1]
             self.passes += 1
             for layer, block in self.stream.blocks(range(self.n_layer), desc, tokens, self.progress):
                 for j in range(count):
                     entry = acts.get(j)
-                    if saved is not None:
-                        saved.put((layer, j), {"h": entry["h"]})
-                    out = run_block(block, entry["h"], AttentionInputs(entry["alibi"], entry["mask"]))
+                    if tape is not None:
+                        tape.put((layer, j), {"h": entry["h"]})
+                    out = self.attention(entry["m"], entry["h"].shape[1]).run(block, entry["h"])
                     acts.put(j, {**entry, "h": out})
-            if saved is not None:
-                self._saved, self._saved_count = saved, count
-                saved = None
             for j in range(count):
                 yield acts.get(j)["h"]
                 acts.pop(j)
         finally:
             acts.close()
-            if saved is not None:
-                saved.close()
 
-    def backward(self, grads: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
-                 desc: str = "backward") -> list[torch.Tensor]:
-        """Gradients w.r.t. the inputs of the last `forward(keep_for_backward=True)`.
+    def forward_for_backward(self, batch: Batch) -> tuple[torch.Tensor, Tape]:
+        tape = Tape(SpillStore(self.activation_budget // 2, self.spill_dir), batch.mask)
+        try:
+            (out,) = list(self.forward([batch], tape.saved))
+        except BaseException:
+            tape.close()
+            raise
+        return out, tape
+
+    def backward(self, tape: Tape, grad: torch.Tensor, desc: str = "backward") -> torch.Tensor:
+        """Gradient w.r.t. the input of the forward that made `tape`.
 
         Streams the blocks in reverse and recomputes each block's forward from its saved input, so no
         block's internals are kept between the passes.
         """
-        if self._saved is None or len(grads) != self._saved_count:
-            raise RuntimeError("backward needs a preceding forward(keep_for_backward=True) of the same batches")
-        grads = [g.to(self.device, self.dtype) for g in grads]
-        attns = [self._attn(m, g.shape[1]) for m, g in zip(masks, grads)]
+        grad = grad.to(self.device, self.dtype)
+        attn = self.attention(tape.mask, grad.shape[1], score_budget=1 << 62)  # one graph per block
         self.passes += 1
         try:
             layers = list(reversed(range(self.n_layer)))
-            tokens = sum(g.shape[0] * g.shape[1] for g in grads)
-            for layer, block in self.stream.blocks(layers, desc, tokens, self.progress):
-                for j, attn in enumerate(attns):
-                    x = self._saved.get((layer, j))["h"].detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        y = run_block(block, x, attn)
-                        (grad_x,) = torch.autograd.grad(y, x, grads[j])
-                    grads[j] = grad_x
-                    self._saved.pop((layer, j))
+            for layer, block in self.stream.blocks(layers, desc, grad.shape[0] * grad.shape[1], self.progress):
+                x = tape.saved.get((layer, 0))["h"].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    (grad,) = torch.autograd.grad(attn.run(block, x), x, grad)
+                tape.saved.pop((layer, 0))
         finally:
-            self._drop_saved()
-        return grads
-
-    def _drop_saved(self) -> None:
-        if self._saved is not None:
-            self._saved.close()
-            self._saved = None
+            tape.close()
+        return grad
 
     def session(self) -> "StreamingSession":
         return StreamingSession(self)
@@ -216,12 +217,12 @@ class StreamingSession:
         """Run the new positions `hidden` [B, q, H]; `mask` [B, past + q] covers past and new tokens."""
         ex = self.executor
         hidden = hidden.to(ex.device, ex.dtype)
-        attn = ex._attn(mask, hidden.shape[1])
+        attn = ex.attention(mask, hidden.shape[1])
         ex.passes += 1
         tokens = hidden.shape[0] * hidden.shape[1]
         for layer, block in ex.stream.blocks(range(ex.n_layer), "step", tokens, ex.progress):
             cache = BlockCache.from_state(self.caches.get(layer)) if layer in self.caches else BlockCache()
-            hidden = run_block(block, hidden, attn, cache)
+            hidden = attn.run(block, hidden, cache)
             self.caches.put(layer, cache.state())
         self.length = mask.shape[1]
         return hidden

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,34 @@ def unpack(frame: bytes | str, limits: Limits = DEFAULT_LIMITS):
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise ProtocolError(f"invalid {raw.get('type')!r} message: {where}: {first['msg']}.") from None
+
+
+def peek(frame: bytes | str) -> tuple[str, int | None]:
+    """A frame's `type` and `id` without decoding the rest (a reply's tensor stays untouched bytes).
+
+    The event loop routes replies by id with this; the worker thread that waits for the reply does the
+    full `unpack` (schema, tensor bytes) off the loop.
+    """
+    if not isinstance(frame, bytes):
+        raise ProtocolError("text frames are not part of the protocol: send msgpack in binary frames.")
+    unpacker = msgpack.Unpacker(io.BytesIO(frame), read_size=256, raw=False, max_buffer_size=max(len(frame), 256))
+    kind, msg_id = None, None
+    try:
+        for _ in range(min(unpacker.read_map_header(), 8)):
+            key = unpacker.unpack()
+            if key == "type":
+                kind = unpacker.unpack()
+            elif key == "id":
+                msg_id = unpacker.unpack()
+            else:
+                unpacker.skip()
+            if kind is not None and msg_id is not None:
+                break
+    except Exception:  # truncated, not a map, nested garbage: all the sender's fault
+        raise ProtocolError("malformed msgpack frame: send one msgpack map per message.") from None
+    if not isinstance(kind, str) or not (msg_id is None or isinstance(msg_id, int)):
+        raise ProtocolError("a message must be a msgpack map with a string 'type' and an integer 'id'.")
+    return kind, msg_id
 
 
 def encode_tensor(t: torch.Tensor, codec: str = "raw") -> WireTensor:

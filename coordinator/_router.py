@@ -1,0 +1,188 @@
+"""The router: which nodes are connected, which spans of blocks to send a hop to, and what the remote
+chain reports back (failovers, replayed bytes, open sessions).
+
+Ownership: the node list and each link's pending requests belong to the event loop (changed only by
+its coroutines); counters and the session registry are shared with the jobs' worker threads and sit
+behind one lock. `RemoteChain` sees only this narrow interface, never the coordinator itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import websockets
+
+from slowllm.node._units import format_ranges
+from slowllm.protocol import UnavailableError
+
+
+@dataclass(eq=False)
+class NodeLink:
+    """A registered node and its in-flight requests (futures resolved with the reply's raw frame)."""
+
+    ws: object
+    name: str
+    first: int
+    last: int
+    device: str
+    dtype: str
+    speed: float
+    load: int = 0
+    sessions: int = 0
+    assigned: int = 0  # requests the coordinator has in flight on this node
+    pending: dict = field(default_factory=dict)
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    since: float = field(default_factory=time.time)
+    failures: int = 0
+    avoid_until: float = 0.0  # monotonic time until which the router prefers other nodes
+    connected: bool = True
+
+    def next_id(self) -> int:
+        return next(self.ids)  # itertools.count is atomic under the GIL: worker threads take ids
+
+    async def request(self, msg_id: int, frame: bytes, timeout: float | None = None) -> bytes:
+        """Send a frame packed by the caller's thread and wait for the reply's raw frame."""
+        future = asyncio.get_running_loop().create_future()
+        self.pending[msg_id] = future
+        self.assigned += 1
+
+        async def exchange():
+            await self.ws.send(frame)
+            return await future
+
+        try:  # the send is inside the timeout too: a hung node may have stopped reading
+            return await asyncio.wait_for(exchange(), timeout)
+        except websockets.ConnectionClosed:
+            raise UnavailableError(f"node {self.name} disconnected during the request.") from None
+        finally:
+            self.pending.pop(msg_id, None)
+            self.assigned -= 1
+
+    def resolve(self, msg_id: int, frame: bytes) -> None:
+        future = self.pending.get(msg_id)
+        if future is not None and not future.done():
+            future.set_result(frame)
+
+    def fail_all(self) -> None:
+        self.connected = False
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(UnavailableError(f"node {self.name} disconnected."))
+
+
+class Router:
+    def __init__(self, n_layer: int, *, wait_for_nodes: float = 60.0, request_timeout: float = 120.0):
+        self.n_layer = n_layer
+        self.wait_for_nodes, self.request_timeout = wait_for_nodes, request_timeout
+        self.nodes: list[NodeLink] = []  # the event loop's
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._coverage_changed: asyncio.Event | None = None
+        self._lock = threading.Lock()  # guards what worker threads touch:
+        self.failovers = 0  # hops retried on another node after a failure or timeout
+        self.replayed_bytes = 0  # session inputs re-sent to rebuild replacement nodes' KV caches
+        self._sessions: set = set()  # open RemoteSessions (their spans say which nodes hold their caches)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._coverage_changed = asyncio.Event()
+
+    # ---- the node list (event loop) ---------------------------------------------------------------
+    def add(self, link: NodeLink) -> None:
+        self.nodes.append(link)
+        self._coverage_changed.set()
+
+    def remove(self, link: NodeLink) -> None:
+        self.nodes.remove(link)
+        link.fail_all()
+
+    # ---- shared with worker threads (locked) --------------------------------------------------------
+    def record_failover(self) -> None:
+        with self._lock:
+            self.failovers += 1
+
+    def record_replay(self, nbytes: int) -> None:
+        with self._lock:
+            self.replayed_bytes += nbytes
+
+    def open_session(self, session) -> None:
+        with self._lock:
+            self._sessions.add(session)
+
+    def close_session(self, session) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    def sessions(self) -> list:
+        with self._lock:
+            return list(self._sessions)
+
+    # ---- routing ---------------------------------------------------------------------------------
+    def missing(self, first: int = 0, last: int | None = None, exclude: set = frozenset()) -> list[int]:
+        last = self.n_layer - 1 if last is None else last
+        covered = set()
+        for node in self.nodes:
+            if node not in exclude:
+                covered.update(range(node.first, node.last + 1))
+        return [b for b in range(first, last + 1) if b not in covered]
+
+    def route(self, first: int = 0, last: int | None = None,
+              exclude: set = frozenset()) -> list[tuple[NodeLink, int, int]]:
+        """Spans covering blocks first..last: healthy nodes, then fewest hops, less loaded, faster nodes.
+
+        Greedy from `first`: among nodes holding the next needed block, prefer those that have not failed
+        recently, then the one reaching furthest; ties go to the least busy, then the fastest, so sessions
+        spread over redundant nodes. Nodes in `exclude` (failed during this operation) are never used.
+        """
+        last = self.n_layer - 1 if last is None else last
+        spans, block, now = [], first, time.monotonic()
+        while block <= last:
+            holders = [x for x in self.nodes if x.first <= block <= x.last and x not in exclude]
+            if not holders:
+                raise UnavailableError(f"no node serves block {block}")
+            best = max(holders, key=lambda x: (x.avoid_until <= now, min(x.last, last),
+                                               -(x.assigned + x.load), x.speed))
+            spans.append((best, block, min(best.last, last)))
+            block = best.last + 1
+        return spans
+
+    async def wait_route(self, first: int = 0, last: int | None = None, exclude: set = frozenset(),
+                         notify=None, cancel: threading.Event | None = None) -> list[tuple[NodeLink, int, int]]:
+        """`route`, after waiting up to --wait-for-nodes for missing blocks; `notify(text)` tells the client
+        what it is waiting for (at once, then every 15 s), so a waiting job is never silent."""
+        deadline = time.monotonic() + self.wait_for_nodes
+        told = None
+        while True:
+            missing = self.missing(first, last, exclude)
+            if not missing:
+                return self.route(first, last, exclude)
+            left = deadline - time.monotonic()
+            if notify is not None and left > 0 and (told is None or time.monotonic() - told >= 15):
+                told = time.monotonic()
+                notify(f"waiting up to {left:.0f} s for a node serving blocks {format_ranges(missing)}")
+            if left <= 0 or (cancel is not None and cancel.is_set()):
+                raise UnavailableError(f"no node serves blocks {format_ranges(missing)} (waited "
+                                       f"{self.wait_for_nodes:.0f} s): start nodes covering them.")
+            self._coverage_changed.clear()
+            try:  # wake on a new node, or every half second to notice a cancelled job
+                await asyncio.wait_for(self._coverage_changed.wait(), min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    def penalize(self, node: NodeLink) -> None:
+        """A node that failed or timed out is avoided by the router for a while, longer each time."""
+        node.failures += 1
+        node.avoid_until = time.monotonic() + min(5.0 * 2 ** (node.failures - 1), 300.0)
+
+    def node_status(self) -> list[dict]:
+        sessions = self.sessions()
+        return [{"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
+                 "speed": round(x.speed, 1), "load": x.load + x.assigned,
+                 "sessions": sum(any(s.node is x for s in session.spans) for session in sessions),
+                 "node_sessions": x.sessions, "failures": x.failures,
+                 "connected_for_s": round(time.time() - x.since, 1)}
+                for x in sorted(self.nodes, key=lambda x: (x.first, x.last, x.name))]
