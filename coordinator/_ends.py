@@ -83,17 +83,19 @@ class ModelEnds:
         return F.layer_norm(hidden.float(), (self.hidden_size,), w, b, eps)
 
     # ---- LM head -------------------------------------------------------------------------------
-    def _head_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start, weight rows in compute dtype), converted into one reused buffer."""
+    def _head_chunks(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, weight rows in `dtype`, the compute dtype by default), converted into a reused buffer."""
+        dtype = dtype or self.dtype
         key = self.checkpoint.head_key
         rows = self.head_chunk_rows
-        buffer = getattr(self._local, "buffer", None)
+        buffer = getattr(self._local, f"buffer_{dtype}", None)
         if buffer is None:
-            buffer = self._local.buffer = torch.empty(rows, self.hidden_size, dtype=self.dtype)
+            buffer = torch.empty(rows, self.hidden_size, dtype=dtype)
+            setattr(self._local, f"buffer_{dtype}", buffer)
         for start in range(0, self.vocab_size, rows):
             stop = min(start + rows, self.vocab_size)
             source = self._matrix(key)[start:stop]
-            if source.dtype == self.dtype and key in self._resident:
+            if source.dtype == dtype and key in self._resident:
                 yield start, source
             else:
                 chunk = buffer[: stop - start]
@@ -102,7 +104,7 @@ class ModelEnds:
             del source
 
     def _chunk_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return (hidden.to(self.dtype) @ weight.T).float()
+        return (hidden.to(weight.dtype) @ weight.T).float()
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,9 @@ class ModelEnds:
         best = torch.full((n,), float("-inf"))
         best_id = torch.zeros(n, dtype=torch.long)
         target_logit = torch.zeros(n)
-        for start, w in self._head_chunks():
+        # Log-likelihoods are the product here: logits in fp32 even when blocks compute in bf16 (a bf16
+        # logit of ~30 is off by up to 0.125; converting each weight chunk costs little beside the pass).
+        for start, w in self._head_chunks(torch.float32):
             logits = self._chunk_logits(hidden, w)
             chunk_max, chunk_arg = logits.max(dim=1)
             better = chunk_max > best
@@ -156,7 +160,7 @@ class _ChunkedNLL(torch.autograd.Function):
         ends: ModelEnds = ctx.ends
         grad = torch.zeros(hidden.shape, dtype=torch.float32)
         with torch.no_grad():
-            for start, w in ends._head_chunks():
+            for start, w in ends._head_chunks(torch.float32):
                 probs = torch.exp(ends._chunk_logits(hidden, w) - lse[:, None])
                 inside = (targets >= start) & (targets < start + w.shape[0])
                 rows = inside.nonzero().squeeze(1)

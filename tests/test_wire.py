@@ -1,0 +1,291 @@
+"""Jobs cut to fit the wire, bounded memory at the nodes, cancellation (real processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+import websockets
+
+from netutil import Cluster
+from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
+from slowllm.coordinator._tiny import CORPUS
+from slowllm.protocol import (PROTOCOL_VERSION, Auth, Challenge, Error, Event, Forward, Hello, InputError, Job,
+                              Register, Result, SlowllmError, Welcome, encode_tensor, pack, peek, unpack)
+
+MB = 1 << 20
+LONG = " ".join(CORPUS.split() * 8)  # ~1,000 tokens of the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def wide_model(models_dir):
+    """Hidden 512: 4 KB a token on the wire, so a 1 MB message holds ~240 tokens of a forward."""
+    path = models_dir / "wide"
+    if not (path / "config.json").is_file():
+        make_checkpoint(path, tiny_config(n_layer=4, hidden=512, n_head=8), seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_local(wide_model):
+    with LocalRunner(wide_model, progress=False) as r:
+        yield r
+
+
+def _requests(local):
+    rows = [{"context": f"Line {i}: " + CORPUS.split(".")[i % 8], "continuation": " Yes, indeed."} for i in range(48)]
+    rows.append({"context": LONG, "continuation": " The end."})  # longer than one forward message
+    rows.append({"context": "Is the sky blue?", "choices": [" Yes.", " No."]})
+    assert len(local.ends.encode(LONG)) > 400
+    return rows
+
+
+def test_jobs_larger_than_a_1mb_message_match_local_mode(wide_model, wide_local):
+    requests = _requests(wide_local)
+    prompts = [LONG[:2500], "Once upon a time"]
+    with Cluster(wide_model, ["0-1", "2-3"], coordinator_args=["--max-message-size", "1MB"]) as c:
+        client = c.client()
+        assert client.status()["max_message_size"] == MB
+        remote = client.score(requests)
+        sampling = Sampling(max_new_tokens=6)
+        generated = client.generate(prompts, sampling)
+        # a tuning example longer than one message can carry: one sentence, before anything is sent
+        with pytest.raises(InputError, match=r"line 1: \d+ tokens plus the prompt are more than one request"):
+            client.tune([{"context": LONG, "continuation": " x"}], TuneOptions(steps=1))
+        assert client.status()["active_jobs"] == 0
+    local = wide_local.score(requests)
+    for r, l in zip(remote, local):
+        if "logprob" in r:
+            assert r["logprob"] == pytest.approx(l["logprob"], abs=1e-3) and r["is_greedy"] == l["is_greedy"]
+        else:
+            assert r["logprobs"] == pytest.approx(l["logprobs"], abs=1e-3)
+    assert [g["token_ids"] for g in generated] == [g["token_ids"] for g in wide_local.generate(prompts, sampling)]
+
+
+@pytest.mark.slow
+def test_failover_replay_larger_than_the_message_limit(wide_model, wide_local):
+    """The session's node dies after the prompt; its ~1,000 positions are replayed in several frames."""
+    prompt, sampling = LONG[:2500], Sampling(max_new_tokens=8)
+    expected = wide_local.generate([prompt], sampling)[0]["token_ids"]
+    with Cluster(wide_model, [], coordinator_args=["--max-message-size", "1MB"]) as c:
+        # dies at its 4th request: the prompt took two frames, so this is the second generated token
+        c.start_node("0-3", name="faulty", extra=["--inject-fault", "exit:4"])
+        c.wait_covered(1)
+        out = {}
+        job = threading.Thread(target=lambda: out.update(ids=c.client().generate([prompt], sampling)[0]["token_ids"]))
+        job.start()
+        c.start_node("0-3", name="spare")  # registers while the job waits for blocks 0-3
+        job.join(180)
+        status = c.client().status()
+    assert out.get("ids") == expected
+    assert status["failovers"] >= 1 and status["replayed_bytes"] > MB  # more than one message's worth
+
+
+# ---- bounded memory at the nodes ------------------------------------------------------------------
+RSS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from slowllm.node import Checkpoint, ResidentBlocks
+    model, length = sys.argv[1], int(sys.argv[2])
+    blocks = ResidentBlocks(Checkpoint(model), 0, 1, torch.float32, score_budget=16 << 20)
+    def hwm():
+        return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+    x = torch.randn(1, 64, 512)
+    blocks.forward(x, torch.ones(1, 64, dtype=torch.long), 0, 1)  # warm up allocator and kernels
+    base = hwm()
+    x = torch.randn(1, length, 512)
+    blocks.forward(x, torch.ones(1, length, dtype=torch.long), 0, 1)
+    print(hwm() - base)
+""")
+
+
+@pytest.mark.slow
+def test_node_attention_memory_grows_linearly_with_the_prompt(wide_model):
+    def growth(length: int) -> int:
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(wide_model), str(length)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    small, large = growth(2048), growth(4096)
+    # Unchunked, 8 heads x 4096^2 fp32 scores (x5 copies) would be 2.7 GB; chunked it is activations only.
+    assert large < 300 * MB, large
+    assert large < 2.6 * max(small, 8 * MB), (small, large)
+
+
+def test_session_budget_errors_and_idle_expiry(monkeypatch):
+    from slowllm.node._server import Sessions
+    from slowllm.protocol import BusyError
+
+    s = Sessions(budget=1000, idle_timeout=60)
+    caches = s.get("a", range(2), new_bytes=600, total_bytes=600)
+    caches[0].keys = torch.zeros(75, dtype=torch.float32)  # 2 x 300 bytes held
+    caches[0].values = torch.zeros(75, dtype=torch.float32)
+    with pytest.raises(BusyError, match="KV-cache budget of 1000 B is full"):
+        s.get("b", range(2), new_bytes=600, total_bytes=600)
+    with pytest.raises(InputError, match="more than its --session-memory"):
+        s.get("c", range(2), new_bytes=10, total_bytes=2000)  # can never fit: not "busy"
+    later = time.monotonic() + 61
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    s.expire()
+    assert len(s) == 0 and s.nbytes() == 0
+    assert s.get("b", range(2), new_bytes=600, total_bytes=600) is not None
+
+
+async def _fake_coordinator(port_box: list, flood: int, frame_bytes: int, out: dict):
+    """An adversarial coordinator: registers the node, then sends it `flood` forwards without waiting."""
+    async def handler(ws):
+        hello = unpack(await ws.recv())
+        assert isinstance(hello, Hello)
+        await ws.send(pack(Challenge(version=PROTOCOL_VERSION, nonce=b"0" * 32, auth_required=False, model="m",
+                                     fingerprint="f", n_layer=6)))
+        assert isinstance(unpack(await ws.recv()), Auth)
+        await ws.send(pack(Welcome(info={"max_message_size": 8 * MB})))
+        assert isinstance(unpack(await ws.recv()), Register)
+        await ws.send(pack(Welcome(info={})))
+        rows = frame_bytes // (64 * 4 * 64)
+        hidden = encode_tensor(torch.randn(rows, 64, 64))
+        mask = encode_tensor(torch.ones(rows, 64, dtype=torch.long))
+        for i in range(flood):
+            await ws.send(pack(Forward(id=i, first=0, last=5, hidden=hidden, mask=mask)))
+        busy = answered = 0
+        try:
+            async with asyncio.timeout(120):
+                async for reply in ws:
+                    kind, _ = peek(reply)
+                    if kind == "error" and unpack(reply).code == "busy":
+                        busy += 1
+                    elif kind in ("result", "error"):
+                        answered += 1
+                    if busy + answered >= flood:
+                        break
+        except TimeoutError:
+            pass
+        out.update(busy=busy, answered=answered)
+
+    async with websockets.serve(handler, "127.0.0.1", 0, max_size=None) as server:
+        port_box.append(server.sockets[0].getsockname()[1])
+        while "busy" not in out:
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_flood_of_requests_gets_busy_and_node_memory_stays_bounded(tiny_model):
+    from slowllm.node._blocks import block_nbytes
+    from slowllm.node._memory import NODE_RUNTIME_BYTES
+
+    port_box, out = [], {}
+    thread = threading.Thread(target=lambda: asyncio.run(_fake_coordinator(port_box, 300, 4 * MB, out)), daemon=True)
+    thread.start()
+    while not port_box:
+        time.sleep(0.05)
+    session = 64 * MB
+    memory = NODE_RUNTIME_BYTES + session + 6 * block_nbytes(tiny_config(), torch.float32) + 16 * MB  # -> 256 MB queue
+    node = subprocess.Popen([sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(tiny_model),
+                             "--coordinator", f"ws://127.0.0.1:{port_box[0]}", "--memory", str(memory),
+                             "--session-memory", str(session)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    peak = 0
+    try:
+        while thread.is_alive():
+            status = open(f"/proc/{node.pid}/status").read()
+            peak = max(peak, int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024)
+            time.sleep(0.05)
+        assert node.poll() is None  # the node survived the flood
+    finally:
+        node.kill()
+        node.wait()
+    assert out["busy"] >= 150 and out["busy"] + out["answered"] == 300, out
+    assert peak < 1100 * MB, peak / MB  # 300 x 4 MB = 1.2 GB were sent; queued: at most ~256 MB of them
+
+
+# ---- cancellation ---------------------------------------------------------------------------------
+async def _start_and_drop(url: str, params: dict, events: int) -> None:
+    """A client that starts a long generation, reads a few tokens, and goes away without a word."""
+    async with websockets.connect(url, max_size=None, compression=None) as ws:
+        await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="client")))
+        unpack(await ws.recv())
+        await ws.send(pack(Auth()))
+        assert isinstance(unpack(await ws.recv()), Welcome)
+        await ws.send(pack(Job(id=1, job="generate", params=params)))
+        for _ in range(events):
+            assert isinstance(unpack(await ws.recv()), Event)
+        ws.transport.abort()  # no close frame: like a killed process or a cut cable
+
+
+def _status(url: str) -> dict:
+    return json.load(urllib.request.urlopen(url.replace("ws://", "http://") + "/status.json", timeout=10))
+
+
+def test_a_client_that_goes_away_cancels_its_job(tiny_model):
+    with Cluster(tiny_model, ["0-2", "3-5"], coordinator_args=["--max-new-tokens", "4000"]) as c:
+        before = _status(c.url)
+        asyncio.run(_start_and_drop(c.url, {"prompts": ["Once upon a time"], "max_new_tokens": 4000}, events=3))
+        dropped = time.time()
+        while True:
+            now = _status(c.url)
+            if now["active_jobs"] == before["active_jobs"] and now["sessions"] == before["sessions"]:
+                break
+            assert time.time() - dropped < 2.0, now
+            time.sleep(0.05)
+        deadline = time.time() + 12  # nodes report their sessions with the next heartbeat (every 5 s)
+        while any(n["node_sessions"] for n in _status(c.url)["nodes"]):
+            assert time.time() < deadline, _status(c.url)["nodes"]
+            time.sleep(0.2)
+        # the cap: one sentence, and the admission slot is free again
+        with pytest.raises(InputError, match="max_new_tokens 4001 exceeds this coordinator's limit of 4000"):
+            c.client().generate(["x"], Sampling(max_new_tokens=4001))
+        assert c.client().generate(["x"], Sampling(max_new_tokens=2))
+
+
+# ---- what the README claims -----------------------------------------------------------------------
+def test_max_jobs_busy_status_json_and_compression(tiny_model):
+    local = LocalRunner(tiny_model, progress=False)
+    requests = [{"context": "The quick brown fox", "continuation": " jumps over the lazy dog"}]
+    with Cluster(tiny_model, ["0-5"], coordinator_args=["--max-jobs", "1"]) as c:
+        status = _status(c.url)
+        for key in ("model", "n_layer", "nodes", "missing", "active_jobs", "sessions", "failovers", "replayed_bytes"):
+            assert key in status
+        assert status["nodes"][0]["layers"] == [0, 5] and status["missing"] == []
+        thread = threading.Thread(target=lambda: c.client().generate(["Once"], Sampling(max_new_tokens=300)))
+        thread.start()
+        while _status(c.url)["active_jobs"] < 1:
+            time.sleep(0.02)
+        from slowllm.protocol import BusyError
+        with pytest.raises(BusyError, match="busy with 1 jobs"):
+            c.client().score(requests)
+        thread.join()
+        exact = local.score(requests)[0]["logprob"]
+        for codec, tol in (("raw", 1e-4), ("fp16", 5e-2), ("bf16", 2e-1), ("int8", 3e-1)):
+            got = c.client(compression=codec).score(requests)[0]["logprob"]
+            assert got == pytest.approx(exact, abs=tol), codec
+    local.close()
+
+
+def test_unreachable_coordinator_is_one_sentence():
+    from netutil import free_port
+    from slowllm.coordinator import Client
+
+    with pytest.raises(SlowllmError, match=r"cannot reach the coordinator at ws://127.0.0.1:\d+: connection refused"):
+        Client(f"ws://127.0.0.1:{free_port()}").status()
+
+
+def test_router_avoids_a_penalized_node():
+    from slowllm.coordinator._router import NodeLink, Router
+
+    router = Router(6)
+    a, b = (NodeLink(None, name, 0, 5, "cpu", "float32", speed) for name, speed in (("a", 10.0), ("b", 1.0)))
+    router.nodes = [a, b]
+    assert router.route()[0][0] is a  # faster
+    router.penalize(a)
+    assert router.route()[0][0] is b and a.failures == 1 and a.avoid_until > time.monotonic() + 4
+    router.penalize(a)
+    assert a.avoid_until > time.monotonic() + 9  # doubling
