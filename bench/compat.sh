@@ -5,6 +5,7 @@
 #   bash bench/compat.sh                 # the declared floor (read from pyproject.toml)
 #   bash bench/compat.sh 4.46.3          # any other version, e.g. to look for a lower floor
 #   TESTS="tests" bash bench/compat.sh   # the whole suite instead of the fidelity tests
+#   PINS="websockets==14.2" bash bench/compat.sh   # other floors too, in the same venv
 #
 # Prints one table row and one JSON line: version, tests passed/failed, seconds.
 set -euo pipefail
@@ -12,10 +13,11 @@ cd "$(dirname "$0")/.."
 floor=$(python -c "import re,tomllib;d=tomllib.load(open('pyproject.toml','rb'))['project']['dependencies'];print(next(re.search(r'>=([\d.]+)',x).group(1) for x in d if x.startswith('transformers')))")
 version=${1:-$floor}
 tests=${TESTS:-"tests/test_local_jobs.py tests/test_checkpoint.py tests/test_network.py"}
-venv=bench/_work/compat-$version
+pins=${PINS:-}
+venv=bench/_work/compat-$version${pins:+-$(echo "$pins" | tr ' =' '_-')}
 if [ ! -x "$venv/bin/python" ]; then
     python -m venv --system-site-packages "$venv"
-    "$venv/bin/pip" install -q "transformers==$version" >/dev/null
+    "$venv/bin/pip" install -q "transformers==$version" $pins >/dev/null
 fi
 # slowllm itself comes from this checkout (the editable install beside this machine's torch), or:
 "$venv/bin/python" -c "import slowllm.node" 2>/dev/null || "$venv/bin/pip" install -q --no-deps -e . >/dev/null

@@ -136,8 +136,8 @@ class BlockCache:
 
 def run_block(block: BloomBlock, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
-    out, _ = block(hidden, alibi=attn.alibi, attention_mask=attn.mask, layer_past=cache, use_cache=cache is not None)
-    return out
+    # a tuple whose first element is the output (its length differs across transformers versions)
+    return block(hidden, alibi=attn.alibi, attention_mask=attn.mask, layer_past=cache, use_cache=cache is not None)[0]
 
 
 # Bytes per attention-score element while one block runs: fp32 scores, the mask added to them, softmax in

@@ -150,8 +150,11 @@ class NodeServer:
         if need <= available:
             # What is left over holds requests waiting for the compute thread (beyond it: "busy") and,
             # within the runtime share, one request's attention scores.
-            self.inflight_budget = min(2 << 30, max(256 << 20, (available - need) // 2))
-            self.score_budget = DEFAULT_SCORE_BUDGET
+            spare = available - need
+            self.inflight_budget = min(2 << 30, max(256 << 20, spare // 2))
+            # Bigger query chunks for long prompts where memory allows: each chunk re-reads the blocks'
+            # weights, so at Bloom-176B width (112 heads) 256 MB would mean chunks of ~15 positions.
+            self.score_budget = min(8 << 30, max(DEFAULT_SCORE_BUDGET, spare // 4))
             return
         fits = blocks_that_fit(block, available, self.sessions.budget)
         dtype = str(self.dtype).removeprefix("torch.")

@@ -63,7 +63,8 @@ def hf_model(path: Path):
     from transformers import BloomForCausalLM
 
     if path not in _oracles:
-        _oracles[path] = BloomForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        # (no dtype argument: its name changed across transformers versions; the suite runs on several)
+        _oracles[path] = BloomForCausalLM.from_pretrained(path).float().eval()
     return _oracles[path]
 
 
