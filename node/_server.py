@@ -254,7 +254,8 @@ class NodeServer:
 
     async def _handle(self, frame, send) -> None:
         loop = asyncio.get_running_loop()
-        msg_id, size = None, len(frame)
+        # a queued request costs its frame and, once decoded, a copy of its tensors: count both
+        msg_id, size = None, 2 * len(frame)
         try:
             kind, msg_id = peek(frame)
             if self.inflight and self.inflight + size > self.inflight_budget:  # they pile up faster than they compute
