@@ -115,7 +115,15 @@ class Client:
         params = {"prompts": list(prompts), **dataclasses.asdict(sampling), "soft_prompt": self._soft(soft_prompt),
                   "compression": self.compression}
         on_event = (lambda d: on_text(d["prompt"], d["text"])) if on_text else None
-        return self._run("generate", params, on_event)["results"]
+        try:
+            return self._run("generate", params, on_event)["results"]
+        except _TooLarge:
+            if len(prompts) == 1:
+                raise
+            half = len(prompts) // 2  # many prompts: in as many jobs as it takes (a different seed stream each)
+            shifted = (lambda i, text: on_text(i + half, text)) if on_text else None
+            return (self.generate(prompts[:half], sampling, soft_prompt, on_text)
+                    + self.generate(prompts[half:], sampling, soft_prompt, shifted))
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
         params = {"requests": list(requests), "soft_prompt": self._soft(soft_prompt), "compression": self.compression}

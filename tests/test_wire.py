@@ -302,3 +302,35 @@ def test_router_avoids_a_penalized_node():
     assert router.route()[0][0] is b and a.failures == 1 and a.avoid_until > time.monotonic() + 4
     router.penalize(a)
     assert a.avoid_until > time.monotonic() + 9  # doubling
+
+
+def test_a_scoring_file_larger_than_one_message_is_sent_as_several_jobs(tiny_model):
+    # what lm-evaluation-harness-style files carry beside the text makes the message large, not the tokens
+    unique = [{"context": f"Question {i}: is the sky blue?", "continuation": " Yes.", "doc": "z" * 1000}
+              for i in range(4)]
+    requests = unique * 300  # ~1.2 MB of JSON: more than one 1 MB job message
+    local = LocalRunner(tiny_model, progress=False).score(unique)
+    with Cluster(tiny_model, ["0-5"], coordinator_args=["--max-message-size", "1MB"]) as c:
+        got = c.client().score(requests)
+    assert len(got) == len(requests)
+    for i in (0, 1, 2, 3, len(requests) - 1):
+        assert got[i]["logprob"] == pytest.approx(local[i % 4]["logprob"], abs=1e-4)
+
+
+def test_generate_splits_its_prompts_the_same_way(monkeypatch):
+    from slowllm.coordinator import Client
+    from slowllm.coordinator._client import _TooLarge
+
+    def fake_run(self, job, params, on_event=None):
+        if len(params["prompts"]) > 2:
+            raise _TooLarge("too large")
+        for i, prompt in enumerate(params["prompts"]):
+            on_event({"prompt": i, "text": prompt.upper()})
+        return {"results": [{"prompt": p} for p in params["prompts"]]}
+
+    monkeypatch.setattr(Client, "_run", fake_run)
+    streamed = []
+    prompts = ["a", "b", "c", "d", "e"]
+    out = Client("ws://127.0.0.1:1").generate(prompts, on_text=lambda i, t: streamed.append((i, t)))
+    assert [r["prompt"] for r in out] == prompts
+    assert sorted(streamed) == [(i, p.upper()) for i, p in enumerate(prompts)]
