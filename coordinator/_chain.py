@@ -38,7 +38,8 @@ class ChainSession(ABC):
 class Chain(ABC):
     n_layer: int
     dtype: torch.dtype
-    max_batch_tokens: int  # padded tokens per batch that one forward/backward/step may carry
+    max_batch_tokens: int  # padded tokens per batch: the batching target (memory plan, wire)
+    max_request_tokens: int = 1 << 62  # the most one forward/backward can carry at all (the wire's limit)
     max_batch_rows: int = 1 << 30
     head_tokens: int = 1 << 16  # positions per LM-head pass (bounded by the chain's memory plan)
 

@@ -83,8 +83,8 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
     p = 0 if soft_prompt is None else soft_prompt.shape[0]
     # Rows longer than one request may carry go through a session instead, in as many steps as it takes
     # (the same numbers under the causal mask); the rest are batched by length.
-    fits = [i for i, it in enumerate(items) if len(it.inputs) + p <= chain.max_batch_tokens]
-    long = [i for i, it in enumerate(items) if len(it.inputs) + p > chain.max_batch_tokens]
+    fits = [i for i, it in enumerate(items) if len(it.inputs) + p <= chain.max_request_tokens]
+    long = [i for i, it in enumerate(items) if len(it.inputs) + p > chain.max_request_tokens]
     batches = [[fits[j] for j in group] for group in
                plan_batches([len(items[i].inputs) + p for i in fits], chain.max_batch_tokens, chain.max_batch_rows)]
 

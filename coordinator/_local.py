@@ -92,7 +92,7 @@ class LocalChain(Chain):
         self.head_tokens = max(64, plan.work // 2 // (checkpoint.hidden_size * 8 + 1))
         self.executor = StreamingExecutor(checkpoint, dtype=dtype, device=device,
                                           activation_budget=plan.activations, prefetch=plan.prefetch,
-                                          spill_dir=spill_dir, progress=progress, score_budget=plan.work // 2)
+                                          spill_dir=spill_dir, progress=progress, score_budget=plan.work)
 
     def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
         return self.executor.forward(batches)

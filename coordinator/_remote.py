@@ -72,6 +72,7 @@ class RemoteChain(Chain):
         # forward: hidden [B, T, H] + mask [B, T]; backward carries hidden and grad: 8H + 8 bytes a token
         per_token = 8 * hidden_size + 8
         self.max_batch_tokens = min(limits.max_batch_tokens // 4, (limits.max_frame - FRAME_OVERHEAD) // per_token)
+        self.max_request_tokens = self.max_batch_tokens
         if self.max_batch_tokens < 1:
             raise InputError(f"--max-message-size {limits.max_frame} bytes cannot carry one token of this model "
                              f"({per_token} bytes at hidden size {hidden_size}): raise it to at least 1MB.")

@@ -96,9 +96,9 @@ def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptio
     options.check()
     examples = tokenize_examples(ends, data)
     for line, (ctx, cont) in enumerate(examples, start=1):
-        if len(ctx) + len(cont) - 1 + options.prompt_tokens > chain.max_batch_tokens:
+        if len(ctx) + len(cont) - 1 + options.prompt_tokens > chain.max_request_tokens:
             raise InputError(f"line {line}: {len(ctx) + len(cont)} tokens plus the prompt are more than one request "
-                             f"can carry at this model's width ({chain.max_batch_tokens} tokens): shorten the "
+                             f"can carry at this model's width ({chain.max_request_tokens} tokens): shorten the "
                              "example, or raise the coordinator's --max-message-size.")
     prompt = (init_prompt(ends, options.prompt_tokens, options.seed) if prompt is None else prompt.clone()).float()
     prompt = torch.nn.Parameter(prompt)
