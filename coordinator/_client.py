@@ -141,11 +141,11 @@ class Client:
         params = {"data": list(data), **dataclasses.asdict(options), "send_prompt": on_prompt is not None}
 
         def on_event(d: dict) -> None:
-            if on_step:
-                on_step(d["step"], d["loss"])
             if on_prompt and "prompt" in d:
                 self.fingerprint = d.get("fingerprint", self.fingerprint)
                 on_prompt(d["step"], decode_tensor(WireTensor.model_validate(d["prompt"]), self.limits))
+            if on_step:
+                on_step(d["step"], d["loss"])
 
         result = self._run("tune", params, on_event)
         prompt = decode_tensor(WireTensor.model_validate(result["prompt"]), self.limits)

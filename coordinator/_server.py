@@ -268,11 +268,11 @@ class Coordinator:
         if not isinstance(data, list):
             raise InputError("tune needs a list of {context, continuation} objects.")
         if p.get("send_prompt"):  # the client saves every N steps, and the latest on Ctrl-C
-            losses: dict = {}
-            prompt = runner.tune(data, options, on_step=lambda step, loss: losses.update({step: loss}),
-                                 on_prompt=lambda step, t: emit({"step": step, "loss": losses.pop(step),
-                                                                 "prompt": encode_tensor(t).model_dump(),
-                                                                 "fingerprint": self.fingerprint}))
+            prompts: dict = {}
+            prompt = runner.tune(data, options, on_prompt=lambda step, t: prompts.update({step: t}),
+                                 on_step=lambda step, loss: emit({"step": step, "loss": loss,
+                                                                  "prompt": encode_tensor(prompts.pop(step)).model_dump(),
+                                                                  "fingerprint": self.fingerprint}))
         else:
             prompt = runner.tune(data, options, on_step=lambda step, loss: emit({"step": step, "loss": loss}))
         return {"prompt": encode_tensor(prompt).model_dump(), "fingerprint": self.fingerprint}

@@ -116,8 +116,8 @@ def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptio
         prompt.grad = grad
         optimizer.step()
         optimizer.zero_grad()
+        if on_prompt:  # first: once "step N" is shown, step N's prompt is what Ctrl-C saves
+            on_prompt(step, prompt.detach().clone())
         if on_step:
             on_step(step, loss)
-        if on_prompt:
-            on_prompt(step, prompt.detach().clone())
     return prompt.detach()

@@ -270,7 +270,9 @@ def test_tune_saves_every_n_steps_and_on_ctrl_c(tiny_model, tmp_path):
     out.unlink()
     tune = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "tune", "--data", str(data), "--out",
                              str(out), "--steps", "100000", "--prompt-tokens", "2", *local], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a shell's background job (CI may be one) starts with SIGINT ignored: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert tune.stdout.readline().startswith("step 1/100000")
     tune.send_signal(signal.SIGINT)
     _, err = tune.communicate(timeout=60)
