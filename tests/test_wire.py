@@ -116,9 +116,10 @@ def test_node_attention_memory_grows_linearly_with_the_prompt(wide_model):
         return int(out.stdout.split()[-1])
 
     small, large = growth(2048), growth(4096)
-    # Unchunked, 8 heads x 4096^2 fp32 scores (x5 copies) would be 2.7 GB; chunked it is activations only.
+    # Unchunked, 8 heads x 4096^2 fp32 scores (x5 copies) would be 2.7 GB, four times the 2k figure;
+    # chunked it is activations and the key/value cache: linear, with some allocator slack.
     assert large < 300 * MB, large
-    assert large < 2.6 * max(small, 8 * MB), (small, large)
+    assert large < 3.0 * max(small, 8 * MB), (small, large)
 
 
 def test_session_budget_errors_and_idle_expiry(monkeypatch):
