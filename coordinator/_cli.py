@@ -326,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         TERMINAL.end_line()
         print("slowllm: interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Straight out: interpreter shutdown can abort (SIGABRT) while the block reader thread is still
+        # inside a native read; what needed saving was saved before this point.
+        os._exit(130)
 
 
 if __name__ == "__main__":

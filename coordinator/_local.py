@@ -55,7 +55,7 @@ def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, pre
     per_token = _work_per_token(checkpoint, dtype, max_length)
     min_work = per_token * 16 + 16 * checkpoint.hidden_size * 256 * 4
     # Headroom for what grows beside the model: tokenizer, Python objects of the job, allocator slack.
-    reserve = max(80 << 20, max_ram // 20)
+    reserve = max(96 << 20, max_ram // 20)
     free = max_ram - baseline - reserve
     if free < blocks_bytes(prefetch) + min_work:
         prefetch = False

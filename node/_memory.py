@@ -142,3 +142,25 @@ def guide_table(block_bytes_bf16: int, block_bytes_fp32: int, n_layer: int, sess
         pcs = f"{-(-n_layer // bf16)}" if bf16 else "-"
         rows.append(f"| {ram_gb} GB | {bf16} | {fp32} | {pcs} |")
     return "\n".join(rows)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def steady_allocator(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more from its own mapping, returned on free.
+
+    glibc raises its mmap threshold (up to 32 MB) each time such a block is freed, after which blocks
+    of growing size - key/value caches extended chunk by chunk, 4 MB request frames - come from the heap
+    and their freed predecessors cannot be reused: peak RSS of a chunked 8k-token prompt was 380 MB where
+    about twice 4k's is expected. A fixed threshold keeps it linear (34 / 59 / 113 MB for 2k / 4k / 8k).
+    """
+    import ctypes
+    import sys
+
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, ...): nothing to tune

@@ -14,6 +14,7 @@ from slowllm.protocol import InputError
 
 from ._blocks import DEFAULT_SCORE_BUDGET, SCORE_BYTES, Attention, BlockCache, load_weights, new_block
 from ._checkpoint import Checkpoint, block_keys
+from ._memory import steady_allocator
 
 
 class ResidentBlocks:
@@ -23,6 +24,7 @@ class ResidentBlocks:
                  score_budget: int = DEFAULT_SCORE_BUDGET):
         if not 0 <= first <= last < checkpoint.n_layer:
             raise InputError(f"--layers {first}-{last} is outside the model's blocks 0-{checkpoint.n_layer - 1}.")
+        steady_allocator()
         self.checkpoint, self.first, self.last = checkpoint, first, last
         self.config = checkpoint.config
         self.dtype, self.device = dtype, torch.device(device)

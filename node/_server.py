@@ -34,7 +34,7 @@ from ._blocks import BlockCache
 from ._checkpoint import Checkpoint
 from ._resident import ResidentBlocks
 from ._blocks import DEFAULT_SCORE_BUDGET, block_nbytes
-from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need
+from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
 
 log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
@@ -102,6 +102,7 @@ class NodeServer:
                  name: str = "", cafile: str | None = None, session_budget: int = 2 << 30,
                  limits: Limits = Limits(), heartbeat: float = 5.0, fault: tuple[str, int] | None = None,
                  memory: int | None = None):
+        steady_allocator()  # before any request frame: 4 MB frames must go back to the OS when answered
         self.first, self.last = first, last
         self.url, self.model, self.secret = coordinator, model, secret
         self.dtype, self.device, self.name = dtype, device, name or f"node-{first}-{last}"
