@@ -31,6 +31,26 @@ def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+@pytest.fixture(scope="module")
+def secret(tmp_path_factory) -> Path:
+    """A shared secret file for the coordinator, its nodes and clients."""
+    path = tmp_path_factory.mktemp("secret") / "secret.txt"
+    path.write_text("a-long-random-shared-secret-for-tests-0123456789")
+    return path
+
+
+def debian_tool(command: str, package: str) -> str | None:
+    """`command`'s path; as root on Debian, installs `package` first when it is missing (else None)."""
+    import shutil
+
+    found = shutil.which(command)
+    if found or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return found
+    subprocess.run(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}",
+                   shell=True, capture_output=True, timeout=900)
+    return shutil.which(command)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(models_dir) -> Path:
     """The default test model: 6 blocks, hidden 64, fp32, sharded safetensors via save_pretrained."""

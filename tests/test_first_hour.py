@@ -8,7 +8,6 @@ import http.client
 import http.server
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,19 +19,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import debian_tool, run_cli
 from netutil import Cluster, free_port
 from slowllm.coordinator import make_checkpoint, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = ["slowllm.coordinator._cli", "slowllm.node._cli", "slowllm.coordinator._server_cli"]
-
-
-@pytest.fixture(scope="module")
-def secret(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "secret.txt"
-    path.write_text("first-hour-secret-0123456789abcdef")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +154,9 @@ def test_guide_table_is_computed_from_the_node_formula():
 
 
 # ---- the terminal: progress never erases streamed text ---------------------------------------------
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_streamed_text_stays_on_the_terminal_screen(tiny_model, tmp_path):
+    if debian_tool("tmux", "tmux") is None:
+        pytest.skip("tmux is not installed and cannot be (not root, or no apt-get): no terminal to capture")
     prompt = "Once upon a time there was"
     args = ["generate", prompt, "--local", "--model", str(tiny_model), "--max-new-tokens", "12"]
     expected = run_cli(*args, "--json", "--no-progress")

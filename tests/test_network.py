@@ -22,13 +22,6 @@ TUNE_DATA = [{"context": "Is the sky blue?", "continuation": " Yes."},
              {"context": "Is fire cold?", "continuation": " No."}]
 
 
-@pytest.fixture(scope="module")
-def secret(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "secret.txt"
-    path.write_text("a-long-random-shared-secret-for-tests-0123456789")
-    return path
-
-
 @pytest.fixture(scope="module", params=[["0-1", "2-3", "4-5"], ["0-3", "2-5", "0-5"]], ids=["split", "overlap"])
 def cluster(request, tiny_model, secret):
     c = Cluster(tiny_model, request.param, secret_file=secret)

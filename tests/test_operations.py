@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import debian_tool
+
 from netutil import Cluster
 from slowllm.protocol import UnavailableError
 
@@ -50,13 +52,8 @@ def test_non_loopback_without_secret_is_refused(tiny_model):
 
 
 def _chromium() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return found
-    # CI runs as root on Debian: install the browser the first time (a few hundred MB, once per machine)
-    subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
-                   shell=True, capture_output=True, timeout=900)
-    return shutil.which("chromium")
+    # CI runs as root on Debian: the browser is installed the first time (a few hundred MB, once per machine)
+    return shutil.which("chromium-browser") or debian_tool("chromium", "chromium")
 
 
 def _browse(browser: str, profile: Path, *args: str) -> str:

@@ -21,13 +21,6 @@ TUNE = TuneOptions(prompt_tokens=4, steps=2, lr=0.05, batch_size=2, seed=3)
 
 
 @pytest.fixture(scope="module")
-def secret(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "secret.txt"
-    path.write_text("resilience-tests-shared-secret-0123456789")
-    return path
-
-
-@pytest.fixture(scope="module")
 def local(tiny_model):
     with LocalRunner(tiny_model, progress=False) as r:
         yield r
