@@ -8,7 +8,7 @@
                out="prompt.safetensors")
         print(c.status())
 
-Each call opens a connection, authenticates (HMAC challenge-response), sends one job and reads its
+Each call opens a connection, authenticates both ways (protocol.PeerHandshake), sends one job and reads its
 streamed events until the result. Errors from the coordinator come back as `SlowllmError`s.
 """
 
@@ -24,9 +24,8 @@ import torch
 import websockets
 
 from slowllm.protocol import (
-    PROTOCOL_VERSION, Auth, Challenge, Error, Event, Hello, InputError, Job, JobResult, Limits, SlowllmError,
-    UnavailableError,
-    WireTensor, decode_tensor, encode_tensor, error_from_reply, pack, read_secret, sign, unpack,
+    HANDSHAKE_LIMITS, Error, Event, InputError, Job, JobResult, Limits, PeerHandshake, SlowllmError, UnavailableError,
+    WireTensor, decode_tensor, encode_tensor, error_from_reply, pack, printable, read_credentials,
 )
 
 from slowllm.node._aio import why_connection_failed
@@ -48,7 +47,7 @@ class Client:
         if not url.startswith(("ws://", "wss://")):
             raise SlowllmError(f"coordinator URL {url!r} must start with ws:// or wss://.", code="bad_input")
         self.url = url
-        self.secret = secret if secret is not None else read_secret(secret_file)
+        self.user, self.secret = ("", secret) if secret is not None else read_credentials(secret_file)
         self.cafile, self.limits, self.compression = cafile, limits, compression
         self.fingerprint: str | None = None
         self.on_notice = on_notice  # e.g. "waiting up to 60 s for nodes serving blocks 3-5"
@@ -57,7 +56,7 @@ class Client:
         ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
         try:
             # no permessage-deflate: activations do not compress, and zlib on megabytes costs more than the wire
-            ws = await websockets.connect(self.url, max_size=self.limits.max_frame, compression=None, ssl=ssl_ctx,
+            ws = await websockets.connect(self.url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None, ssl=ssl_ctx,
                                           open_timeout=20)
         except ssl.SSLCertVerificationError as e:
             raise UnavailableError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
@@ -67,27 +66,22 @@ class Client:
                                    "check the URL and that it is running.") from None
         async with ws:
             try:
-                await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="client")))
-                challenge = unpack(await ws.recv(), self.limits)
-                if isinstance(challenge, Error):
-                    raise error_from_reply(challenge.code, challenge.message)
-                assert isinstance(challenge, Challenge)
-                if challenge.auth_required and self.secret is None:
-                    raise SlowllmError("the coordinator requires a shared secret: pass --secret-file "
-                                       "(or set SLOWLLM_SECRET_FILE).", code="auth")
-                await ws.send(pack(Auth(mac=sign(self.secret, challenge.nonce, "client") if self.secret else b"")))
-                welcome = unpack(await ws.recv(), self.limits)
-                if isinstance(welcome, Error):
-                    raise error_from_reply(welcome.code, welcome.message)
-                self.fingerprint = challenge.fingerprint
-                limit = welcome.info.get("max_message_size", self.limits.max_frame)
+                hs = PeerHandshake("client", self.secret, self.user)
+                await ws.send(hs.hello())
+                await ws.send(hs.on_challenge(await asyncio.wait_for(ws.recv(), 60)))
+                info = hs.on_welcome(await asyncio.wait_for(ws.recv(), 60))
+                channel = hs.channel
+                ws.protocol.max_message_size = self.limits.max_frame  # authenticated: results may be large
+                self.fingerprint = hs.challenge.fingerprint
+                limit = info.get("max_message_size", self.limits.max_frame)
+                limit = limit if isinstance(limit, int) else self.limits.max_frame
                 frame = pack(Job(id=1, job=job, params=params))
                 if len(frame) > limit:
                     raise _TooLarge(f"this {job} job is {len(frame)} bytes, more than the coordinator's "
                                     f"--max-message-size of {limit}: send less at once.")
-                await ws.send(frame)
+                await ws.send(channel.seal(frame))
                 while True:
-                    msg = unpack(await ws.recv(), self.limits)
+                    msg = channel.unpack(await ws.recv(), self.limits)
                     if isinstance(msg, Event) and "notice" in msg.data:
                         if self.on_notice:
                             self.on_notice(str(msg.data["notice"]))
@@ -98,8 +92,11 @@ class Client:
                     elif isinstance(msg, Error):
                         raise error_from_reply(msg.code, msg.message)
             except websockets.ConnectionClosed as e:
-                raise UnavailableError(f"the coordinator closed the connection ({e.rcvd.reason if e.rcvd else 'no reason'}); "
-                                       "retry the job.") from None
+                reason = printable(e.rcvd.reason, 120) if e.rcvd and e.rcvd.reason else "no reason"
+                raise UnavailableError(f"the coordinator closed the connection ({reason}); retry the job.") from None
+            except asyncio.TimeoutError:
+                raise UnavailableError(f"the coordinator at {self.url} did not answer the handshake within 60 s: "
+                                       "is it a slowllm coordinator?") from None
 
     def _run(self, job: str, params: dict, on_event=None) -> dict:
         return asyncio.run(self._job(job, params, on_event))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import torch
 
 from slowllm.node import Batch
-from slowllm.protocol import (Backward, CloseSession, Error, Forward, InputError, Limits, ProtocolError, Result,
-                              SlowllmError, Step, UnavailableError, decode_tensor, encode_tensor, pack, unpack)
+from slowllm.protocol import (AuthError, Backward, CloseSession, Error, Forward, InputError, Limits, ProtocolError,
+                              Result, SlowllmError, Step, UnavailableError, decode_tensor, encode_tensor, printable)
 
 from ._chain import Chain, ChainSession
+from ._verify import Referee, agree, tolerance
 
 if TYPE_CHECKING:
     from ._router import NodeLink, Router
@@ -50,8 +52,7 @@ class Cancelled(SlowllmError):
 
 def _node_text(text: str, limit: int = 300) -> str:
     """A node's error text, as far as it is shown to a client: printable and short."""
-    text = "".join(c if c.isprintable() else " " for c in str(text))
-    return text[:limit] + ("..." if len(text) > limit else "")
+    return printable(text, limit)
 
 
 @dataclass
@@ -62,8 +63,11 @@ class _RemoteTape:
 
 class RemoteChain(Chain):
     def __init__(self, router: "Router", limits: Limits, hidden_size: int, *, compression: str = "raw",
-                 notify: Callable[[str], None] | None = None, cancel: threading.Event | None = None):
+                 notify: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+                 referee: Referee | None = None):
         self.router, self.limits, self.hidden_size = router, limits, hidden_size
+        self.referee = referee  # decides disputes under --verify (None: disputes ban nobody)
+        self.rng = random.Random()
         self.n_layer = router.n_layer
         self.dtype = torch.float32
         self.compression = compression
@@ -94,9 +98,16 @@ class RemoteChain(Chain):
         return future.result()
 
     def _fail(self, node: "NodeLink", why: str) -> NodeFailed:
+        """The node failed this hop (gone, slow, busy, a bug): fail over, and avoid it for a while."""
         self.router.loop.call_soon_threadsafe(self.router.penalize, node)
         self.router.record_failover()
         return NodeFailed(node, f"node {node.name} failed ({why})")
+
+    def _lied(self, node: "NodeLink", why: str) -> NodeFailed:
+        """The node answered what no honest node answers: banned, and the hop fails over."""
+        self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
+        self.router.record_failover()
+        return NodeFailed(node, f"node {node.name} was banned ({why})")
 
     def _timeout(self, node: "NodeLink", expect: tuple[int, ...] | None, blocks: int, backward: bool) -> float:
         """--request-timeout, plus 4x what the node's measured speed says this request takes: at Bloom-176B
@@ -112,37 +123,76 @@ class RemoteChain(Chain):
         if self.cancel.is_set():
             raise Cancelled("the job was cancelled (its client went away).")
         msg_id = node.next_id()
-        frame = pack(make(msg_id))
+        frame = node.channel.pack(make(msg_id))
         try:
             reply = self._call(node.request(msg_id, frame, timeout=self._timeout(node, expect, blocks, backward)))
         except (UnavailableError, asyncio.TimeoutError, TimeoutError):
             raise self._fail(node, "disconnected or timed out") from None
         try:
-            msg = unpack(reply, self.limits)
+            msg = node.channel.unpack(reply, self.limits)
+        except AuthError:  # altered on the way, not necessarily by the node: drop the link, fail over
+            self.router.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(node.ws.close(1008, "bad frame")))
+            raise self._fail(node, "a reply failed authentication") from None
         except ProtocolError:
-            raise self._fail(node, "malformed reply") from None
+            raise self._lied(node, "sent a malformed reply") from None
         if isinstance(msg, Error):
             if msg.code in FAILOVER_CODES:
-                raise self._fail(node, f"answered {msg.code}")
+                raise self._fail(node, f"answered {printable(msg.code, 32)}")
             # the request itself was refused (a limit, a bad session): tell the job, in the node's words
             raise SlowllmError(f"node {_node_text(node.name, 64)} refused the request: {_node_text(msg.message)}",
                                code="bad_input" if msg.code == "bad_input" else "error")
-        if not isinstance(msg, Result):
-            raise self._fail(node, f"answered {msg.type!r}")
+        if not isinstance(msg, Result) or msg.id != msg_id:
+            raise self._lied(node, f"answered {msg.type!r} to a request")
         if msg.tensor is None:
             if expect is not None:
-                raise self._fail(node, "answered no tensor")
+                raise self._lied(node, "answered no tensor")
             return None
         try:
             tensor = decode_tensor(msg.tensor, self.limits)
         except ProtocolError:
-            raise self._fail(node, "sent an undecodable tensor") from None
+            raise self._lied(node, "sent an undecodable tensor") from None
         if expect is None or tuple(tensor.shape) != tuple(expect) or not tensor.is_floating_point():
-            raise self._fail(node, f"sent a {msg.tensor.dtype} tensor of shape {list(tensor.shape)}, expected "
+            raise self._lied(node, f"sent a {msg.tensor.dtype} tensor of shape {list(tensor.shape)[:8]}, expected "
                                    f"{list(expect) if expect else 'none'}")
         if not torch.isfinite(tensor).all():
-            raise self._fail(node, "sent non-finite values")
+            raise self._lied(node, "sent non-finite values")
         return tensor.float()
+
+    def _verified(self, node: "NodeLink", a: int, b: int, out: torch.Tensor, mask: torch.Tensor, again,
+                  truth) -> torch.Tensor:
+        """`out`, from `node` for blocks a..b; with probability --verify, checked against a second node.
+
+        `again(other)` re-runs the hop on another node, `truth()` computes it at the coordinator. A node
+        proven wrong is banned; the hop's result is an answer the coordinator's own computation confirms,
+        so with --verify 1 a lying node never changes any output.
+        """
+        if self.router.verify <= 0 or self.rng.random() >= self.router.verify:
+            return out
+        other = self.router.second_node(node, a, b)
+        if other is None:
+            self.router.record_verification(None, agreed=None)
+            return out
+        try:
+            check = again(other)
+        except NodeFailed:  # the check failed (and was dealt with), the answer stays unchecked
+            return out
+        if check is None:  # too large to re-send in one frame
+            self.router.record_verification(None, agreed=None)
+            return out
+        if agree(out, check, mask, tolerance(node.dtype, other.dtype)):
+            self.router.record_verification(node, agreed=True)
+            return out
+        self.router.record_verification(node, agreed=False)
+        if self.referee is None:
+            return out
+        reference = truth()
+        answers = [(node, out), (other, check)]
+        wrong = [x for x, y in answers if not agree(y, reference, mask, tolerance(x.dtype, "float32"))]
+        for x in wrong:
+            self.router.loop.call_soon_threadsafe(
+                self.router.ban, x, f"its blocks {a}-{b} disagreed with the coordinator's own computation")
+        right = [y for x, y in answers if x not in wrong]
+        return right[0] if right else reference
 
     def _with_failover(self, first: int, last: int, exclude: set, run):
         """Route from block `first` towards `last` and `run(node, a, b)` on the first span; when its node
@@ -164,9 +214,12 @@ class RemoteChain(Chain):
         wire_mask, spans, exclude, block = encode_tensor(mask), [], set(), first
         while block <= last:
             def run(node, a, b, h=hidden):
-                return self._exchange(node, lambda i: Forward(
-                    id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
-                    compression=self.compression), tuple(h.shape), b - a + 1)
+                def on(x):
+                    return self._exchange(x, lambda i: Forward(
+                        id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
+                        compression=self.compression), tuple(h.shape), b - a + 1)
+                return self._verified(node, a, b, on(node), mask, on,
+                                      lambda: self.referee.forward(a, b, h, mask))
             _, a, b, out = self._with_failover(block, last, exclude, run)
             spans.append((a, b, hidden))
             hidden, block = out, b + 1
@@ -179,9 +232,13 @@ class RemoteChain(Chain):
         def run(node, a, b):
             if b < last:  # no single node holds the span any more
                 raise Split
-            return self._exchange(node, lambda i: Backward(
-                id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
-                grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
+
+            def on(x):
+                return self._exchange(x, lambda i: Backward(
+                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
+                    grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
+            return self._verified(node, a, b, on(node), mask, on,
+                                  lambda: self.referee.backward(a, b, hidden, mask, grad))
 
         try:
             return self._with_failover(first, last, set(), run)[3]
@@ -242,7 +299,27 @@ class RemoteSession(ChainSession):
             outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask: Step(
                 id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
                 mask=encode_tensor(m), max_length=self.max_length), tuple(piece.shape), span.last - span.first + 1))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        # A second node has no KV cache of this session: it checks the step by running the span's whole
+        # history (kept for failover anyway) statelessly; the last `new` positions must agree.
+        a, b, chain = span.first, span.last, self.chain
+
+        def history() -> torch.Tensor | None:
+            past_inputs = torch.cat(span.inputs, dim=1) if len(span.inputs) > 1 else span.inputs[0]
+            if past_inputs.shape[1] != total or rows * total > chain.max_batch_tokens:
+                return None
+            return past_inputs
+
+        def again(other):
+            full = history()
+            if full is None:
+                return None
+            return chain._exchange(other, lambda i: Forward(id=i, first=a, last=b, hidden=encode_tensor(full),
+                                                            mask=encode_tensor(mask)),
+                                   tuple(full.shape), b - a + 1)[:, -new:]
+
+        return chain._verified(node, a, b, out, mask, again,
+                               lambda: chain.referee.forward(a, b, history(), mask)[:, -new:])
 
     def _replace(self, index: int, failed: "NodeLink") -> torch.Tensor:
         """Rebuild span `index` on other nodes by replaying its inputs; returns the latest step's output."""
@@ -288,7 +365,7 @@ class RemoteSession(ChainSession):
             if not span.node.connected:
                 continue  # gone: nothing left to free
             msg_id = span.node.next_id()
-            frame = pack(CloseSession(id=msg_id, session=span.session))
+            frame = span.node.channel.pack(CloseSession(id=msg_id, session=span.session))
             future = asyncio.run_coroutine_threadsafe(span.node.request(msg_id, frame, timeout=10),
                                                       self.chain.router.loop)
             if wait:

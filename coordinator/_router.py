@@ -9,7 +9,9 @@ behind one lock. `RemoteChain` sees only this narrow interface, never the coordi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Iterator
 import websockets
 
 from slowllm.node._units import format_ranges
-from slowllm.protocol import UnavailableError
+from slowllm.protocol import Channel, Error, UnavailableError, pack
 
 
 @dataclass(eq=False)
@@ -41,6 +43,11 @@ class NodeLink:
     failures: int = 0
     avoid_until: float = 0.0  # monotonic time until which the router prefers other nodes
     connected: bool = True
+    channel: Channel = field(default_factory=Channel)  # authenticates every frame of this link
+    address: str = ""
+    routed: int = 0  # times the router chose it (its share of traffic is kept proportional to its reach)
+    verified: int = 0  # of its hops re-run on another node and found equal
+    banned: str = ""  # why it was banned ("" while trusted)
 
     def next_id(self) -> int:
         return next(self.ids)  # itertools.count is atomic under the GIL: worker threads take ids
@@ -86,6 +93,13 @@ class Router:
         self.failovers = 0  # hops retried on another node after a failure or timeout
         self.replayed_bytes = 0  # session inputs re-sent to rebuild replacement nodes' KV caches
         self._sessions: set = set()  # open RemoteSessions (their spans say which nodes hold their caches)
+        self.verify = 0.0  # fraction of hops re-run on a second node (--verify)
+        self.verified_hops = 0  # hops re-run on another node
+        self.disagreements = 0  # of which the two nodes disagreed (and the coordinator decided)
+        self.unverifiable_hops = 0  # picked for verification, but no second node covered the span
+        self.banned: list[dict] = []  # nodes proven wrong: status entries, kept for the coordinator's lifetime
+        self._banned_names: set[str] = set()
+        self._banned_addresses: set[str] = set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -97,8 +111,38 @@ class Router:
         self._coverage_changed.set()
 
     def remove(self, link: NodeLink) -> None:
-        self.nodes.remove(link)
+        if link in self.nodes:
+            self.nodes.remove(link)
         link.fail_all()
+
+    def is_banned(self, name: str, address: str) -> bool:
+        # loopback addresses are never banned as such: every local node shares them
+        return name in self._banned_names or (address in self._banned_addresses and not _loopback(address))
+
+    def ban(self, link: NodeLink, reason: str) -> None:
+        """A node proven wrong: out of every route at once, disconnected, refused when it comes back."""
+        if link.banned:
+            return
+        link.banned = reason
+        self._banned_names.add(link.name)
+        if link.address:
+            self._banned_addresses.add(link.address)
+        with self._lock:
+            self.banned.append({"name": link.name, "layers": [link.first, link.last], "device": link.device,
+                                "dtype": link.dtype, "speed": round(link.speed, 1), "load": 0, "sessions": 0,
+                                "node_sessions": 0, "failures": link.failures, "connected_for_s": 0.0,
+                                "banned": True, "reason": reason})
+        self.remove(link)
+        self._coverage_changed.set()
+
+        async def tell() -> None:
+            try:
+                await link.ws.send(link.channel.pack(Error(code="banned", message=f"this node was banned: {reason}")))
+                await link.ws.close(1008, "banned")
+            except Exception:
+                pass
+
+        asyncio.ensure_future(tell())
 
     # ---- shared with worker threads (locked) --------------------------------------------------------
     def record_failover(self) -> None:
@@ -121,6 +165,41 @@ class Router:
         with self._lock:
             return list(self._sessions)
 
+    def record_verification(self, node: NodeLink | None, *, agreed: bool | None) -> None:
+        """agreed None: no second node covered the span."""
+        with self._lock:
+            if agreed is None:
+                self.unverifiable_hops += 1
+                return
+            self.verified_hops += 1
+            if agreed:
+                node.verified += 1
+            else:
+                self.disagreements += 1
+
+    def second_node(self, node: NodeLink, first: int, last: int) -> NodeLink | None:
+        """Another trusted node holding all of blocks first..last, to re-run a hop on (worker threads)."""
+        now = time.monotonic()
+        others = [x for x in list(self.nodes) if x is not node and x.connected and not x.banned
+                  and x.first <= first and last <= x.last]
+        if not others:
+            return None
+        return min(others, key=lambda x: (x.avoid_until > now, x.assigned + x.load, random.random()))
+
+    def unverified_spans(self) -> list[list[int]]:
+        """Block ranges that fewer than two nodes cover: a hop there cannot be checked by recomputation."""
+        spans, start = [], None
+        for b in range(self.n_layer):
+            covered = sum(x.first <= b <= x.last for x in self.nodes)
+            if covered < 2 and start is None:
+                start = b
+            if covered >= 2 and start is not None:
+                spans.append([start, b - 1])
+                start = None
+        if start is not None:
+            spans.append([start, self.n_layer - 1])
+        return spans
+
     # ---- routing ---------------------------------------------------------------------------------
     def missing(self, first: int = 0, last: int | None = None, exclude: set = frozenset()) -> list[int]:
         last = self.n_layer - 1 if last is None else last
@@ -132,11 +211,13 @@ class Router:
 
     def route(self, first: int = 0, last: int | None = None,
               exclude: set = frozenset()) -> list[tuple[NodeLink, int, int]]:
-        """Spans covering blocks first..last: healthy nodes, then fewest hops, less loaded, faster nodes.
+        """Spans covering blocks first..last, greedy from `first`.
 
-        Greedy from `first`: among nodes holding the next needed block, prefer those that have not failed
-        recently, then the one reaching furthest; ties go to the least busy, then the fastest, so sessions
-        spread over redundant nodes. Nodes in `exclude` (failed during this operation) are never used.
+        Among nodes holding the next needed block: those that have not failed recently, then the least
+        busy, then the one whose share of past routes is furthest below its share by reach (weighted
+        round robin: a node reaching 6 blocks gets about twice the routes of one reaching 3, never all
+        of them, so a node cannot draw every job by claiming a wide range), then the furthest reach, then
+        the fastest. Nodes in `exclude` (failed during this operation) are never used.
         """
         last = self.n_layer - 1 if last is None else last
         spans, block, now = [], first, time.monotonic()
@@ -144,8 +225,12 @@ class Router:
             holders = [x for x in self.nodes if x.first <= block <= x.last and x not in exclude]
             if not holders:
                 raise UnavailableError(f"no node serves block {block}")
-            best = max(holders, key=lambda x: (x.avoid_until <= now, min(x.last, last),
-                                               -(x.assigned + x.load), x.speed))
+            def reach(x, block=block):
+                return min(x.last, last) - block + 1
+
+            best = max(holders, key=lambda x: (x.avoid_until <= now, -(x.assigned + x.load),
+                                               -x.routed / reach(x), reach(x), x.speed))
+            best.routed += 1
             spans.append((best, block, min(best.last, last)))
             block = best.last + 1
         return spans
@@ -180,9 +265,18 @@ class Router:
 
     def node_status(self) -> list[dict]:
         sessions = self.sessions()
+        with self._lock:
+            banned = list(self.banned)
         return [{"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
                  "speed": round(x.speed, 1), "load": x.load + x.assigned,
                  "sessions": sum(any(s.node is x for s in session.spans) for session in sessions),
-                 "node_sessions": x.sessions, "failures": x.failures,
-                 "connected_for_s": round(time.time() - x.since, 1)}
-                for x in sorted(self.nodes, key=lambda x: (x.first, x.last, x.name))]
+                 "node_sessions": x.sessions, "failures": x.failures, "verified_hops": x.verified,
+                 "connected_for_s": round(time.time() - x.since, 1), "banned": False, "reason": ""}
+                for x in sorted(self.nodes, key=lambda x: (x.first, x.last, x.name))] + banned
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address in ("", "localhost")

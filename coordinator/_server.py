@@ -10,9 +10,13 @@ event loop only moves frames, so a slow job never blocks another client or a nod
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import json
 import logging
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
@@ -22,19 +26,20 @@ import websockets
 from slowllm.node import Checkpoint, default_max_ram
 from slowllm.node._checkpoint import EMBEDDING
 from slowllm.protocol import (
-    PROTOCOL_VERSION, Auth, BusyError, Challenge, Error, Event, Heartbeat, Hello, InputError, Job, JobResult, Limits,
-    ProtocolError, Register, SlowllmError, Welcome, WireTensor, decode_tensor, encode_tensor, new_nonce, pack, peek,
-    unpack, verify,
+    AuthError, BusyError, CoordinatorHandshake, Error, Event, Heartbeat, InputError, Job, JobResult, Limits,
+    ProtocolError, Register, SlowllmError, Welcome, WireTensor, decode_tensor, encode_tensor, pack, peek, printable,
 )
 
 from ._ends import ModelEnds
 from ._jobs import Sampling
+from ._keys import KeyRing
 from ._remote import RemoteChain
 from ._router import NodeLink, Router
 from ._runner import Runner
 from ._softprompt import check_soft_prompt
 from ._status_page import render_status
 from ._tune import TuneOptions
+from ._verify import Referee
 
 log = logging.getLogger("slowllm.coordinator")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has for each handshake message
@@ -45,26 +50,38 @@ class Coordinator:
     def __init__(self, model: str, *, host: str = "127.0.0.1", port: int = 8765, secret: bytes | None = None,
                  wait_for_nodes: float = 60.0, limits: Limits = Limits(), ssl_context=None,
                  request_timeout: float = 120.0, max_jobs_per_client: int = 8, max_jobs: int = 32,
-                 max_new_tokens: int = 4096):
+                 max_new_tokens: int = 4096, client_keys: str | None = None, public_status: bool = False,
+                 verify: float = 0.05):
         self.checkpoint = Checkpoint(model)
         self.model = model
         self.fingerprint = self.checkpoint.fingerprint()
         resident = self.checkpoint.nbytes([EMBEDDING]) < default_max_ram() // 2
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
         self.host, self.port, self.secret = host, port, secret
+        self.keys = KeyRing(secret, client_keys)
+        self.public_status = public_status or _loopback(host) or self.keys.open
         self.limits, self.ssl = limits, ssl_context
         self.max_jobs_per_client, self.max_jobs, self.max_new_tokens = max_jobs_per_client, max_jobs, max_new_tokens
         self.router = Router(self.checkpoint.n_layer, wait_for_nodes=wait_for_nodes, request_timeout=request_timeout)
+        self.router.verify = verify
+        self.referee = Referee(self.checkpoint)
         self.jobs = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="slowllm-job")
         # admission state: the event loop's alone (changed only in `_run_job`)
         self.jobs_by_client: dict[str, int] = {}
+        self.jobs_done: dict[str, int] = {}  # finished jobs per user (or address)
+        self.running: list[dict] = []  # who runs what, for /status
         self.active_jobs = 0
+        self.clients: dict = {}  # client connection -> (user, key), to close those whose key is revoked
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ---- serving -------------------------------------------------------------------------------
     async def serve(self, ready=None) -> None:
         self.loop = asyncio.get_running_loop()
         self.router.start(self.loop)
+        try:  # `kill -HUP` reloads --client-keys (the file is also re-read when it changes)
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+            pass  # not the main thread, or no SIGHUP (Windows): the file-change check still works
         # no permessage-deflate: activations do not compress, and zlib on megabytes costs more than the wire
         # Before authentication a peer may send only small frames (a stranger cannot pin hundreds of MB);
         # after it, the --max-message-size limit applies.
@@ -91,6 +108,12 @@ class Coordinator:
         if path not in ("/status", "/status.json"):
             return connection.respond(HTTPStatus.NOT_FOUND, "not found: this port serves /status, /status.json and "
                                       "slowllm's WebSocket protocol\n")
+        if not self.public_status and not self._status_allowed(request.headers.get("Authorization", "")):
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "this coordinator's status needs a key: send "
+                                          "`Authorization: Bearer KEY` (a client key or the node secret), or log "
+                                          "in with any user name and the key as password\n")
+            response.headers["WWW-Authenticate"] = 'Basic realm="slowllm", charset="UTF-8"'
+            return response
         status = self.status()
         if path == "/status.json":
             response = connection.respond(HTTPStatus.OK, json.dumps(status))
@@ -100,66 +123,91 @@ class Coordinator:
             response.headers["Content-Type"] = "text/html; charset=utf-8"
         return response
 
+    def _keys_for(self, role: str):
+        if self.keys.maybe_reload():  # the file changed: revoke what it no longer lists
+            self._close_revoked()
+        return self.keys.keys(role)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read --client-keys again and close the connections of revoked keys."""
+        self.keys.reload()
+        self._close_revoked()
+
+    def _close_revoked(self) -> None:
+        for ws, (user, key) in list(self.clients.items()):
+            if not self.keys.valid("client", user, key):
+                log.warning("client key of %s revoked: closing its connection", user)
+                asyncio.ensure_future(ws.close(1008, "key revoked"))
+
+    def _welcome_info(self) -> dict:
+        # A hub id is public and a node without --model may fetch it; a local path is this machine's
+        # business (a node never opens a local path it was not given, so it is not even sent).
+        return {"fingerprint": self.fingerprint, "model": self.model if self.checkpoint.is_hub else None,
+                "max_message_size": self.limits.max_frame, "max_new_tokens": self.max_new_tokens}
+
     async def _handler(self, ws) -> None:
+        hs = CoordinatorHandshake(None if self.keys.open else self._keys_for, self.fingerprint,
+                                  self.checkpoint.n_layer)
+        channel = None
         try:
-            hello = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
-            if not isinstance(hello, Hello):
-                raise ProtocolError("the first message must be 'hello'.")
-            if hello.version != PROTOCOL_VERSION:
-                raise ProtocolError(f"protocol version {hello.version} is not supported (this coordinator speaks "
-                                    f"{PROTOCOL_VERSION}): upgrade slowllm on both sides.")
-            nonce = new_nonce()
-            await ws.send(pack(Challenge(version=PROTOCOL_VERSION, nonce=nonce, auth_required=self.secret is not None,
-                                         model=self.model, fingerprint=self.fingerprint,
-                                         n_layer=self.checkpoint.n_layer)))
-            auth = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
-            if not isinstance(auth, Auth):
-                raise ProtocolError("expected 'auth' after the challenge.")
-            verify(self.secret, nonce, hello.role, auth.mac)
-            ws.protocol.max_message_size = self.limits.max_frame
-            await ws.send(pack(Welcome(info={"fingerprint": self.fingerprint, "model": self.model,
-                                             "max_message_size": self.limits.max_frame,
-                                             "max_new_tokens": self.max_new_tokens})))
-            if hello.role == "node":
-                await self._node(ws, hello)
+            await ws.send(hs.on_hello(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT)))
+            welcome = hs.on_auth(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self._welcome_info())
+            channel = hs.channel
+            ws.protocol.max_message_size = self.limits.max_frame  # authenticated: the big limit applies
+            await ws.send(welcome)
+            if hs.role == "node":
+                await self._node(ws, hs)
             else:
-                await self._client(ws)
+                self.clients[ws] = (hs.user, hs.key)
+                try:
+                    await self._client(ws, hs)
+                finally:
+                    self.clients.pop(ws, None)
         except SlowllmError as e:
             try:
-                await ws.send(pack(Error(code=e.code, message=str(e))))
-                await ws.close(1008 if e.code in ("auth", "protocol") else 1000, str(e)[:120])
+                frame = pack(Error(code=e.code, message=str(e)))
+                await ws.send(channel.seal(frame) if channel is not None else frame)
+                await ws.close(1008 if e.code in ("auth", "protocol", "banned") else 1000, close_reason(str(e)))
             except websockets.ConnectionClosed:
                 pass
         except (websockets.ConnectionClosed, asyncio.TimeoutError):
             pass
 
-    async def _node(self, ws, hello: Hello) -> None:
-        reg = unpack(await asyncio.wait_for(ws.recv(), 600), self.limits)  # a node may first load its blocks
+    async def _node(self, ws, hs) -> None:
+        channel, address = hs.channel, _peer(ws)
+        reg = channel.unpack(await asyncio.wait_for(ws.recv(), 600), self.limits)  # a node may first load its blocks
         if not isinstance(reg, Register):
             raise ProtocolError("a node must send 'register' after authenticating.")
+        name = printable(reg.name or hs.hello.name or f"node-{reg.first}-{reg.last}", 64)
         n = self.checkpoint.n_layer
         if not 0 <= reg.first <= reg.last < n:
-            raise InputError(f"node {reg.name or hello.name} claims blocks {reg.first}-{reg.last}, outside this "
+            raise InputError(f"node {name} claims blocks {reg.first}-{reg.last}, outside this "
                              f"model's 0-{n - 1}: pick a range inside it.")
         if reg.fingerprint != self.fingerprint:
-            raise SlowllmError(f"node {reg.name or hello.name} has a different checkpoint than the coordinator's "
-                               f"{self.model} (fingerprint {reg.fingerprint} != {self.fingerprint}): use the same model.",
-                               code="bad_checkpoint")
-        link = NodeLink(ws, reg.name or hello.name or f"node-{len(self.router.nodes)}", reg.first, reg.last,
-                        reg.device, reg.dtype, reg.speed)
-        await ws.send(pack(Welcome(info={"registered": [reg.first, reg.last]})))
+            raise SlowllmError(f"node {name} has a different checkpoint than the coordinator's "
+                               f"(fingerprint {printable(reg.fingerprint, 64)} != {self.fingerprint}): use the same "
+                               "model.", code="bad_checkpoint")
+        if self.router.is_banned(name, address):
+            raise SlowllmError(f"node {name} was banned by this coordinator (it returned wrong results); fix or "
+                               "replace it, and ask the coordinator's operator to restart it.", code="banned")
+        link = NodeLink(ws, name, reg.first, reg.last, printable(reg.device, 32), printable(reg.dtype, 32),
+                        reg.speed, channel=channel, address=address)
+        await ws.send(channel.pack(Welcome(info={"registered": [reg.first, reg.last]})))
         self.router.add(link)
         log.info("node %s registered blocks %d-%d", link.name, link.first, link.last)
         try:
             async for frame in ws:
-                try:  # replies are routed by id; the waiting job's thread unpacks and checks them
-                    kind, msg_id = peek(frame)
+                try:  # replies are routed by id; the waiting job's thread authenticates, unpacks and checks them
+                    kind, msg_id = peek(channel.body(frame))
                     if kind in ("result", "error") and msg_id is not None:
                         link.resolve(msg_id, frame)
                         continue
-                    msg = unpack(frame, self.limits)
+                    msg = channel.unpack(frame, self.limits)
+                except AuthError:  # altered on the way: nothing more from this link can be trusted
+                    await ws.close(1008, "frame authentication failed")
+                    break
                 except ProtocolError as e:
-                    await ws.send(pack(Error(code=e.code, message=str(e))))
+                    await ws.send(channel.pack(Error(code=e.code, message=str(e))))
                     continue
                 if isinstance(msg, Heartbeat):
                     link.load, link.sessions = msg.load, msg.sessions
@@ -167,26 +215,31 @@ class Coordinator:
             self.router.remove(link)
             log.info("node %s left", link.name)
 
-    async def _client(self, ws) -> None:
-        lock = asyncio.Lock()
+    async def _client(self, ws, hs) -> None:
+        lock, channel = asyncio.Lock(), hs.channel
+        # with client keys, admission and the status page count jobs per user; otherwise per address
+        who = hs.user if hs.key is not None and self.keys.path is not None else _peer(ws)
 
         async def send(msg) -> None:
             async with lock:
-                await ws.send(pack(msg))
+                await ws.send(channel.pack(msg))
 
         cancels: set[threading.Event] = set()
         try:
             async for frame in ws:
                 try:
-                    msg = unpack(frame, self.limits)
+                    msg = channel.unpack(frame, self.limits)
                     if not isinstance(msg, Job):
                         raise ProtocolError(f"a client may send 'job' messages only, not {msg.type!r}.")
+                except AuthError:
+                    await ws.close(1008, "frame authentication failed")
+                    break
                 except ProtocolError as e:
                     await send(Error(code=e.code, message=str(e)))
                     continue
                 cancel = threading.Event()
                 cancels.add(cancel)
-                task = asyncio.create_task(self._run_job(msg, send, _peer(ws), cancel))
+                task = asyncio.create_task(self._run_job(msg, send, who, cancel))
                 task.add_done_callback(lambda _, c=cancel: cancels.discard(c))
         finally:
             # The client went away: its jobs stop at their next hop (within a fraction of a second), close
@@ -217,9 +270,14 @@ class Coordinator:
                 self._admit(client)
                 self.active_jobs += 1
                 self.jobs_by_client[client] = self.jobs_by_client.get(client, 0) + 1
+                running = {"user": client, "job": job.job, "started": round(time.time(), 1)}
+                self.running.append(running)
+                log.info("%s job by %s", job.job, client)
                 try:
                     data = await loop.run_in_executor(self.jobs, self._job_in_thread, job, emit, cancel)
+                    self.jobs_done[client] = self.jobs_done.get(client, 0) + 1
                 finally:
+                    self.running.remove(running)
                     self.active_jobs -= 1
                     self.jobs_by_client[client] -= 1
                     if not self.jobs_by_client[client]:
@@ -242,7 +300,7 @@ class Coordinator:
         if compression not in ("raw", "fp16", "bf16", "int8"):
             raise InputError(f"unknown compression {compression!r}: use raw, fp16, bf16 or int8.")
         chain = RemoteChain(self.router, self.limits, self.checkpoint.hidden_size, compression=compression,
-                            notify=lambda text: emit({"notice": text}), cancel=cancel)
+                            notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee)
         runner = Runner(self.checkpoint, self.ends, chain)
         soft = self._soft_prompt(p.get("soft_prompt"))
         if job.job == "generate":
@@ -289,13 +347,43 @@ class Coordinator:
         return check_soft_prompt(tensor, value.get("meta") or {}, self.fingerprint, self.checkpoint.hidden_size,
                                  str((value.get("meta") or {}).get("source", "")))
 
+    def _status_allowed(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return self.keys.check_bearer(value.strip()) is not None
+        if scheme.lower() == "basic":
+            try:
+                password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return self.keys.check_bearer(password) is not None
+        return False
+
     def status(self) -> dict:
         return {
             "model": self.model, "n_layer": self.checkpoint.n_layer, "fingerprint": self.fingerprint,
             "nodes": self.router.node_status(), "missing": self.router.missing(), "active_jobs": self.active_jobs,
             "sessions": len(self.router.sessions()), "failovers": self.router.failovers,
             "replayed_bytes": self.router.replayed_bytes, "max_message_size": self.limits.max_frame,
+            "verify": self.router.verify, "verified_hops": self.router.verified_hops,
+            "disagreements": self.router.disagreements, "unverifiable_hops": self.router.unverifiable_hops,
+            "unverified_spans": self.router.unverified_spans(),
+            "jobs": list(self.running), "jobs_done": dict(self.jobs_done),
         }
+
+
+def close_reason(text: str, limit: int = 120) -> str:
+    """A WebSocket close reason: at most 123 bytes of UTF-8 (cut by bytes, not characters)."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _peer(ws) -> str:

@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local directory or hub id of a Bloom checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    p.add_argument("--secret-file", metavar="PATH", help="shared secret of nodes and clients (16+ bytes)")
+    p.add_argument("--secret-file", metavar="PATH",
+                   help="the nodes' secret (16+ bytes); also the clients' unless --client-keys is given")
+    p.add_argument("--client-keys", metavar="FILE",
+                   help="per-user client keys, lines `NAME KEY`; re-read when the file changes or on SIGHUP "
+                        "(revoke a user by deleting the line); a client key never registers a node")
+    p.add_argument("--public-status", action="store_true",
+                   help="serve /status and /status.json without a key on a non-loopback address")
+    p.add_argument("--verify", type=float, default=0.05, metavar="F",
+                   help="re-run this fraction of hops on a second node covering the same blocks; a node proven "
+                        "wrong is banned (1: every hop; 0: none)")
     p.add_argument("--wait-for-nodes", type=float, default=60.0, metavar="S",
                    help="how long a job waits for missing blocks to be covered")
     p.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
@@ -84,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         size = parse_size(args.max_message_size)
         if not 1 << 20 <= size <= 1 << 30:
             raise SlowllmError(f"--max-message-size {args.max_message_size} must be between 1MB and 1GB.")
+        if not 0 <= args.verify <= 1:
+            raise SlowllmError(f"--verify {args.verify} must be a fraction between 0 and 1.")
         if args.max_new_tokens < 1:
             raise SlowllmError("--max-new-tokens must be at least 1.")
         coordinator = Coordinator(args.model, host=args.host, port=args.port, secret=secret,
                                   limits=Limits(max_frame=size), max_new_tokens=args.max_new_tokens,
                                   wait_for_nodes=args.wait_for_nodes, ssl_context=ctx,
                                   request_timeout=args.request_timeout, max_jobs_per_client=args.max_jobs_per_client,
-                                  max_jobs=args.max_jobs)
+                                  max_jobs=args.max_jobs, client_keys=args.client_keys,
+                                  public_status=args.public_status, verify=args.verify)
         run(coordinator.serve())
     except SlowllmError as e:
         print(f"slowllm-coordinator: error: {e}", file=sys.stderr)

@@ -17,10 +17,15 @@ def render_status(status: dict) -> str:
     rows = []
     for node in status["nodes"]:
         first, last = node["layers"]
-        cells = "".join(f'<td class="{"on" if first <= b <= last else "off"}" title="block {b}"></td>' for b in range(n))
-        rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{first}-{last}</td>"
+        state = "ban" if node.get("banned") else "on"
+        cells = "".join(f'<td class="{state if first <= b <= last else "off"}" title="block {b}"></td>'
+                        for b in range(n))
+        note = f"<td class=reason>banned: {_e(node['reason'])}</td>" if node.get("banned") else ""
+        rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{_e(first)}-{_e(last)}</td>"
                     f"<td>{_e(node['device'])}/{_e(node['dtype'])}</td><td>{_e(node['speed'])}</td><td>{_e(node['load'])}</td>"
-                    f"<td>{_e(node['sessions'])}</td></tr>")
+                    f"<td>{_e(node['sessions'])}</td>{note}</tr>")
+    jobs = "".join(f"<li>{_e(j['job'])} by {_e(j['user'])}</li>" for j in status.get("jobs", []))
+    unverified = ", ".join(f"{_e(a)}-{_e(b)}" for a, b in status.get("unverified_spans", [])) or "none"
     coverage = "".join(f'<td class="{"gap" if b in missing else "ok"}" title="block {b}"></td>' for b in range(n))
     header = "".join(f"<th class=b>{b}</th>" for b in range(n))
     gaps = ", ".join(map(str, sorted(missing))) or "none"
@@ -31,8 +36,8 @@ def render_status(status: dict) -> str:
 body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: 2px 6px; font-size: 13px; }}
 td.on {{ background: #2e7d32; }} td.off {{ background: #eee; }} td.ok {{ background: #81c784; }}
-td.gap {{ background: #d32f2f; }} th.b {{ font-weight: normal; color: #666; font-size: 10px; }}
-td.on, td.off, td.ok, td.gap {{ width: 12px; height: 16px; border: 1px solid #fff; padding: 0; }}
+td.gap {{ background: #d32f2f; }} td.ban {{ background: #6d4c41; }} td.reason {{ color: #b71c1c; }} th.b {{ font-weight: normal; color: #666; font-size: 10px; }}
+td.on, td.off, td.ok, td.gap, td.ban {{ width: 12px; height: 16px; border: 1px solid #fff; padding: 0; }}
 .sw {{ display: inline-block; width: 12px; height: 12px; vertical-align: middle; }}
 .sw.on {{ background: #2e7d32; }} .sw.ok {{ background: #81c784; }} .sw.gap {{ background: #d32f2f; }}
 .legend, .updated {{ color: #555; font-size: 13px; }}
@@ -42,6 +47,10 @@ td.on, td.off, td.ok, td.gap {{ width: 12px; height: 16px; border: 1px solid #ff
 {status.get('active_jobs', 0)} active jobs, {status.get('sessions', 0)} generation sessions,
 <span id="failovers">{status.get('failovers', 0)}</span> failovers ({status.get('replayed_bytes', 0)} bytes replayed).
 Missing blocks: <b id="missing">{gaps}</b></p>
+<p>Verification: {_e(status.get('verify', 0))} of hops re-run on a second node; {_e(status.get('verified_hops', 0))} checked,
+{_e(status.get('disagreements', 0))} disagreements. Blocks no second node covers (hops there cannot be checked):
+<b id="unverified">{unverified}</b></p>
+<p>Running jobs:</p><ul id="jobs">{jobs or "<li>none</li>"}</ul>
 <p class="legend"><span class="sw on"></span> block held by the node
 <span class="sw ok"></span> block covered by some node <span class="sw gap"></span> block no node serves (jobs
 wait for it) &middot; speed in token-blocks per second &middot; load = requests in flight</p>

@@ -19,7 +19,7 @@ def why_connection_failed(e: BaseException, url: str) -> str:
     """One line for a failed connection, with the likely fix where there is one."""
     import websockets
 
-    from slowllm.protocol import ProtocolError
+    from slowllm.protocol import AuthError, ProtocolError
 
     if isinstance(e, websockets.InvalidStatus):
         return (f"answered HTTP {e.response.status_code} instead of a WebSocket (a proxy, or not a slowllm "
@@ -34,6 +34,8 @@ def why_connection_failed(e: BaseException, url: str) -> str:
         return f"WebSocket handshake failed ({e})"
     if isinstance(e, ProtocolError):
         return f"protocol error ({e})"
+    if isinstance(e, AuthError):
+        return f"authentication failed ({e})"
     if isinstance(e, ConnectionRefusedError):
         return "connection refused (not running yet, or wrong port?)"
     return f"unreachable ({type(e).__name__})"

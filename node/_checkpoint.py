@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,13 +62,15 @@ def _canonical(key: str) -> str:
 class Checkpoint:
     """A Bloom checkpoint opened for lazy, per-tensor reads."""
 
-    def __init__(self, model: str | os.PathLike, *, revision: str | None = None):
+    def __init__(self, model: str | os.PathLike, *, revision: str | None = None, hub_only: bool = False):
+        """`hub_only`: `model` is a name someone else gave (a coordinator): never a local path."""
         self.model_id = str(model)
         self.revision = revision
         path = Path(model).expanduser()
-        self._hub = not path.exists()
+        self._hub = hub_only or not path.exists()
         if self._hub:
-            if os.path.isabs(self.model_id) or self.model_id.startswith(".") or self.model_id.count("/") != 1:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", self.model_id) or ".." in self.model_id \
+                    or self.model_id.startswith("."):
                 raise CheckpointError(
                     f"model {self.model_id!r} is neither an existing directory nor a hub id like "
                     "'bigscience/bloom-560m': check the path."
@@ -88,6 +91,10 @@ class Checkpoint:
                 f"checkpoint {self.model_id} has no tensor {missing[0]!r} in its weight index: "
                 "the download is incomplete or this is not a Bloom checkpoint."
             )
+
+    @property
+    def is_hub(self) -> bool:
+        return self._hub
 
     # ---- files ---------------------------------------------------------------------------------
     def file(self, name: str) -> Path:

@@ -24,9 +24,9 @@ import torch
 import websockets
 
 from slowllm.protocol import (
-    PROTOCOL_VERSION, Auth, Backward, BusyError, Challenge, CheckpointError, CloseSession, Error, Forward,
-    Heartbeat, Hello, InputError, Limits, MemoryBudgetError, ProtocolError, Register, Result, SlowllmError, Step, Welcome,
-    decode_tensor, encode_tensor, pack, peek, sign, unpack,
+    HANDSHAKE_LIMITS, AuthError, Backward, BusyError, Channel, CheckpointError, CloseSession, Error, Forward,
+    Heartbeat, InputError, Limits, MemoryBudgetError, PeerHandshake, ProtocolError, Register, Result, SlowllmError,
+    Step, decode_tensor, encode_tensor, peek, printable,
 )
 
 from ._aio import why_connection_failed
@@ -38,7 +38,6 @@ from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtyp
 
 log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
-HANDSHAKE_FRAME = 1 << 20  # bytes a handshake frame may have; the coordinator's limit applies after it
 
 
 class Sessions:
@@ -123,11 +122,12 @@ class NodeServer:
         self.fault = fault
         self.requests = 0
         self.registered = False
+        self.channel = Channel()  # the current connection's (seals replies, opens requests)
         if model is not None:
             self._load(model)
 
-    def _load(self, model: str) -> None:
-        checkpoint = Checkpoint(model)
+    def _load(self, model: str, hub_only: bool = False) -> None:
+        checkpoint = Checkpoint(model, hub_only=hub_only)
         if not 0 <= self.first <= self.last < checkpoint.n_layer:
             raise InputError(f"--layers {self.first}-{self.last} is outside the model's blocks "
                              f"0-{checkpoint.n_layer - 1}: pick a range inside it.")
@@ -182,9 +182,10 @@ class NodeServer:
             except ssl.SSLCertVerificationError as e:
                 raise SlowllmError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
-            except (OSError, websockets.WebSocketException, asyncio.TimeoutError, ProtocolError) as e:
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError, ProtocolError, AuthError) as e:
                 # Every failure to reach or talk to the coordinator is retried: a reverse proxy answering
-                # 502 while the coordinator restarts, a wrong port, a dropped link must not kill the node.
+                # 502 while the coordinator restarts, a wrong port, a dropped link, and every handshake
+                # failure (a wrong secret, or an impostor that cannot prove it) must not kill the node.
                 if self.registered:  # it served until now: the coordinator restarts, come back at once
                     delay = 0.5
                 log.warning("coordinator %s: %s; retrying in %.1f s", self.url, why_connection_failed(e, self.url), delay)
@@ -194,42 +195,45 @@ class NodeServer:
             delay = min(delay * 2, 4.0)  # a volunteer node should be back within seconds of the coordinator
 
     async def _session(self) -> None:
-        async with websockets.connect(self.url, max_size=HANDSHAKE_FRAME, compression=None, ssl=self._ssl(),
-                                      open_timeout=10) as ws:
-            await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="node", name=self.name)))
-            challenge = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
-            if isinstance(challenge, Error):
-                raise ProtocolError(f"refused: {challenge.message[:200]}")
-            if not isinstance(challenge, Challenge):
-                raise ProtocolError(f"expected a challenge, got {challenge.type!r}")
-            mac = sign(self.secret, challenge.nonce, "node") if self.secret else b""
-            await ws.send(pack(Auth(mac=mac)))
-            reply = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
-            if isinstance(reply, Error):
-                raise SlowllmError(reply.message, code=reply.code)
-            if not isinstance(reply, Welcome):
-                raise ProtocolError(f"expected a welcome, got {reply.type!r}")
-            limit = reply.info.get("max_message_size", self.limits.max_frame)
+        async with websockets.connect(self.url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None,
+                                      ssl=self._ssl(), open_timeout=10) as ws:
+            hs = PeerHandshake("node", self.secret, self.name)
+            await ws.send(hs.hello())
+            await ws.send(hs.on_challenge(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT)))
+            info = hs.on_welcome(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
+            # From here the coordinator is authenticated (it proved the secret) and every frame is sealed.
+            channel = self.channel = hs.channel
+            limit = info.get("max_message_size", self.limits.max_frame)
             if not isinstance(limit, int) or not 1 << 20 <= limit <= 1 << 30:
-                raise ProtocolError(f"the coordinator announced a message size of {limit!r}")
+                raise ProtocolError(f"the coordinator announced a message size of {printable(limit, 40)}")
             self.limits = Limits(max_frame=limit, max_tensor_elements=self.limits.max_tensor_elements,
                                  max_batch_tokens=self.limits.max_batch_tokens)
             ws.protocol.max_message_size = limit  # the handshake ran under a small limit
             if self.blocks is None:
-                await asyncio.get_running_loop().run_in_executor(self.pool, self._load, challenge.model)
+                await asyncio.get_running_loop().run_in_executor(self.pool, self._load_named, info.get("model"))
             fingerprint = self.blocks.checkpoint.fingerprint()
-            await ws.send(pack(Register(first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
-                                        dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name)))
-            reply = unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
-            if isinstance(reply, Error):
-                raise CheckpointError(reply.message) if reply.code == "bad_checkpoint" else InputError(reply.message)
+            await ws.send(channel.pack(Register(
+                first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
+                dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name[:64])))
+            reply = channel.unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
+            if isinstance(reply, Error):  # the authenticated coordinator refuses this node: retrying is no use
+                cls = CheckpointError if reply.code in ("bad_checkpoint", "banned") else InputError
+                raise cls(printable(reply.message, 400))
             self.registered = True
             log.info("registered blocks %d-%d with %s", self.first, self.last, self.url)
             print(f"node {self.name} serving blocks {self.first}-{self.last} for {self.url}", flush=True)
             await self._serve(ws)
 
+    def _load_named(self, model) -> None:
+        """Load the model the (authenticated) coordinator names: a hub id only, never a local path."""
+        if not isinstance(model, str) or not model:
+            raise CheckpointError("the coordinator serves a local checkpoint, which a node never opens by the "
+                                  "coordinator's word: start this node with --model PATH (its own copy).")
+        self.model = model
+        self._load(model, hub_only=True)
+
     async def _serve(self, ws) -> None:
-        lock = asyncio.Lock()
+        lock, channel = asyncio.Lock(), self.channel
 
         async def send(frame: bytes) -> None:
             async with lock:
@@ -239,35 +243,51 @@ class NodeServer:
             while True:
                 await asyncio.sleep(self.heartbeat)
                 self.sessions.expire()
-                await send(pack(Heartbeat(load=self.load, sessions=len(self.sessions))))
+                await send(channel.pack(Heartbeat(load=self.load, sessions=len(self.sessions))))
 
         tasks: set[asyncio.Task] = set()
         beater = asyncio.create_task(beat())
+        self.banned = ""
         try:
             async for frame in ws:
-                task = asyncio.create_task(self._handle(frame, send))
+                task = asyncio.create_task(self._handle(frame, send, ws))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
             beater.cancel()
             for t in tasks:
                 t.cancel()
+        if self.banned:  # the coordinator proved this node's results wrong: coming back would not help
+            raise CheckpointError(f"{self.banned}; check this PC's hardware and slowllm version, then ask the "
+                                  "coordinator's operator to lift the ban (restart it).")
 
-    async def _handle(self, frame, send) -> None:
+    async def _handle(self, frame, send, ws) -> None:
         loop = asyncio.get_running_loop()
+        channel = self.channel
         # a queued request costs its frame and, once decoded, a copy of its tensors: count both
         msg_id, size = None, 2 * len(frame)
         try:
-            kind, msg_id = peek(frame)
+            kind, msg_id = peek(channel.body(frame))
             if self.inflight and self.inflight + size > self.inflight_budget:  # they pile up faster than they compute
                 raise BusyError(f"node is busy: {format_size(self.inflight)} of requests are waiting; retry in 5 s.")
         except SlowllmError as e:
-            await send(pack(Error(id=msg_id, code=e.code, message=str(e))))
+            await send(channel.pack(Error(id=msg_id, code=e.code, message=str(e))))
             return
         self.inflight += size
         try:
-            msg = await loop.run_in_executor(self.codec, unpack, frame, self.limits)
+            try:
+                msg = await loop.run_in_executor(self.codec, channel.unpack, frame, self.limits)
+            except AuthError as e:  # altered or injected on the way: nothing more on this link can be trusted
+                log.warning("coordinator %s: %s", self.url, e)
+                await ws.close(1008, "frame authentication failed")
+                return
             del frame
+            if isinstance(msg, Error) and msg.id is None:
+                if msg.code == "banned":
+                    self.banned = printable(msg.message, 300)
+                    print(f"node {self.name}: {self.banned}", flush=True)
+                    await ws.close()
+                return  # other notices from the coordinator need no answer
             if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
                 raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
             self.requests += 1
@@ -281,16 +301,17 @@ class NodeServer:
             finally:
                 self.load -= 1
             codec = msg.compression if isinstance(msg, Forward) else "raw"
-            reply = await loop.run_in_executor(
-                self.codec, lambda: pack(Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec))))
+            reply = await loop.run_in_executor(self.codec, lambda: channel.pack(
+                Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec))))
             await send(reply)
         except SlowllmError as e:
-            await send(pack(Error(id=msg_id, code=e.code, message=str(e))))
+            await send(channel.pack(Error(id=msg_id, code=e.code, message=str(e))))
         except websockets.ConnectionClosed:
             pass
         except Exception as e:  # a bug must not take the node down: report it for this request only
             log.exception("request failed")
-            await send(pack(Error(id=msg_id, code="internal", message=f"node failed on this request: {type(e).__name__}")))
+            await send(channel.pack(Error(id=msg_id, code="internal",
+                                          message=f"node failed on this request: {type(e).__name__}")))
         finally:
             self.inflight -= size
 

@@ -7,14 +7,12 @@ well-formedness, message schema, tensor byte counts and element limits; any fail
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
+import math
 import os
 from dataclasses import dataclass
 
 import msgpack
-import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -25,6 +23,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _INT8_BLOCK = 64
+PEEK_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,10 @@ def peek(frame: bytes | str) -> tuple[str, int | None]:
     The event loop routes replies by id with this; the worker thread that waits for the reply does the
     full `unpack` (schema, tensor bytes) off the loop.
     """
-    if not isinstance(frame, bytes):
+    if not isinstance(frame, (bytes, memoryview)):
         raise ProtocolError("text frames are not part of the protocol: send msgpack in binary frames.")
-    unpacker = msgpack.Unpacker(io.BytesIO(frame), read_size=256, raw=False, max_buffer_size=max(len(frame), 256))
+    # only the head is read: honest senders put `type` and `id` first, and a 256 MB frame is not copied
+    unpacker = msgpack.Unpacker(io.BytesIO(bytes(frame[:PEEK_BYTES])), raw=False, max_buffer_size=PEEK_BYTES)
     kind, msg_id = None, None
     try:
         for _ in range(min(unpacker.read_map_header(), 8)):
@@ -113,7 +113,9 @@ def encode_tensor(t: torch.Tensor, codec: str = "raw") -> WireTensor:
 
 def decode_tensor(w: WireTensor, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
     dtype = _DTYPES[w.dtype]
-    numel = int(np.prod(w.shape, dtype=np.int64)) if w.shape else 1
+    if len(w.shape) > 8:
+        raise ProtocolError(f"tensor has {len(w.shape)} dimensions, more than 8.")
+    numel = math.prod(w.shape)  # Python ints: a shape like [2**62 + 1, 4] cannot wrap around
     if numel > limits.max_tensor_elements:
         raise ProtocolError(f"tensor of {numel} elements exceeds the limit of {limits.max_tensor_elements}.")
     stored = {"raw": dtype, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[w.codec]
@@ -134,31 +136,25 @@ def decode_tensor(w: WireTensor, limits: Limits = DEFAULT_LIMITS) -> torch.Tenso
     return payload.reshape(w.shape).to(dtype)
 
 
-# ---- authentication ------------------------------------------------------------------------------
-def new_nonce() -> bytes:
-    return os.urandom(32)
-
-
-def sign(secret: bytes, nonce: bytes, role: str) -> bytes:
-    """HMAC-SHA256 over the coordinator's fresh nonce and the peer's role: proves the secret, never sends it."""
-    return hmac.new(secret, nonce + b"|" + role.encode(), hashlib.sha256).digest()
-
-
-def verify(secret: bytes | None, nonce: bytes, role: str, mac: bytes) -> None:
-    if secret is None:
-        return
-    if not hmac.compare_digest(sign(secret, nonce, role), mac):
-        raise AuthError("authentication failed: the shared secret does not match the coordinator's (--secret-file).")
-
-
+# ---- credentials ---------------------------------------------------------------------------------
 def read_secret(path: str | os.PathLike | None) -> bytes | None:
+    """The key in a secret file: the whole file, or KEY of a one-line `NAME KEY` (a user's client key)."""
+    return read_credentials(path)[1]
+
+
+def read_credentials(path: str | os.PathLike | None) -> tuple[str, bytes | None]:
+    """(NAME, KEY) of a secret file holding `KEY` or `NAME KEY` (NAME is "" then)."""
     if path is None:
-        return None
+        return "", None
     try:
         secret = open(path, "rb").read().strip()
     except OSError as e:
         raise AuthError(f"cannot read secret file {path} ({e.strerror}): check --secret-file.") from None
+    name = b""
+    parts = secret.split()
+    if len(parts) == 2 and b"\n" not in secret:  # `NAME KEY`, as a coordinator's --client-keys line
+        name, secret = parts
     if len(secret) < 16:
         raise AuthError(f"secret file {path} holds fewer than 16 bytes: put a long random string in it "
                         "(e.g. `openssl rand -hex 32`).")
-    return secret
+    return name.decode(errors="replace"), secret

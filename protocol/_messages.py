@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: mutual authentication, authenticated frames
 
 
 class _Msg(BaseModel):
@@ -40,50 +40,51 @@ class Hello(_Msg):
     version: int
     role: Literal["node", "client"]
     name: str = Field("", max_length=200)
+    nonce: bytes = Field(b"", max_length=64)  # the peer's contribution to the transcript both sides prove
 
 
 class Challenge(_Msg):
     type: Literal["challenge"] = "challenge"
     version: int
-    nonce: bytes
+    nonce: bytes = Field(max_length=64)
     auth_required: bool
-    model: str
-    fingerprint: str
+    fingerprint: str = Field(max_length=64)  # no model path: a stranger learns nothing about the machine
     n_layer: int
 
 
 class Auth(_Msg):
     type: Literal["auth"] = "auth"
-    mac: bytes = b""
+    mac: bytes = Field(b"", max_length=64)
 
 
 class Welcome(_Msg):
     type: Literal["welcome"] = "welcome"
     info: dict[str, Any] = {}
+    proof: bytes = Field(b"", max_length=64)  # the coordinator's proof of the secret (mutual authentication)
 
 
 class Error(_Msg):
     type: Literal["error"] = "error"
     id: int | None = None
-    code: str
-    message: str
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=4096)
 
 
 class Register(_Msg):
     type: Literal["register"] = "register"
     first: int
     last: int
-    fingerprint: str
-    device: str = "cpu"
-    dtype: str = "float32"
-    speed: float = 0.0  # measured tokens x blocks per second
-    name: str = ""
+    fingerprint: str = Field(max_length=64)
+    device: str = Field("cpu", max_length=32)
+    dtype: str = Field("float32", max_length=32)
+    speed: float = Field(0.0, ge=0, allow_inf_nan=False)  # measured tokens x blocks per second (its word)
+    name: str = Field("", max_length=64)
 
 
 class Heartbeat(_Msg):
     type: Literal["heartbeat"] = "heartbeat"
-    load: int = 0
-    sessions: int = 0
+    load: int = Field(0, ge=0, le=1 << 20)
+    sessions: int = Field(0, ge=0, le=1 << 20)
 
 
 class Forward(_Msg):

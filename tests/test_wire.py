@@ -16,11 +16,11 @@ import pytest
 import torch
 import websockets
 
-from netutil import Cluster
+from netutil import Cluster, accept_as_coordinator, connect_as
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
 from slowllm.coordinator._tiny import CORPUS
-from slowllm.protocol import (PROTOCOL_VERSION, Auth, Challenge, Error, Event, Forward, Hello, InputError, Job,
-                              Register, Result, SlowllmError, Welcome, encode_tensor, pack, peek, unpack)
+from slowllm.protocol import (Error, Event, Forward, InputError, Job, Register, Result, SlowllmError, Welcome,
+                              encode_tensor, pack, peek, unpack)
 
 MB = 1 << 20
 LONG = " ".join(CORPUS.split() * 8)  # ~1,000 tokens of the tiny tokenizer
@@ -150,12 +150,7 @@ async def _fake_coordinator(port_box: list, flood: int, frame_bytes: int, out: d
             out.setdefault("busy", -1)  # the test's wait ends whatever happened here
 
     async def flood_node(ws):
-        hello = unpack(await ws.recv())
-        assert isinstance(hello, Hello)
-        await ws.send(pack(Challenge(version=PROTOCOL_VERSION, nonce=b"0" * 32, auth_required=False, model="m",
-                                     fingerprint="f", n_layer=6)))
-        assert isinstance(unpack(await ws.recv()), Auth)
-        await ws.send(pack(Welcome(info={"max_message_size": 8 * MB})))
+        await accept_as_coordinator(ws, None, info={"max_message_size": 8 * MB})
         assert isinstance(unpack(await ws.recv()), Register)
         await ws.send(pack(Welcome(info={})))
         out["registered"] = True
@@ -224,11 +219,8 @@ def test_a_flood_of_requests_gets_busy_and_node_memory_stays_bounded(tiny_model)
 # ---- cancellation ---------------------------------------------------------------------------------
 async def _start_and_drop(url: str, params: dict, events: int) -> None:
     """A client that starts a long generation, reads a few tokens, and goes away without a word."""
-    async with websockets.connect(url, max_size=None, compression=None) as ws:
-        await ws.send(pack(Hello(version=PROTOCOL_VERSION, role="client")))
-        unpack(await ws.recv())
-        await ws.send(pack(Auth()))
-        assert isinstance(unpack(await ws.recv()), Welcome)
+    ws, _ = await connect_as(url, None, compression=None)
+    async with ws:
         await ws.send(pack(Job(id=1, job="generate", params=params)))
         for _ in range(events):
             assert isinstance(unpack(await ws.recv()), Event)

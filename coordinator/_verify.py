@@ -1,0 +1,90 @@
+"""Verification by recomputation: is a node's answer what the blocks compute?
+
+`--verify F` re-runs a random fraction F of hops on a second node covering the same blocks and compares
+the two answers with a tolerance derived from the two nodes' dtypes. When they disagree, the coordinator
+decides: it computes the span itself from its own checkpoint (`Referee`, one block in memory at a time,
+fp32) and bans whichever node is wrong. Only positions the mask marks real are compared (padding
+positions are never used downstream).
+
+A lie smaller than the tolerance passes; it moves each hidden state by less than two honest machines
+differ by (bf16 rounding over a span), which is also what an honest bf16 node does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from slowllm.node import Checkpoint
+from slowllm.node._blocks import Attention
+from slowllm.node._streaming import BlockStream
+
+# Relative error per position (L2 over the hidden dimension) two honest nodes stay within: fp32 nodes
+# differ by summation order (threads, query chunking); a bf16 node rounds every block's weights and
+# activations to 8 bits of mantissa (2**-8 = 0.4% per rounding, accumulated over a span of blocks).
+TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-2}
+
+
+def tolerance(*dtypes: str) -> float:
+    return max(TOLERANCE.get(d, 5e-2) for d in dtypes)
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, tol: float) -> bool:
+    """Do `a` and `b` ([rows, positions, hidden]) agree at every real position within `tol` (relative)?"""
+    diff = (a.float() - b.float()).norm(dim=-1)
+    scale = torch.maximum(a.float().norm(dim=-1), b.float().norm(dim=-1))
+    # a floor from the largest position keeps all-but-zero rows (e.g. gradients at padding) comparable
+    ok = diff <= tol * scale + 1e-6 * scale.max() + 1e-12
+    if mask is not None:
+        ok = ok | (mask[:, -a.shape[1]:] == 0)
+    return bool(ok.all())
+
+
+class Referee:
+    """The coordinator's own computation of a span, from its checkpoint: the ground truth in a dispute.
+
+    Blocks are streamed from disk one at a time in fp32 (a span of Bloom-176B blocks never sits in the
+    coordinator's memory at once); disputes are rare, so they pay the read.
+    """
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self._lock = threading.Lock()  # one dispute at a time: each may read many GB
+        self.disputes = 0
+
+    def _attention(self, mask: torch.Tensor, q_len: int, budget: int = 256 << 20) -> Attention:
+        return Attention(mask, q_len, self.config.n_head, torch.float32, "cpu", budget)
+
+    @torch.no_grad()
+    def forward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.disputes += 1
+            stream = BlockStream(self.checkpoint, torch.float32, "cpu", prefetch=False)
+            attn = self._attention(mask, hidden.shape[1])
+            hidden = hidden.float()
+            for _, block in stream.blocks(range(first, last + 1), "verify", progress=False):
+                hidden = attn.run(block, hidden)
+            return hidden
+
+    def backward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,
+                 grad: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.disputes += 1
+            stream = BlockStream(self.checkpoint, torch.float32, "cpu", prefetch=False)
+            attn = self._attention(mask, hidden.shape[1])
+            whole = self._attention(mask, hidden.shape[1], budget=1 << 62)
+            inputs, hidden = [], hidden.float()
+            with torch.no_grad():
+                for _, block in stream.blocks(range(first, last + 1), "verify", progress=False):
+                    inputs.append(hidden)
+                    hidden = attn.run(block, hidden)
+            grad = grad.float()
+            layers = list(range(first, last + 1))
+            for (_, block), x in zip(stream.blocks(list(reversed(layers)), "verify", progress=False),
+                                     reversed(inputs)):
+                x = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    (grad,) = torch.autograd.grad(whole.run(block, x), x, grad)
+            return grad
