@@ -105,6 +105,8 @@ class Client:
         if path is None:
             return None
         tensor, meta = read_soft_prompt(path)
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise InputError(f"soft prompt {path} holds non-finite or non-float values: tune it again.")
         return {"tensor": encode_tensor(tensor).model_dump(), "meta": {**meta, "source": str(path)}}
 
     def generate(self, prompts: list[str], sampling: Sampling = Sampling(), soft_prompt=None,
@@ -146,7 +148,9 @@ class Client:
 
         result = self._run("tune", params, on_event)
         prompt = decode_tensor(WireTensor.model_validate(result["prompt"]), self.limits)
-        self.fingerprint = result["fingerprint"]
+        if not torch.isfinite(prompt).all():
+            raise SlowllmError("the coordinator returned a non-finite soft prompt; nothing was saved.")
+        self.fingerprint = str(result["fingerprint"])[:64]
         if out is not None:
             self.save_prompt(out, prompt)
         return prompt

@@ -8,6 +8,7 @@ fit the chain's limits; a soft prompt, when given, sits between the padding and 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -156,6 +157,11 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> None:
+        _whole("max_new_tokens", self.max_new_tokens)
+        _whole("seed", self.seed, optional=True)
+        _whole("top_k", self.top_k, optional=True)
+        _finite("temperature", self.temperature)
+        _finite("top_p", self.top_p, optional=True)
         if self.max_new_tokens < 1:
             raise InputError("--max-new-tokens must be at least 1.")
         if self.temperature < 0:
@@ -164,6 +170,21 @@ class Sampling:
             raise InputError("--top-k must be at least 1.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InputError("--top-p must be in (0, 1].")
+
+
+def _whole(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be a whole number, not {value!r}.")
+
+
+def _finite(name: str, value, optional: bool = False) -> None:
+    """A number that is not NaN or infinite (NaN slips through every `<` check)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, not {value!r}.")
 
 
 def pick_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:

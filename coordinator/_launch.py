@@ -18,8 +18,9 @@ from ._client import Client
 class LocalCluster:
     def __init__(self, model, layer_ranges: list[str], *, secret_file=None, coordinator_args=(),
                  node_args=(), node_model: bool = True, timeout: float = 120, port: int = 0,
-                 cafile=None):
+                 cafile=None, client_secret_file=None):
         self.model, self.secret_file = str(model), secret_file
+        self.client_secret_file = client_secret_file or secret_file  # a client key, with --client-keys
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs: list[subprocess.Popen] = []
         self._lines: dict[int, collections.deque] = {}
@@ -89,7 +90,7 @@ class LocalCluster:
         return self.nodes[name]
 
     def client(self, **kw) -> Client:
-        return Client(self.url, secret_file=self.secret_file, **{"cafile": self.cafile, **kw})
+        return Client(self.url, secret_file=self.client_secret_file, **{"cafile": self.cafile, **kw})
 
     def wait_covered(self, count: int, timeout: float = 120) -> dict:
         deadline = time.time() + timeout

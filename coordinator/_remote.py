@@ -68,6 +68,7 @@ class RemoteChain(Chain):
         self.router, self.limits, self.hidden_size = router, limits, hidden_size
         self.referee = referee  # decides disputes under --verify (None: disputes ban nobody)
         self.rng = random.Random()
+        self.verifying = False  # inside a verification re-run (one job thread per chain)
         self.n_layer = router.n_layer
         self.dtype = torch.float32
         self.compression = compression
@@ -160,45 +161,56 @@ class RemoteChain(Chain):
 
     def _verified(self, node: "NodeLink", a: int, b: int, out: torch.Tensor, mask: torch.Tensor, again,
                   truth) -> torch.Tensor:
-        """`out`, from `node` for blocks a..b; with probability --verify, checked against a second node.
+        """`out`, from `node` for blocks a..b; with probability --verify, checked by re-running the hop.
 
-        `again(other)` re-runs the hop on another node, `truth()` computes it at the coordinator. A node
-        proven wrong is banned; the hop's result is an answer the coordinator's own computation confirms,
-        so with --verify 1 a lying node never changes any output.
+        `again(exclude)` re-runs the hop statelessly on other nodes (one covering a..b, or a route of
+        several) and returns (answer, nodes used); `truth()` computes it at the coordinator. On a
+        disagreement the coordinator's computation decides and bans the node(s) proven wrong; the hop's
+        result is an answer that computation confirms, so with --verify 1 a lying node never changes any
+        output.
         """
-        if self.router.verify <= 0 or self.rng.random() >= self.router.verify:
+        if self.verifying or self.router.verify <= 0 or self.rng.random() >= self.router.verify:
             return out
-        other = self.router.second_node(node, a, b)
-        if other is None:
+        if self.router.missing(a, b, exclude={node}):  # no other node covers some of a..b
             self.router.record_verification(None, agreed=None)
             return out
+        self.verifying = True  # the re-run itself is not verified again
         try:
-            check = again(other)
-        except NodeFailed:  # the check failed (and was dealt with), the answer stays unchecked
+            rerun = again({node})
+        except (NodeFailed, UnavailableError):  # the check could not run (its failures were dealt with)
             return out
-        if check is None:  # too large to re-send in one frame
+        finally:
+            self.verifying = False
+        if rerun is None:  # too large to re-send
             self.router.record_verification(None, agreed=None)
             return out
-        if agree(out, check, mask, tolerance(node.dtype, other.dtype)):
+        check, others = rerun
+        if agree(out, check, mask, tolerance(node.dtype, *(x.dtype for x in others))):
             self.router.record_verification(node, agreed=True)
             return out
         self.router.record_verification(node, agreed=False)
         if self.referee is None:
             return out
         reference = truth()
-        answers = [(node, out), (other, check)]
-        wrong = [x for x, y in answers if not agree(y, reference, mask, tolerance(x.dtype, "float32"))]
-        for x in wrong:
-            self.router.loop.call_soon_threadsafe(
-                self.router.ban, x, f"its blocks {a}-{b} disagreed with the coordinator's own computation")
-        right = [y for x, y in answers if x not in wrong]
+        why = f"its answer for blocks {a}-{b} disagreed with the coordinator's own computation"
+        right = []
+        if agree(out, reference, mask, tolerance(node.dtype, "float32")):
+            right.append(out)
+        else:
+            self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
+        if agree(check, reference, mask, tolerance("float32", *(x.dtype for x in others))):
+            right.append(check)
+        elif len(others) == 1:  # (a re-run over several nodes is wrong somewhere: each is checked as a primary)
+            self.router.loop.call_soon_threadsafe(self.router.ban, others[0], why)
         return right[0] if right else reference
 
     def _with_failover(self, first: int, last: int, exclude: set, run):
         """Route from block `first` towards `last` and `run(node, a, b)` on the first span; when its node
         fails, exclude it and route again. Returns (node, a, b, result). The one retry loop of this chain."""
         while True:
-            routes = self._call(self.router.wait_route(first, last, exclude, self.notify, self.cancel))
+            # a verification re-run never waits for nodes: the hop's answer is there, only its check is not
+            routes = self._call(self.router.wait_route(first, last, exclude, self.notify, self.cancel,
+                                                       wait=0 if self.verifying else None))
             node, a, b = routes[0]
             try:
                 return node, a, b, run(node, a, b)
@@ -209,44 +221,57 @@ class RemoteChain(Chain):
                                            "retry the job later.") from None
 
     # ---- stateless forward / backward ----------------------------------------------------------
-    def _forward_range(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor):
-        """Output of blocks first..last, and each span's (first, last, input) as actually run."""
-        wire_mask, spans, exclude, block = encode_tensor(mask), [], set(), first
+    def _forward_range(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,
+                       avoid: set = frozenset(), nodes: list | None = None):
+        """Output of blocks first..last, and each span's (first, last, input) as actually run.
+
+        Nodes in `avoid` are not used; `nodes` collects the nodes that were."""
+        wire_mask, spans, exclude, block = encode_tensor(mask), [], set(avoid), first
         while block <= last:
             def run(node, a, b, h=hidden):
-                def on(x):
-                    return self._exchange(x, lambda i: Forward(
-                        id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
-                        compression=self.compression), tuple(h.shape), b - a + 1)
-                return self._verified(node, a, b, on(node), mask, on,
+                out = self._exchange(node, lambda i: Forward(
+                    id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
+                    compression=self.compression), tuple(h.shape), b - a + 1)
+                return self._verified(node, a, b, out, mask, lambda skip: self._rerun_forward(a, b, h, mask, skip),
                                       lambda: self.referee.forward(a, b, h, mask))
-            _, a, b, out = self._with_failover(block, last, exclude, run)
+            node, a, b, out = self._with_failover(block, last, exclude, run)
+            if nodes is not None:
+                nodes.append(node)
             spans.append((a, b, hidden))
             hidden, block = out, b + 1
         return hidden, spans
 
-    def _backward_range(self, first: int, last: int, hidden, mask, grad) -> torch.Tensor:
+    def _rerun_forward(self, a: int, b: int, hidden: torch.Tensor, mask: torch.Tensor, avoid: set):
+        used: list = []
+        return self._forward_range(a, b, hidden, mask, avoid, used)[0], used
+
+    def _backward_range(self, first: int, last: int, hidden, mask, grad, avoid: set = frozenset(),
+                        nodes: list | None = None) -> torch.Tensor:
         class Split(Exception):
             pass
 
         def run(node, a, b):
             if b < last:  # no single node holds the span any more
                 raise Split
-
-            def on(x):
-                return self._exchange(x, lambda i: Backward(
-                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
-                    grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
-            return self._verified(node, a, b, on(node), mask, on,
+            out = self._exchange(node, lambda i: Backward(
+                id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
+                grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
+            if nodes is not None:
+                nodes.append(node)
+            return self._verified(node, a, b, out, mask, lambda skip: self._rerun_backward(a, b, hidden, mask, grad, skip),
                                   lambda: self.referee.backward(a, b, hidden, mask, grad))
 
         try:
-            return self._with_failover(first, last, set(), run)[3]
+            return self._with_failover(first, last, set(avoid), run)[3]
         except Split:  # recompute the span's pieces forward, then backward through each in reverse
-            _, pieces = self._forward_range(first, last, hidden, mask)
+            _, pieces = self._forward_range(first, last, hidden, mask, avoid, nodes)
             for a, b, h in reversed(pieces):
-                grad = self._backward_range(a, b, h, mask, grad)
+                grad = self._backward_range(a, b, h, mask, grad, avoid, nodes)
             return grad
+
+    def _rerun_backward(self, a: int, b: int, hidden, mask, grad, avoid: set):
+        used: list = []
+        return self._backward_range(a, b, hidden, mask, grad, avoid, used), used
 
     def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
         for batch in batches:
@@ -310,13 +335,12 @@ class RemoteSession(ChainSession):
                 return None
             return past_inputs
 
-        def again(other):
+        def again(avoid):
             full = history()
             if full is None:
                 return None
-            return chain._exchange(other, lambda i: Forward(id=i, first=a, last=b, hidden=encode_tensor(full),
-                                                            mask=encode_tensor(mask)),
-                                   tuple(full.shape), b - a + 1)[:, -new:]
+            check, used = chain._rerun_forward(a, b, full, mask, avoid)
+            return check[:, -new:], used
 
         return chain._verified(node, a, b, out, mask, again,
                                lambda: chain.referee.forward(a, b, history(), mask)[:, -new:])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,8 @@ class NodeLink:
 
     async def request(self, msg_id: int, frame: bytes, timeout: float | None = None) -> bytes:
         """Send a frame packed by the caller's thread and wait for the reply's raw frame."""
+        if self.banned or not self.connected:
+            raise UnavailableError(f"node {self.name} is gone.")
         future = asyncio.get_running_loop().create_future()
         self.pending[msg_id] = future
         self.assigned += 1
@@ -177,15 +178,6 @@ class Router:
             else:
                 self.disagreements += 1
 
-    def second_node(self, node: NodeLink, first: int, last: int) -> NodeLink | None:
-        """Another trusted node holding all of blocks first..last, to re-run a hop on (worker threads)."""
-        now = time.monotonic()
-        others = [x for x in list(self.nodes) if x is not node and x.connected and not x.banned
-                  and x.first <= first and last <= x.last]
-        if not others:
-            return None
-        return min(others, key=lambda x: (x.avoid_until > now, x.assigned + x.load, random.random()))
-
     def unverified_spans(self) -> list[list[int]]:
         """Block ranges that fewer than two nodes cover: a hop there cannot be checked by recomputation."""
         spans, start = [], None
@@ -236,22 +228,24 @@ class Router:
         return spans
 
     async def wait_route(self, first: int = 0, last: int | None = None, exclude: set = frozenset(),
-                         notify=None, cancel: threading.Event | None = None) -> list[tuple[NodeLink, int, int]]:
+                         notify=None, cancel: threading.Event | None = None,
+                         wait: float | None = None) -> list[tuple[NodeLink, int, int]]:
         """`route`, after waiting up to --wait-for-nodes for missing blocks; `notify(text)` tells the client
         what it is waiting for (at once, then every 15 s), so a waiting job is never silent."""
-        deadline = time.monotonic() + self.wait_for_nodes
+        wait = self.wait_for_nodes if wait is None else wait
+        deadline = time.monotonic() + wait
         told = None
         while True:
             missing = self.missing(first, last, exclude)
             if not missing:
                 return self.route(first, last, exclude)
             left = deadline - time.monotonic()
-            if notify is not None and left > 0 and (told is None or time.monotonic() - told >= 15):
+            if notify is not None and wait > 0 and left > 0 and (told is None or time.monotonic() - told >= 15):
                 told = time.monotonic()
                 notify(f"waiting up to {left:.0f} s for a node serving blocks {format_ranges(missing)}")
             if left <= 0 or (cancel is not None and cancel.is_set()):
                 raise UnavailableError(f"no node serves blocks {format_ranges(missing)} (waited "
-                                       f"{self.wait_for_nodes:.0f} s): start nodes covering them.")
+                                       f"{wait:.0f} s): start nodes covering them.")
             self._coverage_changed.clear()
             try:  # wake on a new node, or every half second to notice a cancelled job
                 await asyncio.wait_for(self._coverage_changed.wait(), min(left, 0.5))

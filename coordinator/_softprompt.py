@@ -48,8 +48,11 @@ def read_soft_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
 def check_soft_prompt(prompt: torch.Tensor, meta: dict, fingerprint: str, hidden_size: int, source: str) -> torch.Tensor:
     if prompt.ndim != 2 or meta.get("model_fingerprint") != fingerprint or prompt.shape[1] != hidden_size:
         raise InputError(
-            f"soft prompt {source} was made for another model ({meta.get('model', '?')}): tune one for this model."
+            f"soft prompt {source} was made for another model ({str(meta.get('model', '?'))[:100]}): tune one for "
+            "this model."
         )
+    if not prompt.is_floating_point() or not torch.isfinite(prompt).all():
+        raise InputError(f"soft prompt {source} holds non-finite or non-float values: tune it again.")
     return prompt.float()
 
 

@@ -9,6 +9,7 @@ only after the whole step succeeded, so a failed step is never half-applied.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -31,6 +32,13 @@ class TuneOptions:
     seed: int = 0
 
     def check(self) -> None:
+        from ._jobs import _finite, _whole
+
+        for name in ("prompt_tokens", "steps", "batch_size", "seed"):
+            _whole(name, getattr(self, name))
+        _finite("lr", self.lr)
+        if self.lr > 1e3:
+            raise InputError(f"lr {self.lr} is far too large (a soft prompt's steps are ~0.01-1): use a smaller one.")
         if self.prompt_tokens < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise InputError("--prompt-tokens, --steps and --batch-size must be at least 1, and --lr positive.")
 
@@ -116,6 +124,9 @@ def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptio
         prompt.grad = grad
         optimizer.step()
         optimizer.zero_grad()
+        if not math.isfinite(loss) or not torch.isfinite(prompt).all():
+            raise InputError(f"tuning diverged at step {step} (the loss or the prompt became non-finite): use a "
+                             f"smaller --lr than {options.lr}.")
         if on_prompt:  # first: once "step N" is shown, step N's prompt is what Ctrl-C saves
             on_prompt(step, prompt.detach().clone())
         if on_step:

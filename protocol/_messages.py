@@ -76,7 +76,7 @@ class Register(_Msg):
     last: int
     fingerprint: str = Field(max_length=64)
     device: str = Field("cpu", max_length=32)
-    dtype: str = Field("float32", max_length=32)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # decides the --verify tolerance
     speed: float = Field(0.0, ge=0, allow_inf_nan=False)  # measured tokens x blocks per second (its word)
     name: str = Field("", max_length=64)
 

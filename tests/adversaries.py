@@ -1,0 +1,90 @@
+"""Adversarial peers written with slowllm.protocol, for tests and bench/fuzz.py.
+
+`LyingNode` holds the real node secret and the real fingerprint (a volunteer who turned bad, or a broken
+PC): it registers a range of blocks and answers every request with one kind of lie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+import websockets
+
+from slowllm.node import Checkpoint
+from slowllm.protocol import (Backward, CloseSession, Error, Forward, Limits, PeerHandshake, Register, Result, Step,
+                              decode_tensor, encode_tensor, pack)
+
+# what a lying node answers instead of the blocks' output
+LIES = {
+    "zeros": lambda h: torch.zeros_like(h),
+    "random": lambda h: torch.randn_like(h) * h.std(),
+    "echo": lambda h: h,  # the input, unchanged
+    "nudge": lambda h: h * 1.02,  # close to the input: off by 2%
+    "nan": lambda h: torch.full_like(h, float("nan")),
+    "inf": lambda h: torch.full_like(h, float("inf")),
+    "int64": lambda h: torch.ones(h.shape, dtype=torch.int64),
+    "short": lambda h: h[:, :-1] if h.shape[1] > 1 else h[:, :, :-1],  # one position (or feature) fewer
+    "huge": lambda h: torch.zeros(h.shape[0], 8 << 10, h.shape[2]),  # megabytes nobody asked for
+}
+REFUSALS = {"busy": "busy", "internal": "internal"}  # honest-looking trouble: fail over, don't ban
+
+
+class LyingNode:
+    def __init__(self, url: str, secret: bytes | None, model, first: int, last: int, lie: str, name: str = "",
+                 device: str = "cpu", dtype: str = "float32"):
+        self.url, self.secret, self.first, self.last, self.lie = url, secret, first, last, lie
+        self.name = name or f"liar-{lie}"
+        self.device, self.dtype = device, dtype
+        self.fingerprint = Checkpoint(model).fingerprint()
+        self.answered = 0
+        self.banned = ""
+        self.refused = ""
+        self.registered = threading.Event()
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> "LyingNode":
+        self._thread.start()
+        while not self.registered.wait(0.1):
+            if self.done.is_set():
+                raise RuntimeError(f"{self.name} did not register: {self.refused}")
+        return self
+
+    def _answer(self, msg):
+        if isinstance(msg, CloseSession):
+            return Result(id=msg.id)
+        if self.lie in REFUSALS:
+            return Error(id=msg.id, code=REFUSALS[self.lie], message="<script>alert(1)</script> trouble")
+        hidden = decode_tensor(msg.hidden)
+        return Result(id=msg.id, tensor=encode_tensor(LIES[self.lie](hidden)))
+
+    async def _run(self) -> None:
+        try:
+            async with websockets.connect(self.url, max_size=None) as ws:
+                hs = PeerHandshake("node", self.secret, self.name)
+                await ws.send(hs.hello())
+                await ws.send(hs.on_challenge(await ws.recv()))
+                hs.on_welcome(await ws.recv())
+                channel = hs.channel
+                await ws.send(channel.pack(Register(first=self.first, last=self.last, fingerprint=self.fingerprint,
+                                                    name=self.name, device=self.device, dtype=self.dtype,
+                                                    speed=1e9)))  # it claims to be very fast, too
+                reply = channel.unpack(await ws.recv(), Limits())
+                if isinstance(reply, Error):
+                    self.refused = reply.message
+                    return
+                self.registered.set()
+                async for frame in ws:
+                    msg = channel.unpack(frame, Limits())
+                    if isinstance(msg, Error) and msg.code == "banned":
+                        self.banned = msg.message
+                        continue
+                    if isinstance(msg, (Forward, Backward, Step, CloseSession)):
+                        await ws.send(channel.seal(pack(self._answer(msg))))
+                        self.answered += 1
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.done.set()
