@@ -84,7 +84,8 @@ def peek(frame: bytes | str) -> tuple[str, int | None]:
                 break
     except Exception:  # truncated, not a map, nested garbage: all the sender's fault
         raise ProtocolError("malformed msgpack frame: send one msgpack map per message.") from None
-    if not isinstance(kind, str) or not (msg_id is None or isinstance(msg_id, int)):
+    if not isinstance(kind, str) or not (msg_id is None or type(msg_id) is int) or \
+            (msg_id is not None and not -(2 ** 63) <= msg_id < 2 ** 63):
         raise ProtocolError("a message must be a msgpack map with a string 'type' and an integer 'id'.")
     return kind, msg_id
 

@@ -304,14 +304,11 @@ def test_a_liar_is_banned_within_bounded_jobs_under_verify_5_percent(tiny_model,
         assert client.generate([PROMPT], sampling)[0]["token_ids"] == expected  # honest nodes only now
 
 
-def test_unverified_spans_are_reported(tiny_model, secret):
+def test_unverified_spans_are_reported_and_job_parameters_checked(tiny_model, secret):
     with Cluster(tiny_model, ["0-3", "2-5"], secret_file=secret) as c:
         status = c.client().status()
         assert status["unverified_spans"] == [[0, 1], [4, 5]] and status["verify"] == 0.05
 
-
-def test_client_side_parameters_are_checked(tiny_model, secret):
-    with Cluster(tiny_model, ["0-5"], secret_file=secret) as c:
         async def raw(params):
             ws, channel = await connect_as(c.url, _key(secret))
             from slowllm.protocol import Job
@@ -327,3 +324,17 @@ def test_client_side_parameters_are_checked(tiny_model, secret):
                                "finite")]:
             reply = asyncio.run(raw(dict(params)))
             assert reply.type == "error" and reply.code == "bad_input" and words in reply.message, (params, reply)
+
+
+@pytest.mark.slow
+def test_a_short_fuzz_run_finds_no_crash_and_no_traceback():
+    """bench/fuzz.py (10^5 frames in the bench) kept from rotting with a short run."""
+    import subprocess
+    from pathlib import Path
+
+    bench = Path(__file__).parent.parent / "bench" / "fuzz.py"
+    proc = subprocess.run([sys.executable, str(bench), "--frames", "1000", "--seed", "7"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["frames"] == 1000 and result["node"]["tracebacks"] == 0 and result["coordinator"]["crashed"] == 0
