@@ -179,13 +179,19 @@ def _plural(n: int, word: str) -> str:
 
 
 def format_status(status: dict) -> str:
-    nodes = status["nodes"]
+    nodes = [n for n in status["nodes"] if not n.get("banned")]
     lines = [f"model {status['model']}: {_plural(status['n_layer'], 'block')}, {_plural(len(nodes), 'node')}, "
              f"{_plural(status.get('active_jobs', 0), 'active job')}, {_plural(status.get('failovers', 0), 'failover')}"]
-    for node in nodes:
+    for node in status["nodes"]:
         a, b = node["layers"]
-        lines.append(f"  {node['name']:<20} blocks {f'{a}-{b}':<7} {node['device']}/{node['dtype']:<9} "
-                     f"speed {node['speed']:>8.1f} token-blocks/s  load {node['load']}  "
-                     f"{_plural(node['sessions'], 'session')}")
+        line = (f"  {node['name']:<20} blocks {f'{a}-{b}':<7} {node['device']}/{node['dtype']:<9} "
+                f"speed {node['speed']:>8.1f} token-blocks/s  load {node['load']}  "
+                f"{_plural(node['sessions'], 'session')}")
+        lines.append(f"  {node['name']:<20} blocks {f'{a}-{b}':<7} BANNED: {node.get('reason', '')}"
+                     if node.get("banned") else line)
     lines.append("missing blocks: " + (format_ranges(status["missing"]) or "none"))
+    if "unverified_spans" in status:
+        spans = ", ".join(f"{a}-{b}" for a, b in status["unverified_spans"]) or "none"
+        lines.append(f"verify {status.get('verify', 0)}: {status.get('verified_hops', 0)} hops checked, "
+                     f"{status.get('disagreements', 0)} disagreements; blocks no second node covers: {spans}")
     return "\n".join(lines)

@@ -89,6 +89,11 @@ def cluster(action: str, file: str) -> int:
     url = c.get("url") or f"{'wss' if tls else 'ws'}://{host}:{port}"
     cafile = _rel(base, c.get("cafile"))
     secret = _rel(base, c.get("secret_file"))
+    client_keys = _rel(base, c.get("client_keys"))
+    client_secret = _rel(base, c.get("client_key_file")) if client_keys else secret  # what `up` asks status with
+    if client_keys and not client_secret:
+        raise InputError(f"cluster file {file}: with client_keys, give client_key_file (a `NAME KEY` line of "
+                         "that file) so `up` can ask the coordinator for its status.")
     model = _rel(base, c["model"])
     started: list[dict] = []
     nodes: dict[str, subprocess.Popen] = {}
@@ -105,7 +110,12 @@ def cluster(action: str, file: str) -> int:
            "--port", str(port), "--wait-for-nodes", str(c.get("wait_for_nodes", 60))]
     if secret:
         cmd += ["--secret-file", secret]
-    for key in ("request_timeout", "max_jobs_per_client", "max_jobs", "max_message_size", "max_new_tokens"):
+    if client_keys:
+        cmd += ["--client-keys", client_keys]
+    if c.get("public_status"):
+        cmd.append("--public-status")
+    for key in ("request_timeout", "max_jobs_per_client", "max_jobs", "max_message_size", "max_new_tokens",
+                "verify"):
         if c.get(key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(c[key])]
     for key in ("certfile", "keyfile"):
@@ -128,15 +138,16 @@ def cluster(action: str, file: str) -> int:
         for key in ("dtype", "session_memory"):
             if node.get(key):
                 cmd += [f"--{key.replace('_', '-')}", str(node[key])]
-        if node.get("model"):
-            cmd += ["--model", _rel(base, node["model"])]
+        # the operator's own file names the model, so nodes started here may open it (a node never opens
+        # a local path a coordinator names over the network)
+        cmd += ["--model", _rel(base, node["model"]) if node.get("model") else model]
         if secret:
             cmd += ["--secret-file", secret]
         if cafile:
             cmd += ["--cafile", cafile]
         nodes[name] = spawn(name, cmd)
     try:
-        _wait_registered(url, secret, cafile, nodes, state, float(spec.get("start_timeout", 600)))
+        _wait_registered(url, client_secret, cafile, nodes, state, float(spec.get("start_timeout", 600)))
     except InputError:
         cluster("down", file)
         raise
@@ -185,6 +196,9 @@ def _wait_registered(url: str, secret, cafile, nodes: dict[str, subprocess.Popen
             if nodes[name].poll() is not None:
                 raise InputError(f"node {name} exited (status {nodes[name].returncode}) before registering: "
                                  f"{_last_line(state / f'{name}.log')} (log: {state / f'{name}.log'}).")
+            last = _last_line(state / f"{name}.log")
+            if "authentication failed" in last:  # it would retry forever: a wrong secret is the operator's
+                raise InputError(f"node {name} cannot authenticate: {last} (log: {state / f'{name}.log'}).")
         registered = {n["name"] for n in client.status()["nodes"]}
         for name in sorted(waiting & registered):
             print(f"node {name} registered (pid {nodes[name].pid})", flush=True)

@@ -19,7 +19,7 @@ from typing import Iterator
 import websockets
 
 from slowllm.node._units import format_ranges
-from slowllm.protocol import Channel, Error, UnavailableError, pack
+from slowllm.protocol import Channel, Error, UnavailableError
 
 
 @dataclass(eq=False)

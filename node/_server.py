@@ -250,7 +250,19 @@ class NodeServer:
         self.banned = ""
         try:
             async for frame in ws:
-                task = asyncio.create_task(self._handle(frame, send, ws))
+                # The budget is checked here, before a task holds the frame: requests arrive faster than
+                # tasks run, and a refused 4 MB frame must be dropped now, not when its task gets a turn.
+                # A queued request costs its frame and, once decoded, a copy of its tensors: count both.
+                size = 2 * len(frame)
+                if self.inflight and self.inflight + size > self.inflight_budget:
+                    msg_id = _peek_id(channel, frame)
+                    del frame
+                    reply = channel.pack(Error(id=msg_id, code="busy", message=(
+                        f"node is busy: {format_size(self.inflight)} of requests are waiting; retry in 5 s.")))
+                    task = asyncio.create_task(send(reply))
+                else:
+                    self.inflight += size
+                    task = asyncio.create_task(self._handle(frame, send, ws, size))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -261,19 +273,11 @@ class NodeServer:
             raise CheckpointError(f"{self.banned}; check this PC's hardware and slowllm version, then ask the "
                                   "coordinator's operator to lift the ban (restart it).")
 
-    async def _handle(self, frame, send, ws) -> None:
+    async def _handle(self, frame, send, ws, size: int) -> None:
+        """One request; `size` bytes of the in-flight budget were reserved for it and are given back here."""
         loop = asyncio.get_running_loop()
         channel = self.channel
-        # a queued request costs its frame and, once decoded, a copy of its tensors: count both
-        msg_id, size = None, 2 * len(frame)
-        try:
-            kind, msg_id = peek(channel.body(frame))
-            if self.inflight and self.inflight + size > self.inflight_budget:  # they pile up faster than they compute
-                raise BusyError(f"node is busy: {format_size(self.inflight)} of requests are waiting; retry in 5 s.")
-        except SlowllmError as e:
-            await send(channel.pack(Error(id=msg_id, code=e.code, message=str(e))))
-            return
-        self.inflight += size
+        msg_id = _peek_id(channel, frame)
         try:
             try:
                 msg = await loop.run_in_executor(self.codec, channel.unpack, frame, self.limits)
@@ -350,3 +354,11 @@ class NodeServer:
         caches = self.sessions.get(msg.session, layers, per_token * rows * hidden.shape[1],
                                    per_token * rows * mask.shape[1])
         return self.blocks.forward(hidden, mask, msg.first, msg.last, caches)
+
+
+def _peek_id(channel: Channel, frame) -> int | None:
+    """The request id of a frame (for the error reply), or None when it has none we can read."""
+    try:
+        return peek(channel.body(frame))[1]
+    except ProtocolError:
+        return None

@@ -24,7 +24,6 @@ secret refuses a coordinator that asks for none (it would be talking to an impos
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,7 @@ from netutil import Cluster, connect_as
 from test_operations import _chromium
 from slowllm.coordinator import Client, LocalRunner, Sampling
 from slowllm.node import Checkpoint
-from slowllm.protocol import (Auth, Challenge, CoordinatorHandshake, Error, Hello, Limits, Register, SlowllmError,
+from slowllm.protocol import (Challenge, Error, Hello, Limits, Register, SlowllmError,
                               Welcome, pack, unpack)
 
 PROMPT = "Once upon a time there was a researcher"
@@ -100,12 +99,10 @@ def test_a_fake_coordinator_fails_and_the_node_keeps_retrying(tiny_model, secret
         hello = unpack(await ws.recv())
         assert isinstance(hello, Hello)
         if kind == "bad proof":  # plays the protocol, but cannot prove the secret
-            hs = CoordinatorHandshake(lambda role: [(role, b"not-the-secret-but-long-enough")], "f", 6)
             await ws.send(pack(Challenge(version=hello.version, nonce=os.urandom(32), auth_required=True,
                                          fingerprint="f", n_layer=6)))
             await ws.recv()
             await ws.send(pack(Welcome(info={"model": "/etc"}, proof=os.urandom(32))))
-            del hs
         elif kind == "no auth":  # a downgrade: "no secret needed here"
             await ws.send(pack(Challenge(version=hello.version, nonce=os.urandom(32), auth_required=False,
                                          fingerprint="f", n_layer=6)))
@@ -269,7 +266,7 @@ def test_lying_nodes_never_change_output_under_verify_1_and_are_banned(tiny_mode
             assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
         # banned means banned: it cannot come back under the same name
         with pytest.raises(RuntimeError, match="did not register: .* was banned by this coordinator"):
-            LyingNode(c.url, _key(secret), tiny_model, 0, 5, "zeros", name=f"<img src=x onerror=alert('zeros')>"
+            LyingNode(c.url, _key(secret), tiny_model, 0, 5, "zeros", name="<img src=x onerror=alert('zeros')>"
                       ).start()
 
 

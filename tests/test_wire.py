@@ -19,8 +19,8 @@ import websockets
 from netutil import Cluster, accept_as_coordinator, connect_as
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
 from slowllm.coordinator._tiny import CORPUS
-from slowllm.protocol import (Error, Event, Forward, InputError, Job, Register, Result, SlowllmError, Welcome,
-                              encode_tensor, pack, peek, unpack)
+from slowllm.protocol import (Event, Forward, InputError, Job, Register, SlowllmError, Welcome, encode_tensor, pack,
+                              peek, unpack)
 
 MB = 1 << 20
 LONG = " ".join(CORPUS.split() * 8)  # ~1,000 tokens of the tiny tokenizer
