@@ -21,6 +21,7 @@ from adversaries import LIES, LyingNode
 from netutil import Cluster, connect_as
 from test_operations import _chromium
 from slowllm.coordinator import Client, LocalRunner, Sampling
+from slowllm.coordinator._client import format_status
 from slowllm.node import Checkpoint
 from slowllm.protocol import (Challenge, Error, Hello, Limits, Register, SlowllmError,
                               Welcome, pack, unpack)
@@ -258,6 +259,7 @@ def test_lying_nodes_never_change_output_under_verify_1_and_are_banned(tiny_mode
         honest = [n for n in status["nodes"] if not n["banned"]]
         assert sorted(n["name"] for n in honest) == ["n0-0-2", "n1-3-5"]
         assert status["disagreements"] >= 4 and status["verified_hops"] > 0
+        assert format_status(status).count("BANNED") == len(LIES)
         browser = _chromium()
         if browser is not None:  # every field a stranger sent shows as text, and runs nothing
             dom = _browse(browser, c.url.replace("ws://", "http://") + "/status")
@@ -335,3 +337,25 @@ def test_a_short_fuzz_run_finds_no_crash_and_no_traceback():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["frames"] == 1000 and result["node"]["tracebacks"] == 0 and result["coordinator"]["crashed"] == 0
+
+
+def test_close_reasons_are_cut_by_bytes_and_key_files_are_checked(tmp_path):
+    from slowllm.coordinator._keys import KeyRing, parse_client_keys
+    from slowllm.coordinator._server import close_reason
+    from slowllm.protocol import AuthError
+
+    reason = close_reason("é" * 200 + "✓")
+    assert len(reason.encode()) <= 123 and reason == "é" * 60
+    for text, words in [("alice\n", "line 1: write `NAME KEY`"), ("a short\n", "fewer than 16"),
+                        ("a 0123456789abcdef\na 0123456789abcdef\n", "listed twice"),
+                        ("<b> 0123456789abcdef\n", "NAME of letters")]:
+        with pytest.raises(AuthError, match=words):
+            parse_client_keys(text, "keys.txt")
+    with pytest.raises(AuthError, match="needs --secret-file"):
+        KeyRing(None, tmp_path / "keys.txt")
+    path = tmp_path / "keys.txt"
+    path.write_text("alice 0123456789abcdef\n")
+    ring = KeyRing(b"node-secret-0123456789", path)
+    assert ring.keys("node") == [("node", b"node-secret-0123456789")]  # client keys never authenticate nodes
+    assert ring.keys("client") == [("alice", b"0123456789abcdef")]
+    assert ring.check_bearer("0123456789abcdef") == "alice" and ring.check_bearer("nope") is None
