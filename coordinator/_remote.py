@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import random
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -35,6 +36,8 @@ from ._verify import Referee, agree, tolerance
 if TYPE_CHECKING:
     from ._router import NodeLink, Router
 
+# verification re-runs run beside the hop they check (one thread each while it lasts; jobs are <= 32)
+_CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="slowllm-verify")
 MAX_FAILOVERS = 8  # per span and operation: beyond this the job fails rather than loop forever
 FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut request always fits
 FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's
@@ -68,7 +71,7 @@ class RemoteChain(Chain):
         self.router, self.limits, self.hidden_size = router, limits, hidden_size
         self.referee = referee  # decides disputes under --verify (None: disputes ban nobody)
         self.rng = random.Random()
-        self.verifying = False  # inside a verification re-run (one job thread per chain)
+        self._local = threading.local()  # marks the threads that run verification re-runs
         self.n_layer = router.n_layer
         self.dtype = torch.float32
         self.compression = compression
@@ -159,9 +162,21 @@ class RemoteChain(Chain):
             raise self._lied(node, "sent non-finite values")
         return tensor.float()
 
-    def _verified(self, node: "NodeLink", a: int, b: int, out: torch.Tensor, mask: torch.Tensor, again,
+    def _checking(self) -> bool:
+        """Is this thread running a verification re-run (which is never verified again, nor waits)?"""
+        return getattr(self._local, "checking", False)
+
+    def _check(self, again, avoid: set):
+        self._local.checking = True
+        try:
+            return again(avoid)
+        finally:
+            self._local.checking = False
+
+    def _verified(self, node: "NodeLink", a: int, b: int, primary, mask: torch.Tensor, again,
                   truth) -> torch.Tensor:
-        """`out`, from `node` for blocks a..b; with probability --verify, checked by re-running the hop.
+        """`primary()`, the hop's answer from `node` for blocks a..b; with probability --verify, checked by
+        re-running the hop elsewhere at the same time (the check costs compute, not latency).
 
         `again(exclude)` re-runs the hop statelessly on other nodes (one covering a..b, or a route of
         several) and returns (answer, nodes used); `truth()` computes it at the coordinator. On a
@@ -169,18 +184,23 @@ class RemoteChain(Chain):
         result is an answer that computation confirms, so with --verify 1 a lying node never changes any
         output.
         """
-        if self.verifying or self.router.verify <= 0 or self.rng.random() >= self.router.verify:
+        pending = None
+        if not self._checking() and self.router.verify > 0 and self.rng.random() < self.router.verify:
+            # checked by healthy nodes only: a node being avoided (it failed or timed out lately) would
+            # make the job wait for its timeout just to check a hop
+            now = time.monotonic()
+            avoid = {node} | {x for x in list(self.router.nodes) if x.avoid_until > now}
+            if self.router.missing(a, b, exclude=avoid):  # no other node covers some of a..b
+                self.router.record_verification(None, agreed=None)
+            else:
+                pending = _CHECKS.submit(self._check, again, avoid)
+        out = primary()
+        if pending is None:
             return out
-        if self.router.missing(a, b, exclude={node}):  # no other node covers some of a..b
-            self.router.record_verification(None, agreed=None)
-            return out
-        self.verifying = True  # the re-run itself is not verified again
         try:
-            rerun = again({node})
+            rerun = pending.result()
         except (NodeFailed, UnavailableError):  # the check could not run (its failures were dealt with)
             return out
-        finally:
-            self.verifying = False
         if rerun is None:  # too large to re-send
             self.router.record_verification(None, agreed=None)
             return out
@@ -210,7 +230,7 @@ class RemoteChain(Chain):
         while True:
             # a verification re-run never waits for nodes: the hop's answer is there, only its check is not
             routes = self._call(self.router.wait_route(first, last, exclude, self.notify, self.cancel,
-                                                       wait=0 if self.verifying else None))
+                                                       wait=0 if self._checking() else None))
             node, a, b = routes[0]
             try:
                 return node, a, b, run(node, a, b)
@@ -229,10 +249,12 @@ class RemoteChain(Chain):
         wire_mask, spans, exclude, block = encode_tensor(mask), [], set(avoid), first
         while block <= last:
             def run(node, a, b, h=hidden):
-                out = self._exchange(node, lambda i: Forward(
-                    id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
-                    compression=self.compression), tuple(h.shape), b - a + 1)
-                return self._verified(node, a, b, out, mask, lambda skip: self._rerun_forward(a, b, h, mask, skip),
+                def primary():
+                    return self._exchange(node, lambda i: Forward(
+                        id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
+                        compression=self.compression), tuple(h.shape), b - a + 1)
+                return self._verified(node, a, b, primary, mask,
+                                      lambda skip: self._rerun_forward(a, b, h, mask, skip),
                                       lambda: self.referee.forward(a, b, h, mask))
             node, a, b, out = self._with_failover(block, last, exclude, run)
             if nodes is not None:
@@ -253,12 +275,15 @@ class RemoteChain(Chain):
         def run(node, a, b):
             if b < last:  # no single node holds the span any more
                 raise Split
-            out = self._exchange(node, lambda i: Backward(
-                id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
-                grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
-            if nodes is not None:
-                nodes.append(node)
-            return self._verified(node, a, b, out, mask, lambda skip: self._rerun_backward(a, b, hidden, mask, grad, skip),
+            def primary():
+                out = self._exchange(node, lambda i: Backward(
+                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
+                    grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
+                if nodes is not None:
+                    nodes.append(node)
+                return out
+            return self._verified(node, a, b, primary, mask,
+                                  lambda skip: self._rerun_backward(a, b, hidden, mask, grad, skip),
                                   lambda: self.referee.backward(a, b, hidden, mask, grad))
 
         try:
@@ -317,14 +342,18 @@ class RemoteSession(ChainSession):
         if per_frame < 1:
             raise InputError(f"a session of {total} positions x {rows} rows cannot be sent within the coordinator's "
                              f"--max-message-size ({self.chain.limits.max_frame} bytes): use fewer or shorter prompts.")
-        outs, past = [], total - new
-        for start in range(0, new, per_frame):
-            end = min(new, start + per_frame)
-            piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
-            outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask: Step(
-                id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
-                mask=encode_tensor(m), max_length=self.max_length), tuple(piece.shape), span.last - span.first + 1))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        past = total - new
+
+        def primary() -> torch.Tensor:
+            outs = []
+            for start in range(0, new, per_frame):
+                end = min(new, start + per_frame)
+                piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
+                outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask: Step(
+                    id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
+                    mask=encode_tensor(m), max_length=self.max_length), tuple(piece.shape),
+                    span.last - span.first + 1))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # A second node has no KV cache of this session: it checks the step by running the span's whole
         # history (kept for failover anyway) statelessly; the last `new` positions must agree.
         a, b, chain = span.first, span.last, self.chain
@@ -342,7 +371,7 @@ class RemoteSession(ChainSession):
             check, used = chain._rerun_forward(a, b, full, mask, avoid)
             return check[:, -new:], used
 
-        return chain._verified(node, a, b, out, mask, again,
+        return chain._verified(node, a, b, primary, mask, again,
                                lambda: chain.referee.forward(a, b, history(), mask)[:, -new:])
 
     def _replace(self, index: int, failed: "NodeLink") -> torch.Tensor:

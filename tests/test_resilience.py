@@ -121,7 +121,8 @@ def test_a_hung_node_is_timed_out_and_others_are_unaffected(tiny_model, secret, 
     sampling = Sampling(max_new_tokens=10)
     expected = local.generate([PROMPT], sampling)[0]["token_ids"]
     with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret, coordinator_args=["--request-timeout", "3"]) as c:
-        c.start_node("0-5", name="hangs", extra=["--inject-fault", "hang:3"])
+        # it hangs from its first request on: whichever job the router sends there first must fail over
+        c.start_node("0-5", name="hangs", extra=["--inject-fault", "hang:1"])
         c.wait_covered(3)
         client = c.client()
         gen_thread, gen = _in_thread(lambda: client.generate([PROMPT], sampling))
