@@ -32,7 +32,7 @@ from slowllm.node._aio import why_connection_failed
 from slowllm.node._units import format_ranges
 
 from ._jobs import Sampling
-from ._softprompt import read_soft_prompt, save_soft_prompt
+from ._softprompt import check_finite_prompt, read_soft_prompt, save_soft_prompt
 from ._tune import TuneOptions
 
 
@@ -105,8 +105,7 @@ class Client:
         if path is None:
             return None
         tensor, meta = read_soft_prompt(path)
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise InputError(f"soft prompt {path} holds non-finite or non-float values: tune it again.")
+        check_finite_prompt(tensor, str(path))
         return {"tensor": encode_tensor(tensor).model_dump(), "meta": {**meta, "source": str(path)}}
 
     def generate(self, prompts: list[str], sampling: Sampling = Sampling(), soft_prompt=None,

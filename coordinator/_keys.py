@@ -10,6 +10,7 @@ roles are looked up in separate lists.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -19,6 +20,16 @@ from slowllm.protocol import AuthError
 
 log = logging.getLogger("slowllm.coordinator")
 _NAME = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` (a name or an address) this machine only? Beyond it, secrets and status keys are required."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_client_keys(text: str, source: str) -> dict[str, bytes]:

@@ -53,11 +53,6 @@ class Cancelled(SlowllmError):
     code = "cancelled"
 
 
-def _node_text(text: str, limit: int = 300) -> str:
-    """A node's error text, as far as it is shown to a client: printable and short."""
-    return printable(text, limit)
-
-
 @dataclass
 class _RemoteTape:
     spans: list[tuple[int, int, torch.Tensor]]  # (first, last, input) of each span as run
@@ -143,7 +138,7 @@ class RemoteChain(Chain):
             if msg.code in FAILOVER_CODES:
                 raise self._fail(node, f"answered {printable(msg.code, 32)}")
             # the request itself was refused (a limit, a bad session): tell the job, in the node's words
-            raise SlowllmError(f"node {_node_text(node.name, 64)} refused the request: {_node_text(msg.message)}",
+            raise SlowllmError(f"node {printable(node.name, 64)} refused the request: {printable(msg.message)}",
                                code="bad_input" if msg.code == "bad_input" else "error")
         if not isinstance(msg, Result) or msg.id != msg_id:
             raise self._lied(node, f"answered {msg.type!r} to a request")

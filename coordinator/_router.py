@@ -9,7 +9,6 @@ behind one lock. `RemoteChain` sees only this narrow interface, never the coordi
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import threading
 import time
@@ -20,6 +19,8 @@ import websockets
 
 from slowllm.node._units import format_ranges
 from slowllm.protocol import Channel, Error, UnavailableError
+
+from ._keys import is_loopback
 
 
 @dataclass(eq=False)
@@ -118,7 +119,7 @@ class Router:
 
     def is_banned(self, name: str, address: str) -> bool:
         # loopback addresses are never banned as such: every local node shares them
-        return name in self._banned_names or (address in self._banned_addresses and not _loopback(address))
+        return name in self._banned_names or (address in self._banned_addresses and not is_loopback(address))
 
     def ban(self, link: NodeLink, reason: str) -> None:
         """A node proven wrong: out of every route at once, disconnected, refused when it comes back."""
@@ -128,12 +129,9 @@ class Router:
         self._banned_names.add(link.name)
         if link.address:
             self._banned_addresses.add(link.address)
+        self.remove(link)  # (disconnected: its entry shows no load, sessions or uptime)
         with self._lock:
-            self.banned.append({"name": link.name, "layers": [link.first, link.last], "device": link.device,
-                                "dtype": link.dtype, "speed": round(link.speed, 1), "load": 0, "sessions": 0,
-                                "node_sessions": 0, "failures": link.failures, "connected_for_s": 0.0,
-                                "banned": True, "reason": reason})
-        self.remove(link)
+            self.banned.append(_entry(link, sessions=0))
         self._coverage_changed.set()
 
         async def tell() -> None:
@@ -261,16 +259,16 @@ class Router:
         sessions = self.sessions()
         with self._lock:
             banned = list(self.banned)
-        return [{"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
-                 "speed": round(x.speed, 1), "load": x.load + x.assigned,
-                 "sessions": sum(any(s.node is x for s in session.spans) for session in sessions),
-                 "node_sessions": x.sessions, "failures": x.failures, "verified_hops": x.verified,
-                 "connected_for_s": round(time.time() - x.since, 1), "banned": False, "reason": ""}
+        return [_entry(x, sum(any(s.node is x for s in session.spans) for session in sessions))
                 for x in sorted(self.nodes, key=lambda x: (x.first, x.last, x.name))] + banned
 
 
-def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address in ("", "localhost")
+def _entry(x: NodeLink, sessions: int) -> dict:
+    """A node's line on /status.json (a banned node keeps its last one, disconnected)."""
+    live = x.connected
+    return {"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
+            "speed": round(x.speed, 1), "load": x.load + x.assigned if live else 0, "sessions": sessions,
+            "node_sessions": x.sessions if live else 0, "failures": x.failures, "verified_hops": x.verified,
+            "connected_for_s": round(time.time() - x.since, 1) if live else 0.0,
+            "banned": bool(x.banned), "reason": x.banned}
+

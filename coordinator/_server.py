@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import json
 import logging
 import signal
@@ -32,7 +31,7 @@ from slowllm.protocol import (
 
 from ._ends import ModelEnds
 from ._jobs import Sampling
-from ._keys import KeyRing
+from ._keys import KeyRing, is_loopback
 from ._remote import RemoteChain
 from ._router import NodeLink, Router
 from ._runner import Runner
@@ -59,7 +58,7 @@ class Coordinator:
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
         self.host, self.port, self.secret = host, port, secret
         self.keys = KeyRing(secret, client_keys)
-        self.public_status = public_status or _loopback(host) or self.keys.open
+        self.public_status = public_status or is_loopback(host) or self.keys.open
         self.limits, self.ssl = limits, ssl_context
         self.max_jobs_per_client, self.max_jobs, self.max_new_tokens = max_jobs_per_client, max_jobs, max_new_tokens
         self.router = Router(self.checkpoint.n_layer, wait_for_nodes=wait_for_nodes, request_timeout=request_timeout)
@@ -375,15 +374,6 @@ class Coordinator:
 def close_reason(text: str, limit: int = 120) -> str:
     """A WebSocket close reason: at most 123 bytes of UTF-8 (cut by bytes, not characters)."""
     return text.encode()[:limit].decode(errors="ignore")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _peer(ws) -> str:

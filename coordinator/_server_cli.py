@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import ssl
 import sys
@@ -17,15 +16,6 @@ EXAMPLES = """examples:
 
 Nodes dial in with `slowllm-node --layers A-B --coordinator ws://THIS:8765 --secret-file secret.txt`;
 open http://THIS:8765/status in a browser to see which blocks are covered."""
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         from slowllm.node._aio import run
         from slowllm.protocol import read_secret
 
+        from ._keys import is_loopback
         from ._server import Coordinator
 
         secret = read_secret(args.secret_file)
-        if secret is None and not _loopback(args.host):
+        if secret is None and not is_loopback(args.host):
             if not args.insecure:
                 raise SlowllmError(f"refusing to listen on {args.host} without a shared secret: pass --secret-file "
                                    "(or --insecure if this network is trusted).")

@@ -51,9 +51,13 @@ def check_soft_prompt(prompt: torch.Tensor, meta: dict, fingerprint: str, hidden
             f"soft prompt {source} was made for another model ({str(meta.get('model', '?'))[:100]}): tune one for "
             "this model."
         )
+    return check_finite_prompt(prompt, source).float()
+
+
+def check_finite_prompt(prompt: torch.Tensor, source: str) -> torch.Tensor:
     if not prompt.is_floating_point() or not torch.isfinite(prompt).all():
         raise InputError(f"soft prompt {source} holds non-finite or non-float values: tune it again.")
-    return prompt.float()
+    return prompt
 
 
 def load_soft_prompt(path: str | os.PathLike, fingerprint: str, hidden_size: int) -> torch.Tensor:

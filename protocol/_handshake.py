@@ -127,20 +127,27 @@ def _session_keys(key: bytes, transcript: bytes) -> tuple[bytes, bytes]:
     return _mac(key, b"frames peer->coordinator", transcript), _mac(key, b"frames coordinator->peer", transcript)
 
 
-class PeerHandshake:
-    """A node's or a client's side: `hello()`, `on_challenge(frame)`, `on_welcome(frame)`, then `channel`."""
+class _Handshake:
+    """What both sides hold: their nonce, the step they are at, the transcript, and at the end a channel."""
 
-    def __init__(self, role: str, secret: bytes | None, name: str = ""):
-        self.role, self.secret, self.name = role, secret, name
+    def __init__(self):
         self.nonce = os.urandom(NONCE_BYTES)
         self.state = "start"
-        self.challenge: Challenge | None = None
         self.channel: Channel | None = None
         self._transcript = b""
 
     def _expect(self, state: str) -> None:
         if self.state != state:
             raise ProtocolError(f"handshake step out of order (at {self.state!r}).")
+
+
+class PeerHandshake(_Handshake):
+    """A node's or a client's side: `hello()`, `on_challenge(frame)`, `on_welcome(frame)`, then `channel`."""
+
+    def __init__(self, role: str, secret: bytes | None, name: str = ""):
+        super().__init__()
+        self.role, self.secret, self.name = role, secret, name
+        self.challenge: Challenge | None = None
 
     def hello(self) -> bytes:
         self._expect("start")
@@ -194,7 +201,7 @@ class PeerHandshake:
         return msg.info
 
 
-class CoordinatorHandshake:
+class CoordinatorHandshake(_Handshake):
     """The coordinator's side: `on_hello(frame)`, `on_auth(frame, info)`; then `role`, `user`, `channel`.
 
     `keys(role)` returns the (name, key) pairs that may authenticate that role, or None when the
@@ -202,19 +209,12 @@ class CoordinatorHandshake:
     """
 
     def __init__(self, keys, fingerprint: str, n_layer: int):
+        super().__init__()
         self.keys, self.fingerprint, self.n_layer = keys, fingerprint, n_layer
-        self.nonce = os.urandom(NONCE_BYTES)
-        self.state = "start"
         self.hello: Hello | None = None
         self.role = ""
         self.user = ""  # the name of the key the peer proved (or its self-chosen name without secrets)
         self.key: bytes | None = None
-        self.channel: Channel | None = None
-        self._transcript = b""
-
-    def _expect(self, state: str) -> None:
-        if self.state != state:
-            raise ProtocolError(f"handshake step out of order (at {self.state!r}).")
 
     def on_hello(self, frame) -> bytes:
         self._expect("start")
