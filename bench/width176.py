@@ -118,7 +118,9 @@ def main() -> int:
 
     ends = ModelEnds(Checkpoint(model))
     rows = {}
-    with Cluster(model, ["0-0"], timeout=600) as c:
+    secret = WORK / "secret.txt"  # authenticated frames, as a real network has them: 256 MB frames are sealed too
+    secret.write_text("width176-bench-secret-0123456789")
+    with Cluster(model, ["0-0"], timeout=600, secret_file=secret) as c:
         node = c.nodes["n0-0-0"]
         client = c.client()
         status = client.status()
@@ -148,10 +150,11 @@ def main() -> int:
 
         # 3. a client that goes away mid-generation
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from test_wire import _start_and_drop, _status
-        asyncio.run(_start_and_drop(c.url, {"prompts": ["Once upon a time"], "max_new_tokens": 200}, events=1))
+        from test_wire import _start_and_drop
+        asyncio.run(_start_and_drop(c.url, {"prompts": ["Once upon a time"], "max_new_tokens": 200}, events=1,
+                                    secret=secret.read_bytes()))
         dropped = time.perf_counter()
-        while (s := _status(c.url))["active_jobs"] or s["sessions"]:
+        while (s := client.status())["active_jobs"] or s["sessions"]:
             time.sleep(0.05)
         rows["cancel_s"] = round(time.perf_counter() - dropped, 2)
 

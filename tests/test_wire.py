@@ -19,8 +19,8 @@ import websockets
 from netutil import Cluster, accept_as_coordinator, connect_as
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
 from slowllm.coordinator._tiny import CORPUS
-from slowllm.protocol import (Event, Forward, InputError, Job, Register, SlowllmError, Welcome, encode_tensor, pack,
-                              peek, unpack)
+from slowllm.protocol import (Event, Forward, InputError, Job, Limits, Register, SlowllmError, Welcome, encode_tensor,
+                              pack, peek, unpack)
 
 MB = 1 << 20
 LONG = " ".join(CORPUS.split() * 8)  # ~1,000 tokens of the tiny tokenizer
@@ -217,13 +217,13 @@ def test_a_flood_of_requests_gets_busy_and_node_memory_stays_bounded(tiny_model)
 
 
 # ---- cancellation ---------------------------------------------------------------------------------
-async def _start_and_drop(url: str, params: dict, events: int) -> None:
+async def _start_and_drop(url: str, params: dict, events: int, secret: bytes | None = None) -> None:
     """A client that starts a long generation, reads a few tokens, and goes away without a word."""
-    ws, _ = await connect_as(url, None, compression=None)
+    ws, channel = await connect_as(url, secret, compression=None)
     async with ws:
-        await ws.send(pack(Job(id=1, job="generate", params=params)))
+        await ws.send(channel.pack(Job(id=1, job="generate", params=params)))
         for _ in range(events):
-            assert isinstance(unpack(await ws.recv()), Event)
+            assert isinstance(channel.unpack(await ws.recv(), Limits()), Event)
         ws.transport.abort()  # no close frame: like a killed process or a cut cable
 
 
