@@ -174,7 +174,8 @@ class RemoteChain(Chain):
         re-running the hop elsewhere at the same time (the check costs compute, not latency).
 
         `again(exclude)` re-runs the hop statelessly on other nodes (one covering a..b, or a route of
-        several) and returns (answer, nodes used); `truth()` computes it at the coordinator. On a
+        several) and returns (answer, nodes used); `truth(dtype)` computes it at the coordinator, with the
+        arithmetic of the node judged. On a
         disagreement the coordinator's computation decides and bans the node(s) proven wrong; the hop's
         result is an answer that computation confirms, so with --verify 1 a lying node never changes any
         output.
@@ -206,18 +207,26 @@ class RemoteChain(Chain):
         self.router.record_verification(node, agreed=False)
         if self.referee is None:
             return out
-        reference = truth()
+        references: dict[str, torch.Tensor] = {}
+
+        def reference(dtype: str) -> torch.Tensor:  # the span computed as a node computing in `dtype` would
+            if dtype not in references:
+                references[dtype] = truth(dtype)
+            return references[dtype]
+
         why = f"its answer for blocks {a}-{b} disagreed with the coordinator's own computation"
+        check_dtypes = {x.dtype for x in others}
+        check_dtype = check_dtypes.pop() if len(check_dtypes) == 1 else "float32"
         right = []
-        if agree(out, reference, mask, tolerance(node.dtype, "float32")):
+        if agree(out, reference(node.dtype), mask, tolerance(node.dtype)):
             right.append(out)
         else:
             self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
-        if agree(check, reference, mask, tolerance("float32", *(x.dtype for x in others))):
+        if agree(check, reference(check_dtype), mask, tolerance(*(x.dtype for x in others))):
             right.append(check)
         elif len(others) == 1:  # (a re-run over several nodes is wrong somewhere: each is checked as a primary)
             self.router.loop.call_soon_threadsafe(self.router.ban, others[0], why)
-        return right[0] if right else reference
+        return right[0] if right else reference("float32")
 
     def _with_failover(self, first: int, last: int, exclude: set, run):
         """Route from block `first` towards `last` and `run(node, a, b)` on the first span; when its node
@@ -250,7 +259,7 @@ class RemoteChain(Chain):
                         compression=self.compression), tuple(h.shape), b - a + 1)
                 return self._verified(node, a, b, primary, mask,
                                       lambda skip: self._rerun_forward(a, b, h, mask, skip),
-                                      lambda: self.referee.forward(a, b, h, mask))
+                                      lambda dtype: self.referee.forward(a, b, h, mask, dtype))
             node, a, b, out = self._with_failover(block, last, exclude, run)
             if nodes is not None:
                 nodes.append(node)
@@ -279,7 +288,7 @@ class RemoteChain(Chain):
                 return out
             return self._verified(node, a, b, primary, mask,
                                   lambda skip: self._rerun_backward(a, b, hidden, mask, grad, skip),
-                                  lambda: self.referee.backward(a, b, hidden, mask, grad))
+                                  lambda dtype: self.referee.backward(a, b, hidden, mask, grad, dtype))
 
         try:
             return self._with_failover(first, last, set(avoid), run)[3]
@@ -367,7 +376,7 @@ class RemoteSession(ChainSession):
             return check[:, -new:], used
 
         return chain._verified(node, a, b, primary, mask, again,
-                               lambda: chain.referee.forward(a, b, history(), mask)[:, -new:])
+                               lambda dtype: chain.referee.forward(a, b, history(), mask, dtype)[:, -new:])
 
     def _replace(self, index: int, failed: "NodeLink") -> torch.Tensor:
         """Rebuild span `index` on other nodes by replaying its inputs; returns the latest step's output."""

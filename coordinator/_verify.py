@@ -24,6 +24,7 @@ from slowllm.node._streaming import BlockStream
 # differ by summation order (threads, query chunking); a bf16 node rounds every block's weights and
 # activations to 8 bits of mantissa (2**-8 = 0.4% per rounding, accumulated over a span of blocks).
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-2}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def tolerance(*dtypes: str) -> float:
@@ -44,8 +45,11 @@ def agree(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, tol: floa
 class Referee:
     """The coordinator's own computation of a span, from its checkpoint: the ground truth in a dispute.
 
-    Blocks are streamed from disk one at a time in fp32 (a span of Bloom-176B blocks never sits in the
-    coordinator's memory at once); disputes are rare, so they pay the read.
+    It computes the span in the dtype the judged node declared (an honest bf16 node is judged against
+    bf16 arithmetic: at Bloom-176B width one bf16 block differs from fp32 by more than bf16's tolerance at
+    some positions, and would be banned against an fp32 reference). Blocks are streamed from disk one at
+    a time (a span of Bloom-176B blocks never sits in the coordinator's memory at once); disputes are
+    rare, so they pay the read.
     """
 
     def __init__(self, checkpoint: Checkpoint):
@@ -54,37 +58,41 @@ class Referee:
         self._lock = threading.Lock()  # one dispute at a time: each may read many GB
         self.disputes = 0
 
-    def _attention(self, mask: torch.Tensor, q_len: int, budget: int = 256 << 20) -> Attention:
-        return Attention(mask, q_len, self.config.n_head, torch.float32, "cpu", budget)
+    def _attention(self, mask: torch.Tensor, q_len: int, dtype: torch.dtype,
+                   budget: int = 256 << 20) -> Attention:
+        return Attention(mask, q_len, self.config.n_head, dtype, "cpu", budget)
 
     @torch.no_grad()
-    def forward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,
+                dtype: str = "float32") -> torch.Tensor:
         with self._lock:
             self.disputes += 1
-            stream = BlockStream(self.checkpoint, torch.float32, "cpu", prefetch=False)
-            attn = self._attention(mask, hidden.shape[1])
-            hidden = hidden.float()
+            dt = DTYPES[dtype]
+            stream = BlockStream(self.checkpoint, dt, "cpu", prefetch=False)
+            attn = self._attention(mask, hidden.shape[1], dt)
+            hidden = hidden.to(dt)
             for _, block in stream.blocks(range(first, last + 1), "verify", progress=False):
                 hidden = attn.run(block, hidden)
-            return hidden
+            return hidden.float()
 
     def backward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,
-                 grad: torch.Tensor) -> torch.Tensor:
+                 grad: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
         with self._lock:
             self.disputes += 1
-            stream = BlockStream(self.checkpoint, torch.float32, "cpu", prefetch=False)
-            attn = self._attention(mask, hidden.shape[1])
-            whole = self._attention(mask, hidden.shape[1], budget=1 << 62)
-            inputs, hidden = [], hidden.float()
+            dt = DTYPES[dtype]
+            stream = BlockStream(self.checkpoint, dt, "cpu", prefetch=False)
+            attn = self._attention(mask, hidden.shape[1], dt)
+            whole = self._attention(mask, hidden.shape[1], dt, budget=1 << 62)
+            inputs, hidden = [], hidden.to(dt)
             with torch.no_grad():
                 for _, block in stream.blocks(range(first, last + 1), "verify", progress=False):
                     inputs.append(hidden)
                     hidden = attn.run(block, hidden)
-            grad = grad.float()
+            grad = grad.to(dt)
             layers = list(range(first, last + 1))
             for (_, block), x in zip(stream.blocks(list(reversed(layers)), "verify", progress=False),
                                      reversed(inputs)):
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     (grad,) = torch.autograd.grad(whole.run(block, x), x, grad)
-            return grad
+            return grad.float()
