@@ -5,6 +5,7 @@ Public API:
     Client(url, secret_file=...)                  -- jobs through a coordinator over WebSockets
     Sampling, TuneOptions                         -- job options
     make_checkpoint(path, ...)                    -- a small random Bloom checkpoint (tests, demo)
+    make_draft_pair(target, draft, ...)           -- a big model and a draft that agrees with it (tests, bench)
 
 Names load on first use (PEP 562), so the CLIs answer `--help` without importing torch.
 """
@@ -20,7 +21,7 @@ _EXPORTS = {
     "._client": ["Client"],
     "._jobs": ["Sampling"],
     "._runner": ["LocalRunner", "Runner"],
-    "._tiny": ["make_checkpoint", "tiny_config"],
+    "._tiny": ["make_checkpoint", "make_draft_pair", "tiny_config"],
     "._tune": ["TuneOptions"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
@@ -30,5 +31,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from ._client import Client  # noqa: F401
     from ._jobs import Sampling  # noqa: F401
     from ._runner import LocalRunner, Runner  # noqa: F401
-    from ._tiny import make_checkpoint, tiny_config  # noqa: F401
+    from ._tiny import make_checkpoint, make_draft_pair, tiny_config  # noqa: F401
     from ._tune import TuneOptions  # noqa: F401

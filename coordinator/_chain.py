@@ -26,6 +26,12 @@ class ChainSession(ABC):
         """Run new positions `hidden` [B, q, H]; `mask` [B, past + q] covers past and new tokens."""
 
     @abstractmethod
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` positions stepped (drafted tokens the big model rejected): the next step's
+        mask covers what is left. Every implementation also drops them from what it keeps for later
+        (spilled caches, node sessions, the replay record of failover)."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def __enter__(self):

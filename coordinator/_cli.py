@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
     p.add_argument("--soft-prompt", metavar="FILE", help="a soft prompt made by `slowllm tune`")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    g = p.add_argument_group("speculative decoding (same output, fewer passes over the big model)")
+    g.add_argument("--draft-model", metavar="MODEL", help="with --local: a small model with the same tokenizer "
+                   "(e.g. bloom-560m for Bloom-176B) whose drafted tokens the big model checks several per pass")
+    g.add_argument("--draft-tokens", type=int, metavar="K",
+                   help="most tokens drafted per pass (default 4; fewer while few are accepted)")
+    g.add_argument("--draft", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --coordinator: use its draft model (default: whenever it has one)")
     _add_backend(p)
 
     p = command("score", "log-likelihoods of continuations, or the best of several choices")
@@ -199,13 +206,22 @@ def _backend(args):
     """The runner for the chosen mode: an object with generate/score/tune like `LocalRunner`."""
     if bool(args.coordinator) == bool(args.local):
         raise InputError("say where to run: --coordinator URL (network) or --local --model MODEL (this machine).")
+    draft_model = getattr(args, "draft_model", None)
     if args.local:
         if not args.model:
             raise InputError("--local needs --model MODEL (a checkpoint directory or hub id).")
         from ._runner import LocalRunner
+        from ._speculative import check_draft_tokens
+        draft_tokens = getattr(args, "draft_tokens", None)
+        if draft_tokens is not None:
+            check_draft_tokens(draft_tokens)
         return LocalRunner(args.model, dtype=args.dtype, max_ram=args.max_ram, device=args.device,
                            spill_dir=args.spill_dir, progress=False if args.no_progress else None,
-                           keep_in_ram=args.keep_in_ram)
+                           keep_in_ram=args.keep_in_ram, draft_model=draft_model,
+                           draft_tokens=draft_tokens or 4)
+    if draft_model:
+        raise InputError("with --coordinator the draft model runs at the coordinator: start it with "
+                         "slowllm-coordinator --draft-model MODEL, and choose with --draft/--no-draft here.")
     from ._client import Client
     return Client(args.coordinator, secret_file=args.secret_file, cafile=args.cafile, on_notice=TERMINAL.notice)
 
@@ -239,11 +255,13 @@ def _generate(args) -> int:
             TERMINAL.text(args.prompts[0])
             shown.append(True)
         results = runner.generate(args.prompts, sampling, soft_prompt=args.soft_prompt,
-                                  on_text=on_text if stream else None)
+                                  on_text=on_text if stream else None, draft=args.draft,
+                                  draft_tokens=args.draft_tokens)
     for r in results:
         if args.json:
             _print({"prompt": r["prompt"], "text": r["text"], "token_ids": r["token_ids"],
-                    "finish_reason": r.get("finish_reason")})
+                    "finish_reason": r.get("finish_reason"),
+                    **{k: r[k] for k in ("target_passes", "accepted", "drafted") if k in r}})
         elif stream:
             if not shown:
                 TERMINAL.text(args.prompts[0])

@@ -109,9 +109,11 @@ class Client:
         return {"tensor": encode_tensor(tensor).model_dump(), "meta": {**meta, "source": str(path)}}
 
     def generate(self, prompts: list[str], sampling: Sampling = Sampling(), soft_prompt=None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[dict]:
+                 on_text: Callable[[int, str], None] | None = None, draft: bool | None = None,
+                 draft_tokens: int | None = None) -> list[dict]:
+        """`draft`: use the coordinator's draft model (None: whenever it has one); `draft_tokens`: most per pass."""
         params = {"prompts": list(prompts), **dataclasses.asdict(sampling), "soft_prompt": self._soft(soft_prompt),
-                  "compression": self.compression}
+                  "compression": self.compression, "draft": draft, "draft_tokens": draft_tokens}
         on_event = (lambda d: on_text(d["prompt"], d["text"])) if on_text else None
         try:
             return self._run("generate", params, on_event)["results"]
@@ -120,8 +122,8 @@ class Client:
                 raise
             half = len(prompts) // 2  # many prompts: in as many jobs as it takes (a different seed stream each)
             shifted = (lambda i, text: on_text(i + half, text)) if on_text else None
-            return (self.generate(prompts[:half], sampling, soft_prompt, on_text)
-                    + self.generate(prompts[half:], sampling, soft_prompt, shifted))
+            return (self.generate(prompts[:half], sampling, soft_prompt, on_text, draft, draft_tokens)
+                    + self.generate(prompts[half:], sampling, soft_prompt, shifted, draft, draft_tokens))
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
         params = {"requests": list(requests), "soft_prompt": self._soft(soft_prompt), "compression": self.compression}

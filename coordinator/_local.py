@@ -117,6 +117,9 @@ class _LocalSession(ChainSession):
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._session.step(hidden, mask)
 
+    def rollback(self, n: int) -> None:
+        self._session.rollback(n)
+
     def close(self) -> None:
         self._session.close()
 
@@ -153,9 +156,21 @@ class _ResidentSession(ChainSession):
     def __init__(self, blocks: ResidentBlocks):
         self.blocks = blocks
         self.caches = {layer: BlockCache() for layer in blocks.blocks}
+        self.length = 0
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.blocks.forward(hidden, mask, self.blocks.first, self.blocks.last, self.caches)
+        if mask.shape[1] - hidden.shape[1] != self.length:
+            raise ValueError(f"mask covers {mask.shape[1] - hidden.shape[1]} past positions, the session holds {self.length}")
+        out = self.blocks.forward(hidden, mask, self.blocks.first, self.blocks.last, self.caches)
+        self.length = mask.shape[1]
+        return out
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} positions")
+        self.length -= n
+        for cache in self.caches.values():
+            cache.truncate(self.length)
 
     def close(self) -> None:
         self.caches.clear()

@@ -328,6 +328,20 @@ class _Span:
     session: str = field(default_factory=lambda: uuid.uuid4().hex)
     inputs: list[torch.Tensor] = field(default_factory=list)  # every step's new positions, for replay
     mask: torch.Tensor | None = None  # the latest mask (earlier ones are its prefixes)
+    cut: int | None = None  # a rollback the node has not heard of yet: sent with the next step
+
+    def rollback(self, n: int) -> None:
+        """Drop the last `n` positions from the replay record; the node cuts its cache at the next step."""
+        length = sum(x.shape[1] for x in self.inputs)
+        while n and self.inputs:
+            last = self.inputs.pop()
+            if last.shape[1] > n:
+                self.inputs.append(last[:, : last.shape[1] - n])
+                n = 0
+            else:
+                n -= last.shape[1]
+        self.cut = sum(x.shape[1] for x in self.inputs)
+        assert self.cut <= length
 
 
 class RemoteSession(ChainSession):
@@ -353,10 +367,11 @@ class RemoteSession(ChainSession):
             for start in range(0, new, per_frame):
                 end = min(new, start + per_frame)
                 piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
-                outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask: Step(
+                outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask, cut=span.cut: Step(
                     id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
-                    mask=encode_tensor(m), max_length=self.max_length), tuple(piece.shape),
+                    mask=encode_tensor(m), max_length=self.max_length, past=cut), tuple(piece.shape),
                     span.last - span.first + 1))
+                span.cut = None  # the node has cut its cache
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # A second node has no KV cache of this session: it checks the step by running the span's whole
         # history (kept for failover anyway) statelessly; the last `new` positions must agree.
@@ -416,6 +431,11 @@ class RemoteSession(ChainSession):
                 hidden = self._replace(index, e.node)
                 index += len(self.spans) - count + 1
         return hidden
+
+    def rollback(self, n: int) -> None:
+        if n:
+            for span in self.spans:
+                span.rollback(n)
 
     def _close(self, spans: list[_Span], wait: bool = True) -> None:
         for span in spans:

@@ -9,11 +9,13 @@ from typing import Callable
 import torch
 
 from slowllm.node import Checkpoint, default_max_ram, parse_size
+from slowllm.protocol import InputError
 
 from ._chain import Chain
 from ._ends import ModelEnds
 from ._jobs import Sampling, generate, score
 from ._local import LocalChain, ResidentChain, plan_memory
+from ._speculative import Draft, check_draft_tokens, load_draft
 from ._softprompt import load_soft_prompt, save_soft_prompt
 from ._tune import TuneOptions, tune
 
@@ -46,9 +48,22 @@ class TextStream:
 
 
 class Runner:
-    def __init__(self, checkpoint: Checkpoint, ends: ModelEnds, chain: Chain):
-        self.checkpoint, self.ends, self.chain = checkpoint, ends, chain
+    def __init__(self, checkpoint: Checkpoint, ends: ModelEnds, chain: Chain, draft: Draft | None = None):
+        self.checkpoint, self.ends, self.chain, self.draft = checkpoint, ends, chain, draft
         self.fingerprint = checkpoint.fingerprint()
+
+    def pick_draft(self, use: bool | None = None, tokens: int | None = None) -> Draft | None:
+        """The draft for one job: on by default when there is one; `use=True` without one is an error."""
+        if use is False:
+            return None
+        if self.draft is None:
+            if use:
+                raise InputError("there is no draft model here: start with --draft-model MODEL "
+                                 "(slowllm-coordinator --draft-model, or slowllm generate --local --draft-model).")
+            if tokens is not None:
+                check_draft_tokens(tokens)
+            return None
+        return self.draft.with_tokens(tokens)
 
     def soft_prompt(self, value: str | os.PathLike | torch.Tensor | None) -> torch.Tensor | None:
         if value is None or isinstance(value, torch.Tensor):
@@ -57,10 +72,12 @@ class Runner:
 
     def generate(self, prompts: list[str], sampling: Sampling, soft_prompt=None,
                  on_text: Callable[[int, str], None] | None = None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[dict]:
+                 on_tokens: Callable[[int, list[int]], None] | None = None, draft: bool | None = None,
+                 draft_tokens: int | None = None) -> list[dict]:
         if on_text is not None:
             on_tokens = TextStream(self.ends, on_text)
-        return generate(self.ends, self.chain, prompts, sampling, self.soft_prompt(soft_prompt), on_tokens)
+        return generate(self.ends, self.chain, prompts, sampling, self.soft_prompt(soft_prompt), on_tokens,
+                        draft=self.pick_draft(draft, draft_tokens))
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
         return score(self.ends, self.chain, requests, self.soft_prompt(soft_prompt))
@@ -82,6 +99,8 @@ class Runner:
 
     def close(self) -> None:
         self.chain.close()
+        if self.draft is not None:
+            self.draft.close()
 
     def __enter__(self):
         return self
@@ -95,10 +114,13 @@ class LocalRunner(Runner):
 
     def __init__(self, model: str | Path, *, dtype: str = "float32", max_ram: str | int | None = None,
                  device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None,
-                 keep_in_ram: bool = False):
+                 keep_in_ram: bool = False, draft_model: str | Path | None = None, draft_tokens: int = 4):
         checkpoint = Checkpoint(model)
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         budget = default_max_ram() if max_ram is None else (max_ram if isinstance(max_ram, int) else parse_size(max_ram))
+        draft = None
+        if draft_model is not None:  # loaded first: the memory plan then counts it as already used
+            draft = load_draft(str(draft_model), checkpoint, dtype=torch_dtype, device=device, tokens=draft_tokens)
         self.plan = plan_memory(checkpoint, torch_dtype, budget)
         ends = ModelEnds(checkpoint, dtype=torch_dtype, resident_embedding=self.plan.resident_embedding,
                          head_chunk_bytes=self.plan.head_chunk_bytes)
@@ -107,4 +129,4 @@ class LocalRunner(Runner):
         else:
             chain = LocalChain(checkpoint, self.plan, dtype=torch_dtype, device=device, spill_dir=spill_dir,
                                progress=progress)
-        super().__init__(checkpoint, ends, chain)
+        super().__init__(checkpoint, ends, chain, draft)

@@ -37,6 +37,7 @@ from ._router import NodeLink, Router
 from ._runner import Runner
 from ._softprompt import check_soft_prompt
 from ._status_page import render_status
+from ._speculative import load_draft
 from ._tune import TuneOptions
 from ._verify import Referee
 
@@ -50,12 +51,15 @@ class Coordinator:
                  wait_for_nodes: float = 60.0, limits: Limits = Limits(), ssl_context=None,
                  request_timeout: float = 120.0, max_jobs_per_client: int = 8, max_jobs: int = 32,
                  max_new_tokens: int = 4096, client_keys: str | None = None, public_status: bool = False,
-                 verify: float = 0.05):
+                 verify: float = 0.05, draft_model: str | None = None, draft_tokens: int = 4):
         self.checkpoint = Checkpoint(model)
         self.model = model
         self.fingerprint = self.checkpoint.fingerprint()
         resident = self.checkpoint.nbytes([EMBEDDING]) < default_max_ram() // 2
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
+        # the draft runs here, in RAM beside the ends: its tokens cost no network hop
+        self.draft = None if draft_model is None else load_draft(draft_model, self.checkpoint, dtype=torch.float32,
+                                                                 tokens=draft_tokens)
         self.host, self.port, self.secret = host, port, secret
         self.keys = KeyRing(secret, client_keys)
         self.public_status = public_status or is_loopback(host) or self.keys.open
@@ -300,7 +304,7 @@ class Coordinator:
             raise InputError(f"unknown compression {compression!r}: use raw, fp16, bf16 or int8.")
         chain = RemoteChain(self.router, self.limits, self.checkpoint.hidden_size, compression=compression,
                             notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee)
-        runner = Runner(self.checkpoint, self.ends, chain)
+        runner = Runner(self.checkpoint, self.ends, chain, self.draft)
         soft = self._soft_prompt(p.get("soft_prompt"))
         if job.job == "generate":
             sampling = _options(Sampling, p, "max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -311,8 +315,12 @@ class Coordinator:
             prompts = p.get("prompts")
             if not (isinstance(prompts, list) and prompts and all(isinstance(x, str) for x in prompts)):
                 raise InputError("generate needs a non-empty list of string prompts.")
+            use_draft = p.get("draft")
+            if use_draft is not None and not isinstance(use_draft, bool):
+                raise InputError("job parameter 'draft' must be true, false or null.")
             results = runner.generate(prompts, sampling, soft_prompt=soft,
-                                      on_text=lambda i, text: emit({"prompt": i, "text": text}))
+                                      on_text=lambda i, text: emit({"prompt": i, "text": text}),
+                                      draft=use_draft, draft_tokens=p.get("draft_tokens"))
             return {"results": results}
         if job.job == "score":
             requests = p.get("requests")

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest WebSocket message anyone sends (at least 1MB); jobs of any size are cut to fit")
     p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N",
                    help="most tokens one generation request may ask for")
+    p.add_argument("--draft-model", metavar="MODEL",
+                   help="a small model with the same tokenizer, run here in RAM, that drafts tokens for the big "
+                        "model to check several at a time (clients choose with --draft/--no-draft)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="most tokens drafted per pass when the client does not say (fewer when few are accepted)")
     p.add_argument("--certfile", help="TLS certificate (serve wss://)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                   wait_for_nodes=args.wait_for_nodes, ssl_context=ctx,
                                   request_timeout=args.request_timeout, max_jobs_per_client=args.max_jobs_per_client,
                                   max_jobs=args.max_jobs, client_keys=args.client_keys,
-                                  public_status=args.public_status, verify=args.verify)
+                                  public_status=args.public_status, verify=args.verify,
+                                  draft_model=args.draft_model, draft_tokens=args.draft_tokens)
         run(coordinator.serve())
     except SlowllmError as e:
         print(f"slowllm-coordinator: error: {e}", file=sys.stderr)

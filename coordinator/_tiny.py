@@ -49,7 +49,8 @@ def tiny_config(n_layer: int = 6, hidden: int = 64, n_head: int = 4, vocab_size:
 
 def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, *, seed: int = 0,
                     fmt: str = "safetensors", sharded: bool = True, prefix: bool = True,
-                    dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Path:
+                    dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+                    model: BloomForCausalLM | None = None) -> Path:
     """Write a random Bloom checkpoint to `path`.
 
     fmt "safetensors" with prefix=True is transformers' own `save_pretrained`; the other layouts (keys
@@ -60,9 +61,12 @@ def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, 
     hf_logging.disable_progress_bar()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = config or tiny_config()
-    torch.manual_seed(seed)
-    model = BloomForCausalLM(config).to(dtype)
+    if model is None:
+        config = config or tiny_config()
+        torch.manual_seed(seed)
+        model = BloomForCausalLM(config)
+    config = model.config
+    model = model.to(dtype)
     if fmt == "safetensors" and prefix:
         shard = "20KB" if sharded else "10GB"
         if sharded:  # about one shard per block, like bigscience/bloom
@@ -104,3 +108,29 @@ def _write_by_hand(model: BloomForCausalLM, path: Path, *, fmt: str, sharded: bo
     if sharded:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_draft_pair(target: str | os.PathLike, draft: str | os.PathLike, config: BloomConfig | None = None, *,
+                    draft_layers: int = 2, damping: float = 0.1, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+    """A big model and a draft that agrees with it to a degree `damping` controls.
+
+    The big model's blocks after the first `draft_layers` write into the residual stream through output
+    projections scaled by `damping` (attention's dense and the MLP's dense_4h_to_h); the draft is the big
+    model without those blocks (same embeddings, final norm and tokenizer). damping 0: the two agree on
+    every token; larger: the big model's last blocks matter more and the draft is right less often.
+    """
+    config = config or tiny_config()
+    torch.manual_seed(seed)
+    big = BloomForCausalLM(config)
+    with torch.no_grad():
+        for block in big.transformer.h[draft_layers:]:
+            for linear in (block.self_attention.dense, block.mlp.dense_4h_to_h):
+                linear.weight.mul_(damping)
+                linear.bias.mul_(damping)
+    small_config = BloomConfig(**{**config.to_dict(), "n_layer": draft_layers})
+    small = BloomForCausalLM(small_config)
+    state = {k: v for k, v in big.state_dict().items()
+             if not k.startswith("transformer.h.") or int(k.split(".")[2]) < draft_layers}
+    small.load_state_dict(state)
+    return (make_checkpoint(target, model=big, dtype=dtype), make_checkpoint(draft, model=small, dtype=dtype))

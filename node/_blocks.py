@@ -123,6 +123,13 @@ class BlockCache:
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding's rejected drafts).
+
+        A view, not a copy: the next `update` concatenates into a fresh tensor anyway."""
+        if self.keys is not None and length < self.length:
+            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 

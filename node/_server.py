@@ -79,6 +79,17 @@ class Sessions:
             cache = self._caches.get(session, {}).get(layer)
             return 0 if cache is None else cache.length
 
+    def truncate(self, session: str, layers: range, past: int) -> None:
+        """Cut the session's caches of `layers` back to `past` positions (never forward)."""
+        with self._lock:
+            caches = self._caches.get(session, {})
+            have = min((caches[layer].length if layer in caches else 0) for layer in layers)
+            if past > have:
+                raise InputError(f"session {session!r} holds {have} positions here, it cannot be rolled back to {past}.")
+            for layer in layers:
+                if layer in caches:
+                    caches[layer].truncate(past)
+
     def close(self, session: str) -> bool:
         with self._lock:
             self._used.pop(session, None)
@@ -345,6 +356,9 @@ class NodeServer:
             return self.blocks.backward(hidden, mask, grad, msg.first, msg.last)
         # Step: the mask covers the session's past tokens plus the new ones
         layers = range(msg.first, msg.last + 1)
+        self.blocks.check_range(msg.first, msg.last)
+        if msg.past is not None:
+            self.sessions.truncate(msg.session, layers, msg.past)
         past = self.sessions.past_length(msg.session, msg.first)
         hidden, mask = self._tensors(msg, past)
         if mask.shape[1] > msg.max_length:

@@ -216,16 +216,27 @@ class StreamingSession:
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the new positions `hidden` [B, q, H]; `mask` [B, past + q] covers past and new tokens."""
         ex = self.executor
+        past = mask.shape[1] - hidden.shape[1]
+        if past != self.length:
+            raise ValueError(f"mask covers {past} past positions, the session holds {self.length}")
         hidden = hidden.to(ex.device, ex.dtype)
         attn = ex.attention(mask, hidden.shape[1])
         ex.passes += 1
         tokens = hidden.shape[0] * hidden.shape[1]
         for layer, block in ex.stream.blocks(range(ex.n_layer), "step", tokens, ex.progress):
             cache = BlockCache.from_state(self.caches.get(layer)) if layer in self.caches else BlockCache()
+            cache.truncate(past)  # a rollback is applied here, as each cache comes in anyway
             hidden = attn.run(block, hidden, cache)
             self.caches.put(layer, cache.state())
         self.length = mask.shape[1]
         return hidden
+
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` positions. Free: the caches (possibly spilled to disk) are cut when the
+        next step reads them in, which it does for every block anyway."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} positions")
+        self.length -= n
 
     def close(self) -> None:
         self.caches.close()

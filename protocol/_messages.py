@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 2  # 2: mutual authentication, authenticated frames
+PROTOCOL_VERSION = 3  # 2: mutual authentication, authenticated frames; 3: Step.past (rollback)
 
 
 class _Msg(BaseModel):
@@ -122,6 +122,9 @@ class Step(_Msg):
     hidden: WireTensor
     mask: WireTensor
     max_length: int = 2048
+    # When set, the node first cuts the session's caches back to `past` positions (speculative decoding's
+    # rejected drafts); the mask then covers those `past` positions plus the new ones.
+    past: int | None = Field(None, ge=0)
 
 
 class CloseSession(_Msg):
