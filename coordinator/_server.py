@@ -58,7 +58,7 @@ class Coordinator:
         resident = self.checkpoint.nbytes([EMBEDDING]) < default_max_ram() // 2
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
         # the draft runs here, in RAM beside the ends: its tokens cost no network hop
-        self.draft = None if draft_model is None else load_draft(draft_model, self.checkpoint, dtype=torch.float32,
+        self.draft = None if draft_model is None else load_draft(draft_model, self.checkpoint, dtype=None,
                                                                  tokens=draft_tokens)
         self.host, self.port, self.secret = host, port, secret
         self.keys = KeyRing(secret, client_keys)

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from slowllm.node import Checkpoint
 from slowllm.node._checkpoint import EMBEDDING
+from slowllm.node._memory import node_dtype
 from slowllm.protocol import InputError
 
 from ._chain import Chain
@@ -60,10 +61,15 @@ def check_draft_tokens(tokens) -> None:
         raise InputError(f"--draft-tokens must be a whole number from 1 to {MAX_DRAFT_TOKENS}, not {tokens!r}.")
 
 
-def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype, device: str = "cpu", tokens: int = 4) -> Draft:
-    """Load the draft model whole into RAM (it is small: bloom-560m or bloom-1b7 for Bloom-176B)."""
+def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, device: str = "cpu",
+               tokens: int = 4) -> Draft:
+    """Load the draft model whole into RAM (it is small: bloom-560m or bloom-1b7 for Bloom-176B).
+
+    dtype None: as a node would choose (bf16 for a bf16 checkpoint on a CPU that computes it natively)."""
     check_draft_tokens(tokens)
     checkpoint = Checkpoint(model)
+    if dtype is None:
+        dtype = node_dtype(checkpoint.storage_dtype(), device, None)[0]
     ends = ModelEnds(checkpoint, dtype=dtype)
     vocab = Tokenizer.from_file(str(target.tokenizer_path())).get_vocab()
     if ends.tokenizer.get_vocab() != vocab or ends.vocab_size != target.meta(EMBEDDING)[0][0] \
