@@ -130,6 +130,10 @@ examples:
     "status": """examples:
   slowllm status --coordinator ws://COORD:8765 --secret-file key.txt
   slowllm status --coordinator ws://COORD:8765 --json""",
+    "serve": """examples:
+  slowllm serve --local --model /data/bloom --dtype bfloat16 --port 8000
+  slowllm serve --local --model bigscience/bloom-560m --keep-in-ram --host 0.0.0.0 --api-keys keys.txt
+  then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY").completions.create(model=..., prompt=...)""",
     "cluster": """examples:
   slowllm cluster up cluster.example.yaml     # waits until every node registered
   slowllm cluster down cluster.example.yaml""",
@@ -184,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt initialisation and data order")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also save --out every N steps (0: only at the end; Ctrl-C always saves the latest)")
+    _add_backend(p)
+
+    p = command("serve", "the OpenAI-compatible HTTP API on this machine (--local --model MODEL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; needs --api-keys)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-keys", metavar="FILE", help="keys clients must send as 'Authorization: Bearer KEY', lines "
+                   "`NAME KEY` (re-read when the file changes); without it only this machine may connect")
+    p.add_argument("--insecure", action="store_true", help="serve a non-loopback address without --api-keys")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: the hub id, or "
+                   "the checkpoint directory's name)")
+    p.add_argument("--soft-prompts", metavar="DIR", help="soft prompts requests may name (\"soft_prompt\": \"NAME\" "
+                   "uses DIR/NAME.safetensors)")
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja2 template of /v1/chat/completions prompts (default: "
+                   "'User: ...\\nAssistant:', see README)")
+    p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N", help="most tokens one request may ask for")
+    p.add_argument("--draft-model", metavar="MODEL", help="speculative decoding with this draft (see generate)")
+    p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per pass (default 4)")
     _add_backend(p)
 
     p = command("status", "nodes, layer ranges and coverage of a coordinator")
@@ -325,6 +346,15 @@ def run(args) -> int:
     if args.command == "cluster":
         from ._cluster import cluster
         return cluster(args.action, args.file)
+    if args.command == "serve":
+        if not args.local or not args.model or args.coordinator:
+            raise InputError("slowllm serve runs the API on this machine: pass --local --model MODEL (a coordinator "
+                             "serves it itself: slowllm-coordinator --http-port PORT).")
+        from ._speculative import check_draft_tokens
+        if args.draft_tokens is not None:
+            check_draft_tokens(args.draft_tokens)
+        from ._serve import serve
+        return serve(args)
     if args.command == "status":
         from ._client import Client, format_status
         status = Client(args.coordinator, secret_file=args.secret_file, cafile=args.cafile).status()

@@ -141,6 +141,33 @@ class ModelEnds:
         lse = run_max + torch.log(run_sum)
         return target_logit - lse, best_id == targets, lse
 
+    @torch.no_grad()
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor,
+                       top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Per position of normed hidden [N, H]: (log p(target), the `top` likeliest (id, logprob)).
+
+        One pass over the head in fp32 like `target_stats` (the same numbers as scoring), vocabulary chunk
+        by chunk with a running log-sum-exp and top-k: N positions never need an [N, vocab] matrix (a
+        2,000-token echo at Bloom's vocabulary would be 2 GB)."""
+        n = hidden.shape[0]
+        run_max, run_sum = torch.full((n,), float("-inf")), torch.zeros(n)
+        target_logit = torch.zeros(n)
+        best_v, best_i = torch.full((n, top), float("-inf")), torch.zeros(n, top, dtype=torch.long)
+        for start, w in self._head_chunks(torch.float32):
+            logits = self._chunk_logits(hidden, w)
+            new_max = torch.maximum(run_max, logits.max(dim=1).values)
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            run_max = new_max
+            inside = ((targets >= start) & (targets < start + w.shape[0])).nonzero().squeeze(1)
+            target_logit[inside] = logits[inside, targets[inside] - start]
+            if top:
+                v, i = torch.topk(logits, min(top, logits.shape[1]), dim=1)
+                best_v, order = torch.topk(torch.cat([best_v, v], 1), top, dim=1)
+                best_i = torch.gather(torch.cat([best_i, i + start], 1), 1, order)
+        lse = run_max + torch.log(run_sum)
+        lp, tops = (target_logit - lse).tolist(), (best_v - lse[:, None]).tolist()
+        return [(lp[r], list(zip(best_i[r].tolist(), tops[r]))) for r in range(n)]
+
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-log p(target) per position, differentiable w.r.t. `hidden` (chunked forward and backward)."""
         return _ChunkedNLL.apply(hidden, targets, self)

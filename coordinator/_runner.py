@@ -13,7 +13,8 @@ from slowllm.protocol import InputError
 
 from ._chain import Chain
 from ._ends import ModelEnds
-from ._jobs import Sampling, generate, score
+from ._generate import generate
+from ._jobs import Sampling, score
 from ._local import LocalChain, ResidentChain, plan_memory
 from ._speculative import Draft, check_draft_tokens, load_draft
 from ._softprompt import load_soft_prompt, save_soft_prompt

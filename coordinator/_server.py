@@ -51,7 +51,8 @@ class Coordinator:
                  wait_for_nodes: float = 60.0, limits: Limits = Limits(), ssl_context=None,
                  request_timeout: float = 120.0, max_jobs_per_client: int = 8, max_jobs: int = 32,
                  max_new_tokens: int = 4096, client_keys: str | None = None, public_status: bool = False,
-                 verify: float = 0.05, draft_model: str | None = None, draft_tokens: int = 4):
+                 verify: float = 0.05, draft_model: str | None = None, draft_tokens: int = 4,
+                 http_port: int | None = None, soft_prompts: str | None = None, chat_template: str | None = None):
         self.checkpoint = Checkpoint(model)
         self.model = model
         self.fingerprint = self.checkpoint.fingerprint()
@@ -76,6 +77,7 @@ class Coordinator:
         self.active_jobs = 0
         self.clients: dict = {}  # client connection -> (user, key), to close those whose key is revoked
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.http_port, self.http_options = http_port, {"soft_prompts": soft_prompts, "chat_template": chat_template}
 
     # ---- serving -------------------------------------------------------------------------------
     async def serve(self, ready=None) -> None:
@@ -92,6 +94,8 @@ class Coordinator:
                                     process_request=self._http, ssl=self.ssl) as server:
             port = server.sockets[0].getsockname()[1]
             self.port = port
+            if self.http_port is not None:  # listening before "ready": whoever waits for that line may use it
+                await self._serve_http()
             scheme = "wss" if self.ssl else "ws"
             http = "https" if self.ssl else "http"
             print(f"slowllm coordinator ready at {scheme}://{self.host}:{port} (model {self.model}, "
@@ -99,6 +103,21 @@ class Coordinator:
             if ready is not None:
                 ready(port)
             await asyncio.Future()
+
+    async def _serve_http(self) -> None:
+        """The OpenAI-compatible API on --http-port, in this event loop, over the same nodes."""
+        from ._http import make_app, server
+        from ._serve import SwarmBackend
+
+        http = server(make_app(SwarmBackend(self), **self.http_options), self.host, self.http_port, embedded=True)
+        self._http_task = asyncio.ensure_future(http.serve())
+        while not http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises why it could not start (port taken...)
+                raise SlowllmError(f"the HTTP API could not listen on {self.host}:{self.http_port}.")
+            await asyncio.sleep(0.02)
+        port = http.servers[0].sockets[0].getsockname()[1]
+        print(f"slowllm coordinator: OpenAI-compatible API at http://{self.host}:{port}/v1", flush=True)
 
     def _http(self, connection, request):
         path = request.path.split("?")[0]

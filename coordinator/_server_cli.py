@@ -55,11 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "model to check several at a time (clients choose with --draft/--no-draft)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="most tokens drafted per pass when the client does not say (fewer when few are accepted)")
+    p.add_argument("--http-port", type=int, metavar="PORT",
+                   help="also serve the OpenAI-compatible HTTP API on this port (0 picks one), keys as for clients")
+    p.add_argument("--soft-prompts", metavar="DIR",
+                   help="soft prompts HTTP requests may name (\"soft_prompt\": \"NAME\" uses DIR/NAME.safetensors)")
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja2 template of /v1/chat/completions prompts")
     p.add_argument("--certfile", help="TLS certificate (serve wss://)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     return p
+
+
+def _read(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SlowllmError(f"cannot read --chat-template {path}: {e.strerror}.") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                                   request_timeout=args.request_timeout, max_jobs_per_client=args.max_jobs_per_client,
                                   max_jobs=args.max_jobs, client_keys=args.client_keys,
                                   public_status=args.public_status, verify=args.verify,
-                                  draft_model=args.draft_model, draft_tokens=args.draft_tokens)
+                                  draft_model=args.draft_model, draft_tokens=args.draft_tokens,
+                                  http_port=args.http_port, soft_prompts=args.soft_prompts,
+                                  chat_template=_read(args.chat_template))
         run(coordinator.serve())
     except SlowllmError as e:
         print(f"slowllm-coordinator: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 A pass over the big model costs the same whether it carries one new position or five (streaming: the
 whole checkpoint is read from disk either way; a node: every weight is read from RAM either way), so
 each drafted token the big model agrees with is a pass saved. This module holds the parts that are not
-the generation loop itself (that is `_jobs.generate`, written once for every chain):
+the generation loop itself (that is `_generate`, written once for every chain):
 
 - `Draft`: the draft model (its ends and a resident chain), checked to share the target's tokenizer;
 - `accept`: the acceptance rule. Greedy: a drafted token stays while it is the big model's argmax.

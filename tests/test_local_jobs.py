@@ -220,7 +220,7 @@ def test_an_empty_prompt_starts_from_bos(runner, tiny_model):
 
 
 def test_top_k_and_top_p_restrict_the_choice():
-    from slowllm.coordinator._jobs import pick_tokens
+    from slowllm.coordinator._generate import pick_tokens
 
     logits = torch.log(torch.tensor([[0.05, 0.6, 0.05, 0.3]]))
     g = torch.Generator().manual_seed(0)

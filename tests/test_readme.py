@@ -22,7 +22,7 @@ from conftest import run_cli
 from netutil import Cluster
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-MODELS = ("bigscience/bloom", "/data/bloom")
+MODELS = ("bigscience/bloom", "/data/bloom", "bigscience/bloom-560m")  # (a draft for itself)
 
 
 def blocks(language: str) -> list[str]:
@@ -63,8 +63,8 @@ def test_local_commands_run(tiny_model, tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"context": "Is fire cold?", "continuation": " No."}) + "\n")
     ran = 0
     for words in commands():
-        if words[0] != "slowllm" or "--local" not in words:
-            continue
+        if words[0] != "slowllm" or "--local" not in words or words[1] not in ("generate", "score", "tune"):
+            continue  # (`serve` runs until stopped: tests/test_http.py starts it)
         args = [str(tiny_model) if w in MODELS else w for w in words[1:]]
         proc = run_cli(*args, "--no-progress", cwd=tmp_path)
         assert proc.returncode == 0, f"{' '.join(words)}: {proc.stderr}"

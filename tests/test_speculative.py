@@ -122,7 +122,7 @@ def _chi2_critical(df: int, z: float = 3.29) -> float:
 def _exact(model_dir, prompt_ids: list[int], s: Sampling, depth: int) -> dict[tuple, float]:
     """P(first `depth` tokens) under `s` for the checkpoint, enumerated with transformers' BloomForCausalLM."""
     from conftest import hf_model
-    from slowllm.coordinator._jobs import probabilities
+    from slowllm.coordinator._generate import probabilities
 
     model = hf_model(model_dir)
     dist = {(): 1.0}

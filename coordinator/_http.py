@@ -1,0 +1,433 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn), written once over any `ApiBackend`.
+
+`slowllm serve --local` backs it with this process's chain (`LocalBackend`); `slowllm-coordinator
+--http-port` with the swarm (the coordinator's own backend). Requests that arrive together are
+generated together: the `Batcher` waits a moment (`window`) after the first request, then runs every
+compatible request that came in as one batch, so one pass over the weights serves them all (what makes
+local streaming usable by several users). Streams flush per token; a client that disconnects has its
+rows stopped at their next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from slowllm.protocol import BusyError, SlowllmError, UnavailableError
+
+from ._ends import ModelEnds
+from ._generate import Continuation
+from ._jobs import Sampling
+from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRequest, chat_logprobs,
+                      completion_logprobs, cut_at_stop, prompt_rows, render_chat)
+
+log = logging.getLogger("slowllm.http")
+SOFT_PROMPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ApiBackend(Protocol):
+    """What the API needs from a mode: the model's ends, a way to run a batch, and who may use it."""
+
+    model_id: str
+    ends: ModelEnds
+    n_layer: int
+    max_new_tokens: int
+
+    def run(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> list[dict]: ...
+
+    def soft_prompt(self, path: Path) -> torch.Tensor: ...
+
+    def missing(self) -> list[int]: ...
+
+    def nodes(self) -> int: ...
+
+    def user(self, token: str | None) -> str | None:
+        """The user a bearer token belongs to; "" when no key is needed; None when refused."""
+
+
+@dataclasses.dataclass
+class _Pending:
+    rows: list[Continuation]
+    sampling: Sampling
+    soft_name: str | None
+    future: concurrent.futures.Future
+    cancelled: threading.Event
+
+    def key(self) -> tuple:
+        s = self.sampling
+        if s.temperature == 0:
+            return (0, self.soft_name)
+        # a seeded request must get the same samples whoever else is waiting: it runs alone
+        return (s.temperature, s.top_k, s.top_p, id(self) if s.seed is not None else None, self.soft_name)
+
+
+class Batcher:
+    """One thread that runs what is waiting, compatible requests in one batch."""
+
+    def __init__(self, run: Callable[[list[Continuation], Sampling, str | None], list[dict]], window: float = 0.05,
+                 max_pending: int = 256):
+        self.run, self.window, self.max_pending = run, window, max_pending
+        self.queue: queue.Queue[_Pending] = queue.Queue()
+        self.batches = 0  # batches run (the bench and the tests read it)
+        threading.Thread(target=self._loop, name="slowllm-http-batcher", daemon=True).start()
+
+    def submit(self, pending: _Pending) -> None:
+        if self.queue.qsize() >= self.max_pending:
+            raise ApiError(429, f"{self.max_pending} requests are already waiting: retry in a few seconds.",
+                           type="rate_limit_error", headers={"Retry-After": "5"})
+        self.queue.put(pending)
+
+    def _loop(self) -> None:
+        while True:
+            waiting = [self.queue.get()]
+            time.sleep(self.window)  # requests that arrive together are generated together
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    waiting.append(self.queue.get_nowait())
+            groups: dict[tuple, list[_Pending]] = {}
+            for p in waiting:
+                if not p.cancelled.is_set():
+                    groups.setdefault(p.key(), []).append(p)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, group: list[_Pending]) -> None:
+        rows = [row for p in group for row in p.rows]
+        self.batches += 1
+        try:
+            results = self.run(rows, group[0].sampling, group[0].soft_name)
+        except BaseException as e:  # every request of the batch learns why
+            for p in group:
+                p.future.set_exception(e)
+            return
+        at = 0
+        for p in group:
+            p.future.set_result(results[at:at + len(p.rows)])
+            at += len(p.rows)
+
+
+class _Choice:
+    """One choice of a request: its rows' tokens turned into text deltas, held back near stop strings."""
+
+    def __init__(self, ends: ModelEnds, stops: list[str]):
+        self.ends, self.stops = ends, stops
+        self.ids: list[int] = []
+        self.sent = 0  # characters of text already streamed
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def stop_hit(self) -> bool:
+        return bool(self.stops) and cut_at_stop(self.ends.decode(self.ids), self.stops)[1]
+
+    def delta(self, final: bool) -> str:
+        text, hit = cut_at_stop(self.ends.decode(self.ids), self.stops)
+        ready = len(text) if final or hit else len(text) - self.hold
+        if not final and text.endswith("\ufffd"):  # half a character: wait for the rest
+            ready = min(ready, len(text) - 1)
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:ready], ready
+        return piece
+
+
+def _finish(reason: str) -> str:
+    return {"eos": "stop", "stop": "stop"}.get(reason, "length")
+
+
+def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_template: str | None = None,
+             window: float = 0.05, max_pending: int = 256) -> FastAPI:
+    app = FastAPI(title="slowllm", docs_url=None, redoc_url=None, openapi_url=None)
+    ends = backend.ends
+    template = chat_template or DEFAULT_CHAT_TEMPLATE
+    created = int(time.time())
+    soft_cache: dict[str, torch.Tensor] = {}
+
+    def soft(name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        if soft_prompts is None:
+            raise ApiError(400, "this server has no soft prompts: start it with --soft-prompts DIR.", param="soft_prompt")
+        if not SOFT_PROMPT_NAME.match(name) or not (Path(soft_prompts) / f"{name}.safetensors").is_file():
+            raise ApiError(404, f"no soft prompt named {name!r} here.", param="soft_prompt", code="soft_prompt_not_found")
+        if name not in soft_cache:
+            soft_cache[name] = backend.soft_prompt(Path(soft_prompts) / f"{name}.safetensors")
+        return soft_cache[name]
+
+    batcher = Batcher(lambda rows, s, name: backend.run(rows, s, soft(name)), window, max_pending)
+    app.state.batcher = batcher
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:])
+        return await api_error(request, ApiError(400, f"{where or 'request'}: {first.get('msg', 'invalid')}.",
+                                                 param=where or None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return await api_error(request, ApiError(e.status_code, str(e.detail), code=None))
+
+    def check(request: Request, model: str | None = None) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        user = backend.user(token.strip() if scheme.lower() == "bearer" else None)
+        if user is None:
+            raise ApiError(401, "Incorrect API key provided: pass your slowllm key as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+        if model is not None and model != backend.model_id:
+            raise ApiError(404, f"The model {model!r} does not exist here: this server runs {backend.model_id!r}.",
+                           param="model", code="model_not_found")
+        return user
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check(request)
+        return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": created,
+                                            "owned_by": "slowllm", "blocks": backend.n_layer,
+                                            "nodes": backend.nodes(), "missing": backend.missing()}]}
+
+    def sampling_of(req) -> Sampling:
+        top_k = req.top_k if req.top_k not in (None, 0, -1) else None
+        temperature = 1.0 if req.temperature is None else req.temperature
+        s = Sampling(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=req.top_p, seed=req.seed)
+        try:
+            s.check()
+        except SlowllmError as e:
+            raise ApiError(400, str(e).replace("--", "").replace("-", "_", 1)) from None
+        return s
+
+    def admit(req, max_tokens: int) -> None:
+        req.check_unsupported()
+        if max_tokens > backend.max_new_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {backend.max_new_tokens}.",
+                           param="max_tokens")
+        missing = backend.missing()
+        if missing:
+            raise ApiError(503, f"blocks {_ranges(missing)} are not served by any node: start nodes for them, then "
+                                "retry.", type="server_error", code="blocks_missing", headers={"Retry-After": "10"})
+
+    async def submit(request: Request, rows, sampling, soft_name, choices, on_event=None):
+        """Queue the rows, wait for their results; a client that goes away stops them."""
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+        for row, choice in zip(rows, choices):
+            row.stop = (lambda ids, c=choice: cancelled.is_set() or c.stop_hit()) if choice.stops else \
+                (lambda ids: cancelled.is_set())
+            if on_event:
+                row.on_token = (lambda t, e, c=choice: loop.call_soon_threadsafe(on_event, c, t, e))
+        soft(soft_name)  # unknown names fail now, not in the batch
+        pending = _Pending(rows, sampling, soft_name, concurrent.futures.Future(), cancelled)
+        batcher.submit(pending)
+        future = asyncio.wrap_future(pending.future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=0.5)
+                if done:
+                    return future.result()
+                if on_event is None and await request.is_disconnected():
+                    cancelled.set()
+        finally:
+            if not future.done():
+                cancelled.set()
+
+    def translate(e: BaseException) -> ApiError:
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, BusyError):
+            return ApiError(429, str(e), type="rate_limit_error", headers={"Retry-After": "5"})
+        if isinstance(e, UnavailableError):
+            return ApiError(503, str(e), type="server_error", headers={"Retry-After": "10"})
+        if isinstance(e, SlowllmError):
+            return ApiError(400, str(e))
+        log.exception("request failed", exc_info=e)
+        return ApiError(500, f"the server failed on this request ({type(e).__name__}).", type="server_error")
+
+    def usage(prompts: list[list[int]], results: list[dict]) -> dict:
+        prompt = sum(map(len, prompts))
+        completion = sum(len(r["token_ids"]) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def stream(request, prompts, rows, sampling, soft_name, choices, chunk, tail, include_usage):
+        """Server-sent events: a chunk per token, then each choice's end, usage if asked, `[DONE]`."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(choice, token, entry):
+            events.put_nowait((choice, token, entry))
+
+        task = asyncio.ensure_future(submit(request, rows, sampling, soft_name, choices, on_event))
+        try:
+            while not (task.done() and events.empty()):
+                try:
+                    choice, token, entry = await asyncio.wait_for(events.get(), 0.25)
+                except asyncio.TimeoutError:
+                    continue
+                choice.ids.append(token)
+                piece = choice.delta(final=False)
+                if piece:
+                    yield sse(chunk(choices.index(choice), piece, token, entry))
+            try:
+                results = task.result()
+            except BaseException as e:
+                yield sse(translate(e).body())
+                return
+            for i, (choice, r) in enumerate(zip(choices, results)):
+                choice.ids = r["token_ids"]
+                yield sse(tail(i, choice.delta(final=True), _finish("stop" if choice.stop_hit() else r["finish_reason"])))
+            if include_usage:
+                yield sse({**chunk(0, "", None, None), "choices": [], "usage": usage(prompts, results)})
+            yield "data: [DONE]\n\n"
+        finally:
+            task.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check(request, req.model)
+        prompts = prompt_rows(req.prompt, ends)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens 0 needs echo: true (scoring the prompt).", param="max_tokens")
+        if req.best_of not in (None, 1, req.n) or req.suffix:
+            raise ApiError(400, "best_of and suffix are not supported.", param="best_of")
+        admit(req, max_tokens)
+        sampling, stops = sampling_of(req), req.stops()
+        top = req.logprobs
+        rows = [Continuation(list(ids), max_tokens, logprobs=top,
+                             prompt_logprobs=top if req.echo and top is not None else None)
+                for ids in prompts for _ in range(req.n)]
+        choices = [_Choice(ends, stops) for _ in rows]
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": now, "model": backend.model_id}
+
+        def chunk(i, text, token, entry):
+            lp = None if top is None or token is None else completion_logprobs(ends, [token], [entry])
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}]}
+
+        def tail(i, text, reason):
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+        if req.stream:
+            if req.echo:  # the prompt text first, as OpenAI streams it
+                for c, ids in zip(choices, [p for p in prompts for _ in range(req.n)]):
+                    c.prefix = ends.decode(ids)
+            gen = stream(request, prompts, rows, sampling, req.soft_prompt, choices, chunk, tail,
+                         bool((req.stream_options or {}).get("include_usage")))
+            if req.echo:
+                gen = _prefixed(gen, [sse(tail(i, c.prefix, None)) for i, c in enumerate(choices)])
+            return StreamingResponse(gen, media_type="text/event-stream")
+        try:
+            results = await submit(request, rows, sampling, req.soft_prompt, choices)
+        except BaseException as e:
+            raise translate(e) from None
+        out = []
+        for i, (row, r, c) in enumerate(zip(rows, results, choices)):
+            c.ids = r["token_ids"]
+            text = c.delta(final=True)
+            kept = r["token_ids"]
+            reason = _finish("stop" if c.stop_hit() else r["finish_reason"])
+            prompt_text = ends.decode(row.ids) if req.echo else ""
+            lp = None
+            if top is not None:
+                entries = r.get("logprobs", [])
+                if req.echo:
+                    lp = completion_logprobs(ends, row.ids + kept, r["prompt_logprobs"] + entries)
+                else:
+                    lp = completion_logprobs(ends, kept, entries, 0)
+            out.append({"index": i, "text": prompt_text + text, "logprobs": lp, "finish_reason": reason})
+        return {**head, "choices": out, "usage": usage(prompts, results)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        check(request, req.model)
+        ids = ends.encode(render_chat(req.messages, template)) or [ends.bos_token_id]
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(512, backend.max_new_tokens)
+        if max_tokens < 1:
+            raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
+        admit(req, max_tokens)
+        sampling, stops = sampling_of(req), req.stops()
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        rows = [Continuation(list(ids), max_tokens, logprobs=top) for _ in range(req.n)]
+        choices = [_Choice(ends, stops) for _ in rows]
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": backend.model_id}
+
+        def chunk(i, text, token, entry):
+            lp = None if top is None or token is None else chat_logprobs(ends, [token], [entry])
+            return {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": text}, "logprobs": lp,
+                                         "finish_reason": None}]}
+
+        def tail(i, text, reason):
+            return {**head, "choices": [{"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                                         "finish_reason": reason}]}
+
+        if req.stream:
+            return StreamingResponse(stream(request, [ids], rows, sampling, req.soft_prompt, choices, chunk, tail,
+                                            bool((req.stream_options or {}).get("include_usage"))),
+                                     media_type="text/event-stream")
+        try:
+            results = await submit(request, rows, sampling, req.soft_prompt, choices)
+        except BaseException as e:
+            raise translate(e) from None
+        out = []
+        for i, (r, c) in enumerate(zip(results, choices)):
+            c.ids = r["token_ids"]
+            text = c.delta(final=True)
+            lp = chat_logprobs(ends, r["token_ids"], r["logprobs"]) if top is not None else None
+            out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                        "finish_reason": _finish("stop" if c.stop_hit() else r["finish_reason"])})
+        return {**head, "object": "chat.completion", "choices": out, "usage": usage([ids], results)}
+
+    return app
+
+
+async def _prefixed(gen, first: list[str]):
+    for item in first:
+        yield item
+    async for item in gen:
+        yield item
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        start = b if start is None else start
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}-{b}" if b != start else str(b))
+            start = None
+    return ", ".join(out)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside a process that handles its own signals (the coordinator): it must not take them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def server(app: FastAPI, host: str, port: int, embedded: bool = False) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    return (EmbeddedServer if embedded else uvicorn.Server)(config)

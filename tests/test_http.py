@@ -1,0 +1,276 @@
+"""The OpenAI-compatible HTTP API, exercised with the official `openai` package against live servers:
+`slowllm serve --local` and a coordinator with nodes (`--http-port`); lm-evaluation-harness's
+`local-completions` against it, compared with lm-eval's own `hf` model."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+
+from netutil import Cluster, free_port
+from slowllm.coordinator import LocalRunner, Sampling, make_checkpoint, tiny_config
+
+PROMPT = "Once upon a time there was a researcher"
+
+
+@pytest.fixture(scope="module")
+def model(models_dir):
+    """Context-sensitive (std 0.5): different prompts give different continuations."""
+    return make_checkpoint(models_dir / "http-model", tiny_config(n_layer=4, hidden=64, n_head=4, std=0.5), seed=5)
+
+
+@pytest.fixture(scope="module")
+def local(model):
+    with LocalRunner(model, keep_in_ram=True) as r:
+        yield r
+
+
+def start_serve(model, *extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model", str(model),
+                             "--keep-in-ram", "--port", str(port), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    assert "ready at http://" in line, line + proc.stdout.read()
+    threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()  # keep the pipe drained
+    return proc, re.search(r"(http://\S+)", line).group(1)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    proc, url = start_serve(model)
+    yield openai.OpenAI(base_url=url, api_key="none", max_retries=0), url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_completions_equal_slowllm_generate(served, local):
+    client, _ = served
+    want = local.generate([PROMPT, "Is the sky blue?"], Sampling(max_new_tokens=12))
+    got = client.completions.create(model="http-model", prompt=[PROMPT, "Is the sky blue?"], max_tokens=12,
+                                    temperature=0)
+    assert [c.text for c in got.choices] == [w["text"] for w in want]
+    assert got.usage.completion_tokens == sum(len(w["token_ids"]) for w in want)
+    # token-id prompts: one list, and a list of lists
+    ids = local.ends.encode(PROMPT)
+    assert client.completions.create(model="http-model", prompt=ids, max_tokens=12, temperature=0).choices[0].text \
+        == want[0]["text"]
+    two = client.completions.create(model="http-model", prompt=[ids, ids[:3]], max_tokens=5, temperature=0)
+    assert len(two.choices) == 2 and two.choices[0].text == want[0]["text"][:len(two.choices[0].text)]
+    assert client.models.list().data[0].id == "http-model"
+
+
+def test_streaming_chunks_concatenate_to_the_whole_text(served):
+    client, _ = served
+    whole = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 3  # flushed per token, not at the end
+    assert chunks[-1].usage.completion_tokens == 16
+    chat = list(client.chat.completions.create(model="http-model", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=8, temperature=0, stream=True))
+    whole_chat = client.chat.completions.create(model="http-model", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == whole_chat.choices[0].message.content
+
+
+def test_chat_uses_the_documented_template(served, local):
+    client, _ = served
+    got = client.chat.completions.create(model="http-model", temperature=0, max_tokens=10, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is the sky blue?"}])
+    want = local.generate(["Answer briefly.\n\nUser: Is the sky blue?\nAssistant:"], Sampling(max_new_tokens=10))
+    assert got.choices[0].message.content == want[0]["text"]
+    assert got.choices[0].message.role == "assistant" and got.object == "chat.completion"
+
+
+def test_echo_logprobs_equal_slowllm_score(served, local):
+    client, _ = served
+    ctx, cont = local.ends.encode("Is the sky blue?"), local.ends.encode(" Yes, it is.")
+    score = local.score([{"context": "Is the sky blue?", "continuation": " Yes, it is."}])[0]
+    for max_tokens in (0, 1):  # 1: what lm-evaluation-harness sends
+        got = client.completions.create(model="http-model", prompt=ctx + cont, max_tokens=max_tokens, echo=True,
+                                        logprobs=2, temperature=0).choices[0]
+        lps = got.logprobs.token_logprobs
+        assert lps[0] is None and len(lps) == len(ctx) + len(cont) + max_tokens
+        assert sum(lps[len(ctx):len(ctx) + len(cont)]) == pytest.approx(score["logprob"], abs=1e-4)
+        greedy = all(lps[i] == max(got.logprobs.top_logprobs[i].values()) for i in range(len(ctx), len(ctx) + len(cont)))
+        assert greedy == score["is_greedy"]
+    plain = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=4, logprobs=3, temperature=0)
+    entry = plain.choices[0].logprobs
+    assert len(entry.tokens) == 4 and all(len(t) == 3 for t in entry.top_logprobs)
+    assert all(lp == max(t.values()) for lp, t in zip(entry.token_logprobs, entry.top_logprobs))  # greedy
+
+
+def test_stop_and_n(served, local):
+    client, _ = served
+    text = local.generate([PROMPT], Sampling(max_new_tokens=16))[0]["text"]
+    stop = text[5:8]
+    got = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert got.choices[0].text == text[:text.find(stop)] and got.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == got.choices[0].text
+    many = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=8, temperature=1.0, n=4, seed=3)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3] and len({c.text for c in many.choices}) > 1
+    again = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=8, temperature=1.0, n=4, seed=3)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]  # --seed: reproducible
+
+
+def test_errors_are_openai_error_objects(served):
+    client, url = served
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert e.value.body["code"] == "model_not_found"
+    for bad in (dict(temperature=-1), dict(max_tokens=0), dict(prompt=[10 ** 6]), dict(n=100), dict(logprobs=50),
+                dict(presence_penalty=1.0), dict(stop=["a", "b", "c", "d", "e"])):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{"model": "http-model", "prompt": "x", "max_tokens": 1, **bad})
+        assert e.value.status_code == 400 and e.value.body["message"], bad
+    import urllib.error
+    import urllib.request
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/nothing")
+    assert e.value.code == 404 and "error" in json.loads(e.value.read())
+    assert client.completions.create(model="http-model", prompt="x", max_tokens=1).choices  # still serving
+
+
+def test_keys(model, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice " + "a" * 32 + "\n")
+    proc, url = start_serve(model, "--api-keys", str(keys))
+    try:
+        for key in ("none", "b" * 32):
+            with pytest.raises(openai.AuthenticationError) as e:
+                openai.OpenAI(base_url=url, api_key=key, max_retries=0).models.list()
+            assert e.value.status_code == 401
+        assert openai.OpenAI(base_url=url, api_key="a" * 32).models.list().data[0].id == "http-model"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    out = subprocess.run([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model", str(model),
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "without keys" in out.stderr
+
+
+def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(model, local):
+    """In-process server: 6 concurrent requests run as one batch; a client that hangs up is stopped."""
+    from slowllm.coordinator._http import make_app, server
+    from slowllm.coordinator._serve import LocalBackend
+
+    backend = LocalBackend(local, "http-model")
+    runs = []
+    real_run = backend.run
+    backend.run = lambda rows, s, soft: runs.append(real := real_run(rows, s, soft)) or real
+    app = make_app(backend, window=0.3)
+    port = free_port()
+    http = server(app, "127.0.0.1", port, embedded=True)
+    threading.Thread(target=http.run, daemon=True).start()
+    while not http.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    want = local.generate([f"{i} {PROMPT}" for i in range(6)], Sampling(max_new_tokens=8))
+    out = [None] * 6
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, client.completions.create(
+        model="http-model", prompt=f"{i} {PROMPT}", max_tokens=8, temperature=0).choices[0].text)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == [w["text"] for w in want]
+    assert app.state.batcher.batches == 1 and len(runs[0]) == 6
+    stream = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=2000, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()  # hang up after the first token
+    deadline = time.time() + 30
+    while len(runs) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(runs) == 2 and len(runs[1][0]["token_ids"]) < 2000
+    http.should_exit = True
+
+
+def test_through_the_swarm(model, local, secret, tmp_path):
+    keys, bob = tmp_path / "clients.txt", tmp_path / "bob.key"
+    keys.write_text("bob " + "c" * 32 + "\n")
+    bob.write_text("bob " + "c" * 32 + "\n")
+    port = free_port()
+    with Cluster(model, [], secret_file=secret, client_secret_file=bob,
+                 coordinator_args=["--http-port", str(port), "--client-keys", str(keys), "--wait-for-nodes", "1"]) as c:
+        url = f"http://127.0.0.1:{port}/v1"
+        client = openai.OpenAI(base_url=url, api_key="c" * 32, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:  # 503: no node yet
+            client.completions.create(model="http-model", prompt=PROMPT, max_tokens=2)
+        assert e.value.status_code == 503 and "blocks 0-3" in e.value.body["message"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="d" * 32, max_retries=0).models.list()
+        c.start_node("0-1", name="a")
+        c.start_node("2-3", name="b")
+        c.wait_covered(2)
+        want = local.generate([PROMPT], Sampling(max_new_tokens=10))[0]["text"]
+        got = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=10, temperature=0)
+        assert got.choices[0].text == want
+        streamed = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=10, temperature=0, stream=True)
+        assert "".join(x.choices[0].text for x in streamed if x.choices) == want
+        ctx, cont = local.ends.encode("Is the sky blue?"), local.ends.encode(" Yes.")
+        echo = client.completions.create(model="http-model", prompt=ctx + cont, max_tokens=0, echo=True, logprobs=1)
+        score = local.score([{"context": "Is the sky blue?", "continuation": " Yes."}])[0]["logprob"]
+        assert sum(echo.choices[0].logprobs.token_logprobs[len(ctx):]) == pytest.approx(score, abs=1e-4)
+        models = client.models.list().data[0]
+        assert models.model_extra["nodes"] == 2 and models.model_extra["missing"] == []
+
+
+def test_lm_evaluation_harness_local_completions_matches_its_hf_model(model, tmp_path):
+    """lm-eval's local-completions against `slowllm serve`, on a multiple-choice task written here as local
+    JSON; its per-sample loglikelihoods equal lm-eval's own `hf` model on the same checkpoint."""
+    data = tmp_path / "yesno.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "label": a}) + "\n" for q, a in [
+        ("Is the sky blue?", 0), ("Is fire cold?", 1), ("Is water wet?", 0), ("Is ice hot?", 1)]))
+    (tmp_path / "yesno.yaml").write_text(f"""task: slowllm_yesno
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: ["yes", "no"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+which, url = sys.argv[1], sys.argv[2]
+args = ("pretrained={model},dtype=float32" if which == "hf" else
+        f"model=http-model,base_url={{url}}/completions,tokenizer={model},tokenizer_backend=huggingface,num_concurrent=1")
+out = lm_eval.simple_evaluate(model=which, model_args=args, tasks=["slowllm_yesno"], log_samples=True,
+                              task_manager=TaskManager(include_path="{tmp_path}"), device="cpu", batch_size=1)
+print("RESULT " + json.dumps([[r[0] for r in s["resps"]] for s in out["samples"]["slowllm_yesno"]]))
+""")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "none"}
+    proc, url = start_serve(model)
+    try:
+        results = {}
+        for which in ("local-completions", "hf"):
+            out = subprocess.run([sys.executable, str(script), which, url], capture_output=True, text=True,
+                                 timeout=600, env=env, cwd=tmp_path)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            assert line, out.stdout[-3000:] + out.stderr[-3000:]
+            results[which] = json.loads(line[0][7:])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    api, hf = results["local-completions"], results["hf"]
+    assert len(api) == len(hf) == 4
+    for a_doc, h_doc in zip(api, hf):
+        for (a_lp, a_greedy), (h_lp, h_greedy) in zip(a_doc, h_doc):
+            assert a_lp == pytest.approx(h_lp, abs=1e-4) and a_greedy == h_greedy
