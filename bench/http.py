@@ -14,15 +14,20 @@ Prints a table and one JSON line; figures are ratios against baselines measured 
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import statistics
-import subprocess
+import os
 import sys
-import threading
-import time
-from pathlib import Path
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # this file is bench/http.py: `import http.client` (in httpx) must find the stdlib's
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 WORK = Path(__file__).parent / "_work"
 PROMPT = "Once upon a time there was a researcher without a cluster who read every block"

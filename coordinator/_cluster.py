@@ -115,11 +115,12 @@ def cluster(action: str, file: str) -> int:
     if c.get("public_status"):
         cmd.append("--public-status")
     for key in ("request_timeout", "max_jobs_per_client", "max_jobs", "max_message_size", "max_new_tokens",
-                "verify", "draft_tokens"):
+                "verify", "draft_tokens", "http_port"):
         if c.get(key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(c[key])]
-    if c.get("draft_model"):
-        cmd += ["--draft-model", _rel(base, c["draft_model"])]
+    for key in ("draft_model", "soft_prompts", "chat_template"):
+        if c.get(key):
+            cmd += [f"--{key.replace('_', '-')}", _rel(base, c[key])]
     for key in ("certfile", "keyfile"):
         if c.get(key):
             cmd += [f"--{key}", _rel(base, c[key])]

@@ -193,6 +193,16 @@ def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(m
         time.sleep(0.1)
     assert len(runs) == 2 and len(runs[1][0]["token_ids"]) < 2000
     http.should_exit = True
+    # a full queue: 429 with Retry-After, as OpenAI's rate limits answer
+    full = server(make_app(backend, max_pending=0), "127.0.0.1", port2 := free_port(), embedded=True)
+    threading.Thread(target=full.run, daemon=True).start()
+    while not full.started:
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as e:
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port2}/v1", api_key="x", max_retries=0).completions.create(
+            model="http-model", prompt="x", max_tokens=1)
+    assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "5"
+    full.should_exit = True
 
 
 def test_through_the_swarm(model, local, secret, tmp_path):

@@ -14,12 +14,14 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from netutil import Cluster
+from netutil import Cluster, free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODELS = ("bigscience/bloom", "/data/bloom", "bigscience/bloom-560m")  # (a draft for itself)
@@ -75,16 +77,31 @@ def test_local_commands_run(tiny_model, tmp_path):
 def test_python_blocks_run(tiny_model, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("readme-secret-0123456789abcdef")
-    with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret) as cluster:
-        for code in blocks("python"):
-            code = code.replace("ws://127.0.0.1:8765", cluster.url)
-            for name in MODELS:
-                code = code.replace(f'"{name}"', json.dumps(str(tiny_model)))
-            cwd, out = os.getcwd(), io.StringIO()
-            os.chdir(tmp_path)
-            try:
-                with contextlib.redirect_stdout(out):
-                    exec(compile(code, "README.md", "exec"), {})
-            finally:
-                os.chdir(cwd)
-            assert out.getvalue().strip(), code
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model",
+                            str(tiny_model), "--keep-in-ram", "--port", str(port), "--served-model-name", "bloom"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "ready at" in api.stdout.readline()
+        with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret) as cluster:
+            _run_python_blocks(tiny_model, tmp_path, cluster, port)
+    finally:
+        api.terminate()
+        api.wait(10)
+
+
+def _run_python_blocks(tiny_model, tmp_path, cluster, port):
+    """Each block as written, pointed at the live coordinator and `slowllm serve` (served as "bloom")."""
+    for code in blocks("python"):
+        code = code.replace("ws://127.0.0.1:8765", cluster.url).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        for name in MODELS:
+            code = code.replace(f'"{name}"', json.dumps(str(tiny_model)))
+        code = code.replace(f'model={json.dumps(str(tiny_model))}', 'model="bloom"')  # the API's model id
+        cwd, out = os.getcwd(), io.StringIO()
+        os.chdir(tmp_path)
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, "README.md", "exec"), {})
+        finally:
+            os.chdir(cwd)
+        assert out.getvalue().strip(), code
