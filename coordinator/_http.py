@@ -132,6 +132,7 @@ class _Choice:
         self.ids: list[int] = []
         self.sent = 0  # characters of text already streamed
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.prefix = ""  # echo: the prompt text, streamed first
 
     def stop_hit(self) -> bool:
         return bool(self.stops) and cut_at_stop(self.ends.decode(self.ids), self.stops)[1]
@@ -219,6 +220,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
 
     def admit(req, max_tokens: int) -> None:
         req.check_unsupported()
+        soft(req.soft_prompt)  # an unknown name is a 404 now, not an error event inside a stream
         if max_tokens > backend.max_new_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {backend.max_new_tokens}.",
                            param="max_tokens")
@@ -236,7 +238,6 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                 (lambda ids: cancelled.is_set())
             if on_event:
                 row.on_token = (lambda t, e, c=choice: loop.call_soon_threadsafe(on_event, c, t, e))
-        soft(soft_name)  # unknown names fail now, not in the batch
         pending = _Pending(rows, sampling, soft_name, concurrent.futures.Future(), cancelled)
         batcher.submit(pending)
         future = asyncio.wrap_future(pending.future)

@@ -88,6 +88,11 @@ def test_chat_uses_the_documented_template(served, local):
     want = local.generate(["Answer briefly.\n\nUser: Is the sky blue?\nAssistant:"], Sampling(max_new_tokens=10))
     assert got.choices[0].message.content == want[0]["text"]
     assert got.choices[0].message.role == "assistant" and got.object == "chat.completion"
+    scored = client.chat.completions.create(model="http-model", temperature=0, max_tokens=5, logprobs=True,
+                                            top_logprobs=2, messages=[{"role": "user", "content": "Is fire cold?"}])
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy: the likeliest token
 
 
 def test_echo_logprobs_equal_slowllm_score(served, local):
@@ -159,7 +164,7 @@ def test_keys(model, tmp_path):
     assert out.returncode == 2 and "without keys" in out.stderr
 
 
-def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(model, local):
+def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(model, local, tmp_path):
     """In-process server: 6 concurrent requests run as one batch; a client that hangs up is stopped."""
     from slowllm.coordinator._http import make_app, server
     from slowllm.coordinator._serve import LocalBackend
@@ -193,6 +198,27 @@ def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(m
         time.sleep(0.1)
     assert len(runs) == 2 and len(runs[1][0]["token_ids"]) < 2000
     http.should_exit = True
+    # soft prompts by name, from --soft-prompts DIR
+    import torch
+    from slowllm.coordinator._softprompt import save_soft_prompt
+
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    soft = torch.randn(3, 64) * 0.5
+    save_soft_prompt(prompts_dir / "yes.safetensors", soft, local.fingerprint, "http-model")
+    tuned = server(make_app(backend, soft_prompts=str(prompts_dir)), "127.0.0.1", port3 := free_port(), embedded=True)
+    threading.Thread(target=tuned.run, daemon=True).start()
+    while not tuned.started:
+        time.sleep(0.05)
+    with_soft = openai.OpenAI(base_url=f"http://127.0.0.1:{port3}/v1", api_key="x", max_retries=0)
+    got = with_soft.completions.create(model="http-model", prompt=PROMPT, max_tokens=8, temperature=0,
+                                       extra_body={"soft_prompt": "yes"})
+    assert got.choices[0].text == local.generate([PROMPT], Sampling(max_new_tokens=8), soft_prompt=soft)[0]["text"]
+    assert got.choices[0].text != local.generate([PROMPT], Sampling(max_new_tokens=8))[0]["text"]
+    for name in ("no", "../prompts/yes"):
+        with pytest.raises(openai.NotFoundError):
+            with_soft.completions.create(model="http-model", prompt=PROMPT, max_tokens=2, extra_body={"soft_prompt": name})
+    tuned.should_exit = True
     # a full queue: 429 with Retry-After, as OpenAI's rate limits answer
     full = server(make_app(backend, max_pending=0), "127.0.0.1", port2 := free_port(), embedded=True)
     threading.Thread(target=full.run, daemon=True).start()

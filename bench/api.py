@@ -1,6 +1,8 @@
 """HTTP API benchmark: 8 concurrent streaming clients vs one, and the API's cost per token.
 
-    python bench/http.py [--tokens 64] [--clients 8] [--repeat 3]
+(Named api.py: a bench/http.py would shadow the standard library's `http` for every script in bench/.)
+
+    python bench/api.py [--tokens 64] [--clients 8] [--repeat 3]
 
 `slowllm serve --local --keep-in-ram --dtype bfloat16` on a random checkpoint (hidden 1024, 24 blocks,
 bf16), driven by the official `openai` client:
@@ -14,20 +16,15 @@ Prints a table and one JSON line; figures are ratios against baselines measured 
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import re
+import statistics
+import subprocess
 import sys
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # this file is bench/http.py: `import http.client` (in httpx) must find the stdlib's
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import threading
+import time
+from pathlib import Path
 
 WORK = Path(__file__).parent / "_work"
 PROMPT = "Once upon a time there was a researcher without a cluster who read every block"
