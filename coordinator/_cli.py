@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", metavar="FILE", help="Jinja2 template of /v1/chat/completions prompts (default: "
                    "'User: ...\\nAssistant:', see README)")
     p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N", help="most tokens one request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=16384, metavar="N",
+                   help="longest prompt one request may send (a longer one is a 400, not minutes of work)")
     p.add_argument("--draft-model", metavar="MODEL", help="speculative decoding with this draft (see generate)")
     p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per pass (default 4)")
     _add_backend(p)

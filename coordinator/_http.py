@@ -152,8 +152,11 @@ def _finish(reason: str) -> str:
     return {"eos": "stop", "stop": "stop"}.get(reason, "length")
 
 
+MAX_ROWS = 256  # prompts x n in one request
+
+
 def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_template: str | None = None,
-             window: float = 0.05, max_pending: int = 256) -> FastAPI:
+             window: float = 0.05, max_pending: int = 256, max_prompt_tokens: int = 16384) -> FastAPI:
     app = FastAPI(title="slowllm", docs_url=None, redoc_url=None, openapi_url=None)
     ends = backend.ends
     template = chat_template or DEFAULT_CHAT_TEMPLATE
@@ -218,8 +221,15 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
             raise ApiError(400, str(e).replace("--", "").replace("-", "_", 1)) from None
         return s
 
-    def admit(req, max_tokens: int) -> None:
+    def admit(req, max_tokens: int, prompts: list[list[int]]) -> None:
         req.check_unsupported()
+        longest = max(map(len, prompts))
+        if longest > max_prompt_tokens:
+            raise ApiError(400, f"a prompt of {longest} tokens exceeds this server's limit of {max_prompt_tokens} "
+                                "(--max-prompt-tokens).", param="prompt", code="context_length_exceeded")
+        if len(prompts) * req.n > MAX_ROWS:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_ROWS} completions in one "
+                                "request: send fewer.", param="prompt")
         soft(req.soft_prompt)  # an unknown name is a 404 now, not an error event inside a stream
         if max_tokens > backend.max_new_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {backend.max_new_tokens}.",
@@ -313,7 +323,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
             raise ApiError(400, "max_tokens 0 needs echo: true (scoring the prompt).", param="max_tokens")
         if req.best_of not in (None, 1, req.n) or req.suffix:
             raise ApiError(400, "best_of and suffix are not supported.", param="best_of")
-        admit(req, max_tokens)
+        admit(req, max_tokens, prompts)
         sampling, stops = sampling_of(req), req.stops()
         top = req.logprobs
         rows = [Continuation(list(ids), max_tokens, logprobs=top,
@@ -367,7 +377,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         max_tokens = req.max_completion_tokens or req.max_tokens or min(512, backend.max_new_tokens)
         if max_tokens < 1:
             raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
-        admit(req, max_tokens)
+        admit(req, max_tokens, [ids])
         sampling, stops = sampling_of(req), req.stops()
         top = (req.top_logprobs or 0) if req.logprobs else None
         rows = [Continuation(list(ids), max_tokens, logprobs=top) for _ in range(req.n)]

@@ -164,6 +164,8 @@ class Sampling:
         _finite("top_p", self.top_p, optional=True)
         if self.max_new_tokens < 1:
             raise InputError("--max-new-tokens must be at least 1.")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
+            raise InputError("--seed must fit in 64 bits.")
         if self.temperature < 0:
             raise InputError("--temperature must be 0 (greedy) or positive.")
         if self.top_k is not None and self.top_k < 1:

@@ -64,8 +64,8 @@ def serve(args) -> int:
     if args.api_keys is None and not is_loopback(args.host) and not args.insecure:
         raise InputError(f"refusing to serve on {args.host} without keys: pass --api-keys FILE (lines `NAME KEY`), "
                          "or --insecure if this network is trusted.")
-    if args.max_new_tokens < 1:
-        raise InputError("--max-new-tokens must be at least 1.")
+    if args.max_new_tokens < 1 or args.max_prompt_tokens < 1:
+        raise InputError("--max-new-tokens and --max-prompt-tokens must be at least 1.")
     template = None
     if args.chat_template:
         try:
@@ -78,7 +78,8 @@ def serve(args) -> int:
                          spill_dir=args.spill_dir, progress=False, keep_in_ram=args.keep_in_ram,
                          draft_model=args.draft_model, draft_tokens=args.draft_tokens or 4)
     backend = LocalBackend(runner, served_name(args.model, args.served_model_name), args.api_keys, args.max_new_tokens)
-    app = make_app(backend, soft_prompts=args.soft_prompts, chat_template=template)
+    app = make_app(backend, soft_prompts=args.soft_prompts, chat_template=template,
+                   max_prompt_tokens=args.max_prompt_tokens)
     http = server(app, args.host, args.port)
 
     def announce():  # once uvicorn listens (port 0 picks one): the line scripts wait for

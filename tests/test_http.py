@@ -134,7 +134,8 @@ def test_errors_are_openai_error_objects(served):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
     assert e.value.body["code"] == "model_not_found"
     for bad in (dict(temperature=-1), dict(max_tokens=0), dict(prompt=[10 ** 6]), dict(n=100), dict(logprobs=50),
-                dict(presence_penalty=1.0), dict(stop=["a", "b", "c", "d", "e"])):
+                dict(presence_penalty=1.0), dict(stop=["a", "b", "c", "d", "e"]), dict(seed=2 ** 80),
+                dict(prompt="x " * 20000)):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{"model": "http-model", "prompt": "x", "max_tokens": 1, **bad})
         assert e.value.status_code == 400 and e.value.body["message"], bad
