@@ -64,6 +64,10 @@ class Chain(ABC):
     @abstractmethod
     def open_session(self, batch_size: int, max_length: int) -> ChainSession: ...
 
+    def step_sessions(self, steps: Sequence[tuple[ChainSession, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """`session.step(hidden, mask)` for each; a chain that streams its weights does them in one pass."""
+        return [session.step(hidden, mask) for session, hidden, mask in steps]
+
     def set_progress(self, on: bool) -> None:
         """Chains that show progress bars (local streaming) turn them on or off."""
 

@@ -95,24 +95,83 @@ def generate_rows(ends: ModelEnds, chain: Chain, rows: Sequence[Continuation], s
     Returns per row {"token_ids", "text", "finish_reason": "eos" | "length" | "stop", and "logprobs" /
     "prompt_logprobs" when asked, and with a draft "target_passes", "accepted", "drafted"}.
     """
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    results: list[dict] = [{} for _ in rows]
-    p = 0 if soft_prompt is None else soft_prompt.shape[0]
-    most = draft.tokens if draft is not None else 0
-    groups = plan_batches([len(r.ids) + p + r.max_new_tokens + most for r in rows],
-                          chain.max_batch_tokens, chain.max_batch_rows)
-    for group in sorted(groups):
-        done = _generate_group(ends, chain, [rows[i] for i in group], sampling, soft_prompt, generator, draft)
-        for j, i in enumerate(group):
-            row = done[j]
-            results[i] = {"text": ends.decode(row.ids), "token_ids": row.ids, "finish_reason": row.reason}
-            if row.want.logprobs is not None:
-                results[i]["logprobs"] = row.logprobs
-            if row.want.prompt_logprobs is not None:
-                results[i]["prompt_logprobs"] = row.prompt_logprobs
-            if draft is not None:
-                results[i].update(target_passes=row.passes, accepted=row.accepted, drafted=row.drafted)
-    return results
+    job = Generation(ends, chain, rows, sampling, soft_prompt, draft)
+    try:
+        while not job.done:
+            step_together(chain, [job])
+    finally:
+        job.close()  # after an error: the groups' sessions are closed now, not when collected
+    return job.results()
+
+
+class Generation:
+    """The rows of one request (or job), batched by length into groups that each hold a session.
+
+    Each group is a generator that yields the big-model steps it needs, `(session, hidden, mask)`, and is
+    sent their outputs: `step_together` runs the pending steps of any number of generations in ONE pass
+    over the weights, which is how requests that arrive while others generate join the next pass (the
+    HTTP API's batcher), and how a job's groups share passes.
+    """
+
+    def __init__(self, ends: ModelEnds, chain: Chain, rows: Sequence[Continuation], sampling: Sampling,
+                 soft_prompt: torch.Tensor | None = None, draft: Draft | None = None):
+        self.ends, self.rows, self.draft = ends, list(rows), draft
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        p = 0 if soft_prompt is None else soft_prompt.shape[0]
+        most = draft.tokens if draft is not None else 0
+        self.groups = plan_batches([len(r.ids) + p + r.max_new_tokens + most for r in rows],
+                                   chain.max_batch_tokens, chain.max_batch_rows)
+        self.running: dict[int, object] = {}  # group index -> its generator
+        self.pending: dict[int, tuple] = {}  # group index -> the step it waits for
+        self.finished: dict[int, list[_Row]] = {}
+        for g, group in enumerate(sorted(self.groups)):
+            gen = _generate_group(ends, chain, [rows[i] for i in group], sampling, soft_prompt, generator, draft)
+            self.running[g] = gen
+            self._advance(g, None, first=True)
+        self.groups = sorted(self.groups)
+
+    @property
+    def done(self) -> bool:
+        return not self.running
+
+    def _advance(self, g: int, out, first: bool = False) -> None:
+        try:
+            self.pending[g] = next(self.running[g]) if first else self.running[g].send(out)
+        except StopIteration as stop:
+            self.finished[g] = stop.value
+            del self.running[g]
+            self.pending.pop(g, None)
+
+    def close(self) -> None:
+        """Stop every group now (their sessions are closed)."""
+        for gen in self.running.values():
+            gen.close()
+        self.running.clear()
+        self.pending.clear()
+
+    def results(self) -> list[dict]:
+        results: list[dict] = [{} for _ in self.rows]
+        for g, group in enumerate(self.groups):
+            for row, i in zip(self.finished[g], group):
+                r = results[i] = {"text": self.ends.decode(row.ids), "token_ids": row.ids, "finish_reason": row.reason}
+                if row.want.logprobs is not None:
+                    r["logprobs"] = row.logprobs
+                if row.want.prompt_logprobs is not None:
+                    r["prompt_logprobs"] = row.prompt_logprobs
+                if self.draft is not None:
+                    r.update(target_passes=row.passes, accepted=row.accepted, drafted=row.drafted)
+        return results
+
+
+def step_together(chain: Chain, jobs: Sequence[Generation]) -> None:
+    """One pass over the big model for the pending step of every group of every job."""
+    waiting = [(job, g) for job in jobs for g in list(job.pending)]
+    if not waiting:
+        return
+    with torch.no_grad():
+        outs = chain.step_sessions([job.pending[g] for job, g in waiting])
+    for (job, g), out in zip(waiting, outs):
+        job._advance(g, out)
 
 
 def _top(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, list[list[tuple[int, float]]]]:
@@ -123,8 +182,9 @@ def _top(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, list[list[tuple[in
 
 
 def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: Sampling, soft_prompt,
-                    generator, draft: Draft | None) -> list[_Row]:
-    """One batch of prompts through one session of the big model (and one of the draft).
+                    generator, draft: Draft | None):
+    """One batch of prompts through one session of the big model (and one of the draft): a generator that
+    yields each step of the big model, (session, hidden, mask), is sent its output, and returns the rows.
 
     Both sessions see the same columns after the prompt: each round appends the pending token x and the
     drafted d1..dk; the big model checks them in one step. Positions that no row kept are rolled back
@@ -169,8 +229,8 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
 
     with contextlib.ExitStack() as stack:
         target = stack.enter_context(chain.open_session(B, batch.mask.shape[1] + room))
+        hidden = yield (target, batch.hidden, batch.mask)
         with torch.no_grad():
-            hidden = target.step(batch.hidden, batch.mask)
             logits = ends.logits(ends.final_norm(hidden[:, -1]))
             x = pick_tokens(logits, s, generator)
         width = hidden.shape[1]
@@ -212,10 +272,12 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
                         d = torch.multinomial(q[-1], 1, generator=generator).squeeze(1)
                     drafted.append(d)
                     tail_ids, tail_mask = torch.cat([tail_ids, d[:, None]], 1), torch.cat([tail_mask, ones], 1)
-            with Stopwatch() as pass_time, torch.no_grad():
-                new = ends.embed_norm(ends.embed(tail_ids[:, base:]))  # x, d1..dk
-                h = target.step(new, torch.cat([batch.mask, tail_mask], 1))
-                logits = ends.logits(ends.final_norm(h.reshape(B * (k + 1), -1))).view(B, k + 1, -1)
+            with Stopwatch() as pass_time:
+                with torch.no_grad():
+                    new = ends.embed_norm(ends.embed(tail_ids[:, base:]))  # x, d1..dk
+                h = yield (target, new, torch.cat([batch.mask, tail_mask], 1))
+                with torch.no_grad():
+                    logits = ends.logits(ends.final_norm(h.reshape(B * (k + 1), -1))).view(B, k + 1, -1)
             probs = None if greedy else probabilities(logits.view(B * (k + 1), -1), s).view(B, k + 1, -1)
             drafts = torch.stack(drafted, 1) if drafted else torch.empty(B, 0, dtype=torch.long)
             kept, y = [0] * B, x.clone()

@@ -1,11 +1,10 @@
 """The OpenAI-compatible HTTP API (FastAPI on uvicorn), written once over any `ApiBackend`.
 
 `slowllm serve --local` backs it with this process's chain (`LocalBackend`); `slowllm-coordinator
---http-port` with the swarm (the coordinator's own backend). Requests that arrive together are
-generated together: the `Batcher` waits a moment (`window`) after the first request, then runs every
-compatible request that came in as one batch, so one pass over the weights serves them all (what makes
-local streaming usable by several users). Streams flush per token; a client that disconnects has its
-rows stopped at their next token.
+--http-port` with the swarm (`SwarmBackend`). Requests share passes: the `Batcher` steps every running
+request in one pass over the weights, and a request that arrives meanwhile joins the next pass (what
+makes local streaming usable by several users). Streams flush per token; a client that disconnects has
+its rows stopped at their next token.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from starlette.exceptions import HTTPException
 from slowllm.protocol import BusyError, SlowllmError, UnavailableError
 
 from ._ends import ModelEnds
-from ._generate import Continuation
+from ._generate import Continuation, Generation
 from ._jobs import Sampling
 from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRequest, chat_logprobs,
                       completion_logprobs, cut_at_stop, prompt_rows, render_chat)
@@ -51,7 +50,11 @@ class ApiBackend(Protocol):
     n_layer: int
     max_new_tokens: int
 
-    def run(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> list[dict]: ...
+    def start(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> Generation:
+        """A batch of rows, ready to step (its prompt pass is its first step)."""
+
+    def step(self, jobs: list[Generation]) -> None:
+        """One pass over the model for every job's next step."""
 
     def soft_prompt(self, path: Path) -> torch.Tensor: ...
 
@@ -80,13 +83,20 @@ class _Pending:
 
 
 class Batcher:
-    """One thread that runs what is waiting, compatible requests in one batch."""
+    """One thread that drives every running request, one pass over the weights at a time.
 
-    def __init__(self, run: Callable[[list[Continuation], Sampling, str | None], list[dict]], window: float = 0.05,
-                 max_pending: int = 256):
-        self.run, self.window, self.max_pending = run, window, max_pending
+    Between passes it takes what arrived: compatible requests become one `Generation` (one batch), and
+    every running generation's next step goes into the same pass (`step_together`). So a request that
+    arrives while others generate joins the next pass; only the first request of an idle server waits
+    `window` seconds for company.
+    """
+
+    def __init__(self, start: Callable[[list[Continuation], Sampling, str | None], Generation],
+                 step: Callable[[list[Generation]], None], window: float = 0.05, max_pending: int = 256):
+        self.start, self.step, self.window, self.max_pending = start, step, window, max_pending
         self.queue: queue.Queue[_Pending] = queue.Queue()
-        self.batches = 0  # batches run (the bench and the tests read it)
+        self.batches = 0  # generations started (the bench and the tests read it)
+        self.passes = 0
         threading.Thread(target=self._loop, name="slowllm-http-batcher", daemon=True).start()
 
     def submit(self, pending: _Pending) -> None:
@@ -95,33 +105,53 @@ class Batcher:
                            type="rate_limit_error", headers={"Retry-After": "5"})
         self.queue.put(pending)
 
-    def _loop(self) -> None:
-        while True:
-            waiting = [self.queue.get()]
+    def _arrivals(self, block: bool) -> list[_Pending]:
+        waiting = []
+        if block:
+            waiting.append(self.queue.get())
             time.sleep(self.window)  # requests that arrive together are generated together
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    waiting.append(self.queue.get_nowait())
-            groups: dict[tuple, list[_Pending]] = {}
-            for p in waiting:
-                if not p.cancelled.is_set():
-                    groups.setdefault(p.key(), []).append(p)
-            for group in groups.values():
-                self._run(group)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                waiting.append(self.queue.get_nowait())
+        return [p for p in waiting if not p.cancelled.is_set()]
 
-    def _run(self, group: list[_Pending]) -> None:
-        rows = [row for p in group for row in p.rows]
-        self.batches += 1
-        try:
-            results = self.run(rows, group[0].sampling, group[0].soft_name)
-        except BaseException as e:  # every request of the batch learns why
-            for p in group:
-                p.future.set_exception(e)
-            return
-        at = 0
-        for p in group:
-            p.future.set_result(results[at:at + len(p.rows)])
-            at += len(p.rows)
+    def _loop(self) -> None:
+        running: list[tuple[Generation, list[_Pending]]] = []
+        while True:
+            groups: dict[tuple, list[_Pending]] = {}
+            for p in self._arrivals(block=not running):
+                groups.setdefault(p.key(), []).append(p)
+            for group in groups.values():
+                try:
+                    job = self.start([row for p in group for row in p.rows], group[0].sampling, group[0].soft_name)
+                except BaseException as e:  # e.g. a bad soft prompt: those requests learn why
+                    for p in group:
+                        p.future.set_exception(e)
+                    continue
+                self.batches += 1
+                running.append((job, group))
+            if not running:
+                continue
+            try:
+                self.step([job for job, _ in running])
+                self.passes += 1
+            except BaseException as e:  # every running request learns why
+                for job, group in running:
+                    job.close()
+                    for p in group:
+                        p.future.set_exception(e)
+                running = []
+                continue
+            still = []
+            for job, group in running:
+                if not job.done:
+                    still.append((job, group))
+                    continue
+                results, at = job.results(), 0
+                for p in group:
+                    p.future.set_result(results[at:at + len(p.rows)])
+                    at += len(p.rows)
+            running = still
 
 
 class _Choice:
@@ -174,7 +204,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
             soft_cache[name] = backend.soft_prompt(Path(soft_prompts) / f"{name}.safetensors")
         return soft_cache[name]
 
-    batcher = Batcher(lambda rows, s, name: backend.run(rows, s, soft(name)), window, max_pending)
+    batcher = Batcher(lambda rows, s, name: backend.start(rows, s, soft(name)), backend.step, window, max_pending)
     app.state.batcher = batcher
 
     @app.exception_handler(ApiError)
@@ -440,5 +470,7 @@ class EmbeddedServer(uvicorn.Server):
 
 
 def server(app: FastAPI, host: str, port: int, embedded: bool = False) -> uvicorn.Server:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    # a stop (SIGTERM, Ctrl-C) ends open requests after 5 s instead of waiting for a long generation
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=5)
     return (EmbeddedServer if embedded else uvicorn.Server)(config)

@@ -106,6 +106,9 @@ class LocalChain(Chain):
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
         return _LocalSession(self.executor.session())
 
+    def step_sessions(self, steps):
+        return self.executor.step_sessions([(session._session, h, m) for session, h, m in steps])
+
     def set_progress(self, on: bool) -> None:
         self.executor.progress = None if on else False
 

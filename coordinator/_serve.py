@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from slowllm.protocol import InputError
 
-from ._generate import Continuation, generate_rows
+from ._generate import Continuation, Generation, step_together
 from ._jobs import Sampling
 from ._keys import KeyRing, is_loopback
 from ._runner import LocalRunner
@@ -38,9 +39,12 @@ class LocalBackend:
         # secret beside them, and a random one that nobody knows accepts nothing more.
         self.keys = None if api_keys is None else KeyRing(os.urandom(32), api_keys)
 
-    def run(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> list[dict]:
+    def start(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> Generation:
         r = self.runner
-        return generate_rows(r.ends, r.chain, rows, sampling, soft_prompt, r.pick_draft())
+        return Generation(r.ends, r.chain, rows, sampling, soft_prompt, r.pick_draft())
+
+    def step(self, jobs: list[Generation]) -> None:
+        step_together(self.runner.chain, jobs)
 
     def soft_prompt(self, path: Path) -> torch.Tensor:
         return self.runner.soft_prompt(path)
@@ -91,11 +95,12 @@ def serve(args) -> int:
         print(f"slowllm serve: {backend.model_id} ready at http://{args.host}:{port}/v1", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
-    try:
-        http.run()
-    finally:
-        runner.close()
-    return 0
+    http.run()
+    print("slowllm serve: stopped", flush=True)
+    sys.stderr.flush()
+    # Straight out: the batcher thread may be inside a long pass (a 16k-token prompt), and interpreter
+    # shutdown would wait for it or abort in a native read; nothing is left to save.
+    os._exit(0)
 
 
 class SwarmBackend:
@@ -105,15 +110,19 @@ class SwarmBackend:
         c = self.coordinator = coordinator
         self.model_id, self.ends = served_name(c.model), c.ends
         self.n_layer, self.max_new_tokens = c.checkpoint.n_layer, c.max_new_tokens
-
-    def run(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> list[dict]:
         from ._remote import RemoteChain
+
+        self.chain = RemoteChain(c.router, c.limits, c.checkpoint.hidden_size, referee=c.referee)
+
+    def start(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> Generation:
         from ._runner import Runner
 
         c = self.coordinator
-        chain = RemoteChain(c.router, c.limits, c.checkpoint.hidden_size, referee=c.referee)
-        return generate_rows(c.ends, chain, rows, sampling, soft_prompt, Runner(c.checkpoint, c.ends, chain,
-                                                                                  c.draft).pick_draft())
+        return Generation(c.ends, self.chain, rows, sampling, soft_prompt,
+                          Runner(c.checkpoint, c.ends, self.chain, c.draft).pick_draft())
+
+    def step(self, jobs: list[Generation]) -> None:
+        step_together(self.chain, jobs)
 
     def soft_prompt(self, path: Path) -> torch.Tensor:
         from ._softprompt import load_soft_prompt

@@ -203,6 +203,30 @@ class StreamingExecutor:
     def session(self) -> "StreamingSession":
         return StreamingSession(self)
 
+    @torch.no_grad()
+    def step_sessions(self, steps: Sequence[tuple["StreamingSession", torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Generation steps of several sessions in ONE pass over the weights: each block, once read, runs
+        every session's new positions against that session's cache."""
+        work = []
+        for session, hidden, mask in steps:
+            past = mask.shape[1] - hidden.shape[1]
+            if past != session.length:
+                raise ValueError(f"mask covers {past} past positions, the session holds {session.length}")
+            work.append([session, hidden.to(self.device, self.dtype), self.attention(mask, hidden.shape[1]), past])
+        self.passes += 1
+        tokens = sum(h.shape[0] * h.shape[1] for _, h, _, _ in work)
+        for layer, block in self.stream.blocks(range(self.n_layer), "step", tokens, self.progress):
+            for item in work:
+                session, hidden, attn, past = item
+                store = session.caches
+                cache = BlockCache.from_state(store.get(layer)) if layer in store else BlockCache()
+                cache.truncate(past)  # a rollback is applied here, as each cache comes in anyway
+                item[1] = attn.run(block, hidden, cache)
+                store.put(layer, cache.state())
+        for (session, _, mask), item in zip(steps, work):
+            session.length = mask.shape[1]
+        return [item[1] for item in work]
+
 
 class StreamingSession:
     """A generation session: KV caches per block, one pass over the weights per step for the whole batch."""
@@ -212,24 +236,9 @@ class StreamingSession:
         self.caches = SpillStore(executor.activation_budget, executor.spill_dir)
         self.length = 0
 
-    @torch.no_grad()
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the new positions `hidden` [B, q, H]; `mask` [B, past + q] covers past and new tokens."""
-        ex = self.executor
-        past = mask.shape[1] - hidden.shape[1]
-        if past != self.length:
-            raise ValueError(f"mask covers {past} past positions, the session holds {self.length}")
-        hidden = hidden.to(ex.device, ex.dtype)
-        attn = ex.attention(mask, hidden.shape[1])
-        ex.passes += 1
-        tokens = hidden.shape[0] * hidden.shape[1]
-        for layer, block in ex.stream.blocks(range(ex.n_layer), "step", tokens, ex.progress):
-            cache = BlockCache.from_state(self.caches.get(layer)) if layer in self.caches else BlockCache()
-            cache.truncate(past)  # a rollback is applied here, as each cache comes in anyway
-            hidden = attn.run(block, hidden, cache)
-            self.caches.put(layer, cache.state())
-        self.length = mask.shape[1]
-        return hidden
+        return self.executor.step_sessions([(self, hidden, mask)])[0]
 
     def rollback(self, n: int) -> None:
         """Forget the last `n` positions. Free: the caches (possibly spilled to disk) are cut when the

@@ -171,9 +171,9 @@ def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(m
     from slowllm.coordinator._serve import LocalBackend
 
     backend = LocalBackend(local, "http-model")
-    runs = []
-    real_run = backend.run
-    backend.run = lambda rows, s, soft: runs.append(real := real_run(rows, s, soft)) or real
+    jobs = []
+    real_start = backend.start
+    backend.start = lambda rows, s, soft: jobs.append(job := real_start(rows, s, soft)) or job
     app = make_app(backend, window=0.3)
     port = free_port()
     http = server(app, "127.0.0.1", port, embedded=True)
@@ -190,14 +190,33 @@ def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(m
     for t in threads:
         t.join(60)
     assert out == [w["text"] for w in want]
-    assert app.state.batcher.batches == 1 and len(runs[0]) == 6
+    assert app.state.batcher.batches == 1 and len(jobs[0].rows) == 6
+    # a request that arrives while another generates joins its next pass: it ends first
+    order, long_started = [], threading.Event()
+
+    def long_one():
+        for chunk in client.completions.create(model="http-model", prompt=PROMPT, max_tokens=300, temperature=0,
+                                               stream=True):
+            long_started.set()
+        order.append("long")
+
+    thread = threading.Thread(target=long_one)
+    thread.start()
+    assert long_started.wait(30)
+    short = client.completions.create(model="http-model", prompt="Is the sky blue?", max_tokens=3, temperature=0)
+    order.append("short")
+    assert not jobs[1].done  # the long one was still generating
+    thread.join(120)
+    assert order == ["short", "long"]
+    assert short.choices[0].text == local.generate(["Is the sky blue?"], Sampling(max_new_tokens=3))[0]["text"]
+    # a client that hangs up: its row stops at its next token
     stream = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=2000, temperature=0, stream=True)
     next(iter(stream))
-    stream.close()  # hang up after the first token
+    stream.close()
     deadline = time.time() + 30
-    while len(runs) < 2 and time.time() < deadline:
+    while not (len(jobs) == 4 and jobs[3].done) and time.time() < deadline:
         time.sleep(0.1)
-    assert len(runs) == 2 and len(runs[1][0]["token_ids"]) < 2000
+    assert jobs[3].done and len(jobs[3].results()[0]["token_ids"]) < 2000
     http.should_exit = True
     # soft prompts by name, from --soft-prompts DIR
     import torch
