@@ -305,23 +305,22 @@ metric_list:
 import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
-which, url = sys.argv[1], sys.argv[2]
-args = ("pretrained={model},dtype=float32" if which == "hf" else
-        f"model=http-model,base_url={{url}}/completions,tokenizer={model},tokenizer_backend=huggingface,num_concurrent=1")
-out = lm_eval.simple_evaluate(model=which, model_args=args, tasks=["slowllm_yesno"], log_samples=True,
-                              task_manager=TaskManager(include_path="{tmp_path}"), device="cpu", batch_size=1)
-print("RESULT " + json.dumps([[r[0] for r in s["resps"]] for s in out["samples"]["slowllm_yesno"]]))
+url = sys.argv[1]
+for which, args in (("local-completions", f"model=http-model,base_url={{url}}/completions,tokenizer={model},"
+                                          "tokenizer_backend=huggingface,num_concurrent=1"),
+                    ("hf", "pretrained={model},dtype=float32")):
+    out = lm_eval.simple_evaluate(model=which, model_args=args, tasks=["slowllm_yesno"], log_samples=True,
+                                  task_manager=TaskManager(include_path="{tmp_path}"), device="cpu", batch_size=1)
+    print("RESULT " + which + " " + json.dumps([[r[0] for r in s["resps"]] for s in out["samples"]["slowllm_yesno"]]))
 """)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "none"}
     proc, url = start_serve(model)
     try:
-        results = {}
-        for which in ("local-completions", "hf"):
-            out = subprocess.run([sys.executable, str(script), which, url], capture_output=True, text=True,
-                                 timeout=600, env=env, cwd=tmp_path)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            assert line, out.stdout[-3000:] + out.stderr[-3000:]
-            results[which] = json.loads(line[0][7:])
+        out = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=600,
+                             env=env, cwd=tmp_path)  # (one process: lm_eval's imports take seconds)
+        lines = [ln.split(" ", 2) for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert len(lines) == 2, out.stdout[-3000:] + out.stderr[-3000:]
+        results = {which: json.loads(data) for _, which, data in lines}
     finally:
         proc.terminate()
         proc.wait(10)
