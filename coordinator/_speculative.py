@@ -121,9 +121,11 @@ class DraftLength:
     16 passes.
     """
 
-    def __init__(self, most: int, adaptive: bool = True, probe_every: int = 16, decay: float = 0.7):
+    def __init__(self, most: int, adaptive: bool = True, probe_every: int = 16, decay: float = 0.6):
         self.most, self.adaptive, self.probe_every, self.decay = most, adaptive, probe_every, decay
-        self.accepted, self.rejected = 0.5, 0.5  # a weak prior: one round decides most of it
+        # A weak prior that fades fast: one round decides most of it, so a useless draft stops within two
+        # or three rounds (each costs a pass of k+1 positions and k draft steps for one token).
+        self.accepted, self.rejected = 0.25, 0.25
         self.passes: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)  # (k, seconds)
         self.draft_s = 0.0  # seconds of one draft step
         self.rounds_at_zero = 0
