@@ -352,9 +352,6 @@ def run(args) -> int:
         if not args.local or not args.model or args.coordinator:
             raise InputError("slowllm serve runs the API on this machine: pass --local --model MODEL (a coordinator "
                              "serves it itself: slowllm-coordinator --http-port PORT).")
-        from ._speculative import check_draft_tokens
-        if args.draft_tokens is not None:
-            check_draft_tokens(args.draft_tokens)
         from ._serve import serve
         return serve(args)
     if args.command == "status":

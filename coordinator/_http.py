@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from slowllm.node._units import format_ranges
 from slowllm.protocol import BusyError, SlowllmError, UnavailableError
 
 from ._ends import ModelEnds
@@ -266,7 +267,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                            param="max_tokens")
         missing = backend.missing()
         if missing:
-            raise ApiError(503, f"blocks {_ranges(missing)} are not served by any node: start nodes for them, then "
+            raise ApiError(503, f"blocks {format_ranges(missing)} are not served by any node: start nodes for them, then "
                                 "retry.", type="server_error", code="blocks_missing", headers={"Retry-After": "10"})
 
     async def submit(request: Request, rows, sampling, soft_name, choices, on_event=None):
@@ -449,16 +450,6 @@ async def _prefixed(gen, first: list[str]):
         yield item
     async for item in gen:
         yield item
-
-
-def _ranges(blocks: list[int]) -> str:
-    out, start = [], None
-    for i, b in enumerate(blocks):
-        start = b if start is None else start
-        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
-            out.append(f"{start}-{b}" if b != start else str(b))
-            start = None
-    return ", ".join(out)
 
 
 class EmbeddedServer(uvicorn.Server):

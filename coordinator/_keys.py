@@ -120,6 +120,14 @@ class KeyRing:
             return True
         return any(n == name and hmac.compare_digest(k, key) for n, k in (self.keys(role) or []))
 
+    def client_for(self, token: str) -> str | None:
+        """The user whose client key `token` is (the node secret only counts without --client-keys)."""
+        token_bytes = token.encode()
+        for name, key in self.keys("client") or []:
+            if hmac.compare_digest(token_bytes, key):
+                return name
+        return None
+
     def check_bearer(self, token: str) -> str | None:
         """The user a status-page credential belongs to (any client key or the node secret), or None."""
         token_bytes = token.encode()

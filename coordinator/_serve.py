@@ -7,7 +7,6 @@ itself (`_http.make_app`) is written once over either.
 
 from __future__ import annotations
 
-import hmac
 import os
 import sys
 import threading
@@ -78,9 +77,10 @@ def serve(args) -> int:
             raise InputError(f"cannot read --chat-template {args.chat_template}: {e.strerror}.") from None
     if args.soft_prompts and not Path(args.soft_prompts).is_dir():
         raise InputError(f"--soft-prompts {args.soft_prompts} is not a directory.")
-    runner = LocalRunner(args.model, dtype=args.dtype, max_ram=args.max_ram, device=args.device,
-                         spill_dir=args.spill_dir, progress=False, keep_in_ram=args.keep_in_ram,
-                         draft_model=args.draft_model, draft_tokens=args.draft_tokens or 4)
+    from ._cli import _backend
+
+    args.no_progress = True  # a server's log is no place for a progress bar per pass
+    runner = _backend(args)  # the same LocalRunner as every --local job
     backend = LocalBackend(runner, served_name(args.model, args.served_model_name), args.api_keys, args.max_new_tokens)
     app = make_app(backend, soft_prompts=args.soft_prompts, chat_template=template,
                    max_prompt_tokens=args.max_prompt_tokens)
@@ -140,7 +140,4 @@ class SwarmBackend:
         if keys.open:
             return ""
         keys.maybe_reload()
-        for name, key in keys.keys("client") or []:  # a user's key (the nodes' secret only without --client-keys)
-            if token is not None and hmac.compare_digest(token.encode(), key):
-                return name
-        return None
+        return None if token is None else keys.client_for(token)
