@@ -262,3 +262,21 @@ def test_node_sessions_roll_back_only_what_they_hold():
     cache = BlockCache()
     cache.truncate(0)
     assert cache.length == 0
+
+
+def test_lying_nodes_under_verify_1_never_change_speculative_output(pair, secret):
+    """Drafted steps, rollbacks and trimmed replay records through --verify 1: a lying node that joins
+    is caught by re-running its span's (trimmed) history, banned, and the output stays the big model's."""
+    from adversaries import LyingNode
+
+    big, draft = pair
+    with LocalRunner(big, keep_in_ram=True) as plain:
+        expected = ids(plain.generate(PROMPTS, GREEDY))
+    with Cluster(big, ["0-2", "3-5"], secret_file=secret,
+                 coordinator_args=["--verify", "1", "--draft-model", str(draft)]) as c:
+        client = c.client()
+        for lie in ("random", "nudge"):
+            liar = LyingNode(c.url, secret.read_bytes().strip(), big, 0, 5, lie, name=lie).start()
+            got = client.generate(PROMPTS, GREEDY)
+            assert ids(got) == expected and all(r["target_passes"] < len(r["token_ids"]) for r in got), lie
+            assert liar.answered >= 1 and next(n for n in client.status()["nodes"] if n["name"] == lie)["banned"]
