@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from slowllm.node import Checkpoint
-from slowllm.node._checkpoint import EMBEDDING, EMBEDDING_NORM, FINAL_NORM
+from slowllm.node._checkpoint import EMBEDDING, EMBEDDING_NORM, FINAL_NORM, SCALE
+from slowllm.node._kernels import kernels, usable
+from slowllm.node._linears import int8_matmul
 
 
 class ModelEnds:
@@ -35,8 +37,10 @@ class ModelEnds:
         self._final_norm = (norms[FINAL_NORM[0]], norms[FINAL_NORM[1]], eps)
         self.vocab_size, self.hidden_size = checkpoint.meta(EMBEDDING)[0]
         self._resident: dict[str, torch.Tensor] = {}
-        if resident_embedding:  # kept in the checkpoint's dtype: for 176B, 7.2 GB instead of 14.4
-            self._resident = {k: self._copy_in(k) for k in {EMBEDDING, checkpoint.head_key}}
+        if resident_embedding:  # kept in the checkpoint's dtype: for 176B, 7.2 GB instead of 14.4 (int8: 3.6)
+            keys = {k for key in {EMBEDDING, checkpoint.head_key} for k in checkpoint.matrix_keys(key)}
+            self._resident = {k: checkpoint.read([k])[k].clone() if k.endswith(SCALE) else self._copy_in(k)
+                              for k in keys}
         row_bytes = self.hidden_size * max(dtype.itemsize, checkpoint.meta(EMBEDDING)[1].itemsize)
         self.head_chunk_rows = max(256, min(self.vocab_size, head_chunk_bytes // row_bytes))
         self._local = threading.local()  # one conversion buffer per thread: jobs may run concurrently
@@ -69,10 +73,18 @@ class ModelEnds:
         # Non-resident: a fresh memory map per use, dropped after, so its pages leave our RSS again.
         return self._resident[key] if key in self._resident else self.checkpoint.read([key])[key]
 
+    def _scale(self, key: str) -> torch.Tensor | None:
+        """Per-row scales of an int8 matrix (None when the checkpoint is not int8)."""
+        return self._matrix(key + SCALE) if self.checkpoint.int8 else None
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Raw input embeddings [B, T, H] in fp32 (before the embedding layer norm, as `inputs_embeds`)."""
-        matrix = self._matrix(EMBEDDING)
-        return matrix[ids.reshape(-1)].float().reshape(*ids.shape, self.hidden_size)
+        flat = ids.reshape(-1)
+        rows = self._matrix(EMBEDDING)[flat].float()
+        scale = self._scale(EMBEDDING)
+        if scale is not None:
+            rows *= scale[flat].float()[:, None]
+        return rows.reshape(*ids.shape, self.hidden_size)
 
     def embed_norm(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         w, b, eps = self._emb_norm
@@ -92,6 +104,7 @@ class ModelEnds:
         if buffer is None:
             buffer = torch.empty(rows, self.hidden_size, dtype=dtype)
             setattr(self._local, f"buffer_{dtype}", buffer)
+        scale = self._scale(key)
         for start in range(0, self.vocab_size, rows):
             stop = min(start + rows, self.vocab_size)
             source = self._matrix(key)[start:stop]
@@ -100,16 +113,29 @@ class ModelEnds:
             else:
                 chunk = buffer[: stop - start]
                 chunk.copy_(source)
+                if scale is not None:  # int8 rows: dequantized into the buffer
+                    chunk.mul_(scale[start:stop].to(dtype)[:, None])
                 yield start, chunk
             del source
 
     def _chunk_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return (hidden.to(weight.dtype) @ weight.T).float()
+        x = hidden.to(weight.dtype)
+        if weight.dtype == torch.bfloat16 and weight.is_contiguous() and usable(x, "bf16"):  # decoding: the GEMV kernel
+            return kernels().bf16_gemv(x, weight).float()
+        return (x @ weight.T).float()
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [N, V] in fp32 for normed hidden states [N, H] (generation: N is the batch)."""
         out = torch.empty(hidden.shape[0], self.vocab_size, dtype=torch.float32)
+        key = self.checkpoint.head_key
+        if self.checkpoint.int8 and key in self._resident:  # the int8 rows as they are: half the bytes
+            x = hidden.to(self.dtype)
+            q, scale = self._resident[key], self._resident[key + SCALE]
+            for start in range(0, self.vocab_size, self.head_chunk_rows):
+                stop = min(start + self.head_chunk_rows, self.vocab_size)
+                out[:, start:stop] = int8_matmul(x, q[start:stop], scale[start:stop])
+            return out
         for start, w in self._head_chunks():
             out[:, start:start + w.shape[0]] = self._chunk_logits(hidden, w)
         return out

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from slowllm.node import BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_keys, format_size, process_rss
+from slowllm.node import (BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_nbytes, format_size,
+                          process_rss)
 from slowllm.node._checkpoint import EMBEDDING
 from slowllm.protocol import MemoryBudgetError
 
@@ -44,14 +45,14 @@ def _work_per_token(checkpoint: Checkpoint, dtype: torch.dtype, length: int) -> 
 def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, prefetch: bool = True,
                 max_length: int = 2048) -> MemoryPlan:
     baseline = process_rss()
-    raw_block = checkpoint.nbytes(block_keys(0))
+    raw_block = checkpoint.block_nbytes()
     zero_copy = checkpoint.storage_dtype() == dtype
-    compute_block = raw_block // checkpoint.storage_dtype().itemsize * dtype.itemsize
+    compute_block = block_nbytes(checkpoint.config, dtype, checkpoint.int8)
 
     def blocks_bytes(pre: bool) -> int:
         return raw_block * (2 if pre else 1) if zero_copy else compute_block + raw_block
 
-    embedding = checkpoint.nbytes([EMBEDDING])
+    embedding = checkpoint.nbytes(checkpoint.matrix_keys(EMBEDDING))
     per_token = _work_per_token(checkpoint, dtype, max_length)
     min_work = per_token * 16 + 16 * checkpoint.hidden_size * 256 * 4
     # Headroom for what grows beside the model: tokenizer, Python objects of the job, allocator slack.

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from slowllm.node import Checkpoint, default_max_ram, parse_size
+from slowllm.node._memory import native_bf16
 from slowllm.protocol import InputError
 
 from ._chain import Chain
@@ -113,10 +114,12 @@ class Runner:
 class LocalRunner(Runner):
     """Everything in this process: the blocks streamed from disk within `max_ram`, or all kept in RAM."""
 
-    def __init__(self, model: str | Path, *, dtype: str = "float32", max_ram: str | int | None = None,
+    def __init__(self, model: str | Path, *, dtype: str | torch.dtype | None = None, max_ram: str | int | None = None,
                  device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None,
                  keep_in_ram: bool = False, draft_model: str | Path | None = None, draft_tokens: int = 4):
         checkpoint = Checkpoint(model)
+        if dtype is None:  # int8 kernels want bf16 activations; float checkpoints keep exact fp32 by default
+            dtype = "bfloat16" if checkpoint.int8 and native_bf16() and device == "cpu" else "float32"
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         budget = default_max_ram() if max_ram is None else (max_ram if isinstance(max_ram, int) else parse_size(max_ram))
         draft = None

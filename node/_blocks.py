@@ -13,17 +13,26 @@ import torch
 from transformers import BloomConfig
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from ._checkpoint import BLOCK_SUFFIXES
+from ._linears import use_gemv_linears, use_int8_linears
 
 
-def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> BloomBlock:
+def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+              int8: bool = False) -> BloomBlock:
     """An empty block whose parameters are filled by `load_weights`.
 
-    layer_idx is 0 because every block gets a cache object of its own (`BlockCache`).
+    layer_idx is 0 because every block gets a cache object of its own (`BlockCache`). With `int8`, the
+    four linears are `Int8Linear`s (an int8 checkpoint's weights and per-row scales); in bf16 they are
+    `GemvLinear`s (decode steps through slowllm's GEMV kernel).
     """
     with torch.device("meta"):
         block = BloomBlock(config, layer_idx=0)
-    block.to_empty(device=device).to(dtype)
+        if int8:
+            if getattr(config, "slow_but_exact", False) and config.pretraining_tp > 1:
+                raise ValueError("int8 blocks need slow_but_exact false (it slices the dense weights itself).")
+            use_int8_linears(block)
+        elif dtype == torch.bfloat16:
+            use_gemv_linears(block)
+    block.to_empty(device=device).to(dtype)  # floating parameters only: int8 weights stay int8
     block.eval()
     block.requires_grad_(False)
     return block
@@ -32,17 +41,18 @@ def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | st
 def load_weights(block: BloomBlock, tensors: dict[str, torch.Tensor], layer: int) -> None:
     """Point or copy the block's parameters at one layer's tensors.
 
-    When the checkpoint already holds the compute dtype on the same device, the parameters become the
-    (memory-mapped) checkpoint tensors themselves: no copy, no allocation. Otherwise the tensors are
-    converted into the block's existing parameter buffers, which is several times faster than
-    converting into freshly allocated tensors.
+    When the checkpoint already holds the parameter's dtype on the same device (the compute dtype, or
+    int8 weights), the parameters become the (memory-mapped) checkpoint tensors themselves: no copy, no
+    allocation. Otherwise the tensors are converted into the block's existing parameter buffers, which is
+    several times faster than converting into freshly allocated tensors.
     """
-    params = dict(block.named_parameters())
-    for suffix in BLOCK_SUFFIXES:
-        src = tensors[f"h.{layer}.{suffix}"]
-        param = params[suffix]
+    for suffix, param in block.named_parameters():
+        key = f"h.{layer}.{suffix}"
+        if key not in tensors:
+            raise ValueError(f"tensor {key} is missing: is this block int8 while the checkpoint is not, or the reverse?")
+        src = tensors[key]
         if src.shape != block_param_shape(block, suffix):
-            raise ValueError(f"tensor h.{layer}.{suffix} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
+            raise ValueError(f"tensor {key} has shape {tuple(src.shape)}, expected {block_param_shape(block, suffix)}")
         if src.dtype == param.dtype and src.device == param.device:
             param.data = src
         else:
@@ -62,15 +72,19 @@ def block_param_shape(block: BloomBlock, suffix: str) -> tuple[int, ...]:
     inner = {"query_key_value": 3 * h, "dense_h_to_4h": 4 * h}
     name, kind = suffix.rsplit(".", 2)[-2:]
     rows = inner.get(name, h)
-    if kind == "bias" or "layernorm" in suffix:
+    if kind in ("bias", "weight_scale") or "layernorm" in suffix:
         return (rows,)
     return (rows, 4 * h) if name == "dense_4h_to_h" else (rows, h)
 
 
-def block_nbytes(config: BloomConfig, dtype: torch.dtype) -> int:
+def block_nbytes(config: BloomConfig, dtype: torch.dtype, int8: bool = False) -> int:
+    """Bytes of one block's parameters in memory: `dtype` floats, or int8 linear weights beside them."""
     h = config.hidden_size
-    params = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
-    return params * dtype.itemsize
+    matrices = 12 * h * h
+    vectors = 4 * h + 3 * h + h + 4 * h + h
+    if int8:
+        return matrices + (vectors + 9 * h) * dtype.itemsize  # + one scale per output row
+    return (matrices + vectors) * dtype.itemsize
 
 
 @dataclass
@@ -104,41 +118,71 @@ def attention_inputs(attention_mask: torch.Tensor, q_len: int, n_head: int, dtyp
 class BlockCache:
     """Keys and values of one block for one generation session (the `Cache.update` that BloomAttention calls).
 
-    Tensors grow by concatenation, as transformers' DynamicCache does; `state`/`from_state` let the
-    streaming executor move a cache to disk and back.
+    Positions are written in place into buffers with spare room (grown by half when full), so a decode
+    step copies one position, not the whole cache as concatenation (transformers' DynamicCache) does:
+    at 2,000 cached positions of Bloom-176B that is 229 MB per block per token saved. `update` returns
+    views of the filled part. `state`/`from_state` let the streaming executor move a cache to disk and
+    back (exact size: a spilled cache carries no spare room).
     """
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
-        self.keys, self.values = keys, values
+    GROW_MIN = 64  # positions added at least when a buffer grows
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 length: int | None = None):
+        self._keys, self._values = keys, values
+        self._length = (0 if keys is None else keys.shape[-2]) if length is None else length
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[..., : self._length, :]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[..., : self._length, :]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
+        new = keys.shape[-2]
+        need = self._length + new
+        if self._keys is None or need > self._keys.shape[-2]:
+            if self._keys is None or self._length == 0:
+                capacity = need if new > 1 else need + self.GROW_MIN  # a prompt pass: exact; decode: room
+                old_k = old_v = None
+            else:
+                capacity = max(need, self._keys.shape[-2] + max(self.GROW_MIN, self._keys.shape[-2] // 2))
+                old_k, old_v = self.keys, self.values
+            shape = (*keys.shape[:-2], capacity, keys.shape[-1])
+            self._keys = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+            self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
+            if old_k is not None:
+                self._keys[..., : self._length, :] = old_k
+                self._values[..., : self._length, :] = old_v
+        self._keys[..., self._length: need, :] = keys
+        self._values[..., self._length: need, :] = values
+        self._length = need
         return self.keys, self.values
 
     @property
     def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return self._length
 
     def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (speculative decoding's rejected drafts).
-
-        A view, not a copy: the next `update` concatenates into a fresh tensor anyway."""
-        if self.keys is not None and length < self.length:
-            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+        """Forget every position from `length` on (speculative decoding's rejected drafts): the next
+        update overwrites them in place."""
+        self._length = min(self._length, max(0, length))
 
     def nbytes(self) -> int:
-        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+        """Memory held, spare room included."""
+        return 0 if self._keys is None else 2 * self._keys.numel() * self._keys.element_size()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {} if self.keys is None else {"keys": self.keys.contiguous(), "values": self.values.contiguous()}
+        if self._keys is None or self._length == 0:
+            return {}
+        return {"keys": self._keys, "values": self._values, "length": torch.tensor(self._length)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockCache":
-        return cls(state.get("keys"), state.get("values"))
+        length = state.get("length")
+        return cls(state.get("keys"), state.get("values"), None if length is None else int(length))
 
 
 def run_block(block: BloomBlock, hidden: torch.Tensor, attn: AttentionInputs,

@@ -51,7 +51,13 @@ _TOUCH_THREADS = 4  # measured: 4 parallel readers pull 3x the bandwidth of one 
 _PAGE = 4096
 
 
+QUANTIZED_SUFFIXES = tuple(s for s in BLOCK_SUFFIXES if s.endswith("weight") and "layernorm" not in s)
+SCALE = "_scale"  # an int8 tensor `k` has its per-row scales in `k + SCALE`
+QUANTIZATION_KEY = "slowllm_quantization"  # in config.json of a `slowllm quantize` output
+
+
 def block_keys(layer: int) -> list[str]:
+    """The block's tensors as Bloom names them (an int8 checkpoint has the scales beside: `Checkpoint.block_keys`)."""
     return [f"h.{layer}.{suffix}" for suffix in BLOCK_SUFFIXES]
 
 
@@ -81,10 +87,11 @@ class Checkpoint:
                 raise CheckpointError(f"model path {path} is not a directory: pass the folder holding config.json.")
             self.path = path.resolve()
         self._files: dict[str, Path] = {}  # file name -> local path, filled as files are needed
+        self.quantization: dict | None = None  # set from config.json for an int8 checkpoint
         self.config = self._read_config()
         self.weight_map = self._read_weight_map()  # canonical key -> (file name, key in that file)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        missing = [k for k in self.end_keys() + block_keys(0) + block_keys(self.n_layer - 1)
+        missing = [k for k in self.end_keys() + self.block_keys(0) + self.block_keys(self.n_layer - 1)
                    if k not in self.weight_map]
         if missing:
             raise CheckpointError(
@@ -154,6 +161,12 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.model_id} is a {raw.get('model_type')!r} model, not Bloom: slowllm runs Bloom checkpoints."
             )
+        quantization = raw.pop(QUANTIZATION_KEY, None)
+        if quantization is not None:
+            if not isinstance(quantization, dict) or quantization.get("method") != "int8":
+                raise CheckpointError(f"{self.model_id} declares a quantization slowllm does not know "
+                                      f"({quantization!r}): re-run `slowllm quantize` on the original.")
+            self.quantization = quantization
         return BloomConfig.from_dict(raw)
 
     def _read_weight_map(self) -> dict[str, tuple[str, str]]:
@@ -208,6 +221,27 @@ class Checkpoint:
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def int8(self) -> bool:
+        """An int8 checkpoint written by `slowllm quantize` (linear weights and embedding in int8)."""
+        return self.quantization is not None
+
+    def block_keys(self, layer: int) -> list[str]:
+        """Every tensor that one block's computation reads: Bloom's names, plus the scales when int8."""
+        keys = block_keys(layer)
+        return keys + [f"h.{layer}.{s}{SCALE}" for s in QUANTIZED_SUFFIXES] if self.int8 else keys
+
+    def read_block(self, layer: int) -> dict[str, torch.Tensor]:
+        return self.read(self.block_keys(layer))
+
+    def block_nbytes(self) -> int:
+        """Bytes one block takes on disk (what a streaming pass reads per block)."""
+        return self.nbytes(self.block_keys(0))
+
+    def matrix_keys(self, key: str) -> list[str]:
+        """A matrix of the ends and, when int8, its per-row scales."""
+        return [key, key + SCALE] if self.int8 and key + SCALE in self.weight_map else [key]
 
     @property
     def head_key(self) -> str:
@@ -277,13 +311,16 @@ class Checkpoint:
         return total
 
     def storage_dtype(self) -> torch.dtype:
-        return self.meta(block_keys(0)[2])[1]
+        """The dtype of the checkpoint's float tensors (an int8 checkpoint's norms and biases: bf16)."""
+        return self.meta(block_keys(0)[0])[1]
 
     def fingerprint(self) -> str:
         """Identity of the architecture: config essentials and every tensor's shape.
 
         Two checkpoints with the same fingerprint can serve each other's blocks and soft prompts; the
-        storage dtype is left out on purpose (a bf16 and an fp32 copy of one model are interchangeable).
+        storage dtype is left out on purpose (a bf16 and an fp32 copy of one model are interchangeable),
+        and so is int8 quantization (its weights keep their shapes; scales are not part of the identity):
+        an int8 node joins a coordinator that holds the bf16 original and declares its quantization.
         """
         c = self.config
         self._fill_meta(self.end_keys() + block_keys(0))

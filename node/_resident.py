@@ -13,12 +13,13 @@ import torch
 from slowllm.protocol import InputError
 
 from ._blocks import DEFAULT_SCORE_BUDGET, SCORE_BYTES, Attention, BlockCache, load_weights, new_block
-from ._checkpoint import Checkpoint, block_keys
+from ._checkpoint import Checkpoint
 from ._memory import steady_allocator
 
 
 class ResidentBlocks:
-    """Blocks first..last held in memory (RAM or GPU) in the compute dtype."""
+    """Blocks first..last held in memory (RAM or GPU) in the compute dtype (linear weights in int8 for an
+    int8 checkpoint)."""
 
     def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu",
                  score_budget: int = DEFAULT_SCORE_BUDGET):
@@ -31,10 +32,10 @@ class ResidentBlocks:
         self.blocks: dict[int, torch.nn.Module] = {}
         self.score_budget = score_budget  # attention scores of one block: bounds a request's working memory
         for layer in range(first, last + 1):
-            block = new_block(self.config, dtype, self.device)
-            load_weights(block, checkpoint.read(block_keys(layer)), layer)
+            block = new_block(self.config, dtype, self.device, int8=checkpoint.int8)
+            load_weights(block, checkpoint.read_block(layer), layer)
             for p in block.parameters():  # own the memory: no page-cache-backed maps left behind
-                if p.data.device.type == "cpu" and p.data.dtype == dtype:
+                if p.data.device.type == "cpu" and p.data.dtype in (dtype, torch.int8):
                     p.data = p.data.clone()
             self.blocks[layer] = block
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ._blocks import DEFAULT_SCORE_BUDGET, Attention, BlockCache, load_weights, new_block, release_weights
-from ._checkpoint import Checkpoint, block_keys, touch
+from ._checkpoint import Checkpoint, touch
 from ._memory import SpillStore
 
 
@@ -46,7 +46,7 @@ class BlockStream:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.zero_copy = checkpoint.storage_dtype() == dtype and self.device.type == "cpu"
-        self._block = new_block(checkpoint.config, dtype, self.device)
+        self._block = new_block(checkpoint.config, dtype, self.device, int8=checkpoint.int8)
         if self.zero_copy:
             release_weights(self._block)
 
@@ -58,7 +58,7 @@ class BlockStream:
 
         def load(layer: int):
             try:
-                tensors = self.checkpoint.read(block_keys(layer))
+                tensors = self.checkpoint.read_block(layer)
                 touch(list(tensors.values()))
                 return layer, tensors, None
             except BaseException as e:  # handed to the consumer, which raises it

@@ -1,0 +1,70 @@
+"""slowllm's decode kernels (`_kernels.cpp`), compiled on first use, or None where they cannot be.
+
+They need an x86 CPU with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
+later) and a C++ compiler (g++, as torch's extension builder uses it). They build once per machine
+(~30 s) into ~/.cache/slowllm/kernels; when anything is missing, or SLOWLLM_KERNELS=0, callers use
+PyTorch's own kernels: slower decoding, the same results up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("slowllm")
+_lock = threading.Lock()
+_module = None
+_tried = False
+# Input rows up to which each kernel beats the alternative (bench at bloom-1b7 shapes, 2 cores): they are
+# memory-bound at 1 row, but with more rows the work per weight grows until MKL's GEMM (bf16) or torch's
+# `_weight_int8pack_mm` (int8, up to 8 rows) is faster. The kernels accept up to 8 rows.
+MAX_ROWS = {"bf16": 2, "int8": 1}
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma")
+
+
+def cpu_supported() -> bool:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    have = set(flags.split(":", 1)[-1].split())
+    return all(f in have for f in REQUIRED_FLAGS)
+
+
+def kernels():
+    """The compiled module (functions bf16_gemv, int8_gemv), or None."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if os.environ.get("SLOWLLM_KERNELS", "1") != "0" and cpu_supported():
+            try:
+                from torch.utils.cpp_extension import load
+
+                build = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
+                build = build / f"torch-{torch.__version__.split('+')[0]}"
+                build.mkdir(parents=True, exist_ok=True)
+                _module = load("slowllm_kernels", [str(Path(__file__).with_name("_kernels.cpp"))],
+                               extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2",
+                                             "-mfma", "-fopenmp"],  # at::parallel_for is OpenMP in torch's CPU builds
+                               extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+            except Exception as e:  # no compiler, no ninja, headers missing: fall back, say so once
+                log.warning("slowllm: decode kernels unavailable (%s); using PyTorch's (slower decoding)",
+                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                _module = None
+        _tried = True
+        return _module
+
+
+def usable(x: torch.Tensor, kind: str) -> bool:
+    """Should this input go through kernel `kind` ("bf16" or "int8"): CPU, few enough rows, compiled?"""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows <= MAX_ROWS[kind] and kernels() is not None

@@ -1,0 +1,163 @@
+"""Linear layers that replace a block's `nn.Linear` modules, as bitsandbytes and torchao do: the block
+stays transformers' `BloomBlock` (attention code untouched), only where its matmuls read weights from
+changes.
+
+- `Int8Linear`: weight-only int8 (symmetric, one scale per output row). Decode at batch 1 reads half the
+  bytes of bf16; the matmul is torch's CPU kernel `aten._weight_int8pack_mm`, which converts int8 to
+  float inside the kernel, so no float copy of a weight ever exists in memory.
+- `GemvLinear`: a bf16 `nn.Linear` whose decode steps (<= 8 rows) run slowllm's GEMV kernel
+  (`_kernels.cpp`: ~1.8x the bytes per second of `F.linear` at batch 1); larger inputs and backward
+  are `F.linear` itself.
+Int8 decode steps use the same kernels when they are available (`_kernels.py`), torch's
+`_weight_int8pack_mm` otherwise. Both differentiate w.r.t. their input (soft-prompt tuning runs backward
+through frozen blocks).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._kernels import kernels, usable
+
+# `_weight_int8pack_mm` needs the input dimension to be a multiple of 16 (others crash or return garbage
+# in torch 2.13; measured). Every real Bloom has it; tiny test models may not.
+_KERNEL_K_MULTIPLE = 16
+# Measured on a 2048x8192 weight in bf16: the kernel costs ~0.33 ms per input row on top of reading the
+# weight (1.2 ms at 1 row, 3.1 at 8, 6.0 at 16, 21.6 at 64), while converting the int8 weight into a
+# reused bf16 buffer and running a dense GEMM costs 1.4 ms + the GEMM (4.8 ms at 16 rows, 9.5 at 64).
+# For fp32 activations the kernel is 10-20x slower than the dense path at every size.
+KERNEL_MAX_ROWS = 8
+_DEQUANT_BYTES = 64 << 20  # the reused float buffer one conversion slice takes
+_buffers = threading.local()
+LINEAR_NAMES = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (q int8 [out, in], scale bf16 [out]) with weight ~= q * scale[:, None].
+
+    The scale is rounded UP to a bf16 value before dividing, so the kernel (which takes its scales in the
+    activations' dtype) multiplies by exactly the scale the rounding used, and |w| / scale <= 127 holds.
+    Deterministic: anyone holding the original reproduces the int8 copy bit for bit."""
+    w = weight.float()
+    exact = w.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+    scale = exact.to(torch.bfloat16)
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ (q * scale).T, never materialising the whole float weight.
+
+    A few rows in bf16 (decoding): torch's weight-only int8 kernel, which reads the int8 bytes once.
+    Many rows (prompts, scoring) or fp32: slices of rows converted into a reused float buffer (int8 values
+    are exact in bf16) and a dense GEMM, the scale applied to the output."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if usable(x2, "int8") and x.dtype in (torch.bfloat16, torch.float32):
+        out = kernels().int8_gemv(x2, q, scale)
+    elif (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] <= KERNEL_MAX_ROWS
+            and k % _KERNEL_K_MULTIPLE == 0):
+        out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+    else:
+        out = torch.empty(x2.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
+        rows = max(1, _DEQUANT_BYTES // (k * x.element_size()))
+        buffer = _buffer(min(rows, q.shape[0]) * k, x.dtype, x.device)
+        for start in range(0, q.shape[0], rows):
+            part = q[start:start + rows]
+            weight = buffer[: part.numel()].view(part.shape)
+            weight.copy_(part)
+            out[:, start:start + part.shape[0]] = F.linear(x2, weight)
+        out.mul_(scale.to(x.dtype))
+    return out.reshape(*lead, q.shape[0])
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread float buffer, grown when needed and reused (fresh allocations cost page faults)."""
+    key = (dtype, str(device))
+    store = getattr(_buffers, "by_kind", None)
+    if store is None:
+        store = _buffers.by_kind = {}
+    buf = store.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = store[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+class _Int8Function(torch.autograd.Function):
+    """Forward with the int8 kernel; d(x @ W.T)/dx = grad @ W, computed from the int8 rows a slice at a time."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale):
+        ctx.save_for_backward(q, scale)
+        return int8_matmul(x, q, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale = ctx.saved_tensors
+        g = (grad * scale.to(grad.dtype)).reshape(-1, q.shape[0])
+        out = torch.zeros(g.shape[0], q.shape[1], dtype=grad.dtype, device=grad.device)
+        rows = max(1, (64 << 20) // max(1, q.shape[1] * grad.element_size()))  # <= 64 MB of float weight at once
+        for start in range(0, q.shape[0], rows):
+            out += g[:, start:start + rows] @ q[start:start + rows].to(grad.dtype)
+        return out.reshape(*grad.shape[:-1], q.shape[1]), None, None
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with an int8 weight [out, in], a per-row scale [out] and a float bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = _Int8Function.apply(x, self.weight, self.weight_scale)
+        else:
+            out = int8_matmul(x, self.weight, self.weight_scale)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class GemvLinear(nn.Linear):
+    """`nn.Linear` in bf16 whose few-row products (decoding) run the GEMV kernel; the same parameters."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "GemvLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and usable(x, "bf16")
+                and not (torch.is_grad_enabled() and x.requires_grad) and self.weight.is_contiguous()):
+            out = kernels().bf16_gemv(x.reshape(-1, x.shape[-1]), self.weight)
+            if self.bias is not None:
+                out += self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _swap(block: nn.Module, make) -> None:
+    for name in LINEAR_NAMES:
+        parent_name, attr = name.rsplit(".", 1)
+        parent = block.get_submodule(parent_name)
+        setattr(parent, attr, make(getattr(parent, attr)))
+
+
+def use_int8_linears(block: nn.Module) -> None:
+    """Replace the block's four linears by empty `Int8Linear`s (on the meta device, before `to_empty`)."""
+    _swap(block, lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None))
+
+
+def use_gemv_linears(block: nn.Module) -> None:
+    """Let the bf16 block's linears decode with the GEMV kernel (a no-op where it is unavailable)."""
+    _swap(block, lambda lin: GemvLinear.wrap(lin) if type(lin) is nn.Linear else lin)
