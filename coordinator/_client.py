@@ -185,7 +185,7 @@ def format_status(status: dict) -> str:
              f"{_plural(status.get('active_jobs', 0), 'active job')}, {_plural(status.get('failovers', 0), 'failover')}"]
     for node in status["nodes"]:
         a, b = node["layers"]
-        line = (f"  {node['name']:<20} blocks {f'{a}-{b}':<7} {node['device']}/{node['dtype']:<9} "
+        line = (f"  {node['name']:<20} blocks {f'{a}-{b}':<7} {node['device']}/{_precision(node):<14} "
                 f"speed {node['speed']:>8.1f} token-blocks/s  load {node['load']}  "
                 f"{_plural(node['sessions'], 'session')}")
         lines.append(f"  {node['name']:<20} blocks {f'{a}-{b}':<7} BANNED: {node.get('reason', '')}"
@@ -196,3 +196,8 @@ def format_status(status: dict) -> str:
         lines.append(f"verify {status.get('verify', 0)}: {status.get('verified_hops', 0)} hops checked, "
                      f"{status.get('disagreements', 0)} disagreements; blocks no second node covers: {spans}")
     return "\n".join(lines)
+
+
+def _precision(node: dict) -> str:
+    """dtype, and int8 when the node's weights are an int8 copy (older coordinators do not say)."""
+    return node["dtype"] + ("+int8" if node.get("quantization") == "int8" else "")

@@ -201,7 +201,7 @@ class RemoteChain(Chain):
             self.router.record_verification(None, agreed=None)
             return out
         check, others = rerun
-        if agree(out, check, mask, tolerance(node.dtype, *(x.dtype for x in others))):
+        if agree(out, check, mask, tolerance(node.precision, *(x.precision for x in others))):
             self.router.record_verification(node, agreed=True)
             return out
         self.router.record_verification(node, agreed=False)
@@ -218,11 +218,12 @@ class RemoteChain(Chain):
         check_dtypes = {x.dtype for x in others}
         check_dtype = check_dtypes.pop() if len(check_dtypes) == 1 else "float32"
         right = []
-        if agree(out, reference(node.dtype), mask, tolerance(node.dtype)):
+        own = ["int8"] if self.referee.checkpoint.int8 else []  # the referee's own weights may be int8 too
+        if agree(out, reference(node.dtype), mask, tolerance(node.precision, *own)):
             right.append(out)
         else:
             self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
-        if agree(check, reference(check_dtype), mask, tolerance(*(x.dtype for x in others))):
+        if agree(check, reference(check_dtype), mask, tolerance(*(x.precision for x in others), *own)):
             right.append(check)
         elif len(others) == 1:  # (a re-run over several nodes is wrong somewhere: each is checked as a primary)
             self.router.loop.call_soon_threadsafe(self.router.ban, others[0], why)

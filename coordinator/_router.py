@@ -48,6 +48,12 @@ class NodeLink:
     routed: int = 0  # times the router chose it (its share of traffic is kept proportional to its reach)
     verified: int = 0  # of its hops re-run on another node and found equal
     banned: str = ""  # why it was banned ("" while trusted)
+    quantization: str = "none"  # "int8": its weights are an int8 copy (declared at registration)
+
+    @property
+    def precision(self) -> str:
+        """What decides how far its honest answers may stray: its dtype, or int8 weights."""
+        return "int8" if self.quantization == "int8" else self.dtype
 
     def next_id(self) -> int:
         return next(self.ids)  # itertools.count is atomic under the GIL: worker threads take ids
@@ -267,6 +273,7 @@ def _entry(x: NodeLink, sessions: int) -> dict:
     """A node's line on /status.json (a banned node keeps its last one, disconnected)."""
     live = x.connected
     return {"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
+            "quantization": x.quantization,
             "speed": round(x.speed, 1), "load": x.load + x.assigned if live else 0, "sessions": sessions,
             "node_sessions": x.sessions if live else 0, "failures": x.failures, "verified_hops": x.verified,
             "connected_for_s": round(time.time() - x.since, 1) if live else 0.0,

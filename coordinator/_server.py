@@ -213,7 +213,7 @@ class Coordinator:
             raise SlowllmError(f"node {name} was banned by this coordinator (it returned wrong results); fix or "
                                "replace it, and ask the coordinator's operator to restart it.", code="banned")
         link = NodeLink(ws, name, reg.first, reg.last, printable(reg.device, 32), printable(reg.dtype, 32),
-                        reg.speed, channel=channel, address=address)
+                        reg.speed, channel=channel, address=address, quantization=reg.quantization)
         await ws.send(channel.pack(Welcome(info={"registered": [reg.first, reg.last]})))
         self.router.add(link)
         log.info("node %s registered blocks %d-%d", link.name, link.first, link.last)

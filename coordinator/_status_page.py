@@ -22,7 +22,7 @@ def render_status(status: dict) -> str:
                         for b in range(n))
         note = f"<td class=reason>banned: {_e(node['reason'])}</td>" if node.get("banned") else ""
         rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{_e(first)}-{_e(last)}</td>"
-                    f"<td>{_e(node['device'])}/{_e(node['dtype'])}</td><td>{_e(node['speed'])}</td><td>{_e(node['load'])}</td>"
+                    f"<td>{_e(node['device'])}/{_e(node['dtype'])}{' int8' if node.get('quantization') == 'int8' else ''}</td><td>{_e(node['speed'])}</td><td>{_e(node['load'])}</td>"
                     f"<td>{_e(node['sessions'])}</td>{note}</tr>")
     jobs = "".join(f"<li>{_e(j['job'])} by {_e(j['user'])}</li>" for j in status.get("jobs", []))
     unverified = ", ".join(f"{_e(a)}-{_e(b)}" for a, b in status.get("unverified_spans", [])) or "none"

@@ -23,7 +23,10 @@ from slowllm.node._streaming import BlockStream
 # Relative error per position (L2 over the hidden dimension) two honest nodes stay within: fp32 nodes
 # differ by summation order (threads, query chunking); a bf16 node rounds every block's weights and
 # activations to 8 bits of mantissa (2**-8 = 0.4% per rounding, accumulated over a span of blocks).
-TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-2}
+# An int8 node (weights from `slowllm quantize`) differs from bf16 by its weight rounding: measured 2-5%
+# per position over 4-6 blocks of random models (tiny and bloom-1b7-shaped); 0.15 leaves 3x margin. So
+# verification is coarser wherever an int8 node takes part: a lie under 15% passes there.
+TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-2, "int8": 0.15}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -145,7 +145,8 @@ class NodeServer:
         self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype)
         self._check_memory(checkpoint)
         print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
-              f"{str(self.dtype).removeprefix('torch.')} ({why})", flush=True)
+              f"{str(self.dtype).removeprefix('torch.')}{' with int8 weights' if checkpoint.int8 else ''} ({why})",
+              flush=True)
         self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device,
                                      score_budget=self.score_budget)
         self.speed = self.blocks.measure_speed()
@@ -156,7 +157,7 @@ class NodeServer:
             available = torch.cuda.mem_get_info()[0] if self.memory is None else self.memory
         else:
             available = psutil.virtual_memory().available if self.memory is None else self.memory
-        block = block_nbytes(checkpoint.config, self.dtype)
+        block = block_nbytes(checkpoint.config, self.dtype, checkpoint.int8)
         count = self.last - self.first + 1
         need = node_memory_need(block, count, self.sessions.budget)
         if need <= available:
@@ -225,7 +226,8 @@ class NodeServer:
             fingerprint = self.blocks.checkpoint.fingerprint()
             await ws.send(channel.pack(Register(
                 first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
-                dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name[:64])))
+                dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name[:64],
+                quantization="int8" if self.blocks.checkpoint.int8 else "none")))
             reply = channel.unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
             if isinstance(reply, Error):  # the authenticated coordinator refuses this node: retrying is no use
                 cls = CheckpointError if reply.code in ("bad_checkpoint", "banned") else InputError

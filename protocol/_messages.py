@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 3  # 2: mutual authentication, authenticated frames; 3: Step.past (rollback)
+PROTOCOL_VERSION = 4  # 2: mutual authentication, authenticated frames; 3: Step.past (rollback); 4: quantization
 
 
 class _Msg(BaseModel):
@@ -77,6 +77,7 @@ class Register(_Msg):
     fingerprint: str = Field(max_length=64)
     device: str = Field("cpu", max_length=32)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # decides the --verify tolerance
+    quantization: Literal["none", "int8"] = "none"  # int8: weights from an int8 copy (looser tolerance)
     speed: float = Field(0.0, ge=0, allow_inf_nan=False)  # measured tokens x blocks per second (its word)
     name: str = Field("", max_length=64)
 

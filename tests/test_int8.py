@@ -1,0 +1,203 @@
+"""int8 checkpoints (`slowllm quantize`), int8 and bf16 decode kernels, in-place KV caches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from netutil import Cluster
+from slowllm.coordinator import LocalRunner, Sampling, make_checkpoint, tiny_config
+from slowllm.coordinator._fidelity import compare
+from slowllm.node import BlockCache, Checkpoint
+from slowllm.node._kernels import kernels
+from slowllm.node._linears import Int8Linear, int8_matmul, quantize_rows
+from slowllm.node._quantize import quantize_checkpoint
+from slowllm.protocol import CheckpointError
+
+GREEDY = Sampling(max_new_tokens=10)
+PROMPTS = ["The quick brown fox", "Is the sky blue?", "Once"]
+
+
+@pytest.fixture(scope="module")
+def models(models_dir):
+    """A context-sensitive model (std 0.25) and a mild one (std 0.02), each with its int8 copy."""
+    out = {}
+    for name, std in (("ctx", 0.25), ("mild", 0.02)):
+        original = models_dir / f"q-{name}"
+        if not (original / "config.json").exists():
+            make_checkpoint(original, tiny_config(std=std), seed=0)
+        quantized = models_dir / f"q-{name}-int8"
+        if not (quantized / "config.json").exists():
+            quantize_checkpoint(original, quantized, progress=False)
+        out[name], out[name + "8"] = original, quantized
+    return out
+
+
+def ids(results):
+    return [r["token_ids"] for r in results]
+
+
+def test_quantize_writes_a_smaller_checkpoint_with_the_same_fingerprint(models):
+    original, quantized = Checkpoint(models["ctx"]), Checkpoint(models["ctx8"])
+    assert quantized.int8 and not original.int8
+    assert quantized.fingerprint() == original.fingerprint() == quantized.quantization["fingerprint"]
+    index = json.loads((models["ctx8"] / "model.safetensors.index.json").read_text())
+    shards = {f for f in index["weight_map"].values()}
+    assert len(shards) == original.n_layer + 1  # one shard per block, one for the ends
+    assert {index["weight_map"][f"transformer.h.{i}.mlp.dense_4h_to_h.weight"] for i in range(6)} != 1
+    block = quantized.read_block(2)
+    assert block["h.2.self_attention.query_key_value.weight"].dtype == torch.int8
+    assert block["h.2.input_layernorm.weight"].dtype == torch.bfloat16
+    # weights round-trip within half a step of each row's scale
+    w = original.read(["h.2.mlp.dense_h_to_4h.weight"])["h.2.mlp.dense_h_to_4h.weight"]
+    q = block["h.2.mlp.dense_h_to_4h.weight"].float() * block["h.2.mlp.dense_h_to_4h.weight_scale"].float()[:, None]
+    step = block["h.2.mlp.dense_h_to_4h.weight_scale"].float()[:, None]
+    assert ((w - q).abs() <= step / 2 + 1e-7).all()
+    # half the bytes of a bf16 copy (tiny models: vectors are a larger share than in Bloom)
+    bf16_bytes = sum(original.nbytes(original.block_keys(i)) for i in range(6)) // 2  # stored fp32
+    assert sum(quantized.block_nbytes() for _ in range(6)) < 0.6 * bf16_bytes
+    assert "tokenizer.json" in {p.name for p in models["ctx8"].iterdir()}
+    assert not (models["ctx8"].parent / "q-ctx-int8.partial").exists()
+
+
+def test_quantize_refuses_what_it_cannot_do_in_one_sentence(models, tmp_path):
+    cases = [
+        ([str(models["ctx"]), str(tmp_path / "a"), "--bits", "4"], "--bits 4 is not supported"),
+        ([str(models["ctx8"]), str(tmp_path / "b")], "already an int8 checkpoint"),
+        ([str(models["ctx"]), str(models["ctx8"])], "already exists and is not an empty directory"),
+        ([str(tmp_path / "missing"), str(tmp_path / "c")], "neither an existing directory nor a hub id"),
+    ]
+    for args, message in cases:
+        out = run_cli("quantize", *args, "--no-progress")
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_int8_fidelity_against_the_original_in_bf16(models):
+    """The figures README states, asserted with margin: mean / max |logprob diff| and top-1 agreement."""
+    bounds = {"ctx": (0.15, 0.75, 0.85), "mild": (0.003, 0.01, 0.99)}  # measured 0.075/0.37/0.91, 0.0012/0.004/1.0
+    g = torch.Generator().manual_seed(0)
+    for name, (mean_bound, max_bound, top1_bound) in bounds.items():
+        reference = LocalRunner(models[name], dtype="bfloat16", keep_in_ram=True)
+        candidate = LocalRunner(models[name + "8"], keep_in_ram=True)  # bf16 by default on bf16 CPUs
+        sequences = [reference.ends.encode("The quick brown fox jumps over the lazy dog. Is the sky blue? Yes.")]
+        sequences += [torch.randint(4, 384, (40,), generator=g).tolist() for _ in range(5)]
+        f = compare(reference, candidate, sequences)
+        assert f.mean_abs_logprob_diff < mean_bound and f.max_abs_logprob_diff < max_bound, (name, f)
+        assert f.top1_agreement >= top1_bound, (name, f)
+        assert f.mean_abs_logprob_diff > 0  # it is a different model: the comparison can see it
+
+
+def test_int8_local_jobs_streaming_and_resident_agree(models, tmp_path):
+    streaming = LocalRunner(models["ctx8"], dtype="bfloat16", max_ram="2GB")
+    resident = LocalRunner(models["ctx8"], dtype="bfloat16", keep_in_ram=True)
+    assert ids(streaming.generate(PROMPTS, GREEDY)) == ids(resident.generate(PROMPTS, GREEDY))
+    requests = [{"context": "Is the sky blue?", "choices": [" Yes.", " No."]},
+                {"context": "The quick", "continuation": " brown fox"}]
+    a, b = streaming.score(requests), resident.score(requests)
+    assert a[0]["best"] == b[0]["best"] and abs(a[1]["logprob"] - b[1]["logprob"]) < 1e-3
+    # fp32 activations over int8 weights work too (the CPU default for float checkpoints)
+    fp32 = LocalRunner(models["ctx8"], dtype="float32", keep_in_ram=True).score(requests)
+    assert abs(fp32[1]["logprob"] - b[1]["logprob"]) < 0.1
+    # tuning runs backward through int8 blocks
+    data = [{"context": "Is the sky blue?", "continuation": " Yes."}] * 2
+    from slowllm.coordinator._tune import TuneOptions
+    losses = []
+    resident.tune(data, TuneOptions(prompt_tokens=2, steps=3, lr=0.05, batch_size=2), on_step=lambda s, l: losses.append(l))
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_int8_node_beside_bf16_nodes_and_an_int8_swarm(models, secret):
+    local = LocalRunner(models["ctx8"], dtype="bfloat16", keep_in_ram=True)
+    requests = [{"context": "The quick", "continuation": " brown fox"}, {"context": "Is the sky", "continuation": " blue?"}]
+    expected = local.score(requests)
+    # every node int8, the coordinator on the int8 copy: the same computation as local
+    with Cluster(models["ctx8"], ["0-2", "3-5"], secret_file=secret, node_args=["--dtype", "bfloat16"]) as c:
+        client = c.client()
+        got = client.score(requests)
+        assert all(abs(g["logprob"] - e["logprob"]) < 1e-3 for g, e in zip(got, expected))
+        assert ids(client.generate(PROMPTS, GREEDY)) == ids(local.generate(PROMPTS, GREEDY))
+    # the coordinator holds the original; one volunteer brings the int8 copy of blocks 3-5
+    reference = LocalRunner(models["ctx"], dtype="bfloat16", keep_in_ram=True).score(requests)
+    with Cluster(models["ctx"], [], secret_file=secret, node_args=["--dtype", "bfloat16"]) as c:
+        c.start_node("0-2", "n0-0-2")
+        c.start_node("3-5", "int8-node", model=models["ctx8"])
+        status = c.wait_covered(2)
+        kinds = {n["name"]: n["quantization"] for n in status["nodes"]}
+        assert kinds == {"n0-0-2": "none", "int8-node": "int8"}
+        out = run_cli("status", "--coordinator", c.url, "--secret-file", str(secret))
+        assert "bfloat16+int8" in out.stdout
+        got = c.client().score(requests)
+        assert all(abs(g["logprob"] - r["logprob"]) < 0.75 for g, r in zip(got, reference))
+        assert len(c.client().generate(PROMPTS, GREEDY)) == 3
+
+
+@pytest.mark.skipif(kernels() is None, reason="decode kernels need AVX512-BF16 and a C++ compiler")
+def test_decode_kernels_match_float_references():
+    k = kernels()
+    g = torch.Generator().manual_seed(0)
+    for rows in range(1, 9):
+        for n, width in ((96, 64), (7, 40), (130, 1000)):  # odd widths take the scalar tails
+            x = torch.randn(rows, width, generator=g).bfloat16()
+            w = torch.randn(n, width, generator=g).bfloat16()
+            ref = x.float() @ w.float().T
+            assert ((k.bf16_gemv(x, w).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
+            q, scale = quantize_rows(torch.randn(n, width, generator=g))
+            ref = x.float() @ (q.float() * scale.float()[:, None]).T
+            assert ((k.int8_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
+            assert ((k.int8_gemv(x.float(), q, scale) - ref).abs().max() <= 1e-4 * ref.abs().max())
+
+
+def test_int8_linear_every_path_and_its_gradient():
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(80, 64, generator=g)
+    q, scale = quantize_rows(weight)
+    dense = q.float() * scale.float()[:, None]
+    lin = Int8Linear(64, 80)
+    lin.weight.data, lin.weight_scale.data, lin.bias.data = q, scale.float(), torch.randn(80, generator=g)
+    for rows in (1, 3, 8, 40):  # the kernels, torch's int8 kernel, the dequantizing GEMM
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(2, rows, 64, generator=g).to(dtype)
+            ref = F.linear(x.float(), dense, lin.bias)
+            got = lin(x)
+            assert got.dtype == dtype and (got.float() - ref).abs().max() <= 2e-2 * ref.abs().max(), (rows, dtype)
+    x = torch.randn(3, 64, generator=g, requires_grad=True)
+    (grad,) = torch.autograd.grad(lin(x).square().sum(), x)
+    x2 = x.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.linear(x2, dense, lin.bias).square().sum(), x2)
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-4)
+    assert int8_matmul(torch.zeros(0, 64), q, scale).shape == (0, 80)
+
+
+def test_block_cache_writes_in_place_grows_and_rolls_back():
+    cache = BlockCache()
+    k = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)
+    keys, _ = cache.update(k, -k, 0)
+    assert torch.equal(keys, k) and cache.length == 5
+    buffer = cache.state()["keys"]
+    for step in range(70):  # decode steps: written in place until the buffer is full, then grown
+        cache.update(torch.full((2, 3, 1, 4), float(step)), torch.zeros(2, 3, 1, 4), 0)
+    assert cache.length == 75 and torch.equal(cache.keys[:, :, :5], k) and (cache.keys[:, :, 74] == 69).all()
+    assert cache.state()["keys"] is not buffer  # grew once past its spare room
+    cache.truncate(6)
+    keys, _ = cache.update(torch.full((2, 3, 2, 4), -1.0), torch.zeros(2, 3, 2, 4), 0)
+    assert keys.shape[2] == 8 and (keys[:, :, 6:] == -1).all() and (keys[:, :, 5] == 0).all()
+    restored = BlockCache.from_state(cache.state())  # the streaming executor's spill and reload
+    assert restored.length == 8 and torch.equal(restored.keys, cache.keys)
+    assert cache.nbytes() >= 2 * cache.keys.numel() * 4
+
+
+def test_a_checkpoint_that_declares_an_unknown_quantization_is_refused(models, tmp_path):
+    import shutil
+    copy = tmp_path / "odd"
+    shutil.copytree(models["ctx8"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["slowllm_quantization"]["method"] = "nf4"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantization slowllm does not know"):
+        Checkpoint(copy)
