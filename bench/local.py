@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--n-layer", type=int, default=24)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--int8", action="store_true", help="only: cold streaming pass of the int8 copy vs the original")
     p.add_argument("--one")
     p.add_argument("--model")
     args = p.parse_args()
@@ -163,6 +164,8 @@ def main() -> None:
         print(json.dumps(one(args.one, Path(args.model), args.dtype[0])))
         return
     model = make_model(args.n_layer)
+    if args.int8:
+        return int8_pass(model, args.repeat)
     rows, out = [], {"n_layer": args.n_layer, "model_gb": sum(f.stat().st_size for f in model.iterdir()) / 2**30}
     read = measure("read", model, "float32", True, args.repeat)
     out["cold_read_s"] = read["seconds"]
@@ -206,6 +209,30 @@ def main() -> None:
     for row in rows:
         print(f"{row[0]:<9} {row[1]:<16} {row[2]:>9}  {row[3]:<32} {row[4]}")
     print(json.dumps(out))
+
+
+def int8_pass(model: Path, repeat: int) -> None:
+    """One scoring pass (8 x 32 tokens) streamed from a cold page cache, bf16 compute: the `slowllm quantize`
+    copy against the original, interleaved, plus the cold read of each (the IO floor)."""
+    from slowllm.node._quantize import quantize_checkpoint
+
+    int8 = WORK / (model.name + "-int8")
+    if not (int8 / "config.json").exists():
+        quantize_checkpoint(model, int8)
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        for name, path in (("bf16", model), ("int8", int8)):
+            runs.setdefault(f"{name}_pass", []).append(measure("slowllm", path, "bfloat16", True, 1)["seconds"])
+            runs.setdefault(f"{name}_read", []).append(measure("read", path, "bfloat16", True, 1)["seconds"])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    gb = {name: sum(f.stat().st_size for f in path.iterdir()) / 2**30 for name, path in (("bf16", model), ("int8", int8))}
+    print(f"{'checkpoint':<11} {'GB':>6} {'cold pass':>10} {'cold read':>10}")
+    for name in ("bf16", "int8"):
+        print(f"{name:<11} {gb[name]:>6.2f} {med[name + '_pass']:>9.2f}s {med[name + '_read']:>9.2f}s")
+    ratio = med["int8_pass"] / med["bf16_pass"]
+    print(f"int8 cold pass = {ratio:.2f}x the bf16 checkpoint's (bytes: {gb['int8'] / gb['bf16']:.2f}x)")
+    print(json.dumps({"bench": "local-int8", **{k: round(v, 2) for k, v in med.items()}, "gb": gb,
+                      "int8_pass_vs_bf16": round(ratio, 3)}))
 
 
 if __name__ == "__main__":

@@ -131,16 +131,24 @@ def blocks_that_fit(block_bytes: int, available: int, session_memory: int) -> in
     return max(0, (available - session_memory - NODE_RUNTIME_BYTES) // block_bytes)
 
 
-def guide_table(block_bytes_bf16: int, block_bytes_fp32: int, n_layer: int, session_memory: int = 2 << 30) -> str:
-    """The table of deploy/GUIDE.md: Bloom-176B blocks per PC by RAM (85% of it free for the node)."""
-    rows = ["| PC RAM | blocks in bfloat16 | blocks in float32 | PCs for all 70 blocks (bf16) |",
-            "|---|---|---|---|"]
+def guide_table(block_bytes_bf16: int, block_bytes_fp32: int, n_layer: int, session_memory: int = 2 << 30,
+                block_bytes_int8: int | None = None) -> str:
+    """The table of deploy/GUIDE.md: Bloom-176B blocks per PC by RAM (85% of it free for the node), and
+    with `block_bytes_int8`, the same for an int8 copy (`slowllm quantize`)."""
+    int8 = block_bytes_int8 is not None
+    rows = ["| PC RAM | blocks in bfloat16 | blocks in float32 | PCs for all 70 blocks (bf16) |"
+            + (" blocks in int8 | PCs for all 70 blocks (int8) |" if int8 else ""),
+            "|---|---|---|---|" + ("---|---|" if int8 else "")]
     for ram_gb in (16, 32, 64, 128, 256):
         available = int(ram_gb * (1 << 30) * 0.85)
         bf16 = min(n_layer, blocks_that_fit(block_bytes_bf16, available, session_memory))
         fp32 = min(n_layer, blocks_that_fit(block_bytes_fp32, available, session_memory))
         pcs = f"{-(-n_layer // bf16)}" if bf16 else "-"
-        rows.append(f"| {ram_gb} GB | {bf16} | {fp32} | {pcs} |")
+        row = f"| {ram_gb} GB | {bf16} | {fp32} | {pcs} |"
+        if int8:
+            q = min(n_layer, blocks_that_fit(block_bytes_int8, available, session_memory))
+            row += f" {q} | {-(-n_layer // q) if q else '-'} |"
+        rows.append(row)
     return "\n".join(rows)
 
 

@@ -147,10 +147,12 @@ def test_guide_table_is_computed_from_the_node_formula():
     from slowllm.node._memory import guide_table
 
     bloom = BloomConfig(hidden_size=14336, n_head=112, n_layer=70, vocab_size=250880)
-    table = guide_table(block_nbytes(bloom, torch.bfloat16), block_nbytes(bloom, torch.float32), 70)
+    table = guide_table(block_nbytes(bloom, torch.bfloat16), block_nbytes(bloom, torch.float32), 70,
+                        block_bytes_int8=block_nbytes(bloom, torch.bfloat16, int8=True))
     guide = (ROOT / "deploy" / "GUIDE.md").read_text()
     assert table in guide, "deploy/GUIDE.md's node table drifted from slowllm.node._memory.guide_table"
     assert "| 64 GB | 11 | 5 | 7 |" in table  # 11 x 4.6 GiB + 2 GB KV + 1 GB runtime within 85% of 64 GB
+    assert "| 64 GB | 11 | 5 | 7 | 22 | 4 |" in table  # int8: 2.3 GiB per block
 
 
 # ---- the terminal: progress never erases streamed text ---------------------------------------------
