@@ -64,14 +64,16 @@ def test_local_commands_run(tiny_model, tmp_path):
     (tmp_path / "questions.jsonl").write_text(json.dumps({"context": "Is the sky blue?", "choices": [" Yes", " No"]}) + "\n")
     (tmp_path / "train.jsonl").write_text(json.dumps({"context": "Is fire cold?", "continuation": " No."}) + "\n")
     ran = 0
+    int8 = tmp_path / "bloom-int8"  # README's `slowllm quantize /data/bloom /data/bloom-int8` writes it
     for words in commands():
-        if words[0] != "slowllm" or "--local" not in words or words[1] not in ("generate", "score", "tune"):
+        runs = words[0] == "slowllm" and "--local" in words and words[1] in ("generate", "score", "tune")
+        if not runs and words[:2] != ["slowllm", "quantize"]:
             continue  # (`serve` runs until stopped: tests/test_http.py starts it)
-        args = [str(tiny_model) if w in MODELS else w for w in words[1:]]
+        args = [str(tiny_model) if w in MODELS else str(int8) if w == "/data/bloom-int8" else w for w in words[1:]]
         proc = run_cli(*args, "--no-progress", cwd=tmp_path)
         assert proc.returncode == 0, f"{' '.join(words)}: {proc.stderr}"
         ran += 1
-    assert ran >= 3
+    assert ran >= 4 and (int8 / "config.json").exists()
 
 
 def test_python_blocks_run(tiny_model, tmp_path):

@@ -123,13 +123,13 @@ def test_node_attention_memory_grows_linearly_with_the_prompt(wide_model):
 
 
 def test_session_budget_errors_and_idle_expiry(monkeypatch):
+    from slowllm.node import BlockCache
     from slowllm.node._server import Sessions
     from slowllm.protocol import BusyError
 
     s = Sessions(budget=1000, idle_timeout=60)
     caches = s.get("a", range(2), new_bytes=600, total_bytes=600)
-    caches[0].keys = torch.zeros(75, dtype=torch.float32)  # 2 x 300 bytes held
-    caches[0].values = torch.zeros(75, dtype=torch.float32)
+    caches[0] = BlockCache(torch.zeros(1, 75, 1), torch.zeros(1, 75, 1))  # 2 x 300 bytes held
     with pytest.raises(BusyError, match="KV-cache budget of 1000 B is full"):
         s.get("b", range(2), new_bytes=600, total_bytes=600)
     with pytest.raises(InputError, match="more than its --session-memory"):
