@@ -2,8 +2,8 @@
 //
 // At batch 1 a linear layer is a stream of weight bytes: the work per byte is tiny, so the kernel's only
 // job is to keep that stream going. PyTorch's bf16 F.linear reads ~15 GB/s on a 2-core AVX512-BF16 CPU
-// and its int8 `_weight_int8pack_mm` ~17; these read ~28 (bf16, AVX512-BF16 dot products) and ~21 (int8,
-// converted to fp32 in registers). Each weight vector is loaded (and, for int8, converted) once for all
+// and its int8 `_weight_int8pack_mm` ~17; these read ~28 (bf16, AVX512-BF16 dot products) and more for
+// int8 (converted to bf16 in registers, then the same dot products; fp32 rows: converted to fp32). Each weight vector is loaded (and, for int8, converted) once for all
 // input rows, so 8 rows cost little more than 1. Accumulation is fp32 in both.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -87,6 +87,29 @@ void int8_row(const float* X, int64_t K, const int8_t* wr, float scale, float* o
   }
 }
 
+
+// int8 weights against bf16 rows: each 32 weights converted once to bf16 (exact for |q| <= 127), then
+// one AVX512-BF16 dot product per input row.
+template <int M>
+void int8_bf16_row(const uint16_t* X, int64_t K, const int8_t* wr, float scale, float* out, int64_t stride) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);
+    for (int m = 0; m < M; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_loadu_si512(X + m * K + k));
+  }
+  for (int m = 0; m < M; ++m) {
+    float total = _mm512_reduce_add_ps(acc[m]);
+    for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * static_cast<float>(wr[j]);
+    out[m * stride] = total * scale;
+  }
+}
+
 template <typename Row>
 void over_rows(int64_t N, const Row& row) {
   at::parallel_for(0, N, kSlice, [&](int64_t begin, int64_t end) {
@@ -136,8 +159,25 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   SLOWLLM_DISPATCH(M, SLOWLLM_INT8)
   return out.to(x.scalar_type());
 }
+// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N]; q int8
+torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  check(x, q);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto xc = x.contiguous();
+  auto sf = scale.to(torch::kFloat).contiguous();
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  const uint16_t* X = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const int8_t* Q = q.data_ptr<int8_t>();
+  const float* S = sf.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+#define SLOWLLM_INT8BF(R) over_rows(N, [&](int64_t n) { int8_bf16_row<R>(X, K, Q + n * K, S[n], Y + n, N); })
+  SLOWLLM_DISPATCH(M, SLOWLLM_INT8BF)
+  return out.to(x.scalar_type());
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
-  m.def("int8_gemv", &int8_gemv, "x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  m.def("int8_bf16_gemv", &int8_bf16_gemv, "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  m.def("int8_gemv", &int8_gemv, "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
 }

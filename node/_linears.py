@@ -26,10 +26,11 @@ from ._kernels import kernels, usable
 # `_weight_int8pack_mm` needs the input dimension to be a multiple of 16 (others crash or return garbage
 # in torch 2.13; measured). Every real Bloom has it; tiny test models may not.
 _KERNEL_K_MULTIPLE = 16
-# Measured on a 2048x8192 weight in bf16: the kernel costs ~0.33 ms per input row on top of reading the
-# weight (1.2 ms at 1 row, 3.1 at 8, 6.0 at 16, 21.6 at 64), while converting the int8 weight into a
-# reused bf16 buffer and running a dense GEMM costs 1.4 ms + the GEMM (4.8 ms at 16 rows, 9.5 at 64).
-# For fp32 activations the kernel is 10-20x slower than the dense path at every size.
+# torch's int8 kernel, measured on a 2048x8192 weight in bf16, costs ~0.33 ms per input row on top of
+# reading the weight (1.2 ms at 1 row, 3.1 at 8, 6.0 at 16, 21.6 at 64), while converting the int8 weight
+# into a reused bf16 buffer and running a dense GEMM costs 1.4 ms + the GEMM (4.8 ms at 16 rows, 9.5 at
+# 64). For fp32 activations it is 10-20x slower than the dense path at every size. slowllm's own kernels
+# (`_kernels.py`) come first where they apply.
 KERNEL_MAX_ROWS = 8
 _DEQUANT_BYTES = 64 << 20  # the reused float buffer one conversion slice takes
 _buffers = threading.local()
@@ -53,12 +54,14 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q * scale).T, never materialising the whole float weight.
 
-    A few rows in bf16 (decoding): torch's weight-only int8 kernel, which reads the int8 bytes once.
-    Many rows (prompts, scoring) or fp32: slices of rows converted into a reused float buffer (int8 values
-    are exact in bf16) and a dense GEMM, the scale applied to the output."""
+    A few rows (decoding): slowllm's GEMV kernel, else torch's weight-only int8 kernel; both read the int8
+    bytes once. Many rows (prompts, scoring), or fp32 without the kernels: slices of rows converted into
+    a reused float buffer (int8 values are exact in bf16) and a dense GEMM, the scale on the output."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if usable(x2, "int8") and x.dtype in (torch.bfloat16, torch.float32):
+    if x.dtype == torch.bfloat16 and usable(x2, "int8"):
+        out = kernels().int8_bf16_gemv(x2, q, scale)
+    elif x.dtype == torch.float32 and usable(x2, "int8_fp32"):
         out = kernels().int8_gemv(x2, q, scale)
     elif (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] <= KERNEL_MAX_ROWS
             and k % _KERNEL_K_MULTIPLE == 0):

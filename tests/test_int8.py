@@ -149,6 +149,7 @@ def test_decode_kernels_match_float_references():
             assert ((k.bf16_gemv(x, w).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
             q, scale = quantize_rows(torch.randn(n, width, generator=g))
             ref = x.float() @ (q.float() * scale.float()[:, None]).T
+            assert ((k.int8_bf16_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
             assert ((k.int8_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
             assert ((k.int8_gemv(x.float(), q, scale) - ref).abs().max() <= 1e-4 * ref.abs().max())
 
