@@ -28,6 +28,7 @@ from slowllm.coordinator import Runner, Sampling, TuneOptions, make_checkpoint, 
 from slowllm.coordinator._ends import ModelEnds
 from slowllm.coordinator._launch import LocalCluster
 from slowllm.coordinator._local import ResidentChain
+from slowllm.coordinator._remote import encode_mask
 from slowllm.node import Checkpoint
 from slowllm.protocol import Step, encode_tensor, pack
 
@@ -99,7 +100,7 @@ def main() -> None:
         for n in (1, 8):
             h = torch.randn(n, 1, args.hidden)
             frame = pack(Step(id=1, session="0" * 32, first=0, last=third - 1, hidden=encode_tensor(h, codec),
-                              mask=encode_tensor(torch.ones(n, 64, dtype=torch.long))))
+                              mask=encode_mask(torch.ones(n, 64, dtype=torch.long))))
             hop_bytes[f"{codec}_{n}"] = len(frame) / n
 
     base = results["in_process"]

@@ -43,6 +43,12 @@ FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut reque
 FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's
 
 
+
+def encode_mask(mask: torch.Tensor):
+    """The 0/1 token mask on the wire as uint8: a step re-sends the whole session's mask, which at 2,000
+    positions was 16 KB per hop as int64, more than half a Bloom-176B token's hidden state in bf16."""
+    return encode_tensor(mask.to(torch.uint8))
+
 class NodeFailed(UnavailableError):
     def __init__(self, node: "NodeLink", message: str):
         super().__init__(message)
@@ -82,7 +88,7 @@ class RemoteChain(Chain):
 
     def step_positions(self, rows: int, total: int) -> int:
         """New positions per step frame for `rows` rows whose mask covers `total` positions."""
-        room = self.limits.max_frame - FRAME_OVERHEAD - rows * total * 8
+        room = self.limits.max_frame - FRAME_OVERHEAD - rows * total
         return min(self.limits.max_batch_tokens // rows, max(0, room // (rows * self.hidden_size * 4)))
 
     # ---- one hop -------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ class RemoteChain(Chain):
         """Output of blocks first..last, and each span's (first, last, input) as actually run.
 
         Nodes in `avoid` are not used; `nodes` collects the nodes that were."""
-        wire_mask, spans, exclude, block = encode_tensor(mask), [], set(avoid), first
+        wire_mask, spans, exclude, block = encode_mask(mask), [], set(avoid), first
         while block <= last:
             def run(node, a, b, h=hidden):
                 def primary():
@@ -282,7 +288,7 @@ class RemoteChain(Chain):
                 raise Split
             def primary():
                 out = self._exchange(node, lambda i: Backward(
-                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_tensor(mask),
+                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_mask(mask),
                     grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
                 if nodes is not None:
                     nodes.append(node)
@@ -368,7 +374,7 @@ class RemoteSession(ChainSession):
                 piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
                 outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask, cut=span.cut: Step(
                     id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
-                    mask=encode_tensor(m), max_length=self.max_length, past=cut), tuple(piece.shape),
+                    mask=encode_mask(m), max_length=self.max_length, past=cut), tuple(piece.shape),
                     span.last - span.first + 1))
                 span.cut = None  # the node has cut its cache
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
