@@ -1,10 +1,11 @@
 // Matrix-vector products for decoding (1-8 input rows) that read the weights near the memory floor.
 //
 // At batch 1 a linear layer is a stream of weight bytes: the work per byte is tiny, so the kernel's only
-// job is to keep that stream going. PyTorch's bf16 F.linear reads ~15 GB/s on a 2-core AVX512-BF16 CPU
-// and its int8 `_weight_int8pack_mm` ~17; these read ~28 (bf16, AVX512-BF16 dot products) and more for
-// int8 (converted to bf16 in registers, then the same dot products; fp32 rows: converted to fp32). Each weight vector is loaded (and, for int8, converted) once for all
-// input rows, so 8 rows cost little more than 1. Accumulation is fp32 in both.
+// job is to keep that stream going, which PyTorch's bf16 F.linear does at ~15 GB/s on a 2-core
+// AVX512-BF16 CPU. bf16 weights: AVX512-BF16 dot products. int8 weights: converted to bf16 in registers
+// (exact for |q| <= 127), then the same dot products (fp32 input rows: converted to fp32 instead). One
+// input row runs four weight rows at a time (independent chains); several input rows share each loaded
+// and converted weight vector. Accumulation is fp32 throughout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -110,6 +111,57 @@ void int8_bf16_row(const uint16_t* X, int64_t K, const int8_t* wr, float scale, 
   }
 }
 
+
+// One input row against four weight rows at once: four independent dot-product chains and one load of
+// x per step (at Bloom-176B width a single chain leaves the int8 conversions waiting on its latency).
+void int8_bf16_four(const uint16_t* X, int64_t K, const int8_t* w0, const float* S, float* out) {
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv = (__m512bh)_mm512_loadu_si512(X + k);
+    for (int r = 0; r < 4; ++r) {
+      __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + r * K + k));
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      acc[r] = _mm512_dpbf16_ps(acc[r], _mm512_cvtne2ps_pbh(hi, lo), xv);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float total = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[j]) * static_cast<float>(w0[r * K + j]);
+    out[r] = total * S[r];
+  }
+}
+
+void bf16_four(const uint16_t* X, int64_t K, const uint16_t* w0, float* out) {
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv = (__m512bh)_mm512_loadu_si512(X + k);
+    for (int r = 0; r < 4; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w0 + r * K + k), xv);
+  }
+  for (int r = 0; r < 4; ++r) {
+    float total = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[j]) * bf16_to_float(w0[r * K + j]);
+    out[r] = total;
+  }
+}
+
+// Rows [0, N) in groups of four (the rest one by one), for a single input row.
+template <typename Four, typename One>
+void over_rows_by_four(int64_t N, const Four& four, const One& one) {
+  at::parallel_for(0, (N + 3) / 4, kSlice / 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n = 4 * g;
+      if (n + 4 <= N) four(n);
+      else for (int64_t r = n; r < N; ++r) one(r);
+    }
+  });
+}
+
 template <typename Row>
 void over_rows(int64_t N, const Row& row) {
   at::parallel_for(0, N, kSlice, [&](int64_t begin, int64_t end) {
@@ -139,7 +191,12 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* Y = out.data_ptr<float>();
 #define SLOWLLM_BF16(R) over_rows(N, [&](int64_t n) { bf16_row<R>(X, K, W + n * K, Y + n, N); })
-  SLOWLLM_DISPATCH(M, SLOWLLM_BF16)
+  if (M == 1) {
+    over_rows_by_four(N, [&](int64_t n) { bf16_four(X, K, W + n * K, Y + n); },
+                      [&](int64_t n) { bf16_row<1>(X, K, W + n * K, Y + n, N); });
+  } else {
+    SLOWLLM_DISPATCH(M, SLOWLLM_BF16)
+  }
   return out.to(x.scalar_type());
 }
 
@@ -172,7 +229,12 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const float* S = sf.data_ptr<float>();
   float* Y = out.data_ptr<float>();
 #define SLOWLLM_INT8BF(R) over_rows(N, [&](int64_t n) { int8_bf16_row<R>(X, K, Q + n * K, S[n], Y + n, N); })
-  SLOWLLM_DISPATCH(M, SLOWLLM_INT8BF)
+  if (M == 1) {
+    over_rows_by_four(N, [&](int64_t n) { int8_bf16_four(X, K, Q + n * K, S + n, Y + n); },
+                      [&](int64_t n) { int8_bf16_row<1>(X, K, Q + n * K, S[n], Y + n, N); });
+  } else {
+    SLOWLLM_DISPATCH(M, SLOWLLM_INT8BF)
+  }
   return out.to(x.scalar_type());
 }
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from slowllm.protocol import CheckpointError
@@ -33,14 +33,44 @@ from ._linears import quantize_rows
 _CHUNK_BYTES = 256 << 20  # fp32 work per slice of rows: a 176B MLP matrix is 3.3 GB in fp32
 
 
-def quantize_matrix(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` a slice of rows at a time (bounded memory, same result: rows are independent)."""
+def quantize_slices(weight: torch.Tensor):
+    """`quantize_rows` of a slice of rows at a time (bounded memory; rows are independent, so the result is
+    the same): yields (q slice, scale slice)."""
     rows = max(1, _CHUNK_BYTES // (weight.shape[1] * 4))
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.shape[0], dtype=torch.bfloat16)
     for start in range(0, weight.shape[0], rows):
-        q[start:start + rows], scale[start:start + rows] = quantize_rows(weight[start:start + rows])
-    return q, scale
+        yield quantize_rows(weight[start:start + rows])
+
+
+_DTYPE_NAMES = {torch.int8: "I8", torch.bfloat16: "BF16"}
+
+
+class ShardWriter:
+    """A safetensors file written tensor by tensor, slice by slice: the header (names, dtypes, shapes) is
+    known up front, so the bytes go to disk as they are computed and a shard (a Bloom-176B block is 2.5 GB
+    in int8) never sits in memory whole."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in plan:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.size, self.written = offset, 0
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, piece: torch.Tensor) -> None:
+        data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        self.written += data.nbytes
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.size:  # a bug, never a silently short shard
+            raise RuntimeError(f"shard has {self.written} bytes of data, its header promises {self.size}")
 
 
 def _stored(key: str) -> str:
@@ -72,37 +102,41 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     weight_map: dict[str, str] = {}
     total = 0
 
-    def write(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def write(name: str, keys: list[str], quantized: set[str]) -> None:
+        """One shard: `quantized` keys as int8 + scales, the rest bf16; one source tensor in memory at a time."""
         nonlocal total
-        save_file(tensors, str(partial / name), metadata={"format": "pt"})
-        for key, t in tensors.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
+        plan = []
+        for key in keys:
+            shape = source.meta(key)[0]
+            plan.append((_stored(key), torch.int8 if key in quantized else torch.bfloat16, shape))
+            if key in quantized:
+                plan.append((_stored(key + SCALE), torch.bfloat16, shape[:1]))
+        writer = ShardWriter(partial / name, plan)
+        try:
+            for key in keys:
+                (tensor,) = source.read([key]).values()  # a fresh memory map, dropped after this tensor
+                if key in quantized:
+                    scales = []
+                    for q, scale in quantize_slices(tensor):
+                        writer.write(q)
+                        scales.append(scale)
+                    writer.write(torch.cat(scales))
+                else:
+                    writer.write(tensor.to(torch.bfloat16))
+                del tensor
+        finally:
+            writer.close()
+        for stored, dtype, shape in plan:
+            weight_map[stored] = name
+            total += torch.Size(shape).numel() * dtype.itemsize
 
     bar = tqdm(total=n + 1, desc="quantize", unit="block", file=sys.stderr, disable=None if progress is None else not progress)
     try:
         for layer in range(n):
-            tensors = source.read(source.block_keys(layer))
-            shard: dict[str, torch.Tensor] = {}
-            for suffix in BLOCK_SUFFIXES:
-                key = f"h.{layer}.{suffix}"
-                if suffix in QUANTIZED_SUFFIXES:
-                    shard[_stored(key)], shard[_stored(key + SCALE)] = quantize_matrix(tensors[key])
-                else:
-                    shard[_stored(key)] = tensors[key].to(torch.bfloat16).contiguous()
-            del tensors
-            write(names[layer], shard)
-            del shard
+            keys = [f"h.{layer}.{suffix}" for suffix in BLOCK_SUFFIXES]
+            write(names[layer], keys, {f"h.{layer}.{suffix}" for suffix in QUANTIZED_SUFFIXES})
             bar.update(1)
-        ends: dict[str, torch.Tensor] = {}
-        for key in source.end_keys():
-            (tensor,) = source.read([key]).values()
-            if key in (EMBEDDING, source.head_key):
-                ends[_stored(key)], ends[_stored(key + SCALE)] = quantize_matrix(tensor)
-            else:
-                ends[_stored(key)] = tensor.to(torch.bfloat16).contiguous()
-            del tensor
-        write(names[n], ends)
+        write(names[n], source.end_keys(), {EMBEDDING, source.head_key})
         bar.update(1)
     finally:
         bar.close()
