@@ -4,8 +4,8 @@
 // job is to keep that stream going, which PyTorch's bf16 F.linear does at ~15 GB/s on a 2-core
 // AVX512-BF16 CPU. bf16 weights: AVX512-BF16 dot products. int8 weights: converted to bf16 in registers
 // (exact for |q| <= 127), then the same dot products (fp32 input rows: converted to fp32 instead). One
-// input row runs four weight rows at a time (independent chains); several input rows share each loaded
-// and converted weight vector. Accumulation is fp32 throughout.
+// input row runs two independent chains per weight row, or four weight rows at a time when it is wide;
+// several input rows share each loaded and converted weight vector. Accumulation is fp32 throughout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -16,6 +16,10 @@
 namespace {
 
 constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
+// One input row of at least this many values (24 KB in bf16) no longer stays in L1 beside the streaming
+// weights: then four weight rows share each load of it (measured, int8 at Bloom-176B shapes: 24 GB/s
+// instead of 14). Below it one row at a time with two chains is faster (29 GB/s instead of 12 at K=2048).
+constexpr int64_t kFourRowsMinK = 12288;
 
 float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -94,8 +98,21 @@ void int8_row(const float* X, int64_t K, const int8_t* wr, float scale, float* o
 template <int M>
 void int8_bf16_row(const uint16_t* X, int64_t K, const int8_t* wr, float scale, float* out, int64_t stride) {
   __m512 acc[M];
+  __m512 extra = _mm512_setzero_ps();
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   int64_t k = 0;
+  if (M == 1) {  // two independent chains
+    for (; k + 64 <= K; k += 64) {
+      __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+      __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + 32));
+      __m512bh w0 = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b0, 1))),
+                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b0))));
+      __m512bh w1 = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b1, 1))),
+                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b1))));
+      acc[0] = _mm512_dpbf16_ps(acc[0], w0, (__m512bh)_mm512_loadu_si512(X + k));
+      extra = _mm512_dpbf16_ps(extra, w1, (__m512bh)_mm512_loadu_si512(X + k + 32));
+    }
+  }
   for (; k + 32 <= K; k += 32) {
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
@@ -104,6 +121,7 @@ void int8_bf16_row(const uint16_t* X, int64_t K, const int8_t* wr, float scale, 
     for (int m = 0; m < M; ++m)
       acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_loadu_si512(X + m * K + k));
   }
+  acc[0] = _mm512_add_ps(acc[0], extra);
   for (int m = 0; m < M; ++m) {
     float total = _mm512_reduce_add_ps(acc[m]);
     for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * static_cast<float>(wr[j]);
@@ -191,7 +209,7 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* Y = out.data_ptr<float>();
 #define SLOWLLM_BF16(R) over_rows(N, [&](int64_t n) { bf16_row<R>(X, K, W + n * K, Y + n, N); })
-  if (M == 1) {
+  if (M == 1 && K >= kFourRowsMinK) {
     over_rows_by_four(N, [&](int64_t n) { bf16_four(X, K, W + n * K, Y + n); },
                       [&](int64_t n) { bf16_row<1>(X, K, W + n * K, Y + n, N); });
   } else {
@@ -229,7 +247,7 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const float* S = sf.data_ptr<float>();
   float* Y = out.data_ptr<float>();
 #define SLOWLLM_INT8BF(R) over_rows(N, [&](int64_t n) { int8_bf16_row<R>(X, K, Q + n * K, S[n], Y + n, N); })
-  if (M == 1) {
+  if (M == 1 && K >= kFourRowsMinK) {
     over_rows_by_four(N, [&](int64_t n) { int8_bf16_four(X, K, Q + n * K, S + n, Y + n); },
                       [&](int64_t n) { int8_bf16_row<1>(X, K, Q + n * K, S[n], Y + n, N); });
   } else {

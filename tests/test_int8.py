@@ -142,7 +142,8 @@ def test_decode_kernels_match_float_references():
     k = kernels()
     g = torch.Generator().manual_seed(0)
     for rows in range(1, 9):
-        for n, width in ((96, 64), (7, 40), (130, 1000)):  # odd widths take the scalar tails
+        # odd widths take the scalar tails; 12300 (> 12288) the four-rows-at-once path with 13 = 4 x 3 + 1 rows
+        for n, width in ((96, 64), (7, 40), (130, 1000), (13, 12300)):
             x = torch.randn(rows, width, generator=g).bfloat16()
             w = torch.randn(n, width, generator=g).bfloat16()
             ref = x.float() @ w.float().T
