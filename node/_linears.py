@@ -3,14 +3,12 @@ stays transformers' `BloomBlock` (attention code untouched), only where its matm
 changes.
 
 - `Int8Linear`: weight-only int8 (symmetric, one scale per output row). Decode at batch 1 reads half the
-  bytes of bf16; the matmul is torch's CPU kernel `aten._weight_int8pack_mm`, which converts int8 to
-  float inside the kernel, so no float copy of a weight ever exists in memory.
-- `GemvLinear`: a bf16 `nn.Linear` whose decode steps (<= 8 rows) run slowllm's GEMV kernel
-  (`_kernels.cpp`: ~1.8x the bytes per second of `F.linear` at batch 1); larger inputs and backward
-  are `F.linear` itself.
-Int8 decode steps use the same kernels when they are available (`_kernels.py`), torch's
-`_weight_int8pack_mm` otherwise. Both differentiate w.r.t. their input (soft-prompt tuning runs backward
-through frozen blocks).
+  bytes of bf16: slowllm's GEMV kernel (`_kernels.cpp`) or torch's `aten._weight_int8pack_mm` convert
+  int8 to float inside the kernel; prompts convert row slices into a reused buffer. No float copy of a
+  whole weight ever exists in memory.
+- `GemvLinear`: a bf16 `nn.Linear` whose decode steps (<= 3 rows) run slowllm's GEMV kernel (~1.8x the
+  bytes per second of `F.linear` at batch 1); larger inputs and backward are `F.linear` itself.
+Both differentiate w.r.t. their input (soft-prompt tuning runs backward through frozen blocks).
 """
 
 from __future__ import annotations
