@@ -203,3 +203,14 @@ def test_a_checkpoint_that_declares_an_unknown_quantization_is_refused(models, t
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="quantization slowllm does not know"):
         Checkpoint(copy)
+
+
+def test_without_the_kernels_torch_kernels_give_the_same_greedy_text(models):
+    """SLOWLLM_KERNELS=0 (or no AVX512-BF16 / no compiler): torch's own kernels, the same tokens."""
+    for model in (models["mild8"], models["mild"]):
+        args = ("generate", *PROMPTS, "--local", "--model", str(model), "--dtype", "bfloat16", "--keep-in-ram",
+                "--max-new-tokens", "8", "--json", "--no-progress")
+        runs = [run_cli(*args, env={"SLOWLLM_KERNELS": flag}) for flag in ("1", "0")]
+        assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+        with_kernels, without = ([json.loads(line)["token_ids"] for line in r.stdout.splitlines()] for r in runs)
+        assert with_kernels == without and len(with_kernels) == 3
