@@ -137,7 +137,7 @@ def test_int8_node_beside_bf16_nodes_and_an_int8_swarm(models, secret):
         assert len(c.client().generate(PROMPTS, GREEDY)) == 3
 
 
-@pytest.mark.skipif(kernels() is None, reason="decode kernels need AVX512-BF16 and a C++ compiler")
+@pytest.mark.skipif(kernels() is None, reason="slowllm's decode kernels need an x86 CPU with AVX512-BF16, g++ and ninja; without them torch's kernels run (tested below)")
 def test_decode_kernels_match_float_references():
     k = kernels()
     g = torch.Generator().manual_seed(0)
