@@ -27,8 +27,6 @@ def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | st
     with torch.device("meta"):
         block = BloomBlock(config, layer_idx=0)
         if int8:
-            if getattr(config, "slow_but_exact", False) and config.pretraining_tp > 1:
-                raise ValueError("int8 blocks need slow_but_exact false (it slices the dense weights itself).")
             use_int8_linears(block)
         elif dtype == torch.bfloat16:
             use_gemv_linears(block)
@@ -122,7 +120,7 @@ class BlockCache:
     step copies one position, not the whole cache as concatenation (transformers' DynamicCache) does:
     at 2,000 cached positions of Bloom-176B that is 229 MB per block per token saved. `update` returns
     views of the filled part. `state`/`from_state` let the streaming executor move a cache to disk and
-    back (exact size: a spilled cache carries no spare room).
+    back, spare room and all (so a streamed decode step does not copy the cache either).
     """
 
     GROW_MIN = 64  # positions added at least when a buffer grows

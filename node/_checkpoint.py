@@ -56,6 +56,12 @@ SCALE = "_scale"  # an int8 tensor `k` has its per-row scales in `k + SCALE`
 QUANTIZATION_KEY = "slowllm_quantization"  # in config.json of a `slowllm quantize` output
 
 
+def slices_weights_at_run_time(config) -> bool:
+    """Bloom's `slow_but_exact` tensor-parallel path slices float weights inside transformers' code: int8
+    linears cannot serve it (quantize refuses such a source, and an int8 checkpoint saying so is refused)."""
+    return bool(getattr(config, "slow_but_exact", False)) and getattr(config, "pretraining_tp", 1) > 1
+
+
 def block_keys(layer: int) -> list[str]:
     """The block's tensors as Bloom names them (an int8 checkpoint has the scales beside: `Checkpoint.block_keys`)."""
     return [f"h.{layer}.{suffix}" for suffix in BLOCK_SUFFIXES]
@@ -167,7 +173,11 @@ class Checkpoint:
                 raise CheckpointError(f"{self.model_id} declares a quantization slowllm does not know "
                                       f"({quantization!r}): re-run `slowllm quantize` on the original.")
             self.quantization = quantization
-        return BloomConfig.from_dict(raw)
+        config = BloomConfig.from_dict(raw)
+        if quantization is not None and slices_weights_at_run_time(config):
+            raise CheckpointError(f"int8 checkpoint {self.model_id} sets slow_but_exact with pretraining_tp > 1, which "
+                                  "int8 weights cannot run: set slow_but_exact false in its config.json.")
+        return config
 
     def _read_weight_map(self) -> dict[str, tuple[str, str]]:
         for index in _INDEXES:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from slowllm.protocol import CheckpointError
 
 from ._checkpoint import (BLOCK_SUFFIXES, EMBEDDING, QUANTIZATION_KEY, QUANTIZED_SUFFIXES, SCALE, TOKENIZER_FILES,
-                          Checkpoint)
+                          Checkpoint, slices_weights_at_run_time)
 from ._linears import quantize_rows
 
 _CHUNK_BYTES = 256 << 20  # fp32 work per slice of rows: a 176B MLP matrix is 3.3 GB in fp32
@@ -89,7 +89,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     if source.int8:
         raise CheckpointError(f"{model} is already an int8 checkpoint: quantize the original bf16/fp32 one.")
     config = source.config
-    if getattr(config, "slow_but_exact", False) and config.pretraining_tp > 1:
+    if slices_weights_at_run_time(config):
         raise CheckpointError("this checkpoint's config sets slow_but_exact with pretraining_tp > 1, which slices "
                               "float weights at run time: set slow_but_exact false in its config.json first.")
     fingerprint = source.fingerprint()
@@ -105,6 +105,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     def write(name: str, keys: list[str], quantized: set[str]) -> None:
         """One shard: `quantized` keys as int8 + scales, the rest bf16; one source tensor in memory at a time."""
         nonlocal total
+        source.nbytes(keys)  # every shape and dtype from one opening of each source shard
         plan = []
         for key in keys:
             shape = source.meta(key)[0]

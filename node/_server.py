@@ -34,6 +34,7 @@ from ._blocks import BlockCache
 from ._checkpoint import Checkpoint
 from ._resident import ResidentBlocks
 from ._blocks import DEFAULT_SCORE_BUDGET, block_nbytes
+from ._kernels import cpu_supported, kernels
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
 
 log = logging.getLogger("slowllm.node")
@@ -149,6 +150,10 @@ class NodeServer:
               flush=True)
         self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device,
                                      score_budget=self.score_budget)
+        if self.device == "cpu" and self.dtype == torch.bfloat16 and cpu_supported():
+            # built now (once per machine, ~30 s) rather than inside the first user's token
+            print(f"node {self.name}: preparing the decode kernels", flush=True)
+            kernels()
         self.speed = self.blocks.measure_speed()
 
     def _check_memory(self, checkpoint: Checkpoint) -> None:
