@@ -214,3 +214,33 @@ def test_without_the_kernels_torch_kernels_give_the_same_greedy_text(models):
         assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
         with_kernels, without = ([json.loads(line)["token_ids"] for line in r.stdout.splitlines()] for r in runs)
         assert with_kernels == without and len(with_kernels) == 3
+
+
+def test_int8_node_under_verify_beside_a_liar_and_vanishing(models, secret):
+    """--verify 1 with an honest int8 node, an honest bf16 node and a liar on the same blocks: the int8
+    node's answers pass the int8 tolerance against bf16 ones (it is not banned), the liar is; then the int8
+    node vanishes (SIGKILL) and the next generation fails over to the bf16 node."""
+    from adversaries import LyingNode
+
+    requests = [{"context": "The quick", "continuation": " brown fox"}]
+    reference = LocalRunner(models["ctx"], dtype="bfloat16", keep_in_ram=True).score(requests)
+    with Cluster(models["ctx"], [], secret_file=secret, node_args=["--dtype", "bfloat16"],
+                 coordinator_args=["--verify", "1"]) as c:
+        c.start_node("0-5", "bf16-node")
+        c.start_node("0-5", "int8-node", model=models["ctx8"])
+        c.wait_covered(2)
+        client = c.client()
+        for _ in range(2):  # routes alternate: the int8 node answers as primary and as the checker
+            got = client.score(requests)
+            assert abs(got[0]["logprob"] - reference[0]["logprob"]) < 0.75
+        liar = LyingNode(c.url, secret.read_bytes().strip(), models["ctx"], 0, 5, "random", name="liar",
+                         dtype="bfloat16").start()
+        for _ in range(3):
+            client.score(requests)
+        nodes = {n["name"]: n for n in client.status()["nodes"]}
+        assert nodes["liar"]["banned"] and liar.answered >= 1
+        assert not nodes["int8-node"]["banned"] and not nodes["bf16-node"]["banned"]
+        assert nodes["int8-node"]["verified_hops"] >= 1  # an int8 answer was re-run on bf16 and agreed
+        c.nodes["int8-node"].kill()
+        out = client.generate(PROMPTS, Sampling(max_new_tokens=6))
+        assert all(len(r["token_ids"]) == 6 for r in out)
