@@ -4,7 +4,7 @@ Public API:
     LocalRunner(model, dtype=..., max_ram=...)   -- jobs in this process, blocks streamed from disk
     Client(url, secret_file=...)                  -- jobs through a coordinator over WebSockets
     Sampling, TuneOptions                         -- job options
-    make_checkpoint(path, ...)                    -- a small random Bloom checkpoint (tests, demo)
+    make_checkpoint(path, ...)                    -- a small random checkpoint, any family (tests, demo)
     make_draft_pair(target, draft, ...)           -- a big model and a draft that agrees with it (tests, bench)
 
 Names load on first use (PEP 562), so the CLIs answer `--help` without importing torch.

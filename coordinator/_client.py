@@ -181,7 +181,8 @@ def _plural(n: int, word: str) -> str:
 
 def format_status(status: dict) -> str:
     nodes = [n for n in status["nodes"] if not n.get("banned")]
-    lines = [f"model {status['model']}: {_plural(status['n_layer'], 'block')}, {_plural(len(nodes), 'node')}, "
+    family = f" ({status['family']})" if status.get("family") else ""
+    lines = [f"model {status['model']}{family}: {_plural(status['n_layer'], 'block')}, {_plural(len(nodes), 'node')}, "
              f"{_plural(status.get('active_jobs', 0), 'active job')}, {_plural(status.get('failovers', 0), 'failover')}"]
     for node in status["nodes"]:
         a, b = node["layers"]

@@ -1,6 +1,7 @@
-"""The model's ends: tokenizer, embeddings (+ their layer norm), final layer norm and the LM head.
+"""The model's ends: tokenizer, embeddings (+ Bloom's layer norm over them), final norm and the LM head.
 
-The LM head of Bloom is the embedding matrix (250880 x 14336 for Bloom-176B: 7.2 GB in bf16, 14.4 GB
+The family (`slowllm.node._families`) says which norms there are (LayerNorm, or RMSNorm for Llama-shaped
+models) and whether the head is the embedding matrix or a matrix of its own. The LM head of Bloom is the embedding matrix (250880 x 14336 for Bloom-176B: 7.2 GB in bf16, 14.4 GB
 as fp32). It is never converted whole: it is kept in the checkpoint's dtype (or left on disk when the
 memory plan says so) and applied in vocabulary chunks, converted into one reused buffer. Log-likelihoods
 use a running log-sum-exp over the chunks, so only the positions that are scored are ever computed, and
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from slowllm.node import Checkpoint
-from slowllm.node._checkpoint import EMBEDDING, EMBEDDING_NORM, FINAL_NORM, SCALE
+from slowllm.node._checkpoint import SCALE
 from slowllm.node._kernels import kernels, usable
 from slowllm.node._linears import int8_matmul
 
@@ -29,19 +30,23 @@ class ModelEnds:
         self.config = checkpoint.config
         self.dtype = dtype
         self.tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path()))
-        self.eos_token_id = self.config.eos_token_id
-        self.bos_token_id = self.config.bos_token_id
-        eps = self.config.layer_norm_epsilon
-        norms = {k: t.float().clone() for k, t in checkpoint.read([*EMBEDDING_NORM, *FINAL_NORM]).items()}
-        self._emb_norm = (norms[EMBEDDING_NORM[0]], norms[EMBEDDING_NORM[1]], eps)
-        self._final_norm = (norms[FINAL_NORM[0]], norms[FINAL_NORM[1]], eps)
-        self.vocab_size, self.hidden_size = checkpoint.meta(EMBEDDING)[0]
+        self.family = family = checkpoint.family
+        self.eos_token_id = _first(self.config.eos_token_id)  # Llama 3 lists several: the first ends a turn
+        self.bos_token_id = _first(self.config.bos_token_id)
+        eos = self.config.eos_token_id
+        self._more_stops = set(eos[1:]) if isinstance(eos, list) else set()  # Llama 3: <|eot_id|> and others
+        self.eps = family.eps_of(self.config)
+        norms = {k: t.float().clone() for k, t in checkpoint.read([*family.embedding_norm, *family.final_norm]).items()}
+        self._emb_norm = [norms[k] for k in family.embedding_norm]  # Bloom: weight, bias; others: none
+        self._final_norm = [norms[k] for k in family.final_norm]  # weight (, bias)
+        self.embedding_key = checkpoint.embedding_key
+        self.vocab_size, self.hidden_size = checkpoint.meta(self.embedding_key)[0]
         self._resident: dict[str, torch.Tensor] = {}
         if resident_embedding:  # kept in the checkpoint's dtype: for 176B, 7.2 GB instead of 14.4 (int8: 3.6)
-            keys = {k for key in {EMBEDDING, checkpoint.head_key} for k in checkpoint.matrix_keys(key)}
+            keys = {k for key in {self.embedding_key, checkpoint.head_key} for k in checkpoint.matrix_keys(key)}
             self._resident = {k: checkpoint.read([k])[k].clone() if k.endswith(SCALE) else self._copy_in(k)
                               for k in keys}
-        row_bytes = self.hidden_size * max(dtype.itemsize, checkpoint.meta(EMBEDDING)[1].itemsize)
+        row_bytes = self.hidden_size * max(dtype.itemsize, checkpoint.meta(checkpoint.head_key)[1].itemsize)
         self.head_chunk_rows = max(256, min(self.vocab_size, head_chunk_bytes // row_bytes))
         self._local = threading.local()  # one conversion buffer per thread: jobs may run concurrently
 
@@ -60,9 +65,25 @@ class ModelEnds:
             del mapped
         return out
 
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """Tokens that end a generation: the EOS, and any others the config lists beside it."""
+        return ({self.eos_token_id} | self._more_stops) - {None}
+
     # ---- text ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str, empty: int | None = None) -> list[int]:
+        """Ids of a prompt (or a scored context): the family's BOS first where its models were trained so
+        (Llama, Mistral), unless the text already starts with it; never empty (`empty`, by default BOS)."""
+        ids = self.encode(text)
+        if self.family.prepend_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        if not ids:
+            ids = [empty if empty is not None else self.bos_token_id if self.bos_token_id is not None
+                   else self.eos_token_id]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids; special tokens (<unk>, <pad>, ...) are not text and are left out."""
@@ -80,19 +101,25 @@ class ModelEnds:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Raw input embeddings [B, T, H] in fp32 (before the embedding layer norm, as `inputs_embeds`)."""
         flat = ids.reshape(-1)
-        rows = self._matrix(EMBEDDING)[flat].float()
-        scale = self._scale(EMBEDDING)
+        rows = self._matrix(self.embedding_key)[flat].float()
+        scale = self._scale(self.embedding_key)
         if scale is not None:
             rows *= scale[flat].float()[:, None]
         return rows.reshape(*ids.shape, self.hidden_size)
 
     def embed_norm(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        w, b, eps = self._emb_norm
-        return F.layer_norm(inputs_embeds, (self.hidden_size,), w, b, eps)
+        """What block 0 receives: Bloom normalises the embeddings first, the other families do not."""
+        if not self._emb_norm:
+            return inputs_embeds
+        return F.layer_norm(inputs_embeds, (self.hidden_size,), *self._emb_norm, self.eps)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        w, b, eps = self._final_norm
-        return F.layer_norm(hidden.float(), (self.hidden_size,), w, b, eps)
+        """The final norm in fp32: LayerNorm, or RMSNorm (Llama: x / rms(x) * weight)."""
+        hidden = hidden.float()
+        if self.family.rms_norm:
+            (weight,) = self._final_norm
+            return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        return F.layer_norm(hidden, (self.hidden_size,), *self._final_norm, self.eps)
 
     # ---- LM head -------------------------------------------------------------------------------
     def _head_chunks(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -197,6 +224,10 @@ class ModelEnds:
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-log p(target) per position, differentiable w.r.t. `hidden` (chunked forward and backward)."""
         return _ChunkedNLL.apply(hidden, targets, self)
+
+
+def _first(token_id):
+    return token_id[0] if isinstance(token_id, list) else token_id
 
 
 class _ChunkedNLL(torch.autograd.Function):

@@ -77,7 +77,7 @@ def generate(ends: ModelEnds, chain: Chain, prompts: Sequence[str], sampling: Sa
     proposed and may advance a prompt by several tokens (see `_speculative`); the output is the same.
     """
     sampling.check()
-    rows = [Continuation(ends.encode(p) or [ends.bos_token_id], sampling.max_new_tokens,
+    rows = [Continuation(ends.encode_prompt(p), sampling.max_new_tokens,
                          on_token=(lambda t, entry, i=i: on_tokens(i, [t])) if on_tokens else None)
             for i, p in enumerate(prompts)]
     results = generate_rows(ends, chain, rows, sampling, soft_prompt, draft)
@@ -211,7 +211,7 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
         if n_top is not None:
             lp, tops = _top(logits[: len(tokens)], n_top)
         for n, token in enumerate(tokens):
-            if token == ends.eos_token_id:
+            if token in ends.stop_token_ids:
                 row.done, row.reason = True, "eos"
                 return
             row.ids.append(token)

@@ -37,7 +37,7 @@ from ._ends import ModelEnds
 from ._generate import Continuation, Generation
 from ._jobs import Sampling
 from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRequest, chat_logprobs,
-                      completion_logprobs, cut_at_stop, prompt_rows, render_chat)
+                      completion_logprobs, cut_at_stop, model_chat_template, prompt_rows, render_chat)
 
 log = logging.getLogger("slowllm.http")
 SOFT_PROMPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -190,7 +190,9 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
              window: float = 0.05, max_pending: int = 256, max_prompt_tokens: int = 16384) -> FastAPI:
     app = FastAPI(title="slowllm", docs_url=None, redoc_url=None, openapi_url=None)
     ends = backend.ends
-    template = chat_template or DEFAULT_CHAT_TEMPLATE
+    # --chat-template, else the checkpoint's own (a Llama instruct model's tokenizer_config.json has one),
+    # else the Bloomz-style default
+    template = chat_template or model_chat_template(ends) or DEFAULT_CHAT_TEMPLATE
     created = int(time.time())
     soft_cache: dict[str, torch.Tensor] = {}
 
@@ -404,7 +406,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         check(request, req.model)
-        ids = ends.encode(render_chat(req.messages, template)) or [ends.bos_token_id]
+        ids = ends.encode_prompt(render_chat(req.messages, template, ends))
         max_tokens = req.max_completion_tokens or req.max_tokens or min(512, backend.max_new_tokens)
         if max_tokens < 1:
             raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")

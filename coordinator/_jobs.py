@@ -74,7 +74,7 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
     items: list[_Item] = []
     for line, req in enumerate(requests, start=1):
         conts = parse_score_request(req, line)
-        ctx = ends.encode(req["context"]) or [ends.eos_token_id]
+        ctx = ends.encode_prompt(req["context"], empty=ends.eos_token_id)
         for choice, cont in enumerate([conts] if isinstance(conts, str) else conts):
             cont_ids = ends.encode(cont)
             if not cont_ids:

@@ -13,9 +13,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from slowllm.node._blocks import work_width
 from slowllm.node import (BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_nbytes, format_size,
                           process_rss)
-from slowllm.node._checkpoint import EMBEDDING
 from slowllm.protocol import MemoryBudgetError
 
 from ._chain import Batch, Chain, ChainSession
@@ -36,10 +36,11 @@ class MemoryPlan:
 
 
 def _work_per_token(checkpoint: Checkpoint, dtype: torch.dtype, length: int) -> int:
-    # Inside one block, per token: fused qkv, context, MLP 4h twice, norms and residuals (~16 hidden
-    # vectors), attention scores in fp32 (x3 copies), doubled for the recompute graph of backward.
+    # Inside one block, per token: projections, context, the MLP's inner width, norms and residuals
+    # (`work_width`: ~16 hidden vectors for Bloom), attention scores in fp32 (x3 copies), doubled for the
+    # recompute graph of backward.
     c = checkpoint.config
-    return 2 * (16 * c.hidden_size * dtype.itemsize + 3 * c.n_head * length * 4)
+    return 2 * (work_width(c) * dtype.itemsize + 3 * c.num_attention_heads * length * 4)
 
 
 def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, prefetch: bool = True,
@@ -52,7 +53,7 @@ def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, pre
     def blocks_bytes(pre: bool) -> int:
         return raw_block * (2 if pre else 1) if zero_copy else compute_block + raw_block
 
-    embedding = checkpoint.nbytes(checkpoint.matrix_keys(EMBEDDING))
+    embedding = sum(checkpoint.nbytes(checkpoint.matrix_keys(k)) for k in {checkpoint.embedding_key, checkpoint.head_key})
     per_token = _work_per_token(checkpoint, dtype, max_length)
     min_work = per_token * 16 + 16 * checkpoint.hidden_size * 256 * 4
     # Headroom for what grows beside the model: tokenizer, Python objects of the job, allocator slack.

@@ -104,7 +104,7 @@ class ChatRequest(_Request):
 
 
 def prompt_rows(prompt, ends: ModelEnds) -> list[list[int]]:
-    """The request's prompts as token id lists (text is tokenized without special tokens, like the CLI)."""
+    """The request's prompts as token id lists (text as the CLI tokenizes it: `ModelEnds.encode_prompt`; ids as given)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -113,7 +113,7 @@ def prompt_rows(prompt, ends: ModelEnds) -> list[list[int]]:
         raise ApiError(400, "prompt is empty.", param="prompt")
     rows = []
     for p in prompt:
-        ids = ends.encode(p) if isinstance(p, str) else list(p)
+        ids = ends.encode_prompt(p) if isinstance(p, str) else list(p)
         bad = [t for t in ids if not 0 <= t < ends.vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0-{ends.vocab_size - 1}).",
@@ -122,11 +122,31 @@ def prompt_rows(prompt, ends: ModelEnds) -> list[list[int]]:
     return rows
 
 
-def render_chat(messages: list[ChatMessage], template: str) -> str:
+def model_chat_template(ends: ModelEnds) -> str | None:
+    """The chat template the checkpoint ships in tokenizer_config.json (`chat_template`: a string, or a list
+    of named ones of which "default" is used), or None."""
+    import json
+
+    try:
+        config = json.loads(ends.checkpoint.file("tokenizer_config.json").read_text(encoding="utf-8"))
+    except Exception:  # absent or unreadable: the default template serves
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def render_chat(messages: list[ChatMessage], template: str, ends: ModelEnds | None = None) -> str:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment()  # a template file is config, but never code
+    special = {}
+    if ends is not None:  # the names transformers' templates use
+        tokens = {"bos_token": ends.bos_token_id, "eos_token": ends.eos_token_id}
+        special = {k: ends.tokenizer.id_to_token(v) or "" for k, v in tokens.items() if v is not None}
     try:
         return env.from_string(template).render(
-            messages=[{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True)
+            messages=[{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True,
+            **special)
     except jinja2.TemplateError as e:
         raise ApiError(500, f"the chat template failed: {e}", type="server_error") from None
 

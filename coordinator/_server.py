@@ -23,7 +23,6 @@ import torch
 import websockets
 
 from slowllm.node import Checkpoint, default_max_ram
-from slowllm.node._checkpoint import EMBEDDING
 from slowllm.protocol import (
     AuthError, BusyError, CoordinatorHandshake, Error, Event, Heartbeat, InputError, Job, JobResult, Limits,
     ProtocolError, Register, SlowllmError, Welcome, WireTensor, decode_tensor, encode_tensor, pack, peek, printable,
@@ -56,7 +55,7 @@ class Coordinator:
         self.checkpoint = Checkpoint(model)
         self.model = model
         self.fingerprint = self.checkpoint.fingerprint()
-        resident = self.checkpoint.nbytes([EMBEDDING]) < default_max_ram() // 2
+        resident = self.checkpoint.nbytes([self.checkpoint.embedding_key, self.checkpoint.head_key]) < default_max_ram() // 2
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
         # the draft runs here, in RAM beside the ends: its tokens cost no network hop
         self.draft = None if draft_model is None else load_draft(draft_model, self.checkpoint, dtype=None,
@@ -387,7 +386,8 @@ class Coordinator:
 
     def status(self) -> dict:
         return {
-            "model": self.model, "n_layer": self.checkpoint.n_layer, "fingerprint": self.fingerprint,
+            "model": self.model, "family": self.checkpoint.family.name, "n_layer": self.checkpoint.n_layer,
+            "fingerprint": self.fingerprint,
             "nodes": self.router.node_status(), "missing": self.router.missing(), "active_jobs": self.active_jobs,
             "sessions": len(self.router.sessions()), "failovers": self.router.failovers,
             "replayed_bytes": self.router.replayed_bytes, "max_message_size": self.limits.max_frame,

@@ -26,7 +26,6 @@ import torch
 from tokenizers import Tokenizer
 
 from slowllm.node import Checkpoint
-from slowllm.node._checkpoint import EMBEDDING
 from slowllm.node._memory import node_dtype
 from slowllm.protocol import InputError
 
@@ -72,10 +71,11 @@ def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, dev
         dtype = node_dtype(checkpoint.storage_dtype(), device, None)[0]
     ends = ModelEnds(checkpoint, dtype=dtype)
     vocab = Tokenizer.from_file(str(target.tokenizer_path())).get_vocab()
-    if ends.tokenizer.get_vocab() != vocab or ends.vocab_size != target.meta(EMBEDDING)[0][0] \
-            or ends.eos_token_id != target.config.eos_token_id:
+    if ends.tokenizer.get_vocab() != vocab or ends.vocab_size != target.meta(target.embedding_key)[0][0] \
+            or ends.family != target.family:
         raise InputError(f"the draft model {model} does not share the big model's tokenizer and vocabulary: choose "
-                         "a draft of the same family (for Bloom-176B/Bloomz: bloom-560m, bloom-1b7, bloomz-560m...).")
+                         "a draft of the same family and tokenizer (for Bloom-176B/Bloomz: bloom-560m, bloom-1b7, bloomz-560m...; "
+                         "for Llama-3.1-70B: Llama-3.2-1B).")
     return Draft(ends, ResidentChain(checkpoint, dtype=dtype, device=device), tokens)
 
 

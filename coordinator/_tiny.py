@@ -1,7 +1,7 @@
-"""Small random-weight Bloom checkpoints with a real tokenizer, made offline.
+"""Small random-weight checkpoints (Bloom, GPT-NeoX, Llama) with a real tokenizer, made offline.
 
 `slowllm demo`, the tests and the benchmarks use these: nothing is ever downloaded. The weights are
-drawn with a larger standard deviation than Bloom's default init, because at the default init every
+drawn with a larger standard deviation than the default init, because at the default init every
 prompt collapses to one repeated token, which would hide KV-cache and padding bugs.
 """
 
@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, BloomConfig, BloomForCausalLM, GPTNeoXConfig, LlamaConfig,
+                          PreTrainedTokenizerFast)
+
+from slowllm.node._families import family_of
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Bloom's ids 0..3
 
@@ -40,21 +43,43 @@ def train_tokenizer(vocab_size: int = 384) -> Tokenizer:
     return tok
 
 
+TINY_FAMILIES = ("bloom", "gpt_neox", "llama")
+
+
 def tiny_config(n_layer: int = 6, hidden: int = 64, n_head: int = 4, vocab_size: int = 384,
-                std: float = 0.25) -> BloomConfig:
-    return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
-                       initializer_range=std, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                       hidden_dropout=0.0, attention_dropout=0.0)
+                std: float = 0.25, family: str = "bloom", **overrides):
+    """A small config of `family` (`overrides`: any other config field). GPT-NeoX: rotary on a quarter of
+    each head, parallel residual, untied head (as gpt-neox-20b). Llama: grouped-query attention (half as
+    many KV heads), untied head, SwiGLU at 2.5x width (as Llama 3)."""
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=std, vocab_size=vocab_size,
+               hidden_size=hidden, num_attention_heads=n_head, num_hidden_layers=n_layer)
+    if family == "bloom":
+        return BloomConfig(**{**ids, "hidden_dropout": 0.0, "attention_dropout": 0.0, **overrides})
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**{**ids, "intermediate_size": 4 * hidden, "tie_word_embeddings": False,
+                                "use_parallel_residual": True, "max_position_embeddings": 2048,
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.25}, **overrides})
+    if family == "llama":
+        return LlamaConfig(**{**ids, "intermediate_size": 5 * hidden // 2, "num_key_value_heads": max(1, n_head // 2),
+                              "tie_word_embeddings": False, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, **overrides})
+    raise ValueError(f"no tiny config for family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
 
 
-def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, *, seed: int = 0,
+def _blocks_of(model) -> torch.nn.ModuleList:
+    family = family_of(model.config)
+    return model.get_submodule(family.prefix + family.layers)
+
+
+def make_checkpoint(path: str | os.PathLike, config=None, *, seed: int = 0,
                     fmt: str = "safetensors", sharded: bool = True, prefix: bool = True,
-                    dtype: torch.dtype = torch.float32, tokenizer: bool = True,
-                    model: BloomForCausalLM | None = None) -> Path:
-    """Write a random Bloom checkpoint to `path`.
+                    dtype: torch.dtype = torch.float32, tokenizer: bool = True, model=None) -> Path:
+    """Write a random checkpoint of the config's family (Bloom by default) to `path`.
 
     fmt "safetensors" with prefix=True is transformers' own `save_pretrained`; the other layouts (keys
-    without `transformer.` as in bigscience/bloom, `.bin` shards) are written by hand as those repos have them.
+    without the `transformer.` / `model.` prefix as in bigscience/bloom, `.bin` shards) are written by hand
+    as those repos have them.
     """
     from transformers.utils import logging as hf_logging
 
@@ -64,13 +89,13 @@ def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, 
     if model is None:
         config = config or tiny_config()
         torch.manual_seed(seed)
-        model = BloomForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     config = model.config
     model = model.to(dtype)
     if fmt == "safetensors" and prefix:
         shard = "20KB" if sharded else "10GB"
         if sharded:  # about one shard per block, like bigscience/bloom
-            per_block = sum(p.numel() for p in model.transformer.h[0].parameters()) * dtype.itemsize
+            per_block = sum(p.numel() for p in _blocks_of(model)[0].parameters()) * dtype.itemsize
             shard = f"{max(per_block // 1000 + 1, 1)}KB"
         model.save_pretrained(path, max_shard_size=shard)
     else:
@@ -84,14 +109,16 @@ def make_checkpoint(path: str | os.PathLike, config: BloomConfig | None = None, 
     return path
 
 
-def _write_by_hand(model: BloomForCausalLM, path: Path, *, fmt: str, sharded: bool, prefix: bool) -> None:
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+def _write_by_hand(model, path: Path, *, fmt: str, sharded: bool, prefix: bool) -> None:
+    family = family_of(model.config)
+    tied = getattr(model.config, "tie_word_embeddings", True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == family.head)}
     if not prefix:
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        state = {k.removeprefix(family.prefix): v for k, v in state.items()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        parts = key.removeprefix("transformer.").split(".")
-        group = f"h{parts[1]}" if parts[0] == "h" else "ends"
+        parts = key.removeprefix(family.prefix).split(".")
+        group = f"h{parts[1]}" if parts[0] == family.layers else "ends"
         groups.setdefault(group if sharded else "all", {})[key] = tensor
     ext = "safetensors" if fmt == "safetensors" else "bin"
     stem = "model" if ext == "safetensors" else "pytorch_model"

@@ -48,7 +48,7 @@ def tokenize_examples(ends: ModelEnds, data: Sequence[dict]) -> list[tuple[list[
     for line, obj in enumerate(data, start=1):
         if not (isinstance(obj, dict) and isinstance(obj.get("context"), str) and isinstance(obj.get("continuation"), str)):
             raise InputError(f"line {line}: tuning needs objects with string \"context\" and \"continuation\".")
-        ctx, cont = ends.encode(obj["context"]) or [ends.eos_token_id], ends.encode(obj["continuation"])
+        ctx, cont = ends.encode_prompt(obj["context"], empty=ends.eos_token_id), ends.encode(obj["continuation"])
         if not cont:
             raise InputError(f"line {line}: the continuation is empty; give it at least one character.")
         examples.append((ctx, cont))

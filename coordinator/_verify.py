@@ -63,7 +63,7 @@ class Referee:
 
     def _attention(self, mask: torch.Tensor, q_len: int, dtype: torch.dtype,
                    budget: int = 256 << 20) -> Attention:
-        return Attention(mask, q_len, self.config.n_head, dtype, "cpu", budget)
+        return Attention(mask, q_len, self.config, dtype, "cpu", budget)
 
     @torch.no_grad()
     def forward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,

@@ -1,8 +1,8 @@
-"""Run transformers' own `BloomBlock` on weights we load ourselves.
+"""Run transformers' own blocks (`BloomBlock`, `GPTNeoXLayer`, `LlamaDecoderLayer`...) on weights we load ourselves.
 
-Attention, MLP and layer norms are transformers' code; this module only decides where the weights come
-from, builds the alibi bias and the causal + padding mask once per batch (not once per block), and keeps
-the per-block key/value cache that `BloomAttention` appends to.
+Attention, MLP and norms are transformers' code; this module only decides where the weights come from,
+builds the position inputs (Bloom's alibi, or rotary cos/sin) and the causal + padding mask once per
+batch (not once per block), and keeps the per-block key/value cache that the attention appends to.
 """
 
 from __future__ import annotations
@@ -10,22 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import BloomConfig
-from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
+from ._families import Family, family_of, intermediate_size, layer_shapes
 from ._linears import use_gemv_linears, use_int8_linears
 
 
-def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-              int8: bool = False) -> BloomBlock:
-    """An empty block whose parameters are filled by `load_weights`.
+def new_block(config, dtype: torch.dtype, device: torch.device | str = "cpu", int8: bool = False) -> torch.nn.Module:
+    """An empty block of the config's family whose parameters are filled by `load_weights`.
 
-    layer_idx is 0 because every block gets a cache object of its own (`BlockCache`). With `int8`, the
-    four linears are `Int8Linear`s (an int8 checkpoint's weights and per-row scales); in bf16 they are
-    `GemvLinear`s (decode steps through slowllm's GEMV kernel).
+    With `int8`, the block's linears are `Int8Linear`s (an int8 checkpoint's weights and per-row scales);
+    in bf16 they are `GemvLinear`s (decode steps through slowllm's GEMV kernel).
     """
+    family = family_of(config)
     with torch.device("meta"):
-        block = BloomBlock(config, layer_idx=0)
+        block = family.new_layer(config)
         if int8:
             use_int8_linears(block)
         elif dtype == torch.bfloat16:
@@ -33,10 +32,12 @@ def new_block(config: BloomConfig, dtype: torch.dtype, device: torch.device | st
     block.to_empty(device=device).to(dtype)  # floating parameters only: int8 weights stay int8
     block.eval()
     block.requires_grad_(False)
+    block.slowllm_family = family  # how to name its tensors and call it (`load_weights`, `run_block`)
+    block.slowllm_shapes = {name: shape for name, shape, _ in layer_shapes(config)}
     return block
 
 
-def load_weights(block: BloomBlock, tensors: dict[str, torch.Tensor], layer: int) -> None:
+def load_weights(block: torch.nn.Module, tensors: dict[str, torch.Tensor], layer: int) -> None:
     """Point or copy the block's parameters at one layer's tensors.
 
     When the checkpoint already holds the parameter's dtype on the same device (the compute dtype, or
@@ -44,13 +45,15 @@ def load_weights(block: BloomBlock, tensors: dict[str, torch.Tensor], layer: int
     allocation. Otherwise the tensors are converted into the block's existing parameter buffers, which is
     several times faster than converting into freshly allocated tensors.
     """
+    prefix = block.slowllm_family.block_prefix(layer)
     for suffix, param in block.named_parameters():
-        key = f"h.{layer}.{suffix}"
+        key = prefix + suffix
         if key not in tensors:
             raise ValueError(f"tensor {key} is missing: is this block int8 while the checkpoint is not, or the reverse?")
         src = tensors[key]
-        if src.shape != block_param_shape(block, suffix):
-            raise ValueError(f"tensor {key} has shape {tuple(src.shape)}, expected {block_param_shape(block, suffix)}")
+        expected = block_param_shape(block, suffix)
+        if src.shape != expected:
+            raise ValueError(f"tensor {key} has shape {tuple(src.shape)}, expected {expected}")
         if src.dtype == param.dtype and src.device == param.device:
             param.data = src
         else:
@@ -59,62 +62,87 @@ def load_weights(block: BloomBlock, tensors: dict[str, torch.Tensor], layer: int
             param.data.copy_(src)
 
 
-def release_weights(block: BloomBlock) -> None:
+def release_weights(block: torch.nn.Module) -> None:
     """Drop the block's references to checkpoint memory maps so their pages can be reclaimed."""
     for param in block.parameters():
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
-def block_param_shape(block: BloomBlock, suffix: str) -> tuple[int, ...]:
-    h = block.self_attention.hidden_size
-    inner = {"query_key_value": 3 * h, "dense_h_to_4h": 4 * h}
-    name, kind = suffix.rsplit(".", 2)[-2:]
-    rows = inner.get(name, h)
-    if kind in ("bias", "weight_scale") or "layernorm" in suffix:
-        return (rows,)
-    return (rows, 4 * h) if name == "dense_4h_to_h" else (rows, h)
+def block_param_shape(block: torch.nn.Module, suffix: str) -> tuple[int, ...]:
+    if suffix.endswith("weight_scale"):  # an Int8Linear's per-row scales: one per row of its weight
+        return block.slowllm_shapes[suffix.removesuffix("_scale")][:1]
+    return block.slowllm_shapes[suffix]
 
 
-def block_nbytes(config: BloomConfig, dtype: torch.dtype, int8: bool = False) -> int:
+def block_nbytes(config, dtype: torch.dtype, int8: bool = False) -> int:
     """Bytes of one block's parameters in memory: `dtype` floats, or int8 linear weights beside them."""
-    h = config.hidden_size
-    matrices = 12 * h * h
-    vectors = 4 * h + 3 * h + h + 4 * h + h
-    if int8:
-        return matrices + (vectors + 9 * h) * dtype.itemsize  # + one scale per output row
-    return (matrices + vectors) * dtype.itemsize
+    total = 0
+    for _, shape, linear in layer_shapes(config):
+        n = torch.Size(shape).numel()
+        total += n + shape[0] * dtype.itemsize if int8 and linear else n * dtype.itemsize
+    return total
+
+
+def work_width(config) -> int:
+    """Numbers per token alive inside one block at its peak (fused projections, context, MLP, residuals)."""
+    return 8 * config.hidden_size + 2 * intermediate_size(config)
 
 
 @dataclass
 class AttentionInputs:
-    """Alibi bias and additive mask for one batch, shared by every block it passes through."""
+    """Position inputs and additive mask for one batch, shared by every block it passes through."""
 
-    alibi: torch.Tensor  # [batch * heads, 1, kv_len]
     mask: torch.Tensor  # [batch, 1, q_len, kv_len], 0 where attention is allowed, dtype-min elsewhere
+    alibi: torch.Tensor | None = None  # Bloom: [batch * heads, 1, kv_len]
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # others: cos, sin [batch, q_len, rotary dims]
 
 
-def attention_inputs(attention_mask: torch.Tensor, q_len: int, n_head: int, dtype: torch.dtype,
+def positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Position ids [B, q_len] of the last q_len slots: each row counts only its real tokens (mask 1), so a
+    left-padded row, or one with holes, gets exactly the positions of the same tokens without them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, attention_mask.shape[1] - q_len:]
+
+
+def attention_inputs(config, attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype,
                      device: torch.device | str = "cpu") -> AttentionInputs:
-    """Build alibi and mask for queries that are the last `q_len` positions of `attention_mask` [B, T].
+    """Build positions and mask for queries that are the last `q_len` slots of `attention_mask` [B, T].
 
-    Alibi positions count only real tokens (transformers' `build_alibi_tensor`), so a left-padded row
-    gets exactly the biases of the same prompt unpadded. Every query may attend to itself, so rows of
-    padding never see an all-masked softmax (which would give NaN and poison later steps' caches).
+    Positions count only real tokens (alibi: transformers' `build_alibi_tensor`; rotary: `positions`),
+    as for the same prompt unpadded. Every query may attend to itself, so rows of padding never see an
+    all-masked softmax (which would give NaN and poison later steps' caches).
     """
+    family = family_of(config)
     attention_mask = attention_mask.to(device)
     batch, kv_len = attention_mask.shape
-    alibi = build_alibi_tensor(attention_mask, n_head, dtype)
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None] & attention_mask.bool()[:, None, :]
+    window = family.window(config)
+    if window:  # Mistral: each query sees the last `window` slots only (transformers counts slots too)
+        allowed &= (k_pos > q_pos - window)[None]
     allowed |= (k_pos == q_pos)[None]
     mask = torch.zeros(batch, 1, q_len, kv_len, dtype=dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return AttentionInputs(alibi, mask)
+    if family.rotary_class is None:
+        return AttentionInputs(mask, alibi=build_alibi_tensor(attention_mask, config.num_attention_heads, dtype))
+    rotary = _rotary(family, config, device)
+    return AttentionInputs(mask, rotary=rotary(torch.empty(0, dtype=dtype, device=device), positions(attention_mask, q_len)))
+
+
+_ROTARY: dict[tuple, tuple] = {}
+
+
+def _rotary(family: Family, config, device) -> torch.nn.Module:
+    """The family's rotary embedding (no weights: frequencies from the config), built once per config
+    object (kept beside it, so its id is never reused while the entry lives)."""
+    key = (id(config), str(device))
+    if key not in _ROTARY:
+        _ROTARY[key] = (config, family.rotary(config).to(device))
+    return _ROTARY[key][1]
 
 
 class BlockCache:
-    """Keys and values of one block for one generation session (the `Cache.update` that BloomAttention calls).
+    """Keys and values of one block for one generation session (the `Cache.update` its attention calls).
 
     Positions are written in place into buffers with spare room (grown by half when full), so a decode
     step copies one position, not the whole cache as concatenation (transformers' DynamicCache) does:
@@ -183,14 +211,21 @@ class BlockCache:
         return cls(state.get("keys"), state.get("values"), None if length is None else int(length))
 
 
-def run_block(block: BloomBlock, hidden: torch.Tensor, attn: AttentionInputs,
+def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
-    # a tuple whose first element is the output (its length differs across transformers versions)
-    return block(hidden, alibi=attn.alibi, attention_mask=attn.mask, layer_past=cache, use_cache=cache is not None)[0]
+    family = block.slowllm_family
+    kwargs = {family.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attn.mask}
+    if attn.alibi is not None:
+        kwargs["alibi"] = attn.alibi
+    else:
+        kwargs["position_embeddings"] = attn.rotary
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # a tuple in some families and transformers versions
 
 
 # Bytes per attention-score element while one block runs: fp32 scores, the mask added to them, softmax in
-# fp32 and its cast back, plus the additive mask itself (BloomAttention keeps about five such copies).
+# fp32 and its cast back, plus the additive mask itself (BloomAttention keeps about five such copies;
+# sdpa, used for the rotary families, fewer: the same bound serves both).
 SCORE_BYTES = 20
 DEFAULT_SCORE_BUDGET = 256 << 20
 
@@ -207,17 +242,17 @@ class Attention:
     Attention scores are [B, heads, q, kv]: for one long prompt they are gigabytes (a 12k-token prompt
     at Bloom-176B's 112 heads: 65 GB in fp32). So queries run in chunks through a key/value cache (the
     session's, or a temporary one): the same keys and values under the causal mask, the same numbers up
-    to float rounding, and memory linear in the length. Short inputs (every decode step) build alibi and
-    mask once and share them across all blocks.
+    to float rounding, and memory linear in the length. Short inputs (every decode step) build positions
+    and mask once and share them across all blocks.
     """
 
-    def __init__(self, mask: torch.Tensor, q_len: int, n_head: int, dtype: torch.dtype,
+    def __init__(self, mask: torch.Tensor, q_len: int, config, dtype: torch.dtype,
                  device: torch.device | str = "cpu", score_budget: int = DEFAULT_SCORE_BUDGET):
-        self.mask, self.q_len, self.n_head, self.dtype, self.device = mask, q_len, n_head, dtype, device
-        self.chunk = query_chunk(mask.shape[0], n_head, mask.shape[1], score_budget)
-        self._whole = attention_inputs(mask, q_len, n_head, dtype, device) if q_len <= self.chunk else None
+        self.mask, self.q_len, self.config, self.dtype, self.device = mask, q_len, config, dtype, device
+        self.chunk = query_chunk(mask.shape[0], config.num_attention_heads, mask.shape[1], score_budget)
+        self._whole = attention_inputs(config, mask, q_len, dtype, device) if q_len <= self.chunk else None
 
-    def run(self, block: BloomBlock, hidden: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+    def run(self, block: torch.nn.Module, hidden: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
         if self._whole is not None:
             return run_block(block, hidden, self._whole, cache)
         work = cache if cache is not None else BlockCache()  # a stateless pass keeps keys only per block
@@ -225,6 +260,6 @@ class Attention:
         outs = []
         for start in range(0, self.q_len, self.chunk):
             end = min(self.q_len, start + self.chunk)
-            attn = attention_inputs(self.mask[:, : past + end], end - start, self.n_head, self.dtype, self.device)
+            attn = attention_inputs(self.config, self.mask[:, : past + end], end - start, self.dtype, self.device)
             outs.append(run_block(block, hidden[:, start:end], attn, work))
         return torch.cat(outs, dim=1)

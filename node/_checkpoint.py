@@ -1,9 +1,9 @@
-"""Read exactly the tensors a process needs from a Bloom checkpoint.
+"""Read exactly the tensors a process needs from a checkpoint of a supported family (`_families.py`).
 
 A checkpoint is a local directory or a hub id. Weights may be `*.safetensors` or `pytorch_model*.bin`,
 one file or sharded behind an index json, in bf16/fp16/fp32, with keys as bigscience/bloom writes them
-(`h.3.mlp...`) or as `save_pretrained` does (`transformer.h.3.mlp...`). Callers use canonical keys
-without the `transformer.` prefix.
+(`h.3.mlp...`) or as `save_pretrained` does (`transformer.h.3.mlp...`, `model.layers.3.mlp...`). Callers
+use canonical keys without the family's prefix (`transformer.`, `gpt_neox.`, `model.`).
 
 Tensors come back memory-mapped (safetensors' `safe_open`, `torch.load(mmap=True, weights_only=True)`):
 nothing is read until it is touched, so a node hosting ten blocks never reads the other sixty, and the
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import BloomConfig
-
 from slowllm.protocol import CheckpointError
+
+from ._families import Family, config_from_dict, family_named, layer_shapes
 
 BLOCK_SUFFIXES = (
     "input_layernorm.weight",
@@ -40,18 +40,13 @@ BLOCK_SUFFIXES = (
     "mlp.dense_4h_to_h.weight",
     "mlp.dense_4h_to_h.bias",
 )
-EMBEDDING = "word_embeddings.weight"
-EMBEDDING_NORM = ("word_embeddings_layernorm.weight", "word_embeddings_layernorm.bias")
-FINAL_NORM = ("ln_f.weight", "ln_f.bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
-_PREFIX = "transformer."
 _TOUCH_THREADS = 4  # measured: 4 parallel readers pull 3x the bandwidth of one from a cold disk
 _PAGE = 4096
 
 
-QUANTIZED_SUFFIXES = tuple(s for s in BLOCK_SUFFIXES if s.endswith("weight") and "layernorm" not in s)
 SCALE = "_scale"  # an int8 tensor `k` has its per-row scales in `k + SCALE`
 QUANTIZATION_KEY = "slowllm_quantization"  # in config.json of a `slowllm quantize` output
 
@@ -63,16 +58,12 @@ def slices_weights_at_run_time(config) -> bool:
 
 
 def block_keys(layer: int) -> list[str]:
-    """The block's tensors as Bloom names them (an int8 checkpoint has the scales beside: `Checkpoint.block_keys`)."""
+    """A Bloom block's tensors (any family's, and an int8 checkpoint's scales: `Checkpoint.block_keys`)."""
     return [f"h.{layer}.{suffix}" for suffix in BLOCK_SUFFIXES]
 
 
-def _canonical(key: str) -> str:
-    return key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-
-
 class Checkpoint:
-    """A Bloom checkpoint opened for lazy, per-tensor reads."""
+    """A checkpoint opened for lazy, per-tensor reads."""
 
     def __init__(self, model: str | os.PathLike, *, revision: str | None = None, hub_only: bool = False):
         """`hub_only`: `model` is a name someone else gave (a coordinator): never a local path."""
@@ -94,6 +85,7 @@ class Checkpoint:
             self.path = path.resolve()
         self._files: dict[str, Path] = {}  # file name -> local path, filled as files are needed
         self.quantization: dict | None = None  # set from config.json for an int8 checkpoint
+        self.family: Family = family_named("bloom")  # until config.json says otherwise
         self.config = self._read_config()
         self.weight_map = self._read_weight_map()  # canonical key -> (file name, key in that file)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -102,7 +94,7 @@ class Checkpoint:
         if missing:
             raise CheckpointError(
                 f"checkpoint {self.model_id} has no tensor {missing[0]!r} in its weight index: "
-                "the download is incomplete or this is not a Bloom checkpoint."
+                f"the download is incomplete or this is not a {self.family.name} checkpoint."
             )
 
     @property
@@ -156,24 +148,26 @@ class Checkpoint:
         except CheckpointError:
             return False
 
-    def _read_config(self) -> BloomConfig:
+    def _read_config(self):
         if not self._exists("config.json"):
-            raise CheckpointError(f"{self.model_id} has no config.json: pass the folder of a Bloom checkpoint.")
+            raise CheckpointError(f"{self.model_id} has no config.json: pass the folder of a model checkpoint.")
         try:
             raw = json.loads(self.file("config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"config.json of {self.model_id} is unreadable ({e}): re-download it.") from None
-        if raw.get("model_type") != "bloom":
-            raise CheckpointError(
-                f"{self.model_id} is a {raw.get('model_type')!r} model, not Bloom: slowllm runs Bloom checkpoints."
-            )
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"config.json of {self.model_id} is not a JSON object: re-download it.")
+        try:
+            self.family = family_named(raw.get("model_type"))
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.model_id}: {e}") from None
         quantization = raw.pop(QUANTIZATION_KEY, None)
         if quantization is not None:
             if not isinstance(quantization, dict) or quantization.get("method") != "int8":
                 raise CheckpointError(f"{self.model_id} declares a quantization slowllm does not know "
                                       f"({quantization!r}): re-run `slowllm quantize` on the original.")
             self.quantization = quantization
-        config = BloomConfig.from_dict(raw)
+        config = config_from_dict(raw)
         if quantization is not None and slices_weights_at_run_time(config):
             raise CheckpointError(f"int8 checkpoint {self.model_id} sets slow_but_exact with pretraining_tp > 1, which "
                                   "int8 weights cannot run: set slow_but_exact false in its config.json.")
@@ -186,10 +180,10 @@ class Checkpoint:
                     entries = json.loads(self.file(index).read_text())["weight_map"]
                 except (OSError, ValueError, KeyError) as e:
                     raise CheckpointError(f"{index} of {self.model_id} is malformed ({e}): re-download it.") from None
-                return {_canonical(k): (f, k) for k, f in entries.items()}
+                return {self.family.canonical(k): (f, k) for k, f in entries.items()}
         for single in _SINGLES:
             if self._exists(single):
-                return {_canonical(k): (single, k) for k in self._keys_of(single)}
+                return {self.family.canonical(k): (single, k) for k in self._keys_of(single)}
         raise CheckpointError(
             f"{self.model_id} holds no weights (model.safetensors, pytorch_model.bin or an index json): "
             "finish the download."
@@ -226,7 +220,7 @@ class Checkpoint:
     # ---- model facts ---------------------------------------------------------------------------
     @property
     def n_layer(self) -> int:
-        return self.config.n_layer
+        return self.config.num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
@@ -237,10 +231,20 @@ class Checkpoint:
         """An int8 checkpoint written by `slowllm quantize` (linear weights and embedding in int8)."""
         return self.quantization is not None
 
+    def layer_keys(self, layer: int) -> list[str]:
+        """The block's tensors as the family names them (the original's layout: no int8 scales)."""
+        prefix = self.family.block_prefix(layer)
+        return [prefix + name for name, _, _ in layer_shapes(self.config)]
+
+    def quantized_keys(self, layer: int) -> list[str]:
+        """The block's linear weights: what `slowllm quantize` stores in int8."""
+        prefix = self.family.block_prefix(layer)
+        return [prefix + name for name, _, linear in layer_shapes(self.config) if linear]
+
     def block_keys(self, layer: int) -> list[str]:
-        """Every tensor that one block's computation reads: Bloom's names, plus the scales when int8."""
-        keys = block_keys(layer)
-        return keys + [f"h.{layer}.{s}{SCALE}" for s in QUANTIZED_SUFFIXES] if self.int8 else keys
+        """Every tensor that one block's computation reads, plus the scales when int8."""
+        keys = self.layer_keys(layer)
+        return keys + [k + SCALE for k in self.quantized_keys(layer)] if self.int8 else keys
 
     def read_block(self, layer: int) -> dict[str, torch.Tensor]:
         return self.read(self.block_keys(layer))
@@ -254,15 +258,20 @@ class Checkpoint:
         return [key, key + SCALE] if self.int8 and key + SCALE in self.weight_map else [key]
 
     @property
+    def embedding_key(self) -> str:
+        return self.family.embedding
+
+    @property
     def head_key(self) -> str:
-        """The LM head: Bloom ties it to the input embedding unless the config says otherwise."""
-        if not self.config.tie_word_embeddings and "lm_head.weight" in self.weight_map:
-            return "lm_head.weight"
-        return EMBEDDING
+        """The LM head: the input embedding when tied (Bloom; a Llama that says so), else its own matrix."""
+        untied = not getattr(self.config, "tie_word_embeddings", True)
+        # Bloom checkpoints that say untied but hold no lm_head have always run tied; others need their head
+        if untied and (self.family.head in self.weight_map or self.family.name != "bloom"):
+            return self.family.head
+        return self.family.embedding
 
     def end_keys(self) -> list[str]:
-        keys = [EMBEDDING, *EMBEDDING_NORM, *FINAL_NORM]
-        return keys if self.head_key == EMBEDDING else [*keys, self.head_key]
+        return self.family.end_names(tied=self.head_key == self.embedding_key)
 
     def tokenizer_path(self) -> Path:
         if not self._exists("tokenizer.json"):
@@ -322,7 +331,8 @@ class Checkpoint:
 
     def storage_dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's float tensors (an int8 checkpoint's norms and biases: bf16)."""
-        return self.meta(block_keys(0)[0])[1]
+        vector = next(name for name, shape, linear in layer_shapes(self.config) if not linear and len(shape) == 1)
+        return self.meta(self.family.block_prefix(0) + vector)[1]
 
     def fingerprint(self) -> str:
         """Identity of the architecture: config essentials and every tensor's shape.
@@ -333,14 +343,31 @@ class Checkpoint:
         an int8 node joins a coordinator that holds the bf16 original and declares its quantization.
         """
         c = self.config
-        self._fill_meta(self.end_keys() + block_keys(0))
-        essentials = {
-            "n_layer": c.n_layer, "hidden_size": c.hidden_size, "n_head": c.n_head,
-            "vocab_size": c.vocab_size, "layer_norm_epsilon": c.layer_norm_epsilon,
-            "apply_residual_connection_post_layernorm": c.apply_residual_connection_post_layernorm,
-            "shapes": {k: list(self.meta(k)[0]) for k in self.end_keys() + block_keys(0)},
-        }
-        return hashlib.sha256(json.dumps(essentials, sort_keys=True).encode()).hexdigest()[:16]
+        keys = self.end_keys() + self.layer_keys(0)
+        self._fill_meta(keys)
+        shapes = {k: list(self.meta(k)[0]) for k in keys}
+        if self.family.name == "bloom":  # as before families existed: Bloom's tuned soft prompts stay valid
+            essentials = {
+                "n_layer": c.n_layer, "hidden_size": c.hidden_size, "n_head": c.n_head,
+                "vocab_size": c.vocab_size, "layer_norm_epsilon": c.layer_norm_epsilon,
+                "apply_residual_connection_post_layernorm": c.apply_residual_connection_post_layernorm,
+                "shapes": shapes,
+            }
+        else:  # the family and every config field that shapes the computation
+            config = {k: v for k, v in c.to_dict().items() if k not in _NOT_ARCHITECTURE and not k.startswith("_")}
+            essentials = {"family": self.family.name, "config": config, "shapes": shapes}
+        return hashlib.sha256(json.dumps(essentials, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# config.json fields that say nothing about what the blocks compute (dtype: a bf16 and an fp32 copy of one
+# model are interchangeable; token ids and generation defaults: the tokenizer's business)
+_NOT_ARCHITECTURE = {
+    "architectures", "dtype", "torch_dtype", "transformers_version", "name_or_path", "use_cache", "return_dict",
+    "output_attentions", "output_hidden_states", "initializer_range", "id2label", "label2id", "problem_type",
+    "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class", "chunk_size_feed_forward", "is_decoder",
+    "is_encoder_decoder", "attention_dropout", "hidden_dropout", "classifier_dropout", "max_position_embeddings",
+    "task_specific_params", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+}
 
 
 class HubUnreachable(CheckpointError):

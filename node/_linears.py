@@ -1,6 +1,6 @@
 """Linear layers that replace a block's `nn.Linear` modules, as bitsandbytes and torchao do: the block
-stays transformers' `BloomBlock` (attention code untouched), only where its matmuls read weights from
-changes.
+stays transformers' own layer (`BloomBlock`, `LlamaDecoderLayer`...; attention code untouched), only where
+its matmuls read weights from changes.
 
 - `Int8Linear`: weight-only int8 (symmetric, one scale per output row). Decode at batch 1 reads half the
   bytes of bf16: slowllm's GEMV kernel (`_kernels.cpp`) or torch's `aten._weight_int8pack_mm` convert
@@ -22,7 +22,7 @@ from torch import nn
 from ._kernels import kernels, usable
 
 # `_weight_int8pack_mm` needs the input dimension to be a multiple of 16 (others crash or return garbage
-# in torch 2.13; measured). Every real Bloom has it; tiny test models may not.
+# in torch 2.13; measured). Every real model has it; tiny test models may not.
 _KERNEL_K_MULTIPLE = 16
 # torch's int8 kernel, measured on a 2048x8192 weight in bf16, costs ~0.33 ms per input row on top of
 # reading the weight (1.2 ms at 1 row, 3.1 at 8, 6.0 at 16, 21.6 at 64), while converting the int8 weight
@@ -32,7 +32,6 @@ _KERNEL_K_MULTIPLE = 16
 KERNEL_MAX_ROWS = 8
 _DEQUANT_BYTES = 64 << 20  # the reused float buffer one conversion slice takes
 _buffers = threading.local()
-LINEAR_NAMES = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,14 +147,16 @@ class GemvLinear(nn.Linear):
 
 
 def _swap(block: nn.Module, make) -> None:
-    for name in LINEAR_NAMES:
-        parent_name, attr = name.rsplit(".", 1)
-        parent = block.get_submodule(parent_name)
+    """Replace every `nn.Linear` of the block (Bloom's four, Llama's seven...) by `make(linear)`."""
+    linears = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+    for name in linears:
+        parent_name, _, attr = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, attr, make(getattr(parent, attr)))
 
 
 def use_int8_linears(block: nn.Module) -> None:
-    """Replace the block's four linears by empty `Int8Linear`s (on the meta device, before `to_empty`)."""
+    """Replace the block's linears by empty `Int8Linear`s (on the meta device, before `to_empty`)."""
     _swap(block, lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None))
 
 

@@ -152,6 +152,31 @@ def guide_table(block_bytes_bf16: int, block_bytes_fp32: int, n_layer: int, sess
     return "\n".join(rows)
 
 
+def family_table(session_memory: int = 2 << 30, ram_gb: int = 16) -> str:
+    """README's table: for real models of every family, blocks per `ram_gb` PC and PCs for the whole model
+    (bf16 and int8, by the node formula above), the coordinator's ends and one local pass's disk read."""
+    import torch
+
+    from ._blocks import block_nbytes
+    from ._families import REAL_MODELS, family_named
+
+    available = int(ram_gb * (1 << 30) * 0.85)
+    rows = [f"| model | family | blocks | one block (bf16) | blocks per {ram_gb} GB PC: bf16 | PCs: bf16 | "
+            "blocks per PC: int8 | PCs: int8 | coordinator's ends (bf16) | one `--local` pass reads (bf16) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, model_type, shape in REAL_MODELS:
+        config = family_named(model_type).config_cls(**shape)
+        n = config.num_hidden_layers
+        bf16, int8 = block_nbytes(config, torch.bfloat16), block_nbytes(config, torch.bfloat16, int8=True)
+        fit16, fit8 = (min(n, blocks_that_fit(b, available, session_memory)) for b in (bf16, int8))
+        matrices = 1 if getattr(config, "tie_word_embeddings", True) else 2
+        ends = matrices * config.vocab_size * config.hidden_size * 2
+        rows.append(f"| {name} | `{model_type}` | {n} | {bf16 / 1e9:.2f} GB | {fit16} | "
+                    f"{-(-n // fit16) if fit16 else '-'} | {fit8} | {-(-n // fit8) if fit8 else '-'} | "
+                    f"{ends / 1e9:.1f} GB | {n * bf16 / 1e9:.0f} GB |")
+    return "\n".join(rows)
+
+
 _M_MMAP_THRESHOLD = -3
 
 

@@ -1,12 +1,13 @@
-"""`slowllm quantize`: write an int8 copy of a Bloom checkpoint, one block at a time.
+"""`slowllm quantize`: write an int8 copy of a checkpoint (any family), one block at a time.
 
 What is int8 and what is not (chosen for bytes per token and for fidelity):
-- the four linear weights of every block: int8, symmetric, one scale per output row (`quantize_rows`);
-  they are 97% of a block's bytes;
+- the linear weights of every block (Bloom's four, Llama's seven): int8, symmetric, one scale per output
+  row (`quantize_rows`); they are 97% of a block's bytes;
 - the word embedding, which Bloom also uses as its LM head: int8 with one scale per vocabulary row (a
   row is both one token's embedding and one logit's weights, so the same scales serve both); it is 1/3
-  of bloom-1b7's bytes and the coordinator's largest tensor (7.2 GB -> 3.6 GB for Bloom-176B);
-- layer norms, biases, scales: bf16 (a few thousand values per block).
+  of bloom-1b7's bytes and the coordinator's largest tensor (7.2 GB -> 3.6 GB for Bloom-176B); an
+  untied head (GPT-NeoX, most Llamas) is int8 the same way;
+- norms, biases, scales: bf16 (a few thousand values per block).
 Shards hold one block each (plus one for the ends), so a node reads only its own files. The output's
 config.json says it is quantized and records the original's fingerprint, which the int8 copy shares:
 an int8 node serves a coordinator that holds the bf16 original.
@@ -26,8 +27,7 @@ from tqdm import tqdm
 
 from slowllm.protocol import CheckpointError
 
-from ._checkpoint import (BLOCK_SUFFIXES, EMBEDDING, QUANTIZATION_KEY, QUANTIZED_SUFFIXES, SCALE, TOKENIZER_FILES,
-                          Checkpoint, slices_weights_at_run_time)
+from ._checkpoint import QUANTIZATION_KEY, SCALE, TOKENIZER_FILES, Checkpoint, slices_weights_at_run_time
 from ._linears import quantize_rows
 
 _CHUNK_BYTES = 256 << 20  # fp32 work per slice of rows: a 176B MLP matrix is 3.3 GB in fp32
@@ -73,10 +73,6 @@ class ShardWriter:
             raise RuntimeError(f"shard has {self.written} bytes of data, its header promises {self.size}")
 
 
-def _stored(key: str) -> str:
-    return key if key.startswith("lm_head") else "transformer." + key
-
-
 def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bits: int = 8,
                         progress: bool | None = None) -> Path:
     """Write the int8 checkpoint of `model` to the new directory `out`; returns its path."""
@@ -98,6 +94,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     partial.mkdir(parents=True)
 
     n = source.n_layer
+    stored_name = source.family.stored  # names as save_pretrained writes them (`transformer.h.0...`, `model.layers.0...`)
     names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
     weight_map: dict[str, str] = {}
     total = 0
@@ -109,9 +106,9 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
         plan = []
         for key in keys:
             shape = source.meta(key)[0]
-            plan.append((_stored(key), torch.int8 if key in quantized else torch.bfloat16, shape))
+            plan.append((stored_name(key), torch.int8 if key in quantized else torch.bfloat16, shape))
             if key in quantized:
-                plan.append((_stored(key + SCALE), torch.bfloat16, shape[:1]))
+                plan.append((stored_name(key + SCALE), torch.bfloat16, shape[:1]))
         writer = ShardWriter(partial / name, plan)
         try:
             for key in keys:
@@ -134,10 +131,9 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, *, bit
     bar = tqdm(total=n + 1, desc="quantize", unit="block", file=sys.stderr, disable=None if progress is None else not progress)
     try:
         for layer in range(n):
-            keys = [f"h.{layer}.{suffix}" for suffix in BLOCK_SUFFIXES]
-            write(names[layer], keys, {f"h.{layer}.{suffix}" for suffix in QUANTIZED_SUFFIXES})
+            write(names[layer], source.layer_keys(layer), set(source.quantized_keys(layer)))
             bar.update(1)
-        write(names[n], source.end_keys(), {EMBEDDING, source.head_key})
+        write(names[n], source.end_keys(), {source.embedding_key, source.head_key})
         bar.update(1)
     finally:
         bar.close()

@@ -1,7 +1,7 @@
 """Blocks held in memory (RAM or GPU) for as long as the process lives: a node's range, or all of them.
 
 Forward, backward (recomputing the span from its input) and cached generation steps over a contiguous
-range of transformers' `BloomBlock`s, with the inputs checked before anything runs.
+range of transformers' blocks, with the inputs checked before anything runs.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ResidentBlocks:
                              f"got {list(mask.shape)}.")
 
     def attention(self, mask: torch.Tensor, q_len: int) -> Attention:
-        return Attention(mask, q_len, self.config.n_head, self.dtype, self.device, self.score_budget)
+        return Attention(mask, q_len, self.config, self.dtype, self.device, self.score_budget)
 
     @torch.no_grad()
     def forward(self, hidden, mask, first, last, caches: dict[int, BlockCache] | None = None) -> torch.Tensor:
@@ -64,7 +64,7 @@ class ResidentBlocks:
 
     def max_backward_length(self, batch: int) -> int:
         """Longest input whose backward fits the score budget: autograd keeps one block's scores whole."""
-        return int((self.score_budget / (batch * self.config.n_head * SCORE_BYTES * 2)) ** 0.5)
+        return int((self.score_budget / (batch * self.config.num_attention_heads * SCORE_BYTES * 2)) ** 0.5)
 
     def backward(self, hidden, mask, grad, first, last) -> torch.Tensor:
         limit = self.max_backward_length(hidden.shape[0])
@@ -74,7 +74,7 @@ class ResidentBlocks:
                              "tuning examples or --batch-size 1.")
         hidden = hidden.to(self.device, self.dtype)
         attn = self.attention(mask.to(self.device), hidden.shape[1])
-        whole = Attention(mask.to(self.device), hidden.shape[1], self.config.n_head, self.dtype, self.device,
+        whole = Attention(mask.to(self.device), hidden.shape[1], self.config, self.dtype, self.device,
                           score_budget=1 << 62)  # within the limit above: one graph per block
         inputs = []
         with torch.no_grad():  # recompute the span's forward, keeping each block's input

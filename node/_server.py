@@ -30,10 +30,10 @@ from slowllm.protocol import (
 )
 
 from ._aio import why_connection_failed
-from ._blocks import BlockCache
+from ._blocks import DEFAULT_SCORE_BUDGET, BlockCache, block_nbytes
 from ._checkpoint import Checkpoint
+from ._families import kv_width
 from ._resident import ResidentBlocks
-from ._blocks import DEFAULT_SCORE_BUDGET, block_nbytes
 from ._kernels import cpu_supported, kernels
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
 
@@ -370,7 +370,7 @@ class NodeServer:
         hidden, mask = self._tensors(msg, past)
         if mask.shape[1] > msg.max_length:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")
-        per_token = 2 * self.blocks.config.hidden_size * self.dtype.itemsize * len(layers)
+        per_token = 2 * kv_width(self.blocks.config) * self.dtype.itemsize * len(layers)  # GQA: fewer than hidden
         rows = hidden.shape[0]
         caches = self.sessions.get(msg.session, layers, per_token * rows * hidden.shape[1],
                                    per_token * rows * mask.shape[1])

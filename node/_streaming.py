@@ -140,7 +140,7 @@ class StreamingExecutor:
         self.passes = 0  # weight passes made (the figure that streaming tries to minimise)
 
     def attention(self, mask: torch.Tensor, q_len: int, score_budget: int | None = None) -> Attention:
-        return Attention(mask.to(self.device), q_len, self.config.n_head, self.dtype, self.device,
+        return Attention(mask.to(self.device), q_len, self.config, self.dtype, self.device,
                          self.score_budget if score_budget is None else score_budget)
 
     @torch.no_grad()

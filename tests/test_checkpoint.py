@@ -51,12 +51,17 @@ def test_missing_directory():
         Checkpoint("/nonexistent/model")
 
 
-def test_not_bloom(tmp_path, tiny_model):
+def test_unsupported_family_or_mislabelled_checkpoint(tmp_path, tiny_model):
     d = _copy(tiny_model, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="not Bloom"):
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported: slowllm runs bloom, gpt_neox, "
+                                              "llama, mistral, qwen2 checkpoints"):
+        Checkpoint(d)
+    cfg["model_type"] = "llama"  # Bloom's tensors under a Llama config: named, not a traceback
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no tensor 'embed_tokens.weight'.*not a llama checkpoint"):
         Checkpoint(d)
 
 
