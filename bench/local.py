@@ -1,12 +1,13 @@
 """Local streaming benchmark: one scoring pass and generation, side by side with the baselines.
 
-    python bench/local.py [--n-layer 24] [--repeat 3] [--dtype float32 bfloat16]
+    python bench/local.py [--family bloom|gpt_neox|llama] [--n-layer 24] [--repeat 3] [--dtype float32 bfloat16]
 
-Creates (once, under bench/_work/) a bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880,
-bf16, sharded safetensors; --n-layer blocks), then times, each in a fresh subprocess (so peak RSS is its
+Creates (once, under bench/_work/) a random checkpoint of the family at a ~1.5B shape (bloom: bloom-1b7,
+hidden 2048, vocab 250880; gpt_neox: pythia-1.4b, vocab 50304; llama: Llama-3.2-1B's widths, 32 heads over
+8 KV heads, vocab 128256), bf16, sharded safetensors, --n-layer blocks, then times, each in a fresh subprocess (so peak RSS is its
 own), 8 prompts x 32 tokens:
   (a) slowllm local score pass, page cache evicted (cold) and warm
-  (b) the same job with every block already in RAM (transformers' BloomForCausalLM: the compute limit)
+  (b) the same job with every block already in RAM (transformers' model of the family: the compute limit)
   (c) cold sequential read of the checkpoint files (the IO limit)
   (d) accelerate disk offload of the same checkpoint
   (e) naive streaming: load each block's shard, convert, compute, no overlap
@@ -38,13 +39,21 @@ def evict(model: Path) -> None:
         os.close(fd)
 
 
-def make_model(n_layer: int) -> Path:
+SHAPES = {  # family: (checkpoint folder name, tiny_config arguments at hidden 2048)
+    "bloom": ("bloom-1b7-shaped", dict(n_head=16, vocab_size=250880)),
+    "gpt_neox": ("pythia-1b4-shaped", dict(n_head=16, vocab_size=50304, intermediate_size=8192)),
+    "llama": ("llama-1b-shaped", dict(n_head=32, vocab_size=128256, num_key_value_heads=8, intermediate_size=8192)),
+}
+
+
+def make_model(n_layer: int, family: str = "bloom") -> Path:
     import torch
     from slowllm.coordinator import make_checkpoint, tiny_config
 
-    path = WORK / f"bloom-1b7-shaped-{n_layer}"
+    name, shape = SHAPES[family]
+    path = WORK / f"{name}-{n_layer}"
     if not (path / "config.json").exists():
-        cfg = tiny_config(n_layer=n_layer, hidden=2048, n_head=16, vocab_size=250880, std=0.02)
+        cfg = tiny_config(n_layer=n_layer, hidden=2048, std=0.02, family=family, **shape)
         make_checkpoint(path, cfg, dtype=torch.bfloat16)
     return path
 
@@ -86,28 +95,33 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
                 start = time.perf_counter()
                 r.generate([f"{i} {PROMPT}" for i in range(n)], Sampling(max_new_tokens=16))
     elif kind in ("inram", "naive", "accelerate"):
-        from transformers import BloomConfig, BloomForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from slowllm.node import Checkpoint
         from slowllm.coordinator._ends import ModelEnds
 
-        ends = ModelEnds(Checkpoint(model))
+        ck = Checkpoint(model)
+        family = ck.family
+        ends = ModelEnds(ck)
         reqs = requests(ends)
-        rows = [ends.encode(q["context"]) + ends.encode(q["continuation"]) for q in reqs]
+        rows = [ends.encode_prompt(q["context"]) + ends.encode(q["continuation"]) for q in reqs]
         width = max(map(len, rows))
         ids = torch.tensor([[3] * (width - len(x)) + x for x in rows])
         mask = (torch.arange(width)[None] >= torch.tensor([width - len(x) for x in rows])[:, None]).long()
         if kind == "inram":
-            m = BloomForCausalLM.from_pretrained(model, dtype=dtype).eval()
+            m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
             start = time.perf_counter()
         elif kind == "accelerate":
             from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 
             with init_empty_weights():
-                m = BloomForCausalLM(BloomConfig.from_pretrained(model)).to(dtype)
-            m.tie_weights()  # the checkpoint has no lm_head: it is the embedding
-            dmap = {"transformer.word_embeddings": "cpu", "transformer.word_embeddings_layernorm": "cpu",
-                    "transformer.ln_f": "cpu", "lm_head": "cpu", "transformer.h": "disk"}
+                m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).to(dtype)
+            m.tie_weights()  # Bloom's checkpoint has no lm_head: it is the embedding
+            base = family.prefix.rstrip(".")
+            # the blocks on disk, everything else (embeddings, norms, rotary, head) in RAM
+            dmap = {f"{base}.{name}": "disk" if name == family.layers else "cpu"
+                    for name, _ in m.get_submodule(base).named_children()}
+            dmap.update({name: "cpu" for name, _ in m.named_children() if name != base})
             m = load_checkpoint_and_dispatch(m, str(model), device_map=dmap, offload_folder=str(WORK / "offload"),
                                              dtype=dtype).eval()
             evict(WORK / "offload")  # its offload files were just written: make this pass cold too
@@ -115,20 +129,19 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
         if kind == "naive":
             from safetensors.torch import load_file
             from slowllm.node import attention_inputs, new_block, run_block
-            from slowllm.node._checkpoint import block_keys
 
-            ck = Checkpoint(model)
             start = time.perf_counter()
             with torch.no_grad():
                 h = ends.embed_norm(ends.embed(ids)).to(dtype)
-                attn = attention_inputs(mask, width, ck.config.n_head, dtype)
+                attn = attention_inputs(ck.config, mask, width, dtype)
                 for layer in range(ck.n_layer):
                     state = {}
-                    for shard in {ck.weight_map[k][0] for k in block_keys(layer)}:  # whole shards, as naive code does
+                    for shard in {ck.weight_map[k][0] for k in ck.layer_keys(layer)}:  # whole shards, as naive code does
                         state.update(load_file(str(model / shard)))
                     block = new_block(ck.config, dtype)
-                    block.load_state_dict({k.split(f"h.{layer}.", 1)[1]: v.to(dtype) for k, v in state.items()
-                                           if f"h.{layer}." in k})
+                    marker = family.block_prefix(layer)
+                    block.load_state_dict({k.split(marker, 1)[1]: v.to(dtype) for k, v in state.items()
+                                           if marker in k})
                     h = run_block(block, h, attn)
                     del state, block
                 ends.logits(ends.final_norm(h[:, -8:].reshape(-1, h.shape[-1])))
@@ -156,6 +169,7 @@ def measure(kind: str, model: Path, dtype: str, cold: bool, repeat: int) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--family", default="bloom", choices=sorted(SHAPES))
     p.add_argument("--n-layer", type=int, default=24)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
@@ -166,15 +180,14 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, Path(args.model), args.dtype[0])))
         return
-    model = make_model(args.n_layer)
+    model = make_model(args.n_layer, args.family)
     if args.int8:
         return int8_pass(model, args.repeat)
-    rows, out = [], {"n_layer": args.n_layer, "model_gb": sum(f.stat().st_size for f in model.iterdir()) / 2**30}
+    rows, out = [], {"family": args.family, "n_layer": args.n_layer, "model_gb": sum(f.stat().st_size for f in model.iterdir()) / 2**30}
     read = measure("read", model, "float32", True, args.repeat)
     out["cold_read_s"] = read["seconds"]
     # The RSS target of the issue: model ends + 2 blocks + activations, over the bare interpreter.
-    from slowllm.node import Checkpoint, block_keys
-    from slowllm.node._checkpoint import EMBEDDING
+    from slowllm.node import Checkpoint
     ck = Checkpoint(model)
     baseline = measure("baseline", model, "float32", False, 1)["peak_rss"]
     for dtype in args.dtype:
@@ -188,7 +201,7 @@ def main() -> None:
         r["gen8"] = measure("gen8", model, dtype, False, args.repeat)
         limit = max(r["inram"].get("seconds", 0), read["seconds"])
         itemsize = 4 if dtype == "float32" else 2
-        target = (baseline + ck.nbytes([EMBEDDING]) + 2 * ck.nbytes(block_keys(0)) // 2 * itemsize
+        target = (baseline + ck.nbytes(list({ck.embedding_key, ck.head_key})) + 2 * ck.nbytes(ck.layer_keys(0)) // 2 * itemsize
                   + 8 * 32 * ck.hidden_size * itemsize * 40)  # hidden states and one block's intermediates
         out.setdefault("rss_target", {})[dtype] = target
         for name, v in r.items():

@@ -1,9 +1,9 @@
 """Network benchmark: coordinator + 3 node processes on loopback vs the same blocks in one process.
 
-    python bench/network.py [--n-layer 24] [--hidden 1024] [--repeat 5]
+    python bench/network.py [--family bloom|gpt_neox|llama] [--n-layer 24] [--hidden 1024] [--repeat 5]
 
-Creates (once, under bench/_work/) a random checkpoint (hidden 1024, 24 blocks: per-token compute of
-tens of ms on a 2-core CPU), then measures, in one run:
+Creates (once, under bench/_work/) a random checkpoint of the family (hidden 1024, 24 blocks: per-token
+compute of tens of ms on a 2-core CPU; llama with 4 KV heads for 16), then measures, in one run:
   - generation ms/token for 1 and for 8 prompts (time of 33 new tokens minus 1, over 32: no prefill),
   - batch forward throughput (a score job of 16 x 64 tokens), tokens/s,
   - one tuning step (batch of 4),
@@ -75,14 +75,17 @@ def job_tokens(req: dict) -> list[int]:
 def main() -> None:
     global _ENDS
     p = argparse.ArgumentParser()
+    p.add_argument("--family", default="bloom", choices=["bloom", "gpt_neox", "llama"])
     p.add_argument("--n-layer", type=int, default=24)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
-    model = WORK / f"net-h{args.hidden}-l{args.n_layer}"
+    suffix = "" if args.family == "bloom" else f"-{args.family}"
+    model = WORK / f"net-h{args.hidden}-l{args.n_layer}{suffix}"
     if not (model / "config.json").exists():
+        extra = {"num_key_value_heads": 4} if args.family == "llama" else {}
         make_checkpoint(model, tiny_config(n_layer=args.n_layer, hidden=args.hidden, n_head=16, vocab_size=8192,
-                                           std=0.02))
+                                           std=0.02, family=args.family, **extra))
     ck = Checkpoint(model)
     _ENDS = ModelEnds(ck)
     third = args.n_layer // 3
@@ -113,7 +116,7 @@ def main() -> None:
               f"{r['tune_step_s']:>6.2f}{ratio('tune_step_s'):>7}")
     print("bytes per token per hop (step frame, incl. a 64-token mask): " +
           ", ".join(f"{k}: {v:.0f}" for k, v in hop_bytes.items()))
-    summary = {"config": {"n_layer": args.n_layer, "hidden": args.hidden, "nodes": ranges}, "results": results,
+    summary = {"config": {"family": args.family, "n_layer": args.n_layer, "hidden": args.hidden, "nodes": ranges}, "results": results,
                "hop_bytes_per_token": hop_bytes,
                "ratios": {name: {k: r[k] / base[k] for k in r} for name, r in results.items() if name != "in_process"}}
     print(json.dumps(summary))

@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "offline end-to-end demo on a small random model")
     p.add_argument("--workdir", metavar="DIR", help="where the demo model goes (default: ~/.cache/slowllm/demo)")
+    p.add_argument("--family", default="bloom", choices=["bloom", "gpt_neox", "llama"],
+                   help="which model family's tiny checkpoint to build and run (default: bloom)")
 
     p = command("cluster", "start/stop on this machine the coordinator and nodes a YAML file describes")
     p.add_argument("action", choices=["up", "down"], help="up: start and wait for every node; down: stop them")
@@ -355,7 +357,7 @@ def _tune(args) -> int:
 def run(args) -> int:
     if args.command == "demo":
         from ._demo import run_demo
-        return run_demo(args.workdir)
+        return run_demo(args.workdir, args.family)
     if args.command == "cluster":
         from ._cluster import cluster
         return cluster(args.action, args.file)

@@ -1,4 +1,4 @@
-"""`slowllm demo`: everything end to end, offline, on a small random Bloom checkpoint."""
+"""`slowllm demo`: everything end to end, offline, on a small random checkpoint (Bloom, or `--family`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ._jobs import Sampling
 from ._runner import LocalRunner
-from ._tiny import make_checkpoint, tiny_config
+from ._tiny import TINY_FAMILIES, make_checkpoint, tiny_config
 from ._tune import TuneOptions
 
 SCORE_REQUESTS = [
@@ -24,11 +24,13 @@ TUNE_DATA = [
 PROMPTS = ["Once upon a time", "The capital of Italy is"]
 
 
-def demo_model(workdir: str | None) -> Path:
+def demo_model(workdir: str | None, family: str = "bloom") -> Path:
+    if family not in TINY_FAMILIES:
+        raise SystemExit(f"slowllm demo: --family {family!r} is not one of {', '.join(TINY_FAMILIES)}.")
     root = Path(workdir).expanduser() if workdir else Path.home() / ".cache" / "slowllm" / "demo"
-    model = root / "bloom-tiny"
+    model = root / f"{family.replace('_', '-')}-tiny"
     if not (model / "config.json").is_file():
-        make_checkpoint(model, tiny_config(n_layer=6, hidden=64, n_head=4))
+        make_checkpoint(model, tiny_config(n_layer=6, hidden=64, n_head=4, family=family))
     return model
 
 
@@ -56,8 +58,9 @@ def run_local(model: Path) -> dict:
     return out
 
 
-def run_demo(workdir: str | None = None) -> int:
-    model = demo_model(workdir)
+def run_demo(workdir: str | None = None, family: str = "bloom") -> int:
+    model = demo_model(workdir, family)
+    print(f"family {family}: {model}", flush=True)
     local = run_local(model)
     for r in local["generate"]:
         print(f"  generate: {json.dumps(r['prompt'])} -> {json.dumps(r['text'])}")
