@@ -44,7 +44,7 @@ def test_peak_rss_stays_within_max_ram(tmp_path):
 
     # 3000 inputs x ~14 tokens x 384 x 4 bytes = ~64 MB of activations: beyond what 128 MB leaves them
     tight = run(128 << 20, 3000)
-    roomy = run(2 << 30, 3000)
+    roomy = run(2 << 30, 1)  # the reference numbers: the first line's score (the same line) and generation
     assert tight["activations"] < 64 << 20  # so the store had to spill
     assert tight["peak"] <= tight["budget"], (tight["peak"] - tight["budget"]) / 2**20
     assert tight["first"] == pytest.approx(roomy["first"], abs=1e-5)
