@@ -7,6 +7,7 @@ prompt collapses to one repeated token, which would hide KV-cache and padding bu
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, BloomConfig, BloomForCausalLM, GPTNeoXConfig, LlamaConfig,
+from transformers import (AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig,
                           PreTrainedTokenizerFast)
 
 from slowllm.node._families import family_of
@@ -137,27 +138,38 @@ def _write_by_hand(model, path: Path, *, fmt: str, sharded: bool, prefix: bool) 
         (path / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_draft_pair(target: str | os.PathLike, draft: str | os.PathLike, config: BloomConfig | None = None, *,
+# The projections through which a block writes into the residual stream, per family
+_OUTPUT_PROJECTIONS = {"bloom": ("self_attention.dense", "mlp.dense_4h_to_h"),
+                       "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
+                       "llama": ("self_attn.o_proj", "mlp.down_proj")}
+
+
+def make_draft_pair(target: str | os.PathLike, draft: str | os.PathLike, config=None, *,
                     draft_layers: int = 2, damping: float = 0.1, seed: int = 0,
                     dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
-    """A big model and a draft that agrees with it to a degree `damping` controls.
+    """A big model and a draft that agrees with it to a degree `damping` controls (any tiny family).
 
     The big model's blocks after the first `draft_layers` write into the residual stream through output
-    projections scaled by `damping` (attention's dense and the MLP's dense_4h_to_h); the draft is the big
-    model without those blocks (same embeddings, final norm and tokenizer). damping 0: the two agree on
-    every token; larger: the big model's last blocks matter more and the draft is right less often.
+    projections scaled by `damping` (attention's and the MLP's last linear); the draft is the big model
+    without those blocks (same embeddings, final norm and tokenizer). damping 0: the two agree on every
+    token; larger: the big model's last blocks matter more and the draft is right less often.
     """
     config = config or tiny_config()
+    family = family_of(config)
     torch.manual_seed(seed)
-    big = BloomForCausalLM(config)
+    big = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        for block in big.transformer.h[draft_layers:]:
-            for linear in (block.self_attention.dense, block.mlp.dense_4h_to_h):
+        for block in _blocks_of(big)[draft_layers:]:
+            for name in _OUTPUT_PROJECTIONS[family.name]:
+                linear = block.get_submodule(name)
                 linear.weight.mul_(damping)
-                linear.bias.mul_(damping)
-    small_config = BloomConfig(**{**config.to_dict(), "n_layer": draft_layers})
-    small = BloomForCausalLM(small_config)
+                if linear.bias is not None:
+                    linear.bias.mul_(damping)
+    small_config = copy.deepcopy(config)
+    small_config.num_hidden_layers = draft_layers  # (Bloom's n_layer, through its attribute map)
+    small = AutoModelForCausalLM.from_config(small_config)
+    blocks = family.prefix + family.layers + "."
     state = {k: v for k, v in big.state_dict().items()
-             if not k.startswith("transformer.h.") or int(k.split(".")[2]) < draft_layers}
+             if not k.startswith(blocks) or int(k[len(blocks):].split(".")[0]) < draft_layers}
     small.load_state_dict(state)
     return (make_checkpoint(target, model=big, dtype=dtype), make_checkpoint(draft, model=small, dtype=dtype))

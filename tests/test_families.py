@@ -272,3 +272,23 @@ def test_readme_table_of_models_is_computed_from_the_node_formula():
     assert pcs["EleutherAI/gpt-neox-20b"][0] == "4" and pcs["meta-llama/Llama-3.1-70B"] == ("14", "7")
     assert pcs["meta-llama/Llama-3.1-405B"] == ("126", "42")  # as deploy/GUIDE.md quotes them
     assert "GPT-NeoX-20B: 4 PCs" in (root / "deploy" / "GUIDE.md").read_text()
+
+
+def test_speculative_rounds_leave_holes_that_rotary_positions_skip(models_dir):
+    """A Llama big model and its draft (`make_draft_pair`): rows of one batch accept different numbers of
+    drafted tokens, leaving holes in the mask; greedy output stays the plain model's, streamed and resident."""
+    import dataclasses
+
+    from slowllm.coordinator import make_draft_pair
+
+    big, draft = make_draft_pair(models_dir / "spec-llama-big", models_dir / "spec-llama-draft",
+                                 tiny_config(family="llama", std=0.5), draft_layers=2, damping=0.04)
+    greedy = Sampling(max_new_tokens=16)
+    for keep_in_ram in (False, True):
+        with LocalRunner(big, keep_in_ram=keep_in_ram, progress=False) as plain, \
+                LocalRunner(big, keep_in_ram=keep_in_ram, progress=False, draft_model=draft) as spec:
+            expected = [r["token_ids"] for r in plain.generate(PROMPTS, greedy)]
+            spec.draft = dataclasses.replace(spec.draft, tokens=4, adaptive=False)
+            got = spec.generate(PROMPTS, greedy)
+            assert [r["token_ids"] for r in got] == expected
+            assert len({r["accepted"] for r in got}) > 1 and sum(r["accepted"] for r in got) > 0  # holes were made
