@@ -267,11 +267,14 @@ class Checkpoint:
         untied = not getattr(self.config, "tie_word_embeddings", True)
         # Bloom checkpoints that say untied but hold no lm_head have always run tied; others need their head
         if untied and (self.family.head in self.weight_map or self.family.name != "bloom"):
-            return self.family.head
+            # (transformers 5 calls GPT-NeoX's embed_out lm_head; a checkpoint may use either name)
+            return next((k for k in self.family.head_aliases if k in self.weight_map and self.family.head
+                         not in self.weight_map), self.family.head)
         return self.family.embedding
 
     def end_keys(self) -> list[str]:
-        return self.family.end_names(tied=self.head_key == self.embedding_key)
+        head = self.head_key
+        return self.family.end_names(None if head == self.embedding_key else head)
 
     def tokenizer_path(self) -> Path:
         if not self._exists("tokenizer.json"):
@@ -345,7 +348,8 @@ class Checkpoint:
         c = self.config
         keys = self.end_keys() + self.layer_keys(0)
         self._fill_meta(keys)
-        shapes = {k: list(self.meta(k)[0]) for k in keys}
+        rename = {self.head_key: self.family.head} if self.head_key != self.embedding_key else {}  # an alias: same model
+        shapes = {rename.get(k, k): list(self.meta(k)[0]) for k in keys}
         if self.family.name == "bloom":  # as before families existed: Bloom's tuned soft prompts stay valid
             essentials = {
                 "n_layer": c.n_layer, "hidden_size": c.hidden_size, "n_head": c.n_head,

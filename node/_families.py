@@ -42,6 +42,7 @@ class Family:
     prepend_bos: bool  # the family's tokenizer starts every prompt with BOS
     example: str = ""
     sliding_window: bool = field(default=False)  # the config's sliding_window restricts attention (Mistral)
+    head_aliases: tuple[str, ...] = ()  # other names checkpoints give the untied head
 
     # ---- transformers classes ------------------------------------------------------------------
     def _load(self, name: str):
@@ -79,11 +80,13 @@ class Family:
     def stored(self, key: str) -> str:
         """A canonical name as save_pretrained writes it (the untied head, and its int8 scales, sit outside
         the prefix)."""
-        return key if key.split(".")[0] == self.head.split(".")[0] else self.prefix + key
+        outside = {name.split(".")[0] for name in (self.head, *self.head_aliases)}
+        return key if key.split(".")[0] in outside else self.prefix + key
 
-    def end_names(self, tied: bool) -> list[str]:
+    def end_names(self, head: str | None = None) -> list[str]:
+        """The ends' tensors; `head`: the untied head's name in this checkpoint (None when tied)."""
         names = [self.embedding, *self.embedding_norm, *self.final_norm]
-        return names if tied else [*names, self.head]
+        return names if head is None else [*names, head]
 
     # ---- shapes --------------------------------------------------------------------------------
     def eps_of(self, config) -> float:
@@ -108,7 +111,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            example="bigscience/bloom (176B), bloomz, bloom-560m ... bloom-7b1"),
     Family("gpt_neox", "gpt_neox", "GPTNeoXConfig", "GPTNeoXLayer", "GPTNeoXRotaryEmbedding", "gpt_neox.", "layers",
            "embed_in.weight", (), ("final_layer_norm.weight", "final_layer_norm.bias"), "embed_out.weight",
-           rms_norm=False, eps="layer_norm_eps", prepend_bos=False,
+           rms_norm=False, eps="layer_norm_eps", prepend_bos=False, head_aliases=("lm_head.weight",),
            example="EleutherAI/gpt-neox-20b, the Pythia suite"),
     Family("llama", "llama", "LlamaConfig", "LlamaDecoderLayer", "LlamaRotaryEmbedding", "model.", "layers",
            "embed_tokens.weight", (), ("norm.weight",), "lm_head.weight", rms_norm=True, eps="rms_norm_eps",

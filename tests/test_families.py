@@ -92,6 +92,23 @@ def test_the_family_is_read_from_the_config(model, runner):
     else:
         assert ck.head_key == "embed_out.weight" and 0 < ck.config.rope_parameters["partial_rotary_factor"] < 1
         assert runner.ends.encode_prompt("Yes") == runner.ends.encode("Yes")
+        # transformers 5 names GPT-NeoX's head lm_head: a checkpoint saved so is the same model
+        import json
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        alias = shutil.copytree(model, model.parent / f"{model.name}-lm-head", dirs_exist_ok=True)
+        index = json.loads((alias / "model.safetensors.index.json").read_text())
+        shard = index["weight_map"].pop("embed_out.weight")
+        tensors = load_file(alias / shard)
+        tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+        save_file(tensors, alias / shard, metadata={"format": "pt"})
+        index["weight_map"]["lm_head.weight"] = shard
+        (alias / "model.safetensors.index.json").write_text(json.dumps(index))
+        with LocalRunner(alias, progress=False) as renamed:
+            assert renamed.checkpoint.head_key == "lm_head.weight" and renamed.fingerprint == runner.fingerprint
+            assert renamed.score(REQUESTS[:1]) == runner.score(REQUESTS[:1])
     bloom = make_checkpoint(model.parent / f"{model.name}-as-bloom", tiny_config(), tokenizer=False)
     assert Checkpoint(bloom).fingerprint() != runner.fingerprint  # the family is part of the identity
 
