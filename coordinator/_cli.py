@@ -148,7 +148,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slowllm", formatter_class=HelpFormatter,
-        description="Run and tune Bloom models on ordinary PCs: through a network of volunteer nodes "
+        description="Run and tune Bloom, GPT-NeoX and Llama-family models on ordinary PCs: through a network of volunteer nodes "
                     "(--coordinator URL) or on this machine, streaming blocks from disk (--local --model MODEL).",
         epilog="start with: slowllm demo      (offline, builds a tiny random model; no download)\n"
                "more help:  slowllm COMMAND --help")

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "through the nodes and run clients' jobs. One port for nodes, clients "
                                             "and the /status page.")
     p.add_argument("--version", action="version", version=f"slowllm-coordinator {version()}")
-    p.add_argument("--model", required=True, help="local directory or hub id of a Bloom checkpoint")
+    p.add_argument("--model", required=True, help="local directory or hub id of a checkpoint (Bloom, GPT-NeoX, Llama, Mistral, Qwen2)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     p.add_argument("--secret-file", metavar="PATH",

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
 
 from slowllm.node._families import family_of
 
@@ -65,7 +65,12 @@ def tiny_config(n_layer: int = 6, hidden: int = 64, n_head: int = 4, vocab_size:
         return LlamaConfig(**{**ids, "intermediate_size": 5 * hidden // 2, "num_key_value_heads": max(1, n_head // 2),
                               "tie_word_embeddings": False, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
                               "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, **overrides})
-    raise ValueError(f"no tiny config for family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
+    if family in ("mistral", "qwen2"):  # Llama's shape; Mistral's window off unless overridden, Qwen2's qkv biased
+        cls = MistralConfig if family == "mistral" else Qwen2Config
+        return cls(**{**ids, "intermediate_size": 5 * hidden // 2, "num_key_value_heads": max(1, n_head // 2),
+                      "tie_word_embeddings": False, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                      "sliding_window": None, **overrides})
+    raise ValueError(f"no tiny config for family {family!r}: choose one of bloom, gpt_neox, llama, mistral, qwen2")
 
 
 def _blocks_of(model) -> torch.nn.ModuleList:

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     from slowllm.coordinator._cli import HelpFormatter, version
 
     p = argparse.ArgumentParser(prog="slowllm-node", formatter_class=HelpFormatter, epilog=EXAMPLES,
-                                description="Keep a range of Bloom blocks in memory and serve them to a slowllm "
-                                            "coordinator (dials out: works behind NAT).")
+                                description="Keep a range of a model's blocks (Bloom, GPT-NeoX, Llama...) in memory and "
+                                            "serve them to a slowllm coordinator (dials out: works behind NAT).")
     p.add_argument("--version", action="version", version=f"slowllm-node {version()}")
     p.add_argument("--layers", required=True, type=parse_layers, metavar="A-B",
                    help="blocks to serve, inclusive and 0-based: 10-19 is ten blocks")

@@ -309,3 +309,21 @@ def test_speculative_rounds_leave_holes_that_rotary_positions_skip(models_dir):
             got = spec.generate(PROMPTS, greedy)
             assert [r["token_ids"] for r in got] == expected
             assert len({r["accepted"] for r in got}) > 1 and sum(r["accepted"] for r in got) > 0  # holes were made
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_with_a_sliding_window_and_qwen2_match_transformers(family, models_dir):
+    """The two other rotary families, locally: Mistral with a sliding window shorter than the prompts (the
+    window goes into slowllm's mask), Qwen2 with its biased q/k/v projections."""
+    window = {"sliding_window": 6} if family == "mistral" else {}
+    path = models_dir / f"family-{family}"
+    if not (path / "config.json").is_file():
+        make_checkpoint(path, tiny_config(family=family, **window), seed=0)
+    oracle = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    with LocalRunner(path, progress=False) as runner:
+        assert runner.checkpoint.family.name == family
+        check_scores(runner.score(REQUESTS), reference_scores(oracle, runner.ends))
+        outs = runner.generate(PROMPTS, Sampling(max_new_tokens=8))
+        for prompt, out in zip(PROMPTS, outs):
+            assert out["token_ids"] == reference_generate(oracle, runner.ends.encode_prompt(prompt), 8), prompt
+        assert len({tuple(o["token_ids"]) for o in outs}) == len(PROMPTS)

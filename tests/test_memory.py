@@ -42,10 +42,11 @@ def test_peak_rss_stays_within_max_ram(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    # 3000 inputs x ~14 tokens x 384 x 4 bytes = ~64 MB of activations: beyond what 128 MB leaves them
-    tight = run(128 << 20, 3000)
+    # 1500 inputs x ~14 tokens x 384 x 4 bytes = ~32 MB of activations: beyond what 128 MB leaves them
+    # (measured: a 1-2 MB activation budget; 3000 inputs took 50 s alone, 1500 33 s, with the same check)
+    tight = run(128 << 20, 1500)
     roomy = run(2 << 30, 1)  # the reference numbers: the first line's score (the same line) and generation
-    assert tight["activations"] < 64 << 20  # so the store had to spill
+    assert tight["activations"] < 32 << 20  # so the store had to spill
     assert tight["peak"] <= tight["budget"], (tight["peak"] - tight["budget"]) / 2**20
     assert tight["first"] == pytest.approx(roomy["first"], abs=1e-5)
     assert tight["gen"] == roomy["gen"]
