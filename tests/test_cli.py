@@ -59,25 +59,26 @@ def test_score_tune_and_soft_prompt_round_trip(tiny_model, tmp_path):
 
 
 def test_bad_inputs_give_one_sentence(tiny_model, other_model, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     local = ["--local", "--model", str(tiny_model), "--no-progress"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "continuation": "b"}\n{"context": "a", oops}\n')
-    _one_clean_error(run_cli("score", "--input", str(bad), *local), "line 2")
-
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    _one_clean_error(run_cli("score", "--input", str(empty), *local), "empty")
-
     wrong = _jsonl(tmp_path / "w.jsonl", [{"context": "a"}])
-    _one_clean_error(run_cli("score", "--input", str(wrong), *local), "line 1")
-
-    _one_clean_error(run_cli("score", "--input", str(wrong), "--local", "--model", str(tmp_path / "nope")),
-                     "nope")
-    _one_clean_error(run_cli("generate", "x", *local, "--soft-prompt", str(tmp_path / "missing.safetensors")),
-                     "does not exist")
-    _one_clean_error(run_cli("generate", "x", "--local", "--model", str(tiny_model), "--max-ram", "200MB"),
-                     "--max-ram", "needs at least")
-    _one_clean_error(run_cli("generate", "x"), "--coordinator URL")
+    cases = [  # (arguments, what the one sentence says); independent: run three at a time
+        (["score", "--input", str(bad), *local], ["line 2"]),
+        (["score", "--input", str(empty), *local], ["empty"]),
+        (["score", "--input", str(wrong), *local], ["line 1"]),
+        (["score", "--input", str(wrong), "--local", "--model", str(tmp_path / "nope")], ["nope"]),
+        (["generate", "x", *local, "--soft-prompt", str(tmp_path / "missing.safetensors")], ["does not exist"]),
+        (["generate", "x", "--local", "--model", str(tiny_model), "--max-ram", "200MB"], ["--max-ram", "needs at least"]),
+        (["generate", "x"], ["--coordinator URL"]),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        for (_, says), proc in zip(cases, pool.map(lambda case: run_cli(*case[0]), cases)):
+            _one_clean_error(proc, *says)
 
     # a soft prompt tuned for another model
     data = _jsonl(tmp_path / "d.jsonl", [{"context": "Is the sky blue?", "continuation": " Yes."}])
