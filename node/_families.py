@@ -40,7 +40,6 @@ class Family:
     rms_norm: bool  # RMSNorm (weight only) instead of LayerNorm
     eps: str  # the config field holding the norms' epsilon
     prepend_bos: bool  # the family's tokenizer starts every prompt with BOS
-    example: str = ""
     sliding_window: bool = field(default=False)  # the config's sliding_window restricts attention (Mistral)
     head_aliases: tuple[str, ...] = ()  # other names checkpoints give the untied head
 
@@ -107,21 +106,19 @@ def _cache_arg(layer_cls) -> str:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("bloom", "bloom", "BloomConfig", "BloomBlock", None, "transformer.", "h", "word_embeddings.weight",
            ("word_embeddings_layernorm.weight", "word_embeddings_layernorm.bias"), ("ln_f.weight", "ln_f.bias"),
-           "lm_head.weight", rms_norm=False, eps="layer_norm_epsilon", prepend_bos=False,
-           example="bigscience/bloom (176B), bloomz, bloom-560m ... bloom-7b1"),
+           "lm_head.weight", rms_norm=False, eps="layer_norm_epsilon", prepend_bos=False),
     Family("gpt_neox", "gpt_neox", "GPTNeoXConfig", "GPTNeoXLayer", "GPTNeoXRotaryEmbedding", "gpt_neox.", "layers",
            "embed_in.weight", (), ("final_layer_norm.weight", "final_layer_norm.bias"), "embed_out.weight",
-           rms_norm=False, eps="layer_norm_eps", prepend_bos=False, head_aliases=("lm_head.weight",),
-           example="EleutherAI/gpt-neox-20b, the Pythia suite"),
+           rms_norm=False, eps="layer_norm_eps", prepend_bos=False, head_aliases=("lm_head.weight",)),
     Family("llama", "llama", "LlamaConfig", "LlamaDecoderLayer", "LlamaRotaryEmbedding", "model.", "layers",
            "embed_tokens.weight", (), ("norm.weight",), "lm_head.weight", rms_norm=True, eps="rms_norm_eps",
-           prepend_bos=True, example="Llama 2 / 3 / 3.1 (8B-405B), and Llama-shaped GQA models"),
+           prepend_bos=True),
     Family("mistral", "mistral", "MistralConfig", "MistralDecoderLayer", "MistralRotaryEmbedding", "model.", "layers",
            "embed_tokens.weight", (), ("norm.weight",), "lm_head.weight", rms_norm=True, eps="rms_norm_eps",
-           prepend_bos=True, sliding_window=True, example="Mistral-7B, Mixtral's dense cousins"),
+           prepend_bos=True, sliding_window=True),
     Family("qwen2", "qwen2", "Qwen2Config", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding", "model.", "layers",
            "embed_tokens.weight", (), ("norm.weight",), "lm_head.weight", rms_norm=True, eps="rms_norm_eps",
-           prepend_bos=False, example="Qwen2 / Qwen2.5 (full attention)"),
+           prepend_bos=False),
 )}
 
 
