@@ -314,14 +314,17 @@ def test_speculative_rounds_leave_holes_that_rotary_positions_skip(models_dir):
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_mistral_with_a_sliding_window_and_qwen2_match_transformers(family, models_dir):
     """The two other rotary families, locally: Mistral with a sliding window shorter than the prompts (the
-    window goes into slowllm's mask), Qwen2 with its biased q/k/v projections."""
-    window = {"sliding_window": 6} if family == "mistral" else {}
+    window goes into slowllm's mask), Qwen2 with its biased q/k/v projections and a head tied to the
+    embedding (as the small Qwen2.5 and Llama-3.2 models have)."""
+    window = {"sliding_window": 6} if family == "mistral" else {"tie_word_embeddings": True}
     path = models_dir / f"family-{family}"
     if not (path / "config.json").is_file():
         make_checkpoint(path, tiny_config(family=family, **window), seed=0)
     oracle = AutoModelForCausalLM.from_pretrained(path).float().eval()
     with LocalRunner(path, progress=False) as runner:
         assert runner.checkpoint.family.name == family
+        tied = runner.checkpoint.head_key == runner.checkpoint.embedding_key
+        assert tied == (family == "qwen2")
         check_scores(runner.score(REQUESTS), reference_scores(oracle, runner.ends))
         outs = runner.generate(PROMPTS, Sampling(max_new_tokens=8))
         for prompt, out in zip(PROMPTS, outs):
