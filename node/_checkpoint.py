@@ -87,6 +87,7 @@ class Checkpoint:
         self.quantization: dict | None = None  # set from config.json for an int8 checkpoint
         self.family: Family = family_named("bloom")  # until config.json says otherwise
         self.config = self._read_config()
+        self.layer_shapes = layer_shapes(self.config)  # (suffix, shape, is a linear weight) of one block
         self.weight_map = self._read_weight_map()  # canonical key -> (file name, key in that file)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         missing = [k for k in self.end_keys() + self.block_keys(0) + self.block_keys(self.n_layer - 1)
@@ -234,12 +235,12 @@ class Checkpoint:
     def layer_keys(self, layer: int) -> list[str]:
         """The block's tensors as the family names them (the original's layout: no int8 scales)."""
         prefix = self.family.block_prefix(layer)
-        return [prefix + name for name, _, _ in layer_shapes(self.config)]
+        return [prefix + name for name, _, _ in self.layer_shapes]
 
     def quantized_keys(self, layer: int) -> list[str]:
         """The block's linear weights: what `slowllm quantize` stores in int8."""
         prefix = self.family.block_prefix(layer)
-        return [prefix + name for name, _, linear in layer_shapes(self.config) if linear]
+        return [prefix + name for name, _, linear in self.layer_shapes if linear]
 
     def block_keys(self, layer: int) -> list[str]:
         """Every tensor that one block's computation reads, plus the scales when int8."""
@@ -334,7 +335,7 @@ class Checkpoint:
 
     def storage_dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's float tensors (an int8 checkpoint's norms and biases: bf16)."""
-        vector = next(name for name, shape, linear in layer_shapes(self.config) if not linear and len(shape) == 1)
+        vector = next(name for name, shape, linear in self.layer_shapes if not linear and len(shape) == 1)
         return self.meta(self.family.block_prefix(0) + vector)[1]
 
     def fingerprint(self) -> str:

@@ -45,7 +45,7 @@ class Family:
 
     # ---- transformers classes ------------------------------------------------------------------
     def _load(self, name: str):
-        return getattr(importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}"), name)
+        return _transformers_class(self.module, name)
 
     @property
     def config_cls(self):
@@ -66,7 +66,8 @@ class Family:
 
     @property
     def cache_arg(self) -> str:
-        """The keyword under which this transformers version's layer takes the cache."""
+        """The keyword under which this transformers version's layer takes the cache (read once: every
+        block of every step asks)."""
         return _cache_arg(self.layer_cls)
 
     # ---- names ---------------------------------------------------------------------------------
@@ -95,6 +96,12 @@ class Family:
         return getattr(config, "sliding_window", None) if self.sliding_window else None
 
 
+@lru_cache(maxsize=None)
+def _transformers_class(module: str, name: str):
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+@lru_cache(maxsize=None)
 def _cache_arg(layer_cls) -> str:
     params = inspect.signature(layer_cls.forward).parameters
     for name in ("layer_past", "cache", "past_key_values", "past_key_value"):
