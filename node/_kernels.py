@@ -20,10 +20,11 @@ _lock = threading.Lock()
 _module = None
 _tried = False
 # Input rows up to which each kernel beats the alternative (measured on bloom-1b7 shapes, 2 cores, 600M
-# weights, ms): bf16 GEMV vs MKL's F.linear 43/80 at 1 row, 61/70 at 3, 79/72 at 4; int8 with bf16 rows
-# vs torch's `_weight_int8pack_mm` 33/43 at 1, 42/51 at 2, 53/47 at 4, 82/92 at 8; int8 with fp32 rows
-# only at 1 row (the fp32 FMAs make it compute-bound beyond). The kernels accept up to 8 rows.
-MAX_ROWS = {"bf16": 3, "int8": 8, "int8_fp32": 1}
+# weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at 8, 57/54 at 16; int8
+# with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at 1, 23/24 at 4, 26/49 at 8, and vs converting
+# slices for a dense GEMM 47/101 at 16, 81/123 at 32; int8 with fp32 rows only at 1 row (the fp32 FMAs
+# make it compute-bound beyond). More than 8 rows run through the kernels 8 at a time.
+MAX_ROWS = {"bf16": 8, "int8": 32, "int8_fp32": 1}
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma")
 
 

@@ -141,9 +141,10 @@ def test_int8_node_beside_bf16_nodes_and_an_int8_swarm(models, secret):
 def test_decode_kernels_match_float_references():
     k = kernels()
     g = torch.Generator().manual_seed(0)
-    for rows in range(1, 9):
-        # odd widths take the scalar tails; 12300 (> 12288) the four-rows-at-once path with 13 = 4 x 3 + 1 rows
-        for n, width in ((96, 64), (7, 40), (130, 1000), (13, 12300)):
+    for rows in (*range(1, 10), 17):  # every tile shape, and more than 8 rows (run 8 at a time)
+        # odd widths take the scalar tails; weight rows that are no multiple of the tile (6, 8, 4) the
+        # row-by-row rest; 12300 (> 12288) the four-rows-at-once path with 13 = 4 x 3 + 1 rows
+        for n, width in ((96, 64), (7, 40), (131, 1000), (13, 12300)):
             x = torch.randn(rows, width, generator=g).bfloat16()
             w = torch.randn(n, width, generator=g).bfloat16()
             ref = x.float() @ w.float().T
