@@ -1,6 +1,7 @@
 """Network benchmark: coordinator + 3 node processes on loopback vs the same blocks in one process.
 
     python bench/network.py [--family bloom|gpt_neox|llama] [--n-layer 24] [--hidden 1024] [--repeat 5]
+                            [--dtype float32|bfloat16]
 
 Creates (once, under bench/_work/) a random checkpoint of the family (hidden 1024, 24 blocks: per-token
 compute of tens of ms on a 2-core CPU; llama with 4 KV heads for 16), then measures, in one run:
@@ -79,7 +80,10 @@ def main() -> None:
     p.add_argument("--n-layer", type=int, default=24)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="what the blocks compute in, in process and at the nodes (bf16 nodes get bf16 on the wire)")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     suffix = "" if args.family == "bloom" else f"-{args.family}"
     model = WORK / f"net-h{args.hidden}-l{args.n_layer}{suffix}"
     if not (model / "config.json").exists():
@@ -91,18 +95,19 @@ def main() -> None:
     third = args.n_layer // 3
     ranges = [f"0-{third - 1}", f"{third}-{2 * third - 1}", f"{2 * third}-{args.n_layer - 1}"]
 
-    local = Runner(ck, _ENDS, ResidentChain(ck))
-    with LocalCluster(model, ranges) as cluster:
+    local = Runner(ck, _ENDS, ResidentChain(ck, dtype=dtype))
+    with LocalCluster(model, ranges, node_args=["--dtype", args.dtype]) as cluster:
         jobs = {"in_process": local, "network_raw": cluster.client(), "network_bf16": cluster.client(compression="bf16")}
         for job in jobs.values():  # warm up
             job.generate([TEXT], Sampling(max_new_tokens=2))
         results = measure(jobs, args.repeat)
 
     hop_bytes = {}
-    for codec in ("raw", "fp16", "bf16", "int8"):
+    for codec in ("raw", "raw_to_bf16_node", "fp16", "bf16", "int8"):
         for n in (1, 8):
             h = torch.randn(n, 1, args.hidden)
-            frame = pack(Step(id=1, session="0" * 32, first=0, last=third - 1, hidden=encode_tensor(h, codec),
+            wire = encode_tensor(h.bfloat16()) if codec == "raw_to_bf16_node" else encode_tensor(h, codec)
+            frame = pack(Step(id=1, session="0" * 32, first=0, last=third - 1, hidden=wire,
                               mask=encode_mask(torch.ones(n, 64, dtype=torch.long))))
             hop_bytes[f"{codec}_{n}"] = len(frame) / n
 
@@ -116,7 +121,7 @@ def main() -> None:
               f"{r['tune_step_s']:>6.2f}{ratio('tune_step_s'):>7}")
     print("bytes per token per hop (step frame, incl. a 64-token mask): " +
           ", ".join(f"{k}: {v:.0f}" for k, v in hop_bytes.items()))
-    summary = {"config": {"family": args.family, "n_layer": args.n_layer, "hidden": args.hidden, "nodes": ranges}, "results": results,
+    summary = {"config": {"family": args.family, "dtype": args.dtype, "n_layer": args.n_layer, "hidden": args.hidden, "nodes": ranges}, "results": results,
                "hop_bytes_per_token": hop_bytes,
                "ratios": {name: {k: r[k] / base[k] for k in r} for name, r in results.items() if name != "in_process"}}
     print(json.dumps(summary))

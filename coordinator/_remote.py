@@ -28,7 +28,8 @@ import torch
 
 from slowllm.node import Batch
 from slowllm.protocol import (AuthError, Backward, CloseSession, Error, Forward, InputError, Limits, ProtocolError,
-                              Result, SlowllmError, Step, UnavailableError, decode_tensor, encode_tensor, printable)
+                              Result, SlowllmError, Step, UnavailableError, WireTensor, decode_tensor, encode_tensor,
+                              printable)
 
 from ._chain import Chain, ChainSession
 from ._verify import Referee, agree, tolerance
@@ -42,6 +43,10 @@ MAX_FAILOVERS = 8  # per span and operation: beyond this the job fails rather th
 FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut request always fits
 FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's
 
+
+
+_HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_HALF_CODECS = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def encode_mask(mask: torch.Tensor):
@@ -92,6 +97,16 @@ class RemoteChain(Chain):
         return min(self.limits.max_batch_tokens // rows, max(0, room // (rows * self.hidden_size * 4)))
 
     # ---- one hop -------------------------------------------------------------------------------
+    @staticmethod
+    def _wire(node: "NodeLink", t: torch.Tensor, codec: str = "raw") -> WireTensor:
+        """`t` as sent to `node`. A node computing in bf16 (or fp16) rounds what it receives to that dtype
+        first, so it gets it in that dtype: half the bytes of fp32 and the very numbers it would compute
+        from (the rounding is the same either side). A lossy codec the job chose still applies otherwise."""
+        compute = _HALF_DTYPES.get(node.dtype)
+        if compute is not None and codec in ("raw", _HALF_CODECS[node.dtype]):
+            return encode_tensor(t.to(compute))
+        return encode_tensor(t, codec)
+
     def _call(self, coro):
         """Run `coro` on the event loop and wait for it here, giving up as soon as the job is cancelled."""
         future = asyncio.run_coroutine_threadsafe(coro, self.router.loop)
@@ -262,7 +277,7 @@ class RemoteChain(Chain):
             def run(node, a, b, h=hidden):
                 def primary():
                     return self._exchange(node, lambda i: Forward(
-                        id=i, first=a, last=b, hidden=encode_tensor(h, self.compression), mask=wire_mask,
+                        id=i, first=a, last=b, hidden=self._wire(node, h, self.compression), mask=wire_mask,
                         compression=self.compression), tuple(h.shape), b - a + 1)
                 return self._verified(node, a, b, primary, mask,
                                       lambda skip: self._rerun_forward(a, b, h, mask, skip),
@@ -288,8 +303,8 @@ class RemoteChain(Chain):
                 raise Split
             def primary():
                 out = self._exchange(node, lambda i: Backward(
-                    id=i, first=a, last=b, hidden=encode_tensor(hidden), mask=encode_mask(mask),
-                    grad=encode_tensor(grad)), tuple(hidden.shape), b - a + 1, backward=True)
+                    id=i, first=a, last=b, hidden=self._wire(node, hidden), mask=encode_mask(mask),
+                    grad=self._wire(node, grad)), tuple(hidden.shape), b - a + 1, backward=True)
                 if nodes is not None:
                     nodes.append(node)
                 return out
@@ -373,7 +388,7 @@ class RemoteSession(ChainSession):
                 end = min(new, start + per_frame)
                 piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
                 outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask, cut=span.cut: Step(
-                    id=i, session=span.session, first=span.first, last=span.last, hidden=encode_tensor(h),
+                    id=i, session=span.session, first=span.first, last=span.last, hidden=self.chain._wire(node, h),
                     mask=encode_mask(m), max_length=self.max_length, past=cut), tuple(piece.shape),
                     span.last - span.first + 1))
                 span.cut = None  # the node has cut its cache

@@ -39,6 +39,7 @@ class LyingNode:
         self.device, self.dtype = device, dtype
         self.fingerprint = Checkpoint(model).fingerprint()
         self.answered = 0
+        self.received: list[tuple[str, str, str]] = []  # (message type, dtype, codec) of each hidden state
         self.banned = ""
         self.refused = ""
         self.registered = threading.Event()
@@ -57,6 +58,7 @@ class LyingNode:
             return Result(id=msg.id)
         if self.lie in REFUSALS:
             return Error(id=msg.id, code=REFUSALS[self.lie], message="<script>alert(1)</script> trouble")
+        self.received.append((msg.type, msg.hidden.dtype, msg.hidden.codec))
         hidden = decode_tensor(msg.hidden)
         return Result(id=msg.id, tensor=encode_tensor(LIES[self.lie](hidden)))
 

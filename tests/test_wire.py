@@ -276,6 +276,28 @@ def test_max_jobs_busy_status_json_and_compression(tiny_model):
     local.close()
 
 
+def test_hidden_states_travel_in_the_dtype_each_node_computes_in(tiny_model, secret):
+    """A bf16 node gets bf16 (half the bytes; it would round fp32 to the same values itself), an fp32 node
+    fp32, whatever the job; a lossy codec the job chose is kept where it is not the node's own dtype."""
+    from adversaries import LyingNode
+    from slowllm.protocol import read_secret
+
+    key = read_secret(secret)
+    requests = [{"context": "The quick brown fox", "continuation": " jumps"}]
+    with Cluster(tiny_model, [], secret_file=secret) as c:
+        half = LyingNode(c.url, key, tiny_model, 0, 2, "echo", name="bf16-node", dtype="bfloat16").start()
+        full = LyingNode(c.url, key, tiny_model, 3, 5, "echo", name="fp32-node", dtype="float32").start()
+        c.wait_covered(2)
+        c.client().score(requests)
+        c.client().generate(["Once"], Sampling(max_new_tokens=3))
+        c.client(compression="bf16").score(requests)
+        c.client(compression="int8").score(requests)
+    assert set(half.received) == {("forward", "bfloat16", "raw"), ("step", "bfloat16", "raw"),
+                                  ("forward", "float32", "int8")}
+    assert set(full.received) == {("forward", "float32", "raw"), ("step", "float32", "raw"),
+                                  ("forward", "float32", "bf16"), ("forward", "float32", "int8")}
+
+
 def test_unreachable_coordinator_is_one_sentence():
     from netutil import free_port
     from slowllm.coordinator import Client
