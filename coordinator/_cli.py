@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from slowllm.node._openmp import share_cores
 from slowllm.protocol._errors import InputError, SlowllmError
 
 
@@ -382,6 +383,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    share_cores()  # before torch is imported: see node/_openmp.py
     try:
         return run(args)
     except SlowllmError as e:

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from slowllm.node._openmp import ComputeThread
 from slowllm.node._units import format_ranges
 from slowllm.protocol import BusyError, SlowllmError, UnavailableError
 
@@ -93,12 +94,14 @@ class Batcher:
     """
 
     def __init__(self, start: Callable[[list[Continuation], Sampling, str | None], Generation],
-                 step: Callable[[list[Generation]], None], window: float = 0.05, max_pending: int = 256):
+                 step: Callable[[list[Generation]], None], window: float = 0.05, max_pending: int = 256,
+                 compute: ComputeThread | None = None):
         self.start, self.step, self.window, self.max_pending = start, step, window, max_pending
         self.queue: queue.Queue[_Pending] = queue.Queue()
         self.batches = 0  # generations started (the bench and the tests read it)
         self.passes = 0
-        threading.Thread(target=self._loop, name="slowllm-http-batcher", daemon=True).start()
+        # on the thread that loaded the model, where there is one (see node/_openmp.py)
+        (compute or ComputeThread("slowllm-http-batcher")).submit(self._loop)
 
     def submit(self, pending: _Pending) -> None:
         if self.queue.qsize() >= self.max_pending:
@@ -187,7 +190,8 @@ MAX_ROWS = 256  # prompts x n in one request
 
 
 def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_template: str | None = None,
-             window: float = 0.05, max_pending: int = 256, max_prompt_tokens: int = 16384) -> FastAPI:
+             window: float = 0.05, max_pending: int = 256, max_prompt_tokens: int = 16384,
+             compute: ComputeThread | None = None) -> FastAPI:
     app = FastAPI(title="slowllm", docs_url=None, redoc_url=None, openapi_url=None)
     ends = backend.ends
     # --chat-template, else the checkpoint's own (a Llama instruct model's tokenizer_config.json has one),
@@ -207,7 +211,8 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
             soft_cache[name] = backend.soft_prompt(Path(soft_prompts) / f"{name}.safetensors")
         return soft_cache[name]
 
-    batcher = Batcher(lambda rows, s, name: backend.start(rows, s, soft(name)), backend.step, window, max_pending)
+    batcher = Batcher(lambda rows, s, name: backend.start(rows, s, soft(name)), backend.step, window, max_pending,
+                      compute)
     app.state.batcher = batcher
 
     @app.exception_handler(ApiError)

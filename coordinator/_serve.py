@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from slowllm.node._openmp import ComputeThread
 from slowllm.protocol import InputError
 
 from ._generate import Continuation, Generation, step_together
@@ -80,10 +81,12 @@ def serve(args) -> int:
     from ._cli import _backend
 
     args.no_progress = True  # a server's log is no place for a progress bar per pass
-    runner = _backend(args)  # the same LocalRunner as every --local job
+    # the same LocalRunner as every --local job, loaded on the thread that will run every pass
+    compute = ComputeThread()
+    runner = compute.submit(_backend, args).result()
     backend = LocalBackend(runner, served_name(args.model, args.served_model_name), args.api_keys, args.max_new_tokens)
     app = make_app(backend, soft_prompts=args.soft_prompts, chat_template=template,
-                   max_prompt_tokens=args.max_prompt_tokens)
+                   max_prompt_tokens=args.max_prompt_tokens, compute=compute)
     http = server(app, args.host, args.port)
 
     def announce():  # once uvicorn listens (port 0 picks one): the line scripts wait for

@@ -7,6 +7,7 @@ import logging
 import ssl
 import sys
 
+from slowllm.node._openmp import share_cores
 from slowllm.protocol._errors import SlowllmError
 
 EXAMPLES = """examples:
@@ -79,6 +80,7 @@ def _read(path: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    share_cores()  # before torch is imported: see node/_openmp.py
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     try:
         from slowllm.node._aio import run

@@ -9,6 +9,7 @@ import sys
 
 from slowllm.protocol._errors import SlowllmError
 
+from ._openmp import share_cores
 from ._units import parse_size
 
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    share_cores()  # before torch is imported: see node/_openmp.py
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
     try:

@@ -39,6 +39,7 @@ from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtyp
 
 log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
+_HANG = object()  # failure injection: the request is never answered
 
 
 class Sessions:
@@ -121,9 +122,11 @@ class NodeServer:
         self.blocks: ResidentBlocks | None = None
         self.sessions = Sessions(session_budget)
         self.memory = memory  # bytes this node may use; None: what the OS reports available at load time
+        # Every torch operation of this process runs on this one thread: loading, decoding frames, the
+        # blocks, encoding replies; never on the event loop, which keeps heartbeats going. One thread, so
+        # that the process has one OpenMP team (see ComputeThread in _openmp.py: a decode step ran 1.6x
+        # slower on a compute thread after loading on the main thread).
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-compute")
-        # frames are decoded and replies encoded here, never on the event loop (it keeps heartbeats going)
-        self.codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slowllm-codec")
         self.inflight = 0  # bytes of request frames accepted and not yet answered (the event loop's)
         self.inflight_budget = 256 << 20  # raised from the node's spare memory once the blocks are loaded
         self.score_budget = DEFAULT_SCORE_BUDGET
@@ -136,7 +139,7 @@ class NodeServer:
         self.registered = False
         self.channel = Channel()  # the current connection's (seals replies, opens requests)
         if model is not None:
-            self._load(model)
+            self.pool.submit(self._load, model).result()
 
     def _load(self, model: str, hub_only: bool = False) -> None:
         checkpoint = Checkpoint(model, hub_only=hub_only)
@@ -296,35 +299,25 @@ class NodeServer:
         loop = asyncio.get_running_loop()
         channel = self.channel
         msg_id = _peek_id(channel, frame)
+        self.load += 1  # queued or running: what heartbeats report
         try:
-            try:
-                msg = await loop.run_in_executor(self.codec, channel.unpack, frame, self.limits)
+            try:  # one hand-off to the compute thread and back per request (each costs ~0.2 ms of wake-ups)
+                msg, reply = await loop.run_in_executor(self.pool, self._answer, channel, frame)
             except AuthError as e:  # altered or injected on the way: nothing more on this link can be trusted
                 log.warning("coordinator %s: %s", self.url, e)
                 await ws.close(1008, "frame authentication failed")
                 return
+            finally:
+                self.load -= 1
             del frame
-            if isinstance(msg, Error) and msg.id is None:
+            if reply is _HANG:
+                await asyncio.Future()  # the request was accepted and is never answered
+            if reply is None:
                 if msg.code == "banned":
                     self.banned = printable(msg.message, 300)
                     print(f"node {self.name}: {self.banned}", flush=True)
                     await ws.close()
                 return  # other notices from the coordinator need no answer
-            if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
-                raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
-            self.requests += 1
-            if self.fault and self.requests >= self.fault[1]:
-                if self.fault[0] == "exit":
-                    os._exit(137)
-                await asyncio.Future()  # hang: the request is accepted and never answered
-            self.load += 1
-            try:
-                tensor = await loop.run_in_executor(self.pool, self._compute, msg)
-            finally:
-                self.load -= 1
-            codec = msg.compression if isinstance(msg, Forward) else "raw"
-            reply = await loop.run_in_executor(self.codec, lambda: channel.pack(
-                Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec))))
             await send(reply)
         except SlowllmError as e:
             await send(channel.pack(Error(id=msg_id, code=e.code, message=str(e))))
@@ -336,6 +329,24 @@ class NodeServer:
                                           message=f"node failed on this request: {type(e).__name__}")))
         finally:
             self.inflight -= size
+
+    def _answer(self, channel: Channel, frame) -> tuple:
+        """On the compute thread: (request, reply frame), (notice, None) for the coordinator's notices, or
+        (request, _HANG) when failure injection says to hang."""
+        msg = channel.unpack(frame, self.limits)
+        del frame
+        if isinstance(msg, Error) and msg.id is None:
+            return msg, None
+        if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
+            raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
+        self.requests += 1
+        if self.fault and self.requests >= self.fault[1]:
+            if self.fault[0] == "exit":
+                os._exit(137)
+            return msg, _HANG
+        tensor = self._compute(msg)
+        codec = msg.compression if isinstance(msg, Forward) else "raw"
+        return msg, channel.pack(Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec)))
 
     def _tensors(self, msg, past: int = 0):
         hidden = decode_tensor(msg.hidden, self.limits)

@@ -1,0 +1,55 @@
+"""How slowllm's processes share CPU cores; applied by each command before torch is imported.
+
+torch's CPU parallelism is OpenMP (libgomp in the PyPI wheels). After each parallel region libgomp's
+worker threads spin for GOMP_SPINCOUNT iterations (default 300,000: milliseconds) before they sleep. When
+one PC runs several slowllm processes (a coordinator beside its nodes, two nodes, the tests), a process
+that has just answered keeps both cores spinning while the next process in the chain computes. Measured
+on 2 cores, a coordinator + 3 bf16 nodes on loopback: 1.55x the in-process time per token with the
+default, 1.15-1.27x with 10,000 (~0.2 ms, still longer than the gaps between one step's regions, so a
+busy process loses nothing). An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as the user set it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Future
+
+SPIN_COUNT = 10_000
+
+
+def share_cores() -> None:
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+
+
+class ComputeThread:
+    """One daemon thread that runs the process's torch work in order: load on it, then compute on it.
+
+    torch's CPU parallelism is an OpenMP team per thread that starts parallel work; once a process has
+    two teams, libgomp sees more threads than cores and makes every team's workers sleep between parallel
+    regions instead of spinning, and each of a decode step's hundreds of small regions then waits for a
+    futex wake-up (24 bf16 blocks at hidden 1024: 60 ms per token instead of 37 after loading on another
+    thread). A daemon thread, unlike a ThreadPoolExecutor's, lets the process exit while a long-running
+    task (a server's batch loop) is on it.
+    """
+
+    def __init__(self, name: str = "slowllm-compute"):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # the caller's to handle, as with an executor
+                future.set_exception(e)
