@@ -84,12 +84,12 @@ def main() -> None:
                    help="what the blocks compute in, in process and at the nodes (bf16 nodes get bf16 on the wire)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    suffix = "" if args.family == "bloom" else f"-{args.family}"
+    suffix = ("" if args.family == "bloom" else f"-{args.family}") + ("-bf16" if args.dtype == "bfloat16" else "")
     model = WORK / f"net-h{args.hidden}-l{args.n_layer}{suffix}"
     if not (model / "config.json").exists():
         extra = {"num_key_value_heads": 4} if args.family == "llama" else {}
         make_checkpoint(model, tiny_config(n_layer=args.n_layer, hidden=args.hidden, n_head=16, vocab_size=8192,
-                                           std=0.02, family=args.family, **extra))
+                                           std=0.02, family=args.family, **extra), dtype=dtype)
     ck = Checkpoint(model)
     _ENDS = ModelEnds(ck)
     third = args.n_layer // 3

@@ -43,50 +43,43 @@ float reduce256(__m256 a) {
   return _mm_cvtss_f32(r);
 }
 
+// int8 weights are converted to bf16 in registers, 32 at a time (exact for |q| <= 127), then go through
+// the same AVX512-BF16 dot products as bf16 weights.
+__m512bh int8_to_bf16(const int8_t* w) {
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
+}
+
+struct Bf16Weights {  // how a tile reads 32 weights, and one (for the tail)
+  using T = uint16_t;
+  static __m512bh load(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static float value(T w) { return bf16_to_float(w); }
+};
+struct Int8Weights {
+  using T = int8_t;
+  static __m512bh load(const T* w) { return int8_to_bf16(w); }
+  static float value(T w) { return static_cast<float>(w); }
+};
+
 // One weight row against one input row, two chains of dot products in flight (at small K this beats
-// four weight rows at once: 29 GB/s instead of 12 at K=2048, measured).
-void bf16_row(const uint16_t* X, int64_t K, const uint16_t* wr, float* out) {
-  const int64_t K32 = K / 32 * 32;
+// four weight rows at once: 29 GB/s instead of 12 at K=2048, measured). S: the row's scale, or null.
+template <typename Weights>
+void row(const uint16_t* X, int64_t K, const typename Weights::T* wr, const float* S, float* out) {
   __m512 acc = _mm512_setzero_ps(), extra = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 64 <= K32; k += 64) {
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
-    extra = _mm512_dpbf16_ps(extra, (__m512bh)_mm512_loadu_si512(wr + k + 32), (__m512bh)_mm512_loadu_si512(X + k + 32));
+  for (; k + 64 <= K; k += 64) {
+    acc = _mm512_dpbf16_ps(acc, Weights::load(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
+    extra = _mm512_dpbf16_ps(extra, Weights::load(wr + k + 32), (__m512bh)_mm512_loadu_si512(X + k + 32));
   }
-  for (; k < K32; k += 32)
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
+  for (; k + 32 <= K; k += 32)
+    acc = _mm512_dpbf16_ps(acc, Weights::load(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
   float total = _mm512_reduce_add_ps(_mm512_add_ps(acc, extra));
-  for (int64_t j = K32; j < K; ++j) total += bf16_to_float(wr[j]) * bf16_to_float(X[j]);
-  *out = total;
+  for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[j]) * Weights::value(wr[j]);
+  *out = S ? total * *S : total;
 }
 
-// R weight rows against M input rows: R x M independent chains; each weight vector is loaded once for
-// the M rows and each input vector once for the R weight rows. With several input rows the dot products,
-// not the memory, are the limit (Zen 4: one 512-bit bf16 dot product per 2 cycles), and R x M chains
-// keep them all busy: at 1b7 shapes, 4 rows went from 35 to 17 ms per 600M weights, 8 rows from 50 to
-// 27 (MKL's F.linear: 33 and 38).
-template <int M, int R>
-void bf16_tile(const uint16_t* X, int64_t K, const uint16_t* W, float* Y, int64_t stride) {
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh w[R];
-    for (int r = 0; r < R; ++r) w[r] = (__m512bh)_mm512_loadu_si512(W + r * K + k);
-    for (int m = 0; m < M; ++m) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) {
-      float total = _mm512_reduce_add_ps(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) total += bf16_to_float(W[r * K + j]) * bf16_to_float(X[m * K + j]);
-      Y[m * stride + r] = total;
-    }
-}
-
+// fp32 input rows against int8 weights (fp32 activations on int8 blocks): converted to fp32 instead.
 template <int M>
 void int8_row(const float* X, int64_t K, const int8_t* wr, float scale, float* out, int64_t stride) {
   // 256-bit lanes: on CPUs that split 512-bit ops in two (Zen 4) the int8 -> fp32 conversions are the
@@ -110,41 +103,23 @@ void int8_row(const float* X, int64_t K, const int8_t* wr, float scale, float* o
   }
 }
 
-
-// int8 weights against bf16 rows: each 32 weights converted once to bf16 (exact for |q| <= 127), then
-// one AVX512-BF16 dot product per input row. One input row: two chains.
-__m512bh int8_to_bf16(const int8_t* w) {
-  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
-                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
-}
-
-void int8_bf16_row(const uint16_t* X, int64_t K, const int8_t* wr, float scale, float* out) {
-  __m512 acc = _mm512_setzero_ps(), extra = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    acc = _mm512_dpbf16_ps(acc, int8_to_bf16(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
-    extra = _mm512_dpbf16_ps(extra, int8_to_bf16(wr + k + 32), (__m512bh)_mm512_loadu_si512(X + k + 32));
-  }
-  for (; k + 32 <= K; k += 32)
-    acc = _mm512_dpbf16_ps(acc, int8_to_bf16(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc, extra));
-  for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[j]) * static_cast<float>(wr[j]);
-  *out = total * scale;
-}
-
-// R int8 weight rows against M bf16 input rows, as bf16_tile: each weight vector converted once. At one
-// input row and Bloom-176B width, four weight rows per input load keep the conversions from waiting on
-// one chain's latency (int8: 14 -> 24 GB/s).
-template <int M, int R>
-void int8_bf16_tile(const uint16_t* X, int64_t K, const int8_t* W, const float* S, float* Y, int64_t stride) {
+// R weight rows against M input rows: R x M independent chains; each weight vector is loaded once for
+// the M rows and each input vector once for the R weight rows. With several input rows the dot products,
+// not the memory, are the limit (Zen 4: one 512-bit bf16 dot product per 2 cycles), and R x M chains
+// keep them all busy: at 1b7 shapes, 4 rows went from 35 to 17 ms per 600M weights, 8 rows from 50 to
+// 27 (MKL's F.linear: 33 and 38). int8 weights are converted once per tile; at one input row and
+// Bloom-176B width, four weight rows per input load keep the conversions from waiting on one chain's
+// latency (int8: 14 -> 24 GB/s).
+// y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
+template <int M, int R, typename Weights>
+void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh w[R];
-    for (int r = 0; r < R; ++r) w[r] = int8_to_bf16(W + r * K + k);
+    for (int r = 0; r < R; ++r) w[r] = Weights::load(W + r * K + k);
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
@@ -153,8 +128,8 @@ void int8_bf16_tile(const uint16_t* X, int64_t K, const int8_t* W, const float* 
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float total = _mm512_reduce_add_ps(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * static_cast<float>(W[r * K + j]);
-      Y[m * stride + r] = total * S[r];
+      for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[r * K + j]);
+      Y[m * stride + r] = S ? total * S[r] : total;
     }
 }
 
@@ -165,11 +140,11 @@ constexpr int int8_rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
 
 // Rows [0, N) in tiles of R (the rest one by one), a parallel task per kSlice rows at least.
 template <int R, typename Tile, typename One>
-void over_tiles(int64_t N, const Tile& tile, const One& one) {
+void over_tiles(int64_t N, const Tile& whole, const One& one) {
   at::parallel_for(0, (N + R - 1) / R, std::max<int64_t>(1, kSlice / R), [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n = R * g;
-      if (n + R <= N) tile(n);
+      if (n + R <= N) whole(n);
       else for (int64_t r = n; r < N; ++r) one(r);
     }
   });
@@ -206,14 +181,14 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
     float* Y = out.data_ptr<float>() + m0 * N;
     const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
     auto one = [&](int64_t n) {
-      if (rows == 1) bf16_row(X, K, W + n * K, Y + n);
-      else for (int64_t m = 0; m < rows; ++m) bf16_tile<1, 1>(X + m * K, K, W + n * K, Y + m * N + n, N);
+      if (rows == 1) row<Bf16Weights>(X, K, W + n * K, nullptr, Y + n);
+      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Bf16Weights>(X + m * K, K, W + n * K, nullptr, Y + m * N + n, N);
     };
     if (rows == 1 && K < kFourRowsMinK) {
       over_tiles<1>(N, one, one);
     } else {
 #define SLOWLLM_BF16(R) over_tiles<bf16_rows_per_tile(R)>(N, [&](int64_t n) { \
-        bf16_tile<R, bf16_rows_per_tile(R)>(X, K, W + n * K, Y + n, N); }, one)
+        tile<R, bf16_rows_per_tile(R), Bf16Weights>(X, K, W + n * K, nullptr, Y + n, N); }, one)
       SLOWLLM_DISPATCH(rows, SLOWLLM_BF16)
     }
   }
@@ -254,14 +229,14 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
     float* Y = out.data_ptr<float>() + m0 * N;
     const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
     auto one = [&](int64_t n) {
-      if (rows == 1) int8_bf16_row(X, K, Q + n * K, S[n], Y + n);
-      else for (int64_t m = 0; m < rows; ++m) int8_bf16_tile<1, 1>(X + m * K, K, Q + n * K, S + n, Y + m * N + n, N);
+      if (rows == 1) row<Int8Weights>(X, K, Q + n * K, S + n, Y + n);
+      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Int8Weights>(X + m * K, K, Q + n * K, S + n, Y + m * N + n, N);
     };
     if (rows == 1 && K < kFourRowsMinK) {
       over_tiles<1>(N, one, one);
     } else {
 #define SLOWLLM_INT8BF(R) over_tiles<int8_rows_per_tile(R)>(N, [&](int64_t n) { \
-        int8_bf16_tile<R, int8_rows_per_tile(R)>(X, K, Q + n * K, S + n, Y + n, N); }, one)
+        tile<R, int8_rows_per_tile(R), Int8Weights>(X, K, Q + n * K, S + n, Y + n, N); }, one)
       SLOWLLM_DISPATCH(rows, SLOWLLM_INT8BF)
     }
   }
