@@ -45,8 +45,7 @@ FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's t
 
 
 
-_HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_HALF_CODECS = {"bfloat16": "bf16", "float16": "fp16"}
+_HALF = {"bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}  # a node's dtype, its codec
 
 
 def encode_mask(mask: torch.Tensor):
@@ -102,8 +101,8 @@ class RemoteChain(Chain):
         """`t` as sent to `node`. A node computing in bf16 (or fp16) rounds what it receives to that dtype
         first, so it gets it in that dtype: half the bytes of fp32 and the very numbers it would compute
         from (the rounding is the same either side). A lossy codec the job chose still applies otherwise."""
-        compute = _HALF_DTYPES.get(node.dtype)
-        if compute is not None and codec in ("raw", _HALF_CODECS[node.dtype]):
+        compute, same = _HALF.get(node.dtype, (None, None))
+        if compute is not None and codec in ("raw", same):
             return encode_tensor(t.to(compute))
         return encode_tensor(t, codec)
 

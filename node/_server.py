@@ -17,7 +17,6 @@ import random
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import torch
@@ -36,6 +35,7 @@ from ._families import kv_width
 from ._resident import ResidentBlocks
 from ._kernels import cpu_supported, kernels
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
+from ._openmp import ComputeThread
 
 log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
@@ -122,11 +122,10 @@ class NodeServer:
         self.blocks: ResidentBlocks | None = None
         self.sessions = Sessions(session_budget)
         self.memory = memory  # bytes this node may use; None: what the OS reports available at load time
-        # Every torch operation of this process runs on this one thread: loading, decoding frames, the
-        # blocks, encoding replies; never on the event loop, which keeps heartbeats going. One thread, so
-        # that the process has one OpenMP team (see ComputeThread in _openmp.py: a decode step ran 1.6x
-        # slower on a compute thread after loading on the main thread).
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-compute")
+        # Every torch operation of this process runs on this one thread (one OpenMP team, see _openmp.py):
+        # loading, decoding frames, the blocks, encoding replies; never on the event loop, which keeps
+        # heartbeats going.
+        self.pool = ComputeThread()
         self.inflight = 0  # bytes of request frames accepted and not yet answered (the event loop's)
         self.inflight_budget = 256 << 20  # raised from the node's spare memory once the blocks are loaded
         self.score_budget = DEFAULT_SCORE_BUDGET
