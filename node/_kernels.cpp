@@ -51,15 +51,20 @@ __m512bh int8_to_bf16(const int8_t* w) {
                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
 }
 
-struct Bf16Weights {  // how a tile reads 32 weights, and one (for the tail)
+// How a tile reads 32 weights, and one (for the tail); and how many weight rows a tile takes for M input
+// rows (measured at 1b7 shapes, 2 cores: the best of 2-8; beyond R x M = 32 the accumulators no longer
+// fit the 32 vector registers).
+struct Bf16Weights {
   using T = uint16_t;
   static __m512bh load(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
   static float value(T w) { return bf16_to_float(w); }
+  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
 };
 struct Int8Weights {
   using T = int8_t;
   static __m512bh load(const T* w) { return int8_to_bf16(w); }
   static float value(T w) { return static_cast<float>(w); }
+  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
 };
 
 // One weight row against one input row, two chains of dot products in flight (at small K this beats
@@ -133,11 +138,6 @@ void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const floa
     }
 }
 
-// Weight rows per tile for M input rows (measured at 1b7 shapes, 2 cores: the best of 2-8; beyond R x M
-// = 32 the accumulators no longer fit the 32 vector registers).
-constexpr int bf16_rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
-constexpr int int8_rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
-
 // Rows [0, N) in tiles of R (the rest one by one), a parallel task per kSlice rows at least.
 template <int R, typename Tile, typename One>
 void over_tiles(int64_t N, const Tile& whole, const One& one) {
@@ -166,6 +166,30 @@ void over_rows(int64_t N, const Row& row) {
     default: TORCH_CHECK(false, "at most 8 input rows");           \
   }
 
+// Y [M, N] = X [M, K] (bf16) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time:
+// tiles of Weights::rows_per_tile weight rows, the rest row by row.
+template <typename Weights>
+void matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
+            int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+    const uint16_t* X = X0 + m0 * K;
+    float* Y = Y0 + m0 * N;
+    const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
+    auto one = [&](int64_t n) {
+      const float* s = S ? S + n : nullptr;
+      if (rows == 1) row<Weights>(X, K, W + n * K, s, Y + n);
+      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
+    };
+    if (rows == 1 && K < kFourRowsMinK) {
+      over_tiles<1>(N, one, one);
+    } else {
+#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, [&](int64_t n) { \
+        tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
+      SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
+    }
+  }
+}
+
 }  // namespace
 
 // y [M, N] (x's dtype) = x [M, K] (bf16) @ w [N, K].T (bf16); more than 8 rows run 8 at a time
@@ -175,23 +199,8 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto xc = x.contiguous();
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const uint16_t* X = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + m0 * K;
-    float* Y = out.data_ptr<float>() + m0 * N;
-    const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
-    auto one = [&](int64_t n) {
-      if (rows == 1) row<Bf16Weights>(X, K, W + n * K, nullptr, Y + n);
-      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Bf16Weights>(X + m * K, K, W + n * K, nullptr, Y + m * N + n, N);
-    };
-    if (rows == 1 && K < kFourRowsMinK) {
-      over_tiles<1>(N, one, one);
-    } else {
-#define SLOWLLM_BF16(R) over_tiles<bf16_rows_per_tile(R)>(N, [&](int64_t n) { \
-        tile<R, bf16_rows_per_tile(R), Bf16Weights>(X, K, W + n * K, nullptr, Y + n, N); }, one)
-      SLOWLLM_DISPATCH(rows, SLOWLLM_BF16)
-    }
-  }
+  matmul<Bf16Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K,
+                      reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr, out.data_ptr<float>(), N);
   return out.to(x.scalar_type());
 }
 
@@ -213,33 +222,19 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   }
   return out.to(x.scalar_type());
 }
+
 // y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N]; q int8; more than 8 rows run 8 at a
 // time (still faster than converting the weight for a dense GEMM up to ~32 rows: 47 vs 101 ms at 16)
 torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   check(x, q);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
+  TORCH_CHECK(scale.numel() == q.size(0), "one scale per row");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto xc = x.contiguous();
   auto sf = scale.to(torch::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  const int8_t* Q = q.data_ptr<int8_t>();
-  const float* S = sf.data_ptr<float>();
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const uint16_t* X = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + m0 * K;
-    float* Y = out.data_ptr<float>() + m0 * N;
-    const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
-    auto one = [&](int64_t n) {
-      if (rows == 1) row<Int8Weights>(X, K, Q + n * K, S + n, Y + n);
-      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Int8Weights>(X + m * K, K, Q + n * K, S + n, Y + m * N + n, N);
-    };
-    if (rows == 1 && K < kFourRowsMinK) {
-      over_tiles<1>(N, one, one);
-    } else {
-#define SLOWLLM_INT8BF(R) over_tiles<int8_rows_per_tile(R)>(N, [&](int64_t n) { \
-        tile<R, int8_rows_per_tile(R), Int8Weights>(X, K, Q + n * K, S + n, Y + n, N); }, one)
-      SLOWLLM_DISPATCH(rows, SLOWLLM_INT8BF)
-    }
-  }
+  matmul<Int8Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, q.data_ptr<int8_t>(),
+                      sf.data_ptr<float>(), out.data_ptr<float>(), N);
   return out.to(x.scalar_type());
 }
 
