@@ -42,9 +42,6 @@ _CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_pref
 MAX_FAILOVERS = 8  # per span and operation: beyond this the job fails rather than loop forever
 FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut request always fits
 FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's
-
-
-
 _HALF = {"bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}  # a node's dtype, its codec
 
 
@@ -52,6 +49,7 @@ def encode_mask(mask: torch.Tensor):
     """The 0/1 token mask on the wire as uint8: a step re-sends the whole session's mask, which at 2,000
     positions was 16 KB per hop as int64, more than half a Bloom-176B token's hidden state in bf16."""
     return encode_tensor(mask.to(torch.uint8))
+
 
 class NodeFailed(UnavailableError):
     def __init__(self, node: "NodeLink", message: str):

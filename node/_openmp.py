@@ -5,8 +5,10 @@ worker threads spin for GOMP_SPINCOUNT iterations (default 300,000: milliseconds
 one PC runs several slowllm processes (a coordinator beside its nodes, two nodes, the tests), a process
 that has just answered keeps both cores spinning while the next process in the chain computes. Measured
 on 2 cores, a coordinator + 3 bf16 nodes on loopback: 1.55x the in-process time per token with the
-default, 1.15-1.27x with 10,000 (~0.2 ms, still longer than the gaps between one step's regions, so a
-busy process loses nothing). An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as the user set it.
+default, 1.15-1.27x with 10,000 (~0.1-0.3 ms; one process computing alone changes by under 2%). fp32
+nodes are the exception: MKL's fp32 GEMV leaves a core idle, and there 100,000 measured 1.09-1.14x
+against 1.24-1.29x (the README's "CPU threads" says so); the node cannot know its dtype before torch is
+imported, so that is left to the user. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept as set.
 """
 
 from __future__ import annotations
