@@ -154,6 +154,41 @@ def test_decode_kernels_match_float_references():
             assert ((k.int8_bf16_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
             assert ((k.int8_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
             assert ((k.int8_gemv(x.float(), q, scale) - ref).abs().max() <= 1e-4 * ref.abs().max())
+            xf = torch.randn(rows, width, generator=g)  # fp32 rows, bf16 weights: fp32 throughout (the LM head)
+            got, ref = k.bf16_fp32_gemv(xf, w), xf @ w.float().T
+            assert got.dtype == torch.float32 and (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (rows, n, width)
+            # each row's numbers do not depend on the rows beside it (greedy text is the same batched or not)
+            assert torch.equal(got[-1:], k.bf16_fp32_gemv(xf[-1:], w))
+            assert torch.equal(k.int8_gemv(xf, q, scale)[-1:], k.int8_gemv(xf[-1:], q, scale))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_lm_head_kernel_and_converted_chunks_agree(models, models_dir, int8):
+    """Scoring and fp32 decoding read the stored bf16 or int8 head rows through the kernel up to
+    HEAD_KERNEL_MAX_ROWS positions and convert chunks beyond: both give the fp32 numbers of the dense head."""
+    from slowllm.coordinator._ends import HEAD_KERNEL_MAX_ROWS, ModelEnds
+
+    path = models["ctx8"] if int8 else models_dir / "q-ctx-bf16"
+    if not int8 and not (path / "config.json").exists():
+        make_checkpoint(path, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    ck = Checkpoint(path)
+    assert ck.meta(ck.head_key)[1] == (torch.int8 if int8 else torch.bfloat16)
+    ends = ModelEnds(ck, dtype=torch.float32, head_chunk_bytes=16 << 10)  # several chunks and a partial last
+    w = ends._matrix(ck.head_key).float()
+    if int8:
+        w *= ends._scale(ck.head_key).float()[:, None]
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 5, HEAD_KERNEL_MAX_ROWS, HEAD_KERNEL_MAX_ROWS + 3):  # the kernel, then converted chunks
+        hidden = torch.randn(rows, ends.hidden_size, generator=g)
+        targets = torch.randint(0, ends.vocab_size, (rows,), generator=g)
+        ref = hidden @ w.T
+        ref_lp = ref.log_softmax(-1)[torch.arange(rows), targets]
+        assert (ends.logits(hidden) - ref).abs().max() <= 1e-5 * ref.abs().max(), rows
+        lp, best, _ = ends.target_stats(hidden, targets)
+        assert (lp - ref_lp).abs().max() < 1e-4 and torch.equal(best, ref.argmax(-1) == targets), rows
+        got = ends.token_logprobs(hidden, targets, top=2)
+        assert max(abs(a - b) for (a, _), b in zip(got, ref_lp.tolist())) < 1e-4
+        assert [t[0][0] for _, t in got] == ref.argmax(-1).tolist()
 
 
 def test_int8_linear_every_path_and_its_gradient():
