@@ -16,7 +16,6 @@ from ._chain import Chain
 from ._ends import ModelEnds
 from ._generate import generate
 from ._jobs import Sampling, score
-from ._local import LocalChain, ResidentChain, plan_memory
 from ._speculative import Draft, check_draft_tokens, load_draft
 from ._softprompt import load_soft_prompt, save_soft_prompt
 from ._tune import TuneOptions, tune
@@ -117,6 +116,10 @@ class LocalRunner(Runner):
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype | None = None, max_ram: str | int | None = None,
                  device: str = "cpu", spill_dir: str | None = None, progress: bool | None = None,
                  keep_in_ram: bool = False, draft_model: str | Path | None = None, draft_tokens: int = 4):
+        # Local chains run transformers' blocks here: imported now, not when a coordinator (whose blocks run
+        # on its nodes) or a client imports this module (~3 s on 2 cores).
+        from ._local import LocalChain, ResidentChain, plan_memory
+
         checkpoint = Checkpoint(model)
         if dtype is None:  # int8 kernels want bf16 activations; float checkpoints keep exact fp32 by default
             dtype = "bfloat16" if checkpoint.int8 and native_bf16() and device == "cpu" else "float32"

@@ -31,7 +31,6 @@ from slowllm.protocol import InputError
 
 from ._chain import Chain
 from ._ends import ModelEnds
-from ._local import ResidentChain
 
 MAX_DRAFT_TOKENS = 16  # beyond this a round's acceptance probability of the last token is negligible
 
@@ -76,6 +75,8 @@ def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, dev
         raise InputError(f"the draft model {model} does not share the big model's tokenizer and vocabulary: choose "
                          "a draft of the same family and tokenizer (for Bloom-176B/Bloomz: bloom-560m, bloom-1b7, bloomz-560m...; "
                          "for Llama-3.1-70B: Llama-3.2-1B).")
+    from ._local import ResidentChain  # transformers' blocks: imported when a draft is loaded, not at start-up
+
     return Draft(ends, ResidentChain(checkpoint, dtype=dtype, device=device), tokens)
 
 

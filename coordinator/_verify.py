@@ -13,12 +13,14 @@ differ by (bf16 rounding over a span), which is also what an honest bf16 node do
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
 from slowllm.node import Checkpoint
-from slowllm.node._blocks import Attention
-from slowllm.node._streaming import BlockStream
+
+if TYPE_CHECKING:
+    from slowllm.node._blocks import Attention
 
 # Relative error per position (L2 over the hidden dimension) two honest nodes stay within: fp32 nodes
 # differ by summation order (threads, query chunking); a bf16 node rounds every block's weights and
@@ -63,11 +65,17 @@ class Referee:
 
     def _attention(self, mask: torch.Tensor, q_len: int, dtype: torch.dtype,
                    budget: int = 256 << 20) -> Attention:
+        # Imported here, as BlockStream below: the blocks are transformers' (~3 s to import on 2 cores),
+        # and only a dispute needs them, so a coordinator starts without them.
+        from slowllm.node._blocks import Attention
+
         return Attention(mask, q_len, self.config, dtype, "cpu", budget)
 
     @torch.no_grad()
     def forward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,
                 dtype: str = "float32") -> torch.Tensor:
+        from slowllm.node._streaming import BlockStream
+
         with self._lock:
             self.disputes += 1
             dt = DTYPES[dtype]
@@ -80,6 +88,8 @@ class Referee:
 
     def backward(self, first: int, last: int, hidden: torch.Tensor, mask: torch.Tensor,
                  grad: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+        from slowllm.node._streaming import BlockStream
+
         with self._lock:
             self.disputes += 1
             dt = DTYPES[dtype]

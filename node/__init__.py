@@ -10,19 +10,21 @@ from typing import TYPE_CHECKING
 from slowllm.protocol._lazy import lazy_exports
 
 _EXPORTS = {
+    "._batch": ["Batch"],
     "._blocks": ["AttentionInputs", "BlockCache", "attention_inputs", "block_nbytes", "load_weights", "new_block", "run_block"],
     "._checkpoint": ["Checkpoint", "block_keys", "touch"],
     "._memory": ["SpillStore", "default_max_ram", "process_rss"],
     "._units": ["format_size", "parse_size"],
     "._resident": ["ResidentBlocks"],
-    "._streaming": ["Batch", "BlockStream", "StreamingExecutor", "StreamingSession"],
+    "._streaming": ["BlockStream", "StreamingExecutor", "StreamingSession"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
+    from ._batch import Batch  # noqa: F401
     from ._blocks import AttentionInputs, BlockCache, attention_inputs, block_nbytes, load_weights, new_block, run_block  # noqa: F401
     from ._checkpoint import Checkpoint, block_keys, touch  # noqa: F401
     from ._memory import SpillStore, default_max_ram, process_rss  # noqa: F401
     from ._units import format_size, parse_size  # noqa: F401
     from ._resident import ResidentBlocks  # noqa: F401
-    from ._streaming import Batch, BlockStream, StreamingExecutor, StreamingSession  # noqa: F401
+    from ._streaming import BlockStream, StreamingExecutor, StreamingSession  # noqa: F401

@@ -19,17 +19,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from ._batch import Batch
 from ._blocks import DEFAULT_SCORE_BUDGET, Attention, BlockCache, load_weights, new_block, release_weights
 from ._checkpoint import Checkpoint, touch
 from ._memory import SpillStore
-
-
-@dataclass
-class Batch:
-    """Hidden states of a left-padded batch and its token mask (1 = real token)."""
-
-    hidden: torch.Tensor  # [batch, length, hidden]
-    mask: torch.Tensor  # [batch, length]
 
 
 class BlockStream:
