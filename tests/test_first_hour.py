@@ -54,6 +54,14 @@ def test_help_and_version_answer_at_once_without_torch(module):
     assert out.stdout.split()[-2:] == ["False", "False"], out.stdout + out.stderr
 
 
+def test_coordinator_and_client_start_without_transformers_blocks():
+    """Only what runs blocks needs transformers' modeling code (~3 s to import on 2 cores)."""
+    probe = ("import sys\nimport slowllm.coordinator._server, slowllm.coordinator._client, slowllm.coordinator._serve\n"
+             "print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split("\n")[-2] == "[]", out.stdout + out.stderr
+
+
 def test_help_texts_have_descriptions_defaults_and_examples():
     out = run_cli("generate", "--help").stdout
     assert "(default: 20)" in out and "examples:" in out and "slowllm generate" in out
