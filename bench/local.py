@@ -74,7 +74,7 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
     start = time.perf_counter()
     if kind == "baseline":  # the interpreter with every library the jobs import, before any model memory
         import transformers  # noqa: F401 (imported for its memory, like the jobs)
-        from slowllm.coordinator import LocalRunner  # noqa: F401
+        from slowllm.coordinator import _local  # noqa: F401 (the blocks' modules, which LocalRunner imports)
     elif kind == "read":
         for f in sorted(model.glob("*.safetensors")):
             with open(f, "rb") as fh:

@@ -187,15 +187,19 @@ void over_rows(int64_t N, const Row& row) {
     default: TORCH_CHECK(false, "at most 8 input rows");           \
   }
 
+// body(X, Y, rows) for each group of up to kMaxTileRows input rows of X0 [M, K] and their outputs Y0 [M, N]
+template <typename In, typename Body>
+void in_row_groups(const In* X0, int64_t M, int64_t K, float* Y0, int64_t N, const Body& body) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows)
+    body(X0 + m0 * K, Y0 + m0 * N, std::min<int64_t>(kMaxTileRows, M - m0));
+}
+
 // Y [M, N] = X [M, K] (bf16) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time:
 // tiles of Weights::rows_per_tile weight rows, the rest row by row.
 template <typename Weights>
 void matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
             int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const uint16_t* X = X0 + m0 * K;
-    float* Y = Y0 + m0 * N;
-    const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
+  in_row_groups(X0, M, K, Y0, N, [&](const uint16_t* X, float* Y, int64_t rows) {
     auto one = [&](int64_t n) {
       const float* s = S ? S + n : nullptr;
       if (rows == 1) row<Weights>(X, K, W + n * K, s, Y + n);
@@ -208,20 +212,18 @@ void matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weights::T*
         tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
       SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
     }
-  }
+  });
 }
 
 // Y [M, N] = X [M, K] (fp32) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time.
 template <typename Weights>
 void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
                  int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const float* X = X0 + m0 * K;
-    float* Y = Y0 + m0 * N;
+  in_row_groups(X0, M, K, Y0, N, [&](const float* X, float* Y, int64_t rows) {
 #define SLOWLLM_FP32(R) over_rows(N, [&](int64_t n) { \
       fp32_row<R, Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); })
-    SLOWLLM_DISPATCH(std::min<int64_t>(kMaxTileRows, M - m0), SLOWLLM_FP32)
-  }
+    SLOWLLM_DISPATCH(rows, SLOWLLM_FP32)
+  });
 }
 
 }  // namespace
