@@ -38,7 +38,7 @@ def cpu_supported() -> bool:
 
 
 def kernels():
-    """The compiled module (functions bf16_gemv, int8_gemv), or None."""
+    """The compiled module (bf16_gemv, int8_bf16_gemv, int8_gemv, bf16_fp32_gemv), or None."""
     global _module, _tried
     if _tried:
         return _module
