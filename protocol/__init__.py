@@ -14,14 +14,16 @@ from ._lazy import lazy_exports
 
 _EXPORTS = {
     "._errors": ["AuthError", "BusyError", "CheckpointError", "InputError", "MemoryBudgetError", "ProtocolError", "SlowllmError", "UnavailableError", "error_from_reply"],
-    "._framing": ["DEFAULT_LIMITS", "Limits", "decode_tensor", "encode_tensor", "pack", "peek", "read_credentials", "read_secret", "unpack"],
+    "._framing": ["DEFAULT_LIMITS", "Limits", "pack", "peek", "read_credentials", "read_secret", "unpack"],
     "._handshake": ["HANDSHAKE_LIMITS", "Channel", "CoordinatorHandshake", "PeerHandshake", "printable"],
+    "._tensors": ["decode_tensor", "encode_tensor"],
     "._messages": ["PROTOCOL_VERSION", "Auth", "Backward", "Challenge", "CloseSession", "Error", "Event", "Forward", "Heartbeat", "Hello", "Job", "JobResult", "Register", "Result", "Step", "Welcome", "WireTensor"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from ._errors import AuthError, BusyError, CheckpointError, InputError, MemoryBudgetError, ProtocolError, SlowllmError, UnavailableError, error_from_reply  # noqa: F401
-    from ._framing import DEFAULT_LIMITS, Limits, decode_tensor, encode_tensor, pack, peek, read_credentials, read_secret, unpack  # noqa: F401
+    from ._framing import DEFAULT_LIMITS, Limits, pack, peek, read_credentials, read_secret, unpack  # noqa: F401
     from ._handshake import HANDSHAKE_LIMITS, Channel, CoordinatorHandshake, PeerHandshake, printable  # noqa: F401
+    from ._tensors import decode_tensor, encode_tensor  # noqa: F401
     from ._messages import PROTOCOL_VERSION, Auth, Backward, Challenge, CloseSession, Error, Event, Forward, Heartbeat, Hello, Job, JobResult, Register, Result, Step, Welcome, WireTensor  # noqa: F401

@@ -1,28 +1,23 @@
-"""Bytes <-> messages, tensors <-> wire tensors, shared-secret authentication. No I/O, never pickle.
+"""Bytes <-> messages, and shared-secret files. No I/O beyond reading a secret file, never pickle.
 
 Frames are msgpack maps (one WebSocket message each). Decoding checks, in order: frame size, msgpack
-well-formedness, message schema, tensor byte counts and element limits; any failure is a
-`ProtocolError` with one sentence, which servers send back as an error reply instead of dying.
+well-formedness, message schema (tensor byte counts and element limits: `_tensors`, when a tensor is
+decoded); any failure is a `ProtocolError` with one sentence, which servers send back as an error reply
+instead of dying. No torch here: a client that only sends text and reads results never imports it.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass
 
 import msgpack
-import torch
 from pydantic import ValidationError
 
 from ._errors import AuthError, ProtocolError
-from ._messages import MESSAGE, WireTensor
+from ._messages import MESSAGE
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-           "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-_INT8_BLOCK = 64
 PEEK_BYTES = 4096
 
 
@@ -88,53 +83,6 @@ def peek(frame: bytes | str) -> tuple[str, int | None]:
             (msg_id is not None and not -(2 ** 63) <= msg_id < 2 ** 63):
         raise ProtocolError("a message must be a msgpack map with a string 'type' and an integer 'id'.")
     return kind, msg_id
-
-
-def encode_tensor(t: torch.Tensor, codec: str = "raw") -> WireTensor:
-    t = t.detach().cpu().contiguous()
-    if codec != "raw" and t.dtype != torch.float32:
-        codec = "raw"  # only fp32 is worth compressing; everything else goes as it is
-    scales = b""
-    if codec == "fp16":
-        payload = t.to(torch.float16)
-    elif codec == "bf16":
-        payload = t.to(torch.bfloat16)
-    elif codec == "int8":
-        flat = t.reshape(-1)
-        pad = (-flat.numel()) % _INT8_BLOCK
-        blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, _INT8_BLOCK)
-        scale = blocks.abs().amax(dim=1).clamp_min(1e-30) / 127.0
-        payload = torch.round(blocks / scale[:, None]).to(torch.int8)
-        scales = scale.numpy().astype("<f4").tobytes()
-    else:
-        payload = t
-    data = payload.reshape(-1).view(torch.uint8).numpy().tobytes() if payload.numel() else b""
-    return WireTensor(dtype=_NAMES[t.dtype], shape=list(t.shape), codec=codec, data=data, scales=scales)
-
-
-def decode_tensor(w: WireTensor, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-    dtype = _DTYPES[w.dtype]
-    if len(w.shape) > 8:
-        raise ProtocolError(f"tensor has {len(w.shape)} dimensions, more than 8.")
-    numel = math.prod(w.shape)  # Python ints: a shape like [2**62 + 1, 4] cannot wrap around
-    if numel > limits.max_tensor_elements:
-        raise ProtocolError(f"tensor of {numel} elements exceeds the limit of {limits.max_tensor_elements}.")
-    stored = {"raw": dtype, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[w.codec]
-    if w.codec != "raw" and dtype != torch.float32:
-        raise ProtocolError(f"codec {w.codec} applies to float32 tensors only.")
-    padded = numel + (-numel) % _INT8_BLOCK if w.codec == "int8" else numel
-    if len(w.data) != padded * stored.itemsize:
-        raise ProtocolError(f"tensor data is {len(w.data)} bytes, but {w.dtype} {w.shape} needs {padded * stored.itemsize}.")
-    if numel == 0:
-        return torch.empty(w.shape, dtype=dtype)
-    payload = torch.frombuffer(bytearray(w.data), dtype=torch.uint8).view(stored)
-    if w.codec == "int8":
-        if len(w.scales) != padded // _INT8_BLOCK * 4:
-            raise ProtocolError("int8 tensor has the wrong number of scales.")
-        scale = torch.frombuffer(bytearray(w.scales), dtype=torch.float32)
-        out = (payload.reshape(-1, _INT8_BLOCK).float() * scale[:, None]).reshape(-1)[:numel]
-        return out.reshape(w.shape)
-    return payload.reshape(w.shape).to(dtype)
 
 
 # ---- credentials ---------------------------------------------------------------------------------
