@@ -65,7 +65,7 @@ def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
             return out.shape[1] - width
     else:
         from slowllm.coordinator import LocalRunner
-        from slowllm.coordinator._jobs import Sampling
+        from slowllm.coordinator import Sampling
 
         runner = LocalRunner(model, dtype="bfloat16", keep_in_ram=True, progress=False)
 

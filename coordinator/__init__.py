@@ -19,17 +19,15 @@ from slowllm.protocol._lazy import lazy_exports
 _EXPORTS = {
     "._chain": ["Batch", "Chain", "ChainSession"],
     "._client": ["Client"],
-    "._jobs": ["Sampling"],
+    "._options": ["Sampling", "TuneOptions"],
     "._runner": ["LocalRunner", "Runner"],
     "._tiny": ["make_checkpoint", "make_draft_pair", "tiny_config"],
-    "._tune": ["TuneOptions"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from ._chain import Batch, Chain, ChainSession  # noqa: F401
     from ._client import Client  # noqa: F401
-    from ._jobs import Sampling  # noqa: F401
+    from ._options import Sampling, TuneOptions  # noqa: F401
     from ._runner import LocalRunner, Runner  # noqa: F401
     from ._tiny import make_checkpoint, make_draft_pair, tiny_config  # noqa: F401
-    from ._tune import TuneOptions  # noqa: F401

@@ -268,7 +268,7 @@ def _print(obj) -> None:
 
 
 def _generate(args) -> int:
-    from ._jobs import Sampling
+    from ._options import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sampling.check()
@@ -324,7 +324,7 @@ def _score(args) -> int:
 
 
 def _tune(args) -> int:
-    from ._tune import TuneOptions
+    from ._options import TuneOptions
 
     data = read_jsonl(args.data)
     out = Path(args.out)

@@ -18,22 +18,25 @@ import asyncio
 import dataclasses
 import os
 import ssl
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 import websockets
 
 from slowllm.protocol import (
     HANDSHAKE_LIMITS, Error, Event, InputError, Job, JobResult, Limits, PeerHandshake, SlowllmError, UnavailableError,
-    WireTensor, decode_tensor, encode_tensor, error_from_reply, pack, printable, read_credentials,
+    WireTensor, error_from_reply, pack, printable, read_credentials,
 )
 
 from slowllm.node._aio import why_connection_failed
 from slowllm.node._units import format_ranges
 
-from ._jobs import Sampling
-from ._softprompt import check_finite_prompt, read_soft_prompt, save_soft_prompt
-from ._tune import TuneOptions
+from ._options import Sampling, TuneOptions
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (~1 s to import on 2 cores) is imported only where a tensor is involved (soft prompts, tuning):
+# a script or `slowllm generate --coordinator ...` that sends text and reads results never needs it.
 
 
 class _TooLarge(InputError):
@@ -104,6 +107,10 @@ class Client:
     def _soft(self, path) -> dict | None:
         if path is None:
             return None
+        from slowllm.protocol._tensors import encode_tensor
+
+        from ._softprompt import check_finite_prompt, read_soft_prompt
+
         tensor, meta = read_soft_prompt(path)
         check_finite_prompt(tensor, str(path))
         return {"tensor": encode_tensor(tensor).model_dump(), "meta": {**meta, "source": str(path)}}
@@ -138,6 +145,10 @@ class Client:
     def tune(self, data: list[dict], options: TuneOptions = TuneOptions(), out=None,
              on_step: Callable[[int, float], None] | None = None,
              on_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        import torch
+
+        from slowllm.protocol._tensors import decode_tensor
+
         params = {"data": list(data), **dataclasses.asdict(options), "send_prompt": on_prompt is not None}
 
         def on_event(d: dict) -> None:
@@ -157,6 +168,8 @@ class Client:
         return prompt
 
     def save_prompt(self, out, prompt: torch.Tensor) -> None:
+        from ._softprompt import save_soft_prompt
+
         save_soft_prompt(out, prompt, self.fingerprint, self.url)
 
     def set_progress(self, on: bool) -> None:

@@ -7,10 +7,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._jobs import Sampling
+from ._options import Sampling
 from ._runner import LocalRunner
 from ._tiny import TINY_FAMILIES, make_checkpoint, tiny_config
-from ._tune import TuneOptions
+from ._options import TuneOptions
 
 SCORE_REQUESTS = [
     {"context": "Is the sky blue?", "choices": [" Yes.", " No."]},

@@ -6,9 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from ._jobs import Sampling
+from ._options import Sampling
 from ._launch import LocalCluster
-from ._tune import TuneOptions
+from ._options import TuneOptions
 
 
 def run_network(model: Path, local: dict) -> int:

@@ -16,7 +16,8 @@ import torch
 
 from ._chain import Chain, plan_batches
 from ._ends import ModelEnds
-from ._jobs import Sampling, hidden_batch
+from ._jobs import hidden_batch
+from ._options import Sampling
 from ._speculative import Draft, DraftLength, Stopwatch, accept
 
 

@@ -36,7 +36,7 @@ from slowllm.protocol import BusyError, SlowllmError, UnavailableError
 
 from ._ends import ModelEnds
 from ._generate import Continuation, Generation
-from ._jobs import Sampling
+from ._options import Sampling
 from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRequest, chat_logprobs,
                       completion_logprobs, cut_at_stop, model_chat_template, prompt_rows, render_chat)
 

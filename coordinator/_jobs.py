@@ -8,7 +8,6 @@ fit the chain's limits; a soft prompt, when given, sits between the padding and 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -145,45 +144,3 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
             results.append({"logprobs": lps, "is_greedy": [greedy[i] for i in mine],
                             "best": max(range(len(lps)), key=lps.__getitem__)})
     return results
-
-
-# ---- generate ------------------------------------------------------------------------------------
-@dataclass
-class Sampling:
-    max_new_tokens: int = 20
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-    def check(self) -> None:
-        _whole("max_new_tokens", self.max_new_tokens)
-        _whole("seed", self.seed, optional=True)
-        _whole("top_k", self.top_k, optional=True)
-        _finite("temperature", self.temperature)
-        _finite("top_p", self.top_p, optional=True)
-        if self.max_new_tokens < 1:
-            raise InputError("--max-new-tokens must be at least 1.")
-        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
-            raise InputError("--seed must fit in 64 bits.")
-        if self.temperature < 0:
-            raise InputError("--temperature must be 0 (greedy) or positive.")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError("--top-k must be at least 1.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError("--top-p must be in (0, 1].")
-
-
-def _whole(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be a whole number, not {value!r}.")
-
-
-def _finite(name: str, value, optional: bool = False) -> None:
-    """A number that is not NaN or infinite (NaN slips through every `<` check)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, not {value!r}.")

@@ -18,7 +18,7 @@ from slowllm.node._openmp import ComputeThread
 from slowllm.protocol import InputError
 
 from ._generate import Continuation, Generation, step_together
-from ._jobs import Sampling
+from ._options import Sampling
 from ._keys import KeyRing, is_loopback
 from ._runner import LocalRunner
 

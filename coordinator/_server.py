@@ -29,7 +29,7 @@ from slowllm.protocol import (
 )
 
 from ._ends import ModelEnds
-from ._jobs import Sampling
+from ._options import Sampling
 from ._keys import KeyRing, is_loopback
 from ._remote import RemoteChain
 from ._router import NodeLink, Router
@@ -37,7 +37,7 @@ from ._runner import Runner
 from ._softprompt import check_soft_prompt
 from ._status_page import render_status
 from ._speculative import load_draft
-from ._tune import TuneOptions
+from ._options import TuneOptions
 from ._verify import Referee
 
 log = logging.getLogger("slowllm.coordinator")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -21,26 +20,7 @@ from slowllm.protocol import InputError
 from ._chain import Batch, Chain, plan_batches
 from ._ends import ModelEnds
 from ._jobs import inputs_embeds
-
-
-@dataclass
-class TuneOptions:
-    prompt_tokens: int = 8
-    steps: int = 20
-    lr: float = 1e-2
-    batch_size: int = 4
-    seed: int = 0
-
-    def check(self) -> None:
-        from ._jobs import _finite, _whole
-
-        for name in ("prompt_tokens", "steps", "batch_size", "seed"):
-            _whole(name, getattr(self, name))
-        _finite("lr", self.lr)
-        if self.lr > 1e3:
-            raise InputError(f"lr {self.lr} is far too large (a soft prompt's steps are ~0.01-1): use a smaller one.")
-        if self.prompt_tokens < 1 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise InputError("--prompt-tokens, --steps and --batch-size must be at least 1, and --lr positive.")
+from ._options import TuneOptions
 
 
 def tokenize_examples(ends: ModelEnds, data: Sequence[dict]) -> list[tuple[list[int], list[int]]]:

@@ -55,11 +55,13 @@ def test_help_and_version_answer_at_once_without_torch(module):
 
 
 def test_coordinator_and_client_start_without_transformers_blocks():
-    """Only what runs blocks needs transformers' modeling code (~3 s to import on 2 cores)."""
-    probe = ("import sys\nimport slowllm.coordinator._server, slowllm.coordinator._client, slowllm.coordinator._serve\n"
+    """Only what runs blocks needs transformers' modeling code (~3 s to import on 2 cores), and a client
+    that sends text needs no torch (~1 s)."""
+    probe = ("import sys\nimport slowllm.coordinator._client\nprint('torch' in sys.modules)\n"
+             "import slowllm.coordinator._server, slowllm.coordinator._serve\n"
              "print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.split("\n")[-2] == "[]", out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.split("\n")[-3:-1] == ["False", "[]"], out.stdout + out.stderr
 
 
 def test_help_texts_have_descriptions_defaults_and_examples():

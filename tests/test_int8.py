@@ -106,7 +106,7 @@ def test_int8_local_jobs_streaming_and_resident_agree(models, tmp_path):
     assert abs(fp32[1]["logprob"] - b[1]["logprob"]) < 0.1
     # tuning runs backward through int8 blocks
     data = [{"context": "Is the sky blue?", "continuation": " Yes."}] * 2
-    from slowllm.coordinator._tune import TuneOptions
+    from slowllm.coordinator import TuneOptions
     losses = []
     resident.tune(data, TuneOptions(prompt_tokens=2, steps=3, lr=0.05, batch_size=2), on_step=lambda s, l: losses.append(l))
     assert len(losses) == 3 and losses[-1] < losses[0]
