@@ -129,28 +129,33 @@ class ModelEnds:
         return F.layer_norm(hidden, (self.hidden_size,), *self._final_norm, self.eps)
 
     # ---- LM head -------------------------------------------------------------------------------
+    def _stored_chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(start, the head's rows [start, start + head_chunk_rows) as stored, their int8 scales or None)."""
+        key = self.checkpoint.head_key
+        scale = self._scale(key)
+        for start in range(0, self.vocab_size, self.head_chunk_rows):
+            stop = min(start + self.head_chunk_rows, self.vocab_size)
+            source = self._matrix(key)[start:stop]
+            yield start, source, None if scale is None else scale[start:stop]
+            del source
+
     def _head_chunks(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, weight rows in `dtype`, the compute dtype by default), converted into a reused buffer."""
         dtype = dtype or self.dtype
-        key = self.checkpoint.head_key
-        rows = self.head_chunk_rows
         buffer = getattr(self._local, f"buffer_{dtype}", None)
         if buffer is None:
-            buffer = torch.empty(rows, self.hidden_size, dtype=dtype)
+            buffer = torch.empty(self.head_chunk_rows, self.hidden_size, dtype=dtype)
             setattr(self._local, f"buffer_{dtype}", buffer)
-        scale = self._scale(key)
-        for start in range(0, self.vocab_size, rows):
-            stop = min(start + rows, self.vocab_size)
-            source = self._matrix(key)[start:stop]
-            if source.dtype == dtype and key in self._resident:
+        resident = self.checkpoint.head_key in self._resident
+        for start, source, scale in self._stored_chunks():
+            if source.dtype == dtype and resident:
                 yield start, source
             else:
-                chunk = buffer[: stop - start]
+                chunk = buffer[: source.shape[0]]
                 chunk.copy_(source)
                 if scale is not None:  # int8 rows: dequantized into the buffer
-                    chunk.mul_(scale[start:stop].to(dtype)[:, None])
+                    chunk.mul_(scale.to(dtype)[:, None])
                 yield start, chunk
-            del source
 
     def _chunk_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = hidden.to(weight.dtype)
@@ -166,22 +171,15 @@ class ModelEnds:
         summation order, each row's the same whatever else is in the batch, without writing and reading
         back a fp32 copy of the head (Bloom's: 2 GB at hidden 2048, 14 GB at 14336)."""
         hidden = hidden.float()
-        key = self.checkpoint.head_key
-        stored = self.checkpoint.meta(key)[1]
+        stored = self.checkpoint.meta(self.checkpoint.head_key)[1]
         k = kernels() if (hidden.device.type == "cpu" and 0 < hidden.shape[0] <= HEAD_KERNEL_MAX_ROWS
                           and stored in (torch.bfloat16, torch.int8)) else None
         if k is None:
             for start, w in self._head_chunks(torch.float32):
                 yield start, self._chunk_logits(hidden, w)
             return
-        scale = self._scale(key)
-        scale = scale.float() if scale is not None else None
-        for start in range(0, self.vocab_size, self.head_chunk_rows):
-            stop = min(start + self.head_chunk_rows, self.vocab_size)
-            source = self._matrix(key)[start:stop]
-            yield start, (k.int8_gemv(hidden, source, scale[start:stop]) if scale is not None
-                          else k.bf16_fp32_gemv(hidden, source))
-            del source
+        for start, source, scale in self._stored_chunks():
+            yield start, k.bf16_fp32_gemv(hidden, source) if scale is None else k.int8_gemv(hidden, source, scale)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,10 +192,8 @@ class ModelEnds:
             return out
         if self.checkpoint.int8 and key in self._resident:  # the int8 rows as they are: half the bytes
             x = hidden.to(self.dtype)
-            q, scale = self._resident[key], self._resident[key + SCALE]
-            for start in range(0, self.vocab_size, self.head_chunk_rows):
-                stop = min(start + self.head_chunk_rows, self.vocab_size)
-                out[:, start:stop] = int8_matmul(x, q[start:stop], scale[start:stop])
+            for start, q, scale in self._stored_chunks():
+                out[:, start:start + q.shape[0]] = int8_matmul(x, q, scale)
             return out
         for start, w in self._head_chunks():
             out[:, start:start + w.shape[0]] = self._chunk_logits(hidden, w)

@@ -16,10 +16,9 @@ from ._chain import Chain
 from ._ends import ModelEnds
 from ._generate import generate
 from ._jobs import score
-from ._options import Sampling
+from ._options import Sampling, TuneOptions
 from ._speculative import Draft, check_draft_tokens, load_draft
 from ._softprompt import load_soft_prompt, save_soft_prompt
-from ._options import TuneOptions
 from ._tune import tune
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

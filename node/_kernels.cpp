@@ -51,18 +51,30 @@ __m512bh int8_to_bf16(const int8_t* w) {
                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
 }
 
-// How a tile reads 32 weights, and one (for the tail); and how many weight rows a tile takes for M input
-// rows (measured at 1b7 shapes, 2 cores: the best of 2-8; beyond R x M = 32 the accumulators no longer
-// fit the 32 vector registers).
+// How a weight type is read: 32 weights as bf16 for the dot products (`load`), 16 as two fp32 vectors
+// for fp32 input rows (`load16`: exact for both types; a bf16 value is the top half of the fp32 with the
+// same value), one as a float (the tails); and how many weight rows a bf16 tile takes for M input rows
+// (measured at 1b7 shapes, 2 cores: the best of 2-8; beyond R x M = 32 the accumulators no longer fit the
+// 32 vector registers).
 struct Bf16Weights {
   using T = uint16_t;
   static __m512bh load(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static void load16(const T* w, __m256& w0, __m256& w1) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16));
+    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16));
+  }
   static float value(T w) { return bf16_to_float(w); }
   static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
 };
 struct Int8Weights {
   using T = int8_t;
   static __m512bh load(const T* w) { return int8_to_bf16(w); }
+  static void load16(const T* w, __m256& w0, __m256& w1) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  }
   static float value(T w) { return static_cast<float>(w); }
   static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
 };
@@ -90,25 +102,6 @@ void row(const uint16_t* X, int64_t K, const typename Weights::T* wr, const floa
 // writing and re-reading a float copy of it (Bloom's head: 2 GB at hidden 2048, 14 GB at 14336).
 // 256-bit lanes: on CPUs that split 512-bit ops in two (Zen 4) the conversions are the bottleneck, and
 // independent chains keep both vector ports busy. Each weight is converted once per M input rows.
-struct Int8To32 {
-  using T = int8_t;
-  static void load16(const T* w, __m256& w0, __m256& w1) {
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-  }
-  static float value(T w) { return static_cast<float>(w); }
-};
-struct Bf16To32 {  // a bf16 value is the top half of the fp32 with the same value
-  using T = uint16_t;
-  static void load16(const T* w, __m256& w0, __m256& w1) {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16));
-    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16));
-  }
-  static float value(T w) { return bf16_to_float(w); }
-};
-
 template <int M, typename Weights>
 void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const float* S, float* out, int64_t stride) {
   __m256 acc[M][2];
@@ -248,7 +241,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   auto xf = x.to(torch::kFloat).contiguous();
   auto sf = scale.to(torch::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  fp32_matmul<Int8To32>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
+  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
   return out.to(x.scalar_type());
 }
 
@@ -259,7 +252,7 @@ torch::Tensor bf16_fp32_gemv(torch::Tensor x, torch::Tensor w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto xc = x.contiguous();
   auto out = torch::empty({M, N}, x.options());
-  fp32_matmul<Bf16To32>(xc.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+  fp32_matmul<Bf16Weights>(xc.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
                         nullptr, out.data_ptr<float>(), N);
   return out;
 }
