@@ -1,22 +1,32 @@
-"""Decode speed with every block in RAM: transformers eager bf16 vs slowllm bf16 vs slowllm int8.
+"""Decode speed with every block in RAM, against the memory floor, per kernel build, idle and busy.
 
-    python bench/decode.py [--n-layer 24] [--tokens 32] [--repeat 3] [--prompts 1 8]
+    python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--prompts 1 8]
+                           [--isa avx512bf16 avx2] [--engines hf slowllm slowllm8] [--neighbour]
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
-bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess (so
-neither inherits the other's memory or threads), loads once, and times generation of 1 and of 1+N new
-tokens, greedy, for 1 and for 8 prompts: decode ms/token = (t(1+N) - t(1)) / N, the prompt pass
-excluded. Engines alternate across repeats and the median is kept. Prints a table and one JSON line;
-the speed-ups are ratios to transformers' time measured in the same run (the machine is shared).
-  hf          BloomForCausalLM.generate, bf16, eager (what transformers users get)
-  slowllm     LocalRunner(keep_in_ram=True, dtype=bfloat16): `slowllm generate --local --keep-in-ram`
-  slowllm8    the same on the int8 checkpoint
+bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess, loads
+once and times generation of 1 and of 1+N new tokens, greedy: decode ms/token = (t(1+N) - t(1)) / N.
+  hf        BloomForCausalLM.generate, bf16, eager (what transformers users get)
+  slowllm   LocalRunner(keep_in_ram=True) with no dtype asked: what `slowllm generate --local
+            --keep-in-ram` gives a bf16 checkpoint by default (bf16 wherever a kernel reads it fast)
+  slowllm8  the same on the int8 checkpoint
+Per ISA (`SLOWLLM_ISA`): `avx2` also caps PyTorch, oneDNN and MKL at AVX2 (ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), for every engine: an AVX2-only PC on this machine.
+
+The memory floor of a token is the bytes of weights it must read (every block's linears and the LM
+head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
+best of 5, all threads). slowllm's rows say how far above it they are and where the rest goes: the
+block linears and the head timed alone at 1 row, the remainder (attention, norms, Python per block).
+--neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
+has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
+a baseline measured in the same run (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from local import WORK, make_model  # noqa: E402
 
 PROMPT = "Once upon a time there was a researcher without a cluster who read every block"
+AVX2_PC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def make_int8(model: Path) -> Path:
@@ -41,12 +52,25 @@ def prompts(n: int) -> list[str]:
     return [f"{i} {PROMPT}"[: 20 + 7 * i] for i in range(n)]  # different lengths: left padding
 
 
+def bandwidth() -> float:
+    import torch
+
+    big = torch.ones(1 << 30, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t)
+    return big.numel() * 2 / best / 1e9
+
+
 def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
     import torch
 
     from slowllm.node import Checkpoint
 
     texts = prompts(n_prompts)
+    parts = {}
     if engine == "hf":
         from tokenizers import Tokenizer
         from transformers import BloomForCausalLM
@@ -64,10 +88,12 @@ def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
                                   do_sample=False, pad_token_id=3)
             return out.shape[1] - width
     else:
-        from slowllm.coordinator import LocalRunner
-        from slowllm.coordinator import Sampling
+        from slowllm.coordinator import LocalRunner, Sampling
+        from slowllm.node._kernels import describe
 
-        runner = LocalRunner(model, dtype="bfloat16", keep_in_ram=True, progress=False)
+        runner = LocalRunner(model, keep_in_ram=True, progress=False)
+        parts["dtype"] = str(runner.chain.dtype).removeprefix("torch.")
+        parts["kernels"] = describe()
 
         def run(n: int) -> int:
             out = runner.generate(texts, Sampling(n, 0.0, None, None, None))
@@ -79,15 +105,49 @@ def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
     t1 = time.perf_counter()
     made = run(1 + tokens)
     t2 = time.perf_counter()
-    return {"ms_per_token": ((t2 - t1) - (t1 - t0)) / tokens * 1000, "generated": made}
+    result = {"ms_per_token": ((t2 - t1) - (t1 - t0)) / tokens * 1000, "generated": made, **parts}
+    if engine != "hf":
+        result.update(breakdown(runner, n_prompts))
+    return result
 
 
-def measure(engine: str, model: Path, n_prompts: int, tokens: int) -> dict:
+def breakdown(runner, n_prompts: int) -> dict:
+    """ms of one decode step's block linears and LM head, each timed alone at the step's row count."""
+    import torch
+    from torch import nn
+
+    dtype = runner.chain.dtype
+    linears = [m for block in runner.chain.blocks.blocks.values() for m in block.modules() if isinstance(m, nn.Linear)
+               or type(m).__name__ == "Int8Linear"]
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times) * 1000
+
+    with torch.no_grad():
+        xs = {m.in_features: torch.randn(n_prompts, 1, m.in_features).to(dtype) for m in linears}
+        lin = best(lambda: [m(xs[m.in_features]) for m in linears])
+        hidden = torch.randn(n_prompts, runner.ends.hidden_size)
+        head = best(lambda: runner.ends.logits(hidden.to(dtype)))
+    return {"linears_ms": lin, "head_ms": head}
+
+
+def measure(engine: str, model: Path, n_prompts: int, tokens: int, env: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", engine, str(model), str(n_prompts), str(tokens)],
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
     if out.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def neighbour() -> subprocess.Popen:
+    """A CPU-bound process on one core, as a PC in use has (a build, a browser tab, a game)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: sum(i * i for i in range(10000))"])
 
 
 def main() -> None:
@@ -97,34 +157,86 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-layer", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--isa", nargs="+", default=None, help="kernel builds to measure (default: those this CPU runs)")
     ap.add_argument("--engines", nargs="+", default=["hf", "slowllm", "slowllm8"])
+    ap.add_argument("--neighbour", action="store_true", help="also measure beside a CPU-bound process")
     args = ap.parse_args()
+    from slowllm.node import Checkpoint
+    from slowllm.node._checkpoint import SCALE
+    from slowllm.node._kernels import ISA_FLAGS, cpu_flags
+
+    isas = args.isa or [isa for isa, need in ISA_FLAGS.items() if all(f in cpu_flags() for f in need)]
     model = make_model(args.n_layer)
     paths = {"hf": model, "slowllm": model, "slowllm8": make_int8(model)}
-    results: dict[str, dict[str, list[float]]] = {}
+    floor_bytes = {}
+    for engine, path in paths.items():
+        ck = Checkpoint(path)
+        keys = [ck.head_key] + [k for layer in range(ck.n_layer) for k in ck.quantized_keys(layer)]
+        keys += [k + SCALE for k in keys if ck.int8 and k != ck.head_key] + ([ck.head_key + SCALE] if ck.int8 else [])
+        floor_bytes[engine] = sum(torch_numel(ck.meta(k)) for k in keys)
+    gbps = statistics.median(bandwidth() for _ in range(3))
+    print(f"read bandwidth {gbps:.1f} GB/s; bytes per token: bf16 {floor_bytes['slowllm'] / 1e9:.2f} GB, "
+          f"int8 {floor_bytes['slowllm8'] / 1e9:.2f} GB", file=sys.stderr)
+    conditions = ["idle", "busy"] if args.neighbour else ["idle"]
+    results: dict[tuple, list[dict]] = {}
     for _ in range(args.repeat):
-        for n in args.prompts:
-            for engine in args.engines:
-                r = measure(engine, paths[engine], n, args.tokens)
-                if r["generated"] < 1 + args.tokens:
-                    print(f"warning: {engine} stopped at {r['generated']} tokens (EOS)", file=sys.stderr)
-                results.setdefault(f"{n}", {}).setdefault(engine, []).append(r["ms_per_token"])
-                print(f"  {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token", file=sys.stderr, flush=True)
-    summary = {}
-    print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens, median of {args.repeat}")
-    print(f"{'prompts':>8} {'engine':>10} {'ms/token':>9} {'speed-up vs hf':>15}")
-    for n, by_engine in results.items():
-        base = statistics.median(by_engine["hf"]) if "hf" in by_engine else None
-        for engine, values in by_engine.items():
-            ms = statistics.median(values)
-            ratio = base / ms if base else float("nan")
-            summary[f"{engine}_{n}p_ms"] = round(ms, 1)
-            summary[f"{engine}_{n}p_speedup"] = round(ratio, 2)
-            print(f"{n:>8} {engine:>10} {ms:>9.1f} {ratio:>14.2f}x")
+        for isa in isas:
+            env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa == "avx2" else {})}
+            for condition in conditions:
+                busy = neighbour() if condition == "busy" else None
+                try:
+                    for n in args.prompts:
+                        for engine in args.engines:
+                            r = measure(engine, paths[engine], n, args.tokens, env)
+                            results.setdefault((isa, condition, n, engine), []).append(r)
+                            print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
+                                  f"{r.get('dtype', '')} {r.get('kernels', '')}", file=sys.stderr, flush=True)
+                finally:
+                    if busy:
+                        busy.kill()
+                        busy.wait()
+    summary: dict = {"bandwidth_gbps": round(gbps, 1)}
+    print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens, median of {args.repeat}; "
+          f"read bandwidth {gbps:.1f} GB/s")
+    print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'x floor':>8} "
+          f"{'linears':>8} {'head':>6} {'rest':>6}")
+    for (isa, condition, n, engine), runs in results.items():
+        ms = statistics.median(r["ms_per_token"] for r in runs)
+        hf = results.get((isa, condition, n, "hf"))
+        base = statistics.median(r["ms_per_token"] for r in hf) if hf else float("nan")
+        key = f"{isa}_{condition}_{n}p_{engine}"
+        summary[key + "_ms"] = round(ms, 1)
+        summary[key + "_speedup_vs_hf"] = round(base / ms, 2)
+        floor = floor_bytes[engine] / gbps / 1e6
+        row = f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {ms / floor:>7.2f}x"
+        summary[key + "_x_floor"] = round(ms / floor, 2)
+        if "linears_ms" in runs[0]:
+            lin = statistics.median(r["linears_ms"] for r in runs)
+            head = statistics.median(r["head_ms"] for r in runs)
+            row += f" {lin:>8.1f} {head:>6.1f} {ms - lin - head:>6.1f}"
+            summary[key + "_linears_ms"], summary[key + "_head_ms"] = round(lin, 1), round(head, 1)
+        print(row)
+    if args.neighbour:
+        for isa in isas:
+            for n in args.prompts:
+                for engine in args.engines:
+                    idle, busy = (results.get((isa, c, n, engine)) for c in ("idle", "busy"))
+                    if idle and busy:
+                        ratio = (statistics.median(r["ms_per_token"] for r in busy)
+                                 / statistics.median(r["ms_per_token"] for r in idle))
+                        summary[f"{isa}_{n}p_{engine}_busy_over_idle"] = round(ratio, 2)
+                        print(f"busy/idle {isa} {n} prompt(s) {engine}: {ratio:.2f}x")
     print(json.dumps({"bench": "decode", "n_layer": args.n_layer, "tokens": args.tokens, **summary}))
+
+
+def torch_numel(meta) -> int:
+    import torch
+
+    shape, dtype = meta
+    return torch.Size(shape).numel() * dtype.itemsize
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from slowllm.node import Checkpoint, default_max_ram, parse_size
-from slowllm.node._memory import native_bf16
+from slowllm.node._memory import default_dtype
 from slowllm.protocol import InputError
 
 from ._chain import Chain
@@ -122,8 +122,8 @@ class LocalRunner(Runner):
         from ._local import LocalChain, ResidentChain, plan_memory
 
         checkpoint = Checkpoint(model)
-        if dtype is None:  # int8 kernels want bf16 activations; float checkpoints keep exact fp32 by default
-            dtype = "bfloat16" if checkpoint.int8 and native_bf16() and device == "cpu" else "float32"
+        if dtype is None:  # bf16 and int8 checkpoints run in bf16 where it is fast; fp32 ones stay exact
+            dtype = default_dtype(checkpoint.storage_dtype(), device, checkpoint.int8)[0] if device == "cpu" else "float32"
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         budget = default_max_ram() if max_ram is None else (max_ram if isinstance(max_ram, int) else parse_size(max_ram))
         draft = None

@@ -63,11 +63,11 @@ def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, dev
                tokens: int = 4) -> Draft:
     """Load the draft model whole into RAM (it is small: bloom-560m or bloom-1b7 for Bloom-176B).
 
-    dtype None: as a node would choose (bf16 for a bf16 checkpoint on a CPU that computes it natively)."""
+    dtype None: as a node would choose (bf16 for a bf16 checkpoint where bf16 is fast here)."""
     check_draft_tokens(tokens)
     checkpoint = Checkpoint(model)
     if dtype is None:
-        dtype = node_dtype(checkpoint.storage_dtype(), device, None)[0]
+        dtype = node_dtype(checkpoint.storage_dtype(), device, None, checkpoint.int8)[0]
     ends = ModelEnds(checkpoint, dtype=dtype)
     vocab = Tokenizer.from_file(str(target.tokenizer_path())).get_vocab()
     if ends.tokenizer.get_vocab() != vocab or ends.vocab_size != target.meta(target.embedding_key)[0][0] \

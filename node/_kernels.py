@@ -1,72 +1,176 @@
-"""slowllm's decode kernels (`_kernels.cpp`), compiled on first use, or None where they cannot be.
+"""slowllm's decode kernels (`_kernels.cpp`), built once per machine and instruction set, or None.
 
-They need an x86 CPU with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
-later) and a C++ compiler (g++, as torch's extension builder uses it). They build once per machine
-(~30 s) into ~/.cache/slowllm/kernels; when anything is missing, or SLOWLLM_KERNELS=0, callers use
-PyTorch's own kernels: slower decoding, the same results up to float rounding.
+Which build runs is the best the CPU has, unless SLOWLLM_ISA names one:
+- `avx512bf16`: AVX512-BF16 dot products (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
+  later);
+- `avx2`: AVX2 + FMA, weights widened to fp32 in registers (every x86 PC since 2013-2015);
+- `none`: PyTorch's own kernels (also what Arm CPUs get; SLOWLLM_KERNELS=0 means the same).
+A build takes ~30-60 s once, into ~/.cache/slowllm/kernels (SLOWLLM_CACHE moves it), under a lock that
+a dead builder cannot leave behind (`_build.py`). Without a compiler the callers use PyTorch's kernels:
+slower decoding, the same results up to float rounding, and one sentence saying what to install.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
+
+from ._build import BuildUnavailable, build_extension
 
 log = logging.getLogger("slowllm")
 _lock = threading.Lock()
 _module = None
 _tried = False
-# Input rows up to which each kernel beats the alternative (measured on bloom-1b7 shapes, 2 cores, 600M
-# weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at 8, 57/54 at 16; int8
-# with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at 1, 23/24 at 4, 26/49 at 8, and vs converting
-# slices for a dense GEMM 47/101 at 16, 81/123 at 32; int8 with fp32 rows only at 1 row (the fp32 FMAs
-# make it compute-bound beyond). More than 8 rows run through the kernels 8 at a time.
-MAX_ROWS = {"bf16": 8, "int8": 32, "int8_fp32": 1}
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma")
+_why_not = ""
+_builds: dict[str, object] = {}
+
+# The CPU flags each build needs (Linux /proc/cpuinfo names), best first.
+ISA_FLAGS = {
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
+ISA_CFLAGS = {
+    "avx512bf16": ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2",
+                   "-mfma", "-mf16c"],
+    "avx2": ["-DSLOWLLM_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+# Input rows up to which each kernel beats the alternative, per build. avx512bf16 (measured on bloom-1b7
+# shapes, 2 cores, 600M weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at
+# 8, 57/54 at 16; int8 with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at 1, 23/24 at 4, 26/49 at
+# 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32; int8 with fp32 rows only at 1
+# row (the fp32 FMAs make it compute-bound beyond). avx2: see README "Decode kernels" (bench/decode.py).
+# More than 8 rows run through the kernels 8 at a time.
+MAX_ROWS = {
+    "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 1},
+    "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
+}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def best_isa(flags: set[str] | None = None) -> str:
+    """The best build this CPU runs: "avx512bf16", "avx2" or "none"."""
+    flags = cpu_flags() if flags is None else flags
+    return next((isa for isa, need in ISA_FLAGS.items() if all(f in flags for f in need)), "none")
+
+
+def chosen_isa() -> str:
+    """SLOWLLM_ISA if set (refused in one sentence if this CPU cannot run it), else the best one."""
+    if os.environ.get("SLOWLLM_KERNELS", "1") == "0":
+        return "none"
+    asked = os.environ.get("SLOWLLM_ISA", "").strip().lower()
+    if not asked:
+        return best_isa()
+    if asked != "none" and asked not in ISA_FLAGS:
+        raise ValueError(f"SLOWLLM_ISA={asked} is not one of avx512bf16, avx2, none: pick one of those")
+    if asked != "none":
+        missing = [f for f in ISA_FLAGS[asked] if f not in cpu_flags()]
+        if missing:
+            raise ValueError(f"SLOWLLM_ISA={asked} needs CPU flags this CPU lacks ({', '.join(missing)}): "
+                             f"use SLOWLLM_ISA={best_isa()}")
+    return asked
 
 
 def cpu_supported() -> bool:
+    """Whether this CPU (and SLOWLLM_ISA) allows a kernel build, compiled or not yet."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
+        return chosen_isa() != "none"
+    except ValueError:
         return False
-    have = set(flags.split(":", 1)[-1].split())
-    return all(f in have for f in REQUIRED_FLAGS)
 
 
 def kernels():
-    """The compiled module (bf16_gemv, int8_bf16_gemv, int8_gemv, bf16_fp32_gemv), or None."""
-    global _module, _tried
+    """The compiled module for this CPU (bf16_gemv, int8_bf16_gemv, int8_gemv, bf16_fp32_gemv, isa, calls),
+    or None (with the reason logged once and kept for `describe`)."""
+    global _module, _tried, _why_not
     if _tried:
         return _module
     with _lock:
         if _tried:
             return _module
-        if os.environ.get("SLOWLLM_KERNELS", "1") != "0" and cpu_supported():
-            try:
-                from torch.utils.cpp_extension import load
-
-                build = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
-                build = build / f"torch-{torch.__version__.split('+')[0]}"
-                build.mkdir(parents=True, exist_ok=True)
-                _module = load("slowllm_kernels", [str(Path(__file__).with_name("_kernels.cpp"))],
-                               extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2",
-                                             "-mfma", "-fopenmp"],  # at::parallel_for is OpenMP in torch's CPU builds
-                               extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-            except Exception as e:  # no compiler, no ninja, headers missing: fall back, say so once
-                log.warning("slowllm: decode kernels unavailable (%s); using PyTorch's (slower decoding)",
-                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-                _module = None
+        try:
+            isa = chosen_isa()
+            if isa == "none":
+                _why_not = "SLOWLLM_ISA=none" if os.environ.get("SLOWLLM_ISA") else "this CPU has no AVX2+FMA"
+            else:
+                _module = kernels_for(isa)
+        except (BuildUnavailable, ValueError) as e:
+            _why_not = str(e)
+            log.warning("slowllm: decode kernels unavailable: %s; using PyTorch's (slower decoding)", e)
+            _module = None
         _tried = True
         return _module
 
 
+def kernels_for(isa: str):
+    """The `isa` build, built first if needed (BuildUnavailable if it cannot be): what `kernels()` returns
+    for the chosen ISA, and how tests reach every build this CPU runs."""
+    if isa not in _builds:
+        root = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
+        module, where = build_extension(f"slowllm_kernels_{isa}", [Path(__file__).with_name("_kernels.cpp")],
+                                        ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root)  # OpenMP: at::parallel_for
+        if isa == "avx512bf16":
+            module.set_four_rows_min_k(*_tiling(module, where / "tuning.json"))
+        _builds[isa] = module
+    return _builds[isa]
+
+
+def _tiling(k, path: Path) -> tuple[int, int]:
+    """avx512bf16, one input row at hidden 2048: do one or four weight rows at a time read faster on this
+    CPU (bf16 and int8)? Measured once per machine on 128 MB matrices (~0.3 s), kept beside the build.
+    Returns the width from which four rows are used, for bf16 and int8 weights."""
+    try:
+        return tuple(json.loads(path.read_text())["four_rows_min_k"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    x = torch.ones(1, 2048, dtype=torch.bfloat16)
+    w = torch.ones(32768, 2048, dtype=torch.bfloat16)
+    q, scale = torch.ones(65536, 2048, dtype=torch.int8), torch.ones(65536)
+    runs = {"bf16": lambda: k.bf16_gemv(x, w), "int8": lambda: k.int8_bf16_gemv(x, q, scale)}
+    chosen = []
+    for kind in ("bf16", "int8"):
+        best = {}
+        for min_k in (0, 12288):
+            k.set_four_rows_min_k(min_k, min_k)
+            runs[kind]()
+            best[min_k] = min(_seconds(runs[kind]) for _ in range(3))
+        chosen.append(min(best, key=best.get))
+    k.set_four_rows_min_k(12288, 12288)
+    try:
+        path.write_text(json.dumps({"four_rows_min_k": chosen}))
+    except OSError:
+        pass
+    return tuple(chosen)
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def describe() -> str:
+    """What a start-up line says about the kernels: which build runs, or why none does."""
+    k = kernels()
+    return f"slowllm's {k.isa} decode kernels" if k is not None else f"PyTorch's kernels ({_why_not})"
+
+
 def usable(x: torch.Tensor, kind: str) -> bool:
-    """Should this input go through kernel `kind` ("bf16" or "int8"): CPU, few enough rows, compiled?"""
+    """Should this input go through kernel `kind` ("bf16", "int8", "int8_fp32"): CPU, few rows, built?"""
     if x.device.type != "cpu" or x.numel() == 0:
         return False
-    rows = x.numel() // x.shape[-1]
-    return rows <= MAX_ROWS[kind] and kernels() is not None
+    k = kernels()
+    return k is not None and x.numel() // x.shape[-1] <= MAX_ROWS[k.isa][kind]

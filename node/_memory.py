@@ -111,15 +111,39 @@ def native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def node_dtype(storage: torch.dtype, device: str, asked: torch.dtype | None) -> tuple[torch.dtype, str]:
+def fast_bf16() -> str | None:
+    """Why bfloat16 computes at memory speed on this CPU (a clause for start-up lines), or None.
+
+    Native bf16 (AVX512-BF16, AMX, Arm BF16), or slowllm's AVX2 kernels, which widen bf16 weights to fp32
+    in registers and read them as fast as memory allows; without either, PyTorch's bf16 is slower than
+    fp32 and the blocks are widened once at load."""
+    if native_bf16():
+        return "this CPU computes bfloat16 natively"
+    from ._kernels import kernels
+
+    k = kernels()
+    return f"slowllm's {k.isa} kernels read bfloat16 at memory speed" if k is not None else None
+
+
+def default_dtype(storage: torch.dtype, device: str, int8: bool = False) -> tuple[torch.dtype, str]:
+    """The compute dtype a node or a local run takes when none is asked, and why (printed at start-up):
+    bf16 for a bf16 or int8 checkpoint where bf16 is fast (half the bytes per token), else fp32."""
+    if device == "cuda":
+        return torch.bfloat16, "the default on a GPU"
+    if storage == torch.bfloat16 or int8:
+        why = fast_bf16()
+        if why is not None:
+            return torch.bfloat16, f"the checkpoint's dtype, and {why} (--dtype float32 to change)"
+        return torch.float32, "this CPU has no fast bfloat16 (--dtype bfloat16 halves RAM)"
+    return torch.float32, "the checkpoint's dtype"
+
+
+def node_dtype(storage: torch.dtype, device: str, asked: torch.dtype | None,
+               int8: bool = False) -> tuple[torch.dtype, str]:
     """The dtype a node keeps its blocks in, and why (printed at start-up)."""
     if asked is not None:
         return asked, "as asked with --dtype"
-    if device == "cuda":
-        return torch.bfloat16, "the default on a GPU"
-    if storage == torch.bfloat16 and native_bf16():
-        return torch.bfloat16, "the checkpoint's dtype, and this CPU computes bfloat16 natively (--dtype float32 to change)"
-    return torch.float32, "this CPU has no native bfloat16 or the checkpoint is not bfloat16 (--dtype bfloat16 halves RAM)"
+    return default_dtype(storage, device, int8)
 
 
 def node_memory_need(block_bytes: int, blocks: int, session_memory: int) -> int:

@@ -33,7 +33,7 @@ from ._blocks import DEFAULT_SCORE_BUDGET, BlockCache, block_nbytes
 from ._checkpoint import Checkpoint
 from ._families import kv_width
 from ._resident import ResidentBlocks
-from ._kernels import cpu_supported, kernels
+from ._kernels import cpu_supported, describe, kernels
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
 from ._openmp import ComputeThread
 
@@ -145,17 +145,19 @@ class NodeServer:
         if not 0 <= self.first <= self.last < checkpoint.n_layer:
             raise InputError(f"--layers {self.first}-{self.last} is outside the model's blocks "
                              f"0-{checkpoint.n_layer - 1}: pick a range inside it.")
-        self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype)
+        if self.device == "cpu" and cpu_supported():
+            # built now (once per machine, ~30 s) rather than inside the first user's token; the dtype
+            # choice below also depends on whether they run
+            print(f"node {self.name}: preparing the decode kernels", flush=True)
+            kernels()
+        self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype, checkpoint.int8)
         self._check_memory(checkpoint)
+        kind = f", {describe()}" if self.device == "cpu" else ""
         print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
-              f"{str(self.dtype).removeprefix('torch.')}{' with int8 weights' if checkpoint.int8 else ''} ({why})",
+              f"{str(self.dtype).removeprefix('torch.')}{' with int8 weights' if checkpoint.int8 else ''} ({why}{kind})",
               flush=True)
         self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device,
                                      score_budget=self.score_budget)
-        if self.device == "cpu" and self.dtype == torch.bfloat16 and cpu_supported():
-            # built now (once per machine, ~30 s) rather than inside the first user's token
-            print(f"node {self.name}: preparing the decode kernels", flush=True)
-            kernels()
         self.speed = self.blocks.measure_speed()
 
     def _check_memory(self, checkpoint: Checkpoint) -> None:

@@ -120,8 +120,8 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
         assert text.count("retrying in") >= 3
     assert "HTTP 502 instead of a WebSocket" in plain
     assert "is the coordinator serving wss://? if not, use ws://" in tls
-    from slowllm.node._memory import native_bf16
-    expected = "in bfloat16 (the checkpoint's dtype" if native_bf16() else "in float32 (this CPU has no native"
+    from slowllm.node._memory import fast_bf16
+    expected = "in bfloat16 (the checkpoint's dtype" if fast_bf16() else "in float32 (this CPU has no fast"
     assert expected in plain
 
 

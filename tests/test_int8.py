@@ -13,7 +13,6 @@ from netutil import Cluster
 from slowllm.coordinator import LocalRunner, Sampling, make_checkpoint, tiny_config
 from slowllm.coordinator._fidelity import compare
 from slowllm.node import BlockCache, Checkpoint
-from slowllm.node._kernels import kernels
 from slowllm.node._linears import Int8Linear, int8_matmul, quantize_rows
 from slowllm.node._quantize import quantize_checkpoint
 from slowllm.protocol import CheckpointError
@@ -135,31 +134,6 @@ def test_int8_node_beside_bf16_nodes_and_an_int8_swarm(models, secret):
         got = c.client().score(requests)
         assert all(abs(g["logprob"] - r["logprob"]) < 0.75 for g, r in zip(got, reference))
         assert len(c.client().generate(PROMPTS, GREEDY)) == 3
-
-
-@pytest.mark.skipif(kernels() is None, reason="slowllm's decode kernels need an x86 CPU with AVX512-BF16, g++ and ninja; without them torch's kernels run (tested below)")
-def test_decode_kernels_match_float_references():
-    k = kernels()
-    g = torch.Generator().manual_seed(0)
-    for rows in (*range(1, 10), 17):  # every tile shape, and more than 8 rows (run 8 at a time)
-        # odd widths take the scalar tails; weight rows that are no multiple of the tile (6, 8, 4) the
-        # row-by-row rest; 12300 (> 12288) the four-rows-at-once path with 13 = 4 x 3 + 1 rows
-        for n, width in ((96, 64), (7, 40), (131, 1000), (13, 12300)):
-            x = torch.randn(rows, width, generator=g).bfloat16()
-            w = torch.randn(n, width, generator=g).bfloat16()
-            ref = x.float() @ w.float().T
-            assert ((k.bf16_gemv(x, w).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
-            q, scale = quantize_rows(torch.randn(n, width, generator=g))
-            ref = x.float() @ (q.float() * scale.float()[:, None]).T
-            assert ((k.int8_bf16_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
-            assert ((k.int8_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max()), (rows, n, width)
-            assert ((k.int8_gemv(x.float(), q, scale) - ref).abs().max() <= 1e-4 * ref.abs().max())
-            xf = torch.randn(rows, width, generator=g)  # fp32 rows, bf16 weights: fp32 throughout (the LM head)
-            got, ref = k.bf16_fp32_gemv(xf, w), xf @ w.float().T
-            assert got.dtype == torch.float32 and (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (rows, n, width)
-            # each row's numbers do not depend on the rows beside it (greedy text is the same batched or not)
-            assert torch.equal(got[-1:], k.bf16_fp32_gemv(xf[-1:], w))
-            assert torch.equal(k.int8_gemv(xf, q, scale)[-1:], k.int8_gemv(xf[-1:], q, scale))
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -1,0 +1,140 @@
+"""Building a C++ extension once per machine, safely when several processes start at once.
+
+torch's `cpp_extension.load` builds into a fixed directory guarded by a lock file it waits on forever:
+a process stopped mid-build (Ctrl-C, `slowllm cluster down`, systemd, docker stop) leaves that file
+behind, and every later start hangs. Here instead:
+- the lock is an `flock` on a file: the kernel releases it when its holder dies, however it died, and a
+  waiter gives up after `timeout` seconds with a sentence saying who holds it;
+- each build runs in a fresh temporary directory (so torch's own lock there is never stale) that is
+  renamed into place only once the library imports: a half-written build is never found;
+- the directory's name is a hash of what the library depends on (source, flags, compiler, torch,
+  Python), so an upgrade of any of them builds anew instead of loading a stale library;
+- a missing compiler or ninja is one sentence saying what to install, before torch tries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; builds are rare enough to go unlocked there
+    fcntl = None
+
+BUILD_TIMEOUT_S = float(os.environ.get("SLOWLLM_BUILD_TIMEOUT", 600))
+
+
+class BuildUnavailable(RuntimeError):
+    """The extension cannot be built or loaded here; str() is one sentence saying why and what to do."""
+
+
+def compiler() -> tuple[str, str]:
+    """(path, first line of --version) of the C++ compiler torch would use, or BuildUnavailable."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise BuildUnavailable(f"no C++ compiler ({cxx}) was found: install one (Debian/Ubuntu: apt install g++ "
+                               "ninja-build; Fedora: dnf install gcc-c++ ninja-build) for faster decoding")
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildUnavailable(f"the C++ compiler {path} does not run ({e}): fix or replace it") from None
+    return path, (version.splitlines() or ["unknown"])[0]
+
+
+def _check_ninja() -> None:
+    if shutil.which("ninja") is None:
+        raise BuildUnavailable("ninja was not found: install it (pip install ninja, or apt install ninja-build) "
+                               "for faster decoding")
+
+
+def cache_key(sources: list[Path], flags: list[str], compiler_version: str) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.read_bytes())
+    for part in (*flags, compiler_version, torch.__version__, sys.version, sysconfig.get_platform()):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _import(name: str, library: Path):
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, timeout: float):
+    """Hold an exclusive flock on `path`, waiting at most `timeout` seconds for another process's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        f.seek(0)
+                        holder = f.read().strip() or "another process"
+                        raise BuildUnavailable(f"{holder} has been building {path.stem} for over {timeout:.0f} s "
+                                               f"(lock {path}): let it finish, or stop it and start again") from None
+                    time.sleep(0.2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        yield
+
+
+def _remove_abandoned(root: Path, prefix: str) -> None:
+    """Temporary build directories whose builder died (we hold the lock: nobody is using them)."""
+    for old in root.glob(prefix + ".tmp-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_extension(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], root: Path,
+                    timeout: float = BUILD_TIMEOUT_S):
+    """(module, its build directory): extension `name` imported, built first into `root` if no build for
+    this key exists there."""
+    path, version = compiler()
+    key = cache_key(sources, cflags + ldflags, version)
+    final = root / f"{name}-{key}"
+    library = final / f"{name}.so"  # what torch's builder names it
+    if library.exists():
+        return _import(name, library), final
+    _check_ninja()
+    with build_lock(root / f"{name}.lock", timeout):
+        if library.exists():  # built by the process we waited for
+            return _import(name, library), final
+        _remove_abandoned(root, f"{name}-{key}")
+        tmp = root / f"{name}-{key}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        try:
+            from torch.utils.cpp_extension import load
+
+            module = load(name, [str(s) for s in sources], extra_cflags=cflags, extra_ldflags=ldflags,
+                          build_directory=str(tmp), verbose=False)
+            tmp.rename(final)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            detail = str(e).strip().splitlines()
+            raise BuildUnavailable(f"building {name} failed ({detail[-1][:300] if detail else type(e).__name__}); "
+                                   "set SLOWLLM_ISA=none to skip it") from e
+        for old in root.glob(f"{name}-*"):  # builds of an older source, compiler or torch
+            if old != final and old.is_dir() and ".tmp-" not in old.name:
+                shutil.rmtree(old, ignore_errors=True)
+        return module, final

@@ -1,0 +1,159 @@
+"""The decode kernels per instruction set, and a build that cannot hang or lie (node/_build.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slowllm.coordinator import make_checkpoint, tiny_config
+from slowllm.node._build import BuildUnavailable, build_extension, build_lock
+from slowllm.node._kernels import ISA_FLAGS, cpu_flags, kernels_for
+from slowllm.node._linears import quantize_rows
+
+ISAS = list(ISA_FLAGS)
+
+
+def runnable(isa: str):
+    missing = [f for f in ISA_FLAGS[isa] if f not in cpu_flags()]
+    return pytest.mark.skipif(bool(missing), reason=f"this CPU lacks {', '.join(missing)} for the {isa} build")
+
+
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_each_build_matches_float_references(isa):
+    k = kernels_for(isa)
+    assert k.isa == isa
+    before = k.calls()
+    g = torch.Generator().manual_seed(0)
+    for rows in (*range(1, 10), 17):  # every tile shape, and more than 8 rows (run 8 at a time)
+        # odd widths take the scalar tails; weight rows that are no multiple of a tile the row-by-row rest;
+        # 12300 (> 12288) avx512bf16's four-rows-at-once path with 13 = 4 x 3 + 1 rows
+        for n, width in ((96, 64), (7, 40), (131, 1000), (13, 12300)):
+            x = torch.randn(rows, width, generator=g).bfloat16()
+            w = torch.randn(n, width, generator=g).bfloat16()
+            ref = x.float() @ w.float().T
+            assert (k.bf16_gemv(x, w).float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (rows, n, width)
+            q, scale = quantize_rows(torch.randn(n, width, generator=g))
+            ref = x.float() @ (q.float() * scale.float()[:, None]).T
+            assert (k.int8_bf16_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (rows, n, width)
+            assert (k.int8_gemv(x, q, scale).float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (rows, n, width)
+            assert (k.int8_gemv(x.float(), q, scale) - ref).abs().max() <= 1e-4 * ref.abs().max()
+            xf = torch.randn(rows, width, generator=g)  # fp32 rows, bf16 weights: fp32 throughout (the LM head)
+            got, ref = k.bf16_fp32_gemv(xf, w), xf @ w.float().T
+            assert got.dtype == torch.float32 and (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (rows, n, width)
+            # each row's numbers do not depend on the rows beside it (greedy text is the same batched or not)
+            assert torch.equal(got[-1:], k.bf16_fp32_gemv(xf[-1:], w))
+            assert torch.equal(k.int8_gemv(xf, q, scale)[-1:], k.int8_gemv(xf[-1:], q, scale))
+    after = k.calls()  # the kernels themselves ran, not a fallback
+    ran = {name: after[name] - before[name] for name in after}
+    assert ran == {"bf16_gemv": 40, "int8_bf16_gemv": 40, "int8_gemv": 160, "bf16_fp32_gemv": 80}, ran
+
+
+DECODE = textwrap.dedent("""
+    import json, sys
+    from slowllm.coordinator import LocalRunner, Sampling
+    from slowllm.node._kernels import kernels
+    runner = LocalRunner(sys.argv[1], keep_in_ram=True, progress=False)  # no dtype asked: the default
+    out = runner.generate(["The quick brown fox", "Once"], Sampling(max_new_tokens=8))
+    k = kernels()
+    print(json.dumps({"dtype": str(runner.chain.dtype), "isa": k.isa if k else None,
+                      "calls": k.calls() if k else {}, "tokens": [r["token_ids"] for r in out]}))
+""")
+
+
+def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_dir):
+    """A bf16 checkpoint decodes in bf16 by default through the build SLOWLLM_ISA names (the counters
+    prove it ran), and every build, and PyTorch's kernels, give the same greedy tokens."""
+    model = models_dir / "kernels-bf16"
+    if not (model / "config.json").exists():
+        make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    isas = [isa for isa in ISAS if all(f in cpu_flags() for f in ISA_FLAGS[isa])] + ["none"]
+    procs = {isa: subprocess.Popen([sys.executable, "-c", DECODE, str(model)], stdout=subprocess.PIPE, text=True,
+                                   env={**os.environ, "SLOWLLM_ISA": isa}) for isa in isas}
+    runs = {isa: json.loads(p.communicate(timeout=600)[0].splitlines()[-1]) for isa, p in procs.items()}
+    for isa, run in runs.items():
+        assert run["dtype"] == ("torch.bfloat16" if isa != "none" or "avx512_bf16" in cpu_flags() else "torch.float32")
+        if isa != "none":
+            assert run["isa"] == isa and run["calls"]["bf16_gemv"] > 0, (isa, run)
+        assert run["tokens"] == runs[isas[0]]["tokens"], isa
+
+
+TINY = """#include <pybind11/pybind11.h>
+int answer() { return %d; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
+"""
+BUILD = ("import sys; from pathlib import Path; from slowllm.node._build import build_extension; "
+         "m, d = build_extension('tinyext', [Path(sys.argv[1])], ['-O0'], [], Path(sys.argv[2]), timeout=120); "
+         "print(m.answer(), d.name)")
+
+
+def test_a_builder_killed_mid_build_leaves_nothing_that_stops_the_next(tmp_path):
+    """torch's builder waits forever on a lock file that a killed build leaves behind (Ctrl-C, docker stop,
+    `cluster down` during the first start); ours releases it with the process, builds anew in a fresh
+    directory, and rebuilds when the source changes."""
+    src, root = tmp_path / "tiny.cpp", tmp_path / "cache"
+    src.write_text(TINY % 41)
+    first = subprocess.Popen([sys.executable, "-c", BUILD, str(src), str(root)], start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(root.glob("tinyext-*.tmp-*")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the build finished before it could be interrupted"
+    os.killpg(first.pid, signal.SIGKILL)  # the builder and its compiler, as a stopped service is
+    first.wait()
+    assert (root / "tinyext.lock").exists() and list(root.glob("tinyext-*.tmp-*"))  # what it left behind
+
+    again = subprocess.run([sys.executable, "-c", BUILD, str(src), str(root)], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    answer, built = again.stdout.split()
+    assert answer == "41" and not list(root.glob("tinyext-*.tmp-*"))
+
+    src.write_text(TINY % 42)  # a new source: a new key, the old build removed
+    newer = subprocess.run([sys.executable, "-c", BUILD, str(src), str(root)], capture_output=True, text=True,
+                           timeout=300)
+    answer, rebuilt = newer.stdout.split()
+    assert answer == "42" and rebuilt != built and not (root / built).exists()
+
+
+def test_a_builder_that_holds_the_lock_too_long_is_given_up_on_in_one_sentence(tmp_path):
+    src, root = tmp_path / "tiny.cpp", tmp_path / "cache"
+    src.write_text(TINY % 1)
+    with build_lock(root / "tinyext.lock", timeout=1):  # another builder, alive and slow
+        t = time.monotonic()
+        with pytest.raises(BuildUnavailable, match=r"process \d+ has been building tinyext for over 1 s"):
+            build_extension("tinyext", [src], [], [], root, timeout=1)
+        assert time.monotonic() - t < 30
+
+
+def test_no_compiler_is_one_sentence_saying_what_to_install(tmp_path, monkeypatch):
+    src = tmp_path / "tiny.cpp"
+    src.write_text(TINY % 1)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(BuildUnavailable, match=r"no C\+\+ compiler \(.*no-such-g\+\+\) was found: install one"):
+        build_extension("tinyext", [src], [], [], tmp_path / "cache")
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a compiler path given, ninja missing
+    monkeypatch.setenv("CXX", sys.executable)  # runs, prints a version: stands in for the compiler
+    with pytest.raises(BuildUnavailable, match=r"ninja was not found: install it \(pip install ninja"):
+        build_extension("tinyext", [src], [], [], tmp_path / "cache")
+
+
+def test_an_isa_this_cpu_cannot_run_or_does_not_know_is_refused(monkeypatch):
+    from slowllm.node._kernels import chosen_isa
+
+    monkeypatch.setenv("SLOWLLM_ISA", "sse9")
+    with pytest.raises(ValueError, match="SLOWLLM_ISA=sse9 is not one of avx512bf16, avx2, none"):
+        chosen_isa()
+    monkeypatch.setenv("SLOWLLM_ISA", "avx512bf16")
+    monkeypatch.setattr("slowllm.node._kernels.cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    with pytest.raises(ValueError, match="needs CPU flags this CPU lacks .*use SLOWLLM_ISA=avx2"):
+        chosen_isa()
