@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from slowllm.node._openmp import share_cores
+from slowllm.node._openmp import positive_threads, share_cores
 from slowllm.protocol._errors import InputError, SlowllmError
 
 
@@ -103,8 +103,10 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cafile", metavar="PATH", help="CA certificate to trust for a wss:// coordinator")
     g = p.add_argument_group("local mode")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute dtype (bfloat16 is 2-2.7x faster on CPUs with AVX512-BF16); default float32, "
-                   "or bfloat16 for an int8 checkpoint on such a CPU")
+                   help="compute dtype; default: bfloat16 for a bf16 or int8 checkpoint where this CPU computes bf16 at "
+                   "memory speed (native bf16, or slowllm's AVX2 kernels), else float32")
+    g.add_argument("--threads", type=positive_threads, metavar="N",
+                   help="compute threads (default: all cores; on a PC in use, the cores you can spare)")
     g.add_argument("--max-ram", metavar="SIZE", help="memory budget of the whole process, e.g. 12GB "
                    "(default: 80%% of available memory)")
     g.add_argument("--spill-dir", metavar="DIR", help="where activations beyond --max-ram go (default: $TMPDIR)")
@@ -383,7 +385,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    share_cores()  # before torch is imported: see node/_openmp.py
+    share_cores(getattr(args, "threads", None))  # before torch is imported: see node/_openmp.py
     try:
         return run(args)
     except SlowllmError as e:

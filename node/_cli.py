@@ -9,7 +9,7 @@ import sys
 
 from slowllm.protocol._errors import SlowllmError
 
-from ._openmp import share_cores
+from ._openmp import positive_threads, share_cores
 from ._units import parse_size
 
 
@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", metavar="PATH", help="CA certificate to trust for a wss:// coordinator")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the blocks live and compute")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="dtype blocks are kept in (default: bfloat16 on cuda, and on CPUs with native bf16 when the "
-                        "checkpoint is bf16; float32 otherwise)")
+                   help="dtype blocks are kept in (default: bfloat16 on cuda, and for a bf16 or int8 checkpoint on CPUs "
+                        "that compute bf16 at memory speed: native bf16, or slowllm's AVX2 kernels; float32 otherwise)")
+    p.add_argument("--threads", type=positive_threads, metavar="N",
+                   help="compute threads (default: all cores; on a PC in use, the cores you can spare)")
     p.add_argument("--name", default="", help="shown on the coordinator's status (default: node-A-B)")
     p.add_argument("--session-memory", default="2GB", metavar="SIZE", help="KV-cache budget for all sessions")
     p.add_argument("--memory", metavar="SIZE",
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    share_cores()  # before torch is imported: see node/_openmp.py
+    share_cores(args.threads)  # before torch is imported: see node/_openmp.py
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
     try:

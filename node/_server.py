@@ -152,7 +152,8 @@ class NodeServer:
             kernels()
         self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype, checkpoint.int8)
         self._check_memory(checkpoint)
-        kind = f", {describe()}" if self.device == "cpu" else ""
+        threads = torch.get_num_threads()
+        kind = f", {describe()}, {threads} thread{'s' * (threads > 1)}" if self.device == "cpu" else ""
         print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
               f"{str(self.dtype).removeprefix('torch.')}{' with int8 weights' if checkpoint.int8 else ''} ({why}{kind})",
               flush=True)

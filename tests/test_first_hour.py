@@ -103,9 +103,9 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [tmp_path / "http.log", tmp_path / "tls.log"]
     procs = [subprocess.Popen([sys.executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--model", str(model),
-                               "--coordinator", f"{scheme}://127.0.0.1:{port}"], stdout=open(log, "w"),
+                               "--coordinator", f"{scheme}://127.0.0.1:{port}", *threads], stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, env=env)
-             for scheme, log in zip(("ws", "wss"), logs)]
+             for scheme, log, threads in zip(("ws", "wss"), logs, ([], ["--threads", "1"]))]
     try:
         time.sleep(10)
         assert [p.poll() for p in procs] == [None, None], [log.read_text() for log in logs]
@@ -123,6 +123,8 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     from slowllm.node._memory import fast_bf16
     expected = "in bfloat16 (the checkpoint's dtype" if fast_bf16() else "in float32 (this CPU has no fast"
     assert expected in plain
+    from slowllm.node._kernels import describe  # the start-up line names the kernels and the threads
+    assert describe() in plain and f", {torch.get_num_threads()} thread" in plain and ", 1 thread)" in tls
 
 
 def test_client_to_a_plain_coordinator_over_wss_points_at_tls(gap_cluster, secret):
