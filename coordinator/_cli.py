@@ -15,28 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from slowllm.node._cli_common import HelpFormatter, reader_went_away, version
 from slowllm.node._openmp import positive_threads, share_cores
 from slowllm.protocol._errors import InputError, SlowllmError
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help (unless it has none or says it already); examples kept as written."""
-
-    def _get_help_string(self, action):
-        help = action.help or ""
-        if "default" not in help and action.option_strings \
-                and all(action.default is not x for x in (None, False, argparse.SUPPRESS)):
-            help += " (default: %(default)s)"
-        return help
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as dist_version
-
-    try:
-        return dist_version("slowllm")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
 
 
 class Terminal:
@@ -388,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     share_cores(getattr(args, "threads", None))  # before torch is imported: see node/_openmp.py
     try:
         return run(args)
+    except BrokenPipeError:
+        return reader_went_away()
     except SlowllmError as e:
         TERMINAL.end_line()
         print(f"slowllm: error: {e}", file=sys.stderr)

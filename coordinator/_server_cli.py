@@ -20,7 +20,7 @@ open http://THIS:8765/status in a browser to see which blocks are covered."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._cli import HelpFormatter, version
+    from slowllm.node._cli_common import HelpFormatter, version
 
     p = argparse.ArgumentParser(prog="slowllm-coordinator", formatter_class=HelpFormatter, epilog=EXAMPLES,
                                 description="Own the model's ends (tokenizer, embeddings, head), route activations "

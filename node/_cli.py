@@ -43,7 +43,7 @@ range that fits. See deploy/GUIDE.md for how many blocks fit per PC."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slowllm.coordinator._cli import HelpFormatter, version
+    from slowllm.node._cli_common import HelpFormatter, version
 
     p = argparse.ArgumentParser(prog="slowllm-node", formatter_class=HelpFormatter, epilog=EXAMPLES,
                                 description="Keep a range of a model's blocks (Bloom, GPT-NeoX, Llama...) in memory and "

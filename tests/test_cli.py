@@ -30,6 +30,19 @@ def test_generate_json(tiny_model):
         assert 1 <= len(r["token_ids"]) <= 5
 
 
+def test_output_into_a_pipe_that_closes_early_ends_quietly(tiny_model):
+    """`slowllm generate ... --json | head -1`: no BrokenPipeError traceback, exit 0 (as `cat` does)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "slowllm.coordinator._cli", "generate", "a", "b", "c", "--max-new-tokens", "2",
+           "--json", "--local", "--model", str(tiny_model), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_score_tune_and_soft_prompt_round_trip(tiny_model, tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"context": "Is the sky blue?", "continuation": " Yes."},
                                          {"context": "Is fire cold?", "continuation": " No."}])
