@@ -174,7 +174,7 @@ def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(m
     jobs = []
     real_start = backend.start
     backend.start = lambda rows, s, soft: jobs.append(job := real_start(rows, s, soft)) or job
-    app = make_app(backend, window=0.3)
+    app = make_app(backend, window=1.0)  # roomy: 6 threads start within it even on a busy machine
     port = free_port()
     http = server(app, "127.0.0.1", port, embedded=True)
     threading.Thread(target=http.run, daemon=True).start()

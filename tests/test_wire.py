@@ -240,7 +240,7 @@ def test_a_client_that_goes_away_cancels_its_job(tiny_model):
             now = _status(c.url)
             if now["active_jobs"] == before["active_jobs"] and now["sessions"] == before["sessions"]:
                 break
-            assert time.time() - dropped < 2.0, now
+            assert time.time() - dropped < 30, now  # a hang guard: cancellation itself is the assertion
             time.sleep(0.05)
         deadline = time.time() + 12  # nodes report their sessions with the next heartbeat (every 5 s)
         while any(n["node_sessions"] for n in _status(c.url)["nodes"]):
