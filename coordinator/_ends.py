@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from slowllm.node import Checkpoint
 from slowllm.node._checkpoint import SCALE
 from slowllm.node._kernels import kernels, usable
-from slowllm.node._linears import int8_matmul
+from slowllm.node._linears import bf16_linear, int8_matmul
 
 # Positions up to which the kernel (`_fp32_logit_chunks`) beats converting each chunk for a dense fp32
 # GEMM (measured, Bloom's head at hidden 2048, 2 cores; ms bf16 / int8): 1 row 32 vs 211 / 20 vs 258,
@@ -161,6 +161,8 @@ class ModelEnds:
         x = hidden.to(weight.dtype)
         if weight.dtype == torch.bfloat16 and weight.is_contiguous() and usable(x, "bf16"):  # decoding: the GEMV kernel
             return kernels().bf16_gemv(x, weight).float()
+        if weight.dtype == torch.bfloat16:
+            return bf16_linear(x, weight).float()
         return (x @ weight.T).float()
 
     def _fp32_logit_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:

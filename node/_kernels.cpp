@@ -39,12 +39,16 @@ namespace {
 
 constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
 constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
-// avx512bf16, one input row: from this width on, four weight rows share each load of it; below, one
-// weight row at a time with two chains. Which is faster depends on the CPU (Zen 4, K=2048: one row 29
-// GB/s vs 12; Sapphire Rapids: four rows 25 GB/s vs 20), so node/_kernels.py measures both once per
-// machine and sets it per weight type (`set_four_rows_min_k`); at Bloom-176B width four rows win on both
-// (int8 on Zen 4: 24 GB/s instead of 14). [0]: bf16 weights, [1]: int8.
-int64_t g_four_rows_min_k[2] = {12288, 12288};
+// avx512bf16, one input row: how a single row runs, per weight type ([0] bf16, [1] int8). kOneRow: one
+// weight row at a time, two chains of bf16 dot products; kFourRows: four weight rows share each input
+// load; kFp32FourRows: the fp32 path (weights widened in registers, 256-bit FMAs, four rows at a time).
+// Which is fastest depends on the CPU (hidden 2048, ms per 600M weights: Zen 4 int8 one row 10 vs four
+// rows 25; Sapphire Rapids bf16 four rows 45 vs one row 52, int8 fp32 four rows 39 vs 45), so
+// node/_kernels.py measures them once per machine and sets them (`set_single_row`). Beyond kFourRowsMinK
+// (Bloom-176B's 14336) one row never wins: its input no longer stays in L1 beside the streaming weights.
+enum SingleRow : int { kOneRow = 0, kFourRows = 1, kFp32FourRows = 2 };
+int g_single_row[2] = {kOneRow, kOneRow};
+constexpr int64_t kFourRowsMinK = 12288;
 #if defined(SLOWLLM_AVX512BF16)
 constexpr int kFp32Rows = 8;  // fp32 rows per weight row: 2 x 8 accumulators fit the 32 vector registers
 #else
@@ -134,25 +138,11 @@ struct Int8Weights {
 // on CPUs that split 512-bit ops in two (Zen 4) the conversions are the bottleneck, and independent
 // chains keep both vector ports busy. Each weight is converted once per M input rows. Every row sums in the
 // same order whatever M is, so a row's numbers do not depend on the rows batched beside it.
-template <int M, typename Weights, bool Quad = false>
+template <int M, typename Weights>
 void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const float* S, float* out, int64_t stride) {
   __m256 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   int64_t k = 0;
-  if constexpr (Quad) {  // one row, four chains: int8's conversions then no longer wait on two (46 vs 63 ms)
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; k + 32 <= K; k += 32) {
-      __m256 w0, w1, w2, w3;
-      Weights::load16(wr + k, w0, w1);
-      Weights::load16(wr + k + 16, w2, w3);
-      acc[0][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + k), acc[0][0]);
-      acc[0][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + k + 8), acc[0][1]);
-      a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(X + k + 16), a2);
-      a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(X + k + 24), a3);
-    }
-    acc[0][0] = _mm256_add_ps(acc[0][0], a2);
-    acc[0][1] = _mm256_add_ps(acc[0][1], a3);
-  }
   for (; k + 16 <= K; k += 16) {
     __m256 w0, w1;
     Weights::load16(wr + k, w0, w1);
@@ -165,6 +155,31 @@ void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const fl
     float total = reduce256(_mm256_add_ps(acc[m][0], acc[m][1]));
     for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(wr[j]);
     out[m * stride] = S ? total * *S : total;
+  }
+}
+
+// Four weight rows against one fp32 input row: each input vector loaded once for the four, eight chains
+// in flight (an int8 row's conversions no longer wait on two chains' latency: 63 -> 46 ms per 600M weights
+// on AVX2, measured with four chains). Each row sums exactly as fp32_row<1> does, so a row's numbers
+// are the same whether it ran here or there.
+template <typename Weights>
+void fp32_four_rows(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
+  __m256 acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(X + k), x1 = _mm256_loadu_ps(X + k + 8);
+    for (int r = 0; r < 4; ++r) {
+      __m256 w0, w1;
+      Weights::load16(W + r * K + k, w0, w1);
+      acc[r][0] = _mm256_fmadd_ps(w0, x0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, x1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float total = reduce256(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t j = k; j < K; ++j) total += X[j] * Weights::value(W[r * K + j]);
+    out[r] = S ? total * S[r] : total;
   }
 }
 
@@ -210,18 +225,21 @@ std::vector<float> even_odd(const float* X, int64_t M, int64_t K) {
 }
 
 // Y [M, N] = X [M, K] (fp32) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time.
-// Invariant (every M sums in the same order) unless `quad_single`: then one row alone takes four chains
-// (for bf16 activations, where batched and single runs differ by bf16 rounding anyway).
+// Every M sums each row in the same order: a row's numbers do not depend on the rows beside it.
 template <typename Weights>
 void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
-                 int64_t N, bool quad_single = false) {
+                 int64_t N) {
   std::vector<float> reordered;
   if (Weights::kEvenOdd) {
     reordered = even_odd(X0, M, K);
     X0 = reordered.data();
   }
-  if (quad_single && M == 1) {
-    parallel_slices(N, kSlice, [&](int64_t n) { fp32_row<1, Weights, true>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, N); });
+  if (M == 1) {  // four weight rows at a time, the rest one by one
+    parallel_slices((N + 3) / 4, kSlice / 4, [&](int64_t g) {
+      const int64_t n = 4 * g;
+      if (n + 4 <= N) fp32_four_rows<Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
+      else for (int64_t r = n; r < N; ++r) fp32_row<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r, N);
+    });
     return;
   }
   in_row_groups(X0, M, K, Y0, N, [&](const float* X, float* Y, int64_t rows) {
@@ -300,7 +318,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       if (rows == 1) row<Weights>(X, K, W + n * K, s, Y + n);
       else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
-    if (rows == 1 && K < g_four_rows_min_k[std::is_same_v<Weights, Int8Weights>]) {
+    if (rows == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kOneRow && K < kFourRowsMinK) {
       over_tiles<1>(N, one, one);
     } else {
 #define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, [&](int64_t n) { \
@@ -317,12 +335,14 @@ template <typename Weights>
 void bf16_input_matmul(const torch::Tensor& x, const typename Weights::T* W, const float* S, float* Y, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
 #if defined(SLOWLLM_AVX512BF16)
-  auto xc = x.contiguous();
-  bf16_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N);
-#else
-  auto xf = x.to(torch::kFloat).contiguous();
-  fp32_matmul<Weights>(xf.data_ptr<float>(), M, K, W, S, Y, N, /*quad_single=*/true);
+  if (!(M == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kFp32FourRows)) {
+    auto xc = x.contiguous();
+    bf16_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N);
+    return;
+  }
 #endif
+  auto xf = x.to(torch::kFloat).contiguous();
+  fp32_matmul<Weights>(xf.data_ptr<float>(), M, K, W, S, Y, N);
 }
 
 }  // namespace
@@ -382,14 +402,16 @@ std::map<std::string, int64_t> calls() {
           {"bf16_fp32_gemv", g_calls[3]}};
 }
 
-void set_four_rows_min_k(int64_t bf16, int64_t int8) {
-  g_four_rows_min_k[0] = bf16;
-  g_four_rows_min_k[1] = int8;
+void set_single_row(int bf16, int int8) {
+  TORCH_CHECK(0 <= bf16 && bf16 <= 2 && 0 <= int8 && int8 <= 2, "0: one row, 1: four rows, 2: fp32 four rows");
+  g_single_row[0] = bf16;
+  g_single_row[1] = int8;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = SLOWLLM_ISA_NAME;
-  m.def("set_four_rows_min_k", &set_four_rows_min_k, "avx512bf16, one input row: width from which 4 weight rows share it");
+  m.def("set_single_row", &set_single_row, "avx512bf16, one input row, per weight type (bf16, int8): 0 one row, "
+        "1 four rows, 2 the fp32 path");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
   m.def("int8_bf16_gemv", &int8_bf16_gemv, "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
   m.def("int8_gemv", &int8_gemv, "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");

@@ -44,8 +44,10 @@ ISA_CFLAGS = {
 # shapes, 2 cores, 600M weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at
 # 8, 57/54 at 16; int8 with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at 1, 23/24 at 4, 26/49 at
 # 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32; int8 with fp32 rows only at 1
-# row (the fp32 FMAs make it compute-bound beyond). avx2: see README "Decode kernels" (bench/decode.py).
-# More than 8 rows run through the kernels 8 at a time.
+# row (the fp32 FMAs make it compute-bound beyond). avx512bf16's bf16 limit is measured per machine
+# (`_calibrate`: with AMX, F.linear wins from ~8 rows). avx2 (emulated AVX2 PC, ms per 600M weights):
+# bf16 kernel vs oneDNN's F.linear 48/63 at 1 row, 92/174 at 4, 144/268 at 8; int8 with bf16 rows vs
+# torch's int8 kernel 40/43 at 1, 99/120 at 8. More than 8 rows run through the kernels 8 at a time.
 MAX_ROWS = {
     "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 1},
     "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
@@ -123,37 +125,55 @@ def kernels_for(isa: str):
         module, where = build_extension(f"slowllm_kernels_{isa}", [Path(__file__).with_name("_kernels.cpp")],
                                         ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root)  # OpenMP: at::parallel_for
         if isa == "avx512bf16":
-            module.set_four_rows_min_k(*_tiling(module, where / "tuning.json"))
+            tuned = _calibrate(module, where / "tuning.json")
+            module.set_single_row(*tuned["single_row"])
+            MAX_ROWS[isa]["bf16"] = tuned["bf16_rows"]
         _builds[isa] = module
     return _builds[isa]
 
 
-def _tiling(k, path: Path) -> tuple[int, int]:
-    """avx512bf16, one input row at hidden 2048: do one or four weight rows at a time read faster on this
-    CPU (bf16 and int8)? Measured once per machine on 128 MB matrices (~0.3 s), kept beside the build.
-    Returns the width from which four rows are used, for bf16 and int8 weights."""
+def _calibrate(k, path: Path) -> dict:
+    """avx512bf16 choices that depend on the CPU, measured once per machine at hidden 2048 on 128 MB
+    matrices (~1 s) and kept beside the build:
+    - "single_row": for one input row, per weight type (bf16, int8), the fastest way (0: one weight row at
+      a time, 1: four, 2: the fp32 path; `_kernels.cpp`);
+    - "bf16_rows": up to how many input rows (1, 2, 4 or 8) the bf16 kernel beats PyTorch's F.linear
+      (which uses AMX where the CPU has it: there F.linear wins from ~8 rows, on Zen 4 it never does)."""
     try:
-        return tuple(json.loads(path.read_text())["four_rows_min_k"])
+        tuned = json.loads(path.read_text())
+        if len(tuned["single_row"]) == 2 and tuned["bf16_rows"] in (1, 2, 4, 8):
+            return tuned
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    x = torch.ones(1, 2048, dtype=torch.bfloat16)
     w = torch.ones(32768, 2048, dtype=torch.bfloat16)
     q, scale = torch.ones(65536, 2048, dtype=torch.int8), torch.ones(65536)
-    runs = {"bf16": lambda: k.bf16_gemv(x, w), "int8": lambda: k.int8_bf16_gemv(x, q, scale)}
-    chosen = []
-    for kind in ("bf16", "int8"):
+    x = torch.ones(1, 2048, dtype=torch.bfloat16)
+    runs = [lambda: k.bf16_gemv(x, w), lambda: k.int8_bf16_gemv(x, q, scale)]
+    single = []
+    for kind, run in enumerate(runs):
         best = {}
-        for min_k in (0, 12288):
-            k.set_four_rows_min_k(min_k, min_k)
-            runs[kind]()
-            best[min_k] = min(_seconds(runs[kind]) for _ in range(3))
-        chosen.append(min(best, key=best.get))
-    k.set_four_rows_min_k(12288, 12288)
+        for way in (0, 1, 2):
+            k.set_single_row(*([way, 0] if kind == 0 else [0, way]))
+            best[way] = _best_seconds(run)
+        single.append(min(best, key=best.get))
+    k.set_single_row(*single)
+    bf16_rows = 1
+    for rows in (2, 4, 8):
+        xs = torch.ones(rows, 2048, dtype=torch.bfloat16)
+        if _best_seconds(lambda: k.bf16_gemv(xs, w)) > _best_seconds(lambda: torch.nn.functional.linear(xs, w)):
+            break
+        bf16_rows = rows
+    tuned = {"single_row": single, "bf16_rows": bf16_rows}
     try:
-        path.write_text(json.dumps({"four_rows_min_k": chosen}))
+        path.write_text(json.dumps(tuned))
     except OSError:
         pass
-    return tuple(chosen)
+    return tuned
+
+
+def _best_seconds(fn, repeat: int = 3) -> float:
+    fn()
+    return min(_seconds(fn) for _ in range(repeat))
 
 
 def _seconds(fn) -> float:

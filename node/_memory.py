@@ -99,7 +99,12 @@ NODE_RUNTIME_BYTES = 1 << 30  # interpreter, torch, transformers and one request
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16), and PyTorch may use
+    it (ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 cap it, as bench/decode.py does to stand in
+    for an AVX2 PC)."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default") \
+            or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith(("AVX2", "SSE")):
+        return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -173,9 +173,11 @@ def test_rotary_positions_skip_holes_in_the_mask(model):
     mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1, 1]])
     plain = blocks.forward(x, torch.ones(1, 7, dtype=torch.long), 0, ck.n_layer - 1)
     with_holes = blocks.forward(holed, mask, 0, ck.n_layer - 1)
-    assert torch.allclose(with_holes[:, mask[0].bool()], plain, rtol=1e-5, atol=1e-4)  # values reach ~60
+    # values reach ~60: fp32 summation order differs by ~1e-4 there (2e-6 of the largest, measured), so
+    # the bound is relative to the largest value rather than each element's
+    assert (with_holes[:, mask[0].bool()] - plain).abs().max() <= 1e-5 * plain.abs().max()
     blocks.score_budget = 1  # one query per chunk through a temporary cache
-    assert torch.allclose(blocks.forward(holed, mask, 0, ck.n_layer - 1), with_holes, rtol=1e-5, atol=1e-4)
+    assert (blocks.forward(holed, mask, 0, ck.n_layer - 1) - with_holes).abs().max() <= 1e-5 * with_holes.abs().max()
 
 
 def test_int8_copy_of_the_family(model, runner, tmp_path):

@@ -155,3 +155,27 @@ def test_an_isa_this_cpu_cannot_run_or_does_not_know_is_refused(monkeypatch):
     monkeypatch.setattr("slowllm.node._kernels.cpu_flags", lambda: {"avx2", "fma", "f16c"})
     with pytest.raises(ValueError, match="needs CPU flags this CPU lacks .*use SLOWLLM_ISA=avx2"):
         chosen_isa()
+
+
+def test_without_native_bf16_many_rows_widen_the_weight_in_slices(monkeypatch):
+    """An AVX2 PC keeps bf16 blocks; PyTorch's bf16 GEMM is slow there, so prompts widen 64 MB slices of
+    the weight into fp32 (bf16 and int8 weights): the fp32 numbers up to bf16 rounding of the output."""
+    from slowllm.node import _linears
+    from slowllm.node._linears import GemvLinear, int8_matmul
+
+    monkeypatch.setattr(_linears, "_NATIVE", False)
+    monkeypatch.setattr(_linears, "_DEQUANT_BYTES", 64 * 40 * 4)  # several slices and a partial last one
+    monkeypatch.setattr(_linears, "_buffers", __import__("threading").local())  # to see which buffer is made
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 100).bfloat16()
+    gemv = GemvLinear.wrap(lin)
+    x = torch.randn(2, 20, 64, generator=g).bfloat16()
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+        got = gemv(x)
+        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+        assert _linears._buffers.by_kind[(torch.float32, "cpu")].numel() == 40 * 64  # fp32 slices ran
+        q, scale = quantize_rows(torch.randn(100, 64, generator=g))
+        ref = x.float() @ (q.float() * scale.float()[:, None]).T
+        got = int8_matmul(x, q, scale)
+        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
