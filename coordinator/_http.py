@@ -28,17 +28,19 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from slowllm.node._openmp import ComputeThread
 from slowllm.node._units import format_ranges
 from slowllm.protocol import BusyError, SlowllmError, UnavailableError
 
+from ._detokenize import StopText
 from ._ends import ModelEnds
 from ._generate import Continuation, Generation
 from ._options import Sampling
 from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRequest, chat_logprobs,
-                      completion_logprobs, cut_at_stop, model_chat_template, prompt_rows, render_chat)
+                      completion_logprobs, model_chat_template, prompt_rows, render_chat)
 
 log = logging.getLogger("slowllm.http")
 SOFT_PROMPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -63,6 +65,10 @@ class ApiBackend(Protocol):
     def missing(self) -> list[int]: ...
 
     def nodes(self) -> int: ...
+
+    def admitted(self, user: str, kind: str):
+        """A context holding an admission slot for one HTTP request (BusyError when none is free)."""
+        ...
 
     def user(self, token: str | None) -> str | None:
         """The user a bearer token belongs to; "" when no key is needed; None when refused."""
@@ -158,28 +164,25 @@ class Batcher:
             running = still
 
 
-class _Choice:
-    """One choice of a request: its rows' tokens turned into text deltas, held back near stop strings."""
+class _Slot:
+    """An admission slot held by an HTTP request: entered now, released once (by the handler's `with`, or
+    by a stream's end or its background task, whichever comes first)."""
 
-    def __init__(self, ends: ModelEnds, stops: list[str]):
-        self.ends, self.stops = ends, stops
-        self.ids: list[int] = []
-        self.sent = 0  # characters of text already streamed
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.prefix = ""  # echo: the prompt text, streamed first
+    def __init__(self, context):
+        self._context = context
+        context.__enter__()
+        self._open = True
 
-    def stop_hit(self) -> bool:
-        return bool(self.stops) and cut_at_stop(self.ends.decode(self.ids), self.stops)[1]
+    def __enter__(self) -> "_Slot":
+        return self
 
-    def delta(self, final: bool) -> str:
-        text, hit = cut_at_stop(self.ends.decode(self.ids), self.stops)
-        ready = len(text) if final or hit else len(text) - self.hold
-        if not final and text.endswith("\ufffd"):  # half a character: wait for the rest
-            ready = min(ready, len(text) - 1)
-        if ready <= self.sent:
-            return ""
-        piece, self.sent = text[self.sent:ready], ready
-        return piece
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self._context.__exit__(None, None, None)
 
 
 def _finish(reason: str) -> str:
@@ -282,10 +285,12 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         loop = asyncio.get_running_loop()
         cancelled = threading.Event()
         for row, choice in zip(rows, choices):
-            row.stop = (lambda ids, c=choice: cancelled.is_set() or c.stop_hit()) if choice.stops else \
-                (lambda ids: cancelled.is_set())
+            # on the stepping thread, token by token: the text, the stop strings, the delta to stream
+            row.stop = (lambda ids, c=choice: cancelled.is_set() or c.hit)
             if on_event:
-                row.on_token = (lambda t, e, c=choice: loop.call_soon_threadsafe(on_event, c, t, e))
+                row.on_token = (lambda t, e, c=choice: loop.call_soon_threadsafe(on_event, c, c.feed(t), t, e))
+            else:
+                row.on_token = (lambda t, e, c=choice: c.feed(t))
         pending = _Pending(rows, sampling, soft_name, concurrent.futures.Future(), cancelled)
         batcher.submit(pending)
         future = asyncio.wrap_future(pending.future)
@@ -312,6 +317,24 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         log.exception("request failed", exc_info=e)
         return ApiError(500, f"the server failed on this request ({type(e).__name__}).", type="server_error")
 
+    def hold(request: Request, user: str, kind: str) -> _Slot:
+        """An admission slot for this request, through the same admission as the coordinator's jobs."""
+        who = user or (request.client.host if request.client else "http")
+        try:
+            return _Slot(backend.admitted(who, kind))
+        except BaseException as e:  # BusyError: 429 with Retry-After, before any byte of a stream is sent
+            raise translate(e) from None
+
+    def held(gen, slot: _Slot) -> StreamingResponse:
+        """A stream that gives its admission slot back when it ends, or when it never starts."""
+        async def body():
+            try:
+                async for part in gen:
+                    yield part
+            finally:
+                slot.release()
+        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(slot.release))
+
     def usage(prompts: list[list[int]], results: list[dict]) -> dict:
         prompt = sum(map(len, prompts))
         completion = sum(len(r["token_ids"]) for r in results)
@@ -324,18 +347,16 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         """Server-sent events: a chunk per token, then each choice's end, usage if asked, `[DONE]`."""
         events: asyncio.Queue = asyncio.Queue()
 
-        def on_event(choice, token, entry):
-            events.put_nowait((choice, token, entry))
+        def on_event(choice, piece, token, entry):
+            events.put_nowait((choice, piece, token, entry))
 
         task = asyncio.ensure_future(submit(request, rows, sampling, soft_name, choices, on_event))
         try:
             while not (task.done() and events.empty()):
                 try:
-                    choice, token, entry = await asyncio.wait_for(events.get(), 0.25)
+                    choice, piece, token, entry = await asyncio.wait_for(events.get(), 0.25)
                 except asyncio.TimeoutError:
                     continue
-                choice.ids.append(token)
-                piece = choice.delta(final=False)
                 if piece:
                     yield sse(chunk(choices.index(choice), piece, token, entry))
             try:
@@ -344,8 +365,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                 yield sse(translate(e).body())
                 return
             for i, (choice, r) in enumerate(zip(choices, results)):
-                choice.ids = r["token_ids"]
-                yield sse(tail(i, choice.delta(final=True), _finish("stop" if choice.stop_hit() else r["finish_reason"])))
+                yield sse(tail(i, choice.finish(), _finish("stop" if choice.hit else r["finish_reason"])))
             if include_usage:
                 yield sse({**chunk(0, "", None, None), "choices": [], "usage": usage(prompts, results)})
             yield "data: [DONE]\n\n"
@@ -354,7 +374,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        check(request, req.model)
+        user = check(request, req.model)
         prompts = prompt_rows(req.prompt, ends)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if max_tokens == 0 and not req.echo:
@@ -367,7 +387,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         rows = [Continuation(list(ids), max_tokens, logprobs=top,
                              prompt_logprobs=top if req.echo and top is not None else None)
                 for ids in prompts for _ in range(req.n)]
-        choices = [_Choice(ends, stops) for _ in rows]
+        choices = [StopText(ends, stops) for _ in rows]
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": now, "model": backend.model_id}
 
@@ -386,17 +406,18 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                          bool((req.stream_options or {}).get("include_usage")))
             if req.echo:
                 gen = _prefixed(gen, [sse(tail(i, c.prefix, None)) for i, c in enumerate(choices)])
-            return StreamingResponse(gen, media_type="text/event-stream")
+            return held(gen, hold(request, user, "completions"))
         try:
-            results = await submit(request, rows, sampling, req.soft_prompt, choices)
+            with hold(request, user, "completions"):
+                results = await submit(request, rows, sampling, req.soft_prompt, choices)
         except BaseException as e:
             raise translate(e) from None
         out = []
         for i, (row, r, c) in enumerate(zip(rows, results, choices)):
-            c.ids = r["token_ids"]
-            text = c.delta(final=True)
+            c.finish()
+            text = c.text
             kept = r["token_ids"]
-            reason = _finish("stop" if c.stop_hit() else r["finish_reason"])
+            reason = _finish("stop" if c.hit else r["finish_reason"])
             prompt_text = ends.decode(row.ids) if req.echo else ""
             lp = None
             if top is not None:
@@ -410,7 +431,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        check(request, req.model)
+        user = check(request, req.model)
         ids = ends.encode_prompt(render_chat(req.messages, template, ends))
         max_tokens = req.max_completion_tokens or req.max_tokens or min(512, backend.max_new_tokens)
         if max_tokens < 1:
@@ -419,7 +440,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         sampling, stops = sampling_of(req), req.stops()
         top = (req.top_logprobs or 0) if req.logprobs else None
         rows = [Continuation(list(ids), max_tokens, logprobs=top) for _ in range(req.n)]
-        choices = [_Choice(ends, stops) for _ in rows]
+        choices = [StopText(ends, stops) for _ in rows]
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": backend.model_id}
 
@@ -433,20 +454,20 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                                          "finish_reason": reason}]}
 
         if req.stream:
-            return StreamingResponse(stream(request, [ids], rows, sampling, req.soft_prompt, choices, chunk, tail,
-                                            bool((req.stream_options or {}).get("include_usage"))),
-                                     media_type="text/event-stream")
+            return held(stream(request, [ids], rows, sampling, req.soft_prompt, choices, chunk, tail,
+                               bool((req.stream_options or {}).get("include_usage"))), hold(request, user, "chat"))
         try:
-            results = await submit(request, rows, sampling, req.soft_prompt, choices)
+            with hold(request, user, "chat"):
+                results = await submit(request, rows, sampling, req.soft_prompt, choices)
         except BaseException as e:
             raise translate(e) from None
         out = []
         for i, (r, c) in enumerate(zip(results, choices)):
-            c.ids = r["token_ids"]
-            text = c.delta(final=True)
+            c.finish()
+            text = c.text
             lp = chat_logprobs(ends, r["token_ids"], r["logprobs"]) if top is not None else None
             out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                        "finish_reason": _finish("stop" if c.stop_hit() else r["finish_reason"])})
+                        "finish_reason": _finish("stop" if c.hit else r["finish_reason"])})
         return {**head, "object": "chat.completion", "choices": out, "usage": usage([ids], results)}
 
     return app

@@ -216,9 +216,3 @@ def chat_logprobs(ends: ModelEnds, ids: list[int], entries: list) -> dict:
 
     return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
                         for t, (lp, top) in zip(ids, entries)]}
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """`text` up to the first stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -13,6 +13,7 @@ from slowllm.node._memory import default_dtype
 from slowllm.protocol import InputError
 
 from ._chain import Chain
+from ._detokenize import Detokenizer
 from ._ends import ModelEnds
 from ._generate import generate
 from ._jobs import score
@@ -25,28 +26,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TextStream:
-    """Turns token ids arriving per prompt into printable text deltas (whole UTF-8 characters only).
-
-    Incremental: each token decodes only the few ids since the last emitted text (with one token of
-    left context, for tokenizers whose decoding of a token depends on its neighbour), so the cost per
-    token does not grow with the length of the text.
-    """
+    """Turns token ids arriving per prompt into printable text deltas (whole UTF-8 characters only), one
+    `Detokenizer` per prompt."""
 
     def __init__(self, ends: ModelEnds, on_text: Callable[[int, str], None]):
         self.ends, self.on_text = ends, on_text
-        self.ids: dict[int, list[int]] = {}
-        self.offsets: dict[int, tuple[int, int]] = {}  # (prefix start, read start) per prompt
+        self.rows: dict[int, Detokenizer] = {}
 
     def __call__(self, i: int, ids: list[int]) -> None:
-        tokens = self.ids.setdefault(i, [])
-        tokens.extend(ids)
-        prefix, read = self.offsets.get(i, (0, 0))
-        before = self.ends.decode(tokens[prefix:read])
-        text = self.ends.decode(tokens[prefix:])
-        if text.endswith("\ufffd") or len(text) <= len(before):  # a character split across tokens: wait
-            return
-        self.offsets[i] = (read, len(tokens))
-        self.on_text(i, text[len(before):])
+        text = self.rows.setdefault(i, Detokenizer(self.ends)).push(ids)
+        if text:
+            self.on_text(i, text)
+
+    def finish(self) -> None:
+        """The generation ended: what each prompt still holds back (a character cut by the last token is
+        printed as U+FFFD, as --json shows it, rather than dropped)."""
+        for i, row in self.rows.items():
+            text = row.flush()
+            if text:
+                self.on_text(i, text)
 
 
 class Runner:
@@ -76,10 +74,12 @@ class Runner:
                  on_text: Callable[[int, str], None] | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None, draft: bool | None = None,
                  draft_tokens: int | None = None) -> list[dict]:
-        if on_text is not None:
-            on_tokens = TextStream(self.ends, on_text)
-        return generate(self.ends, self.chain, prompts, sampling, self.soft_prompt(soft_prompt), on_tokens,
-                        draft=self.pick_draft(draft, draft_tokens))
+        text = TextStream(self.ends, on_text) if on_text is not None else None
+        results = generate(self.ends, self.chain, prompts, sampling, self.soft_prompt(soft_prompt), text or on_tokens,
+                           draft=self.pick_draft(draft, draft_tokens))
+        if text is not None:
+            text.finish()
+        return results
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
         return score(self.ends, self.chain, requests, self.soft_prompt(soft_prompt))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -115,13 +116,28 @@ def test_echo_logprobs_equal_slowllm_score(served, local):
 
 def test_stop_and_n(served, local):
     client, _ = served
-    text = local.generate([PROMPT], Sampling(max_new_tokens=16))[0]["text"]
+    alone = local.generate([PROMPT], Sampling(max_new_tokens=16))[0]
+    text, ids = alone["text"], alone["token_ids"]
     stop = text[5:8]
+    # generation ends at the token that completes the stop string, streaming or not, and usage counts
+    # the tokens generated, not max_tokens
+    until = next(n for n in range(1, len(ids) + 1) if stop in local.ends.decode(ids[:n]))
+    assert until < 16
     got = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
     assert got.choices[0].text == text[:text.find(stop)] and got.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop,
-                                         stream=True)
+    assert got.usage.completion_tokens == until
+    streamed = list(client.completions.create(model="http-model", prompt=PROMPT, max_tokens=16, temperature=0,
+                                              stop=stop, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == got.choices[0].text
+    assert streamed[-1].usage.completion_tokens == until
+    chat = client.chat.completions.create(model="http-model", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=16, temperature=0)
+    words = chat.choices[0].message.content
+    if len(words) > 6:
+        cut = client.chat.completions.create(model="http-model", messages=[{"role": "user", "content": PROMPT}],
+                                             max_tokens=16, temperature=0, stop=[words[4:6]])
+        assert cut.choices[0].message.content == words[:words.find(words[4:6])]
+        assert cut.usage.completion_tokens < chat.usage.completion_tokens
     many = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=8, temperature=1.0, n=4, seed=3)
     assert [c.index for c in many.choices] == [0, 1, 2, 3] and len({c.text for c in many.choices}) > 1
     again = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=8, temperature=1.0, n=4, seed=3)
@@ -257,7 +273,8 @@ def test_through_the_swarm(model, local, secret, tmp_path):
     bob.write_text("bob " + "c" * 32 + "\n")
     port = free_port()
     with Cluster(model, [], secret_file=secret, client_secret_file=bob,
-                 coordinator_args=["--http-port", str(port), "--client-keys", str(keys), "--wait-for-nodes", "1"]) as c:
+                 coordinator_args=["--http-port", str(port), "--client-keys", str(keys), "--wait-for-nodes", "1",
+                                   "--max-jobs-per-client", "1"]) as c:
         url = f"http://127.0.0.1:{port}/v1"
         client = openai.OpenAI(base_url=url, api_key="c" * 32, max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:  # 503: no node yet
@@ -279,6 +296,23 @@ def test_through_the_swarm(model, local, secret, tmp_path):
         assert sum(echo.choices[0].logprobs.token_logprobs[len(ctx):]) == pytest.approx(score, abs=1e-4)
         models = client.models.list().data[0]
         assert models.model_extra["nodes"] == 2 and models.model_extra["missing"] == []
+        # one admission for both front doors: HTTP requests count in /status.json and against the limits
+        status_url = c.url.replace("ws://", "http://") + "/status.json"
+        assert json.load(urllib.request.urlopen(status_url, timeout=10))["jobs_done"] == {"bob": 3}
+        long = client.completions.create(model="http-model", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
+        next(iter(long))  # bob's one job is running
+        running = json.load(urllib.request.urlopen(status_url, timeout=10))
+        assert running["active_jobs"] == 1 and running["jobs"][0]["user"] == "bob" and running["jobs"][0]["via"] == "http"
+        with pytest.raises(openai.RateLimitError, match="1 of your jobs are already running"):
+            client.completions.create(model="http-model", prompt=PROMPT, max_tokens=2)
+        from slowllm.protocol import BusyError
+        with pytest.raises(BusyError, match="1 of your jobs are already running"):
+            c.client().generate(["Once"], Sampling(max_new_tokens=2))  # the WebSocket door, the same slot
+        long.close()  # hanging up gives the slot back
+        deadline = time.monotonic() + 60
+        while json.load(urllib.request.urlopen(status_url, timeout=10))["active_jobs"]:
+            assert time.monotonic() < deadline  # a hang guard
+            time.sleep(0.1)
 
 
 def test_lm_evaluation_harness_local_completions_matches_its_hf_model(model, tmp_path):
