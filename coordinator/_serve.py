@@ -7,6 +7,8 @@ itself (`_http.make_app`) is written once over either.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 import threading
@@ -51,6 +53,9 @@ class LocalBackend:
 
     def missing(self) -> list[int]:
         return []
+
+    def admitted(self, user: str, kind: str):
+        return contextlib.nullcontext()  # one process, one user's server: the batcher's queue bounds it
 
     def nodes(self) -> int:
         return 0
@@ -134,6 +139,9 @@ class SwarmBackend:
 
     def missing(self) -> list[int]:
         return self.coordinator.router.missing()
+
+    def admitted(self, user: str, kind: str):
+        return self.coordinator.admission.job(user, kind, via="http")  # counted with the WebSocket jobs
 
     def nodes(self) -> int:
         return len(self.coordinator.router.nodes)

@@ -28,6 +28,7 @@ from slowllm.protocol import (
     ProtocolError, Register, SlowllmError, Welcome, WireTensor, decode_tensor, encode_tensor, pack, peek, printable,
 )
 
+from ._admission import Admission
 from ._ends import ModelEnds
 from ._options import Sampling
 from ._keys import KeyRing, is_loopback
@@ -58,6 +59,7 @@ class Coordinator:
         resident = self.checkpoint.nbytes([self.checkpoint.embedding_key, self.checkpoint.head_key]) < default_max_ram() // 2
         self.ends = ModelEnds(self.checkpoint, resident_embedding=resident)
         # the draft runs here, in RAM beside the ends: its tokens cost no network hop
+        self.draft_model = draft_model
         self.draft = None if draft_model is None else load_draft(draft_model, self.checkpoint, dtype=None,
                                                                  tokens=draft_tokens)
         self.host, self.port, self.secret = host, port, secret
@@ -70,10 +72,7 @@ class Coordinator:
         self.referee = Referee(self.checkpoint)
         self.jobs = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="slowllm-job")
         # admission state: the event loop's alone (changed only in `_run_job`)
-        self.jobs_by_client: dict[str, int] = {}
-        self.jobs_done: dict[str, int] = {}  # finished jobs per user (or address)
-        self.running: list[dict] = []  # who runs what, for /status
-        self.active_jobs = 0
+        self.admission = Admission(max_jobs, max_jobs_per_client)  # the WebSocket jobs' and the HTTP API's
         self.clients: dict = {}  # client connection -> (user, key), to close those whose key is revoked
         self.loop: asyncio.AbstractEventLoop | None = None
         self.http_port, self.http_options = http_port, {"soft_prompts": soft_prompts, "chat_template": chat_template}
@@ -268,14 +267,6 @@ class Coordinator:
             for cancel in cancels:
                 cancel.set()
 
-    def _admit(self, client: str) -> None:
-        """Admission control: a bounded number of jobs per client address and in all."""
-        if self.active_jobs >= self.max_jobs:
-            raise BusyError(f"the coordinator is busy with {self.active_jobs} jobs; retry in 5 s.")
-        if self.jobs_by_client.get(client, 0) >= self.max_jobs_per_client:
-            raise BusyError(f"busy: {self.max_jobs_per_client} of your jobs are already running; retry in 5 s "
-                            "(or when one finishes).")
-
     async def _run_job(self, job: Job, send, client: str = "", cancel: threading.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         cancel = cancel or threading.Event()
@@ -288,21 +279,9 @@ class Coordinator:
             if job.job == "status":
                 data = self.status()
             else:
-                self._admit(client)
-                self.active_jobs += 1
-                self.jobs_by_client[client] = self.jobs_by_client.get(client, 0) + 1
-                running = {"user": client, "job": job.job, "started": round(time.time(), 1)}
-                self.running.append(running)
-                log.info("%s job by %s", job.job, client)
-                try:
+                with self.admission.job(client, job.job):
+                    log.info("%s job by %s", job.job, client)
                     data = await loop.run_in_executor(self.jobs, self._job_in_thread, job, emit, cancel)
-                    self.jobs_done[client] = self.jobs_done.get(client, 0) + 1
-                finally:
-                    self.running.remove(running)
-                    self.active_jobs -= 1
-                    self.jobs_by_client[client] -= 1
-                    if not self.jobs_by_client[client]:
-                        del self.jobs_by_client[client]
             await send(JobResult(id=job.id, data=data))
         except SlowllmError as e:
             if not cancel.is_set():
@@ -387,14 +366,15 @@ class Coordinator:
     def status(self) -> dict:
         return {
             "model": self.model, "family": self.checkpoint.family.name, "n_layer": self.checkpoint.n_layer,
+            "draft_model": self.draft_model,
             "fingerprint": self.fingerprint,
-            "nodes": self.router.node_status(), "missing": self.router.missing(), "active_jobs": self.active_jobs,
+            "nodes": self.router.node_status(), "missing": self.router.missing(),
             "sessions": len(self.router.sessions()), "failovers": self.router.failovers,
             "replayed_bytes": self.router.replayed_bytes, "max_message_size": self.limits.max_frame,
             "verify": self.router.verify, "verified_hops": self.router.verified_hops,
             "disagreements": self.router.disagreements, "unverifiable_hops": self.router.unverifiable_hops,
             "unverified_spans": self.router.unverified_spans(),
-            "jobs": list(self.running), "jobs_done": dict(self.jobs_done),
+            **self.admission.snapshot(),  # active_jobs, jobs (who runs what, and through which door), jobs_done
         }
 
 
