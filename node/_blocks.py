@@ -154,9 +154,25 @@ class BlockCache:
     GROW_MIN = 64  # positions added at least when a buffer grows
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                 length: int | None = None):
+                 length: int | None = None, limit: int | None = None):
         self._keys, self._values = keys, values
         self._length = (0 if keys is None else keys.shape[-2]) if length is None else length
+        self.limit = limit  # positions the session may ever hold: spare room never goes beyond it
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[-2]
+
+    def capacity_for(self, new: int) -> int:
+        """Positions the buffers will have after `new` more (the current capacity when they fit)."""
+        need = self._length + new
+        if need <= self.capacity:
+            return self.capacity
+        if self._keys is None or self._length == 0:
+            room = need if new > 1 else need + self.GROW_MIN  # a prompt pass: exact; decode: room
+        else:
+            room = max(need, self.capacity + max(self.GROW_MIN, self.capacity // 2))
+        return max(need, min(room, self.limit)) if self.limit is not None else room
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -170,12 +186,8 @@ class BlockCache:
         new = keys.shape[-2]
         need = self._length + new
         if self._keys is None or need > self._keys.shape[-2]:
-            if self._keys is None or self._length == 0:
-                capacity = need if new > 1 else need + self.GROW_MIN  # a prompt pass: exact; decode: room
-                old_k = old_v = None
-            else:
-                capacity = max(need, self._keys.shape[-2] + max(self.GROW_MIN, self._keys.shape[-2] // 2))
-                old_k, old_v = self.keys, self.values
+            capacity = self.capacity_for(new)
+            old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
             self._keys = torch.empty(shape, dtype=keys.dtype, device=keys.device)
             self._values = torch.empty(shape, dtype=values.dtype, device=values.device)

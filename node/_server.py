@@ -59,20 +59,33 @@ class Sessions:
         with self._lock:
             return sum(c.nbytes() for caches in self._caches.values() for c in caches.values())
 
-    def get(self, session: str, layers: range, new_bytes: int, total_bytes: int) -> dict[int, BlockCache]:
-        """The session's caches, with room for `new_bytes` more; `total_bytes` is what it will hold then."""
-        if total_bytes > self.budget:
-            raise InputError(f"a session of that length needs {format_size(total_bytes)} of KV cache on this node, "
-                             f"more than its --session-memory of {format_size(self.budget)}: use shorter or fewer "
-                             "prompts (or nodes with more memory).")
+    def get(self, session: str, layers: range, position_bytes: int, new: int, max_length: int) -> dict[int, BlockCache]:
+        """The session's caches, with room for `new` more positions. Counts what is allocated: each
+        block's buffers with their spare room, and while a buffer grows, the new one beside the old
+        (`position_bytes`: keys and values of one position of one block, every row)."""
         with self._lock:
             self.expire()
-            if self.nbytes() + new_bytes > self.budget:
+            caches = self._caches.get(session, {})
+            need = (max((c.length for c in caches.values()), default=0) + new) * position_bytes * len(layers)
+            if need > self.budget:
+                raise InputError(f"a session of that length needs {format_size(need)} of KV cache on this node, "
+                                 f"more than its --session-memory of {format_size(self.budget)}: use shorter or "
+                                 "fewer prompts (or nodes with more memory).")
+            # The blocks run one after another: while block i grows, its old and new buffers both exist,
+            # blocks before it hold their new size and blocks after it their old one.
+            held, peak = self.nbytes(), 0
+            for layer in layers:
+                cache = caches.get(layer) or BlockCache(limit=max_length)
+                before, after = cache.capacity * position_bytes, cache.capacity_for(new) * position_bytes
+                if after != before:
+                    peak = max(peak, held + after)
+                    held += after - before
+            if max(peak, held) > self.budget:
                 raise BusyError(f"node is busy: its KV-cache budget of {format_size(self.budget)} is full; "
                                 "retry in 10 s.")
             caches = self._caches.setdefault(session, {})
             for layer in layers:
-                caches.setdefault(layer, BlockCache())
+                caches.setdefault(layer, BlockCache(limit=max_length)).limit = max_length
             self._used[session] = time.monotonic()
             return caches
 
@@ -383,10 +396,9 @@ class NodeServer:
         hidden, mask = self._tensors(msg, past)
         if mask.shape[1] > msg.max_length:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")
-        per_token = 2 * kv_width(self.blocks.config) * self.dtype.itemsize * len(layers)  # GQA: fewer than hidden
-        rows = hidden.shape[0]
-        caches = self.sessions.get(msg.session, layers, per_token * rows * hidden.shape[1],
-                                   per_token * rows * mask.shape[1])
+        # keys and values of one position of one block, every row (GQA: fewer numbers than hidden)
+        position_bytes = 2 * kv_width(self.blocks.config) * self.dtype.itemsize * hidden.shape[0]
+        caches = self.sessions.get(msg.session, layers, position_bytes, hidden.shape[1], msg.max_length)
         return self.blocks.forward(hidden, mask, msg.first, msg.last, caches)
 
 

@@ -252,7 +252,7 @@ def test_node_sessions_roll_back_only_what_they_hold():
     from slowllm.node._server import Sessions
 
     sessions = Sessions(1 << 30)
-    caches = sessions.get("s", range(2, 4), 0, 0)
+    caches = sessions.get("s", range(2, 4), position_bytes=0, new=5, max_length=16)
     for cache in caches.values():
         cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
     sessions.truncate("s", range(2, 4), 3)

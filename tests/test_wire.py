@@ -127,18 +127,57 @@ def test_session_budget_errors_and_idle_expiry(monkeypatch):
     from slowllm.node._server import Sessions
     from slowllm.protocol import BusyError
 
-    s = Sessions(budget=1000, idle_timeout=60)
-    caches = s.get("a", range(2), new_bytes=600, total_bytes=600)
+    s = Sessions(budget=1000, idle_timeout=60)  # 2 blocks, 4 bytes per position and block (keys + values)
+    caches = s.get("a", range(2), position_bytes=4, new=75, max_length=200)
     caches[0] = BlockCache(torch.zeros(1, 75, 1), torch.zeros(1, 75, 1))  # 2 x 300 bytes held
     with pytest.raises(BusyError, match="KV-cache budget of 1000 B is full"):
-        s.get("b", range(2), new_bytes=600, total_bytes=600)
+        s.get("b", range(2), position_bytes=4, new=75, max_length=200)
     with pytest.raises(InputError, match="more than its --session-memory"):
-        s.get("c", range(2), new_bytes=10, total_bytes=2000)  # can never fit: not "busy"
+        s.get("c", range(2), position_bytes=4, new=250, max_length=250)  # can never fit: not "busy"
     later = time.monotonic() + 61
     monkeypatch.setattr(time, "monotonic", lambda: later)
     s.expire()
     assert len(s) == 0 and s.nbytes() == 0
-    assert s.get("b", range(2), new_bytes=600, total_bytes=600) is not None
+    assert s.get("b", range(2), position_bytes=4, new=75, max_length=200) is not None
+
+
+def test_session_budget_counts_what_is_allocated_spare_room_and_copies_included():
+    """Caches grow by half (spare room for decode steps) and copy when they grow: the budget holds the
+    bytes allocated, the new buffer beside the old while copying, and spare room never passes max_length."""
+    from slowllm.node._server import Sessions
+    from slowllm.protocol import BusyError
+
+    position = 2 * 4 * 4  # keys and values, 4 numbers of fp32, per position and block
+    budget = 3 * 300 * position  # two blocks of 300 positions, and room to copy one while it grows
+    s = Sessions(budget=budget)
+    layers = range(2)
+
+    def step(session, new, max_length):
+        caches = s.get(session, layers, position, new, max_length)
+        for cache in caches.values():
+            cache.update(torch.zeros(1, 1, new, 4), torch.zeros(1, 1, new, 4), 0)
+        return caches
+
+    peak = 0
+    caches = step("long", 100, 300)  # a prompt pass, then decode steps up to the session's max length
+    for _ in range(200):
+        held = s.nbytes()
+        for c in caches.values():  # block by block, as a step runs them: old and new buffer side by side
+            if c.capacity_for(1) != c.capacity:
+                peak = max(peak, held + c.capacity_for(1) * position)
+                held += (c.capacity_for(1) - c.capacity) * position
+        step("long", 1, 300)
+    assert all(c.length == 300 and c.capacity == 300 for c in caches.values())  # room capped at max_length
+    assert s.nbytes() == 2 * 300 * position and peak <= budget
+    step("other", 100, 200)  # 2 x 100 of the 300 positions left: a prompt pass fits...
+    with pytest.raises(BusyError):  # ...and its first decode step's growth to 164 (the copy beside) does not
+        step("other", 1, 200)
+    s.close("other")
+    s.close("long")
+    short = step("short", 10, 20)
+    for _ in range(5):
+        step("short", 1, 20)
+    assert all(c.capacity == 20 for c in short.values())  # grew (by GROW_MIN) to its max length, no further
 
 
 async def _fake_coordinator(port_box: list, flood: int, frame_bytes: int, out: dict):
