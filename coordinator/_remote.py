@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import random
 import threading
 import time
@@ -36,6 +37,8 @@ from ._verify import Referee, agree, tolerance
 
 if TYPE_CHECKING:
     from ._router import NodeLink, Router
+
+log = logging.getLogger("slowllm")
 
 # verification re-runs run beside the hop they check (one thread each while it lasts; jobs are <= 32)
 _CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="slowllm-verify")
@@ -203,7 +206,7 @@ class RemoteChain(Chain):
             # checked by healthy nodes only: a node being avoided (it failed or timed out lately) would
             # make the job wait for its timeout just to check a hop
             now = time.monotonic()
-            avoid = {node} | {x for x in list(self.router.nodes) if x.avoid_until > now}
+            avoid = {node} | {x for x in self.router.nodes if x.avoid_until > now}
             if self.router.missing(a, b, exclude=avoid):  # no other node covers some of a..b
                 self.router.record_verification(None, agreed=None)
             else:
@@ -213,7 +216,11 @@ class RemoteChain(Chain):
             return out
         try:
             rerun = pending.result()
-        except (NodeFailed, UnavailableError):  # the check could not run (its failures were dealt with)
+        except (SlowllmError, concurrent.futures.CancelledError) as e:
+            # the check could not run (a checker failed, refused, was busy, or the job was cancelled): the
+            # user's answer stands unchecked, as when no second node covers the span
+            log.info("verification of blocks %d-%d could not run: %s", a, b, e)
+            self.router.record_verification(None, agreed=None)
             return out
         if rerun is None:  # too large to re-send
             self.router.record_verification(None, agreed=None)

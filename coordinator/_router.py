@@ -94,7 +94,9 @@ class Router:
     def __init__(self, n_layer: int, *, wait_for_nodes: float = 60.0, request_timeout: float = 120.0):
         self.n_layer = n_layer
         self.wait_for_nodes, self.request_timeout = wait_for_nodes, request_timeout
-        self.nodes: list[NodeLink] = []  # the event loop's
+        # Written by the event loop only, by replacing the list (never in place): worker threads that route
+        # a job read one consistent snapshot, with no lock, whatever joins or leaves meanwhile.
+        self.nodes: list[NodeLink] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self._coverage_changed: asyncio.Event | None = None
         self._lock = threading.Lock()  # guards what worker threads touch:
@@ -115,12 +117,11 @@ class Router:
 
     # ---- the node list (event loop) ---------------------------------------------------------------
     def add(self, link: NodeLink) -> None:
-        self.nodes.append(link)
+        self.nodes = [*self.nodes, link]
         self._coverage_changed.set()
 
     def remove(self, link: NodeLink) -> None:
-        if link in self.nodes:
-            self.nodes.remove(link)
+        self.nodes = [x for x in self.nodes if x is not link]
         link.fail_all()
 
     def is_banned(self, name: str, address: str) -> bool:
@@ -183,13 +184,15 @@ class Router:
                 self.disagreements += 1
 
     def unverified_spans(self) -> list[list[int]]:
-        """Block ranges that fewer than two nodes cover: a hop there cannot be checked by recomputation."""
+        """Block ranges exactly one node covers: a hop there cannot be checked by recomputation on another
+        node (blocks no node serves are `missing`, not listed here)."""
         spans, start = [], None
+        nodes = self.nodes
         for b in range(self.n_layer):
-            covered = sum(x.first <= b <= x.last for x in self.nodes)
-            if covered < 2 and start is None:
+            single = sum(x.first <= b <= x.last for x in nodes) == 1
+            if single and start is None:
                 start = b
-            if covered >= 2 and start is not None:
+            if not single and start is not None:
                 spans.append([start, b - 1])
                 start = None
         if start is not None:
