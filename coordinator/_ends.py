@@ -12,7 +12,9 @@ that are scored are ever computed, and the gradient for tuning is a second chunk
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -30,6 +32,21 @@ from slowllm.node._linears import bf16_linear, int8_matmul
 HEAD_KERNEL_MAX_ROWS = 32
 
 
+def tokenizer_adds_bos(tokenizer_json: Path, tokenizer: Tokenizer, bos: int | None) -> bool:
+    """Whether the checkpoint's tokenizer, with its defaults (as `AutoTokenizer(text)` runs it), starts a
+    text with BOS: `add_bos_token` in tokenizer_config.json where it says, else what tokenizer.json's
+    post-processor does."""
+    if bos is None:
+        return False
+    try:
+        said = json.loads(tokenizer_json.with_name("tokenizer_config.json").read_text()).get("add_bos_token")
+    except (OSError, ValueError, AttributeError):
+        said = None
+    if isinstance(said, bool):
+        return said
+    return tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
+
+
 class ModelEnds:
     def __init__(self, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32,
                  resident_embedding: bool = True, head_chunk_bytes: int = 64 << 20):
@@ -40,6 +57,7 @@ class ModelEnds:
         self.family = family = checkpoint.family
         self.eos_token_id = _first(self.config.eos_token_id)  # Llama 3 lists several: the first ends a turn
         self.bos_token_id = _first(self.config.bos_token_id)
+        self.adds_bos = tokenizer_adds_bos(checkpoint.tokenizer_path(), self.tokenizer, self.bos_token_id)
         eos = self.config.eos_token_id
         self._more_stops = set(eos[1:]) if isinstance(eos, list) else set()  # Llama 3: <|eot_id|> and others
         self.eps = family.eps_of(self.config)
@@ -82,10 +100,11 @@ class ModelEnds:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str, empty: int | None = None) -> list[int]:
-        """Ids of a prompt (or a scored context): the family's BOS first where its models were trained so
-        (Llama, Mistral), unless the text already starts with it; never empty (`empty`, by default BOS)."""
+        """Ids of a prompt (or a scored context): BOS first where the checkpoint's own tokenizer adds it by
+        default (Llama, Mistral; not SmolLM-style models or Bloom), unless the text already starts with it;
+        never empty (`empty`, by default BOS)."""
         ids = self.encode(text)
-        if self.family.prepend_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+        if self.adds_bos and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
         if not ids:
             ids = [empty if empty is not None else self.bos_token_id if self.bos_token_id is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           PreTrainedTokenizerFast, Qwen2Config)
 
@@ -109,6 +109,9 @@ def make_checkpoint(path: str | os.PathLike, config=None, *, seed: int = 0,
         config.save_pretrained(path)
     if tokenizer:
         tok = train_tokenizer(config.vocab_size)
+        if family_of(config).prepend_bos:  # as real Llama and Mistral tokenizers do: BOS before every text
+            tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", config.bos_token_id)])
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                        eos_token="</s>", pad_token="<pad>")
         fast.save_pretrained(path)

@@ -39,7 +39,8 @@ class Family:
     head: str  # the LM head's name when it is not tied to the embedding
     rms_norm: bool  # RMSNorm (weight only) instead of LayerNorm
     eps: str  # the config field holding the norms' epsilon
-    prepend_bos: bool  # the family's tokenizer starts every prompt with BOS
+    prepend_bos: bool  # the family's real tokenizers start every text with BOS (tiny test checkpoints copy it;
+    # what a checkpoint does is read from its own tokenizer: coordinator/_ends.py)
     sliding_window: bool = field(default=False)  # the config's sliding_window restricts attention (Mistral)
     head_aliases: tuple[str, ...] = ()  # other names checkpoints give the untied head
 

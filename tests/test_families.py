@@ -113,6 +113,34 @@ def test_the_family_is_read_from_the_config(model, runner):
     assert Checkpoint(bloom).fingerprint() != runner.fingerprint  # the family is part of the identity
 
 
+@pytest.mark.parametrize("add_bos_token", [None, False, True])
+def test_bos_is_what_the_checkpoints_own_tokenizer_adds(model, runner, oracle, add_bos_token, tmp_path):
+    """As transformers' tokenizer does with its defaults: tokenizer_config.json's add_bos_token where it
+    says (a SmolLM-style Llama says false), else tokenizer.json's post-processor; never twice."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = model
+    if add_bos_token is not None:
+        path = shutil.copytree(model, tmp_path / "copy")
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": add_bos_token}))
+    hf = AutoTokenizer.from_pretrained(path)
+    with LocalRunner(path, progress=False) as local:
+        for text in ("Yes", "Is the sky blue?"):
+            assert local.ends.encode_prompt(text) == hf(text)["input_ids"], (text, add_bos_token)
+        once = local.ends.encode_prompt("<s>Already there")  # transformers would put a second BOS here
+        assert once[0] == 1 and once[1] != 1
+        context, continuation = "Is the sky blue?", " Yes."
+        ctx = hf(context)["input_ids"]
+        cont = local.ends.encode(continuation)
+        want, _ = reference_score(oracle, ctx, cont)
+        got = local.score([{"context": context, "continuation": continuation}])[0]["logprob"]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_weights_give_context_dependent_output(runner):
     outs = runner.generate(PROMPTS, Sampling(max_new_tokens=6))
     assert len({tuple(o["token_ids"]) for o in outs}) == len(PROMPTS)
