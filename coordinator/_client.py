@@ -28,7 +28,7 @@ from slowllm.protocol import (
 )
 
 from slowllm.node._aio import why_connection_failed
-from slowllm.node._units import format_ranges
+from slowllm.node._units import format_ranges, format_span, span_blocks
 
 from ._options import Sampling, TuneOptions
 
@@ -197,18 +197,20 @@ def format_status(status: dict) -> str:
     family = f" ({status['family']})" if status.get("family") else ""
     lines = [f"model {status['model']}{family}: {_plural(status['n_layer'], 'block')}, {_plural(len(nodes), 'node')}, "
              f"{_plural(status.get('active_jobs', 0), 'active job')}, {_plural(status.get('failovers', 0), 'failover')}"]
+    if status.get("draft_model"):
+        lines[0] += f", draft {status['draft_model']}"
     for node in status["nodes"]:
         a, b = node["layers"]
-        line = (f"  {node['name']:<20} blocks {f'{a}-{b}':<7} {node['device']}/{_precision(node):<14} "
+        line = (f"  {node['name']:<20} blocks {format_span(a, b):<7} {node['device']}/{_precision(node):<14} "
                 f"speed {node['speed']:>8.1f} token-blocks/s  load {node['load']}  "
                 f"{_plural(node['sessions'], 'session')}")
-        lines.append(f"  {node['name']:<20} blocks {f'{a}-{b}':<7} BANNED: {node.get('reason', '')}"
+        lines.append(f"  {node['name']:<20} blocks {format_span(a, b):<7} BANNED: {node.get('reason', '')}"
                      if node.get("banned") else line)
     lines.append("missing blocks: " + (format_ranges(status["missing"]) or "none"))
     if "unverified_spans" in status:
-        spans = ", ".join(f"{a}-{b}" for a, b in status["unverified_spans"]) or "none"
+        spans = format_ranges(span_blocks(status["unverified_spans"])) or "none"
         lines.append(f"verify {status.get('verify', 0)}: {status.get('verified_hops', 0)} hops checked, "
-                     f"{status.get('disagreements', 0)} disagreements; blocks no second node covers: {spans}")
+                     f"{status.get('disagreements', 0)} disagreements; blocks only one node covers: {spans}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import time
 
+from slowllm.node._units import format_ranges, format_span, span_blocks
+
 
 def _e(value) -> str:
     """Every field a node reports is escaped: names, devices and dtypes come from strangers."""
@@ -21,14 +23,14 @@ def render_status(status: dict) -> str:
         cells = "".join(f'<td class="{state if first <= b <= last else "off"}" title="block {b}"></td>'
                         for b in range(n))
         note = f"<td class=reason>banned: {_e(node['reason'])}</td>" if node.get("banned") else ""
-        rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{_e(first)}-{_e(last)}</td>"
+        rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{_e(format_span(first, last))}</td>"
                     f"<td>{_e(node['device'])}/{_e(node['dtype'])}{' int8' if node.get('quantization') == 'int8' else ''}</td><td>{_e(node['speed'])}</td><td>{_e(node['load'])}</td>"
                     f"<td>{_e(node['sessions'])}</td>{note}</tr>")
     jobs = "".join(f"<li>{_e(j['job'])} by {_e(j['user'])}</li>" for j in status.get("jobs", []))
-    unverified = ", ".join(f"{_e(a)}-{_e(b)}" for a, b in status.get("unverified_spans", [])) or "none"
+    unverified = _e(format_ranges(span_blocks(status.get("unverified_spans", [])))) or "none"
     coverage = "".join(f'<td class="{"gap" if b in missing else "ok"}" title="block {b}"></td>' for b in range(n))
     header = "".join(f"<th class=b>{b}</th>" for b in range(n))
-    gaps = ", ".join(map(str, sorted(missing))) or "none"
+    gaps = format_ranges(sorted(missing)) or "none"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>slowllm status</title>
@@ -43,12 +45,13 @@ td.on, td.off, td.ok, td.gap, td.ban {{ width: 12px; height: 16px; border: 1px s
 .legend, .updated {{ color: #555; font-size: 13px; }}
 </style></head><body>
 <h1>slowllm coordinator</h1>
-<p>model <b>{_e(status['model'])}</b>, {n} blocks, {len(status['nodes'])} nodes,
+<p>model <b>{_e(status['model'])}</b> ({_e(status.get('family', '?'))}), {n} blocks, {len(status['nodes'])} nodes,
+draft model: <b id="draft">{_e(status.get('draft_model') or 'none')}</b>,
 {status.get('active_jobs', 0)} active jobs, {status.get('sessions', 0)} generation sessions,
 <span id="failovers">{status.get('failovers', 0)}</span> failovers ({status.get('replayed_bytes', 0)} bytes replayed).
 Missing blocks: <b id="missing">{gaps}</b></p>
 <p>Verification: {_e(status.get('verify', 0))} of hops re-run on a second node; {_e(status.get('verified_hops', 0))} checked,
-{_e(status.get('disagreements', 0))} disagreements. Blocks no second node covers (hops there cannot be checked):
+{_e(status.get('disagreements', 0))} disagreements. Blocks only one node covers (hops there cannot be checked):
 <b id="unverified">{unverified}</b></p>
 <p>Running jobs:</p><ul id="jobs">{jobs or "<li>none</li>"}</ul>
 <p class="legend"><span class="sw on"></span> block held by the node

@@ -26,6 +26,16 @@ def format_size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def format_span(first: int, last: int) -> str:
+    """A block range as users write it: '5' for one block, '3-7' for several."""
+    return f"{first}" if first == last else f"{first}-{last}"
+
+
+def span_blocks(spans: list[list[int]]) -> list[int]:
+    """[[0, 2], [5, 5]] -> [0, 1, 2, 5]."""
+    return [b for a, z in spans for b in range(a, z + 1)]
+
+
 def format_ranges(blocks: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
     out, start = [], None

@@ -243,19 +243,22 @@ def test_start_line_root_redirect_and_status_page(gap_cluster):
     page = conn.getresponse().read().decode()
     assert 'class="legend"' in page and "block no node serves" in page
     assert re.search(r'id="updated">updated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC', page)
-    assert 'id="failovers">0<' in page and 'id="missing">3, 4, 5<' in page
+    assert 'id="failovers">0<' in page and 'id="missing">3-5<' in page  # ranges as users write them
+    assert "(bloom)" in page and 'id="draft">none<' in page
 
 
 def test_status_text_has_units_and_plurals():
     from slowllm.coordinator._client import format_status
 
+    node = {"device": "cpu", "dtype": "bfloat16", "speed": 352.64, "load": 0, "sessions": 1}
     status = {"model": "m", "n_layer": 6, "active_jobs": 1, "failovers": 0, "missing": [3, 4, 5],
-              "nodes": [{"name": "a", "layers": [0, 2], "device": "cpu", "dtype": "bfloat16", "speed": 352.64,
-                         "load": 0, "sessions": 1}]}
+              "draft_model": "small-m", "unverified_spans": [[0, 0], [1, 1], [5, 5]],
+              "nodes": [{"name": "a", "layers": [0, 2], **node}, {"name": "b", "layers": [5, 5], **node}]}
     text = format_status(status)
-    assert "6 blocks, 1 node, 1 active job, 0 failovers" in text
+    assert "6 blocks, 2 nodes, 1 active job, 0 failovers, draft small-m" in text
     assert "speed    352.6 token-blocks/s" in text and "1 session" in text and "1 sessions" not in text
-    assert "missing blocks: 3-5" in text
+    assert "missing blocks: 3-5" in text and "blocks 5 " in text and "5-5" not in text
+    assert "blocks only one node covers: 0-1, 5" in text  # adjacent spans merge; never "0, 1" or "5-5"
 
 
 # ---- tuning that Ctrl-C does not lose --------------------------------------------------------------
