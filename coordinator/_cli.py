@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from slowllm.node._cli_common import HelpFormatter, reader_went_away, version
+from slowllm.node._cli_common import (HelpFormatter, check_model_path, check_port, check_soft_prompt,
+                                      reader_went_away, version)
 from slowllm.node._openmp import positive_threads, share_cores
 from slowllm.protocol._errors import InputError, SlowllmError
 
@@ -226,6 +227,9 @@ def _backend(args):
     """The runner for the chosen mode: an object with generate/score/tune like `LocalRunner`."""
     if bool(args.coordinator) == bool(args.local):
         raise InputError("say where to run: --coordinator URL (network) or --local --model MODEL (this machine).")
+    if args.local:  # mistakes that take milliseconds to see, before torch and the model load (~10 s)
+        check_model_path(args.model)
+        check_soft_prompt(getattr(args, "soft_prompt", None), args.model)
     draft_model = getattr(args, "draft_model", None)
     if args.local:
         if not args.model:
@@ -349,6 +353,8 @@ def run(args) -> int:
         if not args.local or not args.model or args.coordinator:
             raise InputError("slowllm serve runs the API on this machine: pass --local --model MODEL (a coordinator "
                              "serves it itself: slowllm-coordinator --http-port PORT).")
+        check_model_path(args.model)
+        check_port(args.host, args.port, "--port")
         from ._serve import serve
         return serve(args)
     if args.command == "quantize":

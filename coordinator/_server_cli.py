@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     share_cores()  # before torch is imported: see node/_openmp.py
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     try:
+        from slowllm.node._cli_common import check_model_path, check_port
+
+        check_model_path(args.model)  # before torch and the model's ends load (~10 s)
+        check_port(args.host, args.port, "--port")
+        if args.http_port:
+            check_port(args.host, args.http_port, "--http-port")
         from slowllm.node._aio import run
         from slowllm.protocol import read_secret
 

@@ -9,6 +9,7 @@ import sys
 
 from slowllm.protocol._errors import SlowllmError
 
+from ._cli_common import check_model_path, model_layers
 from ._openmp import positive_threads, share_cores
 from ._units import parse_size
 
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
     try:
+        check_model_path(args.model)  # before torch is imported and anything loads
+        n_layer = model_layers(args.model)
+        if n_layer is not None and args.layers[1] >= n_layer:
+            raise SlowllmError(f"--layers {args.layers[0]}-{args.layers[1]} is outside the model's blocks "
+                               f"0-{n_layer - 1}: pick a range inside it.")
         import torch
 
         from slowllm.protocol import read_secret

@@ -38,3 +38,86 @@ def reader_went_away() -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+# ---- what can be checked in milliseconds, before torch is imported or anything is loaded -----------------
+def check_port(host: str, port: int, flag: str) -> None:
+    """A port someone else listens on is one sentence now, not a server's traceback after loading."""
+    import socket
+
+    from slowllm.protocol._errors import InputError
+
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port} ({e.strerror}): another program uses it; pick "
+                             f"another {flag}.") from None
+
+
+def check_model_path(model: str | None) -> None:
+    """A local path that is not a checkpoint directory (a hub id is checked where it is opened)."""
+    import re
+
+    from slowllm.protocol._errors import InputError
+
+    if not model:
+        return
+    path = os.path.expanduser(model)
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith(".")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"model directory {path} has no config.json: pass the folder that holds the checkpoint.")
+    elif not hub_id or os.path.exists(path):
+        raise InputError(f"model {model!r} is not a directory: check the path (or give a hub id like "
+                         "'bigscience/bloom-560m').")
+
+
+def model_layers(model: str | None) -> int | None:
+    """Blocks of a local checkpoint from its config.json (None for a hub id or an unreadable config)."""
+    import json
+
+    if not model or not os.path.isdir(os.path.expanduser(model)):
+        return None
+    try:
+        config = json.loads(open(os.path.join(os.path.expanduser(model), "config.json")).read())
+    except (OSError, ValueError):
+        return None
+    n = config.get("n_layer", config.get("num_hidden_layers"))
+    return n if isinstance(n, int) else None
+
+
+def check_soft_prompt(path: str | None, model: str | None) -> None:
+    """A soft prompt file that is missing, not one, or of another width than a local model's."""
+    import json
+    import struct
+
+    from slowllm.protocol._errors import InputError
+
+    if not path:
+        return
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(size, 1 << 20)))
+    except FileNotFoundError:
+        raise InputError(f"soft prompt {path} does not exist: pass a file written by slowllm tune --out.") from None
+    except (OSError, ValueError, struct.error):
+        raise InputError(f"soft prompt {path} is not a safetensors file: pass a file written by slowllm tune "
+                         "--out.") from None
+    shapes = [v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    width = shapes[0][-1] if len(shapes) == 1 and shapes[0] else None
+    hidden = None
+    if model and os.path.isdir(os.path.expanduser(model)):
+        try:
+            config = json.loads(open(os.path.join(os.path.expanduser(model), "config.json")).read())
+            hidden = config.get("hidden_size", config.get("n_embed"))
+        except (OSError, ValueError):
+            pass
+    if width is not None and isinstance(hidden, int) and width != hidden:
+        raise InputError(f"soft prompt {path} was tuned for another model (width {width}; {model} has {hidden}): "
+                         "use a prompt tuned for this model.")

@@ -105,3 +105,46 @@ def test_bad_inputs_give_one_sentence(tiny_model, other_model, tmp_path):
     out = tmp_path / "never.safetensors"
     _one_clean_error(run_cli("tune", "--data", str(wrong), "--out", str(out), *local), "line 1")
     assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_simple_mistakes_are_one_sentence_before_torch_is_imported(tiny_model, tmp_path):
+    """A missing model directory, --layers beyond the model, a taken port, a missing or mismatched soft
+    prompt: told at once. A `torch` that refuses to import stands in for the ~10 s it takes to load."""
+    import socket
+    import subprocess
+    import sys
+
+    poisoned = tmp_path / "poisoned"
+    (poisoned / "torch").mkdir(parents=True)
+    (poisoned / "torch" / "__init__.py").write_text("raise ImportError('torch was imported before the check')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(poisoned)}
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    wide = tmp_path / "wide.safetensors"  # a soft prompt of another model's width (64 here)
+    header = b'{"prompt":{"dtype":"F32","shape":[2,128],"data_offsets":[0,1024]}}'
+    wide.write_bytes(len(header).to_bytes(8, "little") + header + bytes(1024))
+    slowllm = [sys.executable, "-m", "slowllm.coordinator._cli"]
+    cases = [
+        (slowllm + ["generate", "x", "--local", "--model", str(tmp_path / "nowhere")], "is not a directory"),
+        (slowllm + ["generate", "x", "--local", "--model", str(tiny_model), "--soft-prompt", str(tmp_path / "no.st")],
+         "does not exist"),
+        (slowllm + ["generate", "x", "--local", "--model", str(tiny_model), "--soft-prompt", str(wide)],
+         "tuned for another model (width 128"),
+        (slowllm + ["serve", "--local", "--model", str(tiny_model), "--port", port], "pick another --port"),
+        ([sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", str(tiny_model), "--port", "0",
+          "--http-port", port], "pick another --http-port"),
+        ([sys.executable, "-m", "slowllm.node._cli", "--layers", "4-9", "--model", str(tiny_model)],
+         "outside the model's blocks 0-5"),
+    ]
+    try:
+        procs = [(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), words)
+                 for cmd, words in cases]
+        for proc, words in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2 and "Traceback" not in err and "torch was imported" not in err, err
+            lines = [line for line in err.strip().splitlines() if ": error: " in line]
+            assert len(lines) == 1 and words in lines[0], err
+    finally:
+        taken.close()
