@@ -9,6 +9,7 @@ behind one lock. `RemoteChain` sees only this narrow interface, never the coordi
 from __future__ import annotations
 
 import asyncio
+import logging
 import itertools
 import threading
 import time
@@ -133,6 +134,7 @@ class Router:
         if link.banned:
             return
         link.banned = reason
+        logging.getLogger("slowllm.nodes").warning("node %s banned: %s", link.name, reason)
         self._banned_names.add(link.name)
         if link.address:
             self._banned_addresses.add(link.address)

@@ -28,6 +28,8 @@ from slowllm.protocol import (
     ProtocolError, Register, SlowllmError, Welcome, WireTensor, decode_tensor, encode_tensor, pack, peek, printable,
 )
 
+from slowllm.node._units import format_span
+
 from ._admission import Admission
 from ._ends import ModelEnds
 from ._options import Sampling
@@ -42,6 +44,8 @@ from ._options import TuneOptions
 from ._verify import Referee
 
 log = logging.getLogger("slowllm.coordinator")
+# Nodes joining, leaving, refused and banned: what an operator watches, logged without -v (_server_cli.py)
+nodes_log = logging.getLogger("slowllm.nodes")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has for each handshake message
 HANDSHAKE_FRAME = 1 << 20  # bytes a frame may have before authentication
 
@@ -184,6 +188,8 @@ class Coordinator:
                 finally:
                     self.clients.pop(ws, None)
         except SlowllmError as e:
+            if hs.role == "node":
+                nodes_log.info("refused a node from %s: %s", _peer(ws), e)
             try:
                 frame = pack(Error(code=e.code, message=str(e)))
                 await ws.send(channel.seal(frame) if channel is not None else frame)
@@ -199,6 +205,9 @@ class Coordinator:
         if not isinstance(reg, Register):
             raise ProtocolError("a node must send 'register' after authenticating.")
         name = printable(reg.name or hs.hello.name or f"node-{reg.first}-{reg.last}", 64)
+        taken = {x.name for x in self.router.nodes}
+        if name in taken:  # two nodes must be told apart (status, bans): the newcomer gets a suffix
+            name = next(f"{name[:60]}#{i}" for i in range(2, 10_000) if f"{name[:60]}#{i}" not in taken)
         n = self.checkpoint.n_layer
         if not 0 <= reg.first <= reg.last < n:
             raise InputError(f"node {name} claims blocks {reg.first}-{reg.last}, outside this "
@@ -214,7 +223,8 @@ class Coordinator:
                         reg.speed, channel=channel, address=address, quantization=reg.quantization)
         await ws.send(channel.pack(Welcome(info={"registered": [reg.first, reg.last]})))
         self.router.add(link)
-        log.info("node %s registered blocks %d-%d", link.name, link.first, link.last)
+        nodes_log.info("node %s joined from %s: blocks %s, %s/%s%s", link.name, address, format_span(link.first, link.last),
+                       link.device, link.dtype, "+int8" if reg.quantization == "int8" else "")
         try:
             async for frame in ws:
                 try:  # replies are routed by id; the waiting job's thread authenticates, unpacks and checks them
@@ -233,7 +243,8 @@ class Coordinator:
                     link.load, link.sessions = msg.load, msg.sessions
         finally:
             self.router.remove(link)
-            log.info("node %s left", link.name)
+            if not link.banned:
+                nodes_log.info("node %s left (blocks %s)", link.name, format_span(link.first, link.last))
 
     async def _client(self, ws, hs) -> None:
         lock, channel = asyncio.Lock(), hs.channel

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     share_cores()  # before torch is imported: see node/_openmp.py
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("slowllm.nodes").setLevel(logging.INFO)  # joins, leaves, refusals, bans: one line each
     try:
         from slowllm.node._cli_common import check_model_path, check_port
 

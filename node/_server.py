@@ -209,7 +209,7 @@ class NodeServer:
         return ssl.create_default_context(cafile=self.cafile)
 
     async def run_forever(self) -> None:
-        delay = 0.5
+        delay, last, repeats = 0.5, "", 0
         while True:
             self.registered = False
             try:
@@ -223,11 +223,23 @@ class NodeServer:
                 # failure (a wrong secret, or an impostor that cannot prove it) must not kill the node.
                 if self.registered:  # it served until now: the coordinator restarts, come back at once
                     delay = 0.5
-                log.warning("coordinator %s: %s; retrying in %.1f s", self.url, why_connection_failed(e, self.url), delay)
+                why = why_connection_failed(e, self.url)
+                repeats = repeats + 1 if why == last else 1
+                last = why
+                if isinstance(e, AuthError) and repeats > 1:
+                    # The same refusal again (a wrong secret): said once, then quiet, retried every minute
+                    # in case the operator fixes the secret or the key file on either side.
+                    if repeats == 2:
+                        log.warning("coordinator %s keeps refusing this node (%s): check --secret-file against the "
+                                    "coordinator's node secret; retrying quietly every minute", self.url, why)
+                    delay = max(delay, 30.0)
+                else:
+                    log.warning("coordinator %s: %s; retrying in %.1f s", self.url, why, delay)
             else:
-                delay = 0.5
+                delay, last, repeats = 0.5, "", 0
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 4.0)  # a volunteer node should be back within seconds of the coordinator
+            # a volunteer node should be back within seconds of the coordinator (a minute after refusals)
+            delay = min(delay * 2, 60.0 if repeats > 1 and delay >= 30.0 else 4.0)
 
     async def _session(self) -> None:
         async with websockets.connect(self.url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None,

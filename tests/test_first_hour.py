@@ -300,3 +300,33 @@ def test_decoded_text_leaves_out_special_tokens_and_streams_incrementally(tiny_m
         for token in [0, *ids]:
             stream(0, [token])
         assert "".join(pieces) == r.ends.decode([0, *ids]) == "The quick brown fox ünïcödé ✓ jumps"
+
+
+def test_the_coordinator_logs_its_nodes_tells_twins_apart_and_a_refused_node_says_so_once(tiny_model, secret,
+                                                                                           tmp_path):
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("not-the-coordinators-secret-0123456789")
+    with Cluster(tiny_model, [], secret_file=secret) as c:
+        first = c.start_node("0-2", name="twin")
+        deadline = time.monotonic() + 120
+        while not c.client().status()["nodes"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        c.start_node("3-5", name="twin", extra=["--threads", "1"])  # a second node under the same name
+        status = c.wait_covered(2)
+        assert sorted(n["name"] for n in status["nodes"]) == ["twin", "twin#2"]
+        stranger = c.start_node("0-5", name="stranger", secret_file=wrong)
+        while "keeps refusing" not in c.output(stranger):  # the second refusal in a row
+            assert time.monotonic() < deadline and stranger.poll() is None, c.output(stranger)
+            time.sleep(0.2)
+        time.sleep(4)  # without the quiet backoff, 3-4 more refusals would be logged by now
+        assert stranger.poll() is None and c.output(stranger).count("keeps refusing") == 1
+        assert c.output(stranger).count("retrying in") == 1, c.output(stranger)
+        first.kill()
+        deadline = time.monotonic() + 60
+        while "node twin left" not in c.output(c.coordinator):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        log = c.output(c.coordinator)  # without -v: one line per node event
+    assert "node twin joined from 127.0.0.1: blocks 0-2, cpu/" in log and "node twin#2 joined" in log
+    assert "refused a node from 127.0.0.1" in log and "node twin left (blocks 0-2)" in log
