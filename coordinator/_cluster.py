@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,11 @@ def cluster(action: str, file: str) -> int:
         if not pids_file.is_file():
             print(f"nothing to stop: no cluster started from {file}")
             return 0
+        if not _alive(pids_file):
+            pids_file.unlink()
+            print(f"nothing to stop: no process of the cluster started from {file} was still running; cleared its "
+                  "state")
+            return 0
         stopped = 0
         for entry in json.loads(pids_file.read_text()):
             try:
@@ -79,7 +85,10 @@ def cluster(action: str, file: str) -> int:
         return 0
 
     if pids_file.is_file():
-        raise InputError(f"a cluster from {file} is already up: run `slowllm cluster down {file}` first.")
+        if _alive(pids_file):
+            raise InputError(f"a cluster from {file} is already up: run `slowllm cluster down {file}` first.")
+        pids_file.unlink()  # a cluster that failed or died: nothing of it runs
+        print(f"note: no process of the last cluster started from {file} is running; starting anew")
     check_ranges(path, spec)
     state.mkdir(parents=True, exist_ok=True)
     base = path.parent
@@ -128,9 +137,11 @@ def cluster(action: str, file: str) -> int:
         cmd.append("--insecure")
     coord = spawn("coordinator", cmd)
     deadline = time.time() + 120
-    while "ready" not in (state / "coordinator.log").read_text():
+    while "ready at " not in (state / "coordinator.log").read_text():
         if coord.poll() is not None or time.time() > deadline:
-            raise InputError(f"the coordinator did not start: see {state / 'coordinator.log'}.")
+            cluster("down", file)  # nothing is left behind that a next `up` would mistake for a running cluster
+            raise InputError(f"the coordinator did not start: {_as_yaml_keys(_reason(state / 'coordinator.log'))} "
+                             f"(log: {state / 'coordinator.log'}).")
         time.sleep(0.2)
     print(f"coordinator ready at {url} (pid {coord.pid}); waiting for {len(spec.get('nodes') or [])} nodes to register",
           flush=True)
@@ -180,6 +191,34 @@ def check_ranges(path: Path, spec: dict) -> None:
     if gaps:
         print(f"note: no node in {path.name} serves blocks {format_ranges(gaps)}: jobs will wait for nodes from "
               "other PCs to cover them.")
+
+
+def _alive(pids_file: Path) -> bool:
+    """Whether any process a cluster file started still runs (a PID reused by another program does not count)."""
+    try:
+        entries = json.loads(pids_file.read_text())
+    except (OSError, ValueError):
+        return False
+    for entry in entries:
+        try:
+            proc = psutil.Process(entry["pid"])
+            if proc.status() != psutil.STATUS_ZOMBIE and "slowllm" in " ".join(proc.cmdline()):
+                return True
+        except (psutil.Error, KeyError, TypeError):
+            pass
+    return False
+
+
+def _reason(log: Path) -> str:
+    """What a process that failed said: its `error:` line, else its last line."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    errors = [ln.split("error: ", 1)[1] for ln in lines if "error: " in ln]
+    return errors[-1] if errors else (lines[-1] if lines else "(no output)")
+
+
+def _as_yaml_keys(text: str) -> str:
+    """A command's advice in the cluster file's words: `--secret-file` is `secret_file:` there."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: "`" + m.group(1).replace("-", "_") + "`", text)
 
 
 def _last_line(log: Path) -> str:

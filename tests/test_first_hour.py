@@ -208,6 +208,27 @@ def test_cluster_up_refuses_a_range_outside_the_model(tmp_path, tiny_model):
     assert not (tmp_path / ".cluster.slowllm" / "pids.json").exists()
 
 
+def test_a_failed_cluster_up_quotes_why_and_leaves_nothing_behind(tmp_path, tiny_model):
+    import socket
+
+    from slowllm.coordinator._cluster import _as_yaml_keys
+
+    path = _cluster_file(tmp_path, tiny_model, [{"name": "a", "layers": "0-5"}])
+    port = yaml.safe_load(path.read_text())["coordinator"]["port"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        for _ in range(2):  # the second `up` is not told a cluster "is already up"
+            up = run_cli("cluster", "up", str(path))
+            assert up.returncode == 2 and "Traceback" not in up.stderr, up.stderr
+            assert f"the coordinator did not start: cannot listen on 127.0.0.1:{port}" in up.stderr
+            assert "pick another `port`" in up.stderr  # the cluster file's key, not the command's flag
+            assert not (tmp_path / ".cluster.slowllm" / "pids.json").exists()
+    down = run_cli("cluster", "down", str(path))
+    assert down.returncode == 0 and "nothing to stop" in down.stdout
+    assert _as_yaml_keys("pass --secret-file (or --insecure)") == "pass `secret_file` (or `insecure`)"
+
+
 @pytest.mark.slow
 def test_cluster_up_names_a_node_that_died_and_stops_the_rest(tmp_path, tiny_model, other_model):
     path = _cluster_file(tmp_path, tiny_model, [{"name": "good", "layers": "0-5"},
