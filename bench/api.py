@@ -31,15 +31,17 @@ PROMPT = "Once upon a time there was a researcher without a cluster who read eve
 
 
 def stream_tokens(client, prompt: str, tokens: int) -> tuple[int, float, float]:
-    """(chunks received, seconds to the first, seconds in all) of one streamed completion."""
+    """(tokens received, seconds to the first text, seconds in all) of one streamed completion: the
+    tokens the server generated (its usage), which EOS or a stop may make fewer than asked for."""
     start = time.perf_counter()
-    first, count = None, 0
+    first, received = None, 0
     for chunk in client.completions.create(model="model", prompt=prompt, max_tokens=tokens, temperature=0,
-                                           stream=True):
+                                           stream=True, stream_options={"include_usage": True}):
         if chunk.choices and chunk.choices[0].text:
-            count += 1
             first = first or time.perf_counter() - start
-    return count, first or 0.0, time.perf_counter() - start
+        if chunk.usage is not None:
+            received = chunk.usage.completion_tokens
+    return received, first or 0.0, time.perf_counter() - start
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
         one, many, first_token = [], [], []
         for _ in range(args.repeat):
             n, first, seconds = stream_tokens(client, PROMPT, args.tokens)
-            one.append(args.tokens / seconds)
+            one.append(n / seconds)
             first_token.append(first)
             results: list = [None] * args.clients
             threads = [threading.Thread(target=lambda i=i: results.__setitem__(
@@ -78,7 +80,7 @@ def main() -> None:
                 t.start()
             for t in threads:
                 t.join()
-            many.append(args.clients * args.tokens / (time.perf_counter() - start))
+            many.append(sum(r[0] for r in results) / (time.perf_counter() - start))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -87,8 +89,8 @@ def main() -> None:
         inproc = []
         for _ in range(args.repeat):
             start = time.perf_counter()
-            runner.generate([PROMPT], Sampling(max_new_tokens=args.tokens))
-            inproc.append(args.tokens / (time.perf_counter() - start))
+            made = runner.generate([PROMPT], Sampling(max_new_tokens=args.tokens))[0]["token_ids"]
+            inproc.append(len(made) / (time.perf_counter() - start))
     r = {"one_client_tokens_per_s": statistics.median(one), "clients": args.clients,
          "many_clients_tokens_per_s": statistics.median(many), "in_process_tokens_per_s": statistics.median(inproc),
          "first_token_s": statistics.median(first_token)}

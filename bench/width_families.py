@@ -7,7 +7,8 @@ RAM, never committed: bench/_work/), with a small vocabulary so the ends stay sm
 vocabulary is family-independent and measured at Bloom's 250880 elsewhere). Then, in one run:
   1. fidelity: a 600-token line scored by slowllm (fp32 and bf16 blocks) vs transformers' own
      `*ForCausalLM` in fp32 on the same checkpoint,
-  2. a cold streaming pass (`--local`, page cache evicted) vs the cold read of the block (the IO floor),
+  2. a cold streaming pass (`--local`, page cache evicted) vs the cold read of the block with slowllm's number of readers
+     (the IO floor),
   3. decode ms/token of the resident block: slowllm bf16 and int8 (`slowllm quantize`) vs transformers'
      eager bf16 layer,
   4. a node's KV cache at this width, through a real coordinator and node: its peak RSS growth for a
@@ -33,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _read import read_files  # noqa: E402
 from width176 import _hwm, _rss, _text, _write_safetensors  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "width-families"
@@ -110,10 +112,7 @@ print(json.dumps(out))
 def cold_pass(model: Path) -> dict:
     evict(model)
     start = time.perf_counter()
-    for f in sorted(model.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
+    read_files(sorted(model.glob("*.safetensors")))  # with slowllm's number of readers: a fair floor
     read = time.perf_counter() - start
     evict(model)
     got = in_subprocess(f"""
