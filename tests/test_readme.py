@@ -63,7 +63,7 @@ def test_every_command_parses(words):
 def test_local_commands_run(tiny_model, tmp_path):
     (tmp_path / "questions.jsonl").write_text(json.dumps({"context": "Is the sky blue?", "choices": [" Yes", " No"]}) + "\n")
     (tmp_path / "train.jsonl").write_text(json.dumps({"context": "Is fire cold?", "continuation": " No."}) + "\n")
-    ran = 0
+    ran = checked = 0
     int8 = tmp_path / "bloom-int8"  # README's `slowllm quantize /data/bloom /data/bloom-int8` writes it
     for words in commands():
         runs = words[0] == "slowllm" and "--local" in words and words[1] in ("generate", "score", "tune")
@@ -72,8 +72,33 @@ def test_local_commands_run(tiny_model, tmp_path):
         args = [str(tiny_model) if w in MODELS else str(int8) if w == "/data/bloom-int8" else w for w in words[1:]]
         proc = run_cli(*args, "--no-progress", cwd=tmp_path)
         assert proc.returncode == 0, f"{' '.join(words)}: {proc.stderr}"
+        if words[1] == "score" and "--json" in words and "--soft-prompt" not in words:
+            checked += _scores_match_transformers(tiny_model, tmp_path / args[args.index("--input") + 1],
+                                                  proc.stdout, "bfloat16" if "bfloat16" in words else "float32")
         ran += 1
-    assert ran >= 4 and (int8 / "config.json").exists()
+    assert ran >= 4 and (int8 / "config.json").exists() and checked >= 1
+
+
+def _scores_match_transformers(model, questions, stdout: str, dtype: str) -> int:
+    """The README's score command prints what transformers computes: each choice's log-likelihood (to
+    bf16 rounding where the command asks for bf16), and the likeliest choice where the gap is clear."""
+    from conftest import hf_logprob, hf_model
+    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.node import Checkpoint
+
+    ends = ModelEnds(Checkpoint(model))
+    oracle = hf_model(model)
+    tolerance = 0.1 if dtype == "bfloat16" else 1e-4
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    outs = [json.loads(line) for line in stdout.splitlines()]
+    assert len(outs) == len(rows)
+    for row, out in zip(rows, outs):
+        ctx = ends.encode_prompt(row["context"])
+        want = [hf_logprob(oracle, ctx, ends.encode(c))[0] for c in row["choices"]]
+        assert out["logprobs"] == pytest.approx(want, abs=tolerance), (out, want)
+        if abs(want[0] - want[1]) > 2 * tolerance:
+            assert out["best"] == max(range(len(want)), key=want.__getitem__)
+    return len(rows)
 
 
 def test_python_blocks_run(tiny_model, tmp_path):
