@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from slowllm.node._cli_common import (HelpFormatter, check_model_path, check_port, check_soft_prompt,
-                                      reader_went_away, version)
+                                      exit_on_interrupt, reader_went_away, version)
 from slowllm.node._openmp import positive_threads, share_cores
 from slowllm.protocol._errors import InputError, SlowllmError
 
@@ -373,6 +373,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     share_cores(getattr(args, "threads", None))  # before torch is imported: see node/_openmp.py
+    exit_on_interrupt("slowllm")
     try:
         return run(args)
     except BrokenPipeError:

@@ -9,7 +9,7 @@ import sys
 
 from slowllm.protocol._errors import SlowllmError
 
-from ._cli_common import check_model_path, model_layers
+from ._cli_common import check_model_path, exit_on_interrupt, model_layers
 from ._openmp import positive_threads, share_cores
 from ._units import parse_size
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     share_cores(args.threads)  # before torch is imported: see node/_openmp.py
+    exit_on_interrupt("slowllm-node", grace=None)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
     try:

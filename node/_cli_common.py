@@ -121,3 +121,36 @@ def check_soft_prompt(path: str | None, model: str | None) -> None:
     if width is not None and isinstance(hidden, int) and width != hidden:
         raise InputError(f"soft prompt {path} was tuned for another model (width {width}; {model} has {hidden}): "
                          "use a prompt tuned for this model.")
+
+
+def exit_on_interrupt(name: str, grace: float | None = 5.0) -> None:
+    """Ctrl-C that always stops the process.
+
+    Python raises KeyboardInterrupt wherever the main thread is; raised inside a finalizer or a callback
+    it is printed as "Exception ignored" and swallowed, and a job ran on to its last token. So:
+    `grace` None: exit now (a node: nothing to save; the coordinator sees the link drop and fails over).
+    Otherwise KeyboardInterrupt as usual (a tune saves its prompt on the way out), and a watchdog that
+    ends the process `grace` seconds later if it is still running; a second Ctrl-C ends it at once."""
+    import signal
+    import threading
+    import time
+
+    fired = []
+
+    def stop(code: int = 130) -> None:
+        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def handler(signum, frame):
+        if grace is None or fired:
+            stop()
+        fired.append(True)
+
+        def watchdog() -> None:
+            time.sleep(grace)
+            stop()
+
+        threading.Thread(target=watchdog, daemon=True, name="slowllm-interrupt").start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)

@@ -351,3 +351,46 @@ def test_the_coordinator_logs_its_nodes_tells_twins_apart_and_a_refused_node_say
         log = c.output(c.coordinator)  # without -v: one line per node event
     assert "node twin joined from 127.0.0.1: blocks 0-2, cpu/" in log and "node twin#2 joined" in log
     assert "refused a node from 127.0.0.1" in log and "node twin left (blocks 0-2)" in log
+
+
+# ---- Ctrl-C always stops ---------------------------------------------------------------------------------
+def test_ctrl_c_stops_even_when_the_interrupt_is_swallowed(tmp_path):
+    """KeyboardInterrupt raised inside a finalizer or callback is "ignored" by Python and the job ran on;
+    the watchdog ends the process anyway (here the program swallows every interrupt on purpose)."""
+    code = ("import sys, time\n"
+            "from slowllm.node._cli_common import exit_on_interrupt\n"
+            "exit_on_interrupt('slowllm', grace=1.0)\n"
+            "print('ready', flush=True)\n"
+            "while True:\n"
+            "    try:\n"
+            "        time.sleep(0.05)\n"
+            "    except KeyboardInterrupt:\n"
+            "        pass  # as a swallowed 'Exception ignored' would\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130 and "slowllm: interrupted" in proc.stderr.read()
+
+
+def test_ctrl_c_ends_generation_and_a_retrying_node_without_tracebacks(tiny_model):
+    generate = [sys.executable, "-m", "slowllm.coordinator._cli", "generate", "Once upon a time", "--local",
+                "--model", str(tiny_model), "--max-new-tokens", "3000", "--no-progress"]
+    node = [sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(tiny_model),
+            "--coordinator", f"ws://127.0.0.1:{free_port()}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              start_new_session=True) for cmd in (generate, generate, node, node)]
+    try:
+        for proc, wait_for in zip(procs, ("Once upon a time", "Once upon a time", "retrying in", "retrying in")):
+            seen = ""
+            while wait_for not in seen:  # the job streams text / the node has retried once
+                seen += proc.stdout.read(1)
+                assert seen or proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            out = proc.stdout.read()
+            assert proc.wait(timeout=60) == 130, out
+            assert "Traceback" not in out and "Exception ignored" not in out and "interrupted" in out, out
+    finally:
+        for proc in procs:
+            proc.kill()
