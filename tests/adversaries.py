@@ -28,13 +28,15 @@ LIES = {
     "short": lambda h: h[:, :-1] if h.shape[1] > 1 else h[:, :, :-1],  # one position (or feature) fewer
     "huge": lambda h: torch.zeros(h.shape[0], 8 << 10, h.shape[2]),  # megabytes nobody asked for
 }
-REFUSALS = {"busy": "busy", "internal": "internal"}  # honest-looking trouble: fail over, don't ban
+REFUSALS = {"busy": "busy", "internal": "internal",  # honest-looking trouble: fail over, don't ban
+            "bad_input": "bad_input"}  # "your request is wrong": the job's error, unless it was only a check
 
 
 class LyingNode:
     def __init__(self, url: str, secret: bytes | None, model, first: int, last: int, lie: str, name: str = "",
-                 device: str = "cpu", dtype: str = "float32"):
+                 device: str = "cpu", dtype: str = "float32", speed: float = 1e9):
         self.url, self.secret, self.first, self.last, self.lie = url, secret, first, last, lie
+        self.speed = speed
         self.name = name or f"liar-{lie}"
         self.device, self.dtype = device, dtype
         self.fingerprint = Checkpoint(model).fingerprint()
@@ -72,7 +74,7 @@ class LyingNode:
                 channel = hs.channel
                 await ws.send(channel.pack(Register(first=self.first, last=self.last, fingerprint=self.fingerprint,
                                                     name=self.name, device=self.device, dtype=self.dtype,
-                                                    speed=1e9)))  # it claims to be very fast, too
+                                                    speed=self.speed)))  # by default it claims to be very fast
                 reply = channel.unpack(await ws.recv(), Limits())
                 if isinstance(reply, Error):
                     self.refused = reply.message

@@ -286,6 +286,21 @@ def test_busy_and_internal_nodes_are_failed_over_not_banned(tiny_model, secret, 
             assert refuser.answered >= 1 and entry["failures"] >= 1 and not entry["banned"]
 
 
+def test_a_check_that_cannot_run_leaves_the_users_answer_standing(tiny_model, secret, local):
+    """Under --verify 1 every hop is re-run on another node; that checker refusing the re-run (a request
+    it calls bad) must not fail the user's job: the answer stands, unchecked."""
+    sampling = Sampling(max_new_tokens=4)
+    expected = local.generate([PROMPT], sampling)[0]["token_ids"]
+    with Cluster(tiny_model, ["0-5"], secret_file=secret, coordinator_args=["--verify", "1"]) as c:
+        checker = LyingNode(c.url, _key(secret), tiny_model, 0, 5, "bad_input", name="refuses-checks",
+                            speed=1e-3).start()  # slow: never the first choice, only the checker
+        c.wait_covered(2)
+        client = c.client()
+        assert client.generate([PROMPT], sampling)[0]["token_ids"] == expected
+        assert client.score([{"context": "Is the sky blue?", "continuation": " Yes."}])
+        assert checker.answered >= 2 and client.status()["verified_hops"] == 0  # it was asked, and refused
+
+
 @pytest.mark.slow
 def test_a_liar_is_banned_within_bounded_jobs_under_verify_5_percent(tiny_model, secret, local):
     sampling = Sampling(max_new_tokens=8)
