@@ -230,3 +230,27 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert draws(Sampling(temperature=1.0, top_k=1)) == {1}
     assert draws(Sampling(temperature=1.0, top_p=0.5)) == {1}  # 0.6 alone covers half the mass
     assert draws(Sampling(temperature=1.0, top_p=0.85)) == {1, 3}
+
+
+def test_streamed_text_ends_with_a_character_the_last_token_cut(tiny_model):
+    """Plain streamed output shows what --json shows: a character cut by the last token (U+FFFD) is
+    printed at the end, not dropped; whole characters come out as soon as they are complete."""
+    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator._runner import TextStream
+    from slowllm.node import Checkpoint
+
+    ends = ModelEnds(Checkpoint(tiny_model))
+    ids = ends.encode("日")  # a byte-level tokenizer spells a rare character in byte tokens
+    assert len(ids) > 1
+    got = []
+    stream = TextStream(ends, lambda i, text: got.append(text))
+    stream(0, ids[:1])
+    assert got == []  # half a character: held back
+    stream.finish()
+    assert got == ["\ufffd"] == [ends.decode(ids[:1])]
+    got.clear()
+    whole = TextStream(ends, lambda i, text: got.append(text))
+    for token in ids:
+        whole(0, [token])
+    whole.finish()
+    assert "".join(got) == "日"
