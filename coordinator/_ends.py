@@ -12,7 +12,6 @@ that are scored are ever computed, and the gradient for tuning is a second chunk
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -33,18 +32,18 @@ HEAD_KERNEL_MAX_ROWS = 32
 
 
 def tokenizer_adds_bos(tokenizer_json: Path, tokenizer: Tokenizer, bos: int | None) -> bool:
-    """Whether the checkpoint's tokenizer, with its defaults (as `AutoTokenizer(text)` runs it), starts a
-    text with BOS: `add_bos_token` in tokenizer_config.json where it says, else what tokenizer.json's
+    """Whether the checkpoint's tokenizer, with its defaults, starts a text with BOS: asked of transformers'
+    own tokenizer for the checkpoint (what `AutoTokenizer(text)` gives: some classes follow
+    tokenizer_config's add_bos_token, others only tokenizer.json's post-processor), else what the
     post-processor does."""
     if bos is None:
         return False
     try:
-        said = json.loads(tokenizer_json.with_name("tokenizer_config.json").read_text()).get("add_bos_token")
-    except (OSError, ValueError, AttributeError):
-        said = None
-    if isinstance(said, bool):
-        return said
-    return tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer_json.parent))("a")["input_ids"][:1] == [bos]
+    except Exception:  # a tokenizer class transformers cannot load here (custom code...): the file decides
+        return tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
 
 
 class ModelEnds:

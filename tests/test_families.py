@@ -113,30 +113,29 @@ def test_the_family_is_read_from_the_config(model, runner):
     assert Checkpoint(bloom).fingerprint() != runner.fingerprint  # the family is part of the identity
 
 
-@pytest.mark.parametrize("add_bos_token", [None, False, True])
-def test_bos_is_what_the_checkpoints_own_tokenizer_adds(model, runner, oracle, add_bos_token, tmp_path):
-    """As transformers' tokenizer does with its defaults: tokenizer_config.json's add_bos_token where it
-    says (a SmolLM-style Llama says false), else tokenizer.json's post-processor; never twice."""
+@pytest.mark.parametrize("post_processor", [True, False])
+def test_bos_is_what_the_checkpoints_own_tokenizer_adds(model, runner, oracle, post_processor, tmp_path):
+    """As transformers' tokenizer does with its defaults: a Llama's tokenizer adds BOS; one whose
+    tokenizer.json adds none (SmolLM-style Llamas) gets none; never twice."""
     import json
     import shutil
 
     from transformers import AutoTokenizer
 
     path = model
-    if add_bos_token is not None:
+    if not post_processor:
         path = shutil.copytree(model, tmp_path / "copy")
-        config = json.loads((path / "tokenizer_config.json").read_text())
-        (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": add_bos_token}))
+        spec = json.loads((path / "tokenizer.json").read_text())
+        (path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
     hf = AutoTokenizer.from_pretrained(path)
     with LocalRunner(path, progress=False) as local:
+        assert local.ends.adds_bos == (post_processor and runner.checkpoint.family.prepend_bos)
         for text in ("Yes", "Is the sky blue?"):
-            assert local.ends.encode_prompt(text) == hf(text)["input_ids"], (text, add_bos_token)
+            assert local.ends.encode_prompt(text) == hf(text)["input_ids"], (text, post_processor)
         once = local.ends.encode_prompt("<s>Already there")  # transformers would put a second BOS here
         assert once[0] == 1 and once[1] != 1
         context, continuation = "Is the sky blue?", " Yes."
-        ctx = hf(context)["input_ids"]
-        cont = local.ends.encode(continuation)
-        want, _ = reference_score(oracle, ctx, cont)
+        want, _ = reference_score(oracle, hf(context)["input_ids"], local.ends.encode(continuation))
         got = local.score([{"context": context, "continuation": continuation}])[0]["logprob"]
         assert got == pytest.approx(want, abs=1e-4)
 
