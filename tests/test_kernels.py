@@ -179,3 +179,16 @@ def test_without_native_bf16_many_rows_widen_the_weight_in_slices(monkeypatch):
         ref = x.float() @ (q.float() * scale.float()[:, None]).T
         got = int8_matmul(x, q, scale)
         assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@runnable("avx512bf16")
+def test_the_per_machine_choices_are_measured_once_and_kept(tmp_path):
+    from slowllm.node._kernels import _calibrate
+
+    k = kernels_for("avx512bf16")
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"single_row": [0, 0], "bf16_rows": 8}))  # an older file: a choice missing
+    tuned = _calibrate(k, path)
+    assert tuned["bf16_rows"] in (1, 2, 4, 8) and tuned["int8_rows"] in (8, 16, 32)
+    assert all(way in (0, 1, 2) for way in tuned["single_row"])
+    assert json.loads(path.read_text()) == tuned == _calibrate(k, path)  # kept, and read back as kept
