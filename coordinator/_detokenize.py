@@ -19,6 +19,7 @@ class Detokenizer:
         self.text = ""  # everything emitted so far
         self._prefix = self._read = 0  # the left-context start and the first id of the open window
         self._sent = 0  # characters of the open window already emitted
+        self._held = ""  # the open window's text not emitted yet (kept by _emit: no second decode)
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
@@ -29,7 +30,7 @@ class Detokenizer:
 
     def held(self) -> str:
         """The text of the ids not emitted yet (a cut character as U+FFFD)."""
-        return self._window()[self._sent:]
+        return self._held
 
     def _window(self) -> str:
         """The text of the ids since the last whole-character boundary."""
@@ -46,8 +47,9 @@ class Detokenizer:
         new = ready[self._sent:]
         if cut:
             self._sent = max(self._sent, len(ready))
+            self._held = window[self._sent:]
         else:  # a whole-character boundary: the next window starts after these ids
-            self._prefix, self._read, self._sent = self._read, len(self.ids), 0
+            self._prefix, self._read, self._sent, self._held = self._read, len(self.ids), 0, ""
         self.text += new
         return new
 

@@ -55,11 +55,12 @@ MAX_ROWS = {
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
     return set(line.split(":", 1)[-1].split())
 
 

@@ -105,15 +105,9 @@ def native_bf16() -> bool:
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default") \
             or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith(("AVX2", "SSE")):
         return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    from ._kernels import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def fast_bf16() -> str | None:
