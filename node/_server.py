@@ -2,8 +2,12 @@
 
 The node dials out (so it works behind NAT), authenticates, registers its range and then answers
 forward, backward and generation-step requests. Compute runs in one worker thread so the connection
-keeps answering heartbeats and other sessions' messages; each request's failure is an error reply for
-that request alone. KV caches live here, per session, under a memory budget: a step beyond it gets a
+keeps answering heartbeats and other sessions' messages. Requests queue for it, and each pass takes
+what is waiting when the previous one ends (an idle node never waits for company): every generation
+step queued, of any session, merged into one pass over the blocks (`_merge.py`), then one forward
+batch (with others of the same blocks merged in), chosen round robin by the coordinator's job tags so
+a bulk scoring job cannot starve a prompt. Each request's failure is an error reply for that request
+alone (a failure of a merged pass answers each request in it). KV caches live here, per session, under a memory budget: a step beyond it gets a
 "busy" error, never an out-of-memory crash. When the coordinator goes away, the node reconnects with
 jittered exponential backoff.
 """
@@ -11,12 +15,14 @@ jittered exponential backoff.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
 import ssl
 import threading
 import time
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -24,22 +30,60 @@ import websockets
 
 from slowllm.protocol import (
     HANDSHAKE_LIMITS, AuthError, Backward, BusyError, Channel, CheckpointError, CloseSession, Error, Forward,
-    Heartbeat, InputError, Limits, MemoryBudgetError, PeerHandshake, ProtocolError, Register, Result, SlowllmError,
-    Step, decode_tensor, encode_tensor, peek, printable,
+    Heartbeat, InputError, Limits, MemoryBudgetError, PeerHandshake, ProtocolError, Register, Result, Results,
+    SlowllmError, Step, Steps, decode_tensor, encode_tensor, peek, printable,
 )
 
 from ._aio import why_connection_failed
 from ._blocks import DEFAULT_SCORE_BUDGET, BlockCache, block_nbytes
 from ._checkpoint import Checkpoint
-from ._families import kv_width
+from ._families import family_of, kv_width
 from ._resident import ResidentBlocks
 from ._kernels import cpu_supported, describe, kernels
+from ._merge import StepPart, plan_forwards, plan_steps, run_merged_forwards, run_merged_steps
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
 from ._openmp import ComputeThread
 
 log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
 _HANG = object()  # failure injection: the request is never answered
+_PENDING = object()  # a request not run yet
+
+
+@dataclass(eq=False)
+class _Frame:
+    """A received request frame: its message and what runs of it (one item, or each step of a Steps)."""
+
+    future: asyncio.Future  # resolved on the event loop with (message, reply frame) or an exception
+    msg: object
+    works: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Work:
+    """One request the compute thread runs: a message, or one step of a Steps message."""
+
+    msg: object
+    frame: _Frame
+    outcome: object = _PENDING  # the output tensor, None, or the exception that answers it
+    inputs: tuple | None = None  # decoded (hidden, mask), once it runs
+
+
+@dataclass(eq=False)
+class _Queue:
+    """One connection's requests: frames the event loop received, and what the compute thread has opened
+    and not yet run (`backlog`, touched by the compute thread only, between passes by nobody else)."""
+
+    channel: Channel
+    waiting: list = field(default_factory=list)  # (frame, future), appended by the event loop
+    backlog: list = field(default_factory=list)
+    worker: asyncio.Task | None = None
+    served: dict = field(default_factory=dict)  # job tag -> the pass that last ran one of its forwards
+    passes: int = 0
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))  # (requests, rows)
+
+    def depth(self) -> int:
+        return len(self.waiting) + len(self.backlog)
 
 
 class Sessions:
@@ -63,6 +107,12 @@ class Sessions:
         """The session's caches, with room for `new` more positions. Counts what is allocated: each
         block's buffers with their spare room, and while a buffer grows, the new one beside the old
         (`position_bytes`: keys and values of one position of one block, every row)."""
+        return self.reserve(session, layers, position_bytes, new, max_length)[0]
+
+    def reserve(self, session: str, layers: range, position_bytes: int, new: int, max_length: int,
+                reserved: int = 0) -> tuple[dict[int, BlockCache], int]:
+        """`get`, counting `reserved` bytes that steps merged into the same pass will add first; returns the
+        caches and the bytes this step adds."""
         with self._lock:
             self.expire()
             caches = self._caches.get(session, {})
@@ -73,7 +123,8 @@ class Sessions:
                                  "fewer prompts (or nodes with more memory).")
             # The blocks run one after another: while block i grows, its old and new buffers both exist,
             # blocks before it hold their new size and blocks after it their old one.
-            held, peak = self.nbytes(), 0
+            held, peak = self.nbytes() + reserved, 0
+            start = held
             for layer in layers:
                 cache = caches.get(layer) or BlockCache(limit=max_length)
                 before, after = cache.capacity * position_bytes, cache.capacity_for(new) * position_bytes
@@ -87,7 +138,7 @@ class Sessions:
             for layer in layers:
                 caches.setdefault(layer, BlockCache(limit=max_length)).limit = max_length
             self._used[session] = time.monotonic()
-            return caches
+            return caches, held - start
 
     def past_length(self, session: str, layer: int) -> int:
         with self._lock:
@@ -282,6 +333,7 @@ class NodeServer:
 
     async def _serve(self, ws) -> None:
         lock, channel = asyncio.Lock(), self.channel
+        queue = self.queue = _Queue(channel)
 
         async def send(frame: bytes) -> None:
             async with lock:
@@ -291,7 +343,11 @@ class NodeServer:
             while True:
                 await asyncio.sleep(self.heartbeat)
                 self.sessions.expire()
-                await send(channel.pack(Heartbeat(load=self.load, sessions=len(self.sessions))))
+                recent = list(queue.recent)
+                batch = sum(n for n, _ in recent) / len(recent) if recent else 0.0
+                rows = sum(r for _, r in recent) / len(recent) if recent else 0.0
+                await send(channel.pack(Heartbeat(load=self.load, sessions=len(self.sessions), queue=queue.depth(),
+                                                  batch=round(batch, 2), rows=round(rows, 2))))
 
         tasks: set[asyncio.Task] = set()
         beater = asyncio.create_task(beat())
@@ -310,33 +366,38 @@ class NodeServer:
                     task = asyncio.create_task(send(reply))
                 else:
                     self.inflight += size
-                    task = asyncio.create_task(self._handle(frame, send, ws, size))
+                    task = asyncio.create_task(self._handle(frame, send, ws, size, queue))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
             beater.cancel()
             for t in tasks:
                 t.cancel()
+            if queue.worker is not None:
+                queue.worker.cancel()
         if self.banned:  # the coordinator proved this node's results wrong: coming back would not help
             raise CheckpointError(f"{self.banned}; check this PC's hardware and slowllm version, then ask the "
                                   "coordinator's operator to lift the ban (restart it).")
 
-    async def _handle(self, frame, send, ws, size: int) -> None:
+    async def _handle(self, frame, send, ws, size: int, queue: _Queue) -> None:
         """One request; `size` bytes of the in-flight budget were reserved for it and are given back here."""
-        loop = asyncio.get_running_loop()
-        channel = self.channel
+        channel = queue.channel
         msg_id = _peek_id(channel, frame)
         self.load += 1  # queued or running: what heartbeats report
         try:
-            try:  # one hand-off to the compute thread and back per request (each costs ~0.2 ms of wake-ups)
-                msg, reply = await loop.run_in_executor(self.pool, self._answer, channel, frame)
+            try:
+                future = asyncio.get_running_loop().create_future()
+                queue.waiting.append((frame, future))
+                del frame
+                if queue.worker is None or queue.worker.done():
+                    queue.worker = asyncio.create_task(self._work(queue))
+                msg, reply = await future
             except AuthError as e:  # altered or injected on the way: nothing more on this link can be trusted
                 log.warning("coordinator %s: %s", self.url, e)
                 await ws.close(1008, "frame authentication failed")
                 return
             finally:
                 self.load -= 1
-            del frame
             if reply is _HANG:
                 await asyncio.Future()  # the request was accepted and is never answered
             if reply is None:
@@ -357,23 +418,155 @@ class NodeServer:
         finally:
             self.inflight -= size
 
-    def _answer(self, channel: Channel, frame) -> tuple:
-        """On the compute thread: (request, reply frame), (notice, None) for the coordinator's notices, or
-        (request, _HANG) when failure injection says to hang."""
-        msg = channel.unpack(frame, self.limits)
-        del frame
-        if isinstance(msg, Error) and msg.id is None:
-            return msg, None
-        if not isinstance(msg, (Forward, Backward, Step, CloseSession)):
-            raise ProtocolError(f"a node does not accept {msg.type!r} messages.")
-        self.requests += 1
-        if self.fault and self.requests >= self.fault[1]:
-            if self.fault[0] == "exit":
-                os._exit(137)
-            return msg, _HANG
-        tensor = self._compute(msg)
-        codec = msg.compression if isinstance(msg, Forward) else "raw"
-        return msg, channel.pack(Result(id=msg.id, tensor=None if tensor is None else encode_tensor(tensor, codec)))
+    async def _work(self, queue: _Queue) -> None:
+        """Run passes while anything waits: each takes every frame received so far (one hand-off to the
+        compute thread and back per pass, not per request: each costs ~0.2 ms of wake-ups)."""
+        loop = asyncio.get_running_loop()
+        while queue.waiting or queue.backlog:
+            frames, queue.waiting = queue.waiting, []
+            done = await loop.run_in_executor(self.pool, self._pass, queue, frames)
+            for future, outcome in done:
+                if future.done():
+                    continue  # its task was cancelled (the connection closed)
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    # ---- on the compute thread -------------------------------------------------------------------
+    def _pass(self, queue: _Queue, frames: list) -> list[tuple[asyncio.Future, object]]:
+        """Open the new frames, run one pass over what is waiting, and return each answered frame's
+        outcome: (request, reply frame), (notice, None), (request, _HANG), or the exception to answer."""
+        done: list[tuple[asyncio.Future, object]] = []
+        frames.reverse()
+        while frames:  # each raw frame is dropped once opened: a flood of 4 MB frames is held once, not twice
+            frame, future = frames.pop()
+            try:
+                msg = queue.channel.unpack(frame, self.limits)
+            except BaseException as e:  # noqa: BLE001 - a malformed or forged frame answers itself
+                done.append((future, e))
+                continue
+            finally:
+                del frame
+            if isinstance(msg, Error) and msg.id is None:
+                done.append((future, (msg, None)))
+                continue
+            if not isinstance(msg, (Forward, Backward, Step, Steps, CloseSession)):
+                done.append((future, ProtocolError(f"a node does not accept {msg.type!r} messages.")))
+                continue
+            self.requests += 1
+            if self.fault and self.requests >= self.fault[1]:
+                if self.fault[0] == "exit":
+                    os._exit(137)
+                done.append((future, (msg, _HANG)))
+                continue
+            record = _Frame(future, msg)
+            record.works = [_Work(m, record) for m in (msg.items if isinstance(msg, Steps) else [msg])]
+            if not record.works:
+                done.append((future, (msg, queue.channel.pack(Results(id=msg.id, items=[])))))
+            queue.backlog.extend(record.works)
+        chosen = self._choose(queue)
+        if chosen:
+            queue.passes += 1
+            self._run(chosen)
+            rows = sum(w.inputs[0].shape[0] for w in chosen if w.inputs is not None)
+            queue.recent.append((len(chosen), rows))
+        answered = {id(w.frame): w.frame for w in chosen}
+        queue.backlog = [w for w in queue.backlog if w.outcome is _PENDING]
+        for record in answered.values():
+            if all(w.outcome is not _PENDING for w in record.works):
+                done.append((record.future, self._reply(queue.channel, record)))
+        return done
+
+    def _choose(self, queue: _Queue) -> list[_Work]:
+        """What this pass runs: every close and every generation step waiting (interactive work goes first,
+        merged), then one forward or backward (the job served longest ago first, round robin) with the
+        waiting forwards of the same blocks that merge with it."""
+        chosen = [w for w in queue.backlog if isinstance(w.msg, (Step, CloseSession))]
+        bulk = [w for w in queue.backlog if isinstance(w.msg, (Forward, Backward))]
+        if not bulk:
+            return chosen
+        first = min(bulk, key=lambda w: queue.served.get(w.msg.job, -1))  # (min keeps arrival order on ties)
+        queue.served[first.msg.job] = queue.passes
+        if not isinstance(first.msg, Forward) or len(first.msg.mask.shape) != 2:
+            return chosen + [first]
+        # merged with waiting forwards of the same blocks, planned from the shapes their headers declare
+        # (decoded only once they run: a flood of queued forwards is never held decoded)
+        candidates = [first] + [w for w in bulk if w is not first and isinstance(w.msg, Forward)
+                                and (w.msg.first, w.msg.last) == (first.msg.first, first.msg.last)
+                                and len(w.msg.mask.shape) == 2]
+        group = plan_forwards([tuple(w.msg.mask.shape) for w in candidates], self.limits.max_batch_tokens)[0]
+        return chosen + [candidates[i] for i in group]
+
+    def _run(self, chosen: list[_Work]) -> None:
+        """Give every chosen request its outcome."""
+        steps: dict[tuple[int, int], list[tuple[_Work, StepPart]]] = {}
+        forwards: list[_Work] = []
+        reserved = 0
+        for w in chosen:
+            try:
+                if isinstance(w.msg, CloseSession):
+                    if not self.sessions.close(w.msg.session):
+                        raise InputError(f"unknown session {w.msg.session!r}: it was closed or expired.")
+                    w.outcome = None
+                elif isinstance(w.msg, Step):
+                    part, grows = self._step_part(w.msg, reserved)
+                    reserved += grows
+                    w.inputs = (part.hidden, part.mask)
+                    steps.setdefault((w.msg.first, w.msg.last), []).append((w, part))
+                elif isinstance(w.msg, Forward):
+                    w.inputs = self._tensors(w.msg)
+                    forwards.append(w)
+                else:
+                    hidden, mask = w.inputs = self._tensors(w.msg)
+                    grad = decode_tensor(w.msg.grad, self.limits)
+                    if grad.shape != hidden.shape:
+                        raise InputError(f"gradient shape {list(grad.shape)} differs from hidden shape "
+                                         f"{list(hidden.shape)}.")
+                    w.outcome = self.blocks.backward(hidden, mask, grad, w.msg.first, w.msg.last)
+            except BaseException as e:  # noqa: BLE001 - this request's answer; the others run
+                w.outcome = e
+        window = family_of(self.blocks.config).window(self.blocks.config)
+        for (first, last), entries in steps.items():
+            parts = [p for _, p in entries]
+            for group in plan_steps(parts, self.blocks.config, self.dtype.itemsize, self.score_budget,
+                                    self.limits.max_batch_tokens, window):
+                self._answer_together([entries[i][0] for i in group],
+                                      lambda g=group: run_merged_steps(self.blocks, [parts[i] for i in g], first, last))
+        if forwards:
+            self._answer_together(forwards, lambda: run_merged_forwards(
+                self.blocks, [w.inputs for w in forwards], forwards[0].msg.first, forwards[0].msg.last))
+
+    @staticmethod
+    def _answer_together(works: list[_Work], run) -> None:
+        """Run a merged pass; its failure answers every request in it."""
+        try:
+            outs = run()
+        except BaseException as e:  # noqa: BLE001
+            if not isinstance(e, SlowllmError):
+                log.exception("a merged pass of %d requests failed", len(works))
+            for w in works:
+                w.outcome = e
+            return
+        for w, out in zip(works, outs):
+            w.outcome = out
+
+    def _reply(self, channel: Channel, record: _Frame):
+        """The reply to an answered frame: (request, frame), or the exception that answers a single request."""
+        if isinstance(record.msg, Steps):
+            items = []
+            for w in record.works:
+                if isinstance(w.outcome, BaseException):
+                    items.append(_error(w.msg.id, w.outcome))
+                else:
+                    items.append(Result(id=w.msg.id, tensor=encode_tensor(w.outcome)))
+            return record.msg, channel.pack(Results(id=record.msg.id, items=items))
+        outcome = record.works[0].outcome
+        if isinstance(outcome, BaseException):
+            return outcome
+        codec = record.msg.compression if isinstance(record.msg, Forward) else "raw"
+        return record.msg, channel.pack(Result(id=record.msg.id,
+                                               tensor=None if outcome is None else encode_tensor(outcome, codec)))
 
     def _tensors(self, msg, past: int = 0):
         hidden = decode_tensor(msg.hidden, self.limits)
@@ -385,21 +578,9 @@ class NodeServer:
                              f"{self.limits.max_batch_tokens}: send smaller batches.")
         return hidden, mask
 
-    def _compute(self, msg) -> torch.Tensor | None:
-        if isinstance(msg, CloseSession):
-            if not self.sessions.close(msg.session):
-                raise InputError(f"unknown session {msg.session!r}: it was closed or expired.")
-            return None
-        if isinstance(msg, Forward):
-            hidden, mask = self._tensors(msg)
-            return self.blocks.forward(hidden, mask, msg.first, msg.last)
-        if isinstance(msg, Backward):
-            hidden, mask = self._tensors(msg)
-            grad = decode_tensor(msg.grad, self.limits)
-            if grad.shape != hidden.shape:
-                raise InputError(f"gradient shape {list(grad.shape)} differs from hidden shape {list(hidden.shape)}.")
-            return self.blocks.backward(hidden, mask, grad, msg.first, msg.last)
-        # Step: the mask covers the session's past tokens plus the new ones
+    def _step_part(self, msg: Step, reserved: int) -> tuple[StepPart, int]:
+        """A step checked and its caches reserved (the mask covers the session's past tokens plus the new
+        ones); and the KV bytes it will add."""
         layers = range(msg.first, msg.last + 1)
         self.blocks.check_range(msg.first, msg.last)
         if msg.past is not None:
@@ -410,8 +591,17 @@ class NodeServer:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")
         # keys and values of one position of one block, every row (GQA: fewer numbers than hidden)
         position_bytes = 2 * kv_width(self.blocks.config) * self.dtype.itemsize * hidden.shape[0]
-        caches = self.sessions.get(msg.session, layers, position_bytes, hidden.shape[1], msg.max_length)
-        return self.blocks.forward(hidden, mask, msg.first, msg.last, caches)
+        caches, grows = self.sessions.reserve(msg.session, layers, position_bytes, hidden.shape[1], msg.max_length,
+                                              reserved)
+        return StepPart(hidden, mask, caches, msg.session), grows
+
+
+def _error(msg_id: int, e: BaseException) -> Error:
+    """One step's failure as an item of a Results reply."""
+    if isinstance(e, SlowllmError):
+        return Error(id=msg_id, code=e.code, message=str(e)[:4000])
+    log.error("request failed: %r", e)
+    return Error(id=msg_id, code="internal", message=f"node failed on this request: {type(e).__name__}")
 
 
 def _peek_id(channel: Channel, frame) -> int | None:

@@ -2,8 +2,8 @@
 
 Conversation shapes:
   peer -> coordinator: Hello;  coordinator -> peer: Challenge;  peer: Auth;  coordinator: Welcome | Error
-  node: Register -> Welcome | Error, then serves Forward / Backward / Step / CloseSession with Result | Error,
-        and sends Heartbeat now and then
+  node: Register -> Welcome | Error, then serves Forward / Backward / Step / CloseSession with Result | Error
+        and Steps (several sessions' steps, merged into one pass) with Results; sends Heartbeat now and then
   client: Job -> Event* -> JobResult | Error
 Every request carries an `id` that its reply repeats, so replies may come back in any order.
 """
@@ -14,7 +14,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 4  # 2: mutual authentication, authenticated frames; 3: Step.past (rollback); 4: quantization
+# 2: mutual authentication, authenticated frames; 3: Step.past (rollback); 4: quantization;
+# 5: Steps/Results (multi-session steps), `job` tags for fair sharing, queue and batch sizes in heartbeats
+PROTOCOL_VERSION = 5
+MAX_STEPS = 256  # sessions' steps in one Steps message
 
 
 class _Msg(BaseModel):
@@ -86,6 +89,9 @@ class Heartbeat(_Msg):
     type: Literal["heartbeat"] = "heartbeat"
     load: int = Field(0, ge=0, le=1 << 20)
     sessions: int = Field(0, ge=0, le=1 << 20)
+    queue: int = Field(0, ge=0, le=1 << 20)  # requests waiting for the compute thread now
+    batch: float = Field(0.0, ge=0, le=1 << 20, allow_inf_nan=False)  # requests per pass, recent mean
+    rows: float = Field(0.0, ge=0, le=1 << 20, allow_inf_nan=False)  # rows per pass, recent mean
 
 
 class Forward(_Msg):
@@ -98,6 +104,7 @@ class Forward(_Msg):
     hidden: WireTensor
     mask: WireTensor
     compression: Literal["raw", "fp16", "bf16", "int8"] = "raw"
+    job: str = Field("", max_length=64)  # who asked (the coordinator's tag of a client): the node shares passes fairly
 
 
 class Backward(_Msg):
@@ -110,6 +117,7 @@ class Backward(_Msg):
     hidden: WireTensor
     mask: WireTensor
     grad: WireTensor
+    job: str = Field("", max_length=64)  # who asked (the coordinator's tag of a client): the node shares passes fairly
 
 
 class Step(_Msg):
@@ -126,6 +134,16 @@ class Step(_Msg):
     # When set, the node first cuts the session's caches back to `past` positions (speculative decoding's
     # rejected drafts); the mask then covers those `past` positions plus the new ones.
     past: int | None = Field(None, ge=0)
+    job: str = Field("", max_length=64)  # who asked (the coordinator's tag of a client): the node shares passes fairly
+
+
+class Steps(_Msg):
+    """Steps of several sessions at once (one each): the node runs them in one merged pass over its blocks
+    and answers `Results`, one item per step in order (each a Result, or an Error for that step alone)."""
+
+    type: Literal["steps"] = "steps"
+    id: int
+    items: list[Step] = Field(max_length=MAX_STEPS)
 
 
 class CloseSession(_Msg):
@@ -138,6 +156,12 @@ class Result(_Msg):
     type: Literal["result"] = "result"
     id: int
     tensor: WireTensor | None = None
+
+
+class Results(_Msg):
+    type: Literal["results"] = "results"
+    id: int
+    items: list[Annotated[Union[Result, Error], Field(discriminator="type")]] = Field(max_length=MAX_STEPS)
 
 
 class Job(_Msg):
@@ -162,8 +186,8 @@ class JobResult(_Msg):
 
 
 Message = Annotated[
-    Union[Hello, Challenge, Auth, Welcome, Error, Register, Heartbeat, Forward, Backward, Step, CloseSession,
-          Result, Job, Event, JobResult],
+    Union[Hello, Challenge, Auth, Welcome, Error, Register, Heartbeat, Forward, Backward, Step, Steps, CloseSession,
+          Result, Results, Job, Event, JobResult],
     Field(discriminator="type"),
 ]
 MESSAGE = TypeAdapter(Message)

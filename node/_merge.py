@@ -1,0 +1,191 @@
+"""Merged passes: the requests waiting at a node run through its blocks together, one weight read for all.
+
+A decode step reads every weight of a block to compute one row: with 8 sessions stepping, a node that runs
+them one by one reads its weights 8 times per token, while one pass with 8 rows costs about 1.5-2x one row.
+So the node merges what is queued (Orca's iteration-level batching):
+
+- Generation steps of different sessions (different past lengths, rows and new positions) run as ONE
+  batch: the linear layers see every row at once, and attention sees each session's own keys and values
+  through `MergedCache`, a padded view of the sessions' caches (left padding for shorter pasts, holes for
+  fewer new positions, mask 0 on both: exactly how left padding and speculative holes already work).
+  Positions and alibi count real tokens only, so every row gets the numbers it gets alone (to float
+  rounding of a differently sized matrix product).
+- Stateless forwards of the same blocks are left-padded to one length and run as one batch.
+
+A merged pass is bounded by tokens, attention scores and the padded cache view (`plan_steps`), all from
+the node's limits and score budget; a step too large to merge (a long prefill) runs alone, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._blocks import SCORE_BYTES, BlockCache, attention_inputs, run_block
+from ._families import kv_width
+
+MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
+# Forwards merge only while small: a weight read is shared by many tokens already in a big batch (the pass
+# is compute-bound), and merging big ones would only add to the pass's working memory.
+MERGE_FORWARD_TOKENS = 2048
+
+
+@dataclass
+class StepPart:
+    """One session's step inside a merged pass."""
+
+    hidden: torch.Tensor  # [rows, new, H]
+    mask: torch.Tensor  # [rows, past + new]
+    caches: dict[int, BlockCache]
+    session: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def new(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def past(self) -> int:
+        return self.mask.shape[1] - self.hidden.shape[1]
+
+
+def merged_step_cost(parts: list[StepPart], config, itemsize: int) -> tuple[int, int, int]:
+    """(tokens, attention-score bytes, padded cache-view bytes of one block) of running `parts` as one batch."""
+    rows = sum(p.rows for p in parts)
+    q = max(p.new for p in parts)
+    length = max(p.past for p in parts) + q
+    scores = rows * config.num_attention_heads * q * length * SCORE_BYTES
+    view = 2 * rows * length * kv_width(config) * itemsize
+    return rows * q, scores, view
+
+
+def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_tokens: int,
+               window: int | None = None) -> list[list[int]]:
+    """Group step indices into merged passes within the bounds; similar past lengths together (less padding).
+    One session never appears twice in a group (its second step needs the first one's keys). With a
+    sliding window (Mistral counts slots), parts with fewer new positions than others would see their past
+    one padding slot further away per missing position: beyond the window they merge only with equals."""
+    order = sorted(range(len(parts)), key=lambda i: (parts[i].past, parts[i].new))
+    groups: list[list[int]] = []
+    for i in order:
+        for group in groups:
+            trial = [parts[j] for j in group] + [parts[i]]
+            tokens, scores, view = merged_step_cost(trial, config, itemsize)
+            longest = max(p.past for p in trial) + max(p.new for p in trial)
+            shifted = window is not None and longest > window and len({p.new for p in trial}) > 1
+            if (parts[i].session not in {parts[j].session for j in group} and not shifted
+                    and tokens <= max_tokens and scores <= budget and view <= budget):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+class MergedCache:
+    """The cache that one merged pass hands to a block's attention: each session's new keys and values go
+    into that session's own `BlockCache`; attention gets the padded view of all of them.
+
+    Layout of a row of length L = max past + Q (Q: the most new positions of any part): left padding,
+    the session's past, padding for the new positions it lacks, its new positions. The pass's mask has 0
+    on every padding slot, so their (zero) keys get no weight.
+    """
+
+    def __init__(self, parts: list[StepPart], layer: int):
+        self.parts, self.layer = parts, layer
+        self.q = max(p.new for p in parts)
+        self.past = max(p.past for p in parts)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        length = self.past + self.q
+        out_k = keys.new_zeros((*keys.shape[:-2], length, keys.shape[-1]))
+        out_v = values.new_zeros((*values.shape[:-2], length, values.shape[-1]))
+        start = 0
+        for p in self.parts:
+            rows = slice(start, start + p.rows)
+            start += p.rows
+            k, v = p.caches[self.layer].update(keys[rows, ..., self.q - p.new:, :], values[rows, ..., self.q - p.new:, :],
+                                               layer_idx)
+            out_k[rows, ..., self.past - p.past: self.past, :] = k[..., : p.past, :]
+            out_v[rows, ..., self.past - p.past: self.past, :] = v[..., : p.past, :]
+            out_k[rows, ..., length - p.new:, :] = k[..., p.past:, :]
+            out_v[rows, ..., length - p.new:, :] = v[..., p.past:, :]
+        return out_k, out_v
+
+
+def merged_layout(parts: list[StepPart]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's hidden states [rows, Q, H] and 0/1 mask [rows, max past + Q] in `MergedCache`'s layout."""
+    q, past = max(p.new for p in parts), max(p.past for p in parts)
+    first = parts[0].hidden
+    hidden = first.new_zeros((sum(p.rows for p in parts), q, first.shape[-1]))
+    mask = torch.zeros(hidden.shape[0], past + q, dtype=torch.long)
+    start = 0
+    for p in parts:
+        rows = slice(start, start + p.rows)
+        start += p.rows
+        hidden[rows, q - p.new:] = p.hidden.to(hidden.dtype)
+        mask[rows, past - p.past: past] = p.mask[:, : p.past]
+        mask[rows, past + q - p.new:] = p.mask[:, p.past:]
+    return hidden, mask
+
+
+@torch.no_grad()
+def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> list[torch.Tensor]:
+    """Each part's output [rows, new, H] of blocks first..last (`blocks`: a `ResidentBlocks`), in one pass."""
+    if len(parts) == 1:  # alone: exactly today's path
+        p = parts[0]
+        return [blocks.forward(p.hidden, p.mask, first, last, p.caches)]
+    hidden, mask = merged_layout(parts)
+    hidden = hidden.to(blocks.device, blocks.dtype)
+    q = hidden.shape[1]
+    attn = attention_inputs(blocks.config, mask.to(blocks.device), q, blocks.dtype, blocks.device)
+    for layer in range(first, last + 1):
+        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer))
+    hidden = hidden.cpu()
+    outs, start = [], 0
+    for p in parts:
+        outs.append(hidden[start: start + p.rows, q - p.new:])
+        start += p.rows
+    return outs
+
+
+def plan_forwards(shapes: list[tuple[int, int]], max_tokens: int) -> list[list[int]]:
+    """Group forwards (rows, length) of the same blocks into merged passes: in arrival order, each group
+    within `max_tokens` padded tokens and `MAX_FORWARD_WASTE` padding."""
+    groups: list[list[int]] = []
+    for i, (rows, length) in enumerate(shapes):
+        for group in groups:
+            members = [shapes[j] for j in group] + [(rows, length)]
+            padded = sum(r for r, _ in members) * max(t for _, t in members)
+            real = sum(r * t for r, t in members)
+            if padded <= min(max_tokens, MERGE_FORWARD_TOKENS) and padded <= MAX_FORWARD_WASTE * real:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def run_merged_forwards(blocks, inputs: list[tuple[torch.Tensor, torch.Tensor]], first: int,
+                        last: int) -> list[torch.Tensor]:
+    """Each (hidden [rows, T, H], mask [rows, T])'s output, left-padded to one length and run together."""
+    if len(inputs) == 1:
+        return [blocks.forward(*inputs[0], first, last)]
+    length = max(h.shape[1] for h, _ in inputs)
+    hidden = inputs[0][0].new_zeros((sum(h.shape[0] for h, _ in inputs), length, inputs[0][0].shape[-1]))
+    mask = torch.zeros(hidden.shape[0], length, dtype=torch.long)
+    start = 0
+    for h, m in inputs:
+        hidden[start: start + h.shape[0], length - h.shape[1]:] = h.to(hidden.dtype)
+        mask[start: start + h.shape[0], length - h.shape[1]:] = m
+        start += h.shape[0]
+    out = blocks.forward(hidden, mask, first, last)
+    outs, start = [], 0
+    for h, _ in inputs:
+        outs.append(out[start: start + h.shape[0], length - h.shape[1]:])
+        start += h.shape[0]
+    return outs
