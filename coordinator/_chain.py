@@ -8,14 +8,21 @@ token mask.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
 from slowllm.node import Batch
 
 __all__ = ["Batch", "Chain", "ChainSession"]
+
+T, R = TypeVar("T"), TypeVar("R")
+# A job on a chain of several stages is cut into about this many micro-batches per stage, so that while
+# one is at the second node the next is at the first (GPipe-style): every stage busy but at the ends.
+MICRO_BATCHES_PER_STAGE = 4
+MIN_MICRO_BATCH_TOKENS = 64  # below this a micro-batch costs its round trip more than it gains
 
 
 class ChainSession(ABC):
@@ -48,6 +55,7 @@ class Chain(ABC):
     max_request_tokens: int = 1 << 62  # the most one forward/backward can carry at all (the wire's limit)
     max_batch_rows: int = 1 << 30
     head_tokens: int = 1 << 16  # positions per LM-head pass (bounded by the chain's memory plan)
+    pipeline_depth: int = 1  # stages that compute at once (a remote chain: the nodes of a route)
 
     @abstractmethod
     def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
@@ -64,9 +72,27 @@ class Chain(ABC):
     @abstractmethod
     def open_session(self, batch_size: int, max_length: int) -> ChainSession: ...
 
+    def pipelined(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """`fn(item)` for each item, in order. A chain of several stages runs up to `pipeline_depth` of them
+        at once, so that each stage works on one while the next stage works on another."""
+        for item in items:
+            yield fn(item)
+
+    def batch_tokens(self, lengths: Sequence[int]) -> int:
+        """Padded tokens per batch for a job of items of these lengths: the chain's limit, or on a pipeline
+        small enough to cut the job into `MICRO_BATCHES_PER_STAGE` micro-batches per stage."""
+        if self.pipeline_depth <= 1 or not lengths:
+            return self.max_batch_tokens
+        want = -(-sum(lengths) // (MICRO_BATCHES_PER_STAGE * self.pipeline_depth))
+        return min(self.max_batch_tokens, max(MIN_MICRO_BATCH_TOKENS, want, max(lengths)))
+
     def step_sessions(self, steps: Sequence[tuple[ChainSession, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """`session.step(hidden, mask)` for each; a chain that streams its weights does them in one pass."""
         return [session.step(hidden, mask) for session, hidden, mask in steps]
+
+    def stepping(self):
+        """Around a generation's loop: a chain with a stepping loop counts it as running (see _scheduler)."""
+        return contextlib.nullcontext()
 
     def set_progress(self, on: bool) -> None:
         """Chains that show progress bars (local streaming) turn them on or off."""

@@ -98,8 +98,9 @@ def generate_rows(ends: ModelEnds, chain: Chain, rows: Sequence[Continuation], s
     """
     job = Generation(ends, chain, rows, sampling, soft_prompt, draft)
     try:
-        while not job.done:
-            step_together(chain, [job])
+        with chain.stepping():
+            while not job.done:
+                step_together(chain, [job])
     finally:
         job.close()  # after an error: the groups' sessions are closed now, not when collected
     return job.results()

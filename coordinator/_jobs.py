@@ -85,8 +85,10 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
     # (the same numbers under the causal mask); the rest are batched by length.
     fits = [i for i, it in enumerate(items) if len(it.inputs) + p <= chain.max_request_tokens]
     long = [i for i, it in enumerate(items) if len(it.inputs) + p > chain.max_request_tokens]
+    lengths = [len(items[i].inputs) + p for i in fits]
+    # (on a chain of several nodes, cut into micro-batches that keep every node busy: `Chain.batch_tokens`)
     batches = [[fits[j] for j in group] for group in
-               plan_batches([len(items[i].inputs) + p for i in fits], chain.max_batch_tokens, chain.max_batch_rows)]
+               plan_batches(lengths, chain.batch_tokens(lengths), chain.max_batch_rows)]
 
     def make() -> Iterator[Batch]:
         for batch in batches:

@@ -16,7 +16,10 @@ long prompt is prefilled, and a session replayed, in as many frames as it takes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
+import itertools
 import logging
 import random
 import threading
@@ -29,19 +32,25 @@ import torch
 
 from slowllm.node import Batch
 from slowllm.protocol import (AuthError, Backward, CloseSession, Error, Forward, InputError, Limits, ProtocolError,
-                              Result, SlowllmError, Step, UnavailableError, WireTensor, decode_tensor, encode_tensor,
-                              printable)
+                              Result, Results, SlowllmError, Step, UnavailableError, WireTensor, decode_tensor,
+                              encode_tensor, printable)
 
 from ._chain import Chain, ChainSession
+from ._router import OUTBOX_STEP_BYTES
 from ._verify import Referee, agree, tolerance
 
 if TYPE_CHECKING:
     from ._router import NodeLink, Router
+    from ._scheduler import Stepper
 
 log = logging.getLogger("slowllm")
 
 # verification re-runs run beside the hop they check (one thread each while it lasts; jobs are <= 32)
 _CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="slowllm-verify")
+# micro-batches of pipelined jobs and the sessions of a merged step, each on its own thread while it runs
+_PIPELINE = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="slowllm-pipeline")
+_WAVE = threading.local()  # the stepping loop's wave a pipeline thread's step belongs to (its node outboxes wait for it)
+_WAVES = itertools.count(1)
 MAX_FAILOVERS = 8  # per span and operation: beyond this the job fails rather than loop forever
 FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut request always fits
 FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's
@@ -73,8 +82,10 @@ class _RemoteTape:
 class RemoteChain(Chain):
     def __init__(self, router: "Router", limits: Limits, hidden_size: int, *, compression: str = "raw",
                  notify: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
-                 referee: Referee | None = None):
+                 referee: Referee | None = None, job: str = "", stepper: "Stepper | None" = None):
         self.router, self.limits, self.hidden_size = router, limits, hidden_size
+        self.job = job  # tags this chain's requests: nodes share their passes round robin between tags
+        self.stepper = stepper  # the coordinator's stepping loop, which every generation's steps go through
         self.referee = referee  # decides disputes under --verify (None: disputes ban nobody)
         self.rng = random.Random()
         self._local = threading.local()  # marks the threads that run verification re-runs
@@ -138,23 +149,35 @@ class RemoteChain(Chain):
         return self.router.request_timeout + min(3600.0, 4 * work / node.speed)  # (the speed is the node's word)
 
     def _exchange(self, node: "NodeLink", make, expect: tuple[int, ...] | None, blocks: int = 1,
-                  backward: bool = False) -> torch.Tensor | None:
-        """One request to `node`, its reply checked: a tensor of shape `expect` (float, finite) or None."""
+                  backward: bool = False, batched: bool = False) -> torch.Tensor | None:
+        """One request to `node`, its reply checked: a tensor of shape `expect` (float, finite) or None.
+
+        `batched` (small generation steps): the request goes through the node's outbox, merged with the
+        steps other jobs send it in the same turn of the event loop, and its answer is its item of the reply.
+        """
         if self.cancel.is_set():
             raise Cancelled("the job was cancelled (its client went away).")
         msg_id = node.next_id()
-        frame = node.channel.pack(make(msg_id))
+        timeout = self._timeout(node, expect, blocks, backward)
         try:
-            reply = self._call(node.request(msg_id, frame, timeout=self._timeout(node, expect, blocks, backward)))
+            if batched:
+                shared, index = self._call(node.step(make(msg_id), timeout=timeout, wave=getattr(_WAVE, "id", None)))
+            else:
+                reply = self._call(node.request(msg_id, node.channel.pack(make(msg_id)), timeout=timeout))
         except (UnavailableError, asyncio.TimeoutError, TimeoutError):
             raise self._fail(node, "disconnected or timed out") from None
         try:
-            msg = node.channel.unpack(reply, self.limits)
+            msg = shared.open(node.channel, self.limits) if batched else node.channel.unpack(reply, self.limits)
         except AuthError:  # altered on the way, not necessarily by the node: drop the link, fail over
             self.router.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(node.ws.close(1008, "bad frame")))
             raise self._fail(node, "a reply failed authentication") from None
         except ProtocolError:
             raise self._lied(node, "sent a malformed reply") from None
+        if batched:
+            if not isinstance(msg, Results) or msg.id != shared.msg_id or len(msg.items) != shared.count:
+                raise self._lied(node, f"answered {msg.type!r} with {len(getattr(msg, 'items', []))} items to "
+                                       f"{shared.count} steps")
+            msg = msg.items[index]
         if isinstance(msg, Error):
             if msg.code in FAILOVER_CODES:
                 raise self._fail(node, f"answered {printable(msg.code, 32)}")
@@ -282,7 +305,7 @@ class RemoteChain(Chain):
                 def primary():
                     return self._exchange(node, lambda i: Forward(
                         id=i, first=a, last=b, hidden=self._wire(node, h, self.compression), mask=wire_mask,
-                        compression=self.compression), tuple(h.shape), b - a + 1)
+                        compression=self.compression, job=self.job), tuple(h.shape), b - a + 1)
                 return self._verified(node, a, b, primary, mask,
                                       lambda skip: self._rerun_forward(a, b, h, mask, skip),
                                       lambda dtype: self.referee.forward(a, b, h, mask, dtype))
@@ -308,7 +331,7 @@ class RemoteChain(Chain):
             def primary():
                 out = self._exchange(node, lambda i: Backward(
                     id=i, first=a, last=b, hidden=self._wire(node, hidden), mask=encode_mask(mask),
-                    grad=self._wire(node, grad)), tuple(hidden.shape), b - a + 1, backward=True)
+                    grad=self._wire(node, grad), job=self.job), tuple(hidden.shape), b - a + 1, backward=True)
                 if nodes is not None:
                     nodes.append(node)
                 return out
@@ -328,9 +351,79 @@ class RemoteChain(Chain):
         used: list = []
         return self._backward_range(a, b, hidden, mask, grad, avoid, used), used
 
+    # ---- many at once -----------------------------------------------------------------------------
+    @property
+    def pipeline_depth(self) -> int:
+        return self.router.stages()
+
+    def pipelined(self, fn, items):
+        """Up to `pipeline_depth` items in flight, each in its own thread (its hops, failovers and checks as
+        alone); results in order. A failure is raised when its item's turn comes."""
+        depth = self.pipeline_depth
+        if depth <= 1:
+            yield from map(fn, items)
+            return
+        window: collections.deque = collections.deque()
+        try:
+            for item in items:
+                window.append(_PIPELINE.submit(fn, item))
+                if len(window) >= depth:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+
+    def stepping(self):
+        if self.stepper is None:
+            return contextlib.nullcontext()
+        return self.stepper.member()
+
+    def step_sessions(self, steps):
+        """Through the coordinator's stepping loop, in the next wave with every other generation's steps."""
+        if self.stepper is not None:
+            return self.stepper.run(self, steps)
+        if len(steps) <= 1:
+            return super().step_sessions(steps)
+        outcomes = self.step_gang(steps)
+        for x in outcomes:
+            if isinstance(x, BaseException):
+                raise x
+        return outcomes
+
+    def step_gang(self, steps) -> list:
+        """Every session's step at once, each on its own thread; each node is told how many of them to
+        expect, so its outbox sends them as one Steps message. Returns each step's output or exception."""
+        expected: collections.Counter = collections.Counter()
+        for session, hidden, mask in steps:
+            if hidden.numel() * 4 <= OUTBOX_STEP_BYTES:  # (bigger ones are sent alone)
+                expected.update(span.node for span in session.spans)
+
+        wave = next(_WAVES)
+
+        def tell() -> None:
+            for node, count in expected.items():
+                node.expect(wave, count)
+        self.router.loop.call_soon_threadsafe(tell)  # (runs before the steps' own callbacks: FIFO)
+
+        def step(session, hidden, mask):
+            _WAVE.id = wave
+            try:
+                return session.step(hidden, mask)
+            finally:
+                _WAVE.id = None
+        futures = [_PIPELINE.submit(step, session, hidden, mask) for session, hidden, mask in steps]
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except BaseException as e:  # noqa: BLE001 - this step's job gets it
+                outcomes.append(e)
+        return outcomes
+
     def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
-        for batch in batches:
-            yield self._forward_range(0, self.n_layer - 1, batch.hidden.float(), batch.mask)[0]
+        return self.pipelined(lambda b: self._forward_range(0, self.n_layer - 1, b.hidden.float(), b.mask)[0], batches)
 
     def forward_for_backward(self, batch: Batch):
         out, spans = self._forward_range(0, self.n_layer - 1, batch.hidden.float(), batch.mask)
@@ -391,10 +484,11 @@ class RemoteSession(ChainSession):
             for start in range(0, new, per_frame):
                 end = min(new, start + per_frame)
                 piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
+                small = piece.numel() * 4 <= OUTBOX_STEP_BYTES  # decode steps: merged with other sessions'
                 outs.append(self.chain._exchange(node, lambda i, h=piece, m=piece_mask, cut=span.cut: Step(
                     id=i, session=span.session, first=span.first, last=span.last, hidden=self.chain._wire(node, h),
-                    mask=encode_mask(m), max_length=self.max_length, past=cut), tuple(piece.shape),
-                    span.last - span.first + 1))
+                    mask=encode_mask(m), max_length=self.max_length, past=cut, job=self.chain.job),
+                    tuple(piece.shape), span.last - span.first + 1, batched=small))
                 span.cut = None  # the node has cut its cache
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # A second node has no KV cache of this session: it checks the step by running the span's whole

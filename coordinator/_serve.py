@@ -119,8 +119,10 @@ class SwarmBackend:
         self.model_id, self.ends = served_name(c.model), c.ends
         self.n_layer, self.max_new_tokens = c.checkpoint.n_layer, c.max_new_tokens
         from ._remote import RemoteChain
+        from ._server import job_tag
 
-        self.chain = RemoteChain(c.router, c.limits, c.checkpoint.hidden_size, referee=c.referee)
+        self.chain = RemoteChain(c.router, c.limits, c.checkpoint.hidden_size, referee=c.referee, job=job_tag("http"),
+                                 stepper=c.stepper)
 
     def start(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> Generation:
         from ._runner import Runner

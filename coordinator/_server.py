@@ -10,6 +10,7 @@ event loop only moves frames, so a slow job never blocks another client or a nod
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import base64
 import json
 import logging
@@ -37,6 +38,7 @@ from ._keys import KeyRing, is_loopback
 from ._remote import RemoteChain
 from ._router import NodeLink, Router
 from ._runner import Runner
+from ._scheduler import Stepper
 from ._softprompt import check_soft_prompt
 from ._status_page import render_status
 from ._speculative import load_draft
@@ -72,6 +74,7 @@ class Coordinator:
         self.limits, self.ssl = limits, ssl_context
         self.max_jobs_per_client, self.max_jobs, self.max_new_tokens = max_jobs_per_client, max_jobs, max_new_tokens
         self.router = Router(self.checkpoint.n_layer, wait_for_nodes=wait_for_nodes, request_timeout=request_timeout)
+        self.stepper = Stepper()  # every generation's steps, from every client, advance in its waves
         self.router.verify = verify
         self.referee = Referee(self.checkpoint)
         self.jobs = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="slowllm-job")
@@ -229,7 +232,7 @@ class Coordinator:
             async for frame in ws:
                 try:  # replies are routed by id; the waiting job's thread authenticates, unpacks and checks them
                     kind, msg_id = peek(channel.body(frame))
-                    if kind in ("result", "error") and msg_id is not None:
+                    if kind in ("result", "results", "error") and msg_id is not None:
                         link.resolve(msg_id, frame)
                         continue
                     msg = channel.unpack(frame, self.limits)
@@ -241,6 +244,7 @@ class Coordinator:
                     continue
                 if isinstance(msg, Heartbeat):
                     link.load, link.sessions = msg.load, msg.sessions
+                    link.queue, link.batch, link.rows = msg.queue, msg.batch, msg.rows
         finally:
             self.router.remove(link)
             if not link.banned:
@@ -292,7 +296,7 @@ class Coordinator:
             else:
                 with self.admission.job(client, job.job):
                     log.info("%s job by %s", job.job, client)
-                    data = await loop.run_in_executor(self.jobs, self._job_in_thread, job, emit, cancel)
+                    data = await loop.run_in_executor(self.jobs, self._job_in_thread, job, emit, cancel, client)
             await send(JobResult(id=job.id, data=data))
         except SlowllmError as e:
             if not cancel.is_set():
@@ -305,13 +309,14 @@ class Coordinator:
                                                                   "slowllm: the coordinator's log has the details)."))
 
     # ---- jobs (worker threads) -----------------------------------------------------------------
-    def _job_in_thread(self, job: Job, emit, cancel: threading.Event) -> dict:
+    def _job_in_thread(self, job: Job, emit, cancel: threading.Event, client: str = "") -> dict:
         p = job.params
         compression = p.get("compression", "raw")
         if compression not in ("raw", "fp16", "bf16", "int8"):
             raise InputError(f"unknown compression {compression!r}: use raw, fp16, bf16 or int8.")
         chain = RemoteChain(self.router, self.limits, self.checkpoint.hidden_size, compression=compression,
-                            notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee)
+                            notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee,
+                            job=job_tag(client), stepper=self.stepper)
         runner = Runner(self.checkpoint, self.ends, chain, self.draft)
         soft = self._soft_prompt(p.get("soft_prompt"))
         if job.job == "generate":
@@ -409,3 +414,9 @@ def _options(cls, params: dict, *names: str):
         return cls(**values)
     except TypeError as e:
         raise InputError(f"bad job parameters: {e}.") from None
+
+
+def job_tag(client: str) -> str:
+    """What nodes see of a job's client: an opaque tag (they share passes round robin between tags), from
+    which they learn neither its name nor its address."""
+    return hashlib.blake2b(client.encode(), digest_size=8, person=b"slowllm-job").hexdigest()

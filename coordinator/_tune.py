@@ -48,15 +48,17 @@ def loss_and_grad(ends: ModelEnds, chain: Chain, prompt: torch.Tensor,
                   batch: Sequence[tuple[list[int], list[int]]]) -> tuple[float, torch.Tensor]:
     """Mean continuation NLL for one batch and its gradient w.r.t. the prompt (model frozen).
 
-    A batch too large for one request of the chain runs as several (rows grouped by length); their
-    gradients add up to exactly the batch's, since the loss is a sum over tokens divided by their count.
+    A batch too large for one request of the chain runs as several (rows grouped by length), and on a
+    chain of several nodes as micro-batches in flight together (`Chain.pipelined`); their gradients add up,
+    in order, to exactly the batch's, since the loss is a sum over tokens divided by their count.
     """
     prompt = prompt.detach().requires_grad_(True)
     rows = [(ctx + cont)[:-1] for ctx, cont in batch]
     total = sum(len(cont) for _, cont in batch)
-    loss_sum = 0.0
     p = prompt.shape[0]
-    for group in plan_batches([len(r) + p for r in rows], chain.max_batch_tokens, chain.max_batch_rows):
+    lengths = [len(r) + p for r in rows]
+
+    def one(group: list[int]) -> tuple[float, torch.Tensor]:
         embeds, mask = inputs_embeds(ends, [rows[i] for i in group], prompt)
         hidden0 = ends.embed_norm(embeds)
         out, tape = chain.forward_for_backward(Batch(hidden0.detach(), mask))
@@ -69,11 +71,16 @@ def loss_and_grad(ends: ModelEnds, chain: Chain, prompt: torch.Tensor,
             targets += cont
         normed = ends.final_norm(torch.cat(picked))
         loss = ends.nll(normed, torch.tensor(targets)).sum() / total
-        loss.backward()
-        grad_in = chain.backward(tape, out.grad)
-        hidden0.backward(grad_in.float())
-        loss_sum += loss.item()
-    return loss_sum, prompt.grad
+        (grad_out,) = torch.autograd.grad(loss, out)
+        grad_in = chain.backward(tape, grad_out)
+        (grad,) = torch.autograd.grad(hidden0, prompt, grad_in.float())  # (not .backward: threads, one leaf)
+        return loss.item(), grad
+
+    loss_sum, grad_sum = 0.0, torch.zeros_like(prompt)
+    for loss, grad in chain.pipelined(one, plan_batches(lengths, chain.batch_tokens(lengths), chain.max_batch_rows)):
+        loss_sum += loss
+        grad_sum += grad
+    return loss_sum, grad_sum
 
 
 def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptions,

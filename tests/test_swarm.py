@@ -101,3 +101,101 @@ def test_merge_plans_stay_within_their_bounds():
     windowed = plan_steps([part("a", 1, 50, 1), part("b", 1, 50, 3)], config, 4, 1 << 30, 1 << 16, window=32)
     assert len(windowed) == 2
     assert plan_forwards([(1, 100), (1, 100), (1, 10), (30, 100)], max_tokens=1 << 16) == [[0, 1], [2], [3]]
+
+
+# ---- through real processes -----------------------------------------------------------------------
+PROMPTS = ["The first", "Another prompt that is longer than the first", "3 4 5", "a b c d e f g"]
+
+
+def _together(calls):
+    """Run every call in its own thread at once; their results in order (the first error is raised)."""
+    out, errors = [None] * len(calls), []
+    barrier = threading.Barrier(len(calls))
+
+    def run(i, call):
+        try:
+            barrier.wait()
+            out[i] = call()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_concurrent_clients_share_passes_and_get_what_they_get_alone(tiny_model, secret):
+    """Greedy and seeded-sampling clients at once through 2 nodes (one dies mid merged pass, its sessions
+    fail over); a big scoring job beside a prompt; every answer equal to the job alone."""
+    from netutil import Cluster
+
+    greedy = Sampling(max_new_tokens=10)
+    seeded = Sampling(max_new_tokens=10, temperature=0.9, seed=7)
+    lines = [{"context": f"{i} " + PROMPTS[i % 4], "continuation": " and then"} for i in range(48)]
+    with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret) as c:
+        alone = [c.client().generate([p], greedy)[0]["token_ids"] for p in PROMPTS]
+        alone_seeded = c.client().generate([PROMPTS[1]], seeded)[0]["token_ids"]
+        scores_alone = [c.client().score([line])[0]["logprob"] for line in lines[:6]]
+        # a second 3-5 node that dies during the run: sessions on it fail over (replayed) with equal output
+        c.start_node("3-5", name="doomed", extra=["--inject-fault", "exit:12"])
+        c.wait_covered(3)
+        calls = [lambda p=p: c.client().generate([p], greedy)[0]["token_ids"] for p in PROMPTS]
+        calls.append(lambda: c.client().generate([PROMPTS[1]], seeded)[0]["token_ids"])
+        got = _together(calls)
+        assert got[:4] == alone
+        assert got[4] == alone_seeded
+        assert c.nodes["doomed"].wait(60) == 137  # it did die with sessions on it
+        nodes = c.client().status()["nodes"]
+        assert max(n["steps_per_message"] for n in nodes) > 1  # the steps of different clients went together
+
+        # fairness: a prompt sent while a big scoring job runs is answered before the job ends
+        finished = []
+        big = lines * 4
+
+        def score():
+            res = c.client().score(big)
+            finished.append("score")
+            return res
+
+        def prompt():
+            res = c.client().generate([PROMPTS[0]], Sampling(max_new_tokens=3))
+            finished.append("prompt")
+            return res
+        scores, _ = _together([score, prompt])
+        assert finished == ["prompt", "score"]
+        # the pipelined micro-batches give the scores each line gets alone
+        for want, res in zip(scores_alone, scores):
+            assert abs(res["logprob"] - want) < 1e-4
+
+
+def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
+    """The node's side of a merged pass, in process: a Steps message whose middle step is malformed gets an
+    error for that step only; the others equal the same steps sent alone."""
+    from slowllm.node._server import NodeServer, _Queue
+    from slowllm.protocol import Channel, Error, Result, Results, Step, Steps, decode_tensor, encode_tensor, pack, unpack
+
+    node = NodeServer(first=0, last=5, coordinator="ws://127.0.0.1:9", model=str(tiny_model), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+
+    def step(i, session, width=64, new=3):
+        return Step(id=i, session=session, first=0, last=5, hidden=encode_tensor(torch.randn(1, new, width, generator=gen)),
+                    mask=encode_tensor(torch.ones(1, new, dtype=torch.uint8)), max_length=32)
+
+    def run(frames):
+        queue = _Queue(Channel())
+        return [outcome for _, outcome in node.pool.submit(node._pass, queue, [(f, None) for f in frames]).result()]
+
+    items = [step(1, "a"), step(2, "b", width=63), step(3, "c", new=5)]
+    (msg, reply), = run([pack(Steps(id=9, items=items))])
+    answer = unpack(reply)
+    assert isinstance(answer, Results) and answer.id == 9 and [x.id for x in answer.items] == [1, 2, 3]
+    assert isinstance(answer.items[1], Error) and answer.items[1].code == "bad_input"
+    alone = [unpack(reply) for _, reply in run([pack(items[0].model_copy(update={"session": "a2"}))])]
+    alone += [unpack(reply) for _, reply in run([pack(items[2].model_copy(update={"session": "c2"}))])]
+    for merged, single in zip([answer.items[0], answer.items[2]], alone):
+        assert isinstance(merged, Result) and isinstance(single, Result)
+        torch.testing.assert_close(decode_tensor(merged.tensor), decode_tensor(single.tensor), **CLOSE)
