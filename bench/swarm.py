@@ -1,6 +1,6 @@
 """Swarm benchmark: many clients at once through coordinator + N single-thread nodes on loopback.
 
-    python bench/swarm.py [--nodes 2 4] [--clients 1 2 4 8 16] [--tokens 24] [--lines 256]
+    python bench/swarm.py [--nodes 2 4] [--clients 1 2 4 8 16] [--tokens 24] [--lines 256] [--dtype bfloat16]
 
 Creates (once, under bench/_work/) a random fp32 Bloom checkpoint (hidden 1024, 8 blocks, 16 heads),
 then for each N in --nodes starts a coordinator and N nodes splitting the blocks evenly, each node with
@@ -108,15 +108,17 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--lines", type=int, default=256)
     p.add_argument("--repeat", type=int, default=1, help="score timings: best of this many")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="what the nodes compute in (bf16: slowllm's kernels, as a Bloom node runs; float32: MKL's)")
     args = p.parse_args()
     model = WORK / f"swarm-h{HIDDEN}-l{N_LAYER}"
     if not (model / "config.json").exists():
         make_checkpoint(model, tiny_config(n_layer=N_LAYER, hidden=HIDDEN, n_head=16, vocab_size=8192, std=0.05))
-    node_args = ["--threads", "1", "--dtype", "float32"]
+    node_args = ["--threads", "1", "--dtype", args.dtype]
     texts = prompts(max(args.clients))
     lines = score_lines(args.lines)
     report: dict = {"config": {"hidden": HIDDEN, "n_layer": N_LAYER, "tokens": args.tokens, "lines": args.lines,
-                               "node_threads": 1}, "runs": {}}
+                               "node_threads": 1, "dtype": args.dtype}, "runs": {}}
 
     with LocalCluster(model, ["0-%d" % (N_LAYER - 1)], node_args=node_args) as one:
         one.client().generate([texts[0]], Sampling(max_new_tokens=2))  # warm up
@@ -140,7 +142,7 @@ def main() -> None:
                                  "score_vs_one_node": t / one_score[0], "score_max_diff": max_diff(scores, one_score[1])}
 
     for n, run in report["runs"].items():
-        print(f"\n{n} nodes ({', '.join(split(n))}), one thread each")
+        print(f"\n{n} nodes ({', '.join(split(n))}), one thread each, {args.dtype}")
         print(f"{'clients':>8} {'tok/s':>8} {'vs 1':>6} {'p50 ms':>8} {'p95 ms':>8} {'identical':>10}")
         for s, r in run["clients"].items():
             print(f"{s:>8} {r['tokens_per_s']:>8.1f} {r['vs_one_client']:>5.2f}x {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
