@@ -29,7 +29,7 @@ from slowllm.coordinator import Sampling, make_checkpoint, tiny_config
 from slowllm.coordinator._launch import LocalCluster
 from slowllm.node import Checkpoint
 from slowllm.protocol import (Backward, CloseSession, CoordinatorHandshake, Forward, Heartbeat, Job, Limits,
-                              PeerHandshake, Register, Step, Welcome, encode_tensor, pack)
+                              PeerHandshake, Register, Step, Steps, Welcome, encode_tensor, pack)
 
 WORK = Path(__file__).parent / "_work"
 SECRET = b"fuzzing-secret-0123456789abcdef"
@@ -46,7 +46,9 @@ def templates(hidden: int, fingerprint: str) -> dict[str, list[bytes]]:
             Forward(id=2, first=0, last=1, hidden=h(1, 2, hidden), mask=m(1, 2), compression="int8"),
             Backward(id=3, first=0, last=1, hidden=h(1, 2, hidden), mask=m(1, 2), grad=h(1, 2, hidden)),
             Step(id=4, session="s", first=0, last=1, hidden=h(1, 2, hidden), mask=m(1, 2)),
-            CloseSession(id=5, session="s")]
+            CloseSession(id=5, session="s"),
+            Steps(id=6, items=[Step(id=7, session="t", first=0, last=1, hidden=h(1, 1, hidden), mask=m(1, 1)),
+                               Step(id=8, session="u", first=0, last=1, hidden=h(2, 3, hidden), mask=m(2, 3))])]
     client = [Job(id=1, job="status"), Job(id=2, job="score", params={"requests": [{"context": "a", "continuation": "b"}]}),
               Job(id=3, job="generate", params={"prompts": ["a"], "max_new_tokens": 1}),
               Job(id=4, job="tune", params={"data": [{"context": "a", "continuation": "b"}], "steps": 1})]
@@ -80,7 +82,7 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
             t = obj[rng.choice(tensors)]
             t[rng.choice(["shape", "dtype", "codec", "data", "scales"])] = rng.choice(ODD)
         else:
-            obj["type"] = rng.choice(["forward", "step", "job", "result", "error", "hello", "register", "nope"])
+            obj["type"] = rng.choice(["forward", "step", "steps", "job", "result", "error", "hello", "register", "nope"])
     else:  # random msgpack
         return msgpack.packb({rng.choice(FIELDS): rng.choice(ODD) for _ in range(rng.randint(0, 5))})
     return msgpack.packb(obj, use_bin_type=True)

@@ -13,8 +13,8 @@ import torch
 import websockets
 
 from slowllm.node import Checkpoint
-from slowllm.protocol import (Backward, CloseSession, Error, Forward, Limits, PeerHandshake, Register, Result, Step,
-                              decode_tensor, encode_tensor, pack)
+from slowllm.protocol import (Backward, CloseSession, Error, Forward, Limits, PeerHandshake, Register, Result, Results,
+                              Step, Steps, decode_tensor, encode_tensor, pack)
 
 # what a lying node answers instead of the blocks' output
 LIES = {
@@ -85,7 +85,10 @@ class LyingNode:
                     if isinstance(msg, Error) and msg.code == "banned":
                         self.banned = msg.message
                         continue
-                    if isinstance(msg, (Forward, Backward, Step, CloseSession)):
+                    if isinstance(msg, Steps):  # several sessions' steps: one lie each, in one Results
+                        await ws.send(channel.seal(pack(Results(id=msg.id, items=[self._answer(m) for m in msg.items]))))
+                        self.answered += len(msg.items)
+                    elif isinstance(msg, (Forward, Backward, Step, CloseSession)):
                         await ws.send(channel.seal(pack(self._answer(msg))))
                         self.answered += 1
         except websockets.ConnectionClosed:
