@@ -585,7 +585,11 @@ class NodeServer:
         self.blocks.check_range(msg.first, msg.last)
         if msg.past is not None:
             self.sessions.truncate(msg.session, layers, msg.past)
-        past = self.sessions.past_length(msg.session, msg.first)
+        lengths = {self.sessions.past_length(msg.session, layer) for layer in layers}
+        if len(lengths) > 1:  # stepped over other blocks before: its caches cannot serve one pass
+            raise InputError(f"session {msg.session!r} holds {min(lengths)}-{max(lengths)} positions in blocks "
+                             f"{msg.first}-{msg.last}: step a session over the same blocks every time.")
+        past = lengths.pop()
         hidden, mask = self._tensors(msg, past)
         if mask.shape[1] > msg.max_length:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slowllm.node._openmp import SPIN_COUNT, ComputeThread
-from slowllm.node._server import NodeServer
+from slowllm.node._server import NodeServer, _Queue
 from slowllm.protocol import Channel, CloseSession, Error, Result, Step, encode_tensor, unpack
 
 
@@ -48,9 +48,10 @@ def test_a_node_does_all_its_torch_work_on_its_compute_thread(tiny_model, monkey
 
     async def serve() -> None:
         loop_thread = threading.current_thread().name
+        queue = _Queue(Channel())
         for frame in frames:
             node.inflight += len(frame)
-            await node._handle(frame, send, None, len(frame))
+            await node._handle(frame, send, None, len(frame), queue)
         return loop_thread
 
     loop_thread = asyncio.run(serve())
