@@ -120,11 +120,13 @@ def main() -> None:
     report: dict = {"config": {"hidden": HIDDEN, "n_layer": N_LAYER, "tokens": args.tokens, "lines": args.lines,
                                "node_threads": 1, "dtype": args.dtype}, "runs": {}}
 
-    with LocalCluster(model, ["0-%d" % (N_LAYER - 1)], node_args=node_args) as one:
+    # every client here is the same (loopback, no key) user: let it run them all at once
+    coordinator_args = ["--max-jobs-per-client", "64", "--max-jobs", "64"]
+    with LocalCluster(model, ["0-%d" % (N_LAYER - 1)], node_args=node_args, coordinator_args=coordinator_args) as one:
         one.client().generate([texts[0]], Sampling(max_new_tokens=2))  # warm up
         one_score = min(timed_score(one, lines) for _ in range(args.repeat))
     for n in args.nodes:
-        with LocalCluster(model, split(n), node_args=node_args) as cluster:
+        with LocalCluster(model, split(n), node_args=node_args, coordinator_args=coordinator_args) as cluster:
             cluster.client().generate([texts[0]], Sampling(max_new_tokens=2))
             alone = {i: cluster.client().generate([t], Sampling(max_new_tokens=args.tokens))[0]["token_ids"]
                      for i, t in enumerate(texts)}
