@@ -200,6 +200,13 @@ def describe() -> str:
     return f"slowllm's {k.isa} decode kernels" if k is not None else f"PyTorch's kernels ({_why_not})"
 
 
+def kernel_rows(kind: str) -> int | None:
+    """Up to how many rows inputs go through kernel `kind` (None: no kernels here). Within it a row's
+    result does not depend on the others in the batch (each row sums in the same order alone or batched)."""
+    k = kernels()
+    return None if k is None else MAX_ROWS[k.isa][kind]
+
+
 def usable(x: torch.Tensor, kind: str) -> bool:
     """Should this input go through kernel `kind` ("bf16", "int8", "int8_fp32"): CPU, few rows, built?"""
     if x.device.type != "cpu" or x.numel() == 0:

@@ -64,11 +64,14 @@ def merged_step_cost(parts: list[StepPart], config, itemsize: int) -> tuple[int,
 
 
 def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_tokens: int,
-               window: int | None = None) -> list[list[int]]:
+               window: int | None = None, max_rows: int = 1 << 30) -> list[list[int]]:
     """Group step indices into merged passes within the bounds; similar past lengths together (less padding).
     One session never appears twice in a group (its second step needs the first one's keys). With a
     sliding window (Mistral counts slots), parts with fewer new positions than others would see their past
-    one padding slot further away per missing position: beyond the window they merge only with equals."""
+    one padding slot further away per missing position: beyond the window they merge only with equals.
+    `max_rows`: the rows up to which the node's linear kernels give each row what it gets alone (bf16
+    and int8 decode kernels); a bigger batch would switch to PyTorch's GEMM, whose rounding depends on the
+    batch, and greedy tokens could differ from the request alone."""
     order = sorted(range(len(parts)), key=lambda i: (parts[i].past, parts[i].new))
     groups: list[list[int]] = []
     for i in order:
@@ -77,7 +80,8 @@ def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_to
             tokens, scores, view = merged_step_cost(trial, config, itemsize)
             longest = max(p.past for p in trial) + max(p.new for p in trial)
             shifted = window is not None and longest > window and len({p.new for p in trial}) > 1
-            if (parts[i].session not in {parts[j].session for j in group} and not shifted
+            rows = sum(p.rows for p in trial)
+            if (parts[i].session not in {parts[j].session for j in group} and not shifted and rows <= max_rows
                     and tokens <= max_tokens and scores <= budget and view <= budget):
                 group.append(i)
                 break

@@ -39,7 +39,7 @@ from ._blocks import DEFAULT_SCORE_BUDGET, BlockCache, block_nbytes
 from ._checkpoint import Checkpoint
 from ._families import family_of, kv_width
 from ._resident import ResidentBlocks
-from ._kernels import cpu_supported, describe, kernels
+from ._kernels import cpu_supported, describe, kernel_rows, kernels
 from ._merge import StepPart, plan_forwards, plan_steps, run_merged_forwards, run_merged_steps
 from ._memory import NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need, steady_allocator
 from ._openmp import ComputeThread
@@ -530,12 +530,26 @@ class NodeServer:
         for (first, last), entries in steps.items():
             parts = [p for _, p in entries]
             for group in plan_steps(parts, self.blocks.config, self.dtype.itemsize, self.score_budget,
-                                    self.limits.max_batch_tokens, window):
+                                    self.limits.max_batch_tokens, window, self._merge_rows()):
                 self._answer_together([entries[i][0] for i in group],
                                       lambda g=group: run_merged_steps(self.blocks, [parts[i] for i in g], first, last))
         if forwards:
             self._answer_together(forwards, lambda: run_merged_forwards(
                 self.blocks, [w.inputs for w in forwards], forwards[0].msg.first, forwards[0].msg.last))
+
+    def _merge_rows(self) -> int:
+        """The most rows one merged decode pass may hold: where the node's CPU kernels run the linears
+        (bf16, int8), as many as they take (batch invariant: every session gets its tokens as alone);
+        otherwise no limit beyond tokens and memory (fp32 through MKL differs in the last bits only)."""
+        if self.device != "cpu" or not cpu_supported():
+            return 1 << 30
+        if self.blocks.checkpoint.int8:
+            kind = "int8" if self.dtype == torch.bfloat16 else "int8_fp32"
+        elif self.dtype == torch.bfloat16:
+            kind = "bf16"
+        else:
+            return 1 << 30
+        return kernel_rows(kind) or 1 << 30
 
     @staticmethod
     def _answer_together(works: list[_Work], run) -> None:
