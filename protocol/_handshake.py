@@ -4,10 +4,12 @@ coordinator all drive.
     peer -> coordinator   Hello(version, role, name, peer nonce)
     coordinator -> peer   Challenge(coordinator nonce, fingerprint, n_layer, auth_required)
     peer -> coordinator   Auth(peer proof)              HMAC(key, "peer" | transcript)
-    coordinator -> peer   Welcome(coordinator proof)    HMAC(key, "coordinator" | transcript)
+    coordinator -> peer   Welcome(info, coordinator proof)  HMAC(key, "coordinator" | transcript | info)
 
 The transcript holds the protocol version, the role, both nonces, the fingerprint and the block count, so
-a proof is good for one connection only and neither side can be replayed. The peer proves first so that
+a proof is good for one connection only and neither side can be replayed. The coordinator's proof also
+covers the Welcome's `info` (the model a node should load, the message size it may send): a relay that
+rewrites any of it breaks the proof, so nothing a node acts on comes unauthenticated. The peer proves first so that
 the coordinator can find which key it holds (a user's client key, or the node secret) without the peer
 naming it; the coordinator then proves the same key, so an impostor without it fails at the Welcome.
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import hmac
 import os
+
+import msgpack
 import struct
 import threading
 
@@ -47,6 +51,12 @@ def _mac(key: bytes, label: bytes, data: bytes) -> bytes:
 def _transcript(role: str, peer_nonce: bytes, coordinator_nonce: bytes, fingerprint: str, n_layer: int) -> bytes:
     return b"|".join([b"slowllm", str(PROTOCOL_VERSION).encode(), role.encode(), peer_nonce, coordinator_nonce,
                       fingerprint.encode(), str(n_layer).encode()])
+
+
+def _info_bytes(info: dict) -> bytes:
+    """The Welcome's info as both sides hash it: msgpack of the dict as it travels (the peer re-packs what it
+    unpacked; msgpack keeps key order and round-trips these types exactly)."""
+    return msgpack.packb(msgpack.unpackb(msgpack.packb(info, use_bin_type=True), raw=False), use_bin_type=True)
 
 
 def printable(text: object, limit: int = 300) -> str:
@@ -190,9 +200,10 @@ class PeerHandshake(_Handshake):
         if not isinstance(msg, Welcome):
             raise ProtocolError(f"expected a welcome, got {msg.type!r}.")
         if self.secret is not None:
-            if not hmac.compare_digest(msg.proof, _mac(self.secret, b"coordinator", self._transcript)):
-                raise AuthError("the coordinator could not prove it holds the secret: an impostor, or a relay; "
-                                "not connecting.")
+            proof = _mac(self.secret, b"coordinator", self._transcript + b"|" + _info_bytes(msg.info))
+            if not hmac.compare_digest(msg.proof, proof):
+                raise AuthError("the coordinator could not prove it holds the secret, or what it said on the way "
+                                "was altered: an impostor, or a relay; not connecting.")
             up, down = _session_keys(self.secret, self._transcript)
             self.channel = Channel(send_key=up, recv_key=down)
         else:
@@ -254,4 +265,5 @@ class CoordinatorHandshake(_Handshake):
         up, down = _session_keys(self.key, self._transcript)
         self.channel = Channel(send_key=down, recv_key=up)
         self.state = "done"
-        return pack(Welcome(info=info, proof=_mac(self.key, b"coordinator", self._transcript)))
+        proof = _mac(self.key, b"coordinator", self._transcript + b"|" + _info_bytes(info))
+        return pack(Welcome(info=info, proof=proof))
