@@ -138,6 +138,20 @@ class Checkpoint:
         self._files[name] = local
         return local
 
+    def local_file(self, name: str) -> Path | None:
+        """A checkpoint file's local path when it is here (a local copy, or the hub cache); never downloads."""
+        if name in self._files:
+            return self._files[name]
+        if not self._hub:
+            local = self.path / name
+            return local if local.is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.model_id, name, revision=self.revision, local_files_only=True))
+        except Exception:
+            return None
+
     def _exists(self, name: str) -> bool:
         if not self._hub:
             return (self.path / name).is_file()
