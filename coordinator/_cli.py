@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N", help="most tokens one request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=16384, metavar="N",
                    help="longest prompt one request may send (a longer one is a 400, not minutes of work)")
+    p.add_argument("--max-request-bytes", type=int, metavar="N",
+                   help="largest request body (default: what the longest prompt needs, JSON-escaped; a larger "
+                        "one is a 413, never read beyond the limit)")
     p.add_argument("--draft-model", metavar="MODEL", help="speculative decoding with this draft (see generate)")
     p.add_argument("--draft-tokens", type=int, metavar="K", help="most tokens drafted per pass (default 4)")
     _add_backend(p)

@@ -39,6 +39,8 @@ from ._detokenize import StopText
 from ._ends import ModelEnds
 from ._generate import Continuation, Generation
 from ._options import Sampling
+from ._http_guard import RequestGuard, check_prompt_chars, longest_token_chars
+from ._http_guard import max_request_bytes as default_request_bytes
 from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRequest, chat_logprobs,
                       completion_logprobs, model_chat_template, prompt_rows, render_chat)
 
@@ -72,6 +74,11 @@ class ApiBackend(Protocol):
 
     def user(self, token: str | None) -> str | None:
         """The user a bearer token belongs to; "" when no key is needed; None when refused."""
+
+    def warnings_since(self, started: float) -> list[str]:
+        """What a response begun at `started` (time.time()) must warn of: nodes that served this API and
+        were banned since (their answers may be wrong)."""
+        return []
 
 
 @dataclasses.dataclass
@@ -194,9 +201,14 @@ MAX_ROWS = 256  # prompts x n in one request
 
 def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_template: str | None = None,
              window: float = 0.05, max_pending: int = 256, max_prompt_tokens: int = 16384,
-             compute: ComputeThread | None = None) -> FastAPI:
+             max_request_bytes: int | None = None, compute: ComputeThread | None = None) -> FastAPI:
     app = FastAPI(title="slowllm", docs_url=None, redoc_url=None, openapi_url=None)
     ends = backend.ends
+    # checked before any work (`_http_guard`): the key before the body, the body's size, a prompt's characters
+    token_chars = longest_token_chars(ends.tokenizer)
+    max_chars = max_prompt_tokens * token_chars
+    app.add_middleware(RequestGuard, user=backend.user,
+                       max_bytes=max_request_bytes or default_request_bytes(max_prompt_tokens, token_chars))
     # --chat-template, else the checkpoint's own (a Llama instruct model's tokenizer_config.json has one),
     # else the Bloomz-style default
     template = chat_template or model_chat_template(ends) or DEFAULT_CHAT_TEMPLATE
@@ -340,6 +352,10 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         completion = sum(len(r["token_ids"]) for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def warned(started: float) -> dict:
+        warnings = backend.warnings_since(started)
+        return {"warnings": warnings} if warnings else {}
+
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -350,6 +366,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         def on_event(choice, piece, token, entry):
             events.put_nowait((choice, piece, token, entry))
 
+        started = time.time()
         task = asyncio.ensure_future(submit(request, rows, sampling, soft_name, choices, on_event))
         try:
             while not (task.done() and events.empty()):
@@ -368,6 +385,9 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                 yield sse(tail(i, choice.finish(), _finish("stop" if choice.hit else r["finish_reason"])))
             if include_usage:
                 yield sse({**chunk(0, "", None, None), "choices": [], "usage": usage(prompts, results)})
+            warnings = backend.warnings_since(started)
+            if warnings:
+                yield sse({**chunk(0, "", None, None), "choices": [], "warnings": warnings})
             yield "data: [DONE]\n\n"
         finally:
             task.cancel()
@@ -375,7 +395,9 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         user = check(request, req.model)
-        prompts = prompt_rows(req.prompt, ends)
+        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+        check_prompt_chars(texts, max_chars)
+        prompts = await asyncio.to_thread(prompt_rows, req.prompt, ends)  # (tokenizing: off the event loop)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if max_tokens == 0 and not req.echo:
             raise ApiError(400, "max_tokens 0 needs echo: true (scoring the prompt).", param="max_tokens")
@@ -407,6 +429,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
             if req.echo:
                 gen = _prefixed(gen, [sse(tail(i, c.prefix, None)) for i, c in enumerate(choices)])
             return held(gen, hold(request, user, "completions"))
+        started = time.time()
         try:
             with hold(request, user, "completions"):
                 results = await submit(request, rows, sampling, req.soft_prompt, choices)
@@ -427,12 +450,14 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
                 else:
                     lp = completion_logprobs(ends, kept, entries, 0)
             out.append({"index": i, "text": prompt_text + text, "logprobs": lp, "finish_reason": reason})
-        return {**head, "choices": out, "usage": usage(prompts, results)}
+        return {**head, "choices": out, "usage": usage(prompts, results), **warned(started)}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         user = check(request, req.model)
-        ids = ends.encode_prompt(render_chat(req.messages, template, ends))
+        text = render_chat(req.messages, template, ends)
+        check_prompt_chars([text], max_chars)
+        ids = await asyncio.to_thread(ends.encode_prompt, text)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(512, backend.max_new_tokens)
         if max_tokens < 1:
             raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
@@ -456,6 +481,7 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
         if req.stream:
             return held(stream(request, [ids], rows, sampling, req.soft_prompt, choices, chunk, tail,
                                bool((req.stream_options or {}).get("include_usage"))), hold(request, user, "chat"))
+        started = time.time()
         try:
             with hold(request, user, "chat"):
                 results = await submit(request, rows, sampling, req.soft_prompt, choices)
@@ -468,7 +494,8 @@ def make_app(backend: ApiBackend, *, soft_prompts: str | None = None, chat_templ
             lp = chat_logprobs(ends, r["token_ids"], r["logprobs"]) if top is not None else None
             out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                         "finish_reason": _finish("stop" if c.hit else r["finish_reason"])})
-        return {**head, "object": "chat.completion", "choices": out, "usage": usage([ids], results)}
+        return {**head, "object": "chat.completion", "choices": out, "usage": usage([ids], results),
+                **warned(started)}
 
     return app
 

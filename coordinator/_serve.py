@@ -51,6 +51,9 @@ class LocalBackend:
     def soft_prompt(self, path: Path) -> torch.Tensor:
         return self.runner.soft_prompt(path)
 
+    def warnings_since(self, started: float) -> list[str]:
+        return []  # one process: no node to ban
+
     def missing(self) -> list[int]:
         return []
 
@@ -75,6 +78,8 @@ def serve(args) -> int:
                          "or --insecure if this network is trusted.")
     if args.max_new_tokens < 1 or args.max_prompt_tokens < 1:
         raise InputError("--max-new-tokens and --max-prompt-tokens must be at least 1.")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1024:
+        raise InputError("--max-request-bytes must be at least 1024.")
     template = None
     if args.chat_template:
         try:
@@ -91,7 +96,7 @@ def serve(args) -> int:
     runner = compute.submit(_backend, args).result()
     backend = LocalBackend(runner, served_name(args.model, args.served_model_name), args.api_keys, args.max_new_tokens)
     app = make_app(backend, soft_prompts=args.soft_prompts, chat_template=template,
-                   max_prompt_tokens=args.max_prompt_tokens, compute=compute)
+                   max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes, compute=compute)
     http = server(app, args.host, args.port)
 
     def announce():  # once uvicorn listens (port 0 picks one): the line scripts wait for
@@ -141,6 +146,11 @@ class SwarmBackend:
 
     def missing(self) -> list[int]:
         return self.coordinator.router.missing()
+
+    def warnings_since(self, started: float) -> list[str]:
+        return [f"node {name} that served this API was banned ({reason}): this answer may be wrong; ask again"
+                for when, node, name, reason in self.coordinator.router.ban_events
+                if when >= started and node in self.chain.served_by]
 
     def admitted(self, user: str, kind: str):
         return self.coordinator.admission.job(user, kind, via="http")  # counted with the WebSocket jobs

@@ -8,7 +8,7 @@ import ssl
 import sys
 
 from slowllm.node._openmp import share_cores
-from slowllm.protocol._errors import SlowllmError
+from slowllm.protocol._errors import InputError, SlowllmError
 
 EXAMPLES = """examples:
   openssl rand -hex 32 > secret.txt
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-prompts", metavar="DIR",
                    help="soft prompts HTTP requests may name (\"soft_prompt\": \"NAME\" uses DIR/NAME.safetensors)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja2 template of /v1/chat/completions prompts")
+    p.add_argument("--max-prompt-tokens", type=int, default=16384, metavar="N",
+                   help="longest prompt one HTTP request may send (a longer one is a 400, not minutes of work)")
+    p.add_argument("--max-request-bytes", type=int, metavar="N",
+                   help="largest HTTP request body (default: what the longest prompt needs; larger: 413)")
     p.add_argument("--certfile", help="TLS certificate (serve wss://)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.host, args.port, "--port")
         if args.http_port:
             check_port(args.host, args.http_port, "--http-port")
+        if args.max_prompt_tokens < 1 or (args.max_request_bytes is not None and args.max_request_bytes < 1024):
+            raise InputError("--max-prompt-tokens must be at least 1 and --max-request-bytes at least 1024.")
         from slowllm.node._aio import run
         from slowllm.protocol import read_secret
 
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                   public_status=args.public_status, verify=args.verify,
                                   draft_model=args.draft_model, draft_tokens=args.draft_tokens,
                                   http_port=args.http_port, soft_prompts=args.soft_prompts,
-                                  chat_template=_read(args.chat_template))
+                                  chat_template=_read(args.chat_template), max_prompt_tokens=args.max_prompt_tokens,
+                                  max_request_bytes=args.max_request_bytes)
         run(coordinator.serve())
     except SlowllmError as e:
         print(f"slowllm-coordinator: error: {e}", file=sys.stderr)
