@@ -37,7 +37,7 @@ from slowllm.protocol import (AuthError, Backward, CloseSession, Error, Forward,
 
 from ._chain import Chain, ChainSession
 from ._router import OUTBOX_STEP_BYTES
-from ._verify import Referee, agree, tolerance
+from ._verify import Referee, agree, referee_tolerance, tolerance
 
 if TYPE_CHECKING:
     from ._router import NodeLink, Router
@@ -86,6 +86,7 @@ class RemoteChain(Chain):
         self.router, self.limits, self.hidden_size = router, limits, hidden_size
         self.job = job  # tags this chain's requests: nodes share their passes round robin between tags
         self.stepper = stepper  # the coordinator's stepping loop, which every generation's steps go through
+        self.served_by: set = set()  # nodes whose answers this chain used (told when one is banned later)
         self.referee = referee  # decides disputes under --verify (None: disputes ban nobody)
         self.rng = random.Random()
         self._local = threading.local()  # marks the threads that run verification re-runs
@@ -199,6 +200,7 @@ class RemoteChain(Chain):
                                    f"{list(expect) if expect else 'none'}")
         if not torch.isfinite(tensor).all():
             raise self._lied(node, "sent non-finite values")
+        self.served_by.add(node)
         return tensor.float()
 
     def _checking(self) -> bool:
@@ -214,16 +216,22 @@ class RemoteChain(Chain):
 
     def _verified(self, node: "NodeLink", a: int, b: int, primary, mask: torch.Tensor, again,
                   truth) -> torch.Tensor:
-        """`primary()`, the hop's answer from `node` for blocks a..b; with probability --verify, checked by
-        re-running the hop elsewhere at the same time (the check costs compute, not latency).
+        """`primary()`, the hop's answer from `node` for blocks a..b, checked:
 
-        `again(exclude)` re-runs the hop statelessly on other nodes (one covering a..b, or a route of
-        several) and returns (answer, nodes used); `truth(dtype)` computes it at the coordinator, with the
-        arithmetic of the node judged. On a
-        disagreement the coordinator's computation decides and bans the node(s) proven wrong; the hop's
-        result is an answer that computation confirms, so with --verify 1 a lying node never changes any
-        output.
+        - a node the coordinator has never checked itself (on probation) has its hop recomputed by the
+          referee (`truth(dtype, int8)`: the span computed at the coordinator with the arithmetic the node
+          declares), once: a node that lies from its first hop is banned and its answer never used;
+        - otherwise, with probability --verify, re-run elsewhere at the same time (`again(exclude)`: one
+          node covering a..b or a route of several; the check costs compute, not latency). On a
+          disagreement the referee decides and bans whoever is wrong; when they agree, the referee still
+          recomputes a --verify fraction of those hops (and every hop where a checker is on probation),
+          so two nodes that tell the same lie are caught too.
+        The hop's result is an answer the referee confirmed when it judged: a lying node never changes
+        the output of a hop it judged.
         """
+        judge = self.referee is not None and self.router.verify > 0 and not self._checking()
+        if judge and node.refereed == 0:
+            return self._judge(node, a, b, primary(), mask, truth)
         pending = None
         if not self._checking() and self.router.verify > 0 and self.rng.random() < self.router.verify:
             # checked by healthy nodes only: a node being avoided (it failed or timed out lately) would
@@ -249,33 +257,33 @@ class RemoteChain(Chain):
             self.router.record_verification(None, agreed=None)
             return out
         check, others = rerun
-        if agree(out, check, mask, tolerance(node.precision, *(x.precision for x in others))):
-            self.router.record_verification(node, agreed=True)
+        agreed = agree(out, check, mask, tolerance(node.precision, *(x.precision for x in others)))
+        self.router.record_verification(node, agreed=agreed)
+        if not judge:
             return out
-        self.router.record_verification(node, agreed=False)
-        if self.referee is None:
+        if agreed and all(x.refereed for x in others) and self.rng.random() >= self.router.verify:
             return out
-        references: dict[str, torch.Tensor] = {}
+        if agreed:
+            self.router.record_collusion_check()
+        answer = self._judge(node, a, b, out, mask, truth)
+        if len(others) == 1:  # (a re-run over several nodes is wrong somewhere: each is judged as a primary)
+            self._judge(others[0], a, b, check, mask, truth)
+        return answer
 
-        def reference(dtype: str) -> torch.Tensor:  # the span computed as a node computing in `dtype` would
-            if dtype not in references:
-                references[dtype] = truth(dtype)
-            return references[dtype]
-
+    def _judge(self, node: "NodeLink", a: int, b: int, out: torch.Tensor, mask: torch.Tensor, truth) -> torch.Tensor:
+        """The referee's verdict on `node`'s answer for blocks a..b: the answer when it is right (the node
+        counts as checked), else the node is banned and the referee's own computation is the answer."""
+        int8 = node.quantization == "int8"
+        reference = truth(node.dtype, int8)
+        if reference is None:  # (a session too long to recompute in one request: judged at a later hop)
+            return out
+        own = ["int8"] if self.referee.checkpoint.int8 and not int8 else []  # cannot reproduce its arithmetic
+        if agree(out, reference, mask, referee_tolerance(node.dtype, *own)):
+            self.router.record_refereed(node)
+            return out
         why = f"its answer for blocks {a}-{b} disagreed with the coordinator's own computation"
-        check_dtypes = {x.dtype for x in others}
-        check_dtype = check_dtypes.pop() if len(check_dtypes) == 1 else "float32"
-        right = []
-        own = ["int8"] if self.referee.checkpoint.int8 else []  # the referee's own weights may be int8 too
-        if agree(out, reference(node.dtype), mask, tolerance(node.precision, *own)):
-            right.append(out)
-        else:
-            self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
-        if agree(check, reference(check_dtype), mask, tolerance(*(x.precision for x in others), *own)):
-            right.append(check)
-        elif len(others) == 1:  # (a re-run over several nodes is wrong somewhere: each is checked as a primary)
-            self.router.loop.call_soon_threadsafe(self.router.ban, others[0], why)
-        return right[0] if right else reference("float32")
+        self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
+        return reference
 
     def _with_failover(self, first: int, last: int, exclude: set, run):
         """Route from block `first` towards `last` and `run(node, a, b)` on the first span; when its node
@@ -308,7 +316,7 @@ class RemoteChain(Chain):
                         compression=self.compression, job=self.job), tuple(h.shape), b - a + 1)
                 return self._verified(node, a, b, primary, mask,
                                       lambda skip: self._rerun_forward(a, b, h, mask, skip),
-                                      lambda dtype: self.referee.forward(a, b, h, mask, dtype))
+                                      lambda dtype, int8: self.referee.forward(a, b, h, mask, dtype, int8))
             node, a, b, out = self._with_failover(block, last, exclude, run)
             if nodes is not None:
                 nodes.append(node)
@@ -337,7 +345,7 @@ class RemoteChain(Chain):
                 return out
             return self._verified(node, a, b, primary, mask,
                                   lambda skip: self._rerun_backward(a, b, hidden, mask, grad, skip),
-                                  lambda dtype: self.referee.backward(a, b, hidden, mask, grad, dtype))
+                                  lambda dtype, int8: self.referee.backward(a, b, hidden, mask, grad, dtype, int8))
 
         try:
             return self._with_failover(first, last, set(avoid), run)[3]
@@ -509,7 +517,8 @@ class RemoteSession(ChainSession):
             return check[:, -new:], used
 
         return chain._verified(node, a, b, primary, mask, again,
-                               lambda dtype: chain.referee.forward(a, b, history(), mask, dtype)[:, -new:])
+                               lambda dtype, int8: None if (h := history()) is None else
+                               chain.referee.forward(a, b, h, mask, dtype, int8)[:, -new:])
 
     def _replace(self, index: int, failed: "NodeLink") -> torch.Tensor:
         """Rebuild span `index` on other nodes by replaying its inputs; returns the latest step's output."""

@@ -9,6 +9,7 @@ behind one lock. `RemoteChain` sees only this narrow interface, never the coordi
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import itertools
 import threading
@@ -52,6 +53,22 @@ class BatchReply:
             return self._msg
 
 
+JOB_MEMORY_S = 3600.0  # jobs are told of (and /status lists) bans of nodes that served them this long after
+
+
+@dataclass(eq=False)
+class TrackedJob:
+    """A job as the router remembers it for ban notices."""
+
+    number: int
+    client: str
+    kind: str
+    chain: object  # its RemoteChain (`served_by`)
+    notify: object = None  # tells the client while the job runs
+    ended: float = 0.0
+    warnings: list = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class NodeLink:
     """A registered node and its in-flight requests (futures resolved with the reply's raw frame).
@@ -80,8 +97,10 @@ class NodeLink:
     address: str = ""
     routed: int = 0  # times the router chose it (its share of traffic is kept proportional to its reach)
     verified: int = 0  # of its hops re-run on another node and found equal
+    refereed: int = 0  # of its hops the coordinator recomputed itself and found right (0: on probation)
     banned: str = ""  # why it was banned ("" while trusted)
     quantization: str = "none"  # "int8": its weights are an int8 copy (declared at registration)
+    weights_proven: bool = True  # its digests matched every block (False: some block could not be checked here)
     queue: int = 0  # its requests waiting for compute (heartbeat)
     batch: float = 0.0  # requests per pass, recent mean (heartbeat)
     rows: float = 0.0  # rows per pass, recent mean (heartbeat)
@@ -221,8 +240,13 @@ class Router:
         self.verified_hops = 0  # hops re-run on another node
         self.disagreements = 0  # of which the two nodes disagreed (and the coordinator decided)
         self.unverifiable_hops = 0  # picked for verification, but no second node covered the span
+        self.refereed_hops = 0  # hops the coordinator recomputed itself (probation, disputes, collusion checks)
+        self.collusion_checks = 0  # of which the two nodes had agreed
         self.banned: list[dict] = []  # nodes proven wrong: status entries, kept for the coordinator's lifetime
         self._banned_names: set[str] = set()
+        self._jobs: collections.deque = collections.deque()  # recent jobs: whom to tell when a node is banned
+        self.tainted: list[dict] = []  # jobs a node banned later had served: /status.json
+        self.ban_events: list[tuple] = []  # (time, node, name, reason) of each ban (the HTTP API's warnings)
         self._banned_addresses: set[str] = set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -252,6 +276,8 @@ class Router:
         if link.address:
             self._banned_addresses.add(link.address)
         self.remove(link)  # (disconnected: its entry shows no load, sessions or uptime)
+        self.ban_events.append((time.time(), link, link.name, reason))
+        self._tell_jobs(link, reason)
         with self._lock:
             self.banned.append(_entry(link, sessions=0))
         self._coverage_changed.set()
@@ -264,6 +290,28 @@ class Router:
                 pass
 
         asyncio.ensure_future(tell())
+
+    def track(self, job: "TrackedJob") -> None:
+        """A job whose clients are told if a node that served it is banned within the hour."""
+        with self._lock:
+            self._jobs.append(job)
+            while self._jobs and self._jobs[0].ended and time.time() - self._jobs[0].ended > JOB_MEMORY_S:
+                self._jobs.popleft()
+
+    def _tell_jobs(self, link: NodeLink, reason: str) -> None:
+        with self._lock:
+            hit = [j for j in self._jobs if link in j.chain.served_by
+                   and (not j.ended or time.time() - j.ended <= JOB_MEMORY_S)]
+            for j in hit:
+                self.tainted.append({"job": j.number, "client": j.client, "kind": j.kind, "node": link.name,
+                                     "finished": bool(j.ended)})
+            del self.tainted[:-1000]
+        for j in hit:
+            if not j.ended and j.notify is not None:
+                j.notify(f"node {link.name} that computed part of this job was banned ({reason}): results received "
+                         "so far may be wrong; run the job again")
+            j.warnings.append(f"node {link.name} that computed part of this job was banned: its results may be "
+                              "wrong; run it again")
 
     # ---- shared with worker threads (locked) --------------------------------------------------------
     def record_failover(self) -> None:
@@ -285,6 +333,29 @@ class Router:
     def sessions(self) -> list:
         with self._lock:
             return list(self._sessions)
+
+    def record_refereed(self, node: NodeLink) -> None:
+        with self._lock:
+            node.refereed += 1
+            self.refereed_hops += 1
+
+    def record_collusion_check(self) -> None:
+        with self._lock:
+            self.collusion_checks += 1
+
+    def unrefereed_spans(self) -> list[list[int]]:
+        """Block ranges that only nodes never checked against the coordinator's own computation cover."""
+        spans, start = [], None
+        nodes = self.nodes
+        for b in range(self.n_layer + 1):
+            holders = [x for x in nodes if x.first <= b <= x.last] if b < self.n_layer else []
+            unchecked = bool(holders) and not any(x.refereed for x in holders)
+            if unchecked and start is None:
+                start = b
+            if not unchecked and start is not None:
+                spans.append([start, b - 1])
+                start = None
+        return spans
 
     def record_verification(self, node: NodeLink | None, *, agreed: bool | None) -> None:
         """agreed None: no second node covered the span."""
@@ -402,11 +473,12 @@ def _entry(x: NodeLink, sessions: int) -> dict:
     """A node's line on /status.json (a banned node keeps its last one, disconnected)."""
     live = x.connected
     return {"name": x.name, "layers": [x.first, x.last], "device": x.device, "dtype": x.dtype,
-            "quantization": x.quantization,
+            "quantization": x.quantization, "weights_proven": x.weights_proven,
             "speed": round(x.speed, 1), "load": x.load + x.assigned if live else 0, "sessions": sessions,
             "queue": x.queue if live else 0, "batch": x.batch if live else 0.0, "rows_per_pass": x.rows if live else 0.0,
             "steps_per_message": round(x.steps_sent / x.step_messages, 2) if x.step_messages else 0.0,
             "node_sessions": x.sessions if live else 0, "failures": x.failures, "verified_hops": x.verified,
+            "refereed_hops": x.refereed,
             "connected_for_s": round(time.time() - x.since, 1) if live else 0.0,
             "banned": bool(x.banned), "reason": x.banned}
 
