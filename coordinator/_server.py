@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import base64
 import json
 import logging
@@ -36,7 +37,7 @@ from ._ends import ModelEnds
 from ._options import Sampling
 from ._keys import KeyRing, is_loopback
 from ._remote import RemoteChain
-from ._router import NodeLink, Router
+from ._router import NodeLink, Router, TrackedJob
 from ._runner import Runner
 from ._scheduler import Stepper
 from ._softprompt import check_soft_prompt
@@ -58,7 +59,8 @@ class Coordinator:
                  request_timeout: float = 120.0, max_jobs_per_client: int = 8, max_jobs: int = 32,
                  max_new_tokens: int = 4096, client_keys: str | None = None, public_status: bool = False,
                  verify: float = 0.05, draft_model: str | None = None, draft_tokens: int = 4,
-                 http_port: int | None = None, soft_prompts: str | None = None, chat_template: str | None = None):
+                 http_port: int | None = None, soft_prompts: str | None = None, chat_template: str | None = None,
+                 max_prompt_tokens: int = 16384, max_request_bytes: int | None = None):
         self.checkpoint = Checkpoint(model)
         self.model = model
         self.fingerprint = self.checkpoint.fingerprint()
@@ -75,14 +77,21 @@ class Coordinator:
         self.max_jobs_per_client, self.max_jobs, self.max_new_tokens = max_jobs_per_client, max_jobs, max_new_tokens
         self.router = Router(self.checkpoint.n_layer, wait_for_nodes=wait_for_nodes, request_timeout=request_timeout)
         self.stepper = Stepper()  # every generation's steps, from every client, advance in its waves
+        self._job_numbers = itertools.count(1)
         self.router.verify = verify
         self.referee = Referee(self.checkpoint)
+        if verify > 0:  # the referee checks each node's first hop: import its blocks' code (~3 s) now, aside
+            threading.Thread(target=_import_blocks, daemon=True, name="slowllm-import").start()
         self.jobs = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="slowllm-job")
+        # hashing blocks to check nodes' weight digests: one at a time (each reads a block from disk)
+        self.digests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slowllm-digests")
         # admission state: the event loop's alone (changed only in `_run_job`)
         self.admission = Admission(max_jobs, max_jobs_per_client)  # the WebSocket jobs' and the HTTP API's
         self.clients: dict = {}  # client connection -> (user, key), to close those whose key is revoked
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.http_port, self.http_options = http_port, {"soft_prompts": soft_prompts, "chat_template": chat_template}
+        self.http_port = http_port
+        self.http_options = {"soft_prompts": soft_prompts, "chat_template": chat_template,
+                             "max_prompt_tokens": max_prompt_tokens, "max_request_bytes": max_request_bytes}
 
     # ---- serving -------------------------------------------------------------------------------
     async def serve(self, ready=None) -> None:
@@ -101,6 +110,7 @@ class Coordinator:
             self.port = port
             if self.http_port is not None:  # listening before "ready": whoever waits for that line may use it
                 await self._serve_http()
+            self._key_watcher = asyncio.ensure_future(self._watch_keys())  # (referenced: never collected)
             scheme = "wss" if self.ssl else "ws"
             http = "https" if self.ssl else "http"
             print(f"slowllm coordinator ready at {scheme}://{self.host}:{port} (model {self.model}, "
@@ -155,6 +165,17 @@ class Coordinator:
             self._close_revoked()
         return self.keys.keys(role)
 
+    async def _watch_keys(self, every: float = 2.0) -> None:
+        """Re-read --client-keys when the file changes (a `stat` every 2 s), not only at the next handshake:
+        a revoked user's open connection is closed within seconds of the edit."""
+        while self.keys.path is not None:
+            await asyncio.sleep(every)
+            try:
+                if self.keys.maybe_reload():
+                    self._close_revoked()
+            except Exception as e:  # a file being rewritten: the next look will do
+                log.warning("--client-keys could not be re-read: %s", e)
+
     def reload_keys(self) -> None:
         """SIGHUP: read --client-keys again and close the connections of revoked keys."""
         self.keys.reload()
@@ -202,6 +223,26 @@ class Coordinator:
         except (websockets.ConnectionClosed, asyncio.TimeoutError):
             pass
 
+    async def _check_digests(self, name: str, reg: Register) -> bool:
+        """The node's per-block weight digests against this checkpoint's (`node/_digests.py`, cached; hashed
+        off the event loop the first time). A differing block is refused; False when some block cannot be
+        checked here (its files are not local: a hub id this coordinator never downloaded)."""
+        from slowllm.node._digests import block_digests
+
+        layers = range(reg.first, reg.last + 1)
+        if len(reg.digests) != len(layers):
+            raise SlowllmError(f"node {name} sent {len(reg.digests)} weight digests for {len(layers)} blocks: "
+                               "upgrade slowllm on the node.", code="bad_checkpoint")
+        refs = await asyncio.get_running_loop().run_in_executor(
+            self.digests, lambda: block_digests(self.checkpoint, layers, reg.quantization == "int8", local_only=True))
+        for layer, theirs, ours in zip(layers, reg.digests, refs):
+            if ours is not None and theirs != ours:
+                what = "an int8 copy made by `slowllm quantize` from" if reg.quantization == "int8" else "a copy of"
+                raise SlowllmError(f"node {name}'s weights differ from the coordinator's from block {layer} on (another "
+                                   f"fine-tune, seed or a damaged copy): start it with {what} the coordinator's "
+                                   "model.", code="bad_checkpoint")
+        return None not in refs
+
     async def _node(self, ws, hs) -> None:
         channel, address = hs.channel, _peer(ws)
         reg = channel.unpack(await asyncio.wait_for(ws.recv(), 600), self.limits)  # a node may first load its blocks
@@ -222,8 +263,10 @@ class Coordinator:
         if self.router.is_banned(name, address):
             raise SlowllmError(f"node {name} was banned by this coordinator (it returned wrong results); fix or "
                                "replace it, and ask the coordinator's operator to restart it.", code="banned")
+        proven = await self._check_digests(name, reg)
         link = NodeLink(ws, name, reg.first, reg.last, printable(reg.device, 32), printable(reg.dtype, 32),
-                        reg.speed, channel=channel, address=address, quantization=reg.quantization)
+                        reg.speed, channel=channel, address=address, quantization=reg.quantization,
+                        weights_proven=proven)
         await ws.send(channel.pack(Welcome(info={"registered": [reg.first, reg.last]})))
         self.router.add(link)
         nodes_log.info("node %s joined from %s: blocks %s, %s/%s%s", link.name, address, format_span(link.first, link.last),
@@ -318,6 +361,14 @@ class Coordinator:
                             notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee,
                             job=job_tag(client), stepper=self.stepper)
         runner = Runner(self.checkpoint, self.ends, chain, self.draft)
+        tracked = TrackedJob(next(self._job_numbers), client, job.job, chain, lambda text: emit({"notice": text}))
+        self.router.track(tracked)
+        try:
+            return self._job_with(job, p, runner, chain, emit)
+        finally:
+            tracked.ended = time.time()
+
+    def _job_with(self, job: Job, p: dict, runner, chain, emit) -> dict:
         soft = self._soft_prompt(p.get("soft_prompt"))
         if job.job == "generate":
             sampling = _options(Sampling, p, "max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -390,6 +441,9 @@ class Coordinator:
             "verify": self.router.verify, "verified_hops": self.router.verified_hops,
             "disagreements": self.router.disagreements, "unverifiable_hops": self.router.unverifiable_hops,
             "unverified_spans": self.router.unverified_spans(),
+            "refereed_hops": self.router.refereed_hops, "collusion_checks": self.router.collusion_checks,
+            "unrefereed_spans": self.router.unrefereed_spans(),
+            "tainted_jobs": list(self.router.tainted),  # jobs that a node banned afterwards had served
             **self.admission.snapshot(),  # active_jobs, jobs (who runs what, and through which door), jobs_done
         }
 
@@ -420,3 +474,8 @@ def job_tag(client: str) -> str:
     """What nodes see of a job's client: an opaque tag (they share passes round robin between tags), from
     which they learn neither its name nor its address."""
     return hashlib.blake2b(client.encode(), digest_size=8, person=b"slowllm-job").hexdigest()
+
+
+def _import_blocks() -> None:
+    import slowllm.node._blocks  # noqa: F401 - transformers' modeling code, for the referee
+    import slowllm.node._streaming  # noqa: F401

@@ -37,6 +37,7 @@ from slowllm.protocol import (
 from ._aio import why_connection_failed
 from ._blocks import DEFAULT_SCORE_BUDGET, BlockCache, block_nbytes
 from ._checkpoint import Checkpoint
+from ._digests import block_digests
 from ._families import family_of, kv_width
 from ._resident import ResidentBlocks
 from ._kernels import cpu_supported, describe, kernel_rows, kernels
@@ -224,6 +225,9 @@ class NodeServer:
         self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device,
                                      score_budget=self.score_budget)
         self.speed = self.blocks.measure_speed()
+        # proof of the weights for the coordinator (hashed once per copy, then cached: node/_digests.py)
+        self.digests = block_digests(checkpoint, range(self.first, self.last + 1), progress=lambda i, n: print(
+            f"node {self.name}: hashing its weights for the coordinator: block {i}/{n}", flush=True))
 
     def _check_memory(self, checkpoint: Checkpoint) -> None:
         """Refuse, before loading anything, a range that does not fit: one sentence with one that does."""
@@ -313,7 +317,7 @@ class NodeServer:
             await ws.send(channel.pack(Register(
                 first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
                 dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name[:64],
-                quantization="int8" if self.blocks.checkpoint.int8 else "none")))
+                quantization="int8" if self.blocks.checkpoint.int8 else "none", digests=self.digests)))
             reply = channel.unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
             if isinstance(reply, Error):  # the authenticated coordinator refuses this node: retrying is no use
                 cls = CheckpointError if reply.code in ("bad_checkpoint", "banned") else InputError

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 # 2: mutual authentication, authenticated frames; 3: Step.past (rollback); 4: quantization;
 # 5: Steps/Results (multi-session steps), `job` tags for fair sharing, queue and batch sizes in heartbeats
-PROTOCOL_VERSION = 5
+# 6: the coordinator's proof covers the Welcome's info; nodes send per-block weight digests
+PROTOCOL_VERSION = 6
 MAX_STEPS = 256  # sessions' steps in one Steps message
 
 
@@ -83,6 +84,8 @@ class Register(_Msg):
     quantization: Literal["none", "int8"] = "none"  # int8: weights from an int8 copy (looser tolerance)
     speed: float = Field(0.0, ge=0, allow_inf_nan=False)  # measured tokens x blocks per second (its word)
     name: str = Field("", max_length=64)
+    # per block first..last: SHA-256 of its weights (node/_digests.py), checked against the coordinator's
+    digests: list[Annotated[str, Field(max_length=64)]] = Field([], max_length=1 << 12)
 
 
 class Heartbeat(_Msg):

@@ -13,6 +13,7 @@ import torch
 import websockets
 
 from slowllm.node import Checkpoint
+from slowllm.node._digests import block_digests
 from slowllm.protocol import (Backward, CloseSession, Error, Forward, Limits, PeerHandshake, Register, Result, Results,
                               Step, Steps, decode_tensor, encode_tensor, pack)
 
@@ -22,6 +23,7 @@ LIES = {
     "random": lambda h: torch.randn_like(h) * h.std(),
     "echo": lambda h: h,  # the input, unchanged
     "nudge": lambda h: h * 1.02,  # close to the input: off by 2%
+    "collude": lambda h: h * 1.05 + 0.01 * h.roll(1, dims=-1),  # what two colluders agree on: 5%, input-dependent
     "nan": lambda h: torch.full_like(h, float("nan")),
     "inf": lambda h: torch.full_like(h, float("inf")),
     "int64": lambda h: torch.ones(h.shape, dtype=torch.int64),
@@ -34,12 +36,18 @@ REFUSALS = {"busy": "busy", "internal": "internal",  # honest-looking trouble: f
 
 class LyingNode:
     def __init__(self, url: str, secret: bytes | None, model, first: int, last: int, lie: str, name: str = "",
-                 device: str = "cpu", dtype: str = "float32", speed: float = 1e9):
+                 device: str = "cpu", dtype: str = "float32", speed: float = 1e9, quantization: str = "none"):
         self.url, self.secret, self.first, self.last, self.lie = url, secret, first, last, lie
         self.speed = speed
         self.name = name or f"liar-{lie}"
         self.device, self.dtype = device, dtype
-        self.fingerprint = Checkpoint(model).fingerprint()
+        checkpoint = Checkpoint(model)
+        self.fingerprint = checkpoint.fingerprint()
+        self.quantization = quantization  # what it declares (int8: the looser tolerance between nodes)
+        self.digests = block_digests(checkpoint, range(first, last + 1), quantization == "int8")  # real weights
+        if lie == "off5":  # computes the blocks for real, then moves the answer by 5% (forwards only)
+            from slowllm.node._resident import ResidentBlocks
+            self.blocks = ResidentBlocks(checkpoint, first, last, torch.float32)
         self.answered = 0
         self.received: list[tuple[str, str, str]] = []  # (message type, dtype, codec) of each hidden state
         self.banned = ""
@@ -62,6 +70,9 @@ class LyingNode:
             return Error(id=msg.id, code=REFUSALS[self.lie], message="<script>alert(1)</script> trouble")
         self.received.append((msg.type, msg.hidden.dtype, msg.hidden.codec))
         hidden = decode_tensor(msg.hidden)
+        if self.lie == "off5":
+            out = self.blocks.forward(hidden, decode_tensor(msg.mask), msg.first, msg.last)
+            return Result(id=msg.id, tensor=encode_tensor(out * 1.05))
         return Result(id=msg.id, tensor=encode_tensor(LIES[self.lie](hidden)))
 
     async def _run(self) -> None:
@@ -74,7 +85,8 @@ class LyingNode:
                 channel = hs.channel
                 await ws.send(channel.pack(Register(first=self.first, last=self.last, fingerprint=self.fingerprint,
                                                     name=self.name, device=self.device, dtype=self.dtype,
-                                                    speed=self.speed)))  # by default it claims to be very fast
+                                                    speed=self.speed, digests=self.digests,  # claims to be very fast
+                                                    quantization=self.quantization)))
                 reply = channel.unpack(await ws.recv(), Limits())
                 if isinstance(reply, Error):
                     self.refused = reply.message

@@ -363,3 +363,90 @@ for which, args in (("local-completions", f"model=http-model,base_url={{url}}/co
     for a_doc, h_doc in zip(api, hf):
         for (a_lp, a_greedy), (h_lp, h_greedy) in zip(a_doc, h_doc):
             assert a_lp == pytest.approx(h_lp, abs=1e-4) and a_greedy == h_greedy
+
+
+def _rss(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{pid}/status").read()).group(1)) * 1024
+
+
+def _post(url: str, body: bytes, key: str | None, declared: int | None = None, chunks: int = 0):
+    """(status, error object) of a POST over a raw socket: `declared` a Content-Length larger than what is
+    sent, or `chunks` MB more of body after `body` (chunked); the answer is read without sending the rest,
+    as a server that refuses early is entitled to."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    head = [f"POST {where.path}/completions HTTP/1.1", f"Host: {where.netloc}", "Content-Type: application/json"]
+    if key:
+        head.append(f"Authorization: Bearer {key}")
+    head.append(f"Content-Length: {declared or len(body)}" if not chunks else "Transfer-Encoding: chunked")
+    with socket.create_connection((where.hostname, where.port), timeout=60) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        try:
+            if chunks:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(body), body))
+                piece = b"x" * (1 << 20)
+                for _ in range(chunks):
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            else:
+                sock.sendall(body)
+        except OSError:
+            pass  # the server answered and closed before taking it all: what we want to read
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply) < reply.index(b"\r\n\r\n") + 4 + _length(reply):
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            reply += data
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+def _length(reply: bytes) -> int:
+    found = re.search(rb"content-length: (\d+)", reply.split(b"\r\n\r\n")[0], re.I)
+    return int(found.group(1)) if found else 0
+
+
+def test_big_bodies_and_prompts_are_refused_before_any_work(model, tmp_path):
+    """No key: 401 from the headers, the body never read; a body over --max-request-bytes: 413 from its
+    Content-Length or as it streams; a prompt longer than --max-prompt-tokens could ever hold: 400 before
+    tokenizing. RSS stays bounded and /v1/models answers all along."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice " + "a" * 32 + "\n")
+    proc, url = start_serve(model, "--api-keys", str(keys), "--max-prompt-tokens", "1000",
+                            "--max-request-bytes", str(64 << 20))
+    key = "a" * 32
+    try:
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        rest = _rss(proc.pid)
+        start = b'{"model": "http-model", "prompt": "'
+        status, err = _post(url, start, None, chunks=300)  # 300 MB without a key: never read
+        assert status == 401 and err["code"] == "invalid_api_key"
+        status, err = _post(url, start, key, chunks=300)  # with a key, over the body limit: 413 as it streams
+        assert status == 413 and "--max-request-bytes" in err["message"], err
+        status, err = _post(url, b"{}", key, declared=1 << 30)  # declared too large: 413 from the header
+        assert status == 413
+        # 8 MB one-word prompts, within the body limit: refused by their length before tokenization, while
+        # /v1/models keeps answering
+        answers = []
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                answers.append(client.models.list().data[0].id)
+                time.sleep(0.05)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        for _ in range(3):
+            body = json.dumps({"model": "http-model", "prompt": "y" * (8 << 20), "max_tokens": 1}).encode()
+            status, err = _post(url, body, key)
+            assert status == 400 and err["code"] == "context_length_exceeded", err
+        stop.set()
+        poller.join()
+        assert answers and set(answers) == {"http-model"}
+        assert _rss(proc.pid) - rest < 400 << 20  # nothing big was kept
+        assert client.completions.create(model="http-model", prompt="x", max_tokens=1).choices  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(10)

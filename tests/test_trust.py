@@ -89,6 +89,50 @@ def test_a_relay_without_the_secret_gets_nothing(tiny_model, secret, local):
         assert out[0]["token_ids"] == local.generate([PROMPT], Sampling(max_new_tokens=8))[0]["token_ids"]
 
 
+def test_a_relay_that_rewrites_the_welcome_is_refused_and_the_node_keeps_retrying(tiny_model, secret):
+    """A relay passes the real handshake on but rewrites one field of the Welcome's info each time (the
+    model to load, the message size, a field of its own), then relays everything unchanged. The node must
+    notice every rewrite (the proof covers the info), never load or register through it, never exit."""
+    rewrites = [{"model": "evil-org/evil-model"}, {"max_message_size": 1 << 30}, {"extra": "x"}]
+    seen: list[dict] = []
+    with Cluster(tiny_model, [], secret_file=secret) as c:
+        async def relay(node_ws):
+            change = rewrites[len(seen) % len(rewrites)]
+            seen.append(change)
+            async with websockets.connect(c.url, max_size=None) as real:
+                await real.send(await node_ws.recv())  # hello
+                await node_ws.send(await real.recv())  # challenge
+                await real.send(await node_ws.recv())  # auth
+                welcome = unpack(await real.recv())
+                await node_ws.send(pack(Welcome(info={**welcome.info, **change}, proof=welcome.proof)))
+
+                async def pipe(a, b):
+                    async for frame in a:
+                        await b.send(frame)
+                await asyncio.wait([asyncio.ensure_future(pipe(node_ws, real)), asyncio.ensure_future(pipe(real, node_ws))],
+                                   timeout=5, return_when=asyncio.FIRST_COMPLETED)
+
+        async def serve():
+            async with websockets.serve(relay, "127.0.0.1", 0, max_size=None) as server:
+                port = server.sockets[0].getsockname()[1]
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(tiny_model),
+                    "--coordinator", f"ws://127.0.0.1:{port}", "--secret-file", str(secret), "--name", "relayed",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                deadline = time.monotonic() + 60
+                while len(seen) <= len(rewrites) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                alive = proc.returncode is None
+                proc.terminate()
+                return alive, (await proc.communicate())[0].decode()
+
+        alive, output = asyncio.run(serve())
+        assert alive and len(seen) > len(rewrites), (seen, output)
+        assert output.count("was altered") >= 1, output
+        assert "serving" not in output and "Traceback" not in output
+        assert c.client().status()["nodes"] == []  # nothing registered through the relay
+
+
 def test_a_fake_coordinator_fails_and_the_node_keeps_retrying(tiny_model, secret):
     """Impostors without the secret, each way they can answer: the node never serves, never exits."""
     behaviours = ["bad proof", "no auth", "refuse", "garbage", "welcome first", "silence-then-close"]
@@ -145,6 +189,23 @@ def test_a_node_never_opens_a_local_path_the_coordinator_names(tiny_model, secre
         assert "never opens by the coordinator's word: start this node with --model" in c.output(node)
 
 
+def test_a_sibling_checkpoint_with_equal_shapes_is_refused(tiny_model, secret, models_dir):
+    """Same config, same shapes, same fingerprint, other weights (another seed, as a fine-tune would be):
+    the node's weight digests differ from the coordinator's, and it is refused naming the first block that
+    differs. An honest node beside it joins (its digests match, cached after the first time)."""
+    from slowllm.coordinator import make_checkpoint, tiny_config
+
+    sibling = make_checkpoint(models_dir / "sibling", tiny_config(n_layer=6, hidden=64, n_head=4), seed=11)
+    assert Checkpoint(sibling).fingerprint() == Checkpoint(tiny_model).fingerprint()
+    with Cluster(tiny_model, ["0-2"], secret_file=secret) as c:
+        node = c.start_node("3-5", name="sibling", model=sibling)
+        assert c.wait(node, 60) == 2  # an authenticated refusal of its checkpoint: retrying is no use
+        assert "weights differ from the coordinator's from block 3 on" in c.output(node)
+        status = c.client().status()
+        assert [n["name"] for n in status["nodes"]] == ["n0-0-2"] and status["nodes"][0]["weights_proven"]
+        assert "refused a node" in c.output(c.coordinator)
+
+
 def carol_first(tmp_path):
     """The operator's own key, listed from the start (the test harness checks coverage with it)."""
     path = tmp_path / "operator.key"
@@ -199,6 +260,28 @@ def test_client_keys_per_user_reload_revoke_and_status_needs_a_key(tiny_model, s
         with pytest.raises(SlowllmError, match="does not match"):
             Client(url, secret_file=alice).status()
         assert Client(url, secret_file=carol).score(REQUESTS)
+
+        # editing the file alone (no SIGHUP, no new handshake) closes a revoked user's open connection
+        outcome = {}
+
+        def long_job():
+            try:
+                Client(url, secret_file=bob).generate([PROMPT], Sampling(max_new_tokens=4000))
+                outcome["error"] = None
+            except SlowllmError as e:
+                outcome["error"] = e
+            outcome["at"] = time.monotonic()
+        import threading
+        job = threading.Thread(target=long_job)
+        job.start()
+        time.sleep(1.5)
+        keys.write_text("carol carol-key-0123456789abcdef
+operator operator-key-0123456789abcdef
+")
+        edited = time.monotonic()
+        job.join(30)
+        assert outcome["error"] is not None and "key revoked" in str(outcome["error"]), outcome
+        assert outcome["at"] - edited < 5
 
         # a broken file keeps the keys that worked (and says so in the log)
         keys.write_text("just-one-field\n")
@@ -258,7 +341,7 @@ def test_lying_nodes_never_change_output_under_verify_1_and_are_banned(tiny_mode
         status = client.status()
         honest = [n for n in status["nodes"] if not n["banned"]]
         assert sorted(n["name"] for n in honest) == ["n0-0-2", "n1-3-5"]
-        assert status["disagreements"] >= 4 and status["verified_hops"] > 0
+        assert status["refereed_hops"] >= 4 and status["verified_hops"] > 0
         assert format_status(status).count("BANNED") == len(LIES)
         browser = _chromium()
         if browser is not None:  # every field a stranger sent shows as text, and runs nothing
@@ -270,6 +353,51 @@ def test_lying_nodes_never_change_output_under_verify_1_and_are_banned(tiny_mode
         with pytest.raises(RuntimeError, match="did not register: .* was banned by this coordinator"):
             LyingNode(c.url, _key(secret), tiny_model, 0, 5, "zeros", name="<img src=x onerror=alert('zeros')>"
                       ).start()
+
+
+@pytest.mark.parametrize("verify", ["1", "0.05"])
+def test_colluding_liars_are_banned_and_never_change_an_answer(tiny_model, secret, local, verify):
+    """Two nodes telling the same input-dependent lie (5%) agree with each other; alone on their span they
+    must still be banned and their answers never used; beside an honest node the output is unchanged."""
+    sampling = Sampling(max_new_tokens=6)
+    expected = local.generate([PROMPT], sampling)[0]["token_ids"]
+    with Cluster(tiny_model, ["0-2"], secret_file=secret,
+                 coordinator_args=["--verify", verify, "--wait-for-nodes", "2"]) as c:
+        client = c.client()
+        liars = [LyingNode(c.url, _key(secret), tiny_model, 3, 5, "collude", name=f"colluder-{i}").start()
+                 for i in range(2)]
+        with pytest.raises(SlowllmError, match="no node serves blocks 3-5"):
+            client.generate([PROMPT], sampling)  # (or an answer: but never theirs; here they are gone)
+        assert all(liar.done.wait(10) for liar in liars)  # both banned and disconnected
+        status = client.status()
+        assert sorted(n["name"] for n in status["nodes"] if n["banned"]) == ["colluder-0", "colluder-1"]
+        # an honest node joins; two fresh colluders beside it change nothing
+        c.start_node("3-5", name="honest")
+        c.wait_covered(2)
+        liars = [LyingNode(c.url, _key(secret), tiny_model, 3, 5, "collude", name=f"again-{i}").start()
+                 for i in range(2)]
+        for _ in range(3):
+            assert client.generate([PROMPT], sampling)[0]["token_ids"] == expected
+        status = client.status()
+        banned = {n["name"] for n in status["nodes"] if n["banned"]}
+        assert all(liar.name in banned for liar in liars if liar.answered), (banned, [x.answered for x in liars])
+        assert status["unrefereed_spans"] == [] and status["refereed_hops"] >= 2
+
+
+def test_a_five_percent_lie_is_caught_whatever_the_node_declares(tiny_model, secret, local):
+    """A node that computes its blocks for real and scales the answer by 1.05, declaring int8 weights (whose
+    tolerance between nodes is 15%): the referee recomputes int8 arithmetic itself and bans it at its first
+    hop, under the default --verify; the job's scores are unchanged."""
+    scores = local.score(REQUESTS)
+    with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret) as c:
+        liar = LyingNode(c.url, _key(secret), tiny_model, 3, 5, "off5", name="int8-liar", quantization="int8",
+                         speed=1e12).start()
+        for _ in range(3):
+            got = c.client().score(REQUESTS)
+            assert abs(got[0]["logprob"] - scores[0]["logprob"]) < 1e-4
+        assert liar.answered >= 1 and liar.done.wait(10)
+        entry = next(n for n in c.client().status()["nodes"] if n["name"] == "int8-liar")
+        assert entry["banned"] and "coordinator's own computation" in entry["reason"]
 
 
 def test_busy_and_internal_nodes_are_failed_over_not_banned(tiny_model, secret, local):
