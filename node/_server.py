@@ -506,8 +506,12 @@ class NodeServer:
         """Give every chosen request its outcome."""
         steps: dict[tuple[int, int], list[tuple[_Work, StepPart]]] = {}
         forwards: list[_Work] = []
-        reserved = 0
+        reserved, stepping = 0, set()
         for w in chosen:
+            if isinstance(w.msg, Step):
+                if w.msg.session in stepping:  # its second step needs the first one's keys: next pass
+                    continue
+                stepping.add(w.msg.session)
             try:
                 if isinstance(w.msg, CloseSession):
                     if not self.sessions.close(w.msg.session):

@@ -199,3 +199,13 @@ def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
     for merged, single in zip([answer.items[0], answer.items[2]], alone):
         assert isinstance(merged, Result) and isinstance(single, Result)
         torch.testing.assert_close(decode_tensor(merged.tensor), decode_tensor(single.tensor), **CLOSE)
+    # two steps of one session in one message: the second runs in the next pass, after the first's keys
+    queue = _Queue(Channel())
+    twice = [step(4, "d", new=2), Step(id=5, session="d", first=0, last=5, max_length=32,
+                                       hidden=encode_tensor(torch.randn(1, 1, 64, generator=gen)),
+                                       mask=encode_tensor(torch.ones(1, 3, dtype=torch.uint8)))]
+    done = node.pool.submit(node._pass, queue, [(pack(Steps(id=10, items=twice)), None)]).result()
+    while not done:
+        done = node.pool.submit(node._pass, queue, []).result()
+    answer = unpack(done[0][1][1])
+    assert [type(x) for x in answer.items] == [Result, Result], answer.items

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -120,14 +121,15 @@ def test_a_relay_that_rewrites_the_welcome_is_refused_and_the_node_keeps_retryin
                     "--coordinator", f"ws://127.0.0.1:{port}", "--secret-file", str(secret), "--name", "relayed",
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
                 deadline = time.monotonic() + 60
-                while len(seen) <= len(rewrites) and time.monotonic() < deadline:
+                while len(seen) < len(rewrites) and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
+                await asyncio.sleep(2)  # (the node judges the last one)
                 alive = proc.returncode is None
                 proc.terminate()
                 return alive, (await proc.communicate())[0].decode()
 
         alive, output = asyncio.run(serve())
-        assert alive and len(seen) > len(rewrites), (seen, output)
+        assert alive and len(seen) >= len(rewrites), (seen, output)
         assert output.count("was altered") >= 1, output
         assert "serving" not in output and "Traceback" not in output
         assert c.client().status()["nodes"] == []  # nothing registered through the relay
@@ -197,12 +199,12 @@ def test_a_sibling_checkpoint_with_equal_shapes_is_refused(tiny_model, secret, m
 
     sibling = make_checkpoint(models_dir / "sibling", tiny_config(n_layer=6, hidden=64, n_head=4), seed=11)
     assert Checkpoint(sibling).fingerprint() == Checkpoint(tiny_model).fingerprint()
-    with Cluster(tiny_model, ["0-2"], secret_file=secret) as c:
+    with Cluster(tiny_model, ["0-5"], secret_file=secret) as c:
         node = c.start_node("3-5", name="sibling", model=sibling)
         assert c.wait(node, 60) == 2  # an authenticated refusal of its checkpoint: retrying is no use
         assert "weights differ from the coordinator's from block 3 on" in c.output(node)
         status = c.client().status()
-        assert [n["name"] for n in status["nodes"]] == ["n0-0-2"] and status["nodes"][0]["weights_proven"]
+        assert [n["name"] for n in status["nodes"]] == ["n0-0-5"] and status["nodes"][0]["weights_proven"]
         assert "refused a node" in c.output(c.coordinator)
 
 
@@ -271,13 +273,10 @@ def test_client_keys_per_user_reload_revoke_and_status_needs_a_key(tiny_model, s
             except SlowllmError as e:
                 outcome["error"] = e
             outcome["at"] = time.monotonic()
-        import threading
         job = threading.Thread(target=long_job)
         job.start()
         time.sleep(1.5)
-        keys.write_text("carol carol-key-0123456789abcdef
-operator operator-key-0123456789abcdef
-")
+        keys.write_text("carol carol-key-0123456789abcdef\noperator operator-key-0123456789abcdef\n")
         edited = time.monotonic()
         job.join(30)
         assert outcome["error"] is not None and "key revoked" in str(outcome["error"]), outcome
@@ -341,7 +340,7 @@ def test_lying_nodes_never_change_output_under_verify_1_and_are_banned(tiny_mode
         status = client.status()
         honest = [n for n in status["nodes"] if not n["banned"]]
         assert sorted(n["name"] for n in honest) == ["n0-0-2", "n1-3-5"]
-        assert status["refereed_hops"] >= 4 and status["verified_hops"] > 0
+        assert status["refereed_hops"] >= 2 and status["verified_hops"] > 0  # (the honest two, on probation)
         assert format_status(status).count("BANNED") == len(LIES)
         browser = _chromium()
         if browser is not None:  # every field a stranger sent shows as text, and runs nothing
@@ -361,11 +360,13 @@ def test_colluding_liars_are_banned_and_never_change_an_answer(tiny_model, secre
     must still be banned and their answers never used; beside an honest node the output is unchanged."""
     sampling = Sampling(max_new_tokens=6)
     expected = local.generate([PROMPT], sampling)[0]["token_ids"]
-    with Cluster(tiny_model, ["0-2"], secret_file=secret,
+    with Cluster(tiny_model, [], secret_file=secret,
                  coordinator_args=["--verify", verify, "--wait-for-nodes", "2"]) as c:
         client = c.client()
+        c.start_node("0-2", name="n0-0-2")
         liars = [LyingNode(c.url, _key(secret), tiny_model, 3, 5, "collude", name=f"colluder-{i}").start()
                  for i in range(2)]
+        c.wait_covered(3)
         with pytest.raises(SlowllmError, match="no node serves blocks 3-5"):
             client.generate([PROMPT], sampling)  # (or an answer: but never theirs; here they are gone)
         assert all(liar.done.wait(10) for liar in liars)  # both banned and disconnected
@@ -392,9 +393,11 @@ def test_a_five_percent_lie_is_caught_whatever_the_node_declares(tiny_model, sec
     with Cluster(tiny_model, ["0-2", "3-5"], secret_file=secret) as c:
         liar = LyingNode(c.url, _key(secret), tiny_model, 3, 5, "off5", name="int8-liar", quantization="int8",
                          speed=1e12).start()
-        for _ in range(3):
+        for _ in range(10):  # (routes alternate between the two nodes of blocks 3-5)
             got = c.client().score(REQUESTS)
             assert abs(got[0]["logprob"] - scores[0]["logprob"]) < 1e-4
+            if liar.answered:
+                break
         assert liar.answered >= 1 and liar.done.wait(10)
         entry = next(n for n in c.client().status()["nodes"] if n["name"] == "int8-liar")
         assert entry["banned"] and "coordinator's own computation" in entry["reason"]
