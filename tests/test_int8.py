@@ -250,7 +250,9 @@ def test_int8_node_under_verify_beside_a_liar_and_vanishing(models, secret):
         nodes = {n["name"]: n for n in client.status()["nodes"]}
         assert nodes["liar"]["banned"] and liar.answered >= 1
         assert not nodes["int8-node"]["banned"] and not nodes["bf16-node"]["banned"]
-        assert nodes["int8-node"]["verified_hops"] >= 1  # an int8 answer was re-run on bf16 and agreed
+        # its int8 answers were judged by the coordinator recomputing int8 arithmetic (the same quantization of
+        # its own checkpoint) within bf16's tolerance of that arithmetic: not 15%
+        assert nodes["int8-node"]["refereed_hops"] >= 1
         c.nodes["int8-node"].kill()
         out = client.generate(PROMPTS, Sampling(max_new_tokens=6))
         assert all(len(r["token_ids"]) == 6 for r in out)
