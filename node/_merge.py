@@ -69,9 +69,10 @@ def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_to
     One session never appears twice in a group (its second step needs the first one's keys). With a
     sliding window (Mistral counts slots), parts with fewer new positions than others would see their past
     one padding slot further away per missing position: beyond the window they merge only with equals.
-    `max_rows`: the rows up to which the node's linear kernels give each row what it gets alone (bf16
-    and int8 decode kernels); a bigger batch would switch to PyTorch's GEMM, whose rounding depends on the
-    batch, and greedy tokens could differ from the request alone."""
+    `max_rows`: the rows (rows x new positions) up to which the node's linear kernels give each row what
+    it gets alone (bf16 and int8 decode kernels); a bigger batch would switch to PyTorch's GEMM, whose
+    rounding depends on the batch, and greedy tokens could differ from the request alone. So decode steps
+    merge up to that many rows and prefills run alone."""
     order = sorted(range(len(parts)), key=lambda i: (parts[i].past, parts[i].new))
     groups: list[list[int]] = []
     for i in order:
@@ -80,8 +81,8 @@ def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_to
             tokens, scores, view = merged_step_cost(trial, config, itemsize)
             longest = max(p.past for p in trial) + max(p.new for p in trial)
             shifted = window is not None and longest > window and len({p.new for p in trial}) > 1
-            rows = sum(p.rows for p in trial)
-            if (parts[i].session not in {parts[j].session for j in group} and not shifted and rows <= max_rows
+            # (the kernels see rows x new positions as rows: a merged prefill would go to PyTorch's GEMM)
+            if (parts[i].session not in {parts[j].session for j in group} and not shifted and tokens <= max_rows
                     and tokens <= max_tokens and scores <= budget and view <= budget):
                 group.append(i)
                 break
