@@ -226,8 +226,8 @@ class RemoteChain(Chain):
           disagreement the referee decides and bans whoever is wrong; when they agree, the referee still
           recomputes a --verify fraction of those hops (and every hop where a checker is on probation),
           so two nodes that tell the same lie are caught too.
-        The hop's result is an answer the referee confirmed when it judged: a lying node never changes
-        the output of a hop it judged.
+        The hop's result is an answer the referee confirmed when it judged (or, for a liar, its own fp32
+        computation): a lying node never changes the output of a hop the referee judged.
         """
         judge = self.referee is not None and self.router.verify > 0 and not self._checking()
         if judge and node.refereed == 0:
@@ -283,7 +283,9 @@ class RemoteChain(Chain):
             return out
         why = f"its answer for blocks {a}-{b} disagreed with the coordinator's own computation"
         self.router.loop.call_soon_threadsafe(self.router.ban, node, why)
-        return reference
+        # the hop's answer: the coordinator's own, in full precision from its weights (not the int8 or bf16
+        # arithmetic the liar declared: nothing of the liar's choosing shapes the output)
+        return reference if node.dtype == "float32" and not int8 else truth("float32", False)
 
     def _with_failover(self, first: int, last: int, exclude: set, run):
         """Route from block `first` towards `last` and `run(node, a, b)` on the first span; when its node

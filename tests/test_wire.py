@@ -323,7 +323,8 @@ def test_hidden_states_travel_in_the_dtype_each_node_computes_in(tiny_model, sec
 
     key = read_secret(secret)
     requests = [{"context": "The quick brown fox", "continuation": " jumps"}]
-    with Cluster(tiny_model, [], secret_file=secret) as c:
+    # (echo nodes: --verify 0, or the coordinator's first-hop check would ban them before they saw anything)
+    with Cluster(tiny_model, [], secret_file=secret, coordinator_args=["--verify", "0"]) as c:
         half = LyingNode(c.url, key, tiny_model, 0, 2, "echo", name="bf16-node", dtype="bfloat16").start()
         full = LyingNode(c.url, key, tiny_model, 3, 5, "echo", name="fp32-node", dtype="float32").start()
         c.wait_covered(2)
