@@ -97,3 +97,22 @@ def test_overflowing_shapes_are_refused():
         decode_tensor(w.model_copy(update={"shape": [1] * 40}).model_copy(update={"shape": [2 ** 40] * 2}))
     with pytest.raises(ProtocolError, match="dimensions"):
         decode_tensor(w.model_copy(update={"shape": [1] * 40}))
+
+
+@pytest.mark.parametrize("change", [{"model": "evil-org/evil-model"}, {"max_message_size": 1 << 30}, {"extra": "x"},
+                                    {"registered": None}])
+def test_every_field_of_the_welcome_is_under_the_coordinators_proof(change):
+    """A relay that rewrites (or adds) any field of the Welcome's info keeps the coordinator's proof, which
+    no longer matches: the peer refuses, whatever the field."""
+    from slowllm.protocol import AuthError, CoordinatorHandshake, PeerHandshake, Welcome, pack, unpack
+
+    secret = b"s" * 32
+    info = {"model": "org/model", "max_message_size": 1 << 28, "fingerprint": "f"}
+    peer, coordinator = PeerHandshake("node", secret), CoordinatorHandshake(lambda role: [("", secret)], "f", 2)
+    auth = peer.on_challenge(coordinator.on_hello(peer.hello()))
+    welcome = unpack(coordinator.on_auth(auth, info))
+    honest = PeerHandshake("node", secret)
+    honest.__dict__.update({k: v for k, v in peer.__dict__.items() if k != "channel"})
+    assert honest.on_welcome(pack(welcome)) == info  # the untouched Welcome passes
+    with pytest.raises(AuthError, match="altered"):
+        peer.on_welcome(pack(Welcome(info={**welcome.info, **change}, proof=welcome.proof)))

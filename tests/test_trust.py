@@ -94,7 +94,9 @@ def test_a_relay_that_rewrites_the_welcome_is_refused_and_the_node_keeps_retryin
     """A relay passes the real handshake on but rewrites one field of the Welcome's info each time (the
     model to load, the message size, a field of its own), then relays everything unchanged. The node must
     notice every rewrite (the proof covers the info), never load or register through it, never exit."""
-    rewrites = [{"model": "evil-org/evil-model"}, {"max_message_size": 1 << 30}, {"extra": "x"}]
+    # (each field alone: tests/test_protocol.py; here two live connections, before the node's backoff
+    # after repeated refusals reaches 30 s)
+    rewrites = [{"model": "evil-org/evil-model"}, {"max_message_size": 1 << 30, "extra": "x"}]
     seen: list[dict] = []
     with Cluster(tiny_model, [], secret_file=secret) as c:
         async def relay(node_ws):
