@@ -43,6 +43,7 @@ class Stepper:
         self._members = 0  # generations running now (inside `member()`)
         self._waiting: list[_Entry] = []
         self._local = threading.local()
+        self._flying = 0  # member entries in waves in flight
         self.waves = 0  # (status and tests)
         self.steps = 0
         threading.Thread(target=self._loop, daemon=True, name="slowllm-stepper").start()
@@ -65,8 +66,13 @@ class Stepper:
         """Outputs of `steps` [(session, hidden, mask)], stepped in the next wave."""
         entry = _Entry(chain, list(steps), getattr(self._local, "member", False))
         with self._cond:
-            self._waiting.append(entry)
-            self._cond.notify_all()
+            alone = entry.member and self._members == 1 and not self._waiting and not self._flying and len(steps) == 1
+            if not alone:
+                self._waiting.append(entry)
+                self._cond.notify_all()
+        if alone:  # the only generation running: no wave to gather, no thread hand-offs (one client's latency)
+            session, hidden, mask = steps[0]
+            return [session.step(hidden, mask)]
         entry.done.wait()
         if entry.error is not None:
             raise entry.error
@@ -77,13 +83,13 @@ class Stepper:
         `gather` after the first did). On a chain of D stages up to D waves are in flight, each with about
         1/D of the generations: while one group is at the second node, the next is at the first, and the
         coordinator's own work (heads, sampling) for one group overlaps the nodes' work for another."""
-        flying, waves = 0, 0  # member entries in waves in flight, and those waves
+        waves = 0  # waves in flight
         while True:
             with self._cond:
                 while not self._waiting or waves >= self._depth():
                     self._cond.wait()
                 deadline = time.monotonic() + self.gather
-                while (sum(e.member for e in self._waiting) < self._members - flying
+                while (sum(e.member for e in self._waiting) < self._members - self._flying
                        and (left := deadline - time.monotonic()) > 0):
                     self._cond.wait(left)
                 cap = max(1, -(-self._members // self._depth()))
@@ -95,10 +101,10 @@ class Stepper:
                     taken += entry.member
                     wave.append(entry)
                 self._waiting = rest
-                flying, waves = flying + taken, waves + 1
+                self._flying, waves = self._flying + taken, waves + 1
 
             def run(wave=wave, taken=taken) -> None:
-                nonlocal flying, waves
+                nonlocal waves
                 try:
                     self._wave(wave)
                 except BaseException as e:  # noqa: BLE001 - a bug here must answer the jobs, not hang them
@@ -108,7 +114,7 @@ class Stepper:
                             entry.done.set()
                 finally:
                     with self._cond:
-                        flying, waves = flying - taken, waves - 1
+                        self._flying, waves = self._flying - taken, waves - 1
                         self._cond.notify_all()
             threading.Thread(target=run, daemon=True, name="slowllm-wave").start()
 
