@@ -492,6 +492,8 @@ class NodeServer:
             return chosen
         first = min(bulk, key=lambda w: queue.served.get(w.msg.job, -1))  # (min keeps arrival order on ties)
         queue.served[first.msg.job] = queue.passes
+        if len(queue.served) > 1024:  # tags are the coordinator's word: keep the recent ones, bounded
+            queue.served = dict(sorted(queue.served.items(), key=lambda kv: kv[1])[-512:])
         if not isinstance(first.msg, Forward) or len(first.msg.mask.shape) != 2:
             return chosen + [first]
         # merged with waiting forwards of the same blocks, planned from the shapes their headers declare
