@@ -37,10 +37,6 @@ def check_prompt_chars(texts: list[str], max_chars: int) -> None:
                        code="context_length_exceeded")
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class RequestGuard:
     """ASGI middleware for POST requests: a key that `user(token)` accepts, and at most `max_bytes` of body."""
 
@@ -58,7 +54,7 @@ class RequestGuard:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await _answer(send, self._too_large())
-        seen, started = 0, False
+        seen = 0
 
         async def bounded():
             nonlocal seen
@@ -69,16 +65,7 @@ class RequestGuard:
                     raise HTTPException(413, self._too_large().message)
             return message
 
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, bounded, watched)
-        except _TooLarge:
-            if not started:
-                await _answer(send, self._too_large())
+        await self.app(scope, bounded, send)
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes "
