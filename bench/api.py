@@ -58,7 +58,7 @@ def main() -> None:
     if not (model / "config.json").exists():
         make_checkpoint(model, tiny_config(n_layer=24, hidden=1024, n_head=16, vocab_size=8192, std=0.5),
                         dtype=torch.bfloat16)
-    proc = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator.cli._main", "serve", "--local", "--model", str(model),
                              "--keep-in-ram", "--dtype", "bfloat16", "--port", "0", "--served-model-name", "model"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()

@@ -43,7 +43,7 @@ AVX2_PC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENA
 def make_int8(model: Path) -> Path:
     out = WORK / (model.name + "-int8")
     if not (out / "config.json").exists():
-        from slowllm.node._quantize import quantize_checkpoint
+        from slowllm.node.engine._quantize import quantize_checkpoint
         quantize_checkpoint(model, out)
     return out
 
@@ -89,7 +89,7 @@ def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
             return out.shape[1] - width
     else:
         from slowllm.coordinator import LocalRunner, Sampling
-        from slowllm.node._kernels import describe
+        from slowllm.node.kernels._kernels import describe
 
         runner = LocalRunner(model, keep_in_ram=True, progress=False)
         parts["dtype"] = str(runner.chain.dtype).removeprefix("torch.")
@@ -165,8 +165,8 @@ def main() -> None:
     ap.add_argument("--neighbour", action="store_true", help="also measure beside a CPU-bound process")
     args = ap.parse_args()
     from slowllm.node import Checkpoint
-    from slowllm.node._checkpoint import SCALE
-    from slowllm.node._kernels import ISA_FLAGS, cpu_flags
+    from slowllm.node.engine._checkpoint import SCALE
+    from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags
 
     isas = args.isa or [isa for isa, need in ISA_FLAGS.items() if all(f in cpu_flags() for f in need)]
     model = make_model(args.n_layer)

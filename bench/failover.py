@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from slowllm.coordinator import Sampling, make_checkpoint, tiny_config
-from slowllm.coordinator._launch import LocalCluster
+from slowllm.coordinator.demo._launch import LocalCluster
 
 WORK = Path(__file__).parent / "_work"
 PROMPT = "Once upon a time there was a researcher without a cluster"

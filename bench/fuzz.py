@@ -26,7 +26,7 @@ import torch
 import websockets
 
 from slowllm.coordinator import Sampling, make_checkpoint, tiny_config
-from slowllm.coordinator._launch import LocalCluster
+from slowllm.coordinator.demo._launch import LocalCluster
 from slowllm.node import Checkpoint
 from slowllm.protocol import (Backward, CloseSession, CoordinatorHandshake, Forward, Heartbeat, Job, Limits,
                               PeerHandshake, Register, Step, Steps, Welcome, encode_tensor, pack)
@@ -208,7 +208,7 @@ def main() -> None:
         coord["rss_after_mb"] = rss_mb(c.coordinator.pid)
         coord["crashed"] = int(c.coordinator.poll() is not None or c.nodes["n0-0-5"].poll() is not None)
         coord["tracebacks"] = c.output(c.coordinator).count("Traceback") + c.output(c.nodes["n0-0-5"]).count("Traceback")
-    node_cmd = [sys.executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--model", str(model),
+    node_cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-1", "--model", str(model),
                 "--secret-file", str(secret), "--name", "fuzzed"]
     asyncio.run(fuzz_node(node_cmd, args.frames - args.frames // 2, rng, tpl, node))
     seconds = time.perf_counter() - start

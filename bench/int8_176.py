@@ -36,7 +36,7 @@ def peak_rss() -> int:
 
 
 def child_quantize() -> dict:
-    from slowllm.node._quantize import quantize_checkpoint
+    from slowllm.node.engine._quantize import quantize_checkpoint
 
     start = time.perf_counter()
     quantize_checkpoint(WORK, INT8, progress=False)
@@ -47,7 +47,7 @@ def child_decode(model: str) -> dict:
     import torch
 
     from slowllm.node import BlockCache, Checkpoint
-    from slowllm.node._resident import ResidentBlocks
+    from slowllm.node.engine._resident import ResidentBlocks
 
     blocks = ResidentBlocks(Checkpoint(model), 0, 0, torch.bfloat16)
     loaded = peak_rss()

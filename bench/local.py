@@ -74,7 +74,7 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
     start = time.perf_counter()
     if kind == "baseline":  # the interpreter with every library the jobs import, before any model memory
         import transformers  # noqa: F401 (imported for its memory, like the jobs)
-        from slowllm.coordinator import _local  # noqa: F401 (the blocks' modules, which LocalRunner imports)
+        from slowllm.coordinator.chains import _local  # noqa: F401 (the blocks' modules, which LocalRunner imports)
     elif kind == "read":  # with slowllm's number of readers (_read.py)
         from _read import read_files
         read_files(sorted(model.glob("*.safetensors")))
@@ -85,7 +85,7 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
         # the read baseline counts those bytes too (starting after it made the ratio optimistic). The
         # modules LocalRunner imports (transformers' blocks, ~3 s on 2 cores) are imported first: the
         # read baseline pays no imports either.
-        from slowllm.coordinator import _local  # noqa: F401
+        from slowllm.coordinator.chains import _local  # noqa: F401
         start = time.perf_counter()
         with LocalRunner(model, dtype=dtype_name, progress=False) as r:
             if kind == "slowllm":
@@ -99,7 +99,7 @@ def one(kind: str, model: Path, dtype_name: str) -> dict:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from slowllm.node import Checkpoint
-        from slowllm.coordinator._ends import ModelEnds
+        from slowllm.coordinator.jobs._ends import ModelEnds
 
         ck = Checkpoint(model)
         family = ck.family
@@ -237,7 +237,7 @@ def int8_pass(model: Path, repeat: int) -> None:
     """One scoring pass streamed from a cold page cache, bf16 compute, for one 13-token line (the read is
     the pass) and for 8 x 32 tokens (compute weighs in): the `slowllm quantize` copy against the
     original, interleaved, plus the cold read of each (the IO floor)."""
-    from slowllm.node._quantize import quantize_checkpoint
+    from slowllm.node.engine._quantize import quantize_checkpoint
 
     int8 = WORK / (model.name + "-int8")
     if not (int8 / "config.json").exists():

@@ -26,10 +26,10 @@ import torch
 
 
 from slowllm.coordinator import Runner, Sampling, TuneOptions, make_checkpoint, tiny_config
-from slowllm.coordinator._ends import ModelEnds
-from slowllm.coordinator._launch import LocalCluster
-from slowllm.coordinator._local import ResidentChain
-from slowllm.coordinator._remote import encode_mask
+from slowllm.coordinator.jobs._ends import ModelEnds
+from slowllm.coordinator.demo._launch import LocalCluster
+from slowllm.coordinator.chains._local import ResidentChain
+from slowllm.coordinator.chains._remote import encode_mask
 from slowllm.node import Checkpoint
 from slowllm.protocol import Step, encode_tensor, pack
 

@@ -2,7 +2,7 @@
 
     python bench/referee_tolerance.py [--hidden 1024] [--n-layer 4] [--rows 8] [--trials 4]
 
-The referee (`coordinator/_verify.py`) judges a node in the arithmetic it declares: its dtype, and for
+The referee (`coordinator/swarm/_verify.py`) judges a node in the arithmetic it declares: its dtype, and for
 int8 weights the same quantization of the coordinator's checkpoint. What separates an honest answer
 from the referee's is then only summation order: the node computes a batch of --rows rows (merged
 passes), the referee one row; kernels may switch paths with the batch size. For each arithmetic this
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from slowllm.coordinator import make_checkpoint, tiny_config
-from slowllm.coordinator._verify import REFEREE_TOLERANCE, Referee
+from slowllm.coordinator.swarm._verify import REFEREE_TOLERANCE, Referee
 from slowllm.node import Checkpoint
-from slowllm.node._quantize import quantize_checkpoint
-from slowllm.node._resident import ResidentBlocks
+from slowllm.node.engine._quantize import quantize_checkpoint
+from slowllm.node.engine._resident import ResidentBlocks
 
 WORK = Path(__file__).parent / "_work"
 

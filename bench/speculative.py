@@ -102,7 +102,7 @@ def local(args) -> dict:
 def network(args) -> dict:
     import torch
     from slowllm.coordinator import Sampling
-    from slowllm.coordinator._launch import LocalCluster
+    from slowllm.coordinator.demo._launch import LocalCluster
 
     # bf16, as volunteers' nodes keep a bf16 checkpoint on CPUs that compute it natively (this one does): there
     # a pass of 5 positions costs what one does; in fp32, MKL's GEMM for 2-16 rows costs twice its GEMV

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slowllm.coordinator import Sampling, make_checkpoint, tiny_config
-from slowllm.coordinator._launch import LocalCluster
+from slowllm.coordinator.demo._launch import LocalCluster
 from slowllm.protocol import Channel, Forward, encode_tensor, pack
 
 WORK = Path(__file__).parent / "_work"

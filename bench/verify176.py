@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     args = p.parse_args()
     from slowllm.coordinator import LocalRunner
-    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator.jobs._ends import ModelEnds
     from slowllm.node import Checkpoint
 
     model = build(WORK / "bloom176-1block")

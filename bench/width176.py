@@ -58,7 +58,7 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], flo
 def build(path: Path) -> Path:
     if (path / "model.safetensors.index.json").is_file():
         return path
-    from slowllm.coordinator._tiny import train_tokenizer, tiny_config
+    from slowllm.coordinator.demo._tiny import train_tokenizer, tiny_config
 
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_config(n_layer=1, hidden=HIDDEN, n_head=HEADS, vocab_size=VOCAB, std=0.02)
@@ -95,7 +95,7 @@ def _rss(pid: int) -> int:
 
 
 def _text(tokens: int, ends) -> str:
-    from slowllm.coordinator._tiny import CORPUS
+    from slowllm.coordinator.demo._tiny import CORPUS
     words, text = CORPUS.split(), []
     while len(ends.encode(" ".join(text))) < tokens:
         text.extend(words)
@@ -113,7 +113,7 @@ def main() -> int:
     print(f"checkpoint: 1 block of hidden {HIDDEN}, {HEADS} heads ({time.perf_counter() - t0:.0f} s to build)",
           flush=True)
     from slowllm.coordinator import LocalRunner
-    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator.jobs._ends import ModelEnds
     from slowllm.node import Checkpoint
 
     ends = ModelEnds(Checkpoint(model))

@@ -46,8 +46,8 @@ SHAPES = {  # the real models' widths
 
 
 def build(family: str) -> Path:
-    from slowllm.coordinator._tiny import tiny_config, train_tokenizer
-    from slowllm.node._families import FAMILIES, layer_shapes
+    from slowllm.coordinator.demo._tiny import tiny_config, train_tokenizer
+    from slowllm.node.engine._families import FAMILIES, layer_shapes
 
     shape = dict(SHAPES[family])
     path = WORK / f"{shape.pop('name')}-1block"
@@ -154,9 +154,9 @@ def node_kv(model: Path, tokens: int) -> dict:
     from netutil import Cluster
 
     from slowllm.coordinator import Sampling
-    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator.jobs._ends import ModelEnds
     from slowllm.node import Checkpoint
-    from slowllm.node._families import kv_width
+    from slowllm.node.engine._families import kv_width
 
     ck = Checkpoint(model)
     ends = ModelEnds(ck)
@@ -187,9 +187,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=600)
     parser.add_argument("--kv-tokens", type=int, default=4000)
     args = parser.parse_args()
-    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator.jobs._ends import ModelEnds
     from slowllm.node import Checkpoint
-    from slowllm.node._quantize import quantize_checkpoint
+    from slowllm.node.engine._quantize import quantize_checkpoint
 
     results = {}
     for family in args.family:

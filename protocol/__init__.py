@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_exports
+from slowllm.utils._lazy import lazy_exports
 
 _EXPORTS = {
     "._errors": ["AuthError", "BusyError", "CheckpointError", "InputError", "MemoryBudgetError", "ProtocolError", "SlowllmError", "UnavailableError", "error_from_reply"],

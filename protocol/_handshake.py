@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import hmac
 import os
-
-import msgpack
 import struct
 import threading
+
+import msgpack
 
 from ._errors import AuthError, ProtocolError, SlowllmError
 from ._framing import Limits, pack, unpack

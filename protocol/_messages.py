@@ -84,7 +84,7 @@ class Register(_Msg):
     quantization: Literal["none", "int8"] = "none"  # int8: weights from an int8 copy (looser tolerance)
     speed: float = Field(0.0, ge=0, allow_inf_nan=False)  # measured tokens x blocks per second (its word)
     name: str = Field("", max_length=64)
-    # per block first..last: SHA-256 of its weights (node/_digests.py), checked against the coordinator's
+    # per block first..last: SHA-256 of its weights (node/engine/_digests.py), checked against the coordinator's
     digests: list[Annotated[str, Field(max_length=64)]] = Field([], max_length=1 << 12)
 
 

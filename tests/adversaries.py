@@ -13,7 +13,7 @@ import torch
 import websockets
 
 from slowllm.node import Checkpoint
-from slowllm.node._digests import block_digests
+from slowllm.node.engine._digests import block_digests
 from slowllm.protocol import (Backward, CloseSession, Error, Forward, Limits, PeerHandshake, Register, Result, Results,
                               Step, Steps, decode_tensor, encode_tensor, pack)
 
@@ -46,7 +46,7 @@ class LyingNode:
         self.quantization = quantization  # what it declares (int8: the looser tolerance between nodes)
         self.digests = block_digests(checkpoint, range(first, last + 1), quantization == "int8")  # real weights
         if lie == "off5":  # computes the blocks for real, then moves the answer by 5% (forwards only)
-            from slowllm.node._resident import ResidentBlocks
+            from slowllm.node.engine._resident import ResidentBlocks
             self.blocks = ResidentBlocks(checkpoint, first, last, torch.float32)
         self.answered = 0
         self.received: list[tuple[str, str, str]] = []  # (message type, dtype, codec) of each hidden state

@@ -98,5 +98,5 @@ def hf_logprob(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slowllm.coordinator._cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "slowllm.coordinator.cli._main", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from slowllm.coordinator._launch import LocalCluster as Cluster  # noqa: F401
+from slowllm.coordinator.demo._launch import LocalCluster as Cluster  # noqa: F401
 
 
 def free_port() -> int:

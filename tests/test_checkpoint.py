@@ -127,7 +127,7 @@ def test_hub_id_downloads_only_needed_files(monkeypatch, tiny_model):
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr("slowllm.node._checkpoint._check_hub_reachable", lambda *a: None)  # the mock hub is up
+    monkeypatch.setattr("slowllm.node.engine._checkpoint._check_hub_reachable", lambda *a: None)  # the mock hub is up
     ck = Checkpoint("bigscience/bloom-tiny")
     ck.read(block_keys(4))
     index = json.loads((tiny_model / "model.safetensors.index.json").read_text())["weight_map"]

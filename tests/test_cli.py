@@ -35,7 +35,7 @@ def test_output_into_a_pipe_that_closes_early_ends_quietly(tiny_model):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "slowllm.coordinator._cli", "generate", "a", "b", "c", "--max-new-tokens", "2",
+    cmd = [sys.executable, "-m", "slowllm.coordinator.cli._main", "generate", "a", "b", "c", "--max-new-tokens", "2",
            "--json", "--local", "--model", str(tiny_model), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # the reader is gone before the first line is written
@@ -125,7 +125,7 @@ def test_simple_mistakes_are_one_sentence_before_torch_is_imported(tiny_model, t
     wide = tmp_path / "wide.safetensors"  # a soft prompt of another model's width (64 here)
     header = b'{"prompt":{"dtype":"F32","shape":[2,128],"data_offsets":[0,1024]}}'
     wide.write_bytes(len(header).to_bytes(8, "little") + header + bytes(1024))
-    slowllm = [sys.executable, "-m", "slowllm.coordinator._cli"]
+    slowllm = [sys.executable, "-m", "slowllm.coordinator.cli._main"]
     cases = [
         (slowllm + ["generate", "x", "--local", "--model", str(tmp_path / "nowhere")], "is not a directory"),
         (slowllm + ["generate", "x", "--local", "--model", str(tiny_model), "--soft-prompt", str(tmp_path / "no.st")],
@@ -133,9 +133,9 @@ def test_simple_mistakes_are_one_sentence_before_torch_is_imported(tiny_model, t
         (slowllm + ["generate", "x", "--local", "--model", str(tiny_model), "--soft-prompt", str(wide)],
          "tuned for another model (width 128"),
         (slowllm + ["serve", "--local", "--model", str(tiny_model), "--port", port], "pick another --port"),
-        ([sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", str(tiny_model), "--port", "0",
+        ([sys.executable, "-m", "slowllm.coordinator.cli._coordinator", "--model", str(tiny_model), "--port", "0",
           "--http-port", port], "pick another --http-port"),
-        ([sys.executable, "-m", "slowllm.node._cli", "--layers", "4-9", "--model", str(tiny_model)],
+        ([sys.executable, "-m", "slowllm.node.server._cli", "--layers", "4-9", "--model", str(tiny_model)],
          "outside the model's blocks 0-5"),
     ]
     try:

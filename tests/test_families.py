@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import run_cli
 from netutil import Cluster
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
-from slowllm.coordinator._tune import loss_and_grad
+from slowllm.coordinator.jobs._tune import loss_and_grad
 from slowllm.node import Checkpoint, ResidentBlocks
 
 FAMILIES = ["gpt_neox", "llama"]
@@ -208,8 +208,8 @@ def test_rotary_positions_skip_holes_in_the_mask(model):
 
 
 def test_int8_copy_of_the_family(model, runner, tmp_path):
-    from slowllm.coordinator._fidelity import compare
-    from slowllm.node._quantize import quantize_checkpoint
+    from slowllm.coordinator.jobs._fidelity import compare
+    from slowllm.node.engine._quantize import quantize_checkpoint
 
     out = quantize_checkpoint(model, tmp_path / "int8", progress=False)
     ck = Checkpoint(out)
@@ -307,12 +307,12 @@ def test_demo_runs_a_llama_end_to_end(tmp_path):
 def test_readme_table_of_models_is_computed_from_the_node_formula():
     from pathlib import Path
 
-    from slowllm.node._memory import family_table
+    from slowllm.node.engine._memory import family_table
 
     root = Path(__file__).parents[1]
     table = family_table()
     assert table in (root / "README.md").read_text(), \
-        "README's table of models per family drifted from slowllm.node._memory.family_table"
+        "README's table of models per family drifted from slowllm.node.engine._memory.family_table"
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
     pcs = {name: (row[5], row[7]) for name, row in rows.items()}  # PCs in bf16, in int8
     assert pcs["EleutherAI/gpt-neox-20b"][0] == "4" and pcs["meta-llama/Llama-3.1-70B"] == ("14", "7")

@@ -24,7 +24,7 @@ from netutil import Cluster, free_port
 from slowllm.coordinator import make_checkpoint, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIS = ["slowllm.coordinator._cli", "slowllm.node._cli", "slowllm.coordinator._server_cli"]
+CLIS = ["slowllm.coordinator.cli._main", "slowllm.node.server._cli", "slowllm.coordinator.cli._coordinator"]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_help_and_version_answer_at_once_without_torch(module):
 def test_coordinator_and_client_start_without_transformers_blocks():
     """Only what runs blocks needs transformers' modeling code (~3 s to import on 2 cores), and a client
     that sends text needs no torch (~1 s)."""
-    probe = ("import sys\nimport slowllm.coordinator._client\nprint('torch' in sys.modules)\n"
-             "import slowllm.coordinator._server, slowllm.coordinator._serve\n"
+    probe = ("import sys\nimport slowllm.coordinator.client._client\nprint('torch' in sys.modules)\n"
+             "import slowllm.coordinator.swarm._server, slowllm.coordinator.api._backends\n"
              "print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split("\n")[-3:-1] == ["False", "[]"], out.stdout + out.stderr
@@ -67,7 +67,7 @@ def test_coordinator_and_client_start_without_transformers_blocks():
 def test_help_texts_have_descriptions_defaults_and_examples():
     out = run_cli("generate", "--help").stdout
     assert "(default: 20)" in out and "examples:" in out and "slowllm generate" in out
-    node = subprocess.run([sys.executable, "-m", "slowllm.node._cli", "--help"], capture_output=True, text=True).stdout
+    node = subprocess.run([sys.executable, "-m", "slowllm.node.server._cli", "--help"], capture_output=True, text=True).stdout
     assert "(default: 2GB)" in node and "examples:" in node
     typo = run_cli("generate", "x", "--max-new-token", "3")
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
@@ -96,7 +96,7 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     model = layout_model("st-bf16")  # also: the start-up line says which dtype the blocks are kept in
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [tmp_path / "http.log", tmp_path / "tls.log"]
-    procs = [subprocess.Popen([sys.executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--model", str(model),
+    procs = [subprocess.Popen([sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-1", "--model", str(model),
                                "--coordinator", f"{scheme}://127.0.0.1:{port}", *threads], stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, env=env)
              for scheme, log, threads in zip(("ws", "wss"), logs, ([], ["--threads", "1"]))]
@@ -114,10 +114,10 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
         assert text.count("retrying in") >= 3
     assert "HTTP 502 instead of a WebSocket" in plain
     assert "is the coordinator serving wss://? if not, use ws://" in tls
-    from slowllm.node._memory import fast_bf16
+    from slowllm.node.engine._memory import fast_bf16
     expected = "in bfloat16 (the checkpoint's dtype" if fast_bf16() else "in float32 (this CPU has no fast"
     assert expected in plain
-    from slowllm.node._kernels import describe  # the start-up line names the kernels and the threads
+    from slowllm.node.kernels._kernels import describe  # the start-up line names the kernels and the threads
     assert describe() in plain and f", {torch.get_num_threads()} thread" in plain and ", 1 thread)" in tls
 
 
@@ -133,12 +133,12 @@ def test_node_refuses_a_range_that_does_not_fit_and_names_one_that_does(models_d
     model = models_dir / "mid"
     if not (model / "config.json").is_file():
         make_checkpoint(model, tiny_config(n_layer=6, hidden=512, n_head=8))
-    from slowllm.node._blocks import block_nbytes
-    from slowllm.node._memory import NODE_RUNTIME_BYTES
+    from slowllm.node.engine._blocks import block_nbytes
+    from slowllm.node.engine._memory import NODE_RUNTIME_BYTES
 
     block = block_nbytes(tiny_config(n_layer=6, hidden=512, n_head=8), torch.float32)
     memory = NODE_RUNTIME_BYTES + (100 << 20) + int(3.5 * block)
-    proc = subprocess.run([sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(model),
+    proc = subprocess.run([sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-5", "--model", str(model),
                            "--dtype", "float32", "--session-memory", "100MB", "--memory", str(memory),
                            "--coordinator", "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -149,14 +149,14 @@ def test_node_refuses_a_range_that_does_not_fit_and_names_one_that_does(models_d
 def test_guide_table_is_computed_from_the_node_formula():
     from transformers import BloomConfig
 
-    from slowllm.node._blocks import block_nbytes
-    from slowllm.node._memory import guide_table
+    from slowllm.node.engine._blocks import block_nbytes
+    from slowllm.node.engine._memory import guide_table
 
     bloom = BloomConfig(hidden_size=14336, n_head=112, n_layer=70, vocab_size=250880)
     table = guide_table(block_nbytes(bloom, torch.bfloat16), block_nbytes(bloom, torch.float32), 70,
                         block_bytes_int8=block_nbytes(bloom, torch.bfloat16, int8=True))
     guide = (ROOT / "deploy" / "GUIDE.md").read_text()
-    assert table in guide, "deploy/GUIDE.md's node table drifted from slowllm.node._memory.guide_table"
+    assert table in guide, "deploy/GUIDE.md's node table drifted from slowllm.node.engine._memory.guide_table"
     assert "| 64 GB | 11 | 5 | 7 |" in table  # 11 x 4.6 GiB + 2 GB KV + 1 GB runtime within 85% of 64 GB
     assert "| 64 GB | 11 | 5 | 7 | 22 | 4 |" in table  # int8: 2.3 GiB per block
 
@@ -171,10 +171,10 @@ def test_streamed_text_stays_on_the_terminal_screen(tiny_model, tmp_path):
     assert expected.returncode == 0, expected.stderr
     import json
 
-    from slowllm.coordinator._cli import terminal_safe
+    from slowllm.coordinator.cli._main import terminal_safe
     text = terminal_safe(prompt + json.loads(expected.stdout)["text"])
     session = f"slowllm-test-{os.getpid()}"
-    command = " ".join([sys.executable, "-m", "slowllm.coordinator._cli", *(f"'{a}'" for a in args)])
+    command = " ".join([sys.executable, "-m", "slowllm.coordinator.cli._main", *(f"'{a}'" for a in args)])
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "250", "-y", "20",
                     f"{command}; echo __DONE__; sleep 60"], check=True, env={**os.environ, "TERM": "xterm"})
     try:
@@ -211,7 +211,7 @@ def test_cluster_up_refuses_a_range_outside_the_model(tmp_path, tiny_model):
 def test_a_failed_cluster_up_quotes_why_and_leaves_nothing_behind(tmp_path, tiny_model):
     import socket
 
-    from slowllm.coordinator._cluster import _as_yaml_keys
+    from slowllm.coordinator.cli._cluster import _as_yaml_keys
 
     path = _cluster_file(tmp_path, tiny_model, [{"name": "a", "layers": "0-5"}])
     port = yaml.safe_load(path.read_text())["coordinator"]["port"]
@@ -269,7 +269,7 @@ def test_start_line_root_redirect_and_status_page(gap_cluster):
 
 
 def test_status_text_has_units_and_plurals():
-    from slowllm.coordinator._client import format_status
+    from slowllm.coordinator.client._client import format_status
 
     node = {"device": "cpu", "dtype": "bfloat16", "speed": 352.64, "load": 0, "sessions": 1}
     status = {"model": "m", "n_layer": 6, "active_jobs": 1, "failovers": 0, "missing": [3, 4, 5],
@@ -293,7 +293,7 @@ def test_tune_saves_every_n_steps_and_on_ctrl_c(tiny_model, tmp_path):
     assert proc.returncode == 0 and "saved the prompt of step 2" in proc.stdout, proc.stderr
 
     out.unlink()
-    tune = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "tune", "--data", str(data), "--out",
+    tune = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator.cli._main", "tune", "--data", str(data), "--out",
                              str(out), "--steps", "100000", "--prompt-tokens", "2", *local], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             # a shell's background job (CI may be one) starts with SIGINT ignored: restore it
@@ -303,14 +303,14 @@ def test_tune_saves_every_n_steps_and_on_ctrl_c(tiny_model, tmp_path):
     _, err = tune.communicate(timeout=60)
     assert tune.returncode == 130
     assert re.search(r"interrupted: saved the prompt of step \d+ to", err), err
-    from slowllm.coordinator._softprompt import read_soft_prompt
+    from slowllm.coordinator.jobs._softprompt import read_soft_prompt
     tensor, _ = read_soft_prompt(out)
     assert tensor.shape == (2, 64) and torch.isfinite(tensor).all()
 
 
 # ---- text as people read it ------------------------------------------------------------------------
 def test_decoded_text_leaves_out_special_tokens_and_streams_incrementally(tiny_model):
-    from slowllm.coordinator._runner import TextStream
+    from slowllm.coordinator.jobs._runner import TextStream
     from slowllm.coordinator import LocalRunner
 
     with LocalRunner(tiny_model, progress=False) as r:
@@ -358,7 +358,7 @@ def test_ctrl_c_stops_even_when_the_interrupt_is_swallowed(tmp_path):
     """KeyboardInterrupt raised inside a finalizer or callback is "ignored" by Python and the job ran on;
     the watchdog ends the process anyway (here the program swallows every interrupt on purpose)."""
     code = ("import sys, time\n"
-            "from slowllm.node._cli_common import exit_on_interrupt\n"
+            "from slowllm.utils._cli_common import exit_on_interrupt\n"
             "exit_on_interrupt('slowllm', grace=1.0)\n"
             "print('ready', flush=True)\n"
             "while True:\n"
@@ -373,9 +373,9 @@ def test_ctrl_c_stops_even_when_the_interrupt_is_swallowed(tmp_path):
 
 
 def test_ctrl_c_ends_generation_and_a_retrying_node_without_tracebacks(tiny_model):
-    generate = [sys.executable, "-m", "slowllm.coordinator._cli", "generate", "Once upon a time", "--local",
+    generate = [sys.executable, "-m", "slowllm.coordinator.cli._main", "generate", "Once upon a time", "--local",
                 "--model", str(tiny_model), "--max-new-tokens", "3000", "--no-progress"]
-    node = [sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(tiny_model),
+    node = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-5", "--model", str(tiny_model),
             "--coordinator", f"ws://127.0.0.1:{free_port()}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -34,7 +34,7 @@ def local(model):
 
 def start_serve(model, *extra):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator.cli._main", "serve", "--local", "--model", str(model),
                              "--keep-in-ram", "--port", str(port), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
@@ -176,15 +176,15 @@ def test_keys(model, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
-    out = subprocess.run([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model", str(model),
+    out = subprocess.run([sys.executable, "-m", "slowllm.coordinator.cli._main", "serve", "--local", "--model", str(model),
                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "without keys" in out.stderr
 
 
 def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(model, local, tmp_path):
     """In-process server: 6 concurrent requests run as one batch; a client that hangs up is stopped."""
-    from slowllm.coordinator._http import make_app, server
-    from slowllm.coordinator._serve import LocalBackend
+    from slowllm.coordinator.api._app import make_app, server
+    from slowllm.coordinator.api._backends import LocalBackend
 
     backend = LocalBackend(local, "http-model")
     jobs = []
@@ -236,7 +236,7 @@ def test_requests_that_arrive_together_share_passes_and_a_dropped_stream_stops(m
     http.should_exit = True
     # soft prompts by name, from --soft-prompts DIR
     import torch
-    from slowllm.coordinator._softprompt import save_soft_prompt
+    from slowllm.coordinator.jobs._softprompt import save_soft_prompt
 
     prompts_dir = tmp_path / "prompts"
     prompts_dir.mkdir()

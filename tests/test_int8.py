@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import run_cli
 from netutil import Cluster
 from slowllm.coordinator import LocalRunner, Sampling, make_checkpoint, tiny_config
-from slowllm.coordinator._fidelity import compare
+from slowllm.coordinator.jobs._fidelity import compare
 from slowllm.node import BlockCache, Checkpoint
-from slowllm.node._linears import Int8Linear, int8_matmul, quantize_rows
-from slowllm.node._quantize import quantize_checkpoint
+from slowllm.node.kernels._linears import Int8Linear, int8_matmul, quantize_rows
+from slowllm.node.engine._quantize import quantize_checkpoint
 from slowllm.protocol import CheckpointError
 
 GREEDY = Sampling(max_new_tokens=10)
@@ -140,7 +140,7 @@ def test_int8_node_beside_bf16_nodes_and_an_int8_swarm(models, secret):
 def test_lm_head_kernel_and_converted_chunks_agree(models, models_dir, int8):
     """Scoring and fp32 decoding read the stored bf16 or int8 head rows through the kernel up to
     HEAD_KERNEL_MAX_ROWS positions and convert chunks beyond: both give the fp32 numbers of the dense head."""
-    from slowllm.coordinator._ends import HEAD_KERNEL_MAX_ROWS, ModelEnds
+    from slowllm.coordinator.jobs._ends import HEAD_KERNEL_MAX_ROWS, ModelEnds
 
     path = models["ctx8"] if int8 else models_dir / "q-ctx-bf16"
     if not int8 and not (path / "config.json").exists():

@@ -1,4 +1,4 @@
-"""The decode kernels per instruction set, and a build that cannot hang or lie (node/_build.py)."""
+"""The decode kernels per instruction set, and a build that cannot hang or lie (node/kernels/_build.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from slowllm.coordinator import make_checkpoint, tiny_config
-from slowllm.node._build import BuildUnavailable, build_extension, build_lock
-from slowllm.node._kernels import ISA_FLAGS, cpu_flags, kernels_for
-from slowllm.node._linears import quantize_rows
+from slowllm.node.kernels._build import BuildUnavailable, build_extension, build_lock
+from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags, kernels_for
+from slowllm.node.kernels._linears import quantize_rows
 
 ISAS = list(ISA_FLAGS)
 
@@ -30,7 +30,7 @@ def runnable(isa: str):
 def _no_toolchain() -> str:
     import shutil
 
-    from slowllm.node._build import compiler
+    from slowllm.node.kernels._build import compiler
 
     try:
         compiler()
@@ -83,7 +83,7 @@ def test_each_build_matches_float_references(isa):
 DECODE = textwrap.dedent("""
     import json, sys
     from slowllm.coordinator import LocalRunner, Sampling
-    from slowllm.node._kernels import kernels
+    from slowllm.node.kernels._kernels import kernels
     runner = LocalRunner(sys.argv[1], keep_in_ram=True, progress=False)  # no dtype asked: the default
     out = runner.generate(["The quick brown fox", "Once"], Sampling(max_new_tokens=8))
     k = kernels()
@@ -116,7 +116,7 @@ TINY = """#include <pybind11/pybind11.h>
 int answer() { return %d; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
 """
-BUILD = ("import sys; from pathlib import Path; from slowllm.node._build import build_extension; "
+BUILD = ("import sys; from pathlib import Path; from slowllm.node.kernels._build import build_extension; "
          "m, d = build_extension('tinyext', [Path(sys.argv[1])], ['-O0'], [], Path(sys.argv[2]), timeout=120); "
          "print(m.answer(), d.name)")
 
@@ -174,13 +174,13 @@ def test_no_compiler_is_one_sentence_saying_what_to_install(tmp_path, monkeypatc
 
 
 def test_an_isa_this_cpu_cannot_run_or_does_not_know_is_refused(monkeypatch):
-    from slowllm.node._kernels import chosen_isa
+    from slowllm.node.kernels._kernels import chosen_isa
 
     monkeypatch.setenv("SLOWLLM_ISA", "sse9")
     with pytest.raises(ValueError, match="SLOWLLM_ISA=sse9 is not one of avx512bf16, avx2, none"):
         chosen_isa()
     monkeypatch.setenv("SLOWLLM_ISA", "avx512bf16")
-    monkeypatch.setattr("slowllm.node._kernels.cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setattr("slowllm.node.kernels._kernels.cpu_flags", lambda: {"avx2", "fma", "f16c"})
     with pytest.raises(ValueError, match="needs CPU flags this CPU lacks .*use SLOWLLM_ISA=avx2"):
         chosen_isa()
 
@@ -188,8 +188,8 @@ def test_an_isa_this_cpu_cannot_run_or_does_not_know_is_refused(monkeypatch):
 def test_without_native_bf16_many_rows_widen_the_weight_in_slices(monkeypatch):
     """An AVX2 PC keeps bf16 blocks; PyTorch's bf16 GEMM is slow there, so prompts widen 64 MB slices of
     the weight into fp32 (bf16 and int8 weights): the fp32 numbers up to bf16 rounding of the output."""
-    from slowllm.node import _linears
-    from slowllm.node._linears import GemvLinear, int8_matmul
+    from slowllm.node.kernels import _linears
+    from slowllm.node.kernels._linears import GemvLinear, int8_matmul
 
     monkeypatch.setattr(_linears, "_NATIVE", False)
     monkeypatch.setattr(_linears, "_DEQUANT_BYTES", 64 * 40 * 4)  # several slices and a partial last one
@@ -211,7 +211,7 @@ def test_without_native_bf16_many_rows_widen_the_weight_in_slices(monkeypatch):
 
 @runnable("avx512bf16")
 def test_the_per_machine_choices_are_measured_once_and_kept(tmp_path):
-    from slowllm.node._kernels import _calibrate
+    from slowllm.node.kernels._kernels import _calibrate
 
     k = build("avx512bf16")
     path = tmp_path / "tuning.json"

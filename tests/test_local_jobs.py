@@ -5,8 +5,8 @@ import torch
 
 from conftest import hf_logprob, hf_model
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions
-from slowllm.coordinator._jobs import inputs_embeds
-from slowllm.coordinator._tune import loss_and_grad
+from slowllm.coordinator.jobs._score import inputs_embeds
+from slowllm.coordinator.jobs._tune import loss_and_grad
 
 PROMPTS = ["The capital of", "Once upon a time there was a researcher", "Yes", "Bloom is a large language model"]
 
@@ -124,7 +124,7 @@ def test_tuning_lowers_the_loss_and_raises_logprobs(runner, tmp_path):
 
 
 def test_soft_prompt_in_generate_changes_the_output(runner, tmp_path):
-    from slowllm.coordinator._softprompt import save_soft_prompt
+    from slowllm.coordinator.jobs._softprompt import save_soft_prompt
     path = tmp_path / "p.safetensors"
     save_soft_prompt(path, torch.randn(3, 64), runner.fingerprint, "tiny")
     plain = runner.generate(PROMPTS[:2], Sampling(max_new_tokens=5))
@@ -197,7 +197,7 @@ def test_spill_dir_is_removed_after_the_job(tiny_model, tmp_path):
 def test_embedding_and_head_read_from_disk_give_the_same_numbers(tiny_model, runner):
     """The path the memory plan takes when the embedding does not fit: read in chunks from the checkpoint."""
     from slowllm.coordinator import Runner
-    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator.jobs._ends import ModelEnds
 
     ends = ModelEnds(runner.checkpoint, resident_embedding=False, head_chunk_bytes=4096)
     assert ends._resident == {} and ends.head_chunk_rows < ends.vocab_size
@@ -220,7 +220,7 @@ def test_an_empty_prompt_starts_from_bos(runner, tiny_model):
 
 
 def test_top_k_and_top_p_restrict_the_choice():
-    from slowllm.coordinator._generate import pick_tokens
+    from slowllm.coordinator.jobs._generate import pick_tokens
 
     logits = torch.log(torch.tensor([[0.05, 0.6, 0.05, 0.3]]))
     g = torch.Generator().manual_seed(0)
@@ -235,8 +235,8 @@ def test_top_k_and_top_p_restrict_the_choice():
 def test_streamed_text_ends_with_a_character_the_last_token_cut(tiny_model):
     """Plain streamed output shows what --json shows: a character cut by the last token (U+FFFD) is
     printed at the end, not dropped; whole characters come out as soon as they are complete."""
-    from slowllm.coordinator._ends import ModelEnds
-    from slowllm.coordinator._runner import TextStream
+    from slowllm.coordinator.jobs._ends import ModelEnds
+    from slowllm.coordinator.jobs._runner import TextStream
     from slowllm.node import Checkpoint
 
     ends = ModelEnds(Checkpoint(tiny_model))

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch
     from slowllm.coordinator import LocalRunner, Sampling
-    from slowllm.coordinator import _local  # noqa: F401 (transformers' blocks: imported when a runner is built)
+    from slowllm.coordinator.chains import _local  # noqa: F401 (transformers' blocks: imported when a runner is built)
     from slowllm.node import process_rss
     model, extra = sys.argv[1], int(sys.argv[2])
     budget = process_rss() + extra

@@ -63,7 +63,7 @@ class FarCluster:
         self.model, self.secret = str(model), str(secret)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs = []
-        coord = self.spawn([sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", self.model,
+        coord = self.spawn([sys.executable, "-m", "slowllm.coordinator.cli._coordinator", "--model", self.model,
                             "--host", HOST_IP, "--port", "0", "--secret-file", self.secret,
                             "--request-timeout", "3", "--wait-for-nodes", "60"])
         self.url = coord.stdout.readline().split("ready at ")[1].split()[0]
@@ -82,7 +82,7 @@ class FarCluster:
         return proc
 
     def node(self, layers, name, in_namespace=False):
-        return self.spawn([sys.executable, "-m", "slowllm.node._cli", "--layers", layers, "--coordinator", self.url,
+        return self.spawn([sys.executable, "-m", "slowllm.node.server._cli", "--layers", layers, "--coordinator", self.url,
                            "--model", self.model, "--secret-file", self.secret, "--name", name], in_namespace)
 
     def stop(self):

@@ -169,7 +169,7 @@ def test_bad_requests_to_a_node_get_errors(cluster, secret):
         async with websockets.serve(handler, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--coordinator",
+                sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-1", "--coordinator",
                 f"ws://127.0.0.1:{port}", "--model", cluster.model, "--secret-file", str(secret))
             try:
                 return await asyncio.wait_for(got, 60)

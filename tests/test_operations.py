@@ -46,7 +46,7 @@ def test_tls_coordinator_with_self_signed_certificate(tiny_model, tmp_path):
 
 
 def test_non_loopback_without_secret_is_refused(tiny_model):
-    proc = subprocess.run([sys.executable, "-m", "slowllm.coordinator._server_cli", "--model", str(tiny_model),
+    proc = subprocess.run([sys.executable, "-m", "slowllm.coordinator.cli._coordinator", "--model", str(tiny_model),
                            "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "without a shared secret" in proc.stderr and "Traceback" not in proc.stderr
 

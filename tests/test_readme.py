@@ -49,9 +49,9 @@ def test_readme_has_the_blocks_this_test_runs():
 
 @pytest.mark.parametrize("words", commands(), ids=lambda w: " ".join(w)[:60])
 def test_every_command_parses(words):
-    from slowllm.coordinator._cli import build_parser as jobs
-    from slowllm.coordinator._server_cli import build_parser as coordinator
-    from slowllm.node._cli import build_parser as node
+    from slowllm.coordinator.cli._main import build_parser as jobs
+    from slowllm.coordinator.cli._coordinator import build_parser as coordinator
+    from slowllm.node.server._cli import build_parser as node
 
     parser = {"slowllm": jobs, "slowllm-node": node, "slowllm-coordinator": coordinator}[words[0]]()
     try:
@@ -83,7 +83,7 @@ def _scores_match_transformers(model, questions, stdout: str, dtype: str) -> int
     """The README's score command prints what transformers computes: each choice's log-likelihood (to
     bf16 rounding where the command asks for bf16), and the likeliest choice where the gap is clear."""
     from conftest import hf_logprob, hf_model
-    from slowllm.coordinator._ends import ModelEnds
+    from slowllm.coordinator.jobs._ends import ModelEnds
     from slowllm.node import Checkpoint
 
     ends = ModelEnds(Checkpoint(model))
@@ -105,7 +105,7 @@ def test_python_blocks_run(tiny_model, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("readme-secret-0123456789abcdef")
     port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator._cli", "serve", "--local", "--model",
+    api = subprocess.Popen([sys.executable, "-m", "slowllm.coordinator.cli._main", "serve", "--local", "--model",
                             str(tiny_model), "--keep-in-ram", "--port", str(port), "--served-model-name", "bloom"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -122,7 +122,7 @@ def _chi2_critical(df: int, z: float = 3.29) -> float:
 def _exact(model_dir, prompt_ids: list[int], s: Sampling, depth: int) -> dict[tuple, float]:
     """P(first `depth` tokens) under `s` for the checkpoint, enumerated with transformers' BloomForCausalLM."""
     from conftest import hf_model
-    from slowllm.coordinator._generate import probabilities
+    from slowllm.coordinator.jobs._generate import probabilities
 
     model = hf_model(model_dir)
     dist = {(): 1.0}
@@ -248,8 +248,8 @@ def test_asking_for_a_draft_where_there_is_none_says_so(tiny_model):
 
 
 def test_node_sessions_roll_back_only_what_they_hold():
-    from slowllm.node._blocks import BlockCache
-    from slowllm.node._server import Sessions
+    from slowllm.node.engine._blocks import BlockCache
+    from slowllm.node.server._server import Sessions
 
     sessions = Sessions(1 << 30)
     caches = sessions.get("s", range(2, 4), position_bytes=0, new=5, max_length=16)

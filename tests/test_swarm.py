@@ -13,9 +13,9 @@ import torch
 
 from slowllm.coordinator import Sampling, make_checkpoint, tiny_config
 from slowllm.node import Checkpoint
-from slowllm.node._blocks import BlockCache
-from slowllm.node._merge import StepPart, plan_forwards, plan_steps, run_merged_forwards, run_merged_steps
-from slowllm.node._resident import ResidentBlocks
+from slowllm.node.engine._blocks import BlockCache
+from slowllm.node.engine._merge import StepPart, plan_forwards, plan_steps, run_merged_forwards, run_merged_steps
+from slowllm.node.engine._resident import ResidentBlocks
 
 
 @pytest.fixture(scope="module", params=["bloom", "llama"])
@@ -175,7 +175,7 @@ def test_concurrent_clients_share_passes_and_get_what_they_get_alone(tiny_model,
 def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
     """The node's side of a merged pass, in process: a Steps message whose middle step is malformed gets an
     error for that step only; the others equal the same steps sent alone."""
-    from slowllm.node._server import NodeServer, _Queue
+    from slowllm.node.server._server import NodeServer, _Queue
     from slowllm.protocol import Channel, Error, Result, Results, Step, Steps, decode_tensor, encode_tensor, pack, unpack
 
     node = NodeServer(first=0, last=5, coordinator="ws://127.0.0.1:9", model=str(tiny_model), dtype=torch.float32)

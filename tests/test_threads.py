@@ -1,4 +1,4 @@
-"""How slowllm's processes use CPU threads (node/_openmp.py): one thread per process runs torch's
+"""How slowllm's processes use CPU threads (utils/_openmp.py): one thread per process runs torch's
 parallel work, and the commands keep idle OpenMP workers from spinning for milliseconds."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import threading
 import pytest
 import torch
 
-from slowllm.node._openmp import SPIN_COUNT, ComputeThread
-from slowllm.node._server import NodeServer, _Queue
+from slowllm.utils._openmp import SPIN_COUNT, ComputeThread
+from slowllm.node.server._server import NodeServer, _Queue
 from slowllm.protocol import Channel, CloseSession, Error, Result, Step, encode_tensor, unpack
 
 
@@ -32,9 +32,9 @@ def test_a_node_does_all_its_torch_work_on_its_compute_thread(tiny_model, monkey
             return original(*args, **kwargs)
         monkeypatch.setattr(owner, name, wrapper)
 
-    import slowllm.node._server as server
+    import slowllm.node.server._server as server
     from slowllm.node import Checkpoint
-    from slowllm.node._resident import ResidentBlocks
+    from slowllm.node.engine._resident import ResidentBlocks
     spy(Checkpoint, "read_block")
     spy(ResidentBlocks, "forward")
     spy(Channel, "unpack")
@@ -76,7 +76,7 @@ def test_compute_thread_runs_tasks_in_order_and_hands_back_errors():
         compute.submit(lambda: 1 / 0).result(5)
     assert compute.submit(lambda: 7).result(5) == 7  # the thread survived the error
     # a daemon: a process whose compute thread runs forever (a server's batch loop) still exits
-    code = ("from slowllm.node._openmp import ComputeThread; import threading; "
+    code = ("from slowllm.utils._openmp import ComputeThread; import threading; "
             "ComputeThread().submit(threading.Event().wait); print('done')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "done"
@@ -88,7 +88,7 @@ def test_compute_thread_runs_tasks_in_order_and_hands_back_errors():
     ({"OMP_WAIT_POLICY": "ACTIVE"}, None),  # so does a wait policy (the spin count follows from it)
 ])
 def test_commands_shorten_openmp_spinning_unless_the_user_chose(env, expected):
-    code = ("import os; from slowllm.node._openmp import share_cores; share_cores(); "
+    code = ("import os; from slowllm.utils._openmp import share_cores; share_cores(); "
             "print(os.environ.get('GOMP_SPINCOUNT'))")
     clean = {k: v for k, v in __import__("os").environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**clean, **env})

@@ -22,7 +22,7 @@ from adversaries import LIES, LyingNode
 from netutil import Cluster, connect_as
 from test_operations import _chromium
 from slowllm.coordinator import Client, LocalRunner, Sampling
-from slowllm.coordinator._client import format_status
+from slowllm.coordinator.client._client import format_status
 from slowllm.node import Checkpoint
 from slowllm.protocol import (Challenge, Error, Hello, Limits, Register, SlowllmError,
                               Welcome, pack, unpack)
@@ -119,7 +119,7 @@ def test_a_relay_that_rewrites_the_welcome_is_refused_and_the_node_keeps_retryin
             async with websockets.serve(relay, "127.0.0.1", 0, max_size=None) as server:
                 port = server.sockets[0].getsockname()[1]
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(tiny_model),
+                    sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-5", "--model", str(tiny_model),
                     "--coordinator", f"ws://127.0.0.1:{port}", "--secret-file", str(secret), "--name", "relayed",
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
                 deadline = time.monotonic() + 60
@@ -167,7 +167,7 @@ def test_a_fake_coordinator_fails_and_the_node_keeps_retrying(tiny_model, secret
         async with websockets.serve(impostor, "127.0.0.1", 0, max_size=None) as server:
             port = server.sockets[0].getsockname()[1]
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "slowllm.node._cli", "--layers", "0-1", "--coordinator",
+                sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-1", "--coordinator",
                 f"ws://127.0.0.1:{port}", "--secret-file", str(secret), "--name", "honest",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             deadline = time.monotonic() + 60
@@ -489,8 +489,8 @@ def test_a_short_fuzz_run_finds_no_crash_and_no_traceback():
 
 
 def test_close_reasons_are_cut_by_bytes_and_key_files_are_checked(tmp_path):
-    from slowllm.coordinator._keys import KeyRing, parse_client_keys
-    from slowllm.coordinator._server import close_reason
+    from slowllm.coordinator.swarm._keys import KeyRing, parse_client_keys
+    from slowllm.coordinator.swarm._server import close_reason
     from slowllm.protocol import AuthError
 
     reason = close_reason("é" * 200 + "✓")

@@ -18,7 +18,7 @@ import websockets
 
 from netutil import Cluster, accept_as_coordinator, connect_as
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
-from slowllm.coordinator._tiny import CORPUS
+from slowllm.coordinator.demo._tiny import CORPUS
 from slowllm.protocol import (Event, Forward, InputError, Job, Limits, Register, SlowllmError, Welcome, encode_tensor,
                               pack, peek, unpack)
 
@@ -124,7 +124,7 @@ def test_node_attention_memory_grows_linearly_with_the_prompt(wide_model):
 
 def test_session_budget_errors_and_idle_expiry(monkeypatch):
     from slowllm.node import BlockCache
-    from slowllm.node._server import Sessions
+    from slowllm.node.server._server import Sessions
     from slowllm.protocol import BusyError
 
     s = Sessions(budget=1000, idle_timeout=60)  # 2 blocks, 4 bytes per position and block (keys + values)
@@ -144,7 +144,7 @@ def test_session_budget_errors_and_idle_expiry(monkeypatch):
 def test_session_budget_counts_what_is_allocated_spare_room_and_copies_included():
     """Caches grow by half (spare room for decode steps) and copy when they grow: the budget holds the
     bytes allocated, the new buffer beside the old while copying, and spare room never passes max_length."""
-    from slowllm.node._server import Sessions
+    from slowllm.node.server._server import Sessions
     from slowllm.protocol import BusyError
 
     position = 2 * 4 * 4  # keys and values, 4 numbers of fp32, per position and block
@@ -223,8 +223,8 @@ async def _fake_coordinator(port_box: list, flood: int, frame_bytes: int, out: d
 
 @pytest.mark.slow
 def test_a_flood_of_requests_gets_busy_and_node_memory_stays_bounded(tiny_model):
-    from slowllm.node._blocks import block_nbytes
-    from slowllm.node._memory import NODE_RUNTIME_BYTES
+    from slowllm.node.engine._blocks import block_nbytes
+    from slowllm.node.engine._memory import NODE_RUNTIME_BYTES
 
     port_box, out = [], {}
     thread = threading.Thread(target=lambda: asyncio.run(_fake_coordinator(port_box, 300, 4 * MB, out)), daemon=True)
@@ -233,7 +233,7 @@ def test_a_flood_of_requests_gets_busy_and_node_memory_stays_bounded(tiny_model)
         time.sleep(0.05)
     session = 64 * MB
     memory = NODE_RUNTIME_BYTES + session + 6 * block_nbytes(tiny_config(), torch.float32) + 16 * MB  # -> 256 MB queue
-    node = subprocess.Popen([sys.executable, "-m", "slowllm.node._cli", "--layers", "0-5", "--model", str(tiny_model),
+    node = subprocess.Popen([sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-5", "--model", str(tiny_model),
                              "--coordinator", f"ws://127.0.0.1:{port_box[0]}", "--memory", str(memory),
                              "--session-memory", str(session)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -347,7 +347,7 @@ def test_unreachable_coordinator_is_one_sentence():
 
 
 def test_router_avoids_a_penalized_node():
-    from slowllm.coordinator._router import NodeLink, Router
+    from slowllm.coordinator.swarm._router import NodeLink, Router
 
     router = Router(6)
     a, b = (NodeLink(None, name, 0, 5, "cpu", "float32", speed) for name, speed in (("a", 10.0), ("b", 1.0)))
@@ -374,7 +374,7 @@ def test_a_scoring_file_larger_than_one_message_is_sent_as_several_jobs(tiny_mod
 
 def test_generate_splits_its_prompts_the_same_way(monkeypatch):
     from slowllm.coordinator import Client
-    from slowllm.coordinator._client import _TooLarge
+    from slowllm.coordinator.client._client import _TooLarge
 
     def fake_run(self, job, params, on_event=None):
         if len(params["prompts"]) > 2:

@@ -1,0 +1,278 @@
+"""Run transformers' own blocks (`BloomBlock`, `GPTNeoXLayer`, `LlamaDecoderLayer`...) on weights we load ourselves.
+
+Attention, MLP and norms are transformers' code; this module only decides where the weights come from,
+builds the position inputs (Bloom's alibi, or rotary cos/sin) and the causal + padding mask once per
+batch (not once per block), and keeps the per-block key/value cache that the attention appends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
+
+from ._families import Family, family_of, intermediate_size, layer_shapes
+
+
+def new_block(config, dtype: torch.dtype, device: torch.device | str = "cpu", int8: bool = False) -> torch.nn.Module:
+    """An empty block of the config's family whose parameters are filled by `load_weights`.
+
+    With `int8`, the block's linears are `Int8Linear`s (an int8 checkpoint's weights and per-row scales);
+    in bf16 they are `GemvLinear`s (decode steps through slowllm's GEMV kernel).
+    """
+    family = family_of(config)
+    with torch.device("meta"):
+        block = family.new_layer(config)
+        if int8:
+            use_int8_linears(block)
+        elif dtype == torch.bfloat16:
+            use_gemv_linears(block)
+    block.to_empty(device=device).to(dtype)  # floating parameters only: int8 weights stay int8
+    block.eval()
+    block.requires_grad_(False)
+    block.slowllm_family = family  # how to name its tensors and call it (`load_weights`, `run_block`)
+    block.slowllm_shapes = {name: shape for name, shape, _ in layer_shapes(config)}
+    return block
+
+
+def load_weights(block: torch.nn.Module, tensors: dict[str, torch.Tensor], layer: int) -> None:
+    """Point or copy the block's parameters at one layer's tensors.
+
+    When the checkpoint already holds the parameter's dtype on the same device (the compute dtype, or
+    int8 weights), the parameters become the (memory-mapped) checkpoint tensors themselves: no copy, no
+    allocation. Otherwise the tensors are converted into the block's existing parameter buffers, which is
+    several times faster than converting into freshly allocated tensors.
+    """
+    prefix = block.slowllm_family.block_prefix(layer)
+    for suffix, param in block.named_parameters():
+        key = prefix + suffix
+        if key not in tensors:
+            raise ValueError(f"tensor {key} is missing: is this block int8 while the checkpoint is not, or the reverse?")
+        src = tensors[key]
+        expected = block_param_shape(block, suffix)
+        if src.shape != expected:
+            raise ValueError(f"tensor {key} has shape {tuple(src.shape)}, expected {expected}")
+        if src.dtype == param.dtype and src.device == param.device:
+            param.data = src
+        else:
+            if param.data.shape != src.shape:  # released earlier: allocate the buffer once more
+                param.data = torch.empty(src.shape, dtype=param.dtype, device=param.device)
+            param.data.copy_(src)
+
+
+def release_weights(block: torch.nn.Module) -> None:
+    """Drop the block's references to checkpoint memory maps so their pages can be reclaimed."""
+    for param in block.parameters():
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+def block_param_shape(block: torch.nn.Module, suffix: str) -> tuple[int, ...]:
+    if suffix.endswith("weight_scale"):  # an Int8Linear's per-row scales: one per row of its weight
+        return block.slowllm_shapes[suffix.removesuffix("_scale")][:1]
+    return block.slowllm_shapes[suffix]
+
+
+def block_nbytes(config, dtype: torch.dtype, int8: bool = False) -> int:
+    """Bytes of one block's parameters in memory: `dtype` floats, or int8 linear weights beside them."""
+    total = 0
+    for _, shape, linear in layer_shapes(config):
+        n = torch.Size(shape).numel()
+        total += n + shape[0] * dtype.itemsize if int8 and linear else n * dtype.itemsize
+    return total
+
+
+def work_width(config) -> int:
+    """Numbers per token alive inside one block at its peak (fused projections, context, MLP, residuals)."""
+    return 8 * config.hidden_size + 2 * intermediate_size(config)
+
+
+@dataclass
+class AttentionInputs:
+    """Position inputs and additive mask for one batch, shared by every block it passes through."""
+
+    mask: torch.Tensor  # [batch, 1, q_len, kv_len], 0 where attention is allowed, dtype-min elsewhere
+    alibi: torch.Tensor | None = None  # Bloom: [batch * heads, 1, kv_len]
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # others: cos, sin [batch, q_len, rotary dims]
+
+
+def positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Position ids [B, q_len] of the last q_len slots: each row counts only its real tokens (mask 1), so a
+    left-padded row, or one with holes, gets exactly the positions of the same tokens without them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, attention_mask.shape[1] - q_len:]
+
+
+def attention_inputs(config, attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> AttentionInputs:
+    """Build positions and mask for queries that are the last `q_len` slots of `attention_mask` [B, T].
+
+    Positions count only real tokens (alibi: transformers' `build_alibi_tensor`; rotary: `positions`),
+    as for the same prompt unpadded. Every query may attend to itself, so rows of padding never see an
+    all-masked softmax (which would give NaN and poison later steps' caches).
+    """
+    family = family_of(config)
+    attention_mask = attention_mask.to(device)
+    batch, kv_len = attention_mask.shape
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & attention_mask.bool()[:, None, :]
+    window = family.window(config)
+    if window:  # Mistral: each query sees the last `window` slots only (transformers counts slots too)
+        allowed &= (k_pos > q_pos - window)[None]
+    allowed |= (k_pos == q_pos)[None]
+    mask = torch.zeros(batch, 1, q_len, kv_len, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    if family.rotary_class is None:
+        return AttentionInputs(mask, alibi=build_alibi_tensor(attention_mask, config.num_attention_heads, dtype))
+    rotary = _rotary(family, config, device)
+    return AttentionInputs(mask, rotary=rotary(torch.empty(0, dtype=dtype, device=device), positions(attention_mask, q_len)))
+
+
+_ROTARY: dict[tuple, tuple] = {}
+
+
+def _rotary(family: Family, config, device) -> torch.nn.Module:
+    """The family's rotary embedding (no weights: frequencies from the config), built once per config
+    object (kept beside it, so its id is never reused while the entry lives)."""
+    key = (id(config), str(device))
+    if key not in _ROTARY:
+        _ROTARY[key] = (config, family.rotary(config).to(device))
+    return _ROTARY[key][1]
+
+
+class BlockCache:
+    """Keys and values of one block for one generation session (the `Cache.update` its attention calls).
+
+    Positions are written in place into buffers with spare room (grown by half when full), so a decode
+    step copies one position, not the whole cache as concatenation (transformers' DynamicCache) does:
+    at 2,000 cached positions of Bloom-176B that is 229 MB per block per token saved. `update` returns
+    views of the filled part. `state`/`from_state` let the streaming executor move a cache to disk and
+    back, spare room and all (so a streamed decode step does not copy the cache either).
+    """
+
+    GROW_MIN = 64  # positions added at least when a buffer grows
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 length: int | None = None, limit: int | None = None):
+        self._keys, self._values = keys, values
+        self._length = (0 if keys is None else keys.shape[-2]) if length is None else length
+        self.limit = limit  # positions the session may ever hold: spare room never goes beyond it
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[-2]
+
+    def capacity_for(self, new: int) -> int:
+        """Positions the buffers will have after `new` more (the current capacity when they fit)."""
+        need = self._length + new
+        if need <= self.capacity:
+            return self.capacity
+        if self._keys is None or self._length == 0:
+            room = need if new > 1 else need + self.GROW_MIN  # a prompt pass: exact; decode: room
+        else:
+            room = max(need, self.capacity + max(self.GROW_MIN, self.capacity // 2))
+        return max(need, min(room, self.limit)) if self.limit is not None else room
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[..., : self._length, :]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[..., : self._length, :]
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        new = keys.shape[-2]
+        need = self._length + new
+        if self._keys is None or need > self._keys.shape[-2]:
+            capacity = self.capacity_for(new)
+            old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
+            shape = (*keys.shape[:-2], capacity, keys.shape[-1])
+            self._keys = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+            self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
+            if old_k is not None:
+                self._keys[..., : self._length, :] = old_k
+                self._values[..., : self._length, :] = old_v
+        self._keys[..., self._length: need, :] = keys
+        self._values[..., self._length: need, :] = values
+        self._length = need
+        return self.keys, self.values
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding's rejected drafts): the next
+        update overwrites them in place."""
+        self._length = min(self._length, max(0, length))
+
+    def nbytes(self) -> int:
+        """Memory held, spare room included."""
+        return 0 if self._keys is None else 2 * self._keys.numel() * self._keys.element_size()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self._keys is None or self._length == 0:
+            return {}
+        return {"keys": self._keys, "values": self._values, "length": torch.tensor(self._length)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockCache":
+        length = state.get("length")
+        return cls(state.get("keys"), state.get("values"), None if length is None else int(length))
+
+
+def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,
+              cache: BlockCache | None = None) -> torch.Tensor:
+    family = block.slowllm_family
+    kwargs = {family.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attn.mask}
+    if attn.alibi is not None:
+        kwargs["alibi"] = attn.alibi
+    else:
+        kwargs["position_embeddings"] = attn.rotary
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # a tuple in some families and transformers versions
+
+
+# Bytes per attention-score element while one block runs: fp32 scores, the mask added to them, softmax in
+# fp32 and its cast back, plus the additive mask itself (BloomAttention keeps about five such copies;
+# sdpa, used for the rotary families, fewer: the same bound serves both).
+SCORE_BYTES = 20
+DEFAULT_SCORE_BUDGET = 256 << 20
+
+
+def query_chunk(batch: int, n_head: int, kv_len: int, score_budget: int) -> int:
+    """Query positions per chunk so that one chunk's attention scores stay within `score_budget` bytes."""
+    return max(1, score_budget // (batch * n_head * kv_len * SCORE_BYTES))
+
+
+class Attention:
+    """How one batch attends, for every block it passes through: its 0/1 mask [B, past + q] and the
+    last q positions as queries.
+
+    Attention scores are [B, heads, q, kv]: for one long prompt they are gigabytes (a 12k-token prompt
+    at Bloom-176B's 112 heads: 65 GB in fp32). So queries run in chunks through a key/value cache (the
+    session's, or a temporary one): the same keys and values under the causal mask, the same numbers up
+    to float rounding, and memory linear in the length. Short inputs (every decode step) build positions
+    and mask once and share them across all blocks.
+    """
+
+    def __init__(self, mask: torch.Tensor, q_len: int, config, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", score_budget: int = DEFAULT_SCORE_BUDGET):
+        self.mask, self.q_len, self.config, self.dtype, self.device = mask, q_len, config, dtype, device
+        self.chunk = query_chunk(mask.shape[0], config.num_attention_heads, mask.shape[1], score_budget)
+        self._whole = attention_inputs(config, mask, q_len, dtype, device) if q_len <= self.chunk else None
+
+    def run(self, block: torch.nn.Module, hidden: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        if self._whole is not None:
+            return run_block(block, hidden, self._whole, cache)
+        work = cache if cache is not None else BlockCache()  # a stateless pass keeps keys only per block
+        past = self.mask.shape[1] - self.q_len
+        outs = []
+        for start in range(0, self.q_len, self.chunk):
+            end = min(self.q_len, start + self.chunk)
+            attn = attention_inputs(self.config, self.mask[:, : past + end], end - start, self.dtype, self.device)
+            outs.append(run_block(block, hidden[:, start:end], attn, work))
+        return torch.cat(outs, dim=1)

@@ -1,0 +1,420 @@
+// Matrix products for decoding (a few input rows: one per sequence, or per drafted position) that read
+// the weights near the memory floor.
+//
+// At batch 1 a linear layer is a stream of weight bytes: the work per byte is tiny, so the kernel's only
+// job is to keep that stream going. One source, built once per instruction set (node/kernels/_kernels.py picks
+// the best the CPU has; SLOWLLM_ISA forces one):
+// - avx512bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later): bf16 input rows
+//   against bf16 weights, or int8 weights converted to bf16 in registers (exact for |q| <= 127), through
+//   AVX512-BF16 dot products. One input row runs two independent chains per weight row, or four weight
+//   rows at a time when it is wide; several input rows run in tiles of R weight rows x M input rows
+//   (R x M chains, each weight vector loaded and converted once per tile, each input vector once per R
+//   rows).
+// - avx2 (AVX2 + FMA: every x86 PC since Haswell, 2013, and all of AMD's since Zen): the input rows are
+//   widened to fp32 once per call, and each weight is widened to fp32 in registers (bf16: a shift; int8:
+//   a conversion, the row's scale applied to the sum) for 256-bit FMAs. These are also the fp32 paths of
+//   both builds (the LM head's fp32 hidden states; fp32 activations on int8 blocks).
+// Accumulation is fp32 throughout. An Arm build (NEON widening for bf16 and int8, BFDOT where the CPU has
+// BF16) would be a third set of the same few primitives (`load16`, the row and tile loops); it is not
+// written yet, and Arm CPUs use PyTorch's kernels.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(SLOWLLM_AVX512BF16)
+#define SLOWLLM_ISA_NAME "avx512bf16"
+#elif defined(SLOWLLM_AVX2)
+#define SLOWLLM_ISA_NAME "avx2"
+#else
+#error "build with -DSLOWLLM_AVX512BF16 or -DSLOWLLM_AVX2 and the matching -m flags (node/kernels/_kernels.py does)"
+#endif
+
+namespace {
+
+constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
+constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
+// avx512bf16, one input row: how a single row runs, per weight type ([0] bf16, [1] int8). kOneRow: one
+// weight row at a time, two chains of bf16 dot products; kFourRows: four weight rows share each input
+// load; kFp32FourRows: the fp32 path (weights widened in registers, 256-bit FMAs, four rows at a time).
+// Which is fastest depends on the CPU (hidden 2048, ms per 600M weights: Zen 4 int8 one row 10 vs four
+// rows 25; Sapphire Rapids bf16 four rows 45 vs one row 52, int8 fp32 four rows 39 vs 45), so
+// node/kernels/_kernels.py measures them once per machine and sets them (`set_single_row`). Beyond kFourRowsMinK
+// (Bloom-176B's 14336) one row never wins: its input no longer stays in L1 beside the streaming weights.
+enum SingleRow : int { kOneRow = 0, kFourRows = 1, kFp32FourRows = 2 };
+int g_single_row[2] = {kOneRow, kOneRow};
+constexpr int64_t kFourRowsMinK = 12288;
+#if defined(SLOWLLM_AVX512BF16)
+constexpr int kFp32Rows = 8;  // fp32 rows per weight row: 2 x 8 accumulators fit the 32 vector registers
+#else
+constexpr int kFp32Rows = 4;  // AVX2 has 16: beyond 4 rows the accumulators spill
+#endif
+
+// Calls per entry point, so that a test can tell the kernels ran (rather than PyTorch's fallback).
+std::atomic<int64_t> g_calls[4];
+
+float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes: x [M, K], w [N, K]");
+  TORCH_CHECK(w.is_contiguous() && x.device().is_cpu() && w.device().is_cpu(), "contiguous CPU tensors");
+}
+
+float reduce256(__m256 a) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  r = _mm_hadd_ps(r, r);
+  r = _mm_hadd_ps(r, r);
+  return _mm_cvtss_f32(r);
+}
+
+// Tasks [0, n) in slices of `grain`, taken by the threads one slice at a time: a thread whose core is
+// shared with another process (a volunteer's PC is never idle) does fewer slices instead of holding up
+// the others at the end, as an even split (at::parallel_for's) would.
+template <typename Body>
+void parallel_slices(int64_t n, int64_t grain, const Body& body) {
+  const int64_t slices = (n + grain - 1) / grain;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(slices, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t s = next.fetch_add(1); s < slices; s = next.fetch_add(1))
+      for (int64_t t = s * grain, end = std::min(n, t + grain); t < end; ++t) body(t);
+  });
+}
+
+// How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
+// top half of the fp32 with the same value; kEvenOdd: in which order), one as a float (the tails), and on avx512bf16 32 as bf16
+// for the dot products (`load`), with how many weight rows a bf16 tile takes for M input rows (measured
+// at 1b7 shapes, 2 cores: the best of 2-8; beyond R x M = 32 the accumulators no longer fit the 32
+// vector registers).
+struct Bf16Weights {
+  using T = uint16_t;
+  // 16 weights in one load: the 32-bit lane i holds weights 2i (low half) and 2i+1 (high half); a shift
+  // and a mask make them two fp32 vectors without a shuffle (shuffles share one port with the loads'
+  // conversions on most x86 cores). The input rows are stored in the same even/odd order (kEvenOdd).
+  static constexpr bool kEvenOdd = true;
+  static void load16(const T* w, __m256& even, __m256& odd) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static float value(T w) { return bf16_to_float(w); }
+#if defined(SLOWLLM_AVX512BF16)
+  static __m512bh load(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
+#endif
+};
+struct Int8Weights {
+  using T = int8_t;
+  static constexpr bool kEvenOdd = false;
+  static void load16(const T* w, __m256& w0, __m256& w1) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  }
+  static float value(T w) { return static_cast<float>(w); }
+#if defined(SLOWLLM_AVX512BF16)
+  // converted to bf16 in registers, 32 at a time (exact for |q| <= 127)
+  static __m512bh load(const T* w) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
+                               _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
+  }
+  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
+#endif
+};
+
+// fp32 input rows against bf16 or int8 weights, converted to fp32 in registers (exact for both): the
+// same numbers as converting the matrix and a dense fp32 GEMM, up to summation order, without writing
+// and re-reading a float copy of it (Bloom's head: 2 GB at hidden 2048, 14 GB at 14336). 256-bit lanes:
+// on CPUs that split 512-bit ops in two (Zen 4) the conversions are the bottleneck, and independent
+// chains keep both vector ports busy. Each weight is converted once per M input rows. Every row sums in the
+// same order whatever M is, so a row's numbers do not depend on the rows batched beside it.
+template <int M, typename Weights>
+void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const float* S, float* out, int64_t stride) {
+  __m256 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0, w1;
+    Weights::load16(wr + k, w0, w1);
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * K + k), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * K + k + 8), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float total = reduce256(_mm256_add_ps(acc[m][0], acc[m][1]));
+    for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(wr[j]);
+    out[m * stride] = S ? total * *S : total;
+  }
+}
+
+// Four weight rows against one fp32 input row: each input vector loaded once for the four, eight chains
+// in flight (an int8 row's conversions no longer wait on two chains' latency: 63 -> 46 ms per 600M weights
+// on AVX2, measured with four chains). Each row sums exactly as fp32_row<1> does, so a row's numbers
+// are the same whether it ran here or there.
+template <typename Weights>
+void fp32_four_rows(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
+  __m256 acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(X + k), x1 = _mm256_loadu_ps(X + k + 8);
+    for (int r = 0; r < 4; ++r) {
+      __m256 w0, w1;
+      Weights::load16(W + r * K + k, w0, w1);
+      acc[r][0] = _mm256_fmadd_ps(w0, x0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, x1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float total = reduce256(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t j = k; j < K; ++j) total += X[j] * Weights::value(W[r * K + j]);
+    out[r] = S ? total * S[r] : total;
+  }
+}
+
+#define SLOWLLM_DISPATCH(M, CALL)                                  \
+  switch (M) {                                                     \
+    case 1: CALL(1); break; case 2: CALL(2); break;                \
+    case 3: CALL(3); break; case 4: CALL(4); break;                \
+    case 5: CALL(5); break; case 6: CALL(6); break;                \
+    case 7: CALL(7); break; case 8: CALL(8); break;                \
+    default: TORCH_CHECK(false, "at most 8 input rows");           \
+  }
+
+// body(X, Y, rows) for each group of up to kMaxTileRows input rows of X0 [M, K] and their outputs Y0 [M, N]
+template <typename In, typename Body>
+void in_row_groups(const In* X0, int64_t M, int64_t K, float* Y0, int64_t N, const Body& body) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows)
+    body(X0 + m0 * K, Y0 + m0 * N, std::min<int64_t>(kMaxTileRows, M - m0));
+}
+
+// One weight row against M <= 8 fp32 input rows: in one pass where the accumulators fit the registers,
+// else in passes of kFp32Rows (the weight row is still in L1/L2 for the second).
+template <int M, typename Weights>
+void fp32_rows(const float* X, int64_t K, const typename Weights::T* wr, const float* S, float* out, int64_t stride) {
+  if constexpr (M <= kFp32Rows) {
+    fp32_row<M, Weights>(X, K, wr, S, out, stride);
+  } else {
+    fp32_row<kFp32Rows, Weights>(X, K, wr, S, out, stride);
+    fp32_rows<M - kFp32Rows, Weights>(X + kFp32Rows * K, K, wr, S, out + kFp32Rows * stride, stride);
+  }
+}
+
+// The input rows in the order load16 gives the weights: in each full group of 16, the 8 even positions
+// then the 8 odd ones (the tail beyond the last full group as it is).
+std::vector<float> even_odd(const float* X, int64_t M, int64_t K) {
+  std::vector<float> out(X, X + M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k + 16 <= K; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        out[m * K + k + i] = X[m * K + k + 2 * i];
+        out[m * K + k + 8 + i] = X[m * K + k + 2 * i + 1];
+      }
+  return out;
+}
+
+// Y [M, N] = X [M, K] (fp32) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time.
+// Every M sums each row in the same order: a row's numbers do not depend on the rows beside it.
+template <typename Weights>
+void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
+                 int64_t N) {
+  std::vector<float> reordered;
+  if (Weights::kEvenOdd) {
+    reordered = even_odd(X0, M, K);
+    X0 = reordered.data();
+  }
+  if (M == 1) {  // four weight rows at a time, the rest one by one
+    parallel_slices((N + 3) / 4, kSlice / 4, [&](int64_t g) {
+      const int64_t n = 4 * g;
+      if (n + 4 <= N) fp32_four_rows<Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
+      else for (int64_t r = n; r < N; ++r) fp32_row<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r, N);
+    });
+    return;
+  }
+  in_row_groups(X0, M, K, Y0, N, [&](const float* X, float* Y, int64_t rows) {
+#define SLOWLLM_FP32(R) parallel_slices(N, kSlice, [&](int64_t n) { \
+      fp32_rows<R, Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); })
+    SLOWLLM_DISPATCH(rows, SLOWLLM_FP32)
+  });
+}
+
+#if defined(SLOWLLM_AVX512BF16)
+// One weight row against one input row, two chains of dot products in flight (at small K this beats
+// four weight rows at once: 29 GB/s instead of 12 at K=2048, measured). S: the row's scale, or null.
+template <typename Weights>
+void row(const uint16_t* X, int64_t K, const typename Weights::T* wr, const float* S, float* out) {
+  __m512 acc = _mm512_setzero_ps(), extra = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    acc = _mm512_dpbf16_ps(acc, Weights::load(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
+    extra = _mm512_dpbf16_ps(extra, Weights::load(wr + k + 32), (__m512bh)_mm512_loadu_si512(X + k + 32));
+  }
+  for (; k + 32 <= K; k += 32)
+    acc = _mm512_dpbf16_ps(acc, Weights::load(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
+  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc, extra));
+  for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[j]) * Weights::value(wr[j]);
+  *out = S ? total * *S : total;
+}
+
+// R weight rows against M input rows: R x M independent chains; each weight vector is loaded once for
+// the M rows and each input vector once for the R weight rows. With several input rows the dot products,
+// not the memory, are the limit (Zen 4: one 512-bit bf16 dot product per 2 cycles), and R x M chains
+// keep them all busy: at 1b7 shapes, 4 rows went from 35 to 17 ms per 600M weights, 8 rows from 50 to
+// 27 (MKL's F.linear: 33 and 38). int8 weights are converted once per tile; at one input row and
+// Bloom-176B width, four weight rows per input load keep the conversions from waiting on one chain's
+// latency (int8: 14 -> 24 GB/s).
+// y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
+template <int M, int R, typename Weights>
+void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh w[R];
+    for (int r = 0; r < R; ++r) w[r] = Weights::load(W + r * K + k);
+    for (int m = 0; m < M; ++m) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float total = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[r * K + j]);
+      Y[m * stride + r] = S ? total * S[r] : total;
+    }
+}
+
+// Rows [0, N) in tiles of R (the rest one by one), kSlice rows at least per slice a thread takes.
+template <int R, typename Tile, typename One>
+void over_tiles(int64_t N, const Tile& whole, const One& one) {
+  parallel_slices((N + R - 1) / R, std::max<int64_t>(1, kSlice / R), [&](int64_t g) {
+    const int64_t n = R * g;
+    if (n + R <= N) whole(n);
+    else for (int64_t r = n; r < N; ++r) one(r);
+  });
+}
+
+// Y [M, N] = X [M, K] (bf16) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time:
+// tiles of Weights::rows_per_tile weight rows, the rest row by row.
+template <typename Weights>
+void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
+                 int64_t N) {
+  in_row_groups(X0, M, K, Y0, N, [&](const uint16_t* X, float* Y, int64_t rows) {
+    auto one = [&](int64_t n) {
+      const float* s = S ? S + n : nullptr;
+      if (rows == 1) row<Weights>(X, K, W + n * K, s, Y + n);
+      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
+    };
+    if (rows == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kOneRow && K < kFourRowsMinK) {
+      over_tiles<1>(N, one, one);
+    } else {
+#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, [&](int64_t n) { \
+        tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
+      SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
+    }
+  });
+}
+#endif
+
+// Y [M, N] (fp32) = X [M, K] (bf16) @ W [N, K].T (times S[n]): the ISA's bf16-input path. avx2 widens
+// the few input rows to fp32 once (M x K values: nothing beside the weights) and uses the fp32 path.
+template <typename Weights>
+void bf16_input_matmul(const torch::Tensor& x, const typename Weights::T* W, const float* S, float* Y, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+#if defined(SLOWLLM_AVX512BF16)
+  if (!(M == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kFp32FourRows)) {
+    auto xc = x.contiguous();
+    bf16_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N);
+    return;
+  }
+#endif
+  auto xf = x.to(torch::kFloat).contiguous();
+  fp32_matmul<Weights>(xf.data_ptr<float>(), M, K, W, S, Y, N);
+}
+
+}  // namespace
+
+// y [M, N] (x's dtype) = x [M, K] (bf16) @ w [N, K].T (bf16); more than 8 rows run 8 at a time
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 x and w");
+  g_calls[0]++;
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options().dtype(torch::kFloat));
+  bf16_input_matmul<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr,
+                                 out.data_ptr<float>(), w.size(0));
+  return out.to(x.scalar_type());
+}
+
+// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N]; q int8; more than 8 rows run 8 at a
+// time (still faster than converting the weight for a dense GEMM up to ~32 rows: 47 vs 101 ms at 16)
+torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  check(x, q);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
+  TORCH_CHECK(scale.numel() == q.size(0), "one scale per row");
+  g_calls[1]++;
+  auto sf = scale.to(torch::kFloat).contiguous();
+  auto out = torch::empty({x.size(0), q.size(0)}, x.options().dtype(torch::kFloat));
+  bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), q.size(0));
+  return out.to(x.scalar_type());
+}
+
+// y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N]; q int8, x bf16/fp16/fp32, 8 rows at a time
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  check(x, q);
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.numel() == q.size(0), "int8 q and one scale per row");
+  g_calls[2]++;
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto sf = scale.to(torch::kFloat).contiguous();
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
+  return out.to(x.scalar_type());
+}
+
+// y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (bf16), each weight exact in fp32; 8 rows at a time
+torch::Tensor bf16_fp32_gemv(torch::Tensor x, torch::Tensor w) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16, "fp32 x, bf16 w");
+  g_calls[3]++;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xc = x.contiguous();
+  auto out = torch::empty({M, N}, x.options());
+  fp32_matmul<Bf16Weights>(xc.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                           nullptr, out.data_ptr<float>(), N);
+  return out;
+}
+
+std::map<std::string, int64_t> calls() {
+  return {{"bf16_gemv", g_calls[0]}, {"int8_bf16_gemv", g_calls[1]}, {"int8_gemv", g_calls[2]},
+          {"bf16_fp32_gemv", g_calls[3]}};
+}
+
+void set_single_row(int bf16, int int8) {
+  TORCH_CHECK(0 <= bf16 && bf16 <= 2 && 0 <= int8 && int8 <= 2, "0: one row, 1: four rows, 2: fp32 four rows");
+  g_single_row[0] = bf16;
+  g_single_row[1] = int8;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("isa") = SLOWLLM_ISA_NAME;
+  m.def("set_single_row", &set_single_row, "avx512bf16, one input row, per weight type (bf16, int8): 0 one row, "
+        "1 four rows, 2 the fp32 path");
+  m.def("bf16_gemv", &bf16_gemv, "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
+  m.def("int8_bf16_gemv", &int8_bf16_gemv, "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  m.def("int8_gemv", &int8_gemv, "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  m.def("bf16_fp32_gemv", &bf16_fp32_gemv, "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
+  m.def("calls", &calls, "how many times each entry point ran in this process");
+}
