@@ -29,7 +29,7 @@ from slowllm.coordinator import Runner, Sampling, TuneOptions, make_checkpoint, 
 from slowllm.coordinator.jobs._ends import ModelEnds
 from slowllm.coordinator.demo._launch import LocalCluster
 from slowllm.coordinator.chains._local import ResidentChain
-from slowllm.coordinator.chains._remote import encode_mask
+from slowllm.coordinator.chains._exchange import encode_mask
 from slowllm.node import Checkpoint
 from slowllm.protocol import Step, encode_tensor, pack
 
