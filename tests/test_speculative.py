@@ -249,7 +249,7 @@ def test_asking_for_a_draft_where_there_is_none_says_so(tiny_model):
 
 def test_node_sessions_roll_back_only_what_they_hold():
     from slowllm.node.engine._blocks import BlockCache
-    from slowllm.node.server._server import Sessions
+    from slowllm.node.server._sessions import Sessions
 
     sessions = Sessions(1 << 30)
     caches = sessions.get("s", range(2, 4), position_bytes=0, new=5, max_length=16)

@@ -175,7 +175,8 @@ def test_concurrent_clients_share_passes_and_get_what_they_get_alone(tiny_model,
 def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
     """The node's side of a merged pass, in process: a Steps message whose middle step is malformed gets an
     error for that step only; the others equal the same steps sent alone."""
-    from slowllm.node.server._server import NodeServer, _Queue
+    from slowllm.node.server._passes import _Queue
+    from slowllm.node.server._server import NodeServer
     from slowllm.protocol import Channel, Error, Result, Results, Step, Steps, decode_tensor, encode_tensor, pack, unpack
 
     node = NodeServer(first=0, last=5, coordinator="ws://127.0.0.1:9", model=str(tiny_model), dtype=torch.float32)

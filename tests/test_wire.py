@@ -124,7 +124,7 @@ def test_node_attention_memory_grows_linearly_with_the_prompt(wide_model):
 
 def test_session_budget_errors_and_idle_expiry(monkeypatch):
     from slowllm.node import BlockCache
-    from slowllm.node.server._server import Sessions
+    from slowllm.node.server._sessions import Sessions
     from slowllm.protocol import BusyError
 
     s = Sessions(budget=1000, idle_timeout=60)  # 2 blocks, 4 bytes per position and block (keys + values)
@@ -144,7 +144,7 @@ def test_session_budget_errors_and_idle_expiry(monkeypatch):
 def test_session_budget_counts_what_is_allocated_spare_room_and_copies_included():
     """Caches grow by half (spare room for decode steps) and copy when they grow: the budget holds the
     bytes allocated, the new buffer beside the old while copying, and spare room never passes max_length."""
-    from slowllm.node.server._server import Sessions
+    from slowllm.node.server._sessions import Sessions
     from slowllm.protocol import BusyError
 
     position = 2 * 4 * 4  # keys and values, 4 numbers of fp32, per position and block

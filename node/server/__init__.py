@@ -2,7 +2,8 @@
 
 `_cli` parses the command line and checks the machine before loading anything; `_server` keeps the
 range's blocks in memory, dials the coordinator, authenticates, registers and serves its requests;
-`_queue` holds the requests waiting for the compute thread and picks what one pass runs together.
+`_passes` holds the requests waiting for the compute thread and runs what one pass takes together;
+`_sessions` keeps the KV caches under the memory budget.
 May import: slowllm.protocol, slowllm.utils, slowllm.node.engine and .kernels. Never the coordinator.
 """
 
