@@ -24,8 +24,9 @@ import websockets
 
 from slowllm.coordinator.jobs._options import Sampling, TuneOptions
 from slowllm.protocol import (HANDSHAKE_LIMITS, Error, Event, InputError, Job, JobResult, Limits, PeerHandshake,
-                              SlowllmError, UnavailableError, WireTensor, error_from_reply, pack, printable,
-                              read_credentials)
+                              SlowllmError, UnavailableError, error_from_reply, pack, printable, read_credentials)
+from slowllm.protocol._jobs import (GenerateResult, ScoreResult, SoftPromptParam, StepEvent, TextEvent, TuneResult,
+                                    job_params, job_spec)
 from slowllm.utils._aio import why_connection_failed
 from slowllm.utils._units import format_ranges, format_span, span_blocks
 
@@ -52,7 +53,7 @@ class Client:
         self.fingerprint: str | None = None
         self.on_notice = on_notice  # e.g. "waiting up to 60 s for nodes serving blocks 3-5"
 
-    async def _job(self, job: str, params: dict, on_event: Callable[[dict], None] | None = None) -> dict:
+    async def _job(self, spec, on_event: Callable[[dict], None] | None = None) -> dict:
         ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
         try:
             # no permessage-deflate: activations do not compress, and zlib on megabytes costs more than the wire
@@ -75,9 +76,9 @@ class Client:
                 self.fingerprint = hs.challenge.fingerprint
                 limit = info.get("max_message_size", self.limits.max_frame)
                 limit = limit if isinstance(limit, int) else self.limits.max_frame
-                frame = pack(Job(id=1, job=job, params=params))
+                frame = pack(Job(id=1, job=spec.job, params=job_params(spec)))
                 if len(frame) > limit:
-                    raise _TooLarge(f"this {job} job is {len(frame)} bytes, more than the coordinator's "
+                    raise _TooLarge(f"this {spec.job} job is {len(frame)} bytes, more than the coordinator's "
                                     f"--max-message-size of {limit}: send less at once.")
                 await ws.send(channel.seal(frame))
                 while True:
@@ -98,10 +99,10 @@ class Client:
                 raise UnavailableError(f"the coordinator at {self.url} did not answer the handshake within 60 s: "
                                        "is it a slowllm coordinator?") from None
 
-    def _run(self, job: str, params: dict, on_event=None) -> dict:
-        return asyncio.run(self._job(job, params, on_event))
+    def _run(self, spec, on_event=None) -> dict:
+        return asyncio.run(self._job(spec, on_event))
 
-    def _soft(self, path) -> dict | None:
+    def _soft(self, path) -> SoftPromptParam | None:
         if path is None:
             return None
         from slowllm.coordinator.jobs._softprompt import check_finite_prompt, read_soft_prompt
@@ -109,17 +110,23 @@ class Client:
 
         tensor, meta = read_soft_prompt(path)
         check_finite_prompt(tensor, str(path))
-        return {"tensor": encode_tensor(tensor).model_dump(), "meta": {**meta, "source": str(path)}}
+        return SoftPromptParam(tensor=encode_tensor(tensor), meta={**meta, "source": str(path)})
 
     def generate(self, prompts: list[str], sampling: Sampling = Sampling(), soft_prompt=None,
                  on_text: Callable[[int, str], None] | None = None, draft: bool | None = None,
                  draft_tokens: int | None = None) -> list[dict]:
         """`draft`: use the coordinator's draft model (None: whenever it has one); `draft_tokens`: most per pass."""
-        params = {"prompts": list(prompts), **dataclasses.asdict(sampling), "soft_prompt": self._soft(soft_prompt),
-                  "compression": self.compression, "draft": draft, "draft_tokens": draft_tokens}
-        on_event = (lambda d: on_text(d["prompt"], d["text"])) if on_text else None
+        # typed as the coordinator reads it: a wrong parameter is one sentence here, before anything is sent
+        spec = job_spec("generate", {"prompts": list(prompts), **dataclasses.asdict(sampling), "draft": draft,
+                                     "soft_prompt": self._soft(soft_prompt), "compression": self.compression,
+                                     "draft_tokens": draft_tokens})
+
+        def on_event(d: dict) -> None:
+            event = TextEvent.model_validate(d)
+            on_text(event.prompt, event.text)
         try:
-            return self._run("generate", params, on_event)["results"]
+            result = GenerateResult.model_validate(self._run(spec, on_event if on_text else None))
+            return [row.model_dump() for row in result.results]
         except _TooLarge:
             if len(prompts) == 1:
                 raise
@@ -129,9 +136,10 @@ class Client:
                     + self.generate(prompts[half:], sampling, soft_prompt, shifted, draft, draft_tokens))
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
-        params = {"requests": list(requests), "soft_prompt": self._soft(soft_prompt), "compression": self.compression}
+        spec = job_spec("score", {"requests": list(requests), "soft_prompt": self._soft(soft_prompt),
+                                  "compression": self.compression})
         try:
-            return self._run("score", params)["results"]
+            return [line.model_dump() for line in ScoreResult.model_validate(self._run(spec)).results]
         except _TooLarge:
             if len(requests) == 1:
                 raise
@@ -145,20 +153,22 @@ class Client:
 
         from slowllm.protocol._tensors import decode_tensor
 
-        params = {"data": list(data), **dataclasses.asdict(options), "send_prompt": on_prompt is not None}
+        spec = job_spec("tune", {"data": list(data), **dataclasses.asdict(options), "send_prompt": on_prompt is not None,
+                                 "compression": self.compression})
 
         def on_event(d: dict) -> None:
-            if on_prompt and "prompt" in d:
-                self.fingerprint = d.get("fingerprint", self.fingerprint)
-                on_prompt(d["step"], decode_tensor(WireTensor.model_validate(d["prompt"]), self.limits))
+            event = StepEvent.model_validate(d)
+            if on_prompt and event.prompt is not None:
+                self.fingerprint = (event.fingerprint or self.fingerprint or "")[:64]
+                on_prompt(event.step, decode_tensor(event.prompt, self.limits))
             if on_step:
-                on_step(d["step"], d["loss"])
+                on_step(event.step, event.loss)
 
-        result = self._run("tune", params, on_event)
-        prompt = decode_tensor(WireTensor.model_validate(result["prompt"]), self.limits)
+        result = TuneResult.model_validate(self._run(spec, on_event))
+        prompt = decode_tensor(result.prompt, self.limits)
         if not torch.isfinite(prompt).all():
             raise SlowllmError("the coordinator returned a non-finite soft prompt; nothing was saved.")
-        self.fingerprint = str(result["fingerprint"])[:64]
+        self.fingerprint = result.fingerprint[:64]
         if out is not None:
             self.save_prompt(out, prompt)
         return prompt
@@ -172,7 +182,7 @@ class Client:
         pass  # the work runs at the coordinator and its nodes: no progress bar here
 
     def status(self) -> dict:
-        return self._run("status", {})
+        return self._run(job_spec("status", {}))
 
     def close(self) -> None:
         pass

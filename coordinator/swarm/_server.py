@@ -32,9 +32,11 @@ from slowllm.coordinator.jobs._softprompt import check_soft_prompt
 from slowllm.coordinator.jobs._speculative import load_draft
 from slowllm.coordinator.scheduler._stepper import Stepper
 from slowllm.node import Checkpoint, default_max_ram
-from slowllm.protocol import (AuthError, BusyError, CoordinatorHandshake, Error, Event, Heartbeat, InputError, Job,
-                              JobResult, Limits, ProtocolError, Register, SlowllmError, Welcome, WireTensor,
-                              decode_tensor, encode_tensor, pack, peek, printable)
+from slowllm.protocol import (AuthError, CoordinatorHandshake, Error, Event, Heartbeat, InputError, Job, JobResult,
+                              Limits, ProtocolError, Register, SlowllmError, Welcome, decode_tensor, encode_tensor,
+                              pack, peek, printable)
+from slowllm.protocol._jobs import (GenerateJob, GenerateResult, ScoreJob, ScoreResult, SoftPromptParam, StepEvent,
+                                    TextEvent, TuneJob, TuneResult, job_spec)
 from slowllm.utils._units import format_span
 
 from ._admission import Admission
@@ -350,70 +352,60 @@ class Coordinator:
 
     # ---- jobs (worker threads) -----------------------------------------------------------------
     def _job_in_thread(self, job: Job, emit, cancel: threading.Event, client: str = "") -> dict:
-        p = job.params
-        compression = p.get("compression", "raw")
-        if compression not in ("raw", "fp16", "bf16", "int8"):
-            raise InputError(f"unknown compression {compression!r}: use raw, fp16, bf16 or int8.")
-        chain = RemoteChain(self.router, self.limits, self.checkpoint.hidden_size, compression=compression,
+        spec = job_spec(job.job, job.params)  # typed, or one sentence naming the wrong parameter
+        chain = RemoteChain(self.router, self.limits, self.checkpoint.hidden_size, compression=spec.compression,
                             notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee,
                             job=job_tag(client), stepper=self.stepper)
         runner = Runner(self.checkpoint, self.ends, chain, self.draft)
         tracked = TrackedJob(next(self._job_numbers), client, job.job, chain, lambda text: emit({"notice": text}))
         self.router.track(tracked)
         try:
-            return self._job_with(job, p, runner, chain, emit)
+            if isinstance(spec, GenerateJob):
+                return self._generate(spec, runner, emit)
+            if isinstance(spec, ScoreJob):
+                soft = self._soft_prompt(spec.soft_prompt)
+                return ScoreResult(results=runner.score(spec.requests, soft_prompt=soft)).model_dump()
+            return self._tune(spec, runner, emit)
         finally:
             tracked.ended = time.time()
 
-    def _job_with(self, job: Job, p: dict, runner, chain, emit) -> dict:
-        soft = self._soft_prompt(p.get("soft_prompt"))
-        if job.job == "generate":
-            sampling = _options(Sampling, p, "max_new_tokens", "temperature", "top_k", "top_p", "seed")
-            sampling.check()
-            if sampling.max_new_tokens > self.max_new_tokens:
-                raise InputError(f"max_new_tokens {sampling.max_new_tokens} exceeds this coordinator's limit of "
-                                 f"{self.max_new_tokens} (--max-new-tokens): ask for fewer.")
-            prompts = p.get("prompts")
-            if not (isinstance(prompts, list) and prompts and all(isinstance(x, str) for x in prompts)):
-                raise InputError("generate needs a non-empty list of string prompts.")
-            use_draft = p.get("draft")
-            if use_draft is not None and not isinstance(use_draft, bool):
-                raise InputError("job parameter 'draft' must be true, false or null.")
-            results = runner.generate(prompts, sampling, soft_prompt=soft,
-                                      on_text=lambda i, text: emit({"prompt": i, "text": text}),
-                                      draft=use_draft, draft_tokens=p.get("draft_tokens"))
-            return {"results": results}
-        if job.job == "score":
-            requests = p.get("requests")
-            if not isinstance(requests, list) or not requests:
-                raise InputError("score needs a non-empty list of requests.")
-            return {"results": runner.score(requests, soft_prompt=soft)}
-        options = _options(TuneOptions, p, "prompt_tokens", "steps", "lr", "batch_size", "seed")
-        options.check()
-        data = p.get("data")
-        if not isinstance(data, list):
-            raise InputError("tune needs a list of {context, continuation} objects.")
-        if p.get("send_prompt"):  # the client saves every N steps, and the latest on Ctrl-C
-            prompts: dict = {}
-            prompt = runner.tune(data, options, on_prompt=lambda step, t: prompts.update({step: t}),
-                                 on_step=lambda step, loss: emit({"step": step, "loss": loss,
-                                                                  "prompt": encode_tensor(prompts.pop(step)).model_dump(),
-                                                                  "fingerprint": self.fingerprint}))
-        else:
-            prompt = runner.tune(data, options, on_step=lambda step, loss: emit({"step": step, "loss": loss}))
-        return {"prompt": encode_tensor(prompt).model_dump(), "fingerprint": self.fingerprint}
+    def _generate(self, spec: GenerateJob, runner, emit) -> dict:
+        sampling = Sampling(**spec.model_dump(include={"max_new_tokens", "temperature", "top_k", "top_p", "seed"},
+                                              exclude_none=True))
+        sampling.check()
+        if sampling.max_new_tokens > self.max_new_tokens:
+            raise InputError(f"max_new_tokens {sampling.max_new_tokens} exceeds this coordinator's limit of "
+                             f"{self.max_new_tokens} (--max-new-tokens): ask for fewer.")
+        results = runner.generate(spec.prompts, sampling, soft_prompt=self._soft_prompt(spec.soft_prompt),
+                                  on_text=lambda i, text: emit(TextEvent(prompt=i, text=text).model_dump()),
+                                  draft=spec.draft, draft_tokens=spec.draft_tokens)
+        return GenerateResult(results=results).model_dump()
 
-    def _soft_prompt(self, value) -> torch.Tensor | None:
+    def _tune(self, spec: TuneJob, runner, emit) -> dict:
+        options = TuneOptions(**spec.model_dump(include={"prompt_tokens", "steps", "lr", "batch_size", "seed"},
+                                                exclude_none=True))
+        options.check()
+        if spec.send_prompt:  # the client saves every N steps, and the latest on Ctrl-C
+            prompts: dict = {}
+            prompt = runner.tune(spec.data, options, on_prompt=lambda step, t: prompts.update({step: t}),
+                                 on_step=lambda step, loss: emit(StepEvent(
+                                     step=step, loss=loss, prompt=encode_tensor(prompts.pop(step)),
+                                     fingerprint=self.fingerprint).model_dump(exclude_none=True)))
+        else:
+            prompt = runner.tune(spec.data, options,
+                                 on_step=lambda step, loss: emit(StepEvent(step=step, loss=loss).model_dump(
+                                     exclude_none=True)))
+        return TuneResult(prompt=encode_tensor(prompt), fingerprint=self.fingerprint).model_dump()
+
+    def _soft_prompt(self, value: SoftPromptParam | None) -> torch.Tensor | None:
         if value is None:
             return None
-        if not isinstance(value, dict):
-            raise InputError("soft_prompt must be an object with 'tensor' and 'meta'.")
         try:
-            tensor = decode_tensor(WireTensor.model_validate(value.get("tensor")), self.limits)
+            tensor = decode_tensor(value.tensor, self.limits)
         except Exception:
             raise InputError("soft_prompt tensor is malformed.") from None
-        return check_soft_prompt(tensor, value.get("meta") or {}, self.fingerprint, self.checkpoint.hidden_size,
-                                 str((value.get("meta") or {}).get("source", "")))
+        return check_soft_prompt(tensor, value.meta, self.fingerprint, self.checkpoint.hidden_size,
+                                 str(value.meta.get("source", "")))
 
     def _status_allowed(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
@@ -453,18 +445,6 @@ def close_reason(text: str, limit: int = 120) -> str:
 def _peer(ws) -> str:
     address = getattr(ws, "remote_address", None)
     return str(address[0]) if address else ""
-
-
-def _options(cls, params: dict, *names: str):
-    """Job options from a client's params; a wrong name or type is one sentence, not an internal error."""
-    values = {k: params[k] for k in names if params.get(k) is not None}
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"job parameter {key!r} must be a number, not {type(value).__name__}.")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise InputError(f"bad job parameters: {e}.") from None
 
 
 def job_tag(client: str) -> str:
