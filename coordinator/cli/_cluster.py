@@ -57,33 +57,83 @@ def cluster(action: str, file: str) -> int:
     path = Path(file).resolve()
     spec = load_cluster(path)
     state = _state_dir(path, spec)
-    pids_file = state / "pids.json"
-    if action == "down":
-        if not pids_file.is_file():
-            print(f"nothing to stop: no cluster started from {file}")
-            return 0
-        if not _alive(pids_file):
-            pids_file.unlink()
-            print(f"nothing to stop: no process of the cluster started from {file} was still running; cleared its "
-                  "state")
-            return 0
-        stopped = 0
-        for entry in json.loads(pids_file.read_text()):
-            try:
-                proc = psutil.Process(entry["pid"])
-                if "slowllm" in " ".join(proc.cmdline()):
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(15)
-                    except psutil.TimeoutExpired:
-                        proc.kill()
-                    stopped += 1
-            except psutil.NoSuchProcess:
-                pass
-        pids_file.unlink()
-        print(f"stopped {stopped} processes")
-        return 0
+    return (_down if action == "down" else _up)(file, path, spec, state)
 
+
+def _down(file: str, path: Path, spec: dict, state: Path) -> int:
+    pids_file = state / "pids.json"
+    if not pids_file.is_file():
+        print(f"nothing to stop: no cluster started from {file}")
+        return 0
+    if not _alive(pids_file):
+        pids_file.unlink()
+        print(f"nothing to stop: no process of the cluster started from {file} was still running; cleared its "
+              "state")
+        return 0
+    stopped = 0
+    for entry in json.loads(pids_file.read_text()):
+        try:
+            proc = psutil.Process(entry["pid"])
+            if "slowllm" in " ".join(proc.cmdline()):
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+                stopped += 1
+        except psutil.NoSuchProcess:
+            pass
+    pids_file.unlink()
+    print(f"stopped {stopped} processes")
+    return 0
+
+
+def _coordinator_command(c: dict, base: Path, model: str, host: str, port: int, secret: str | None,
+                         client_keys: str | None) -> list[str]:
+    """`slowllm-coordinator` with the flags the file's `coordinator:` section sets (paths relative to it)."""
+    cmd = [sys.executable, "-m", "slowllm.coordinator.cli._coordinator", "--model", model, "--host", host,
+           "--port", str(port), "--wait-for-nodes", str(c.get("wait_for_nodes", 60))]
+    if secret:
+        cmd += ["--secret-file", secret]
+    if client_keys:
+        cmd += ["--client-keys", client_keys]
+    if c.get("public_status"):
+        cmd.append("--public-status")
+    for key in ("request_timeout", "max_jobs_per_client", "max_jobs", "max_message_size", "max_new_tokens",
+                "verify", "draft_tokens", "http_port"):
+        if c.get(key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(c[key])]
+    for key in ("draft_model", "soft_prompts", "chat_template"):
+        if c.get(key):
+            cmd += [f"--{key.replace('_', '-')}", _rel(base, c[key])]
+    for key in ("certfile", "keyfile"):
+        if c.get(key):
+            cmd += [f"--{key}", _rel(base, c[key])]
+    if c.get("insecure"):
+        cmd.append("--insecure")
+    return cmd
+
+
+def _node_command(node: dict, name: str, base: Path, model: str, url: str, secret: str | None,
+                  cafile: str | None) -> list[str]:
+    """`slowllm-node` for one entry of the file's `nodes:` list."""
+    cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", str(node["layers"]), "--coordinator", url,
+           "--name", name, "--device", node.get("device", "cpu")]
+    for key in ("dtype", "session_memory"):
+        if node.get(key):
+            cmd += [f"--{key.replace('_', '-')}", str(node[key])]
+    # the operator's own file names the model, so nodes started here may open it (a node never opens
+    # a local path a coordinator names over the network)
+    cmd += ["--model", _rel(base, node["model"]) if node.get("model") else model]
+    if secret:
+        cmd += ["--secret-file", secret]
+    if cafile:
+        cmd += ["--cafile", cafile]
+    return cmd
+
+
+def _up(file: str, path: Path, spec: dict, state: Path) -> int:
+    pids_file = state / "pids.json"
     if pids_file.is_file():
         if _alive(pids_file):
             raise InputError(f"a cluster from {file} is already up: run `slowllm cluster down {file}` first.")
@@ -115,27 +165,7 @@ def cluster(action: str, file: str) -> int:
         pids_file.write_text(json.dumps(started))
         return proc
 
-    cmd = [sys.executable, "-m", "slowllm.coordinator.cli._coordinator", "--model", model, "--host", host,
-           "--port", str(port), "--wait-for-nodes", str(c.get("wait_for_nodes", 60))]
-    if secret:
-        cmd += ["--secret-file", secret]
-    if client_keys:
-        cmd += ["--client-keys", client_keys]
-    if c.get("public_status"):
-        cmd.append("--public-status")
-    for key in ("request_timeout", "max_jobs_per_client", "max_jobs", "max_message_size", "max_new_tokens",
-                "verify", "draft_tokens", "http_port"):
-        if c.get(key) is not None:
-            cmd += [f"--{key.replace('_', '-')}", str(c[key])]
-    for key in ("draft_model", "soft_prompts", "chat_template"):
-        if c.get(key):
-            cmd += [f"--{key.replace('_', '-')}", _rel(base, c[key])]
-    for key in ("certfile", "keyfile"):
-        if c.get(key):
-            cmd += [f"--{key}", _rel(base, c[key])]
-    if c.get("insecure"):
-        cmd.append("--insecure")
-    coord = spawn("coordinator", cmd)
+    coord = spawn("coordinator", _coordinator_command(c, base, model, host, port, secret, client_keys))
     deadline = time.time() + 120
     while "ready at " not in (state / "coordinator.log").read_text():
         if coord.poll() is not None or time.time() > deadline:
@@ -147,19 +177,7 @@ def cluster(action: str, file: str) -> int:
           flush=True)
     for i, node in enumerate(spec.get("nodes") or []):
         name = str(node.get("name") or f"node{i}")
-        cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", str(node["layers"]), "--coordinator", url,
-               "--name", name, "--device", node.get("device", "cpu")]
-        for key in ("dtype", "session_memory"):
-            if node.get(key):
-                cmd += [f"--{key.replace('_', '-')}", str(node[key])]
-        # the operator's own file names the model, so nodes started here may open it (a node never opens
-        # a local path a coordinator names over the network)
-        cmd += ["--model", _rel(base, node["model"]) if node.get("model") else model]
-        if secret:
-            cmd += ["--secret-file", secret]
-        if cafile:
-            cmd += ["--cafile", cafile]
-        nodes[name] = spawn(name, cmd)
+        nodes[name] = spawn(name, _node_command(node, name, base, model, url, secret, cafile))
     try:
         _wait_registered(url, client_secret, cafile, nodes, state, float(spec.get("start_timeout", 600)))
     except InputError:

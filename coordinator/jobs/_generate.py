@@ -68,6 +68,41 @@ class _Row:
     logprobs: list = field(default_factory=list)  # per new token: (logprob, [(id, logprob), ...])
     prompt_logprobs: list = field(default_factory=list)  # per prompt token: None for the first, then as above
 
+    def take(self, ends: ModelEnds, tokens: list[int], drafted: int, logits: torch.Tensor) -> None:
+        """This row's tokens of a pass (its accepted drafts, then its own); logits[n] chose tokens[n]."""
+        self.passes += 1
+        n_top = self.want.logprobs
+        if n_top is not None:
+            lp, tops = _top(logits[: len(tokens)], n_top)
+        for n, token in enumerate(tokens):
+            if token in ends.stop_token_ids:
+                self.done, self.reason = True, "eos"
+                return
+            self.ids.append(token)
+            self.accepted += n < drafted
+            if n_top is not None:
+                self.logprobs.append((lp[n, token].item(), tops[n]))
+            if self.want.on_token:
+                self.want.on_token(token, self.logprobs[-1] if n_top is not None else None)
+            if len(self.ids) >= self.want.max_new_tokens:
+                self.done = True
+                return
+            if self.want.stop and self.want.stop(self.ids):
+                self.done, self.reason = True, "stop"
+                return
+
+    def after_prompt(self, ends: ModelEnds, hidden: torch.Tensor, token: int, logits: torch.Tensor) -> None:
+        """The prompt pass's output for this row (`hidden` [T, H]): prompt logprobs if asked, its first token."""
+        if self.want.prompt_logprobs is not None:  # position t predicts token t+1 of the row
+            ids, width = self.want.ids, hidden.shape[0]
+            normed = ends.final_norm(hidden[width - len(ids): width - 1])
+            self.prompt_logprobs = [None] + ends.token_logprobs(normed, torch.tensor(ids[1:]),
+                                                                self.want.prompt_logprobs)
+        if self.want.max_new_tokens < 1:
+            self.done = True
+        else:
+            self.take(ends, [token], 0, logits)
+
 
 def generate(ends: ModelEnds, chain: Chain, prompts: Sequence[str], sampling: Sampling,
              soft_prompt: torch.Tensor | None = None,
@@ -184,6 +219,29 @@ def _top(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, list[list[tuple[in
     return lp, [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
 
 
+@torch.no_grad()
+def _draft(draft: Draft, session, batch, tail_ids, tail_mask, fed: int, k: int, s: Sampling, generator,
+           drafted: list, q: list):
+    """k tokens from the draft model, appended to the shared columns after the prompt (`drafted`: each
+    round's tokens; `q`: their probabilities when sampling). Returns (tail_ids, tail_mask, columns fed)."""
+    ones = torch.ones(tail_ids.shape[0], 1, dtype=torch.long)
+    for _ in range(k):
+        new = draft.ends.embed_norm(draft.ends.embed(tail_ids[:, max(fed, 0):]))
+        if fed < 0:  # its first step: the prompt too
+            new = torch.cat([batch.hidden, new], 1)
+        h = session.step(new, torch.cat([batch.mask, tail_mask], 1))
+        fed = tail_ids.shape[1]
+        logits = draft.ends.logits(draft.ends.final_norm(h[:, -1]))
+        if s.temperature == 0:
+            d = logits.argmax(dim=-1)
+        else:
+            q.append(probabilities(logits, s))
+            d = torch.multinomial(q[-1], 1, generator=generator).squeeze(1)
+        drafted.append(d)
+        tail_ids, tail_mask = torch.cat([tail_ids, d[:, None]], 1), torch.cat([tail_mask, ones], 1)
+    return tail_ids, tail_mask, fed
+
+
 def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: Sampling, soft_prompt,
                     generator, draft: Draft | None):
     """One batch of prompts through one session of the big model (and one of the draft): a generator that
@@ -206,47 +264,14 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
     tail_mask = torch.empty(B, 0, dtype=torch.long)
     ones = torch.ones(B, 1, dtype=torch.long)
 
-    def take(j: int, tokens: list[int], drafted: int, logits: torch.Tensor) -> None:
-        """Row j's tokens of this pass (its accepted drafts, then its own); logits[n] chose tokens[n]."""
-        row = state[j]
-        row.passes += 1
-        n_top = row.want.logprobs
-        if n_top is not None:
-            lp, tops = _top(logits[: len(tokens)], n_top)
-        for n, token in enumerate(tokens):
-            if token in ends.stop_token_ids:
-                row.done, row.reason = True, "eos"
-                return
-            row.ids.append(token)
-            row.accepted += n < drafted
-            if n_top is not None:
-                row.logprobs.append((lp[n, token].item(), tops[n]))
-            if row.want.on_token:
-                row.want.on_token(token, row.logprobs[-1] if n_top is not None else None)
-            if len(row.ids) >= row.want.max_new_tokens:
-                row.done = True
-                return
-            if row.want.stop and row.want.stop(row.ids):
-                row.done, row.reason = True, "stop"
-                return
-
     with contextlib.ExitStack() as stack:
         target = stack.enter_context(chain.open_session(B, batch.mask.shape[1] + room))
         hidden = yield (target, batch.hidden, batch.mask)
         with torch.no_grad():
             logits = ends.logits(ends.final_norm(hidden[:, -1]))
             x = pick_tokens(logits, s, generator)
-        width = hidden.shape[1]
         for j, row in enumerate(state):
-            if row.want.prompt_logprobs is not None:  # position t predicts token t+1 of the row
-                ids = row.want.ids
-                normed = ends.final_norm(hidden[j, width - len(ids): width - 1])
-                row.prompt_logprobs = [None] + ends.token_logprobs(normed, torch.tensor(ids[1:]),
-                                                                   row.want.prompt_logprobs)
-            if row.want.max_new_tokens < 1:
-                row.done = True
-            else:
-                take(j, [int(x[j])], 0, logits[j:j + 1])
+            row.after_prompt(ends, hidden[j], int(x[j]), logits[j:j + 1])
         del hidden
         if draft is not None and not all(row.done for row in state):
             draft_batch = hidden_batch(draft.ends, [r.ids for r in rows])  # the soft prompt is the big model's alone
@@ -260,21 +285,10 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
             tail_ids, tail_mask = torch.cat([tail_ids, x[:, None]], 1), torch.cat([tail_mask, ones], 1)
             base = tail_ids.shape[1] - 1  # x's column
             drafted, q = [], []
-            with Stopwatch() as draft_time, torch.no_grad():
-                for _ in range(k):
-                    new = draft.ends.embed_norm(draft.ends.embed(tail_ids[:, max(draft_fed, 0):]))
-                    if draft_fed < 0:
-                        new = torch.cat([draft_batch.hidden, new], 1)
-                    h = draft_session.step(new, torch.cat([draft_batch.mask, tail_mask], 1))
-                    draft_fed = tail_ids.shape[1]
-                    logits = draft.ends.logits(draft.ends.final_norm(h[:, -1]))
-                    if greedy:
-                        d = logits.argmax(dim=-1)
-                    else:
-                        q.append(probabilities(logits, s))
-                        d = torch.multinomial(q[-1], 1, generator=generator).squeeze(1)
-                    drafted.append(d)
-                    tail_ids, tail_mask = torch.cat([tail_ids, d[:, None]], 1), torch.cat([tail_mask, ones], 1)
+            with Stopwatch() as draft_time:
+                if k:
+                    tail_ids, tail_mask, draft_fed = _draft(draft, draft_session, draft_batch, tail_ids, tail_mask,
+                                                            draft_fed, k, s, generator, drafted, q)
             with Stopwatch() as pass_time:
                 with torch.no_grad():
                     new = ends.embed_norm(ends.embed(tail_ids[:, base:]))  # x, d1..dk
@@ -289,7 +303,7 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
                                         logits[j], drafts[j], generator)
                 y[j] = token
                 state[j].drafted += k
-                take(j, drafts[j, :kept[j]].tolist() + [token], kept[j], logits[j])
+                state[j].take(ends, drafts[j, :kept[j]].tolist() + [token], kept[j], logits[j])
             # keep x, d1..dA (A: the most any row kept); the rest is rolled back, the shortfall left as holes
             most_kept = max(kept[j] for j in active)
             cut = k - most_kept
