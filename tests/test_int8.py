@@ -78,7 +78,7 @@ def test_quantize_refuses_what_it_cannot_do_in_one_sentence(models, tmp_path):
 
 
 def test_int8_fidelity_against_the_original_in_bf16(models):
-    """The figures README states, asserted with margin: mean / max |logprob diff| and top-1 agreement."""
+    """The figures docs/benchmarks.md states, asserted with margin: mean / max |logprob diff| and top-1 agreement."""
     bounds = {"ctx": (0.15, 0.75, 0.85), "mild": (0.003, 0.01, 0.99)}  # measured 0.075/0.37/0.91, 0.0012/0.004/1.0
     g = torch.Generator().manual_seed(0)
     for name, (mean_bound, max_bound, top1_bound) in bounds.items():

@@ -1,9 +1,10 @@
-"""The README's code blocks run, so the README cannot drift from the code.
+"""The code blocks of the README and of docs/ run, so the docs cannot drift from the code.
 
 Every `slowllm`, `slowllm-node` and `slowllm-coordinator` command in a shell block must parse with
 today's options; the `--local` jobs run for real on a tiny checkpoint (the model names replaced by
-its path); every Python block runs as written, with the model path, the coordinator URL and the
-secret file pointing at a tiny checkpoint and a live coordinator + nodes on 127.0.0.1.
+its path, `examples/` as the job files); every Python block runs as written, with the model path, the
+coordinator URL and the secret file pointing at a tiny checkpoint and a live coordinator + nodes on
+127.0.0.1. A command or block that appears on several pages runs once. Every relative link resolves.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +25,15 @@ import pytest
 from conftest import run_cli
 from netutil import Cluster, free_port
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "README.md", ROOT / "deploy" / "GUIDE.md"]
 MODELS = ("bigscience/bloom", "/data/bloom", "bigscience/bloom-560m")  # (a draft for itself)
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    found = [b for doc in DOCS for b in re.findall(rf"```{language}\n(.*?)```", doc.read_text(), re.S)]
+    return list(dict.fromkeys(found))  # a block shown on two pages runs once
 
 
 def commands() -> list[list[str]]:
@@ -37,7 +42,7 @@ def commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 words = shlex.split(part, comments=True)
-                if words and words[0] in ("slowllm", "slowllm-node", "slowllm-coordinator"):
+                if words and words[0] in ("slowllm", "slowllm-node", "slowllm-coordinator") and words not in out:
                     out.append(words)
     return out
 
@@ -45,6 +50,15 @@ def commands() -> list[list[str]]:
 def test_readme_has_the_blocks_this_test_runs():
     assert len(blocks("python")) >= 2 and len(commands()) >= 8
     assert [w for w in commands() if "--local" in w and w[1] in ("generate", "score", "tune")]
+    assert len(README.read_bytes()) <= 16 * 1024, "the README is read in ten minutes: put depth in docs/"
+
+
+def test_every_relative_link_resolves():
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" in target:
+                continue
+            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to {target}, which does not exist"
 
 
 @pytest.mark.parametrize("words", commands(), ids=lambda w: " ".join(w)[:60])
@@ -61,8 +75,7 @@ def test_every_command_parses(words):
 
 
 def test_local_commands_run(tiny_model, tmp_path):
-    (tmp_path / "questions.jsonl").write_text(json.dumps({"context": "Is the sky blue?", "choices": [" Yes", " No"]}) + "\n")
-    (tmp_path / "train.jsonl").write_text(json.dumps({"context": "Is fire cold?", "continuation": " No."}) + "\n")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")  # the job files the commands name
     ran = checked = 0
     int8 = tmp_path / "bloom-int8"  # README's `slowllm quantize /data/bloom /data/bloom-int8` writes it
     for words in commands():
@@ -94,6 +107,10 @@ def _scores_match_transformers(model, questions, stdout: str, dtype: str) -> int
     assert len(outs) == len(rows)
     for row, out in zip(rows, outs):
         ctx = ends.encode_prompt(row["context"])
+        if "continuation" in row:
+            want = hf_logprob(oracle, ctx, ends.encode(row["continuation"]))[0]
+            assert out["logprob"] == pytest.approx(want, abs=tolerance), (out, want)
+            continue
         want = [hf_logprob(oracle, ctx, ends.encode(c))[0] for c in row["choices"]]
         assert out["logprobs"] == pytest.approx(want, abs=tolerance), (out, want)
         if abs(want[0] - want[1]) > 2 * tolerance:

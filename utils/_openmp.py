@@ -7,7 +7,7 @@ that has just answered keeps both cores spinning while the next process in the c
 on 2 cores, a coordinator + 3 bf16 nodes on loopback: 1.55x the in-process time per token with the
 default, 1.15-1.27x with 10,000 (~0.1-0.3 ms; one process computing alone changes by under 2%). fp32
 nodes are the exception: MKL's fp32 GEMV leaves a core idle, and there 100,000 measured 1.09-1.14x
-against 1.24-1.29x (the README's "CPU threads" says so); the node cannot know its dtype before torch is
+against 1.24-1.29x (docs/swarm.md's "CPU threads" says so); the node cannot know its dtype before torch is
 imported, so that is left to the user. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept as set.
 """
 

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-prompts", metavar="DIR", help="soft prompts requests may name (\"soft_prompt\": \"NAME\" "
                    "uses DIR/NAME.safetensors)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja2 template of /v1/chat/completions prompts (default: "
-                   "'User: ...\\nAssistant:', see README)")
+                   "'User: ...\\nAssistant:', see docs/http-api.md)")
     p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N", help="most tokens one request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=16384, metavar="N",
                    help="longest prompt one request may send (a longer one is a 400, not minutes of work)")

@@ -1,4 +1,4 @@
-"""How far an int8 copy's predictions stray from its original's: the figures README states for int8.
+"""How far an int8 copy's predictions stray from its original's: the figures docs/benchmarks.md states for int8.
 
 Both runners see the same token sequences; per position we compare the log-probability each model gives
 the next token (what scoring reports) and whether their most likely next tokens agree (what greedy

@@ -39,7 +39,7 @@ TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-2, "int8": 0.15}
 # The referee judges a node against the very arithmetic the node declares (its dtype, and int8 weights
 # quantized from the coordinator's checkpoint exactly as `slowllm quantize` does), so only summation
 # order and batch composition separate an honest answer from the referee's. Measured by
-# bench/referee_tolerance.py (README "Trust"): these leave a margin above it, and stay below a 5% lie.
+# bench/referee_tolerance.py (docs/trust.md): these leave a margin above it, and stay below a 5% lie.
 REFEREE_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

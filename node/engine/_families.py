@@ -130,7 +130,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-# Real models of each family, by their config.json's shapes: README's table of PCs per model is computed
+# Real models of each family, by their config.json's shapes: docs/families.md's table of PCs per model is computed
 # from these (`slowllm.node.engine._memory.family_table`), never typed by hand.
 REAL_MODELS = (
     ("bigscience/bloom (176B)", "bloom", dict(hidden_size=14336, n_layer=70, n_head=112, vocab_size=250880)),

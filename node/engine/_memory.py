@@ -152,7 +152,7 @@ def guide_table(block_bytes_bf16: int, block_bytes_fp32: int, n_layer: int, sess
 
 
 def family_table(session_memory: int = 2 << 30, ram_gb: int = 16) -> str:
-    """README's table: for real models of every family, blocks per `ram_gb` PC and PCs for the whole model
+    """docs/families.md's table: for real models of every family, blocks per `ram_gb` PC and PCs for the whole model
     (bf16 and int8, by the node formula above), the coordinator's ends and one local pass's disk read."""
     import torch
 
