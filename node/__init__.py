@@ -15,22 +15,15 @@ from typing import TYPE_CHECKING
 
 from slowllm.utils._lazy import lazy_exports
 
+from .engine import __all__ as _ENGINE  # (cheap: the engine's names load on first use too)
+
 _EXPORTS = {
-    ".engine._batch": ["Batch"],
-    ".engine._blocks": ["AttentionInputs", "BlockCache", "attention_inputs", "block_nbytes", "load_weights", "new_block", "run_block"],
-    ".engine._checkpoint": ["Checkpoint", "block_keys", "touch"],
-    ".engine._memory": ["SpillStore", "default_max_ram", "process_rss"],
-    ".engine._resident": ["ResidentBlocks"],
-    ".engine._streaming": ["BlockStream", "StreamingExecutor", "StreamingSession"],
+    ".engine": list(_ENGINE),
     "..utils._units": ["format_size", "parse_size"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .engine._batch import Batch  # noqa: F401
-    from .engine._blocks import AttentionInputs, BlockCache, attention_inputs, block_nbytes, load_weights, new_block, run_block  # noqa: F401
-    from .engine._checkpoint import Checkpoint, block_keys, touch  # noqa: F401
-    from .engine._memory import SpillStore, default_max_ram, process_rss  # noqa: F401
-    from .engine._resident import ResidentBlocks  # noqa: F401
-    from .engine._streaming import BlockStream, StreamingExecutor, StreamingSession  # noqa: F401
-    from ..utils._units import format_size, parse_size  # noqa: F401
+    from slowllm.utils._units import format_size, parse_size  # noqa: F401
+
+    from .engine import *  # noqa: F401,F403

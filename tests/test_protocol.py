@@ -1,5 +1,7 @@
 """Protocol property tests: every message and dtype round-trips; random bytes only raise ProtocolError."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -116,3 +118,32 @@ def test_every_field_of_the_welcome_is_under_the_coordinators_proof(change):
     assert honest.on_welcome(pack(welcome)) == info  # the untouched Welcome passes
     with pytest.raises(AuthError, match="altered"):
         peer.on_welcome(pack(Welcome(info={**welcome.info, **change}, proof=welcome.proof)))
+
+
+def test_typed_jobs_round_trip_and_every_wrong_parameter_is_one_sentence():
+    """Job parameters are pydantic models on both ends (protocol/_jobs.py): what a client builds survives
+    the wire as the same model, and each wrong name, type or value names the parameter."""
+    from slowllm.protocol import InputError, Job, job_params, job_spec
+
+    soft = {"tensor": encode_tensor(torch.ones(2, 4)), "meta": {"source": "p.safetensors"}}
+    for kind, params in [("generate", {"prompts": ["a", "b"], "temperature": 0.7, "top_k": 5, "seed": 1, "draft": False}),
+                         ("score", {"requests": [{"context": "a", "continuation": "b"}], "soft_prompt": soft,
+                                    "compression": "bf16"}),
+                         ("tune", {"data": [{"context": "a", "continuation": "b"}], "lr": 1, "send_prompt": True}),
+                         ("status", {})]:
+        spec = job_spec(kind, params)
+        wire = unpack(pack(Job(id=1, job=kind, params=job_params(spec))))
+        assert job_spec(wire.job, wire.params) == spec
+    for kind, params, words in [
+            ("generate", {"prompts": ["a"], "max_new_tokens": 2.5}, "'max_new_tokens' must be a whole number"),
+            ("generate", {"prompts": ["a"], "temperature": "hot"}, "'temperature' must be a number, not str"),
+            ("generate", {"prompts": ["a"], "top_k": True}, "'top_k' must be a number, not bool"),
+            ("generate", {"prompts": []}, "generate needs a non-empty list 'prompts'"),
+            ("generate", {}, "generate needs the parameter 'prompts'"),
+            ("generate", {"prompts": ["a"], "draft": "yes"}, "'draft' must be true, false or null"),
+            ("generate", {"prompts": ["a"], "temprature": 1.0}, "generate has no parameter 'temprature'"),
+            ("score", {"requests": [{}], "compression": "zip"}, "unknown compression 'zip'"),
+            ("tune", {"data": [], "soft_prompt": soft}, "tune has no parameter 'soft_prompt'"),
+            ("score", {"requests": [{}], "soft_prompt": {"tensor": "x"}}, "'soft_prompt.tensor'")]:
+        with pytest.raises(InputError, match=re.escape(words)):
+            job_spec(kind, params)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from slowllm.utils._openmp import SPIN_COUNT, ComputeThread
-from slowllm.node.server._server import NodeServer, _Queue
+from slowllm.node.server._passes import _Queue
+from slowllm.node.server._server import NodeServer
 from slowllm.protocol import Channel, CloseSession, Error, Result, Step, encode_tensor, unpack
 
 

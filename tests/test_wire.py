@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 import torch
 import websockets
-
 from netutil import Cluster, accept_as_coordinator, connect_as
+
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions, make_checkpoint, tiny_config
 from slowllm.coordinator.demo._tiny import CORPUS
 from slowllm.protocol import (Event, Forward, InputError, Job, Limits, Register, SlowllmError, Welcome, encode_tensor,
@@ -319,6 +319,7 @@ def test_hidden_states_travel_in_the_dtype_each_node_computes_in(tiny_model, sec
     """A bf16 node gets bf16 (half the bytes; it would round fp32 to the same values itself), an fp32 node
     fp32, whatever the job; a lossy codec the job chose is kept where it is not the node's own dtype."""
     from adversaries import LyingNode
+
     from slowllm.protocol import read_secret
 
     key = read_secret(secret)
@@ -340,6 +341,7 @@ def test_hidden_states_travel_in_the_dtype_each_node_computes_in(tiny_model, sec
 
 def test_unreachable_coordinator_is_one_sentence():
     from netutil import free_port
+
     from slowllm.coordinator import Client
 
     with pytest.raises(SlowllmError, match=r"cannot reach the coordinator at ws://127.0.0.1:\d+: connection refused"):
@@ -347,7 +349,8 @@ def test_unreachable_coordinator_is_one_sentence():
 
 
 def test_router_avoids_a_penalized_node():
-    from slowllm.coordinator.swarm._router import NodeLink, Router
+    from slowllm.coordinator.swarm._links import NodeLink
+    from slowllm.coordinator.swarm._router import Router
 
     router = Router(6)
     a, b = (NodeLink(None, name, 0, 5, "cpu", "float32", speed) for name, speed in (("a", 10.0), ("b", 1.0)))

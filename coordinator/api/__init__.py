@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from slowllm.utils._lazy import lazy_exports
 
 _EXPORTS = {
-    "._app": ["ApiBackend", "OpenAIServer", "make_app", "server"],
-    "._backends": ["LocalBackend", "SwarmBackend", "served_name"],
+    "._app": ["OpenAIServer", "make_app", "server"],
+    "._backends": ["ApiBackend", "LocalBackend", "SwarmBackend", "served_name"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from ._app import ApiBackend, OpenAIServer, make_app, server  # noqa: F401
-    from ._backends import LocalBackend, SwarmBackend, served_name  # noqa: F401
+    from ._app import OpenAIServer, make_app, server  # noqa: F401
+    from ._backends import ApiBackend, LocalBackend, SwarmBackend, served_name  # noqa: F401

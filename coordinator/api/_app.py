@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import uvicorn
@@ -32,13 +32,13 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from slowllm.coordinator.jobs._detokenize import StopText
-from slowllm.coordinator.jobs._ends import ModelEnds
-from slowllm.coordinator.jobs._generate import Continuation, Generation
+from slowllm.coordinator.jobs._generate import Continuation
 from slowllm.coordinator.jobs._options import Sampling
 from slowllm.protocol import BusyError, SlowllmError, UnavailableError
 from slowllm.utils._openmp import ComputeThread
 from slowllm.utils._units import format_ranges
 
+from ._backends import ApiBackend
 from ._batcher import Batcher, _Pending
 from ._guard import RequestGuard, check_prompt_chars, longest_token_chars
 from ._guard import max_request_bytes as default_request_bytes
@@ -48,39 +48,6 @@ from ._openai import (DEFAULT_CHAT_TEMPLATE, ApiError, ChatRequest, CompletionRe
 log = logging.getLogger("slowllm.http")
 SOFT_PROMPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_ROWS = 256  # prompts x n in one request
-
-
-class ApiBackend(Protocol):
-    """What the API needs from a mode: the model's ends, a way to run a batch, and who may use it."""
-
-    model_id: str
-    ends: ModelEnds
-    n_layer: int
-    max_new_tokens: int
-
-    def start(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> Generation:
-        """A batch of rows, ready to step (its prompt pass is its first step)."""
-
-    def step(self, jobs: list[Generation]) -> None:
-        """One pass over the model for every job's next step."""
-
-    def soft_prompt(self, path: Path) -> torch.Tensor: ...
-
-    def missing(self) -> list[int]: ...
-
-    def nodes(self) -> int: ...
-
-    def admitted(self, user: str, kind: str):
-        """A context holding an admission slot for one HTTP request (BusyError when none is free)."""
-        ...
-
-    def user(self, token: str | None) -> str | None:
-        """The user a bearer token belongs to; "" when no key is needed; None when refused."""
-
-    def warnings_since(self, started: float) -> list[str]:
-        """What a response begun at `started` (time.time()) must warn of: nodes that served this API and
-        were banned since (their answers may be wrong)."""
-        return []
 
 
 class _Slot:

@@ -10,13 +10,48 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from slowllm.coordinator.jobs._ends import ModelEnds
 from slowllm.coordinator.jobs._generate import Continuation, Generation, step_together
 from slowllm.coordinator.jobs._options import Sampling
 from slowllm.coordinator.jobs._runner import LocalRunner
 from slowllm.coordinator.swarm._keys import KeyRing
+
+
+class ApiBackend(Protocol):
+    """What the API needs from a mode: the model's ends, a way to run a batch, and who may use it."""
+
+    model_id: str
+    ends: ModelEnds
+    n_layer: int
+    max_new_tokens: int
+
+    def start(self, rows: list[Continuation], sampling: Sampling, soft_prompt: torch.Tensor | None) -> Generation:
+        """A batch of rows, ready to step (its prompt pass is its first step)."""
+
+    def step(self, jobs: list[Generation]) -> None:
+        """One pass over the model for every job's next step."""
+
+    def soft_prompt(self, path: Path) -> torch.Tensor: ...
+
+    def missing(self) -> list[int]: ...
+
+    def nodes(self) -> int: ...
+
+    def admitted(self, user: str, kind: str):
+        """A context holding an admission slot for one HTTP request (BusyError when none is free)."""
+        ...
+
+    def user(self, token: str | None) -> str | None:
+        """The user a bearer token belongs to; "" when no key is needed; None when refused."""
+
+    def warnings_since(self, started: float) -> list[str]:
+        """What a response begun at `started` (time.time()) must warn of: nodes that served this API and
+        were banned since (their answers may be wrong)."""
+        return []
 
 
 def served_name(model: str, name: str | None = None) -> str:
@@ -72,7 +107,7 @@ class SwarmBackend:
         self.model_id, self.ends = served_name(c.model), c.ends
         self.n_layer, self.max_new_tokens = c.checkpoint.n_layer, c.max_new_tokens
         from slowllm.coordinator.chains._remote import RemoteChain
-        from slowllm.coordinator.swarm._server import job_tag
+        from slowllm.coordinator.swarm._jobs import job_tag
 
         self.chain = RemoteChain(c.router, c.limits, c.checkpoint.hidden_size, referee=c.referee, job=job_tag("http"),
                                  stepper=c.stepper)

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slowllm.protocol import (AuthError, Error, Limits, ProtocolError, Result, Results, SlowllmError,
-                              UnavailableError, WireTensor, decode_tensor, encode_tensor, printable)
+from slowllm.protocol import (AuthError, Error, Limits, ProtocolError, Result, Results, SlowllmError, UnavailableError,
+                              WireTensor, decode_tensor, encode_tensor, printable)
 
 if TYPE_CHECKING:
-    from slowllm.coordinator.swarm._router import NodeLink, Router
+    from slowllm.coordinator.swarm._links import NodeLink
+    from slowllm.coordinator.swarm._router import Router
 
 FRAME_OVERHEAD = 64 << 10  # msgpack keys, ids, shapes: generous, so a cut request always fits
 FAILOVER_CODES = ("busy", "internal", "protocol", "unavailable")  # the node's trouble, not the request's

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
-from slowllm.coordinator.swarm._router import OUTBOX_STEP_BYTES
+from slowllm.coordinator.swarm._links import OUTBOX_STEP_BYTES
 from slowllm.coordinator.swarm._verify import Referee
 from slowllm.node import Batch
 from slowllm.protocol import Backward, Forward, InputError, Limits, UnavailableError
@@ -35,7 +35,8 @@ from ._verification import Rerun, Verification
 
 if TYPE_CHECKING:
     from slowllm.coordinator.scheduler._stepper import Stepper
-    from slowllm.coordinator.swarm._router import NodeLink, Router
+    from slowllm.coordinator.swarm._links import NodeLink
+    from slowllm.coordinator.swarm._router import Router
 
 # micro-batches of pipelined jobs and the sessions of a merged step, each on its own thread while it runs
 _PIPELINE = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="slowllm-pipeline")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slowllm.coordinator.swarm._router import OUTBOX_STEP_BYTES
+from slowllm.coordinator.swarm._links import OUTBOX_STEP_BYTES
 from slowllm.protocol import CloseSession, InputError, Step
 
 from ._chain import ChainSession
@@ -20,7 +20,7 @@ from ._exchange import NodeFailed, encode_mask
 from ._verification import Rerun
 
 if TYPE_CHECKING:
-    from slowllm.coordinator.swarm._router import NodeLink
+    from slowllm.coordinator.swarm._links import NodeLink
 
     from ._remote import RemoteChain
 

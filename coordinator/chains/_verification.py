@@ -32,7 +32,8 @@ from slowllm.coordinator.swarm._verify import Referee, agree, referee_tolerance,
 from slowllm.protocol import SlowllmError
 
 if TYPE_CHECKING:
-    from slowllm.coordinator.swarm._router import NodeLink, Router
+    from slowllm.coordinator.swarm._links import NodeLink
+    from slowllm.coordinator.swarm._router import Router
 
 log = logging.getLogger("slowllm")
 

@@ -11,37 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import itertools
 import json
 import logging
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
-import torch
 import websockets
 
-from slowllm.coordinator.chains._remote import RemoteChain
 from slowllm.coordinator.jobs._ends import ModelEnds
-from slowllm.coordinator.jobs._options import Sampling, TuneOptions
-from slowllm.coordinator.jobs._runner import Runner
-from slowllm.coordinator.jobs._softprompt import check_soft_prompt
 from slowllm.coordinator.jobs._speculative import load_draft
 from slowllm.coordinator.scheduler._stepper import Stepper
 from slowllm.node import Checkpoint, default_max_ram
 from slowllm.protocol import (AuthError, CoordinatorHandshake, Error, Event, Heartbeat, InputError, Job, JobResult,
-                              Limits, ProtocolError, Register, SlowllmError, Welcome, decode_tensor, encode_tensor,
-                              pack, peek, printable)
-from slowllm.protocol._jobs import (GenerateJob, GenerateResult, ScoreJob, ScoreResult, SoftPromptParam, StepEvent,
-                                    TextEvent, TuneJob, TuneResult, job_spec)
+                              Limits, ProtocolError, Register, SlowllmError, Welcome, pack, peek, printable)
 from slowllm.utils._units import format_span
 
 from ._admission import Admission
+from ._jobs import CoordinatorJobs
 from ._keys import KeyRing, is_loopback
-from ._router import NodeLink, Router, TrackedJob
+from ._links import NodeLink
+from ._router import Router
 from ._status_page import render_status
 from ._verify import Referee
 
@@ -52,7 +44,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has for each handshake message
 HANDSHAKE_FRAME = 1 << 20  # bytes a frame may have before authentication
 
 
-class Coordinator:
+class Coordinator(CoordinatorJobs):
     def __init__(self, model: str, *, host: str = "127.0.0.1", port: int = 8765, secret: bytes | None = None,
                  wait_for_nodes: float = 60.0, limits: Limits = Limits(), ssl_context=None,
                  request_timeout: float = 120.0, max_jobs_per_client: int = 8, max_jobs: int = 32,
@@ -350,63 +342,6 @@ class Coordinator:
             await send(Error(id=job.id, code="internal", message=f"the job failed: {type(e).__name__} (a bug in "
                                                                   "slowllm: the coordinator's log has the details)."))
 
-    # ---- jobs (worker threads) -----------------------------------------------------------------
-    def _job_in_thread(self, job: Job, emit, cancel: threading.Event, client: str = "") -> dict:
-        spec = job_spec(job.job, job.params)  # typed, or one sentence naming the wrong parameter
-        chain = RemoteChain(self.router, self.limits, self.checkpoint.hidden_size, compression=spec.compression,
-                            notify=lambda text: emit({"notice": text}), cancel=cancel, referee=self.referee,
-                            job=job_tag(client), stepper=self.stepper)
-        runner = Runner(self.checkpoint, self.ends, chain, self.draft)
-        tracked = TrackedJob(next(self._job_numbers), client, job.job, chain, lambda text: emit({"notice": text}))
-        self.router.track(tracked)
-        try:
-            if isinstance(spec, GenerateJob):
-                return self._generate(spec, runner, emit)
-            if isinstance(spec, ScoreJob):
-                soft = self._soft_prompt(spec.soft_prompt)
-                return ScoreResult(results=runner.score(spec.requests, soft_prompt=soft)).model_dump()
-            return self._tune(spec, runner, emit)
-        finally:
-            tracked.ended = time.time()
-
-    def _generate(self, spec: GenerateJob, runner, emit) -> dict:
-        sampling = Sampling(**spec.model_dump(include={"max_new_tokens", "temperature", "top_k", "top_p", "seed"},
-                                              exclude_none=True))
-        sampling.check()
-        if sampling.max_new_tokens > self.max_new_tokens:
-            raise InputError(f"max_new_tokens {sampling.max_new_tokens} exceeds this coordinator's limit of "
-                             f"{self.max_new_tokens} (--max-new-tokens): ask for fewer.")
-        results = runner.generate(spec.prompts, sampling, soft_prompt=self._soft_prompt(spec.soft_prompt),
-                                  on_text=lambda i, text: emit(TextEvent(prompt=i, text=text).model_dump()),
-                                  draft=spec.draft, draft_tokens=spec.draft_tokens)
-        return GenerateResult(results=results).model_dump()
-
-    def _tune(self, spec: TuneJob, runner, emit) -> dict:
-        options = TuneOptions(**spec.model_dump(include={"prompt_tokens", "steps", "lr", "batch_size", "seed"},
-                                                exclude_none=True))
-        options.check()
-        if spec.send_prompt:  # the client saves every N steps, and the latest on Ctrl-C
-            prompts: dict = {}
-            prompt = runner.tune(spec.data, options, on_prompt=lambda step, t: prompts.update({step: t}),
-                                 on_step=lambda step, loss: emit(StepEvent(
-                                     step=step, loss=loss, prompt=encode_tensor(prompts.pop(step)),
-                                     fingerprint=self.fingerprint).model_dump(exclude_none=True)))
-        else:
-            prompt = runner.tune(spec.data, options,
-                                 on_step=lambda step, loss: emit(StepEvent(step=step, loss=loss).model_dump(
-                                     exclude_none=True)))
-        return TuneResult(prompt=encode_tensor(prompt), fingerprint=self.fingerprint).model_dump()
-
-    def _soft_prompt(self, value: SoftPromptParam | None) -> torch.Tensor | None:
-        if value is None:
-            return None
-        try:
-            tensor = decode_tensor(value.tensor, self.limits)
-        except Exception:
-            raise InputError("soft_prompt tensor is malformed.") from None
-        return check_soft_prompt(tensor, value.meta, self.fingerprint, self.checkpoint.hidden_size,
-                                 str(value.meta.get("source", "")))
-
     def _status_allowed(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer":
@@ -445,12 +380,6 @@ def close_reason(text: str, limit: int = 120) -> str:
 def _peer(ws) -> str:
     address = getattr(ws, "remote_address", None)
     return str(address[0]) if address else ""
-
-
-def job_tag(client: str) -> str:
-    """What nodes see of a job's client: an opaque tag (they share passes round robin between tags), from
-    which they learn neither its name nor its address."""
-    return hashlib.blake2b(client.encode(), digest_size=8, person=b"slowllm-job").hexdigest()
 
 
 def _import_blocks() -> None:
