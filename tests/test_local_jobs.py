@@ -219,17 +219,23 @@ def test_an_empty_prompt_starts_from_bos(runner, tiny_model):
     assert out["token_ids"] == expected
 
 
-def test_top_k_and_top_p_restrict_the_choice():
-    from slowllm.coordinator.jobs._generate import pick_tokens
+def test_top_k_and_top_p_restrict_the_choice_and_draws_depend_on_seed_row_and_position_alone():
+    from slowllm.coordinator.jobs._sampling import Draws, pick_tokens
 
     logits = torch.log(torch.tensor([[0.05, 0.6, 0.05, 0.3]]))
-    g = torch.Generator().manual_seed(0)
-    draws = lambda s: {pick_tokens(logits, s, g).item() for _ in range(300)}  # noqa: E731
+    seeded = Draws(0)
+    draws = lambda s: {pick_tokens(logits, s, seeded, [(0, n)]).item() for n in range(300)}  # noqa: E731
     assert draws(Sampling(temperature=1.0)) == {0, 1, 2, 3}  # unrestricted: all four appear
     assert draws(Sampling(temperature=1.0, top_k=2)) == {1, 3}
     assert draws(Sampling(temperature=1.0, top_k=1)) == {1}
     assert draws(Sampling(temperature=1.0, top_p=0.5)) == {1}  # 0.6 alone covers half the mass
     assert draws(Sampling(temperature=1.0, top_p=0.85)) == {1, 3}
+    # a row's draw is a function of (seed, row, position): the same in any batch, in any process
+    s, where = Sampling(temperature=1.0), [(2, 7), (0, 1), (1, 7), (2, 8)]
+    batch = pick_tokens(logits.expand(4, 4), s, Draws(5), where).tolist()
+    assert batch == [pick_tokens(logits, s, Draws(5), [w]).item() for w in where]
+    assert Draws(5).uniform(1, 2) == Draws(5).uniform(1, 2) != Draws(6).uniform(1, 2) != Draws(5).uniform(1, 3)
+    assert abs(sum(Draws(9).uniform(0, n) for n in range(4000)) / 4000 - 0.5) < 0.02
 
 
 def test_streamed_text_ends_with_a_character_the_last_token_cut(tiny_model):

@@ -233,9 +233,9 @@ class OpenAIServer:
             raise ApiError(400, "best_of and suffix are not supported.", param="best_of")
         self.admit(req, max_tokens, prompts)
         top = req.logprobs
-        rows = [Continuation(list(ids), max_tokens, logprobs=top,
+        rows = [Continuation(list(ids), max_tokens, logprobs=top, key=key,  # (key: a seeded row's draws)
                              prompt_logprobs=top if req.echo and top is not None else None)
-                for ids in prompts for _ in range(req.n)]
+                for key, ids in enumerate(ids for ids in prompts for _ in range(req.n))]
         head = self._head("cmpl", "text_completion")
 
         def chunk(i, text, token, entry):
@@ -272,7 +272,7 @@ class OpenAIServer:
             raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
         self.admit(req, max_tokens, [ids])
         top = (req.top_logprobs or 0) if req.logprobs else None
-        rows = [Continuation(list(ids), max_tokens, logprobs=top) for _ in range(req.n)]
+        rows = [Continuation(list(ids), max_tokens, logprobs=top, key=key) for key in range(req.n)]
         head = self._head("chatcmpl", "chat.completion.chunk")
 
         def chunk(i, text, token, entry):

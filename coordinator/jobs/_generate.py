@@ -18,28 +18,9 @@ from slowllm.coordinator.chains._chain import Chain, plan_batches
 
 from ._ends import ModelEnds
 from ._options import Sampling
+from ._sampling import Draws, pick_tokens, probabilities  # noqa: F401 (probabilities: the tests' oracle uses it)
 from ._score import hidden_batch
 from ._speculative import Draft, DraftLength, Stopwatch, accept
-
-
-def probabilities(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """The distribution that sampling draws from: softmax of logits / temperature within top-k and top-p."""
-    logits = logits / s.temperature
-    if s.top_k is not None and s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p is not None and s.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= s.top_p  # keep the first token always
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.softmax(logits, dim=-1)
-
-
-def pick_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    if s.temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, s), 1, generator=generator).squeeze(1)
 
 
 @dataclass
@@ -52,6 +33,9 @@ class Continuation:
     prompt_logprobs: int | None = None  # the same for the prompt's tokens, from the prompt pass
     stop: Callable[[list[int]], bool] | None = None  # after each token: True ends the row ("stop")
     on_token: Callable[[int, tuple | None], None] | None = None  # each new token and its logprobs, as it comes
+    on_finish: Callable[[str], None] | None = None  # once the row ends: "eos", "length" or "stop"
+    key: int = 0  # the row's index in its job: seeded sampling draws by (seed, key, position)
+    done_before: int = 0  # tokens generated before (a resumed job): positions count on from there
 
 
 @dataclass
@@ -68,6 +52,16 @@ class _Row:
     logprobs: list = field(default_factory=list)  # per new token: (logprob, [(id, logprob), ...])
     prompt_logprobs: list = field(default_factory=list)  # per prompt token: None for the first, then as above
 
+    @property
+    def position(self) -> int:
+        """The index of this row's next token among all it generated (a resumed job's included)."""
+        return self.want.done_before + len(self.ids)
+
+    def finish(self, reason: str) -> None:
+        self.done, self.reason = True, reason
+        if self.want.on_finish:
+            self.want.on_finish(reason)
+
     def take(self, ends: ModelEnds, tokens: list[int], drafted: int, logits: torch.Tensor) -> None:
         """This row's tokens of a pass (its accepted drafts, then its own); logits[n] chose tokens[n]."""
         self.passes += 1
@@ -76,7 +70,7 @@ class _Row:
             lp, tops = _top(logits[: len(tokens)], n_top)
         for n, token in enumerate(tokens):
             if token in ends.stop_token_ids:
-                self.done, self.reason = True, "eos"
+                self.finish("eos")
                 return
             self.ids.append(token)
             self.accepted += n < drafted
@@ -85,10 +79,10 @@ class _Row:
             if self.want.on_token:
                 self.want.on_token(token, self.logprobs[-1] if n_top is not None else None)
             if len(self.ids) >= self.want.max_new_tokens:
-                self.done = True
+                self.finish("length")
                 return
             if self.want.stop and self.want.stop(self.ids):
-                self.done, self.reason = True, "stop"
+                self.finish("stop")
                 return
 
     def after_prompt(self, ends: ModelEnds, hidden: torch.Tensor, token: int, logits: torch.Tensor) -> None:
@@ -99,7 +93,7 @@ class _Row:
             self.prompt_logprobs = [None] + ends.token_logprobs(normed, torch.tensor(ids[1:]),
                                                                 self.want.prompt_logprobs)
         if self.want.max_new_tokens < 1:
-            self.done = True
+            self.finish("length")
         else:
             self.take(ends, [token], 0, logits)
 
@@ -114,7 +108,7 @@ def generate(ends: ModelEnds, chain: Chain, prompts: Sequence[str], sampling: Sa
     proposed and may advance a prompt by several tokens (see `_speculative`); the output is the same.
     """
     sampling.check()
-    rows = [Continuation(ends.encode_prompt(p), sampling.max_new_tokens,
+    rows = [Continuation(ends.encode_prompt(p), sampling.max_new_tokens, key=i,
                          on_token=(lambda t, entry, i=i: on_tokens(i, [t])) if on_tokens else None)
             for i, p in enumerate(prompts)]
     results = generate_rows(ends, chain, rows, sampling, soft_prompt, draft)
@@ -154,7 +148,7 @@ class Generation:
     def __init__(self, ends: ModelEnds, chain: Chain, rows: Sequence[Continuation], sampling: Sampling,
                  soft_prompt: torch.Tensor | None = None, draft: Draft | None = None):
         self.ends, self.rows, self.draft = ends, list(rows), draft
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        draws = Draws(sampling.seed)
         p = 0 if soft_prompt is None else soft_prompt.shape[0]
         most = draft.tokens if draft is not None else 0
         self.groups = plan_batches([len(r.ids) + p + r.max_new_tokens + most for r in rows],
@@ -163,7 +157,7 @@ class Generation:
         self.pending: dict[int, tuple] = {}  # group index -> the step it waits for
         self.finished: dict[int, list[_Row]] = {}
         for g, group in enumerate(sorted(self.groups)):
-            gen = _generate_group(ends, chain, [rows[i] for i in group], sampling, soft_prompt, generator, draft)
+            gen = _generate_group(ends, chain, [rows[i] for i in group], sampling, soft_prompt, draws, draft)
             self.running[g] = gen
             self._advance(g, None, first=True)
         self.groups = sorted(self.groups)
@@ -220,10 +214,11 @@ def _top(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, list[list[tuple[in
 
 
 @torch.no_grad()
-def _draft(draft: Draft, session, batch, tail_ids, tail_mask, fed: int, k: int, s: Sampling, generator,
-           drafted: list, q: list):
+def _draft(draft: Draft, session, batch, tail_ids, tail_mask, fed: int, k: int, s: Sampling, draws: Draws,
+           where: list[tuple[int, int]], drafted: list, q: list):
     """k tokens from the draft model, appended to the shared columns after the prompt (`drafted`: each
-    round's tokens; `q`: their probabilities when sampling). Returns (tail_ids, tail_mask, columns fed)."""
+    round's tokens; `q`: their probabilities when sampling; `where`: each row's key and the position of
+    its first drafted token). Returns (tail_ids, tail_mask, columns fed)."""
     ones = torch.ones(tail_ids.shape[0], 1, dtype=torch.long)
     for _ in range(k):
         new = draft.ends.embed_norm(draft.ends.embed(tail_ids[:, max(fed, 0):]))
@@ -236,14 +231,15 @@ def _draft(draft: Draft, session, batch, tail_ids, tail_mask, fed: int, k: int, 
             d = logits.argmax(dim=-1)
         else:
             q.append(probabilities(logits, s))
-            d = torch.multinomial(q[-1], 1, generator=generator).squeeze(1)
+            n = len(drafted)
+            d = torch.tensor([draws.sample(q[-1][j], row, at + n, "draft") for j, (row, at) in enumerate(where)])
         drafted.append(d)
         tail_ids, tail_mask = torch.cat([tail_ids, d[:, None]], 1), torch.cat([tail_mask, ones], 1)
     return tail_ids, tail_mask, fed
 
 
 def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: Sampling, soft_prompt,
-                    generator, draft: Draft | None):
+                    draws: Draws, draft: Draft | None):
     """One batch of prompts through one session of the big model (and one of the draft): a generator that
     yields each step of the big model, (session, hidden, mask), is sent its output, and returns the rows.
 
@@ -269,7 +265,7 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
         hidden = yield (target, batch.hidden, batch.mask)
         with torch.no_grad():
             logits = ends.logits(ends.final_norm(hidden[:, -1]))
-            x = pick_tokens(logits, s, generator)
+            x = pick_tokens(logits, s, draws, [(r.want.key, r.position) for r in state])
         for j, row in enumerate(state):
             row.after_prompt(ends, hidden[j], int(x[j]), logits[j:j + 1])
         del hidden
@@ -288,7 +284,8 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
             with Stopwatch() as draft_time:
                 if k:
                     tail_ids, tail_mask, draft_fed = _draft(draft, draft_session, draft_batch, tail_ids, tail_mask,
-                                                            draft_fed, k, s, generator, drafted, q)
+                                                            draft_fed, k, s, draws,
+                                                            [(r.want.key, r.position) for r in state], drafted, q)
             with Stopwatch() as pass_time:
                 with torch.no_grad():
                     new = ends.embed_norm(ends.embed(tail_ids[:, base:]))  # x, d1..dk
@@ -300,7 +297,7 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
             kept, y = [0] * B, x.clone()
             for j in active:
                 kept[j], token = accept(None if greedy else probs[j], [qi[j] for qi in q] if q else None,
-                                        logits[j], drafts[j], generator)
+                                        logits[j], drafts[j], draws, state[j].want.key, state[j].position)
                 y[j] = token
                 state[j].drafted += k
                 state[j].take(ends, drafts[j, :kept[j]].tolist() + [token], kept[j], logits[j])

@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -30,6 +31,9 @@ from slowllm.node.engine._memory import node_dtype
 from slowllm.protocol import InputError
 
 from ._ends import ModelEnds
+
+if TYPE_CHECKING:
+    from ._sampling import Draws
 
 MAX_DRAFT_TOKENS = 16  # beyond this a round's acceptance probability of the last token is negligible
 
@@ -82,12 +86,13 @@ def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, dev
 
 # ---- acceptance ----------------------------------------------------------------------------------
 def accept(p: torch.Tensor | None, q: list[torch.Tensor] | None, target_logits: torch.Tensor,
-           drafted: torch.Tensor, generator: torch.Generator | None) -> tuple[int, int]:
+           drafted: torch.Tensor, draws: "Draws | None" = None, row: int = 0, at: int = 0) -> tuple[int, int]:
     """For one row: how many of the k drafted tokens stay, and the big model's own next token.
 
     `target_logits` [k+1, V] are the big model's logits after each of x, d1..dk; `drafted` [k] the draft's
     tokens. Greedy when `p` is None; otherwise `p` [k+1, V] are the big model's sampling probabilities
-    (temperature, top-k, top-p applied) and `q[i]` [V] the draft's, from which drafted[i] was sampled.
+    (temperature, top-k, top-p applied) and `q[i]` [V] the draft's, from which drafted[i] was sampled;
+    the random numbers are `draws`' for row `row`, the drafts sitting at positions at, at+1, ...
     """
     k = drafted.shape[0]
     if p is None:
@@ -98,14 +103,14 @@ def accept(p: torch.Tensor | None, q: list[torch.Tensor] | None, target_logits: 
     for i in range(k):
         d = int(drafted[i])
         ratio = p[i, d] / q[i][d]  # q[i][d] > 0: d was sampled from q[i]
-        if torch.rand((), generator=generator) < ratio:  # min(1, ratio) is implied: rand < 1
+        if draws.uniform(row, at + i, "accept") < ratio:  # min(1, ratio) is implied: uniform < 1
             continue
         residual = (p[i] - q[i]).clamp_(min=0)
         total = residual.sum()
         # p == q up to rounding: the residual is empty, and p itself is the right distribution
         dist = residual / total if total > 1e-12 else p[i]
-        return i, int(torch.multinomial(dist, 1, generator=generator))
-    return k, int(torch.multinomial(p[k], 1, generator=generator))
+        return i, draws.sample(dist, row, at + i, "residual")
+    return k, draws.sample(p[k], row, at + k)
 
 
 # ---- how many tokens to draft --------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Sampling, with randomness that is a function of (seed, row, position).
+
+A seeded row's n-th token draws the same number whatever runs beside it, however the passes are cut, and
+on whichever coordinator computes it: so a generation resumed on another coordinator from the tokens it
+had produced (the client knows them) continues exactly as it would have. Numbers come from BLAKE2b over
+(seed, row, position, use): no generator state to carry from one pass, process or machine to the next.
+Unseeded jobs draw from the process's own random source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import torch
+
+from ._options import Sampling
+
+_SCALE = 1.0 / (1 << 53)
+
+
+def probabilities(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The distribution that sampling draws from: softmax of logits / temperature within top-k and top-p."""
+    logits = logits / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= s.top_p  # keep the first token always
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.softmax(logits, dim=-1)
+
+
+class Draws:
+    """The random numbers of one job: `uniform(row, position, use)` in [0, 1)."""
+
+    def __init__(self, seed: int | None):
+        self.seed = seed
+        self._own = random.Random()  # unseeded: any numbers will do
+
+    def uniform(self, row: int, position: int, use: str = "token") -> float:
+        if self.seed is None:
+            return self._own.random()
+        digest = hashlib.blake2b(f"{self.seed}/{row}/{position}/{use}".encode(), digest_size=8).digest()
+        return (int.from_bytes(digest, "little") >> 11) * _SCALE
+
+    def sample(self, probs: torch.Tensor, row: int, position: int, use: str = "token") -> int:
+        """A token from `probs` [V] by inverse CDF: a token of probability 0 is never drawn."""
+        cdf = probs.double().cumsum(0)
+        u = torch.tensor([self.uniform(row, position, use) * float(cdf[-1])], dtype=torch.float64)
+        return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
+
+
+def pick_tokens(logits: torch.Tensor, s: Sampling, draws: Draws, where: list[tuple[int, int]]) -> torch.Tensor:
+    """The next token of each row (`where`: each row's (row key, position)): argmax at temperature 0."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, s)
+    return torch.tensor([draws.sample(probs[j], row, position) for j, (row, position) in enumerate(where)])
