@@ -210,3 +210,33 @@ def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
         done = node.pool.submit(node._pass, queue, []).result()
     answer = unpack(done[0][1][1])
     assert [type(x) for x in answer.items] == [Result, Result], answer.items
+
+
+def test_a_node_serving_two_coordinators_keeps_their_sessions_apart_within_one_budget(tiny_model):
+    """Two coordinators' links share the node's KV budget, and their session ids live apart: the same id
+    from both is two sessions, and one coordinator cannot close (or step) the other's."""
+    from slowllm.node.server._passes import _Queue
+    from slowllm.node.server._server import NodeServer
+    from slowllm.protocol import BusyError, Channel, CloseSession, InputError, Step, encode_tensor, pack
+
+    node = NodeServer(first=0, last=5, coordinator=["ws://127.0.0.1:9", "ws://127.0.0.1:10"], model=str(tiny_model),
+                      dtype=torch.float32)
+    a, b = (_Queue(Channel(), tag=link.tag) for link in node.links)
+    gen = torch.Generator().manual_seed(5)
+
+    def run(queue, msg):
+        return node.pool.submit(node._pass, queue, [(pack(msg), None)]).result()[0][1]
+
+    def step(i, session):
+        return Step(id=i, session=session, first=0, last=5, hidden=encode_tensor(torch.randn(1, 3, 64, generator=gen)),
+                    mask=encode_tensor(torch.ones(1, 3, dtype=torch.uint8)), max_length=32)
+
+    assert not isinstance(run(a, step(1, "s")), BaseException)
+    one = node.sessions.nbytes()
+    assert not isinstance(run(b, step(2, "s")), BaseException)
+    assert len(node.sessions) == 2 and node.sessions.nbytes() == 2 * one
+    assert not isinstance(run(b, CloseSession(id=3, session="s")), BaseException)
+    assert isinstance(run(b, CloseSession(id=4, session="s")), InputError)  # b's is gone; a's is not b's to close
+    assert len(node.sessions) == 1
+    node.sessions.budget = node.sessions.nbytes() + one // 2  # room for half a session more, whoever asks
+    assert isinstance(run(a, step(5, "t")), BusyError) and isinstance(run(b, step(6, "t")), BusyError)

@@ -33,14 +33,14 @@ def test_a_node_does_all_its_torch_work_on_its_compute_thread(tiny_model, monkey
             return original(*args, **kwargs)
         monkeypatch.setattr(owner, name, wrapper)
 
-    import slowllm.node.server._server as server
+    import slowllm.node.server._passes as passes
     from slowllm.node import Checkpoint
     from slowllm.node.engine._resident import ResidentBlocks
     spy(Checkpoint, "read_block")
     spy(ResidentBlocks, "forward")
     spy(Channel, "unpack")
-    spy(server, "decode_tensor")
-    spy(server, "encode_tensor")
+    spy(passes, "decode_tensor")
+    spy(passes, "encode_tensor")
     node = NodeServer(first=0, last=5, coordinator="ws://127.0.0.1:9", model=str(tiny_model))
     replies: list = []
 
@@ -49,10 +49,11 @@ def test_a_node_does_all_its_torch_work_on_its_compute_thread(tiny_model, monkey
 
     async def serve() -> None:
         loop_thread = threading.current_thread().name
-        queue = _Queue(Channel())
+        link = node.links[0]
+        link.queue = _Queue(Channel())
         for frame in frames:
             node.inflight += len(frame)
-            await node._handle(frame, send, None, len(frame), queue)
+            await node._handle(frame, send, None, len(frame), link)
         return loop_thread
 
     loop_thread = asyncio.run(serve())

@@ -294,5 +294,6 @@ def _entry(x: NodeLink, sessions: int) -> dict:
             "node_sessions": x.sessions if live else 0, "failures": x.failures, "verified_hops": x.verified,
             "refereed_hops": x.refereed,
             "connected_for_s": round(time.time() - x.since, 1) if live else 0.0,
+            "joined": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.since)),  # when this link registered
             "banned": bool(x.banned), "reason": x.banned}
 

@@ -25,7 +25,7 @@ def render_status(status: dict) -> str:
         note = f"<td class=reason>banned: {_e(node['reason'])}</td>" if node.get("banned") else ""
         rows.append(f"<tr><th>{_e(node['name'])}</th>{cells}<td>{_e(format_span(first, last))}</td>"
                     f"<td>{_e(node['device'])}/{_e(node['dtype'])}{' int8' if node.get('quantization') == 'int8' else ''}</td><td>{_e(node['speed'])}</td><td>{_e(node['load'])}</td>"
-                    f"<td>{_e(node['sessions'])}</td>{note}</tr>")
+                    f"<td>{_e(node['sessions'])}</td><td>{_e(node.get('joined', ''))}</td>{note}</tr>")
     jobs = "".join(f"<li>{_e(j['job'])} by {_e(j['user'])}</li>" for j in status.get("jobs", []))
     unverified = _e(format_ranges(span_blocks(status.get("unverified_spans", [])))) or "none"
     coverage = "".join(f'<td class="{"gap" if b in missing else "ok"}" title="block {b}"></td>' for b in range(n))
@@ -58,7 +58,7 @@ Missing blocks: <b id="missing">{gaps}</b></p>
 <span class="sw ok"></span> block covered by some node <span class="sw gap"></span> block no node serves (jobs
 wait for it) &middot; speed in token-blocks per second &middot; load = requests in flight</p>
 <table id="coverage">
-<tr><th></th>{header}<th>blocks</th><th>device</th><th>speed (tok-blocks/s)</th><th>load</th><th>sessions</th></tr>
+<tr><th></th>{header}<th>blocks</th><th>device</th><th>speed (tok-blocks/s)</th><th>load</th><th>sessions</th><th>joined (UTC)</th></tr>
 {''.join(rows)}
 <tr><th>coverage</th>{coverage}</tr>
 </table>

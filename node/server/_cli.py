@@ -36,10 +36,25 @@ EXAMPLES = """examples:
   slowllm-node --layers 0-9 --coordinator ws://COORD:8765 --secret-file secret.txt
   slowllm-node --layers 10-19 --coordinator wss://COORD:8765 --secret-file secret.txt --cafile ca.pem --model /data/bloom
   slowllm-node --layers 0-34 --device cuda --coordinator ws://COORD:8765 --secret-file secret.txt
+  slowllm-node --layers 0-9 --coordinator ws://COORD1:8765 --coordinator ws://COORD2:8765 --secret-file secret.txt
 
 Before loading, the node checks that its blocks (in the dtype it keeps them in), the KV budget
 (--session-memory) and ~1 GB of runtime fit in the available memory, and otherwise names the largest
 range that fits. See deploy/GUIDE.md for how many blocks fit per PC."""
+
+
+def _coordinators(urls: list[str] | None, secret_files: list[str] | None) -> tuple[list[str], list[str | None]]:
+    """Each coordinator with its secret file: one file for all of them, or one each in the same order."""
+    urls = urls or ["ws://127.0.0.1:8765"]
+    if len(set(urls)) != len(urls):
+        raise SlowllmError("--coordinator names the same URL twice: give each coordinator once.")
+    files = secret_files or [None]
+    if len(files) == 1:
+        files = files * len(urls)
+    if len(files) != len(urls):
+        raise SlowllmError(f"{len(urls)} --coordinator and {len(files)} --secret-file: give one secret file for all "
+                           "of them, or one for each, in the same order.")
+    return urls, files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"slowllm-node {version()}")
     p.add_argument("--layers", required=True, type=parse_layers, metavar="A-B",
                    help="blocks to serve, inclusive and 0-based: 10-19 is ten blocks")
-    p.add_argument("--coordinator", default="ws://127.0.0.1:8765", metavar="URL", help="the coordinator to serve")
+    p.add_argument("--coordinator", action="append", metavar="URL",
+                   help="a coordinator to serve (default ws://127.0.0.1:8765); give it several times to serve several "
+                        "(one link each, one memory budget and one compute thread shared)")
     p.add_argument("--model", help="own copy of the checkpoint (default: open the coordinator's model id)")
-    p.add_argument("--secret-file", metavar="PATH", help="the coordinator's node secret")
+    p.add_argument("--secret-file", action="append", metavar="PATH",
+                   help="the coordinator's node secret; with several --coordinator, one for all or one each, in order")
     p.add_argument("--cafile", metavar="PATH", help="CA certificate to trust for a wss:// coordinator")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the blocks live and compute")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -77,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
     try:
+        urls, secret_files = _coordinators(args.coordinator, args.secret_file)
         check_model_path(args.model)  # before torch is imported and anything loads
         n_layer = model_layers(args.model)
         if n_layer is not None and args.layers[1] >= n_layer:
@@ -92,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SlowllmError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu.")
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-        server = NodeServer(first=args.layers[0], last=args.layers[1], coordinator=args.coordinator,
-                            model=args.model, secret=read_secret(args.secret_file), dtype=dtype, device=args.device,
+        server = NodeServer(first=args.layers[0], last=args.layers[1], coordinator=urls,
+                            model=args.model, secret=[read_secret(f) for f in secret_files], dtype=dtype, device=args.device,
                             name=args.name, cafile=args.cafile, session_budget=parse_size(args.session_memory),
                             fault=_fault(args.inject_fault),
                             memory=None if args.memory is None else parse_size(args.memory))

@@ -23,8 +23,8 @@ import torch
 from slowllm.node.engine._families import family_of, kv_width
 from slowllm.node.engine._merge import StepPart, plan_forwards, plan_steps, run_merged_forwards, run_merged_steps
 from slowllm.node.kernels._kernels import cpu_supported, kernel_rows
-from slowllm.protocol import (Backward, Channel, CloseSession, Error, Forward, InputError, ProtocolError, Result,
-                              Results, SlowllmError, Step, Steps, decode_tensor, encode_tensor)
+from slowllm.protocol import (Backward, Channel, CloseSession, Error, Forward, InputError, Limits, ProtocolError,
+                              Result, Results, SlowllmError, Step, Steps, decode_tensor, encode_tensor)
 
 log = logging.getLogger("slowllm.node")
 HANG = object()  # failure injection: the request is never answered
@@ -56,6 +56,8 @@ class _Queue:
     and not yet run (`backlog`, touched by the compute thread only, between passes by nobody else)."""
 
     channel: Channel
+    limits: Limits = field(default_factory=Limits)  # what its coordinator announced
+    tag: str = ""  # namespaces its coordinator's session ids in the node's shared KV budget
     waiting: list = field(default_factory=list)  # (frame, future), appended by the event loop
     backlog: list = field(default_factory=list)
     worker: asyncio.Task | None = None
@@ -78,7 +80,7 @@ class ComputePasses:
         while frames:  # each raw frame is dropped once opened: a flood of 4 MB frames is held once, not twice
             frame, future = frames.pop()
             try:
-                msg = queue.channel.unpack(frame, self.limits)
+                msg = queue.channel.unpack(frame, queue.limits)
             except BaseException as e:  # noqa: BLE001 - a malformed or forged frame answers itself
                 done.append((future, e))
                 continue
@@ -104,7 +106,7 @@ class ComputePasses:
         chosen = self._choose(queue)
         if chosen:
             queue.passes += 1
-            self._run(chosen)
+            self._run(queue, chosen)
             rows = sum(w.inputs[0].shape[0] for w in chosen if w.inputs is not None)
             queue.recent.append((len(chosen), rows))
         answered = {id(w.frame): w.frame for w in chosen}
@@ -133,35 +135,35 @@ class ComputePasses:
         candidates = [first] + [w for w in bulk if w is not first and isinstance(w.msg, Forward)
                                 and (w.msg.first, w.msg.last) == (first.msg.first, first.msg.last)
                                 and len(w.msg.mask.shape) == 2]
-        group = plan_forwards([tuple(w.msg.mask.shape) for w in candidates], self.limits.max_batch_tokens)[0]
+        group = plan_forwards([tuple(w.msg.mask.shape) for w in candidates], queue.limits.max_batch_tokens)[0]
         return chosen + [candidates[i] for i in group]
 
-    def _run(self, chosen: list[_Work]) -> None:
+    def _run(self, queue: _Queue, chosen: list[_Work]) -> None:
         """Give every chosen request its outcome."""
         steps: dict[tuple[int, int], list[tuple[_Work, StepPart]]] = {}
         forwards: list[_Work] = []
         reserved, stepping = 0, set()
         for w in chosen:
             if isinstance(w.msg, Step):
-                if w.msg.session in stepping:  # its second step needs the first one's keys: next pass
+                if queue.tag + w.msg.session in stepping:  # its second step needs the first one's keys: next pass
                     continue
-                stepping.add(w.msg.session)
+                stepping.add(queue.tag + w.msg.session)
             try:
                 if isinstance(w.msg, CloseSession):
-                    if not self.sessions.close(w.msg.session):
+                    if not self.sessions.close(queue.tag + w.msg.session):
                         raise InputError(f"unknown session {w.msg.session!r}: it was closed or expired.")
                     w.outcome = None
                 elif isinstance(w.msg, Step):
-                    part, grows = self._step_part(w.msg, reserved)
+                    part, grows = self._step_part(queue, w.msg, reserved)
                     reserved += grows
                     w.inputs = (part.hidden, part.mask)
                     steps.setdefault((w.msg.first, w.msg.last), []).append((w, part))
                 elif isinstance(w.msg, Forward):
-                    w.inputs = self._tensors(w.msg)
+                    w.inputs = self._tensors(queue.limits, w.msg)
                     forwards.append(w)
                 else:
-                    hidden, mask = w.inputs = self._tensors(w.msg)
-                    grad = decode_tensor(w.msg.grad, self.limits)
+                    hidden, mask = w.inputs = self._tensors(queue.limits, w.msg)
+                    grad = decode_tensor(w.msg.grad, queue.limits)
                     if grad.shape != hidden.shape:
                         raise InputError(f"gradient shape {list(grad.shape)} differs from hidden shape "
                                          f"{list(hidden.shape)}.")
@@ -172,7 +174,7 @@ class ComputePasses:
         for (first, last), entries in steps.items():
             parts = [p for _, p in entries]
             for group in plan_steps(parts, self.blocks.config, self.dtype.itemsize, self.score_budget,
-                                    self.limits.max_batch_tokens, window, self._merge_rows()):
+                                    queue.limits.max_batch_tokens, window, self._merge_rows()):
                 self._answer_together([entries[i][0] for i in group],
                                       lambda g=group: run_merged_steps(self.blocks, [parts[i] for i in g], first, last))
         if forwards:
@@ -224,36 +226,37 @@ class ComputePasses:
         return record.msg, channel.pack(Result(id=record.msg.id,
                                                tensor=None if outcome is None else encode_tensor(outcome, codec)))
 
-    def _tensors(self, msg, past: int = 0):
-        hidden = decode_tensor(msg.hidden, self.limits)
-        mask = decode_tensor(msg.mask, self.limits)
+    def _tensors(self, limits: Limits, msg, past: int = 0):
+        hidden = decode_tensor(msg.hidden, limits)
+        mask = decode_tensor(msg.mask, limits)
         self.blocks.check_range(msg.first, msg.last)
         self.blocks.check_inputs(hidden, mask, past)
-        if hidden.shape[0] * mask.shape[1] > self.limits.max_batch_tokens:
+        if hidden.shape[0] * mask.shape[1] > limits.max_batch_tokens:
             raise InputError(f"batch x length {hidden.shape[0] * mask.shape[1]} exceeds this node's limit of "
-                             f"{self.limits.max_batch_tokens}: send smaller batches.")
+                             f"{limits.max_batch_tokens}: send smaller batches.")
         return hidden, mask
 
-    def _step_part(self, msg: Step, reserved: int) -> tuple[StepPart, int]:
+    def _step_part(self, queue: _Queue, msg: Step, reserved: int) -> tuple[StepPart, int]:
         """A step checked and its caches reserved (the mask covers the session's past tokens plus the new
         ones); and the KV bytes it will add."""
         layers = range(msg.first, msg.last + 1)
+        key = queue.tag + msg.session  # (each coordinator's sessions apart: they share one KV budget)
         self.blocks.check_range(msg.first, msg.last)
         if msg.past is not None:
-            self.sessions.truncate(msg.session, layers, msg.past)
-        lengths = {self.sessions.past_length(msg.session, layer) for layer in layers}
+            self.sessions.truncate(key, layers, msg.past)
+        lengths = {self.sessions.past_length(key, layer) for layer in layers}
         if len(lengths) > 1:  # stepped over other blocks before: its caches cannot serve one pass
             raise InputError(f"session {msg.session!r} holds {min(lengths)}-{max(lengths)} positions in blocks "
                              f"{msg.first}-{msg.last}: step a session over the same blocks every time.")
         past = lengths.pop()
-        hidden, mask = self._tensors(msg, past)
+        hidden, mask = self._tensors(queue.limits, msg, past)
         if mask.shape[1] > msg.max_length:
             raise InputError(f"session {msg.session!r} reached its max length of {msg.max_length} tokens.")
         # keys and values of one position of one block, every row (GQA: fewer numbers than hidden)
         position_bytes = 2 * kv_width(self.blocks.config) * self.dtype.itemsize * hidden.shape[0]
-        caches, grows = self.sessions.reserve(msg.session, layers, position_bytes, hidden.shape[1], msg.max_length,
+        caches, grows = self.sessions.reserve(key, layers, position_bytes, hidden.shape[1], msg.max_length,
                                               reserved)
-        return StepPart(hidden, mask, caches, msg.session), grows
+        return StepPart(hidden, mask, caches, key), grows
 
 
 def _error(msg_id: int, e: BaseException) -> Error:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import ssl
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -38,17 +39,39 @@ log = logging.getLogger("slowllm.node")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for each handshake reply (model loading is not part of it)
 
 
+@dataclass(eq=False)
+class _Link:
+    """The node's link to one coordinator: its own secret, message limits, sealed channel and state."""
+
+    url: str
+    secret: bytes | None
+    limits: Limits
+    tag: str  # namespaces this coordinator's session ids in the node's one KV budget
+    channel: Channel = field(default_factory=Channel)
+    queue: _Queue | None = None
+    registered: bool = False
+    banned: str = ""
+    ended: str = ""  # why this link stopped for good (refused, banned), once it has
+
+
 class NodeServer(ComputePasses):
-    def __init__(self, *, first: int, last: int, coordinator: str, model: str | None = None,
-                 secret: bytes | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+    """A node: one range of blocks in memory, served to every coordinator it was given (one link each; one
+    compute thread, one KV budget and one in-flight budget shared between them)."""
+
+    def __init__(self, *, first: int, last: int, coordinator: str | list[str], model: str | None = None,
+                 secret: bytes | None | list[bytes | None] = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  name: str = "", cafile: str | None = None, session_budget: int = 2 << 30,
                  limits: Limits = Limits(), heartbeat: float = 5.0, fault: tuple[str, int] | None = None,
                  memory: int | None = None):
         steady_allocator()  # before any request frame: 4 MB frames must go back to the OS when answered
         self.first, self.last = first, last
-        self.url, self.model, self.secret = coordinator, model, secret
+        urls = [coordinator] if isinstance(coordinator, str) else list(coordinator)
+        secrets = secret if isinstance(secret, list) else [secret] * len(urls)
+        self.links = [_Link(url, key, limits, tag=f"{i}:" if len(urls) > 1 else "")
+                      for i, (url, key) in enumerate(zip(urls, secrets))]
+        self.model = model
         self.dtype, self.device, self.name = dtype, device, name or f"node-{first}-{last}"
-        self.cafile, self.limits, self.heartbeat = cafile, limits, heartbeat
+        self.cafile, self.heartbeat = cafile, heartbeat
         self.blocks: ResidentBlocks | None = None
         self.sessions = Sessions(session_budget)
         self.memory = memory  # bytes this node may use; None: what the OS reports available at load time
@@ -65,8 +88,6 @@ class NodeServer(ComputePasses):
         # n-th compute request; ("hang", n) accepts it and every later one and never answers.
         self.fault = fault
         self.requests = 0
-        self.registered = False
-        self.channel = Channel()  # the current connection's (seals replies, opens requests)
         if model is not None:
             self.pool.submit(self._load, model).result()
 
@@ -123,17 +144,32 @@ class NodeServer(ComputePasses):
             f"+ {format_size(self.sessions.budget)} KV budget + {format_size(NODE_RUNTIME_BYTES)} runtime), but "
             f"{format_size(available)} is available: {advice}.")
 
-    def _ssl(self):
-        if not self.url.startswith("wss://"):
+    def _ssl(self, url: str):
+        if not url.startswith("wss://"):
             return None
         return ssl.create_default_context(cafile=self.cafile)
 
     async def run_forever(self) -> None:
+        """Serve every coordinator until each link has ended (only an authenticated coordinator's refusal or
+        ban, or an untrusted certificate, ends one); then raise why the first one ended."""
+        outcomes = await asyncio.gather(*(self._link_forever(link) for link in self.links), return_exceptions=True)
+        raise next(e for e in outcomes if isinstance(e, BaseException))
+
+    async def _link_forever(self, link: _Link) -> None:
+        try:
+            await self._serve_link(link)
+        except (SlowllmError, ssl.SSLError) as e:
+            link.ended = str(e)
+            if len(self.links) > 1:
+                print(f"node {self.name}: stopped serving {link.url}: {e}", flush=True)
+            raise
+
+    async def _serve_link(self, link: _Link) -> None:
         delay, last, repeats = 0.5, "", 0
         while True:
-            self.registered = False
+            link.registered = False
             try:
-                await self._session()
+                await self._session(link)
             except ssl.SSLCertVerificationError as e:
                 raise SlowllmError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
@@ -141,9 +177,9 @@ class NodeServer(ComputePasses):
                 # Every failure to reach or talk to the coordinator is retried: a reverse proxy answering
                 # 502 while the coordinator restarts, a wrong port, a dropped link, and every handshake
                 # failure (a wrong secret, or an impostor that cannot prove it) must not kill the node.
-                if self.registered:  # it served until now: the coordinator restarts, come back at once
+                if link.registered:  # it served until now: the coordinator restarts, come back at once
                     delay = 0.5
-                why = why_connection_failed(e, self.url)
+                why = why_connection_failed(e, link.url)
                 repeats = repeats + 1 if why == last else 1
                 last = why
                 if isinstance(e, AuthError) and repeats > 1:
@@ -151,30 +187,30 @@ class NodeServer(ComputePasses):
                     # in case the operator fixes the secret or the key file on either side.
                     if repeats == 2:
                         log.warning("coordinator %s keeps refusing this node (%s): check --secret-file against the "
-                                    "coordinator's node secret; retrying quietly every minute", self.url, why)
+                                    "coordinator's node secret; retrying quietly every minute", link.url, why)
                     delay = max(delay, 30.0)
                 else:
-                    log.warning("coordinator %s: %s; retrying in %.1f s", self.url, why, delay)
+                    log.warning("coordinator %s: %s; retrying in %.1f s", link.url, why, delay)
             else:
                 delay, last, repeats = 0.5, "", 0
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             # a volunteer node should be back within seconds of the coordinator (a minute after refusals)
             delay = min(delay * 2, 60.0 if repeats > 1 and delay >= 30.0 else 4.0)
 
-    async def _session(self) -> None:
-        async with websockets.connect(self.url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None,
-                                      ssl=self._ssl(), open_timeout=10) as ws:
-            hs = PeerHandshake("node", self.secret, self.name)
+    async def _session(self, link: _Link) -> None:
+        async with websockets.connect(link.url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None,
+                                      ssl=self._ssl(link.url), open_timeout=10) as ws:
+            hs = PeerHandshake("node", link.secret, self.name)
             await ws.send(hs.hello())
             await ws.send(hs.on_challenge(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT)))
             info = hs.on_welcome(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
             # From here the coordinator is authenticated (it proved the secret) and every frame is sealed.
-            channel = self.channel = hs.channel
-            limit = info.get("max_message_size", self.limits.max_frame)
+            channel = link.channel = hs.channel
+            limit = info.get("max_message_size", link.limits.max_frame)
             if not isinstance(limit, int) or not 1 << 20 <= limit <= 1 << 30:
                 raise ProtocolError(f"the coordinator announced a message size of {printable(limit, 40)}")
-            self.limits = Limits(max_frame=limit, max_tensor_elements=self.limits.max_tensor_elements,
-                                 max_batch_tokens=self.limits.max_batch_tokens)
+            link.limits = Limits(max_frame=limit, max_tensor_elements=link.limits.max_tensor_elements,
+                                 max_batch_tokens=link.limits.max_batch_tokens)
             ws.protocol.max_message_size = limit  # the handshake ran under a small limit
             if self.blocks is None:
                 await asyncio.get_running_loop().run_in_executor(self.pool, self._load_named, info.get("model"))
@@ -183,26 +219,28 @@ class NodeServer(ComputePasses):
                 first=self.first, last=self.last, fingerprint=fingerprint, device=self.device,
                 dtype=str(self.dtype).removeprefix("torch."), speed=self.speed, name=self.name[:64],
                 quantization="int8" if self.blocks.checkpoint.int8 else "none", digests=self.digests)))
-            reply = channel.unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), self.limits)
+            reply = channel.unpack(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT), link.limits)
             if isinstance(reply, Error):  # the authenticated coordinator refuses this node: retrying is no use
                 cls = CheckpointError if reply.code in ("bad_checkpoint", "banned") else InputError
                 raise cls(printable(reply.message, 400))
-            self.registered = True
-            log.info("registered blocks %d-%d with %s", self.first, self.last, self.url)
-            print(f"node {self.name} serving blocks {self.first}-{self.last} for {self.url}", flush=True)
-            await self._serve(ws)
+            link.registered = True
+            log.info("registered blocks %d-%d with %s", self.first, self.last, link.url)
+            print(f"node {self.name} serving blocks {self.first}-{self.last} for {link.url}", flush=True)
+            await self._serve(ws, link)
 
     def _load_named(self, model) -> None:
         """Load the model the (authenticated) coordinator names: a hub id only, never a local path."""
+        if self.blocks is not None:  # another coordinator's link loaded it first: the fingerprint decides
+            return
         if not isinstance(model, str) or not model:
             raise CheckpointError("the coordinator serves a local checkpoint, which a node never opens by the "
                                   "coordinator's word: start this node with --model PATH (its own copy).")
         self.model = model
         self._load(model, hub_only=True)
 
-    async def _serve(self, ws) -> None:
-        lock, channel = asyncio.Lock(), self.channel
-        queue = self.queue = _Queue(channel)
+    async def _serve(self, ws, link: _Link) -> None:
+        lock, channel = asyncio.Lock(), link.channel
+        queue = link.queue = _Queue(channel, link.limits, link.tag)
 
         async def send(frame: bytes) -> None:
             async with lock:
@@ -215,12 +253,14 @@ class NodeServer(ComputePasses):
                 recent = list(queue.recent)
                 batch = sum(n for n, _ in recent) / len(recent) if recent else 0.0
                 rows = sum(r for _, r in recent) / len(recent) if recent else 0.0
-                await send(channel.pack(Heartbeat(load=self.load, sessions=len(self.sessions), queue=queue.depth(),
+                # the whole node's load, whichever coordinator sent it: every coordinator routes by it
+                depth = sum(x.queue.depth() for x in self.links if x.queue is not None)
+                await send(channel.pack(Heartbeat(load=self.load, sessions=len(self.sessions), queue=depth,
                                                   batch=round(batch, 2), rows=round(rows, 2))))
 
         tasks: set[asyncio.Task] = set()
         beater = asyncio.create_task(beat())
-        self.banned = ""
+        link.banned = ""
         try:
             async for frame in ws:
                 # The budget is checked here, before a task holds the frame: requests arrive faster than
@@ -235,7 +275,7 @@ class NodeServer(ComputePasses):
                     task = asyncio.create_task(send(reply))
                 else:
                     self.inflight += size
-                    task = asyncio.create_task(self._handle(frame, send, ws, size, queue))
+                    task = asyncio.create_task(self._handle(frame, send, ws, size, link))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -244,12 +284,14 @@ class NodeServer(ComputePasses):
                 t.cancel()
             if queue.worker is not None:
                 queue.worker.cancel()
-        if self.banned:  # the coordinator proved this node's results wrong: coming back would not help
-            raise CheckpointError(f"{self.banned}; check this PC's hardware and slowllm version, then ask the "
+            link.queue = None
+        if link.banned:  # the coordinator proved this node's results wrong: coming back would not help
+            raise CheckpointError(f"{link.banned}; check this PC's hardware and slowllm version, then ask the "
                                   "coordinator's operator to lift the ban (restart it).")
 
-    async def _handle(self, frame, send, ws, size: int, queue: _Queue) -> None:
+    async def _handle(self, frame, send, ws, size: int, link: _Link) -> None:
         """One request; `size` bytes of the in-flight budget were reserved for it and are given back here."""
+        queue = link.queue
         channel = queue.channel
         msg_id = _peek_id(channel, frame)
         self.load += 1  # queued or running: what heartbeats report
@@ -262,7 +304,7 @@ class NodeServer(ComputePasses):
                     queue.worker = asyncio.create_task(self._work(queue))
                 msg, reply = await future
             except AuthError as e:  # altered or injected on the way: nothing more on this link can be trusted
-                log.warning("coordinator %s: %s", self.url, e)
+                log.warning("coordinator %s: %s", link.url, e)
                 await ws.close(1008, "frame authentication failed")
                 return
             finally:
@@ -271,8 +313,8 @@ class NodeServer(ComputePasses):
                 await asyncio.Future()  # the request was accepted and is never answered
             if reply is None:
                 if msg.code == "banned":
-                    self.banned = printable(msg.message, 300)
-                    print(f"node {self.name}: {self.banned}", flush=True)
+                    link.banned = printable(msg.message, 300)
+                    print(f"node {self.name}: {link.banned}", flush=True)
                     await ws.close()
                 return  # other notices from the coordinator need no answer
             await send(reply)
