@@ -17,7 +17,7 @@ _EXPORTS = {
     "._framing": ["DEFAULT_LIMITS", "Limits", "pack", "peek", "read_credentials", "read_secret", "unpack"],
     "._handshake": ["HANDSHAKE_LIMITS", "Channel", "CoordinatorHandshake", "PeerHandshake", "printable"],
     "._tensors": ["decode_tensor", "encode_tensor"],
-    "._jobs": ["GenerateJob", "GenerateResult", "JobSpec", "ScoreJob", "ScoreResult", "SoftPromptParam", "StatusJob", "StepEvent", "TextEvent", "TuneJob", "TuneResult", "job_params", "job_spec"],
+    "._jobs": ["GenerateJob", "GenerateResult", "JobSpec", "LineEvent", "ScoreJob", "ScoreResult", "SoftPromptParam", "StatusJob", "StepEvent", "TextEvent", "TuneJob", "TuneResult", "job_params", "job_spec"],
     "._messages": ["MAX_STEPS", "PROTOCOL_VERSION", "Auth", "Backward", "Challenge", "CloseSession", "Error", "Event", "Forward", "Heartbeat", "Hello", "Job", "JobResult", "Register", "Result", "Results", "Step", "Steps", "Welcome", "WireTensor"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
@@ -27,5 +27,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from ._framing import DEFAULT_LIMITS, Limits, pack, peek, read_credentials, read_secret, unpack  # noqa: F401
     from ._handshake import HANDSHAKE_LIMITS, Channel, CoordinatorHandshake, PeerHandshake, printable  # noqa: F401
     from ._tensors import decode_tensor, encode_tensor  # noqa: F401
-    from ._jobs import GenerateJob, GenerateResult, JobSpec, ScoreJob, ScoreResult, SoftPromptParam, StatusJob, StepEvent, TextEvent, TuneJob, TuneResult, job_params, job_spec  # noqa: F401
+    from ._jobs import GenerateJob, GenerateResult, JobSpec, LineEvent, ScoreJob, ScoreResult, SoftPromptParam, StatusJob, StepEvent, TextEvent, TuneJob, TuneResult, job_params, job_spec  # noqa: F401
     from ._messages import MAX_STEPS, PROTOCOL_VERSION, Auth, Backward, Challenge, CloseSession, Error, Event, Forward, Heartbeat, Hello, Job, JobResult, Register, Result, Results, Step, Steps, Welcome, WireTensor  # noqa: F401

@@ -45,6 +45,10 @@ class GenerateJob(_Params):
     draft_tokens: int | None = None
     soft_prompt: SoftPromptParam | None = None
     compression: Compression = "raw"
+    # A job resumed on another coordinator: per prompt the tokens it had generated (its rows go on from
+    # there), and each prompt's index in the original job (seeded sampling draws by it).
+    resume: list[list[int]] | None = None
+    rows: list[int] | None = None
 
 
 class ScoreJob(_Params):
@@ -65,6 +69,10 @@ class TuneJob(_Params):
     seed: int | None = None
     send_prompt: bool = False  # stream the prompt after every step (the client saves it as it goes)
     compression: Compression = "raw"
+    # A job resumed on another coordinator: the prompt after the last step the client heard of, and the
+    # step to go on from (the same batches follow; the optimizer's moments start afresh).
+    init_prompt: WireTensor | None = None
+    first_step: int | None = None
 
 
 class StatusJob(_Params):
@@ -142,10 +150,19 @@ class TuneResult(_Result):
 
 
 class TextEvent(_Result):
-    """Generated text as it streams: prompt `prompt`'s next piece."""
+    """Generation as it streams: prompt `prompt`'s next tokens and the text they complete, or its end."""
 
     prompt: int
-    text: str
+    text: str = ""
+    token_ids: list[int] = []
+    finish_reason: str | None = None  # once the prompt's row has ended: "eos", "length" or "stop"
+
+
+class LineEvent(_Result):
+    """A scored line as soon as its numbers are in (line: its index in the job, from 0)."""
+
+    line: int
+    result: ScoredLine
 
 
 class StepEvent(_Result):

@@ -76,7 +76,7 @@ def test_a_relay_without_the_secret_gets_nothing(tiny_model, secret, local):
         async def serve():
             async with websockets.serve(relay, "127.0.0.1", 0, max_size=None) as server:
                 port = server.sockets[0].getsockname()[1]
-                c.start_node("0-5", name="relayed", extra=["--coordinator", f"ws://127.0.0.1:{port}"])
+                c.start_node("0-5", name="relayed", coordinators=[f"ws://127.0.0.1:{port}"])
                 for _ in range(300):
                     if "closed" in outcome:
                         return
@@ -235,7 +235,7 @@ def test_client_keys_per_user_reload_revoke_and_status_needs_a_key(tiny_model, s
 
         # a client key cannot register a node: the node retries, saying why, and never serves
         intruder = c.start_node("0-1", name="intruder", secret_file=alice,
-                                extra=["--coordinator", url])
+                                coordinators=[url])
         deadline = time.time() + 30
         while "authentication failed" not in c.output(intruder) and time.time() < deadline:
             time.sleep(0.3)

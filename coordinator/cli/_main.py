@@ -77,7 +77,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to run (one of --coordinator or --local)")
-    g.add_argument("--coordinator", metavar="URL", help="run through the network coordinator at URL (ws:// or wss://)")
+    g.add_argument("--coordinator", metavar="URL", action="append",
+                   help="run through the network coordinator at URL (ws:// or wss://); give several of one swarm and a "
+                        "job whose coordinator goes away goes on at the next")
     g.add_argument("--local", action="store_true", help="run in this process, streaming blocks from disk")
     g.add_argument("--model", metavar="MODEL", help="with --local: a checkpoint directory or hub id")
     g.add_argument("--secret-file", metavar="PATH", default=os.environ.get("SLOWLLM_SECRET_FILE"),

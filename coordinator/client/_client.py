@@ -10,6 +10,10 @@
 
 Each call opens a connection, authenticates both ways (protocol.PeerHandshake), sends one job and reads its
 streamed events until the result. Errors from the coordinator come back as `SlowllmError`s.
+
+`Client([url1, url2, ...])` knows several coordinators of one swarm: a job whose coordinator goes away
+(killed, rebooted, unreachable) goes on on the next one from where it was (`_resume.py`), and the client
+gives up with one sentence when none has finished it within `resume_within` seconds.
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ import asyncio
 import dataclasses
 import os
 import ssl
-from typing import TYPE_CHECKING, Callable
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import websockets
 
 from slowllm.coordinator.jobs._options import Sampling, TuneOptions
 from slowllm.protocol import (HANDSHAKE_LIMITS, Error, Event, InputError, Job, JobResult, Limits, PeerHandshake,
                               SlowllmError, UnavailableError, error_from_reply, pack, printable, read_credentials)
-from slowllm.protocol._jobs import (GenerateResult, ScoreResult, SoftPromptParam, StepEvent, TextEvent, TuneResult,
-                                    job_params, job_spec)
+from slowllm.protocol._jobs import GenerateJob, SoftPromptParam, job_params, job_spec
 from slowllm.utils._aio import why_connection_failed
 from slowllm.utils._units import format_ranges, format_span, span_blocks
+
+from ._resume import GenerateState, ScoreState, TuneState
 
 if TYPE_CHECKING:
     import torch
@@ -41,30 +47,46 @@ class _TooLarge(InputError):
     """A job message over the coordinator's --max-message-size (score jobs are split and resent)."""
 
 
+class _Gone(UnavailableError):
+    """The coordinator could not be reached, or went away during the job: another may run (the rest of) it."""
+
+
 class Client:
-    def __init__(self, url: str, *, secret_file: str | os.PathLike | None = None, secret: bytes | None = None,
-                 cafile: str | None = None, limits: Limits = Limits(), compression: str = "raw",
-                 on_notice: Callable[[str], None] | None = None):
-        if not url.startswith(("ws://", "wss://")):
-            raise SlowllmError(f"coordinator URL {url!r} must start with ws:// or wss://.", code="bad_input")
-        self.url = url
+    def __init__(self, url: str | Sequence[str], *, secret_file: str | os.PathLike | None = None,
+                 secret: bytes | None = None, cafile: str | None = None, limits: Limits = Limits(),
+                 compression: str = "raw", on_notice: Callable[[str], None] | None = None,
+                 resume_within: float = 60.0):
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise SlowllmError("give at least one coordinator URL.", code="bad_input")
+        for u in urls:
+            if not isinstance(u, str) or not u.startswith(("ws://", "wss://")):
+                raise SlowllmError(f"coordinator URL {u!r} must start with ws:// or wss://.", code="bad_input")
+        self.urls, self._at = urls, 0
         self.user, self.secret = ("", secret) if secret is not None else read_credentials(secret_file)
         self.cafile, self.limits, self.compression = cafile, limits, compression
         self.fingerprint: str | None = None
         self.on_notice = on_notice  # e.g. "waiting up to 60 s for nodes serving blocks 3-5"
+        self.resume_within = resume_within  # seconds a job may go without any coordinator before it fails
+
+    @property
+    def url(self) -> str:
+        """The coordinator this client uses now."""
+        return self.urls[self._at]
 
     async def _job(self, spec, on_event: Callable[[dict], None] | None = None) -> dict:
-        ssl_ctx = ssl.create_default_context(cafile=self.cafile) if self.url.startswith("wss://") else None
+        url = self.url
+        ssl_ctx = ssl.create_default_context(cafile=self.cafile) if url.startswith("wss://") else None
         try:
             # no permessage-deflate: activations do not compress, and zlib on megabytes costs more than the wire
-            ws = await websockets.connect(self.url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None, ssl=ssl_ctx,
+            ws = await websockets.connect(url, max_size=HANDSHAKE_LIMITS.max_frame, compression=None, ssl=ssl_ctx,
                                           open_timeout=20)
         except ssl.SSLCertVerificationError as e:
             raise UnavailableError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
         except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError) as e:
-            raise UnavailableError(f"cannot reach the coordinator at {self.url}: {why_connection_failed(e, self.url)}; "
-                                   "check the URL and that it is running.") from None
+            raise _Gone(f"cannot reach the coordinator at {url}: {why_connection_failed(e, url)}; "
+                        "check the URL and that it is running.") from None
         async with ws:
             try:
                 hs = PeerHandshake("client", self.secret, self.user)
@@ -94,13 +116,39 @@ class Client:
                         raise error_from_reply(msg.code, msg.message)
             except websockets.ConnectionClosed as e:
                 reason = printable(e.rcvd.reason, 120) if e.rcvd and e.rcvd.reason else "no reason"
-                raise UnavailableError(f"the coordinator closed the connection ({reason}); retry the job.") from None
+                gone = UnavailableError if e.rcvd is not None and e.rcvd.code == 1008 else _Gone  # 1008: refused
+                raise gone(f"the coordinator closed the connection ({reason}); retry the job.") from None
             except asyncio.TimeoutError:
-                raise UnavailableError(f"the coordinator at {self.url} did not answer the handshake within 60 s: "
-                                       "is it a slowllm coordinator?") from None
+                raise _Gone(f"the coordinator at {url} did not answer the handshake within 60 s: "
+                            "is it a slowllm coordinator?") from None
 
-    def _run(self, spec, on_event=None) -> dict:
-        return asyncio.run(self._job(spec, on_event))
+    def _run(self, spec, on_event=None, state=None):
+        """The job on this client's coordinator. When it goes away and the client knows others, the job's
+        rest (`state.rest()`) goes to the next, until one finishes it or none did within `resume_within`
+        seconds. Returns the last coordinator's result (None: nothing was left to run)."""
+        deadline, failures = None, 0
+        while True:
+            url = self.url
+            try:
+                return asyncio.run(self._job(spec, state.on_event if state is not None else on_event))
+            except _Gone as e:
+                if len(self.urls) == 1:
+                    raise UnavailableError(str(e)) from None
+                failures += 1
+                deadline = deadline or time.monotonic() + self.resume_within
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"no coordinator of {', '.join(self.urls)} could finish the job within "
+                                           f"{self.resume_within:.0f} s (the last: {e}); retry later.") from None
+                self._at = (self._at + 1) % len(self.urls)
+                if state is not None:
+                    spec = state.rest()
+                    if spec is None:
+                        return None
+                if self.on_notice:
+                    where = f" {state.resumed_at()}" if hasattr(state, "resumed_at") else ""
+                    self.on_notice(f"coordinator {url} went away ({e}); the job goes on at {self.url}{where}")
+                if failures % len(self.urls) == 0:  # each one failed in turn: give them a moment
+                    time.sleep(min(2.0, 0.25 * failures))
 
     def _soft(self, path) -> SoftPromptParam | None:
         if path is None:
@@ -120,26 +168,29 @@ class Client:
         spec = job_spec("generate", {"prompts": list(prompts), **dataclasses.asdict(sampling), "draft": draft,
                                      "soft_prompt": self._soft(soft_prompt), "compression": self.compression,
                                      "draft_tokens": draft_tokens})
+        return self._generate(spec, on_text)
 
-        def on_event(d: dict) -> None:
-            event = TextEvent.model_validate(d)
-            on_text(event.prompt, event.text)
+    def _generate(self, spec: GenerateJob, on_text) -> list[dict]:
+        state = GenerateState(spec, on_text)
         try:
-            result = GenerateResult.model_validate(self._run(spec, on_event if on_text else None))
-            return [row.model_dump() for row in result.results]
+            return state.done(self._run(spec, state=state))
         except _TooLarge:
-            if len(prompts) == 1:
+            n = len(spec.prompts)
+            if n == 1:
                 raise
-            half = len(prompts) // 2  # many prompts: in as many jobs as it takes (a different seed stream each)
+            # many prompts: in as many jobs as it takes (each prompt keeps its row: seeded draws are the same)
+            rows, half = spec.rows or list(range(n)), n // 2
             shifted = (lambda i, text: on_text(i + half, text)) if on_text else None
-            return (self.generate(prompts[:half], sampling, soft_prompt, on_text, draft, draft_tokens)
-                    + self.generate(prompts[half:], sampling, soft_prompt, shifted, draft, draft_tokens))
+            first = spec.model_copy(update={"prompts": spec.prompts[:half], "rows": rows[:half]})
+            second = spec.model_copy(update={"prompts": spec.prompts[half:], "rows": rows[half:]})
+            return self._generate(first, on_text) + self._generate(second, shifted)
 
     def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
         spec = job_spec("score", {"requests": list(requests), "soft_prompt": self._soft(soft_prompt),
                                   "compression": self.compression})
         try:
-            return [line.model_dump() for line in ScoreResult.model_validate(self._run(spec)).results]
+            state = ScoreState(spec)
+            return state.done(self._run(spec, state=state))
         except _TooLarge:
             if len(requests) == 1:
                 raise
@@ -153,22 +204,21 @@ class Client:
 
         from slowllm.protocol._tensors import decode_tensor
 
-        spec = job_spec("tune", {"data": list(data), **dataclasses.asdict(options), "send_prompt": on_prompt is not None,
-                                 "compression": self.compression})
+        # with several coordinators the prompt comes after every step: another goes on from the latest
+        spec = job_spec("tune", {"data": list(data), **dataclasses.asdict(options), "compression": self.compression,
+                                 "send_prompt": on_prompt is not None or len(self.urls) > 1})
 
-        def on_event(d: dict) -> None:
-            event = StepEvent.model_validate(d)
-            if on_prompt and event.prompt is not None:
-                self.fingerprint = (event.fingerprint or self.fingerprint or "")[:64]
+        def prompt_event(event) -> None:
+            self.fingerprint = event.fingerprint[:64] if event.fingerprint else self.fingerprint
+            if on_prompt:
                 on_prompt(event.step, decode_tensor(event.prompt, self.limits))
-            if on_step:
-                on_step(event.step, event.loss)
 
-        result = TuneResult.model_validate(self._run(spec, on_event))
+        state = TuneState(spec, on_step, prompt_event)
+        result = state.done(self._run(spec, state=state))
         prompt = decode_tensor(result.prompt, self.limits)
         if not torch.isfinite(prompt).all():
             raise SlowllmError("the coordinator returned a non-finite soft prompt; nothing was saved.")
-        self.fingerprint = result.fingerprint[:64]
+        self.fingerprint = result.fingerprint[:64] or self.fingerprint
         if out is not None:
             self.save_prompt(out, prompt)
         return prompt

@@ -77,8 +77,11 @@ class LocalCluster:
         """What `proc` printed so far (its last 2000 lines)."""
         return "".join(list(self._lines.get(proc.pid, ())))
 
-    def start_node(self, layers: str, name: str, model=True, secret_file="default", extra=()) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", layers, "--coordinator", self.url,
+    def start_node(self, layers: str, name: str, model=True, secret_file="default", extra=(),
+                   coordinators: list[str] | None = None) -> subprocess.Popen:
+        """A node of `layers` serving this cluster's coordinator (or `coordinators`, each given in turn)."""
+        urls = [a for url in (coordinators or [self.url]) for a in ("--coordinator", url)]
+        cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", layers, *urls,
                "--name", name, *self.node_args, *extra]
         if model:
             cmd += ["--model", self.model if model is True else str(model)]

@@ -100,20 +100,32 @@ class _Row:
 
 def generate(ends: ModelEnds, chain: Chain, prompts: Sequence[str], sampling: Sampling,
              soft_prompt: torch.Tensor | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None, draft: Draft | None = None) -> list[dict]:
+             on_tokens: Callable[[int, list[int]], None] | None = None, draft: Draft | None = None,
+             resume: Sequence[Sequence[int]] | None = None, keys: Sequence[int] | None = None,
+             on_finish: Callable[[int, str], None] | None = None) -> list[dict]:
     """Generate for several prompts together: one pass over the blocks advances every prompt.
 
     Stops a prompt at EOS (not included in the output) or at `max_new_tokens`. `on_tokens(i, ids)` is
-    called as tokens arrive (for streaming clients). With a `draft`, each pass checks the tokens the draft
-    proposed and may advance a prompt by several tokens (see `_speculative`); the output is the same.
+    called as tokens arrive (for streaming clients), `on_finish(i, reason)` when a prompt ends. With a
+    `draft`, each pass checks the tokens the draft proposed and may advance a prompt by several tokens
+    (see `_speculative`); the output is the same. `resume` (a job resumed on another coordinator): per
+    prompt the tokens generated before, which the rows go on from (`keys`: each prompt's index in the
+    original job, which seeded sampling draws by); the results then hold every token.
     """
     sampling.check()
-    rows = [Continuation(ends.encode_prompt(p), sampling.max_new_tokens, key=i,
-                         on_token=(lambda t, entry, i=i: on_tokens(i, [t])) if on_tokens else None)
-            for i, p in enumerate(prompts)]
+    resume = [list(r) for r in resume] if resume is not None else [[] for _ in prompts]
+    keys = list(keys) if keys is not None else list(range(len(prompts)))
+    rows = [Continuation(ends.encode_prompt(p) + before, sampling.max_new_tokens - len(before), key=keys[i],
+                         done_before=len(before),
+                         on_token=(lambda t, entry, i=i: on_tokens(i, [t])) if on_tokens else None,
+                         on_finish=(lambda reason, i=i: on_finish(i, reason)) if on_finish else None)
+            for i, (p, before) in enumerate(zip(prompts, resume))]
     results = generate_rows(ends, chain, rows, sampling, soft_prompt, draft)
-    for prompt, r in zip(prompts, results):
+    for prompt, before, r in zip(prompts, resume, results):
         r["prompt"] = prompt
+        if before:
+            r["token_ids"] = before + r["token_ids"]
+            r["text"] = ends.decode(r["token_ids"])
         for key in ("logprobs", "prompt_logprobs"):
             r.pop(key, None)
     return results

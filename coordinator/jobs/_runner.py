@@ -29,12 +29,20 @@ class TextStream:
     """Turns token ids arriving per prompt into printable text deltas (whole UTF-8 characters only), one
     `Detokenizer` per prompt."""
 
-    def __init__(self, ends: ModelEnds, on_text: Callable[[int, str], None]):
+    def __init__(self, ends: ModelEnds, on_text: Callable[[int, str], None] | None = None,
+                 before: list[list[int]] | None = None):
         self.ends, self.on_text = ends, on_text
         self.rows: dict[int, Detokenizer] = {}
+        for i, ids in enumerate(before or []):  # a resumed job: its text goes on from what was already shown
+            if ids:
+                self.rows.setdefault(i, Detokenizer(self.ends)).push(ids)
+
+    def push(self, i: int, ids: list[int]) -> str:
+        """The text prompt i's new tokens complete (maybe none yet)."""
+        return self.rows.setdefault(i, Detokenizer(self.ends)).push(ids)
 
     def __call__(self, i: int, ids: list[int]) -> None:
-        text = self.rows.setdefault(i, Detokenizer(self.ends)).push(ids)
+        text = self.push(i, ids)
         if text:
             self.on_text(i, text)
 
@@ -73,21 +81,27 @@ class Runner:
     def generate(self, prompts: list[str], sampling: Sampling, soft_prompt=None,
                  on_text: Callable[[int, str], None] | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None, draft: bool | None = None,
-                 draft_tokens: int | None = None) -> list[dict]:
-        text = TextStream(self.ends, on_text) if on_text is not None else None
+                 draft_tokens: int | None = None, resume: list[list[int]] | None = None,
+                 rows: list[int] | None = None, on_finish: Callable[[int, str], None] | None = None) -> list[dict]:
+        """`resume`/`rows`: a generation resumed from the tokens it had (see `_generate.generate`)."""
+        text = TextStream(self.ends, on_text, resume) if on_text is not None else None
         results = generate(self.ends, self.chain, prompts, sampling, self.soft_prompt(soft_prompt), text or on_tokens,
-                           draft=self.pick_draft(draft, draft_tokens))
+                           draft=self.pick_draft(draft, draft_tokens), resume=resume, keys=rows, on_finish=on_finish)
         if text is not None:
             text.finish()
         return results
 
-    def score(self, requests: list[dict], soft_prompt=None) -> list[dict]:
-        return score(self.ends, self.chain, requests, self.soft_prompt(soft_prompt))
+    def score(self, requests: list[dict], soft_prompt=None, on_line: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """`on_line(i, result)` as soon as line i's numbers are in (a client resumes from the rest)."""
+        return score(self.ends, self.chain, requests, self.soft_prompt(soft_prompt), on_line=on_line)
 
     def tune(self, data: list[dict], options: TuneOptions, out: str | os.PathLike | None = None,
              on_step: Callable[[int, float], None] | None = None,
-             on_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        prompt = tune(self.ends, self.chain, data, options, on_step, on_prompt=on_prompt)
+             on_prompt: Callable[[int, torch.Tensor], None] | None = None, prompt: torch.Tensor | None = None,
+             first_step: int = 1) -> torch.Tensor:
+        """`prompt`/`first_step`: tuning resumed from the prompt after step first_step - 1."""
+        prompt = tune(self.ends, self.chain, data, options, on_step, prompt=prompt, on_prompt=on_prompt,
+                      first_step=first_step)
         if out is not None:
             self.save_prompt(out, prompt)
         return prompt

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -64,11 +64,13 @@ def parse_score_request(obj, line: int) -> list[str] | str:
     raise InputError(f"line {line}: needs a string \"continuation\" or a non-empty list of string \"choices\".")
 
 
-def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: torch.Tensor | None = None) -> list[dict]:
+def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: torch.Tensor | None = None,
+          on_line: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Log-likelihood of each continuation given its context (lm-evaluation-harness conventions).
 
     Context and continuation are tokenized separately and concatenated; an empty context is replaced
     by the end-of-text token, as the harness does. All lines go through the chain in one pass.
+    `on_line(i, result)` is called as soon as line i's numbers are in (lines complete as their batches do).
     """
     items: list[_Item] = []
     for line, req in enumerate(requests, start=1):
@@ -102,6 +104,18 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
 
     logprob = [0.0] * len(items)
     greedy = [True] * len(items)
+    by_line: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_line.setdefault(it.line, []).append(i)
+    left = {line: len(mine) for line, mine in by_line.items()}  # items of each line not computed yet
+
+    def line_result(line: int) -> dict:
+        mine = by_line[line]
+        if items[mine[0]].choice is None:
+            return {"logprob": logprob[mine[0]], "is_greedy": greedy[mine[0]]}
+        lps = [logprob[i] for i in mine]
+        return {"logprobs": lps, "is_greedy": [greedy[i] for i in mine],
+                "best": max(range(len(lps)), key=lps.__getitem__)}
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (item, hidden rows, targets)
     pending_tokens = 0
 
@@ -118,6 +132,10 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
             logprob[i] += lp[offset:offset + n].double().sum().item()
             greedy[i] = greedy[i] and bool(is_best[offset:offset + n].all())
             offset += n
+            line = items[i].line
+            left[line] -= 1
+            if not left[line] and on_line is not None:
+                on_line(line - 1, line_result(line))
         pending, pending_tokens = [], 0
 
     for batch, out in itertools.chain(zip(batches, chain.forward(make())), long_rows()):
@@ -133,16 +151,4 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
                 flush()
     flush()
 
-    by_line: dict[int, list[int]] = {}
-    for i, it in enumerate(items):
-        by_line.setdefault(it.line, []).append(i)
-    results: list[dict] = []
-    for line in range(1, len(requests) + 1):
-        mine = by_line[line]
-        if items[mine[0]].choice is None:
-            results.append({"logprob": logprob[mine[0]], "is_greedy": greedy[mine[0]]})
-        else:
-            lps = [logprob[i] for i in mine]
-            results.append({"logprobs": lps, "is_greedy": [greedy[i] for i in mine],
-                            "best": max(range(len(lps)), key=lps.__getitem__)})
-    return results
+    return [line_result(line) for line in range(1, len(requests) + 1)]

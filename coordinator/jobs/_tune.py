@@ -85,9 +85,10 @@ def loss_and_grad(ends: ModelEnds, chain: Chain, prompt: torch.Tensor,
 
 def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptions,
          on_step: Callable[[int, float], None] | None = None, prompt: torch.Tensor | None = None,
-         on_prompt: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+         on_prompt: Callable[[int, torch.Tensor], None] | None = None, first_step: int = 1) -> torch.Tensor:
     """Train the prompt; `on_step(step, loss)` after each step, `on_prompt(step, prompt)` with a copy of it
-    (for saving every N steps, and on Ctrl-C)."""
+    (for saving every N steps, and on Ctrl-C). `first_step` > 1 resumes a job from `prompt` (the prompt
+    after step first_step - 1): the same batches follow, and Adam's moments start afresh."""
     options.check()
     examples = tokenize_examples(ends, data)
     for line, (ctx, cont) in enumerate(examples, start=1):
@@ -107,6 +108,8 @@ def tune(ends: ModelEnds, chain: Chain, data: Sequence[dict], options: TuneOptio
                 queue = list(range(len(examples)))
                 order.shuffle(queue)
             batch.append(examples[queue.pop()])
+        if step < first_step:  # done before the resume: only its draw of the batch order is replayed
+            continue
         loss, grad = loss_and_grad(ends, chain, prompt, batch)
         prompt.grad = grad
         optimizer.step()
