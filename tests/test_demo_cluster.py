@@ -20,12 +20,13 @@ def test_demo_runs_offline_and_agrees(tmp_path):
 
 
 @pytest.mark.slow
-def test_cluster_up_and_down(tmp_path, tiny_model):
-    port = free_port()
+def test_cluster_up_and_down_with_two_coordinators(tmp_path, tiny_model):
+    """The example file with its coordinator twice (`coordinators:`): every node serves both."""
+    ports = [free_port(), free_port()]
     spec = yaml.safe_load(open(__file__.replace("tests/test_demo_cluster.py", "cluster.example.yaml")))
-    spec["coordinator"].update(model=str(tiny_model), port=port)
+    first = dict(spec.pop("coordinator"), model=str(tiny_model), port=ports[0], secret_file="secret.txt")
+    spec["coordinators"] = [first, {"port": ports[1], "secret_file": "secret.txt"}]  # (the model: the first's)
     (tmp_path / "secret.txt").write_text("cluster-secret-0123456789abcdef")
-    spec["coordinator"]["secret_file"] = "secret.txt"
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(spec))
     up = run_cli("cluster", "up", str(path))
@@ -33,16 +34,15 @@ def test_cluster_up_and_down(tmp_path, tiny_model):
     state = tmp_path / ".cluster.slowllm" / "pids.json"
     pids = [e["pid"] for e in json.loads(state.read_text())]
     try:
-        client = Client(f"ws://127.0.0.1:{port}", secret_file=tmp_path / "secret.txt")
-        deadline = time.time() + 60
-        while client.status()["missing"] and time.time() < deadline:
-            time.sleep(0.3)
-        assert client.status()["missing"] == []
-        assert client.score([{"context": "a", "continuation": " b"}])
+        for port in ports:
+            client = Client(f"ws://127.0.0.1:{port}", secret_file=tmp_path / "secret.txt")
+            assert client.status()["missing"] == [] and len(client.status()["nodes"]) == 3
+        both = Client([f"ws://127.0.0.1:{p}" for p in ports], secret_file=tmp_path / "secret.txt")
+        assert both.score([{"context": "a", "continuation": " b"}])
         again = run_cli("cluster", "up", str(path))
         assert again.returncode == 2 and "already up" in again.stderr
     finally:
         down = run_cli("cluster", "down", str(path))
-    assert down.returncode == 0 and "stopped 4" in down.stdout
+    assert down.returncode == 0 and "stopped 5" in down.stdout
     time.sleep(0.5)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

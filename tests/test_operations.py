@@ -103,6 +103,7 @@ def test_systemd_unit_execstart_runs_a_real_node(tiny_model, tmp_path):
         env = {**defaults, "COORDINATOR": c.url, "MODEL": str(tiny_model), "SECRET_FILE": str(secret)}
         line = exec_start.replace("%i", "3-5").replace("%H", socket.gethostname())
         line = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], line)
+        line = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), ""), line)  # unbraced: words, or nothing when unset
         argv = shlex.split(line)
         assert argv[:2] == ["/usr/bin/env", "slowllm-node"]
         bindir = Path(sys.executable).parent  # the console script installed beside this interpreter
@@ -120,3 +121,17 @@ def test_compose_file_is_valid():
     proc = subprocess.run(["docker", "compose", "-f", str(ROOT / "deploy" / "compose.yaml"), "config", "--quiet"],
                           capture_output=True, text=True, env={**os.environ, "MODEL_DIR": "/tmp"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_systemd_coordinator_unit_parses():
+    """The coordinator unit's ExecStart, its variables filled in as systemd would, is a valid command."""
+    from slowllm.coordinator.cli._coordinator import build_parser
+
+    unit = (ROOT / "deploy" / "slowllm-coordinator.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", unit, re.M).group(1)
+    env = dict(re.findall(r"(\w+)=(\S+)", re.search(r"^Environment=(.+)$", unit, re.M).group(1)))
+    line = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], exec_start)
+    argv = shlex.split(re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), ""), line))
+    assert argv[:2] == ["/usr/bin/env", "slowllm-coordinator"]
+    args = build_parser().parse_args(argv[2:])
+    assert args.client_keys == "/etc/slowllm/clients.txt" and args.host == "0.0.0.0"

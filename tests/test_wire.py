@@ -379,12 +379,16 @@ def test_generate_splits_its_prompts_the_same_way(monkeypatch):
     from slowllm.coordinator import Client
     from slowllm.coordinator.client._client import _TooLarge
 
-    def fake_run(self, job, params, on_event=None):
-        if len(params["prompts"]) > 2:
+    rows = []
+
+    def fake_run(self, spec, on_event=None, state=None):
+        if len(spec.prompts) > 2:
             raise _TooLarge("too large")
-        for i, prompt in enumerate(params["prompts"]):
-            on_event({"prompt": i, "text": prompt.upper()})
-        return {"results": [{"prompt": p} for p in params["prompts"]]}
+        rows.append(spec.rows)
+        for i, prompt in enumerate(spec.prompts):
+            state.on_event({"prompt": i, "text": prompt.upper(), "token_ids": [i]})
+        return {"results": [{"prompt": p, "text": p.upper(), "token_ids": [i], "finish_reason": "length"}
+                            for i, p in enumerate(spec.prompts)]}
 
     monkeypatch.setattr(Client, "_run", fake_run)
     streamed = []
@@ -392,3 +396,4 @@ def test_generate_splits_its_prompts_the_same_way(monkeypatch):
     out = Client("ws://127.0.0.1:1").generate(prompts, on_text=lambda i, t: streamed.append((i, t)))
     assert [r["prompt"] for r in out] == prompts
     assert sorted(streamed) == [(i, p.upper()) for i, p in enumerate(prompts)]
+    assert sorted(r for part in rows for r in part) == [0, 1, 2, 3, 4]  # each prompt keeps its row (seeded draws)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -32,9 +33,23 @@ def load_cluster(path: str | os.PathLike) -> dict:
         spec = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise InputError(f"cluster file {path} is not valid YAML ({e.__class__.__name__}): fix its syntax.") from None
-    coord = spec.get("coordinator")
-    if not isinstance(coord, dict) or "model" not in coord:
-        raise InputError(f"cluster file {path} needs a 'coordinator' section with a 'model'.")
+    # one coordinator (`coordinator:`), or several of one swarm (`coordinators:`, a list): nodes serve them all
+    if "coordinators" in spec and "coordinator" in spec:
+        raise InputError(f"cluster file {path} has both 'coordinator' and 'coordinators': keep one.")
+    coords = spec.get("coordinators") if "coordinators" in spec else [spec.get("coordinator")]
+    if not isinstance(coords, list) or not coords or not all(isinstance(c, dict) for c in coords) \
+            or "model" not in coords[0]:
+        raise InputError(f"cluster file {path} needs a 'coordinator' section (or a 'coordinators' list) with a "
+                         "'model'.")
+    for c in coords[1:]:  # the same model everywhere: the others may leave it out
+        c.setdefault("model", coords[0]["model"])
+        if c["model"] != coords[0]["model"]:
+            raise InputError(f"cluster file {path}: every coordinator serves the same model ({coords[0]['model']}).")
+    ports = [int(c.get("port", 8765)) for c in coords]
+    if len(coords) > 1 and len(set(ports)) != len(ports):
+        raise InputError(f"cluster file {path}: give each coordinator its own 'port'.")
+    spec["coordinators"] = coords
+    spec["coordinator"] = coords[0]
     nodes = spec.get("nodes") or []
     if not isinstance(nodes, list) or not all(isinstance(n, dict) and "layers" in n for n in nodes):
         raise InputError(f"cluster file {path}: 'nodes' must be a list of entries with 'layers' (e.g. 0-11).")
@@ -114,22 +129,55 @@ def _coordinator_command(c: dict, base: Path, model: str, host: str, port: int, 
     return cmd
 
 
-def _node_command(node: dict, name: str, base: Path, model: str, url: str, secret: str | None,
+def _node_command(node: dict, name: str, base: Path, model: str, urls: list[str], secrets: list[str | None],
                   cafile: str | None) -> list[str]:
-    """`slowllm-node` for one entry of the file's `nodes:` list."""
-    cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", str(node["layers"]), "--coordinator", url,
-           "--name", name, "--device", node.get("device", "cpu")]
+    """`slowllm-node` for one entry of the file's `nodes:` list, serving every coordinator of the file."""
+    cmd = [sys.executable, "-m", "slowllm.node.server._cli", "--layers", str(node["layers"]),
+           *(a for url in urls for a in ("--coordinator", url)), "--name", name, "--device", node.get("device", "cpu")]
     for key in ("dtype", "session_memory"):
         if node.get(key):
             cmd += [f"--{key.replace('_', '-')}", str(node[key])]
     # the operator's own file names the model, so nodes started here may open it (a node never opens
     # a local path a coordinator names over the network)
     cmd += ["--model", _rel(base, node["model"]) if node.get("model") else model]
-    if secret:
-        cmd += ["--secret-file", secret]
+    if any(secrets):  # one file for all of them, or one each in the coordinators' order
+        for secret in (secrets[:1] if len(set(secrets)) == 1 else secrets):
+            cmd += ["--secret-file", secret]
     if cafile:
         cmd += ["--cafile", cafile]
     return cmd
+
+
+@dataclass
+class _Coordinator:
+    """One coordinator of the file, its paths resolved."""
+
+    log: str  # its log's name in the state directory
+    section: dict
+    host: str
+    port: int
+    url: str
+    cafile: str | None
+    secret: str | None
+    client_keys: str | None
+    client_secret: str | None  # what `up` asks its status with
+
+
+def _coordinators(file: str, base: Path, spec: dict) -> list[_Coordinator]:
+    out = []
+    for i, c in enumerate(spec["coordinators"]):
+        host, port = c.get("host", "127.0.0.1"), int(c.get("port", 8765))
+        url = c.get("url") or f"{'wss' if c.get('certfile') is not None else 'ws'}://{host}:{port}"
+        secret, client_keys = _rel(base, c.get("secret_file")), _rel(base, c.get("client_keys"))
+        client_secret = _rel(base, c.get("client_key_file")) if client_keys else secret
+        if client_keys and not client_secret:
+            raise InputError(f"cluster file {file}: with client_keys, give client_key_file (a `NAME KEY` line of "
+                             "that file) so `up` can ask the coordinator for its status.")
+        out.append(_Coordinator("coordinator" if i == 0 else f"coordinator-{i + 1}", c, host, port, url,
+                                _rel(base, c.get("cafile")), secret, client_keys, client_secret))
+    if len({c.secret is None for c in out}) > 1:
+        raise InputError(f"cluster file {file}: give every coordinator a secret_file, or none of them.")
+    return out
 
 
 def _up(file: str, path: Path, spec: dict, state: Path) -> int:
@@ -142,18 +190,8 @@ def _up(file: str, path: Path, spec: dict, state: Path) -> int:
     check_ranges(path, spec)
     state.mkdir(parents=True, exist_ok=True)
     base = path.parent
-    c = spec["coordinator"]
-    host, port = c.get("host", "127.0.0.1"), int(c.get("port", 8765))
-    tls = c.get("certfile") is not None
-    url = c.get("url") or f"{'wss' if tls else 'ws'}://{host}:{port}"
-    cafile = _rel(base, c.get("cafile"))
-    secret = _rel(base, c.get("secret_file"))
-    client_keys = _rel(base, c.get("client_keys"))
-    client_secret = _rel(base, c.get("client_key_file")) if client_keys else secret  # what `up` asks status with
-    if client_keys and not client_secret:
-        raise InputError(f"cluster file {file}: with client_keys, give client_key_file (a `NAME KEY` line of "
-                         "that file) so `up` can ask the coordinator for its status.")
-    model = _rel(base, c["model"])
+    coordinators = _coordinators(file, base, spec)
+    model = _rel(base, spec["coordinator"]["model"])
     started: list[dict] = []
     nodes: dict[str, subprocess.Popen] = {}
 
@@ -165,21 +203,25 @@ def _up(file: str, path: Path, spec: dict, state: Path) -> int:
         pids_file.write_text(json.dumps(started))
         return proc
 
-    coord = spawn("coordinator", _coordinator_command(c, base, model, host, port, secret, client_keys))
-    deadline = time.time() + 120
-    while "ready at " not in (state / "coordinator.log").read_text():
-        if coord.poll() is not None or time.time() > deadline:
-            cluster("down", file)  # nothing is left behind that a next `up` would mistake for a running cluster
-            raise InputError(f"the coordinator did not start: {_as_yaml_keys(_reason(state / 'coordinator.log'))} "
-                             f"(log: {state / 'coordinator.log'}).")
-        time.sleep(0.2)
-    print(f"coordinator ready at {url} (pid {coord.pid}); waiting for {len(spec.get('nodes') or [])} nodes to register",
-          flush=True)
+    for c in coordinators:
+        proc = spawn(c.log, _coordinator_command(c.section, base, model, c.host, c.port, c.secret, c.client_keys))
+        deadline = time.time() + 120
+        while "ready at " not in (state / f"{c.log}.log").read_text():
+            if proc.poll() is not None or time.time() > deadline:
+                cluster("down", file)  # nothing is left behind that a next `up` would mistake for a running cluster
+                raise InputError(f"the coordinator did not start: {_as_yaml_keys(_reason(state / f'{c.log}.log'))} "
+                                 f"(log: {state / f'{c.log}.log'}).")
+            time.sleep(0.2)
+        print(f"coordinator ready at {c.url} (pid {proc.pid})", flush=True)
+    print(f"waiting for {len(spec.get('nodes') or [])} nodes to register", flush=True)
+    cafile = next((c.cafile for c in coordinators if c.cafile), None)
     for i, node in enumerate(spec.get("nodes") or []):
         name = str(node.get("name") or f"node{i}")
-        nodes[name] = spawn(name, _node_command(node, name, base, model, url, secret, cafile))
+        nodes[name] = spawn(name, _node_command(node, name, base, model, [c.url for c in coordinators],
+                                                [c.secret for c in coordinators], cafile))
     try:
-        _wait_registered(url, client_secret, cafile, nodes, state, float(spec.get("start_timeout", 600)))
+        for c in coordinators:
+            _wait_registered(c.url, c.client_secret, c.cafile, nodes, state, float(spec.get("start_timeout", 600)))
     except InputError:
         cluster("down", file)
         raise
