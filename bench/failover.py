@@ -85,15 +85,16 @@ def coordinator_failover(model: Path, ranges: list[str], kills: int) -> dict:
             gen_stalls.append(next(t for t in stamps if t > killed_at) - killed_at)
             back.append(_restart(a, len(ranges)))
             # scoring: killed after its first line; the stall is until the next line arrives elsewhere
-            lines: list[float] = []
+            lines: list[float] = []  # the kill's time, then each line's from the other coordinator
             original = _resume.ScoreState.on_event
 
             def on_event(state, data, original=original):
                 original(state, data)
-                lines.append(time.perf_counter())
-                if len(lines) == 1:
+                if not lines:
                     a.coordinator.kill()
-                    lines.append(time.perf_counter())  # (the kill's time)
+                    lines.append(time.perf_counter())
+                elif client.url == b.url:  # (not lines the dying coordinator had already sent)
+                    lines.append(time.perf_counter())
             _resume.ScoreState.on_event = on_event
             try:
                 client._at = 0
@@ -102,7 +103,7 @@ def coordinator_failover(model: Path, ranges: list[str], kills: int) -> dict:
                 score_total.append(time.perf_counter() - start)
             finally:
                 _resume.ScoreState.on_event = original
-            score_stalls.append(lines[2] - lines[1])
+            score_stalls.append(lines[1] - lines[0])
             back.append(_restart(a, len(ranges)))
     out = {"coordinator_kills": kills, "gen_stall_ms_median": statistics.median(gen_stalls) * 1000,
            "score_stall_ms_median": statistics.median(score_stalls) * 1000,

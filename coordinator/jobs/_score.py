@@ -8,6 +8,7 @@ fit the chain's limits; a soft prompt, when given, sits between the padding and 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -17,6 +18,9 @@ from slowllm.coordinator.chains._chain import Batch, Chain, plan_batches
 from slowllm.protocol import InputError
 
 from ._ends import ModelEnds
+
+
+STREAM_LINES_S = 1.0  # the longest a job that streams its lines holds finished ones back
 
 
 def inputs_embeds(ends: ModelEnds, rows: Sequence[Sequence[int]],
@@ -119,8 +123,11 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (item, hidden rows, targets)
     pending_tokens = 0
 
+    flushed = [time.monotonic()]
+
     def flush() -> None:
         nonlocal pending, pending_tokens
+        flushed[0] = time.monotonic()
         if not pending:
             return
         hidden = torch.cat([h for _, h, _ in pending])
@@ -149,6 +156,10 @@ def score(ends: ModelEnds, chain: Chain, requests: Sequence[dict], soft_prompt: 
             pending_tokens += n
             if pending_tokens >= chain.head_tokens:
                 flush()
+        # Someone waits for lines as they come (a client that resumes elsewhere if this coordinator dies):
+        # at least a flush a second, so a long job's finished lines are never all held back to its end.
+        if on_line is not None and time.monotonic() - flushed[0] > STREAM_LINES_S:
+            flush()
     flush()
 
     return [line_result(line) for line in range(1, len(requests) + 1)]
