@@ -50,6 +50,10 @@ class _TooLarge(InputError):
 class _Gone(UnavailableError):
     """The coordinator could not be reached, or went away during the job: another may run (the rest of) it."""
 
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why  # what happened, in a few words (for the notice when another goes on)
+
 
 class Client:
     def __init__(self, url: str | Sequence[str], *, secret_file: str | os.PathLike | None = None,
@@ -85,8 +89,9 @@ class Client:
             raise UnavailableError(f"the coordinator's TLS certificate is not trusted ({e.verify_message}): "
                                    "pass --cafile with the CA that signed it.") from None
         except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError) as e:
-            raise _Gone(f"cannot reach the coordinator at {url}: {why_connection_failed(e, url)}; "
-                        "check the URL and that it is running.") from None
+            why = why_connection_failed(e, url)
+            raise _Gone(f"cannot reach the coordinator at {url}: {why}; check the URL and that it is running.",
+                        f"cannot be reached ({why})") from None
         async with ws:
             try:
                 hs = PeerHandshake("client", self.secret, self.user)
@@ -117,10 +122,11 @@ class Client:
             except websockets.ConnectionClosed as e:
                 reason = printable(e.rcvd.reason, 120) if e.rcvd and e.rcvd.reason else "no reason"
                 gone = UnavailableError if e.rcvd is not None and e.rcvd.code == 1008 else _Gone  # 1008: refused
-                raise gone(f"the coordinator closed the connection ({reason}); retry the job.") from None
+                message = f"the coordinator closed the connection ({reason}); retry the job."
+                raise (gone(message, f"closed the connection ({reason})") if gone is _Gone else gone(message)) from None
             except asyncio.TimeoutError:
                 raise _Gone(f"the coordinator at {url} did not answer the handshake within 60 s: "
-                            "is it a slowllm coordinator?") from None
+                            "is it a slowllm coordinator?", "did not answer the handshake within 60 s") from None
 
     def _run(self, spec, on_event=None, state=None):
         """The job on this client's coordinator. When it goes away and the client knows others, the job's
@@ -146,7 +152,7 @@ class Client:
                         return None
                 if self.on_notice:
                     where = f" {state.resumed_at()}" if hasattr(state, "resumed_at") else ""
-                    self.on_notice(f"coordinator {url} went away ({e}); the job goes on at {self.url}{where}")
+                    self.on_notice(f"coordinator {url} {e.why}: the job goes on at {self.url}{where}")
                 if failures % len(self.urls) == 0:  # each one failed in turn: give them a moment
                     time.sleep(min(2.0, 0.25 * failures))
 
