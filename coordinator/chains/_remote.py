@@ -27,7 +27,7 @@ import torch
 from slowllm.coordinator.swarm._links import OUTBOX_STEP_BYTES
 from slowllm.coordinator.swarm._verify import Referee
 from slowllm.node import Batch
-from slowllm.protocol import Backward, Forward, InputError, Limits, UnavailableError
+from slowllm.protocol import Backward, Forward, InputError, Limits, UnavailableError, WireTensor
 
 from ._chain import Chain, ChainSession
 from ._exchange import FRAME_OVERHEAD, Exchanges, NodeFailed, current_wave, encode_mask
@@ -68,12 +68,13 @@ class _ForwardHop:
     last: int
     hidden: torch.Tensor
     mask: torch.Tensor
+    wire_mask: WireTensor  # the mask as sent, encoded once for every span and failover of a forward
 
     def send(self, node: "NodeLink") -> torch.Tensor:
         c, h = self.chain, self.hidden
         return c.exchanges.exchange(node, lambda i: Forward(
             id=i, first=self.first, last=self.last, hidden=c.exchanges.wire(node, h, c.compression),
-            mask=encode_mask(self.mask), compression=c.compression, job=c.job), tuple(h.shape),
+            mask=self.wire_mask, compression=c.compression, job=c.job), tuple(h.shape),
             self.last - self.first + 1)
 
     def again(self, avoid: set) -> Rerun:
@@ -168,10 +169,10 @@ class RemoteChain(Chain):
         """Output of blocks first..last, and each span's (first, last, input) as actually run.
 
         Nodes in `avoid` are not used; `nodes` collects the nodes that were."""
-        spans, exclude, block = [], set(avoid), first
+        wire_mask, spans, exclude, block = encode_mask(mask), [], set(avoid), first
         while block <= last:
             served = self._with_failover(block, last, exclude, lambda node, a, b, h=hidden: self.verification.verified(
-                node, _ForwardHop(self, a, b, h, mask)))
+                node, _ForwardHop(self, a, b, h, mask, wire_mask)))
             if nodes is not None:
                 nodes.append(served.node)
             spans.append((served.first, served.last, hidden))

@@ -151,7 +151,7 @@ class Client:
                     if spec is None:
                         return None
                 if self.on_notice:
-                    where = f" {state.resumed_at()}" if hasattr(state, "resumed_at") else ""
+                    where = f" {state.resumed_at()}" if state is not None else ""
                     self.on_notice(f"coordinator {url} {e.why}: the job goes on at {self.url}{where}")
                 if failures % len(self.urls) == 0:  # each one failed in turn: give them a moment
                     time.sleep(min(2.0, 0.25 * failures))

@@ -53,6 +53,9 @@ class GenerateState:
                                      "resume": [self.ids[i] for i in self.sent],
                                      "rows": [self.keys[i] for i in self.sent]})
 
+    def resumed_at(self) -> str:
+        return f"from the tokens it had ({sum(map(len, self.ids))} in all)"
+
     def done(self, result: dict | None) -> list[dict]:
         rows = GenerateResult.model_validate(result).results if result is not None else []
         out: list[dict | None] = [None] * len(self.ids)
@@ -81,6 +84,9 @@ class ScoreState:
         if not self.sent:
             return None
         return self.spec.model_copy(update={"requests": [self.spec.requests[i] for i in self.sent]})
+
+    def resumed_at(self) -> str:
+        return f"with the {len(self.sent)} lines not yet answered"
 
     def done(self, result: dict | None) -> list[dict]:
         rows = ScoreResult.model_validate(result).results if result is not None else []

@@ -68,6 +68,11 @@ class _Queue:
     def depth(self) -> int:
         return len(self.waiting) + len(self.backlog)
 
+    def session_key(self, session: str) -> str:
+        """A session of this connection's coordinator in the node's KV caches, which every coordinator's
+        sessions share: apart from another coordinator's session of the same id."""
+        return self.tag + session
+
 
 class ComputePasses:
     """What runs on the node's compute thread (`NodeServer` mixes it in)."""
@@ -145,12 +150,12 @@ class ComputePasses:
         reserved, stepping = 0, set()
         for w in chosen:
             if isinstance(w.msg, Step):
-                if queue.tag + w.msg.session in stepping:  # its second step needs the first one's keys: next pass
+                if queue.session_key(w.msg.session) in stepping:  # its second step needs the first one's keys: next pass
                     continue
-                stepping.add(queue.tag + w.msg.session)
+                stepping.add(queue.session_key(w.msg.session))
             try:
                 if isinstance(w.msg, CloseSession):
-                    if not self.sessions.close(queue.tag + w.msg.session):
+                    if not self.sessions.close(queue.session_key(w.msg.session)):
                         raise InputError(f"unknown session {w.msg.session!r}: it was closed or expired.")
                     w.outcome = None
                 elif isinstance(w.msg, Step):
@@ -240,7 +245,7 @@ class ComputePasses:
         """A step checked and its caches reserved (the mask covers the session's past tokens plus the new
         ones); and the KV bytes it will add."""
         layers = range(msg.first, msg.last + 1)
-        key = queue.tag + msg.session  # (each coordinator's sessions apart: they share one KV budget)
+        key = queue.session_key(msg.session)
         self.blocks.check_range(msg.first, msg.last)
         if msg.past is not None:
             self.sessions.truncate(key, layers, msg.past)
