@@ -72,12 +72,19 @@ def test_each_build_matches_float_references(isa):
             xf = torch.randn(rows, width, generator=g)  # fp32 rows, bf16 weights: fp32 throughout (the LM head)
             got, ref = k.bf16_fp32_gemv(xf, w), xf @ w.float().T
             assert got.dtype == torch.float32 and (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (rows, n, width)
-            # each row's numbers do not depend on the rows beside it (greedy text is the same batched or not)
+            wf = torch.randn(n, width, generator=g)  # fp32 weights (a fp32 checkpoint's head)
+            got32 = k.fp32_gemv(xf, wf)
+            assert (got32 - xf @ wf.T).abs().max() <= 1e-5 * (xf @ wf.T).abs().max(), (rows, n, width)
+            # each row's numbers do not depend on the rows beside it (a node merges sessions' steps, the
+            # coordinator their heads: each must get exactly what it gets alone)
             assert torch.equal(got[-1:], k.bf16_fp32_gemv(xf[-1:], w))
             assert torch.equal(k.int8_gemv(xf, q, scale)[-1:], k.int8_gemv(xf[-1:], q, scale))
+            assert torch.equal(got32[-1:], k.fp32_gemv(xf[-1:], wf))
+            assert torch.equal(k.bf16_gemv(x, w)[-1:], k.bf16_gemv(x[-1:], w)), (rows, n, width)
+            assert torch.equal(k.int8_bf16_gemv(x, q, scale)[-1:], k.int8_bf16_gemv(x[-1:], q, scale))
     after = k.calls()  # the kernels themselves ran, not a fallback
     ran = {name: after[name] - before[name] for name in after}
-    assert ran == {"bf16_gemv": 40, "int8_bf16_gemv": 40, "int8_gemv": 160, "bf16_fp32_gemv": 80}, ran
+    assert ran == {"bf16_gemv": 120, "int8_bf16_gemv": 120, "int8_gemv": 160, "bf16_fp32_gemv": 80, "fp32_gemv": 80}, ran
 
 
 DECODE = textwrap.dedent("""
@@ -86,6 +93,7 @@ DECODE = textwrap.dedent("""
     from slowllm.node.kernels._kernels import kernels
     runner = LocalRunner(sys.argv[1], keep_in_ram=True, progress=False)  # no dtype asked: the default
     out = runner.generate(["The quick brown fox", "Once"], Sampling(max_new_tokens=8))
+    out += runner.generate(["Once"], Sampling(max_new_tokens=8))  # one row: the kernels' case on every CPU
     k = kernels()
     print(json.dumps({"dtype": str(runner.chain.dtype), "isa": k.isa if k else None,
                       "calls": k.calls() if k else {}, "tokens": [r["token_ids"] for r in out]}))
@@ -177,7 +185,7 @@ def test_an_isa_this_cpu_cannot_run_or_does_not_know_is_refused(monkeypatch):
     from slowllm.node.kernels._kernels import chosen_isa
 
     monkeypatch.setenv("SLOWLLM_ISA", "sse9")
-    with pytest.raises(ValueError, match="SLOWLLM_ISA=sse9 is not one of avx512bf16, avx2, none"):
+    with pytest.raises(ValueError, match="SLOWLLM_ISA=sse9 is not one of amx, avx512bf16, avx2, none"):
         chosen_isa()
     monkeypatch.setenv("SLOWLLM_ISA", "avx512bf16")
     monkeypatch.setattr("slowllm.node.kernels._kernels.cpu_flags", lambda: {"avx2", "fma", "f16c"})

@@ -6,10 +6,11 @@
 // the best the CPU has; SLOWLLM_ISA forces one):
 // - avx512bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later): bf16 input rows
 //   against bf16 weights, or int8 weights converted to bf16 in registers (exact for |q| <= 127), through
-//   AVX512-BF16 dot products. One input row runs two independent chains per weight row, or four weight
-//   rows at a time when it is wide; several input rows run in tiles of R weight rows x M input rows
-//   (R x M chains, each weight vector loaded and converted once per tile, each input vector once per R
-//   rows).
+//   AVX512-BF16 dot products, in tiles of R weight rows x M input rows (two chains each, each weight
+//   vector loaded and converted once per tile, each input vector once per R rows). Every output sums in
+//   the same order whatever M is, so batching never changes a row's numbers.
+// - amx (Sapphire Rapids and later): the avx512bf16 build whose bf16-input products run on AMX tiles:
+//   up to 16 input rows cost about what one does, batch invariant too.
 // - avx2 (AVX2 + FMA: every x86 PC since Haswell, 2013, and all of AMD's since Zen): the input rows are
 //   widened to fp32 once per call, and each weight is widened to fp32 in registers (bf16: a shift; int8:
 //   a conversion, the row's scale applied to the sum) for 256-bit FMAs. These are also the fp32 paths of
@@ -27,7 +28,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(SLOWLLM_AVX512BF16)
+#if defined(SLOWLLM_AMX)
+#define SLOWLLM_ISA_NAME "amx"
+#include <sys/syscall.h>
+#include <unistd.h>
+#elif defined(SLOWLLM_AVX512BF16)
 #define SLOWLLM_ISA_NAME "avx512bf16"
 #elif defined(SLOWLLM_AVX2)
 #define SLOWLLM_ISA_NAME "avx2"
@@ -40,13 +45,13 @@ namespace {
 constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
 constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
 // avx512bf16, one input row: how a single row runs, per weight type ([0] bf16, [1] int8). kOneRow: one
-// weight row at a time, two chains of bf16 dot products; kFourRows: four weight rows share each input
-// load; kFp32FourRows: the fp32 path (weights widened in registers, 256-bit FMAs, four rows at a time).
-// Which is fastest depends on the CPU (hidden 2048, ms per 600M weights: Zen 4 int8 one row 10 vs four
-// rows 25; Sapphire Rapids bf16 four rows 45 vs one row 52, int8 fp32 four rows 39 vs 45), so
-// node/kernels/_kernels.py measures them once per machine and sets them (`set_single_row`). Beyond kFourRowsMinK
-// (Bloom-176B's 14336) one row never wins: its input no longer stays in L1 beside the streaming weights.
-enum SingleRow : int { kOneRow = 0, kFourRows = 1, kFp32FourRows = 2 };
+// weight row at a time; kFourRows: four weight rows share each input load. Both sum in the one order every
+// tile uses (below), so the choice changes speed, never a number. Which is faster depends on the CPU
+// (hidden 2048, ms per 600M weights: Zen 4 int8 one row 10 vs four rows 25; Sapphire Rapids bf16 four
+// rows 45 vs one row 52), so node/kernels/_kernels.py measures them once per machine and sets them
+// (`set_single_row`). Beyond kFourRowsMinK (Bloom-176B's 14336) one row never wins: its input no longer
+// stays in L1 beside the streaming weights.
+enum SingleRow : int { kOneRow = 0, kFourRows = 1 };
 int g_single_row[2] = {kOneRow, kOneRow};
 constexpr int64_t kFourRowsMinK = 12288;
 #if defined(SLOWLLM_AVX512BF16)
@@ -56,7 +61,7 @@ constexpr int kFp32Rows = 4;  // AVX2 has 16: beyond 4 rows the accumulators spi
 #endif
 
 // Calls per entry point, so that a test can tell the kernels ran (rather than PyTorch's fallback).
-std::atomic<int64_t> g_calls[4];
+std::atomic<int64_t> g_calls[5];
 
 float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -92,9 +97,8 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
 // top half of the fp32 with the same value; kEvenOdd: in which order), one as a float (the tails), and on avx512bf16 32 as bf16
-// for the dot products (`load`), with how many weight rows a bf16 tile takes for M input rows (measured
-// at 1b7 shapes, 2 cores: the best of 2-8; beyond R x M = 32 the accumulators no longer fit the 32
-// vector registers).
+// for the dot products (`load`), with how many weight rows a tile takes for M input rows (2 x R x M
+// accumulators: beyond ~32 they no longer fit the 32 vector registers; measured at hidden 1024, one thread).
 struct Bf16Weights {
   using T = uint16_t;
   // 16 weights in one load: the 32-bit lane i holds weights 2i (low half) and 2i+1 (high half); a shift
@@ -109,7 +113,7 @@ struct Bf16Weights {
   static float value(T w) { return bf16_to_float(w); }
 #if defined(SLOWLLM_AVX512BF16)
   static __m512bh load(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
-  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
+  static constexpr int rows_per_tile(int M) { return M <= 3 ? 4 : M == 4 ? 3 : M <= 7 ? 2 : 1; }
 #endif
 };
 struct Int8Weights {
@@ -128,11 +132,24 @@ struct Int8Weights {
     return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
   }
-  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
+  static constexpr int rows_per_tile(int M) { return M <= 4 ? 4 : 2; }
 #endif
 };
 
-// fp32 input rows against bf16 or int8 weights, converted to fp32 in registers (exact for both): the
+// fp32 weights as they are (a fp32 checkpoint's LM head at the coordinator): no conversion, the same loops,
+// so a row's logits do not depend on the rows batched beside it, which PyTorch's fp32 GEMM does not give
+// (up to 7e-5 apart between 8 rows and each alone, measured).
+struct Fp32Weights {
+  using T = float;
+  static constexpr bool kEvenOdd = false;
+  static void load16(const T* w, __m256& w0, __m256& w1) {
+    w0 = _mm256_loadu_ps(w);
+    w1 = _mm256_loadu_ps(w + 8);
+  }
+  static float value(T w) { return w; }
+};
+
+// fp32 input rows against bf16, int8 or fp32 weights, converted to fp32 in registers (exact for both): the
 // same numbers as converting the matrix and a dense fp32 GEMM, up to summation order, without writing
 // and re-reading a float copy of it (Bloom's head: 2 GB at hidden 2048, 14 GB at 14336). 256-bit lanes:
 // on CPUs that split 512-bit ops in two (Zen 4) the conversions are the bottleneck, and independent
@@ -250,48 +267,44 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 }
 
 #if defined(SLOWLLM_AVX512BF16)
-// One weight row against one input row, two chains of dot products in flight (at small K this beats
-// four weight rows at once: 29 GB/s instead of 12 at K=2048, measured). S: the row's scale, or null.
-template <typename Weights>
-void row(const uint16_t* X, int64_t K, const typename Weights::T* wr, const float* S, float* out) {
-  __m512 acc = _mm512_setzero_ps(), extra = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    acc = _mm512_dpbf16_ps(acc, Weights::load(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
-    extra = _mm512_dpbf16_ps(extra, Weights::load(wr + k + 32), (__m512bh)_mm512_loadu_si512(X + k + 32));
-  }
-  for (; k + 32 <= K; k += 32)
-    acc = _mm512_dpbf16_ps(acc, Weights::load(wr + k), (__m512bh)_mm512_loadu_si512(X + k));
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc, extra));
-  for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[j]) * Weights::value(wr[j]);
-  *out = S ? total * *S : total;
-}
-
-// R weight rows against M input rows: R x M independent chains; each weight vector is loaded once for
-// the M rows and each input vector once for the R weight rows. With several input rows the dot products,
-// not the memory, are the limit (Zen 4: one 512-bit bf16 dot product per 2 cycles), and R x M chains
-// keep them all busy: at 1b7 shapes, 4 rows went from 35 to 17 ms per 600M weights, 8 rows from 50 to
-// 27 (MKL's F.linear: 33 and 38). int8 weights are converted once per tile; at one input row and
-// Bloom-176B width, four weight rows per input load keep the conversions from waiting on one chain's
-// latency (int8: 14 -> 24 GB/s).
+// R weight rows against M input rows. Every output sums in ONE order whatever M and R are: two chains of
+// bf16 dot products, the even 32-wide blocks of K in one and the odd in the other (the second chain
+// hides the first's latency at one row: 29 GB/s instead of 12 at K=2048, measured), then the two added
+// and reduced, then the scalar tail. So a row's numbers do not depend on the rows batched beside it (a
+// node merges many sessions' steps into one pass and each gets its numbers alone). Each weight vector is
+// loaded (int8: converted) once for the M rows and each input vector once for the R weight rows; with
+// several input rows the dot products, not the memory, are the limit (Zen 4: one 512-bit bf16 dot product
+// per 2 cycles), and the R x M x 2 chains keep them busy.
 // y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
 template <int M, int R, typename Weights>
 void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
-  __m512 acc[R][M];
+  __m512 acc[R][M], extra[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[r][m] = extra[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh w[R];
+  for (; k + 64 <= K; k += 64) {
+    __m512bh w[R], v[R];
     for (int r = 0; r < R; ++r) w[r] = Weights::load(W + r * K + k);
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
     }
+    for (int r = 0; r < R; ++r) v[r] = Weights::load(W + r * K + k + 32);
+    for (int m = 0; m < M; ++m) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k + 32);
+      for (int r = 0; r < R; ++r) extra[r][m] = _mm512_dpbf16_ps(extra[r][m], v[r], xv);
+    }
+  }
+  if (k + 32 <= K) {
+    for (int r = 0; r < R; ++r) {
+      __m512bh w = Weights::load(W + r * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w, (__m512bh)_mm512_loadu_si512(X + m * K + k));
+    }
+    k += 32;
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      float total = _mm512_reduce_add_ps(acc[r][m]);
+      float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], extra[r][m]));
       for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[r * K + j]);
       Y[m * stride + r] = S ? total * S[r] : total;
     }
@@ -315,8 +328,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
   in_row_groups(X0, M, K, Y0, N, [&](const uint16_t* X, float* Y, int64_t rows) {
     auto one = [&](int64_t n) {
       const float* s = S ? S + n : nullptr;
-      if (rows == 1) row<Weights>(X, K, W + n * K, s, Y + n);
-      else for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
+      for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
     if (rows == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kOneRow && K < kFourRowsMinK) {
       over_tiles<1>(N, one, one);
@@ -329,17 +341,171 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
 }
 #endif
 
+#if defined(SLOWLLM_AMX)
+// AMX (Intel Sapphire Rapids and later): bf16 weights straight from memory into tiles of 16 weight rows x
+// 32 inputs, the input rows packed once per call in the pairs the tile product wants, 16 at a time. One tile
+// product does 16 x 16 x 32 multiply-adds, so even 16 input rows cost about what one does (the weights'
+// bytes are the limit), where the AVX512 kernels pay per row (8 rows: 1.6x one row, one thread) and
+// PyTorch's AMX GEMM rounds each row differently by batch size. Here every output sums its 32-wide tile
+// products in the same order whatever M is: batch invariant at any M, so a node merges as many sessions'
+// steps as its limits allow and every one gets its numbers alone.
+constexpr int kTileRows = 16;  // weight rows (and input rows) per tile
+constexpr int kTileK = 32;  // bf16 inputs per tile row (64 bytes)
+constexpr int kAmxBlocks = 4;  // weight tiles (of 16 rows) per task: four accumulators in flight
+
+bool amx_permitted() {  // Linux hands out the 8 KB of tile state only on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {  // tmm0-3: sums (16 x 16 fp32), tmm4: inputs (16 pairs x 16 rows), tmm5-7: weights
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = kTileRows, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// X [M, K] bf16 -> per block of 16 input rows and per 32 inputs, a tile [16 pairs][16 rows][2] (zeros
+// beyond M): the layout whose row p holds inputs 2p, 2p+1 of every input row.
+std::vector<uint16_t> pack_inputs(const uint16_t* X, int64_t M, int64_t K) {
+  const int64_t blocks = (M + kTileRows - 1) / kTileRows, tiles = K / kTileK;
+  std::vector<uint16_t> out(blocks * tiles * kTileRows * kTileK, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t t = 0; t < tiles; ++t) {
+      uint16_t* tile = out.data() + ((m / kTileRows) * tiles + t) * kTileRows * kTileK;
+      for (int p = 0; p < kTileK / 2; ++p) {
+        tile[p * kTileK + (m % kTileRows) * 2] = X[m * K + t * kTileK + 2 * p];
+        tile[p * kTileK + (m % kTileRows) * 2 + 1] = X[m * K + t * kTileK + 2 * p + 1];
+      }
+    }
+  return out;
+}
+
+// The sums of one tile (C [16 weight rows][16 input rows]) into Y [M, N], with the K tail (K % 32) and scales.
+template <typename Weights>
+void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
+                const float* S, int64_t n0, int64_t m0, float* Y, int64_t N) {
+  const int64_t k_tail = K / kTileK * kTileK;
+  for (int i = 0; i < kTileRows; ++i)
+    for (int64_t m = m0; m < std::min(M, m0 + kTileRows); ++m) {
+      float total = C[i * kTileRows + (m - m0)];
+      for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[(n0 + i) * K + j]);
+      Y[m * N + n0 + i] = S ? total * S[n0 + i] : total;
+    }
+}
+
+// Where the weight tile of 16 rows from `w` (inputs [k, k + 32)) loads from, and its row stride in bytes:
+// bf16 rows straight from memory; int8 rows converted to bf16 (exact) into a 1 KB buffer first.
+template <typename Weights>
+const void* weight_tile(const typename Weights::T* w, int64_t K, int64_t k, uint16_t* buffer, int64_t& stride) {
+  if constexpr (std::is_same_v<Weights, Bf16Weights>) {
+    stride = K * 2;
+    return w + k;
+  } else {
+    for (int i = 0; i < kTileRows; ++i) _mm512_store_si512(buffer + i * kTileK, (__m512i)Weights::load(w + i * K + k));
+    asm volatile("" ::: "memory");  // GCC's tile load names no memory operand: the stores must happen first
+    stride = 64;
+    return buffer;
+  }
+}
+
+// B weight tiles (16 rows each, from row n0) against every block of 16 input rows; tile registers are
+// immediates, hence the unrolled cases.
+template <int B, typename Weights>
+void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
+              const float* S, int64_t n0, float* Y, int64_t N) {
+  const int64_t tiles = K / kTileK;
+  alignas(64) float C[kAmxBlocks][kTileRows * kTileRows];
+  alignas(64) uint16_t buffer[3][kTileRows * kTileK];
+  const typename Weights::T* w = W + n0 * K;
+  asm volatile("" ::: "memory");  // (the packed inputs are written before the tile loads read them)
+  for (int64_t mb = 0; mb * kTileRows < M; ++mb) {
+    _tile_zero(0);
+    if constexpr (B > 1) _tile_zero(1);
+    if constexpr (B > 2) _tile_zero(2);
+    if constexpr (B > 3) _tile_zero(3);
+    const uint16_t* in = packed + mb * tiles * kTileRows * kTileK;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t k = t * kTileK;
+      int64_t stride;  // (the tile macros evaluate their operands in no set order: pointer and stride first)
+      _tile_loadd(4, in + t * kTileRows * kTileK, 64);
+      const void* a = weight_tile<Weights>(w, K, k, buffer[0], stride);
+      _tile_loadd(5, a, stride);
+      _tile_dpbf16ps(0, 5, 4);
+      if constexpr (B > 1) {
+        a = weight_tile<Weights>(w + kTileRows * K, K, k, buffer[1], stride);
+        _tile_loadd(6, a, stride);
+        _tile_dpbf16ps(1, 6, 4);
+      }
+      if constexpr (B > 2) {
+        a = weight_tile<Weights>(w + 2 * kTileRows * K, K, k, buffer[2], stride);
+        _tile_loadd(7, a, stride);
+        _tile_dpbf16ps(2, 7, 4);
+      }
+      if constexpr (B > 3) {
+        a = weight_tile<Weights>(w + 3 * kTileRows * K, K, k, buffer[0], stride);
+        _tile_loadd(5, a, stride);
+        _tile_dpbf16ps(3, 5, 4);
+      }
+    }
+    _tile_stored(0, C[0], 64);
+    if constexpr (B > 1) _tile_stored(1, C[1], 64);
+    if constexpr (B > 2) _tile_stored(2, C[2], 64);
+    if constexpr (B > 3) _tile_stored(3, C[3], 64);
+    for (int b = 0; b < B; ++b) store_tile<Weights>(C[b], X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
+  }
+}
+
+// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs, bf16 or int8 weights, fp32 out: 64 weight rows
+// per task, the last whole tiles of 16 after them, and the rows beyond the last whole tile one by one (each
+// row always takes the same path, whatever M is). False where the OS refuses the tile state (the caller
+// uses the AVX512 kernels).
+template <typename Weights>
+bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y,
+                int64_t N) {
+  if (K < kTileK || !amx_permitted()) return false;
+  const std::vector<uint16_t> packed = pack_inputs(X, M, K);
+  const int64_t per_task = kAmxBlocks * kTileRows, tasks = N / per_task, whole = N / kTileRows;
+  const int64_t singles = whole - tasks * kAmxBlocks;  // whole tiles after the last full task
+  parallel_slices(tasks + singles + (N - whole * kTileRows), 1, [&](int64_t task) {
+    if (task < tasks + singles) {
+      configure_tiles();
+      if (task < tasks) amx_rows<kAmxBlocks, Weights>(packed.data(), X, M, K, W, S, task * per_task, Y, N);
+      else amx_rows<1, Weights>(packed.data(), X, M, K, W, S, (tasks * kAmxBlocks + task - tasks) * kTileRows, Y, N);
+      _tile_release();
+      return;
+    }
+    const int64_t n = whole * kTileRows + (task - tasks - singles);
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0;
+      for (int64_t j = 0; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[n * K + j]);
+      Y[m * N + n] = S ? total * S[n] : total;
+    }
+  });
+  return true;
+}
+#endif
+
 // Y [M, N] (fp32) = X [M, K] (bf16) @ W [N, K].T (times S[n]): the ISA's bf16-input path. avx2 widens
 // the few input rows to fp32 once (M x K values: nothing beside the weights) and uses the fp32 path.
 template <typename Weights>
 void bf16_input_matmul(const torch::Tensor& x, const typename Weights::T* W, const float* S, float* Y, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-#if defined(SLOWLLM_AVX512BF16)
-  if (!(M == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kFp32FourRows)) {
+#if defined(SLOWLLM_AMX)
+  {
     auto xc = x.contiguous();
-    bf16_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N);
-    return;
+    if (amx_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N)) return;
   }
+#endif
+#if defined(SLOWLLM_AVX512BF16)
+  auto xc = x.contiguous();
+  bf16_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N);
+  return;
 #endif
   auto xf = x.to(torch::kFloat).contiguous();
   fp32_matmul<Weights>(xf.data_ptr<float>(), M, K, W, S, Y, N);
@@ -397,13 +563,25 @@ torch::Tensor bf16_fp32_gemv(torch::Tensor x, torch::Tensor w) {
   return out;
 }
 
+// y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (fp32), each row's sum in the same order whatever M is
+torch::Tensor fp32_gemv(torch::Tensor x, torch::Tensor w) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "fp32 x and w");
+  g_calls[4]++;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xc = x.contiguous();
+  auto out = torch::empty({M, N}, x.options());
+  fp32_matmul<Fp32Weights>(xc.data_ptr<float>(), M, K, w.data_ptr<float>(), nullptr, out.data_ptr<float>(), N);
+  return out;
+}
+
 std::map<std::string, int64_t> calls() {
   return {{"bf16_gemv", g_calls[0]}, {"int8_bf16_gemv", g_calls[1]}, {"int8_gemv", g_calls[2]},
-          {"bf16_fp32_gemv", g_calls[3]}};
+          {"bf16_fp32_gemv", g_calls[3]}, {"fp32_gemv", g_calls[4]}};
 }
 
 void set_single_row(int bf16, int int8) {
-  TORCH_CHECK(0 <= bf16 && bf16 <= 2 && 0 <= int8 && int8 <= 2, "0: one row, 1: four rows, 2: fp32 four rows");
+  TORCH_CHECK(0 <= bf16 && bf16 <= 1 && 0 <= int8 && int8 <= 1, "0: one row, 1: four rows");
   g_single_row[0] = bf16;
   g_single_row[1] = int8;
 }
@@ -411,10 +589,11 @@ void set_single_row(int bf16, int int8) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = SLOWLLM_ISA_NAME;
   m.def("set_single_row", &set_single_row, "avx512bf16, one input row, per weight type (bf16, int8): 0 one row, "
-        "1 four rows, 2 the fp32 path");
+        "1 four rows");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
   m.def("int8_bf16_gemv", &int8_bf16_gemv, "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
   m.def("int8_gemv", &int8_gemv, "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
   m.def("bf16_fp32_gemv", &bf16_fp32_gemv, "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
+  m.def("fp32_gemv", &fp32_gemv, "fp32 x [M, K] @ fp32 w [N, K].T, batch invariant");
   m.def("calls", &calls, "how many times each entry point ran in this process");
 }

@@ -1,6 +1,9 @@
 """slowllm's decode kernels (`_kernels.cpp`), built once per machine and instruction set, or None.
 
 Which build runs is the best the CPU has, unless SLOWLLM_ISA names one:
+- `amx`: the `avx512bf16` build whose bf16-input products run on AMX tiles (Intel Sapphire Rapids and
+  later): up to 16 input rows cost about what one does, and every row's numbers are the same whatever
+  else is in the batch;
 - `avx512bf16`: AVX512-BF16 dot products (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
   later);
 - `avx2`: AVX2 + FMA, weights widened to fp32 in registers (every x86 PC since 2013-2015);
@@ -32,12 +35,15 @@ _builds: dict[str, object] = {}
 
 # The CPU flags each build needs (Linux /proc/cpuinfo names), best first.
 ISA_FLAGS = {
+    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma", "amx_tile", "amx_bf16"),
     "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"),
     "avx2": ("avx2", "fma", "f16c"),
 }
+_AVX512BF16_CFLAGS = ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2",
+                      "-mfma", "-mf16c"]
 ISA_CFLAGS = {
-    "avx512bf16": ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2",
-                   "-mfma", "-mf16c"],
+    "amx": ["-DSLOWLLM_AMX", "-mamx-tile", "-mamx-bf16", *_AVX512BF16_CFLAGS],
+    "avx512bf16": _AVX512BF16_CFLAGS,
     "avx2": ["-DSLOWLLM_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 # Input rows up to which each kernel beats the alternative, per build. avx512bf16 (measured on bloom-1b7
@@ -48,7 +54,11 @@ ISA_CFLAGS = {
 # (`_calibrate`: with AMX, F.linear wins from ~8 rows). avx2 (emulated AVX2 PC, ms per 600M weights):
 # bf16 kernel vs oneDNN's F.linear 48/63 at 1 row, 92/174 at 4, 144/268 at 8; int8 with bf16 rows vs
 # torch's int8 kernel 40/43 at 1, 99/120 at 8. More than 8 rows run through the kernels 8 at a time.
+# amx (2-core Sapphire Rapids, 1 thread, 4 blocks of hidden 1024, ms, vs F.linear): 4.95/8.9 at 1 row,
+# 7.3/10.0 at 8, 9.6/10.3 at 16, 14.3/11.4 at 32; int8 with bf16 rows, 600M weights: 43 / 45 / 49 ms at 1 /
+# 8 / 16 rows (the conversions, as avx512bf16's 44 / 77 / 156).
 MAX_ROWS = {
+    "amx": {"bf16": 16, "int8": 32, "int8_fp32": 1},
     "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 1},
     "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
 }
@@ -87,7 +97,7 @@ def fast_bf16() -> str | None:
 
 
 def best_isa(flags: set[str] | None = None) -> str:
-    """The best build this CPU runs: "avx512bf16", "avx2" or "none"."""
+    """The best build this CPU runs: "amx", "avx512bf16", "avx2" or "none"."""
     flags = cpu_flags() if flags is None else flags
     return next((isa for isa, need in ISA_FLAGS.items() if all(f in flags for f in need)), "none")
 
@@ -100,7 +110,7 @@ def chosen_isa() -> str:
     if not asked:
         return best_isa()
     if asked != "none" and asked not in ISA_FLAGS:
-        raise ValueError(f"SLOWLLM_ISA={asked} is not one of avx512bf16, avx2, none: pick one of those")
+        raise ValueError(f"SLOWLLM_ISA={asked} is not one of {', '.join(ISA_FLAGS)}, none: pick one of those")
     if asked != "none":
         missing = [f for f in ISA_FLAGS[asked] if f not in cpu_flags()]
         if missing:
@@ -147,7 +157,7 @@ def kernels_for(isa: str):
         root = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
         module, where = build_extension(f"slowllm_kernels_{isa}", [Path(__file__).with_name("_kernels.cpp")],
                                         ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root)  # OpenMP: at::parallel_for
-        if isa == "avx512bf16":
+        if isa in ("amx", "avx512bf16"):
             tuned = _calibrate(module, where / "tuning.json")
             module.set_single_row(*tuned["single_row"])
             MAX_ROWS[isa]["bf16"] = tuned["bf16_rows"]
@@ -159,15 +169,16 @@ def kernels_for(isa: str):
 def _calibrate(k, path: Path) -> dict:
     """avx512bf16 choices that depend on the CPU, measured once per machine at hidden 2048 on 128 MB
     matrices (~1 s) and kept beside the build:
-    - "single_row": for one input row, per weight type (bf16, int8), the fastest way (0: one weight row at
-      a time, 1: four, 2: the fp32 path; `_kernels.cpp`);
-    - "bf16_rows": up to how many input rows (1, 2, 4 or 8) the bf16 kernel beats PyTorch's F.linear
+    - "single_row": for one input row, per weight type (bf16, int8), the faster way (0: one weight row at
+      a time, 1: four; both give the same numbers, `_kernels.cpp`);
+    - "bf16_rows": up to how many input rows (1, 2, 4, 8 or 16) the bf16 kernel beats PyTorch's F.linear
       (which uses AMX where the CPU has it: there F.linear wins from ~8 rows, on Zen 4 it never does);
     - "int8_rows": up to how many rows (8, 16 or 32) the int8 kernel beats converting the weights to
       bf16 for PyTorch's GEMM (Sapphire Rapids, 600M weights at 32 rows: 298 ms vs 144 with AMX)."""
     try:
         tuned = json.loads(path.read_text())
-        if len(tuned["single_row"]) == 2 and tuned["bf16_rows"] in (1, 2, 4, 8) and tuned["int8_rows"] in (8, 16, 32):
+        if (len(tuned["single_row"]) == 2 and set(tuned["single_row"]) <= {0, 1} and tuned["bf16_rows"] in (1, 2, 4, 8, 16)
+                and tuned["int8_rows"] in (8, 16, 32)):
             return tuned
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -178,13 +189,13 @@ def _calibrate(k, path: Path) -> dict:
     single = []
     for kind, run in enumerate(runs):
         best = {}
-        for way in (0, 1, 2):
+        for way in (0, 1):
             k.set_single_row(*([way, 0] if kind == 0 else [0, way]))
             best[way] = _best_seconds(run)
         single.append(min(best, key=best.get))
     k.set_single_row(*single)
     bf16_rows = 1
-    for rows in (2, 4, 8):
+    for rows in (2, 4, 8, 16):
         xs = torch.ones(rows, 2048, dtype=torch.bfloat16)
         if _best_seconds(lambda: k.bf16_gemv(xs, w)) > _best_seconds(lambda: torch.nn.functional.linear(xs, w)):
             break
