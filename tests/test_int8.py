@@ -13,6 +13,7 @@ from netutil import Cluster
 from slowllm.coordinator import LocalRunner, Sampling, make_checkpoint, tiny_config
 from slowllm.coordinator.jobs._fidelity import compare
 from slowllm.node import BlockCache, Checkpoint
+from slowllm.node.kernels._kernels import kernels
 from slowllm.node.kernels._linears import Int8Linear, int8_matmul, quantize_rows
 from slowllm.node.engine._quantize import quantize_checkpoint
 from slowllm.protocol import CheckpointError
@@ -136,33 +137,46 @@ def test_int8_node_beside_bf16_nodes_and_an_int8_swarm(models, secret):
         assert len(c.client().generate(PROMPTS, GREEDY)) == 3
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_lm_head_kernel_and_converted_chunks_agree(models, models_dir, int8):
-    """Scoring and fp32 decoding read the stored bf16 or int8 head rows through the kernel up to
-    HEAD_KERNEL_MAX_ROWS positions and convert chunks beyond: both give the fp32 numbers of the dense head."""
-    from slowllm.coordinator.jobs._ends import HEAD_KERNEL_MAX_ROWS, ModelEnds
+@pytest.mark.parametrize("stored", ["bf16", "int8", "fp32"])
+def test_lm_head_kernel_and_converted_chunks_agree(models, models_dir, stored):
+    """Scoring and fp32 decoding read the stored bf16, int8 or fp32 head rows through the kernel up to
+    `invariant_rows` positions and convert chunks beyond: both give the fp32 numbers of the dense head,
+    and within the kernel's rows each position's logits are exactly its logits alone (so the coordinator
+    may compute many generations' heads in one call)."""
+    from slowllm.coordinator.jobs._ends import ModelEnds
 
-    path = models["ctx8"] if int8 else models_dir / "q-ctx-bf16"
-    if not int8 and not (path / "config.json").exists():
-        make_checkpoint(path, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    if kernels() is None:
+        pytest.skip("no decode kernels here (no compiler or no AVX2): the head is PyTorch's GEMM")
+    dtype = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}[stored]
+    path = models["ctx8"] if stored == "int8" else models_dir / f"q-ctx-{stored}"
+    if stored != "int8" and not (path / "config.json").exists():
+        make_checkpoint(path, tiny_config(std=0.25), seed=0, dtype=dtype)
     ck = Checkpoint(path)
-    assert ck.meta(ck.head_key)[1] == (torch.int8 if int8 else torch.bfloat16)
+    assert ck.meta(ck.head_key)[1] == dtype
     ends = ModelEnds(ck, dtype=torch.float32, head_chunk_bytes=16 << 10)  # several chunks and a partial last
     w = ends._matrix(ck.head_key).float()
-    if int8:
+    if stored == "int8":
         w *= ends._scale(ck.head_key).float()[:, None]
     g = torch.Generator().manual_seed(2)
-    for rows in (1, 5, HEAD_KERNEL_MAX_ROWS, HEAD_KERNEL_MAX_ROWS + 3):  # the kernel, then converted chunks
+    most = ends.invariant_rows
+    assert most >= 16
+    before = kernels().calls()
+    for rows in (1, 5, most, most + 3):  # the kernel, then converted chunks
         hidden = torch.randn(rows, ends.hidden_size, generator=g)
         targets = torch.randint(0, ends.vocab_size, (rows,), generator=g)
         ref = hidden @ w.T
         ref_lp = ref.log_softmax(-1)[torch.arange(rows), targets]
-        assert (ends.logits(hidden) - ref).abs().max() <= 1e-5 * ref.abs().max(), rows
+        logits = ends.logits(hidden)
+        assert (logits - ref).abs().max() <= 1e-5 * ref.abs().max(), rows
+        if rows <= most:
+            assert all(torch.equal(logits[i], ends.logits(hidden[i:i + 1])[0]) for i in range(rows)), rows
         lp, best, _ = ends.target_stats(hidden, targets)
         assert (lp - ref_lp).abs().max() < 1e-4 and torch.equal(best, ref.argmax(-1) == targets), rows
         got = ends.token_logprobs(hidden, targets, top=2)
         assert max(abs(a - b) for (a, _), b in zip(got, ref_lp.tolist())) < 1e-4
         assert [t[0][0] for _, t in got] == ref.argmax(-1).tolist()
+    entry = {"bf16": "bf16_fp32_gemv", "int8": "int8_gemv", "fp32": "fp32_gemv"}[stored]
+    assert kernels().calls()[entry] > before[entry]
 
 
 def test_int8_linear_every_path_and_its_gradient():

@@ -28,7 +28,9 @@ from slowllm.node.kernels._linears import bf16_linear, int8_matmul
 # Positions up to which the kernel (`_fp32_logit_chunks`) beats converting each chunk for a dense fp32
 # GEMM (measured, Bloom's head at hidden 2048, 2 cores; ms bf16 / int8): 1 row 32 vs 211 / 20 vs 258,
 # 8 rows 136 vs 363 / 101 vs 442, 32 rows 574 vs 732 / 402 vs 651.
-HEAD_KERNEL_MAX_ROWS = 32
+# fp32 weights (no conversion to save): the kernel up to 16 (Bloom's head shape, 65536 x 2048: 34 vs 57 ms
+# at 8 rows, 71 vs 53 at 16, 135 vs 60 at 32).
+HEAD_KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.int8: 32, torch.float32: 16}
 
 
 def tokenizer_adds_bos(tokenizer_json: Path, tokenizer: Tokenizer, bos: int | None) -> bool:
@@ -186,20 +188,32 @@ class ModelEnds:
     def _fp32_logit_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, fp32 logits [N, rows]) of fp32 hidden states [N, H], a vocabulary chunk at a time.
 
-        Up to HEAD_KERNEL_MAX_ROWS positions, the kernel reads the stored bf16 or int8 rows and converts
-        them to fp32 in registers: the numbers of converting each chunk and a dense fp32 GEMM up to
+        Up to `invariant_rows` positions, the kernel reads the stored bf16, int8 or fp32 rows (converting
+        the first two to fp32 in registers): the numbers of converting each chunk and a dense fp32 GEMM up to
         summation order, each row's the same whatever else is in the batch, without writing and reading
         back a fp32 copy of the head (Bloom's: 2 GB at hidden 2048, 14 GB at 14336)."""
         hidden = hidden.float()
-        stored = self.checkpoint.meta(self.checkpoint.head_key)[1]
-        k = kernels() if (hidden.device.type == "cpu" and 0 < hidden.shape[0] <= HEAD_KERNEL_MAX_ROWS
-                          and stored in (torch.bfloat16, torch.int8)) else None
+        k = kernels() if hidden.device.type == "cpu" and 0 < hidden.shape[0] <= self.invariant_rows else None
         if k is None:
             for start, w in self._head_chunks(torch.float32):
                 yield start, self._chunk_logits(hidden, w)
             return
         for start, source, scale in self._stored_chunks():
-            yield start, k.bf16_fp32_gemv(hidden, source) if scale is None else k.int8_gemv(hidden, source, scale)
+            if scale is not None:
+                yield start, k.int8_gemv(hidden, source, scale)
+            else:
+                yield start, (k.fp32_gemv if source.dtype == torch.float32 else k.bf16_fp32_gemv)(hidden, source)
+
+    @property
+    def invariant_rows(self) -> int:
+        """Up to how many positions one `logits` call gives each position the numbers it gets alone (the
+        kernels' fixed summation order), so that the heads of many generations' steps may share one read of
+        the LM head without changing any of them; 0 where PyTorch's GEMM computes it (its rounding depends on
+        the batch)."""
+        stored = self.checkpoint.meta(self.checkpoint.head_key)[1]
+        if self.dtype != torch.float32 or stored not in HEAD_KERNEL_MAX_ROWS or kernels() is None:
+            return 0
+        return HEAD_KERNEL_MAX_ROWS[stored]
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
