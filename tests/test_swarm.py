@@ -128,6 +128,41 @@ def _together(calls):
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_heads_of_a_pass_are_one_call_and_each_equals_its_own(models_dir, dtype, monkeypatch):
+    """The coordinator computes the LM heads of every step in a pass together (`with_heads`): one read of
+    the head for many generations, and every step's logits exactly (torch.equal) what it gets alone; a
+    step with more positions than the kernels keep batch invariant, and a failed step, go as alone."""
+    from slowllm.coordinator.jobs._ends import ModelEnds
+    from slowllm.coordinator.chains._chain import Head, with_heads
+    from slowllm.node.kernels._kernels import kernels
+
+    if kernels() is None:
+        pytest.skip("no decode kernels here: the head is PyTorch's GEMM, and each step gets its own call")
+    path = models_dir / f"heads-{str(dtype)[6:]}"
+    if not (path / "config.json").exists():
+        make_checkpoint(path, tiny_config(std=0.25), seed=3, dtype=dtype)
+    ends = ModelEnds(Checkpoint(path))
+    most = ends.invariant_rows
+    gen = torch.Generator().manual_seed(0)
+    outs = [torch.randn(2, 5, 64, generator=gen),  # a prompt step: each row's last position
+            torch.randn(3, 2, 64, generator=gen),  # a decode step with a drafted position: all six
+            RuntimeError("this step failed"),
+            torch.randn(most + 1, 1, 64, generator=gen),  # too many positions to share: alone
+            torch.randn(1, 1, 64, generator=gen)]
+    heads = [Head(ends, last=True), Head(ends), Head(ends), Head(ends), None]
+    calls = []
+    real = ends.logits
+    monkeypatch.setattr(ends, "logits", lambda hidden: calls.append(hidden.shape[0]) or real(hidden))
+    got = with_heads(outs, heads)
+    assert sorted(calls) == [2 + 6, most + 1]  # the two small steps in one call, the big one alone
+    assert got[2] is outs[2] and got[4] == (outs[4], None)
+    for i in (0, 1, 3):
+        out, logits = got[i]
+        assert out is outs[i]
+        assert torch.equal(logits, real(ends.final_norm(heads[i].rows(outs[i]))))
+
+
 def test_concurrent_clients_share_passes_and_get_what_they_get_alone(tiny_model, secret):
     """Greedy and seeded-sampling clients at once through 2 nodes (one dies mid merged pass, its sessions
     fail over); a big scoring job beside a prompt; every answer equal to the job alone."""

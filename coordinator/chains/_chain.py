@@ -10,19 +10,67 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
 from slowllm.node import Batch
 
-__all__ = ["Batch", "Chain", "ChainSession"]
+__all__ = ["Batch", "Chain", "ChainSession", "Head", "with_heads"]
 
 T, R = TypeVar("T"), TypeVar("R")
 # A job on a chain of several stages is cut into about this many micro-batches per stage, so that while
 # one is at the second node the next is at the first (GPipe-style): every stage busy but at the ends.
 MICRO_BATCHES_PER_STAGE = 4
 MIN_MICRO_BATCH_TOKENS = 64  # below this a micro-batch costs its round trip more than it gains
+
+
+@dataclass(frozen=True, eq=False)
+class Head:
+    """What a generation wants of a step besides its hidden states: the logits of each row's last position
+    (a prompt step) or of every new position (a decode step, drafted positions too). The steps that share a
+    pass have their heads computed together (`with_heads`): one read of the LM head for many generations
+    instead of one each (the coordinator's largest cost per step when many people generate at once)."""
+
+    ends: Any  # the model's ends (`ModelEnds`): final_norm, logits, invariant_rows
+    last: bool = False
+
+    def rows(self, out: torch.Tensor) -> torch.Tensor:
+        return out[:, -1] if self.last else out.reshape(-1, out.shape[-1])
+
+
+def with_heads(outs: Sequence, heads: Sequence[Head | None] | None) -> list:
+    """Each step's output paired with the logits its head asks for: (out, logits), or (out, None) without a
+    head; an exception (a step that failed) stays as it is. Steps on the same ends share LM-head calls up to
+    `ends.invariant_rows` positions, where every position gets exactly the numbers it gets alone; a bigger
+    step, or ends without batch-invariant kernels (0), gets a call of its own, as it would alone."""
+    if heads is None:
+        return list(outs)
+    result: list = [x if isinstance(x, BaseException) else (x, None) for x in outs]
+    packs: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def flush(key: int, ends) -> None:
+        pack = packs.pop(key, [])
+        if pack:
+            logits = ends.logits(ends.final_norm(torch.cat([rows for _, rows in pack])))
+            for (i, rows), part in zip(pack, logits.split([rows.shape[0] for _, rows in pack])):
+                result[i] = (outs[i], part)
+
+    for i, (out, head) in enumerate(zip(outs, heads)):
+        if head is None or isinstance(out, BaseException):
+            continue
+        rows, key, most = head.rows(out).float(), id(head.ends), head.ends.invariant_rows
+        if rows.shape[0] > most:  # alone, as without company
+            result[i] = (out, head.ends.logits(head.ends.final_norm(rows)))
+            continue
+        if sum(r.shape[0] for _, r in packs.get(key, [])) + rows.shape[0] > most:
+            flush(key, head.ends)
+        packs.setdefault(key, []).append((i, rows))
+    for i, head in enumerate(heads):
+        if head is not None and id(head.ends) in packs:
+            flush(id(head.ends), head.ends)
+    return result
 
 
 class ChainSession(ABC):
@@ -86,9 +134,11 @@ class Chain(ABC):
         want = -(-sum(lengths) // (MICRO_BATCHES_PER_STAGE * self.pipeline_depth))
         return min(self.max_batch_tokens, max(MIN_MICRO_BATCH_TOKENS, want, max(lengths)))
 
-    def step_sessions(self, steps: Sequence[tuple[ChainSession, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """`session.step(hidden, mask)` for each; a chain that streams its weights does them in one pass."""
-        return [session.step(hidden, mask) for session, hidden, mask in steps]
+    def step_sessions(self, steps: Sequence[tuple[ChainSession, torch.Tensor, torch.Tensor]],
+                      heads: Sequence[Head | None] | None = None) -> list:
+        """`session.step(hidden, mask)` for each; a chain that streams its weights does them in one pass.
+        With `heads` (one per step, or None), each output comes as (hidden, logits) (`with_heads`)."""
+        return with_heads([session.step(hidden, mask) for session, hidden, mask in steps], heads)
 
     def stepping(self):
         """Around a generation's loop: a chain with a stepping loop counts it as running (see _scheduler)."""

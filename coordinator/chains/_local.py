@@ -18,7 +18,7 @@ from slowllm.node import (BlockCache, Checkpoint, ResidentBlocks, StreamingExecu
 from slowllm.node.engine._blocks import work_width
 from slowllm.protocol import MemoryBudgetError
 
-from ._chain import Batch, Chain, ChainSession
+from ._chain import Batch, Chain, ChainSession, with_heads
 
 
 @dataclass
@@ -108,8 +108,8 @@ class LocalChain(Chain):
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
         return _LocalSession(self.executor.session())
 
-    def step_sessions(self, steps):
-        return self.executor.step_sessions([(session._session, h, m) for session, h, m in steps])
+    def step_sessions(self, steps, heads=None):
+        return with_heads(self.executor.step_sessions([(session._session, h, m) for session, h, m in steps]), heads)
 
     def set_progress(self, on: bool) -> None:
         self.executor.progress = None if on else False

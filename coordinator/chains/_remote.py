@@ -29,7 +29,7 @@ from slowllm.coordinator.swarm._verify import Referee
 from slowllm.node import Batch
 from slowllm.protocol import Backward, Forward, InputError, Limits, UnavailableError, WireTensor
 
-from ._chain import Chain, ChainSession
+from ._chain import Chain, ChainSession, with_heads
 from ._exchange import FRAME_OVERHEAD, Exchanges, NodeFailed, current_wave, encode_mask
 from ._verification import Rerun, Verification
 
@@ -224,17 +224,17 @@ class RemoteChain(Chain):
             return contextlib.nullcontext()
         return self.stepper.member()
 
-    def step_sessions(self, steps):
+    def step_sessions(self, steps, heads=None):
         """Through the coordinator's stepping loop, in the next wave with every other generation's steps."""
         if self.stepper is not None:
-            return self.stepper.run(self, steps)
+            return self.stepper.run(self, steps, heads)
         if len(steps) <= 1:
-            return super().step_sessions(steps)
+            return super().step_sessions(steps, heads)
         outcomes = self.step_gang(steps)
         for x in outcomes:
             if isinstance(x, BaseException):
                 raise x
-        return outcomes
+        return with_heads(outcomes, heads)
 
     def step_gang(self, steps) -> list:
         """Every session's step at once, each on its own thread; each node is told how many of them to

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from slowllm.coordinator.chains._chain import Chain, plan_batches
+from slowllm.coordinator.chains._chain import Chain, Head, plan_batches
 
 from ._ends import ModelEnds
 from ._options import Sampling
@@ -151,9 +151,9 @@ def generate_rows(ends: ModelEnds, chain: Chain, rows: Sequence[Continuation], s
 class Generation:
     """The rows of one request (or job), batched by length into groups that each hold a session.
 
-    Each group is a generator that yields the big-model steps it needs, `(session, hidden, mask)`, and is
-    sent their outputs: `step_together` runs the pending steps of any number of generations in ONE pass
-    over the weights, which is how requests that arrive while others generate join the next pass (the
+    Each group is a generator that yields the big-model steps it needs, `(session, hidden, mask, head)`, and
+    is sent their outputs and logits: `step_together` runs the pending steps of any number of generations in
+    ONE pass over the weights (and their LM heads in as few calls as leave every row's numbers alone), which is how requests that arrive while others generate join the next pass (the
     HTTP API's batcher), and how a job's groups share passes.
     """
 
@@ -212,8 +212,9 @@ def step_together(chain: Chain, jobs: Sequence[Generation]) -> None:
     waiting = [(job, g) for job in jobs for g in list(job.pending)]
     if not waiting:
         return
+    pending = [job.pending[g] for job, g in waiting]
     with torch.no_grad():
-        outs = chain.step_sessions([job.pending[g] for job, g in waiting])
+        outs = chain.step_sessions([p[:3] for p in pending], heads=[p[3] for p in pending])
     for (job, g), out in zip(waiting, outs):
         job._advance(g, out)
 
@@ -253,7 +254,8 @@ def _draft(draft: Draft, session, batch, tail_ids, tail_mask, fed: int, k: int, 
 def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: Sampling, soft_prompt,
                     draws: Draws, draft: Draft | None):
     """One batch of prompts through one session of the big model (and one of the draft): a generator that
-    yields each step of the big model, (session, hidden, mask), is sent its output, and returns the rows.
+    yields each step of the big model, (session, hidden, mask, head), is sent its output and the logits the
+    head asked for, and returns the rows.
 
     Both sessions see the same columns after the prompt: each round appends the pending token x and the
     drafted d1..dk; the big model checks them in one step. Positions that no row kept are rolled back
@@ -274,9 +276,8 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
 
     with contextlib.ExitStack() as stack:
         target = stack.enter_context(chain.open_session(B, batch.mask.shape[1] + room))
-        hidden = yield (target, batch.hidden, batch.mask)
+        hidden, logits = yield (target, batch.hidden, batch.mask, Head(ends, last=True))
         with torch.no_grad():
-            logits = ends.logits(ends.final_norm(hidden[:, -1]))
             x = pick_tokens(logits, s, draws, [(r.want.key, r.position) for r in state])
         for j, row in enumerate(state):
             row.after_prompt(ends, hidden[j], int(x[j]), logits[j:j + 1])
@@ -301,9 +302,8 @@ def _generate_group(ends: ModelEnds, chain: Chain, rows: list[Continuation], s: 
             with Stopwatch() as pass_time:
                 with torch.no_grad():
                     new = ends.embed_norm(ends.embed(tail_ids[:, base:]))  # x, d1..dk
-                h = yield (target, new, torch.cat([batch.mask, tail_mask], 1))
-                with torch.no_grad():
-                    logits = ends.logits(ends.final_norm(h.reshape(B * (k + 1), -1))).view(B, k + 1, -1)
+                _, logits = yield (target, new, torch.cat([batch.mask, tail_mask], 1), Head(ends))
+                logits = logits.view(B, k + 1, -1)
             probs = None if greedy else probabilities(logits.view(B * (k + 1), -1), s).view(B, k + 1, -1)
             drafts = torch.stack(drafted, 1) if drafted else torch.empty(B, 0, dtype=torch.long)
             kept, y = [0] * B, x.clone()

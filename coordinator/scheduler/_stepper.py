@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from slowllm.coordinator.chains._chain import with_heads
+
 if TYPE_CHECKING:
     from slowllm.coordinator.chains._remote import RemoteChain
 
@@ -30,6 +32,7 @@ GATHER_S = 0.05  # the longest a wave waits for running generations that have no
 class _Entry:
     chain: "RemoteChain"
     steps: list  # (session, hidden, mask)
+    heads: list | None  # per step, the logits it wants (`Head`) or None
     member: bool
     done: threading.Event = field(default_factory=threading.Event)
     outs: list | None = None
@@ -62,9 +65,10 @@ class Stepper:
                 self._members -= 1
                 self._cond.notify_all()
 
-    def run(self, chain: "RemoteChain", steps: list) -> list:
-        """Outputs of `steps` [(session, hidden, mask)], stepped in the next wave."""
-        entry = _Entry(chain, list(steps), getattr(self._local, "member", False))
+    def run(self, chain: "RemoteChain", steps: list, heads: list | None = None) -> list:
+        """Outputs of `steps` [(session, hidden, mask)], stepped in the next wave; with `heads`, each as
+        (hidden, logits), the wave's heads computed together (`with_heads`)."""
+        entry = _Entry(chain, list(steps), None if heads is None else list(heads), getattr(self._local, "member", False))
         with self._cond:
             alone = entry.member and self._members == 1 and not self._waiting and not self._flying and len(steps) == 1
             if not alone:
@@ -72,7 +76,7 @@ class Stepper:
                 self._cond.notify_all()
         if alone:  # the only generation running: no wave to gather, no thread hand-offs (one client's latency)
             session, hidden, mask = steps[0]
-            return [session.step(hidden, mask)]
+            return with_heads([session.step(hidden, mask)], heads)
         entry.done.wait()
         if entry.error is not None:
             raise entry.error
@@ -127,6 +131,10 @@ class Stepper:
         steps = [(entry, step) for entry in wave for step in entry.steps]
         self.steps += len(steps)
         outcomes = wave[0].chain.step_gang([step for _, step in steps])  # (every chain: the same router)
+        if any(entry.heads is not None for entry in wave):  # every generation's logits: one read of the head
+            paired = with_heads(outcomes, [head for entry in wave for head in (entry.heads or [None] * len(entry.steps))])
+            outcomes = [p if entry.heads is not None or isinstance(p, BaseException) else p[0]
+                        for (entry, _), p in zip(steps, paired)]
         i = 0
         for entry in wave:
             mine = outcomes[i: i + len(entry.steps)]
