@@ -223,8 +223,28 @@ def test_the_per_machine_choices_are_measured_once_and_kept(tmp_path):
 
     k = build("avx512bf16")
     path = tmp_path / "tuning.json"
-    path.write_text(json.dumps({"single_row": [0, 0], "bf16_rows": 8}))  # an older file: a choice missing
+    path.write_text(json.dumps({"single_row": [2, 0], "bf16_rows": 8}))  # an older file: no int8_rows
     tuned = _calibrate(k, path)
-    assert tuned["bf16_rows"] in (1, 2, 4, 8) and tuned["int8_rows"] in (8, 16, 32)
-    assert all(way in (0, 1, 2) for way in tuned["single_row"])
+    assert tuned == {"int8_rows": tuned["int8_rows"]} and tuned["int8_rows"] in (8, 16, 32)
     assert json.loads(path.read_text()) == tuned == _calibrate(k, path)  # kept, and read back as kept
+
+
+def test_a_build_the_compiler_cannot_make_falls_back_to_the_next_one(monkeypatch):
+    """An old g++ without AMX intrinsics must not leave an AMX CPU on PyTorch's kernels: the next build
+    this CPU runs is used (unless SLOWLLM_ISA asked for that one build)."""
+    from slowllm.node.kernels import _kernels
+
+    monkeypatch.setattr(_kernels, "cpu_flags", lambda: frozenset(ISA_FLAGS["amx"]) | frozenset(ISA_FLAGS["avx2"]))
+    tried = []
+
+    def fake_build(isa):
+        tried.append(isa)
+        if isa == "amx":
+            raise BuildUnavailable("g++ 10 has no -mamx-tile")
+        return f"module {isa}"
+    monkeypatch.setattr(_kernels, "kernels_for", fake_build)
+    monkeypatch.delenv("SLOWLLM_ISA", raising=False)
+    assert _kernels._build_or_next("amx") == "module avx512bf16" and tried == ["amx", "avx512bf16"]
+    monkeypatch.setenv("SLOWLLM_ISA", "amx")
+    with pytest.raises(BuildUnavailable, match="no -mamx-tile"):
+        _kernels._build_or_next("amx")

@@ -6,8 +6,8 @@
 // the best the CPU has; SLOWLLM_ISA forces one):
 // - avx512bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later): bf16 input rows
 //   against bf16 weights, or int8 weights converted to bf16 in registers (exact for |q| <= 127), through
-//   AVX512-BF16 dot products, in tiles of R weight rows x M input rows (two chains each, each weight
-//   vector loaded and converted once per tile, each input vector once per R rows). Every output sums in
+//   AVX512-BF16 dot products, in tiles of R weight rows x M input rows (R x M chains, each weight vector
+//   loaded and converted once per tile, each input vector once per R rows). Every output sums in
 //   the same order whatever M is, so batching never changes a row's numbers.
 // - amx (Sapphire Rapids and later): the avx512bf16 build whose bf16-input products run on AMX tiles:
 //   up to 16 input rows cost about what one does, batch invariant too.
@@ -44,16 +44,6 @@ namespace {
 
 constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
 constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
-// avx512bf16, one input row: how a single row runs, per weight type ([0] bf16, [1] int8). kOneRow: one
-// weight row at a time; kFourRows: four weight rows share each input load. Both sum in the one order every
-// tile uses (below), so the choice changes speed, never a number. Which is faster depends on the CPU
-// (hidden 2048, ms per 600M weights: Zen 4 int8 one row 10 vs four rows 25; Sapphire Rapids bf16 four
-// rows 45 vs one row 52), so node/kernels/_kernels.py measures them once per machine and sets them
-// (`set_single_row`). Beyond kFourRowsMinK (Bloom-176B's 14336) one row never wins: its input no longer
-// stays in L1 beside the streaming weights.
-enum SingleRow : int { kOneRow = 0, kFourRows = 1 };
-int g_single_row[2] = {kOneRow, kOneRow};
-constexpr int64_t kFourRowsMinK = 12288;
 #if defined(SLOWLLM_AVX512BF16)
 constexpr int kFp32Rows = 8;  // fp32 rows per weight row: 2 x 8 accumulators fit the 32 vector registers
 #else
@@ -97,8 +87,8 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
 // top half of the fp32 with the same value; kEvenOdd: in which order), one as a float (the tails), and on avx512bf16 32 as bf16
-// for the dot products (`load`), with how many weight rows a tile takes for M input rows (2 x R x M
-// accumulators: beyond ~32 they no longer fit the 32 vector registers; measured at hidden 1024, one thread).
+// for the dot products (`load`), with how many weight rows a tile takes for M input rows (measured at 1b7
+// shapes, 2 cores: the best of 2-8; beyond R x M = 32 the accumulators no longer fit the 32 registers).
 struct Bf16Weights {
   using T = uint16_t;
   // 16 weights in one load: the 32-bit lane i holds weights 2i (low half) and 2i+1 (high half); a shift
@@ -113,7 +103,7 @@ struct Bf16Weights {
   static float value(T w) { return bf16_to_float(w); }
 #if defined(SLOWLLM_AVX512BF16)
   static __m512bh load(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
-  static constexpr int rows_per_tile(int M) { return M <= 3 ? 4 : M == 4 ? 3 : M <= 7 ? 2 : 1; }
+  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
 #endif
 };
 struct Int8Weights {
@@ -132,7 +122,7 @@ struct Int8Weights {
     return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
   }
-  static constexpr int rows_per_tile(int M) { return M <= 4 ? 4 : 2; }
+  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
 #endif
 };
 
@@ -267,44 +257,34 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 }
 
 #if defined(SLOWLLM_AVX512BF16)
-// R weight rows against M input rows. Every output sums in ONE order whatever M and R are: two chains of
-// bf16 dot products, the even 32-wide blocks of K in one and the odd in the other (the second chain
-// hides the first's latency at one row: 29 GB/s instead of 12 at K=2048, measured), then the two added
-// and reduced, then the scalar tail. So a row's numbers do not depend on the rows batched beside it (a
-// node merges many sessions' steps into one pass and each gets its numbers alone). Each weight vector is
-// loaded (int8: converted) once for the M rows and each input vector once for the R weight rows; with
-// several input rows the dot products, not the memory, are the limit (Zen 4: one 512-bit bf16 dot product
-// per 2 cycles), and the R x M x 2 chains keep them busy.
+// R weight rows against M input rows: R x M independent chains of bf16 dot products; each weight vector
+// is loaded (int8: converted) once for the M rows and each input vector once for the R weight rows. Every
+// output sums in ONE order whatever M and R are (one chain over K in 32-wide blocks, then the reduction,
+// then the scalar tail), so a row's numbers do not depend on the rows batched beside it: a node merges
+// many sessions' steps into one pass and each gets exactly its numbers alone. With several input rows the
+// dot products, not the memory, are the limit (Zen 4: one 512-bit bf16 dot product per 2 cycles), and
+// R x M chains keep them busy: at 1b7 shapes, 4 rows went from 35 to 17 ms per 600M weights, 8 rows from
+// 50 to 27. One input row takes four weight rows at a time (four chains hide each other's latency; a
+// second chain per row, which one row at a time needs, would sum in another order than the tiles: 8 rows
+// then cost 48 instead of 31 ms per 600M weights here, int8 100 instead of 72).
 // y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
 template <int M, int R, typename Weights>
 void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
-  __m512 acc[R][M], extra[R][M];
+  __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = extra[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    __m512bh w[R], v[R];
+  for (; k + 32 <= K; k += 32) {
+    __m512bh w[R];
     for (int r = 0; r < R; ++r) w[r] = Weights::load(W + r * K + k);
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
     }
-    for (int r = 0; r < R; ++r) v[r] = Weights::load(W + r * K + k + 32);
-    for (int m = 0; m < M; ++m) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k + 32);
-      for (int r = 0; r < R; ++r) extra[r][m] = _mm512_dpbf16_ps(extra[r][m], v[r], xv);
-    }
-  }
-  if (k + 32 <= K) {
-    for (int r = 0; r < R; ++r) {
-      __m512bh w = Weights::load(W + r * K + k);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w, (__m512bh)_mm512_loadu_si512(X + m * K + k));
-    }
-    k += 32;
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], extra[r][m]));
+      float total = _mm512_reduce_add_ps(acc[r][m]);
       for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[r * K + j]);
       Y[m * stride + r] = S ? total * S[r] : total;
     }
@@ -330,13 +310,9 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       const float* s = S ? S + n : nullptr;
       for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
-    if (rows == 1 && g_single_row[std::is_same_v<Weights, Int8Weights>] == kOneRow && K < kFourRowsMinK) {
-      over_tiles<1>(N, one, one);
-    } else {
 #define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, [&](int64_t n) { \
-        tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
-      SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
-    }
+      tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
+    SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
   });
 }
 #endif
@@ -550,17 +526,23 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   return out.to(x.scalar_type());
 }
 
+namespace {
+// y [M, N] (fp32) = x [M, K] (fp32) @ W [N, K].T: the fp32-input entry points without scales
+template <typename Weights>
+torch::Tensor fp32_input_gemv(const torch::Tensor& x, const typename Weights::T* W, int64_t N) {
+  auto xc = x.contiguous();
+  auto out = torch::empty({x.size(0), N}, x.options());
+  fp32_matmul<Weights>(xc.data_ptr<float>(), x.size(0), x.size(1), W, nullptr, out.data_ptr<float>(), N);
+  return out;
+}
+}  // namespace
+
 // y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (bf16), each weight exact in fp32; 8 rows at a time
 torch::Tensor bf16_fp32_gemv(torch::Tensor x, torch::Tensor w) {
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16, "fp32 x, bf16 w");
   g_calls[3]++;
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto xc = x.contiguous();
-  auto out = torch::empty({M, N}, x.options());
-  fp32_matmul<Bf16Weights>(xc.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
-                           nullptr, out.data_ptr<float>(), N);
-  return out;
+  return fp32_input_gemv<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(0));
 }
 
 // y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (fp32), each row's sum in the same order whatever M is
@@ -568,11 +550,7 @@ torch::Tensor fp32_gemv(torch::Tensor x, torch::Tensor w) {
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "fp32 x and w");
   g_calls[4]++;
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto xc = x.contiguous();
-  auto out = torch::empty({M, N}, x.options());
-  fp32_matmul<Fp32Weights>(xc.data_ptr<float>(), M, K, w.data_ptr<float>(), nullptr, out.data_ptr<float>(), N);
-  return out;
+  return fp32_input_gemv<Fp32Weights>(x, w.data_ptr<float>(), w.size(0));
 }
 
 std::map<std::string, int64_t> calls() {
@@ -580,16 +558,8 @@ std::map<std::string, int64_t> calls() {
           {"bf16_fp32_gemv", g_calls[3]}, {"fp32_gemv", g_calls[4]}};
 }
 
-void set_single_row(int bf16, int int8) {
-  TORCH_CHECK(0 <= bf16 && bf16 <= 1 && 0 <= int8 && int8 <= 1, "0: one row, 1: four rows");
-  g_single_row[0] = bf16;
-  g_single_row[1] = int8;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = SLOWLLM_ISA_NAME;
-  m.def("set_single_row", &set_single_row, "avx512bf16, one input row, per weight type (bf16, int8): 0 one row, "
-        "1 four rows");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
   m.def("int8_bf16_gemv", &int8_bf16_gemv, "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
   m.def("int8_gemv", &int8_gemv, "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");

@@ -15,6 +15,7 @@ slower decoding, the same results up to float rounding, and one sentence saying 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -50,8 +51,11 @@ ISA_CFLAGS = {
 # shapes, 2 cores, 600M weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at
 # 8, 57/54 at 16; int8 with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at 1, 23/24 at 4, 26/49 at
 # 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32; int8 with fp32 rows only at 1
-# row (the fp32 FMAs make it compute-bound beyond). avx512bf16's bf16 limit is measured per machine
-# (`_calibrate`: with AMX, F.linear wins from ~8 rows). avx2 (emulated AVX2 PC, ms per 600M weights):
+# row (the fp32 FMAs make it compute-bound beyond). The bf16 limits are fixed, not measured against
+# F.linear: they are also how many sessions' steps a node merges into one pass (each row's numbers only
+# stay its own within the kernels), and a merged pass of 8 rows costs far less than 8 passes of one
+# whatever F.linear does (a calibration that found F.linear faster at 2 rows, on a noisy moment, left a
+# node merging nothing: 8 clients 1.8x one client instead of 3.4x). avx2 (emulated AVX2 PC, ms per 600M weights):
 # bf16 kernel vs oneDNN's F.linear 48/63 at 1 row, 92/174 at 4, 144/268 at 8; int8 with bf16 rows vs
 # torch's int8 kernel 40/43 at 1, 99/120 at 8. More than 8 rows run through the kernels 8 at a time.
 # amx (2-core Sapphire Rapids, 1 thread, 4 blocks of hidden 1024, ms, vs F.linear): 4.95/8.9 at 1 row,
@@ -64,14 +68,16 @@ MAX_ROWS = {
 }
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty elsewhere."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty elsewhere. Read once
+    (a node asks before every pass)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 def native_bf16() -> bool:
@@ -141,13 +147,27 @@ def kernels():
             if isa == "none":
                 _why_not = "SLOWLLM_ISA=none" if os.environ.get("SLOWLLM_ISA") else "this CPU has no AVX2+FMA"
             else:
-                _module = kernels_for(isa)
+                _module = _build_or_next(isa)
         except (BuildUnavailable, ValueError) as e:
             _why_not = str(e)
             log.warning("slowllm: decode kernels unavailable: %s; using PyTorch's (slower decoding)", e)
             _module = None
         _tried = True
         return _module
+
+
+def _build_or_next(isa: str):
+    """The `isa` build; where the compiler cannot make it (a g++ older than 11 has no AMX intrinsics) and
+    SLOWLLM_ISA did not ask for it, the next build this CPU runs, with a warning."""
+    runs = [name for name, need in ISA_FLAGS.items() if all(f in cpu_flags() for f in need)]
+    for candidate in ([isa] if os.environ.get("SLOWLLM_ISA") else runs[runs.index(isa):]):
+        try:
+            return kernels_for(candidate)
+        except BuildUnavailable as e:
+            if candidate == runs[-1] or os.environ.get("SLOWLLM_ISA"):
+                raise
+            log.warning("slowllm: the %s kernels did not build (%s); trying the next build", candidate, e)
+    raise BuildUnavailable(f"no kernel build for {isa}")
 
 
 def kernels_for(isa: str):
@@ -158,48 +178,23 @@ def kernels_for(isa: str):
         module, where = build_extension(f"slowllm_kernels_{isa}", [Path(__file__).with_name("_kernels.cpp")],
                                         ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root)  # OpenMP: at::parallel_for
         if isa in ("amx", "avx512bf16"):
-            tuned = _calibrate(module, where / "tuning.json")
-            module.set_single_row(*tuned["single_row"])
-            MAX_ROWS[isa]["bf16"] = tuned["bf16_rows"]
-            MAX_ROWS[isa]["int8"] = tuned["int8_rows"]
+            MAX_ROWS[isa]["int8"] = _calibrate(module, where / "tuning.json")["int8_rows"]
         _builds[isa] = module
     return _builds[isa]
 
 
 def _calibrate(k, path: Path) -> dict:
-    """avx512bf16 choices that depend on the CPU, measured once per machine at hidden 2048 on 128 MB
-    matrices (~1 s) and kept beside the build:
-    - "single_row": for one input row, per weight type (bf16, int8), the faster way (0: one weight row at
-      a time, 1: four; both give the same numbers, `_kernels.cpp`);
-    - "bf16_rows": up to how many input rows (1, 2, 4, 8 or 16) the bf16 kernel beats PyTorch's F.linear
-      (which uses AMX where the CPU has it: there F.linear wins from ~8 rows, on Zen 4 it never does);
-    - "int8_rows": up to how many rows (8, 16 or 32) the int8 kernel beats converting the weights to
-      bf16 for PyTorch's GEMM (Sapphire Rapids, 600M weights at 32 rows: 298 ms vs 144 with AMX)."""
+    """What depends on the CPU rather than the build, measured once per machine at hidden 2048 (~1 s) and
+    kept beside the build: "int8_rows", up to how many input rows (8, 16 or 32) the int8 kernel beats
+    converting the weights to bf16 for PyTorch's GEMM (Sapphire Rapids, 600M weights at 32 rows: 298 ms
+    vs 144 with AMX). (Only speed: both give every row its own numbers up to the kernel's limit.)"""
     try:
         tuned = json.loads(path.read_text())
-        if (len(tuned["single_row"]) == 2 and set(tuned["single_row"]) <= {0, 1} and tuned["bf16_rows"] in (1, 2, 4, 8, 16)
-                and tuned["int8_rows"] in (8, 16, 32)):
+        if tuned["int8_rows"] in (8, 16, 32):
             return tuned
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    w = torch.ones(32768, 2048, dtype=torch.bfloat16)
     q, scale = torch.ones(65536, 2048, dtype=torch.int8), torch.ones(65536)
-    x = torch.ones(1, 2048, dtype=torch.bfloat16)
-    runs = [lambda: k.bf16_gemv(x, w), lambda: k.int8_bf16_gemv(x, q, scale)]
-    single = []
-    for kind, run in enumerate(runs):
-        best = {}
-        for way in (0, 1):
-            k.set_single_row(*([way, 0] if kind == 0 else [0, way]))
-            best[way] = _best_seconds(run)
-        single.append(min(best, key=best.get))
-    k.set_single_row(*single)
-    bf16_rows = 1
-    for rows in (2, 4, 8, 16):
-        xs = torch.ones(rows, 2048, dtype=torch.bfloat16)
-        if _best_seconds(lambda: k.bf16_gemv(xs, w)) > _best_seconds(lambda: torch.nn.functional.linear(xs, w)):
-            break
-        bf16_rows = rows
     int8_rows = 8
     wide = torch.empty(q.shape, dtype=torch.bfloat16)  # as int8_matmul's dense path: into a reused buffer
     for rows in (16, 32):
@@ -208,7 +203,7 @@ def _calibrate(k, path: Path) -> dict:
         if _best_seconds(lambda: k.int8_bf16_gemv(xs, q, scale)) > dense:
             break
         int8_rows = rows
-    tuned = {"single_row": single, "bf16_rows": bf16_rows, "int8_rows": int8_rows}
+    tuned = {"int8_rows": int8_rows}
     try:
         path.write_text(json.dumps(tuned))
     except OSError:
