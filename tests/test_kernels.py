@@ -248,3 +248,19 @@ def test_a_build_the_compiler_cannot_make_falls_back_to_the_next_one(monkeypatch
     monkeypatch.setenv("SLOWLLM_ISA", "amx")
     with pytest.raises(BuildUnavailable, match="no -mamx-tile"):
         _kernels._build_or_next("amx")
+
+
+def test_a_changed_header_is_a_new_build(tmp_path):
+    """The AMX tiles live in `_amx.h`, which `_kernels.cpp` includes: the build's key covers it, so an
+    upgrade that changes only the header does not keep running the old build."""
+    from slowllm.node.kernels._build import cache_key
+
+    src, header = tmp_path / "k.cpp", tmp_path / "k.h"
+    src.write_text('#include "k.h"\n')
+    header.write_text("int tiles = 1;\n")
+    before = cache_key([src, header], ["-O3"], "g++ 12")
+    header.write_text("int tiles = 2;\n")
+    assert cache_key([src, header], ["-O3"], "g++ 12") != before
+    from slowllm.node.kernels import _kernels
+
+    assert Path(_kernels.__file__).with_name("_amx.h").exists()  # the real header ships beside the source

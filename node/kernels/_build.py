@@ -107,11 +107,11 @@ def _remove_abandoned(root: Path, prefix: str) -> None:
 
 
 def build_extension(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], root: Path,
-                    timeout: float = BUILD_TIMEOUT_S):
+                    timeout: float = BUILD_TIMEOUT_S, headers: tuple[Path, ...] = ()):
     """(module, its build directory): extension `name` imported, built first into `root` if no build for
-    this key exists there."""
+    this key exists there. `headers`: files the sources include, part of the key like the sources."""
     path, version = compiler()
-    key = cache_key(sources, cflags + ldflags, version)
+    key = cache_key([*sources, *headers], cflags + ldflags, version)
     final = root / f"{name}-{key}"
     library = final / f"{name}.so"  # what torch's builder names it
     if library.exists():

@@ -175,8 +175,10 @@ def kernels_for(isa: str):
     for the chosen ISA, and how tests reach every build this CPU runs."""
     if isa not in _builds:
         root = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
-        module, where = build_extension(f"slowllm_kernels_{isa}", [Path(__file__).with_name("_kernels.cpp")],
-                                        ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root)  # OpenMP: at::parallel_for
+        here = Path(__file__).parent
+        module, where = build_extension(f"slowllm_kernels_{isa}", [here / "_kernels.cpp"],
+                                        ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root,  # OpenMP: at::parallel_for
+                                        headers=(here / "_amx.h",))
         if isa in ("amx", "avx512bf16"):
             MAX_ROWS[isa]["int8"] = _calibrate(module, where / "tuning.json")["int8_rows"]
         _builds[isa] = module

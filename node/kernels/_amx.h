@@ -1,0 +1,153 @@
+// AMX tiles for the bf16-input products (the `amx` build): included by _kernels.cpp inside its anonymous
+// namespace, after the helpers it uses (parallel_slices, bf16_to_float, Bf16Weights, Int8Weights).
+// Its own file because it is its own idea: tiles, their configuration and Linux's permission for them.
+#pragma once
+#if defined(SLOWLLM_AMX)
+// AMX (Intel Sapphire Rapids and later): bf16 weights straight from memory into tiles of 16 weight rows x
+// 32 inputs, the input rows packed once per call in the pairs the tile product wants, 16 at a time. One tile
+// product does 16 x 16 x 32 multiply-adds, so even 16 input rows cost about what one does (the weights'
+// bytes are the limit), where the AVX512 kernels pay per row (8 rows: 1.6x one row, one thread) and
+// PyTorch's AMX GEMM rounds each row differently by batch size. Here every output sums its 32-wide tile
+// products in the same order whatever M is: batch invariant at any M, so a node merges as many sessions'
+// steps as its limits allow and every one gets its numbers alone.
+constexpr int kTileRows = 16;  // weight rows (and input rows) per tile
+constexpr int kTileK = 32;  // bf16 inputs per tile row (64 bytes)
+constexpr int kAmxBlocks = 4;  // weight tiles (of 16 rows) per task: four accumulators in flight
+
+bool amx_permitted() {  // Linux hands out the 8 KB of tile state only on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {  // tmm0-3: sums (16 x 16 fp32), tmm4: inputs (16 pairs x 16 rows), tmm5-7: weights
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = kTileRows, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// X [M, K] bf16 -> per block of 16 input rows and per 32 inputs, a tile [16 pairs][16 rows][2] (zeros
+// beyond M): the layout whose row p holds inputs 2p, 2p+1 of every input row.
+std::vector<uint16_t> pack_inputs(const uint16_t* X, int64_t M, int64_t K) {
+  const int64_t blocks = (M + kTileRows - 1) / kTileRows, tiles = K / kTileK;
+  std::vector<uint16_t> out(blocks * tiles * kTileRows * kTileK, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t t = 0; t < tiles; ++t) {
+      uint16_t* tile = out.data() + ((m / kTileRows) * tiles + t) * kTileRows * kTileK;
+      for (int p = 0; p < kTileK / 2; ++p) {
+        tile[p * kTileK + (m % kTileRows) * 2] = X[m * K + t * kTileK + 2 * p];
+        tile[p * kTileK + (m % kTileRows) * 2 + 1] = X[m * K + t * kTileK + 2 * p + 1];
+      }
+    }
+  return out;
+}
+
+// The sums of one tile (C [16 weight rows][16 input rows]) into Y [M, N], with the K tail (K % 32) and scales.
+template <typename Weights>
+void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
+                const float* S, int64_t n0, int64_t m0, float* Y, int64_t N) {
+  const int64_t k_tail = K / kTileK * kTileK;
+  for (int i = 0; i < kTileRows; ++i)
+    for (int64_t m = m0; m < std::min(M, m0 + kTileRows); ++m) {
+      float total = C[i * kTileRows + (m - m0)];
+      for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[(n0 + i) * K + j]);
+      Y[m * N + n0 + i] = S ? total * S[n0 + i] : total;
+    }
+}
+
+// Where the weight tile of 16 rows from `w` (inputs [k, k + 32)) loads from, and its row stride in bytes:
+// bf16 rows straight from memory; int8 rows converted to bf16 (exact) into a 1 KB buffer first.
+template <typename Weights>
+const void* weight_tile(const typename Weights::T* w, int64_t K, int64_t k, uint16_t* buffer, int64_t& stride) {
+  if constexpr (std::is_same_v<Weights, Bf16Weights>) {
+    stride = K * 2;
+    return w + k;
+  } else {
+    for (int i = 0; i < kTileRows; ++i) _mm512_store_si512(buffer + i * kTileK, (__m512i)Weights::load(w + i * K + k));
+    asm volatile("" ::: "memory");  // GCC's tile load names no memory operand: the stores must happen first
+    stride = 64;
+    return buffer;
+  }
+}
+
+// B weight tiles (16 rows each, from row n0) against every block of 16 input rows; tile registers are
+// immediates, hence the unrolled cases.
+template <int B, typename Weights>
+void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
+              const float* S, int64_t n0, float* Y, int64_t N) {
+  const int64_t tiles = K / kTileK;
+  alignas(64) float C[kAmxBlocks][kTileRows * kTileRows];
+  alignas(64) uint16_t buffer[3][kTileRows * kTileK];
+  const typename Weights::T* w = W + n0 * K;
+  asm volatile("" ::: "memory");  // (the packed inputs are written before the tile loads read them)
+  for (int64_t mb = 0; mb * kTileRows < M; ++mb) {
+    _tile_zero(0);
+    if constexpr (B > 1) _tile_zero(1);
+    if constexpr (B > 2) _tile_zero(2);
+    if constexpr (B > 3) _tile_zero(3);
+    const uint16_t* in = packed + mb * tiles * kTileRows * kTileK;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t k = t * kTileK;
+      int64_t stride;  // (the tile macros evaluate their operands in no set order: pointer and stride first)
+      _tile_loadd(4, in + t * kTileRows * kTileK, 64);
+      const void* a = weight_tile<Weights>(w, K, k, buffer[0], stride);
+      _tile_loadd(5, a, stride);
+      _tile_dpbf16ps(0, 5, 4);
+      if constexpr (B > 1) {
+        a = weight_tile<Weights>(w + kTileRows * K, K, k, buffer[1], stride);
+        _tile_loadd(6, a, stride);
+        _tile_dpbf16ps(1, 6, 4);
+      }
+      if constexpr (B > 2) {
+        a = weight_tile<Weights>(w + 2 * kTileRows * K, K, k, buffer[2], stride);
+        _tile_loadd(7, a, stride);
+        _tile_dpbf16ps(2, 7, 4);
+      }
+      if constexpr (B > 3) {
+        a = weight_tile<Weights>(w + 3 * kTileRows * K, K, k, buffer[0], stride);
+        _tile_loadd(5, a, stride);
+        _tile_dpbf16ps(3, 5, 4);
+      }
+    }
+    _tile_stored(0, C[0], 64);
+    if constexpr (B > 1) _tile_stored(1, C[1], 64);
+    if constexpr (B > 2) _tile_stored(2, C[2], 64);
+    if constexpr (B > 3) _tile_stored(3, C[3], 64);
+    for (int b = 0; b < B; ++b) store_tile<Weights>(C[b], X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
+  }
+}
+
+// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs, bf16 or int8 weights, fp32 out: 64 weight rows
+// per task, the last whole tiles of 16 after them, and the rows beyond the last whole tile one by one (each
+// row always takes the same path, whatever M is). False where the OS refuses the tile state (the caller
+// uses the AVX512 kernels).
+template <typename Weights>
+bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y,
+                int64_t N) {
+  if (K < kTileK || !amx_permitted()) return false;
+  const std::vector<uint16_t> packed = pack_inputs(X, M, K);
+  const int64_t per_task = kAmxBlocks * kTileRows, tasks = N / per_task, whole = N / kTileRows;
+  const int64_t singles = whole - tasks * kAmxBlocks;  // whole tiles after the last full task
+  parallel_slices(tasks + singles + (N - whole * kTileRows), 1, [&](int64_t task) {
+    if (task < tasks + singles) {
+      configure_tiles();
+      if (task < tasks) amx_rows<kAmxBlocks, Weights>(packed.data(), X, M, K, W, S, task * per_task, Y, N);
+      else amx_rows<1, Weights>(packed.data(), X, M, K, W, S, (tasks * kAmxBlocks + task - tasks) * kTileRows, Y, N);
+      _tile_release();
+      return;
+    }
+    const int64_t n = whole * kTileRows + (task - tasks - singles);
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0;
+      for (int64_t j = 0; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[n * K + j]);
+      Y[m * N + n] = S ? total * S[n] : total;
+    }
+  });
+  return true;
+}
+#endif
