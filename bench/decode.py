@@ -166,9 +166,9 @@ def main() -> None:
     args = ap.parse_args()
     from slowllm.node import Checkpoint
     from slowllm.node.engine._checkpoint import SCALE
-    from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags
+    from slowllm.node.kernels._kernels import runnable_isas
 
-    isas = args.isa or [isa for isa, need in ISA_FLAGS.items() if all(f in cpu_flags() for f in need)]
+    isas = args.isa or runnable_isas()
     model = make_model(args.n_layer)
     paths = {"hf": model, "slowllm": model, "slowllm8": make_int8(model)}
     floor_bytes = {}

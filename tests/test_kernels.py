@@ -16,7 +16,7 @@ import torch
 
 from slowllm.coordinator import make_checkpoint, tiny_config
 from slowllm.node.kernels._build import BuildUnavailable, build_extension, build_lock
-from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags, kernels_for
+from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags, kernels_for, runnable_isas
 from slowllm.node.kernels._linears import quantize_rows
 
 ISAS = list(ISA_FLAGS)
@@ -106,7 +106,7 @@ def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_di
     model = models_dir / "kernels-bf16"
     if not (model / "config.json").exists():
         make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
-    isas = [isa for isa in ISAS if all(f in cpu_flags() for f in ISA_FLAGS[isa])]
+    isas = runnable_isas()
     for isa in isas:
         build(isa)  # built here once, not in each subprocess at the same time
     isas.append("none")

@@ -48,28 +48,28 @@ def with_heads(outs: Sequence, heads: Sequence[Head | None] | None) -> list:
     if heads is None:
         return list(outs)
     result: list = [x if isinstance(x, BaseException) else (x, None) for x in outs]
-    packs: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    packs: dict[int, tuple[Any, list[tuple[int, torch.Tensor]]]] = {}  # id(ends) -> (ends, [(step, rows)])
 
-    def flush(key: int, ends) -> None:
-        pack = packs.pop(key, [])
-        if pack:
-            logits = ends.logits(ends.final_norm(torch.cat([rows for _, rows in pack])))
-            for (i, rows), part in zip(pack, logits.split([rows.shape[0] for _, rows in pack])):
-                result[i] = (outs[i], part)
+    def flush(ends, pack: list[tuple[int, torch.Tensor]]) -> None:
+        logits = ends.logits(ends.final_norm(torch.cat([rows for _, rows in pack])))
+        for (i, rows), part in zip(pack, logits.split([rows.shape[0] for _, rows in pack])):
+            result[i] = (outs[i], part)
 
     for i, (out, head) in enumerate(zip(outs, heads)):
         if head is None or isinstance(out, BaseException):
             continue
-        rows, key, most = head.rows(out).float(), id(head.ends), head.ends.invariant_rows
+        rows, most = head.rows(out).float(), head.ends.invariant_rows
         if rows.shape[0] > most:  # alone, as without company
-            result[i] = (out, head.ends.logits(head.ends.final_norm(rows)))
+            flush(head.ends, [(i, rows)])
             continue
-        if sum(r.shape[0] for _, r in packs.get(key, [])) + rows.shape[0] > most:
-            flush(key, head.ends)
-        packs.setdefault(key, []).append((i, rows))
-    for i, head in enumerate(heads):
-        if head is not None and id(head.ends) in packs:
-            flush(id(head.ends), head.ends)
+        ends, pack = packs.setdefault(id(head.ends), (head.ends, []))
+        if sum(r.shape[0] for _, r in pack) + rows.shape[0] > most:
+            flush(ends, pack)
+            pack.clear()
+        pack.append((i, rows))
+    for ends, pack in packs.values():
+        if pack:
+            flush(ends, pack)
     return result
 
 

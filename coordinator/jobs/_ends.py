@@ -12,6 +12,7 @@ that are scored are ever computed, and the gradient for tuning is a second chunk
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -204,12 +205,12 @@ class ModelEnds:
             else:
                 yield start, (k.fp32_gemv if source.dtype == torch.float32 else k.bf16_fp32_gemv)(hidden, source)
 
-    @property
+    @functools.cached_property
     def invariant_rows(self) -> int:
         """Up to how many positions one `logits` call gives each position the numbers it gets alone (the
         kernels' fixed summation order), so that the heads of many generations' steps may share one read of
         the LM head without changing any of them; 0 where PyTorch's GEMM computes it (its rounding depends on
-        the batch)."""
+        the batch). Asked for every step's head: worked out once."""
         stored = self.checkpoint.meta(self.checkpoint.head_key)[1]
         if self.dtype != torch.float32 or stored not in HEAD_KERNEL_MAX_ROWS or kernels() is None:
             return 0

@@ -153,8 +153,9 @@ class Generation:
 
     Each group is a generator that yields the big-model steps it needs, `(session, hidden, mask, head)`, and
     is sent their outputs and logits: `step_together` runs the pending steps of any number of generations in
-    ONE pass over the weights (and their LM heads in as few calls as leave every row's numbers alone), which is how requests that arrive while others generate join the next pass (the
-    HTTP API's batcher), and how a job's groups share passes.
+    ONE pass over the weights (and their LM heads in as few calls as leave every row's numbers alone),
+    which is how requests that arrive while others generate join the next pass (the HTTP API's batcher),
+    and how a job's groups share passes.
     """
 
     def __init__(self, ends: ModelEnds, chain: Chain, rows: Sequence[Continuation], sampling: Sampling,

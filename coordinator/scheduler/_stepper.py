@@ -131,10 +131,10 @@ class Stepper:
         steps = [(entry, step) for entry in wave for step in entry.steps]
         self.steps += len(steps)
         outcomes = wave[0].chain.step_gang([step for _, step in steps])  # (every chain: the same router)
-        if any(entry.heads is not None for entry in wave):  # every generation's logits: one read of the head
-            paired = with_heads(outcomes, [head for entry in wave for head in (entry.heads or [None] * len(entry.steps))])
-            outcomes = [p if entry.heads is not None or isinstance(p, BaseException) else p[0]
-                        for (entry, _), p in zip(steps, paired)]
+        # every generation's logits in as few calls as leave each its own: one read of the head for the wave
+        paired = with_heads(outcomes, [head for entry in wave for head in (entry.heads or [None] * len(entry.steps))])
+        outcomes = [p if entry.heads is not None or isinstance(p, BaseException) else p[0]
+                    for (entry, _), p in zip(steps, paired)]
         i = 0
         for entry in wave:
             mine = outcomes[i: i + len(entry.steps)]

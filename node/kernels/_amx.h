@@ -68,8 +68,11 @@ const void* weight_tile(const typename Weights::T* w, int64_t K, int64_t k, uint
     stride = K * 2;
     return w + k;
   } else {
+    // GCC's tile load names no memory operand, so the compiler may move plain stores across it: fences on
+    // both sides keep these after the previous load from this buffer and before the next
+    asm volatile("" ::: "memory");
     for (int i = 0; i < kTileRows; ++i) _mm512_store_si512(buffer + i * kTileK, (__m512i)Weights::load(w + i * K + k));
-    asm volatile("" ::: "memory");  // GCC's tile load names no memory operand: the stores must happen first
+    asm volatile("" ::: "memory");
     stride = 64;
     return buffer;
   }

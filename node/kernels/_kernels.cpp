@@ -358,15 +358,13 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
 template <typename Weights>
 void bf16_input_matmul(const torch::Tensor& x, const typename Weights::T* W, const float* S, float* Y, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-#if defined(SLOWLLM_AMX)
-  {
-    auto xc = x.contiguous();
-    if (amx_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N)) return;
-  }
-#endif
 #if defined(SLOWLLM_AVX512BF16)
   auto xc = x.contiguous();
-  bf16_matmul<Weights>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, W, S, Y, N);
+  const auto* X = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+#if defined(SLOWLLM_AMX)
+  if (amx_matmul<Weights>(X, M, K, W, S, Y, N)) return;
+#endif
+  bf16_matmul<Weights>(X, M, K, W, S, Y, N);
   return;
 #endif
   auto xf = x.to(torch::kFloat).contiguous();

@@ -102,10 +102,15 @@ def fast_bf16() -> str | None:
     return f"slowllm's {k.isa} kernels read bfloat16 at memory speed" if k is not None else None
 
 
-def best_isa(flags: set[str] | None = None) -> str:
-    """The best build this CPU runs: "amx", "avx512bf16", "avx2" or "none"."""
+def runnable_isas(flags: frozenset[str] | None = None) -> list[str]:
+    """The builds this CPU runs, best first (tests and bench/decode.py run each)."""
     flags = cpu_flags() if flags is None else flags
-    return next((isa for isa, need in ISA_FLAGS.items() if all(f in flags for f in need)), "none")
+    return [isa for isa, need in ISA_FLAGS.items() if all(f in flags for f in need)]
+
+
+def best_isa(flags: frozenset[str] | None = None) -> str:
+    """The best build this CPU runs: "amx", "avx512bf16", "avx2" or "none"."""
+    return next(iter(runnable_isas(flags)), "none")
 
 
 def chosen_isa() -> str:
@@ -159,15 +164,15 @@ def kernels():
 def _build_or_next(isa: str):
     """The `isa` build; where the compiler cannot make it (a g++ older than 11 has no AMX intrinsics) and
     SLOWLLM_ISA did not ask for it, the next build this CPU runs, with a warning."""
-    runs = [name for name, need in ISA_FLAGS.items() if all(f in cpu_flags() for f in need)]
-    for candidate in ([isa] if os.environ.get("SLOWLLM_ISA") else runs[runs.index(isa):]):
+    runs = runnable_isas()
+    candidates = [isa] if os.environ.get("SLOWLLM_ISA") else runs[runs.index(isa):]
+    for candidate in candidates:
         try:
             return kernels_for(candidate)
         except BuildUnavailable as e:
-            if candidate == runs[-1] or os.environ.get("SLOWLLM_ISA"):
+            if candidate == candidates[-1]:
                 raise
             log.warning("slowllm: the %s kernels did not build (%s); trying the next build", candidate, e)
-    raise BuildUnavailable(f"no kernel build for {isa}")
 
 
 def kernels_for(isa: str):

@@ -150,9 +150,10 @@ class ComputePasses:
         reserved, stepping = 0, set()
         for w in chosen:
             if isinstance(w.msg, Step):
-                if queue.session_key(w.msg.session) in stepping:  # its second step needs the first one's keys: next pass
+                key = queue.session_key(w.msg.session)
+                if key in stepping:  # its second step needs the first one's keys: next pass
                     continue
-                stepping.add(queue.session_key(w.msg.session))
+                stepping.add(key)
             try:
                 if isinstance(w.msg, CloseSession):
                     if not self.sessions.close(queue.session_key(w.msg.session)):
