@@ -444,10 +444,13 @@ std::map<std::string, int64_t> calls() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = SLOWLLM_ISA_NAME;
-  m.def("bf16_gemv", &bf16_gemv, "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
-  m.def("int8_bf16_gemv", &int8_bf16_gemv, "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
-  m.def("int8_gemv", &int8_gemv, "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
-  m.def("bf16_fp32_gemv", &bf16_fp32_gemv, "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
-  m.def("fp32_gemv", &fp32_gemv, "fp32 x [M, K] @ fp32 w [N, K].T, batch invariant");
+  // The products run without Python's lock, as PyTorch's own ops do: a node's or coordinator's other
+  // threads (its event loop sending and reading the next messages, another wave's head) go on meanwhile.
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("bf16_gemv", &bf16_gemv, nogil(), "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
+  m.def("int8_bf16_gemv", &int8_bf16_gemv, nogil(), "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  m.def("int8_gemv", &int8_gemv, nogil(), "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  m.def("bf16_fp32_gemv", &bf16_fp32_gemv, nogil(), "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
+  m.def("fp32_gemv", &fp32_gemv, nogil(), "fp32 x [M, K] @ fp32 w [N, K].T, batch invariant");
   m.def("calls", &calls, "how many times each entry point ran in this process");
 }
