@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
-from slowllm.coordinator.swarm._links import OUTBOX_STEP_BYTES
+from slowllm.coordinator.swarm._links import merges
 from slowllm.coordinator.swarm._verify import Referee
 from slowllm.node import Batch
 from slowllm.protocol import Backward, Forward, InputError, Limits, UnavailableError, WireTensor
@@ -241,7 +241,7 @@ class RemoteChain(Chain):
         expect, so its outbox sends them as one Steps message. Returns each step's output or exception."""
         expected: collections.Counter = collections.Counter()
         for session, hidden, mask in steps:
-            if hidden.numel() * 4 <= OUTBOX_STEP_BYTES:  # (bigger ones are sent alone)
+            if merges(hidden):  # (bigger ones are sent alone)
                 expected.update(span.node for span in session.spans)
 
         wave = next(_WAVES)

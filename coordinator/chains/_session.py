@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slowllm.coordinator.swarm._links import OUTBOX_STEP_BYTES
+from slowllm.coordinator.swarm._links import merges
 from slowllm.protocol import CloseSession, InputError, Step
 
 from ._chain import ChainSession
@@ -77,7 +77,7 @@ class _StepHop:
         for start in range(0, new, per_frame):
             end = min(new, start + per_frame)
             piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
-            small = piece.numel() * 4 <= OUTBOX_STEP_BYTES  # decode steps: merged with other sessions'
+            small = merges(piece)  # decode steps: merged with other sessions'
             outs.append(x.exchange(node, lambda i, h=piece, m=piece_mask, cut=span.cut: Step(
                 id=i, session=span.session, first=span.first, last=span.last, hidden=x.wire(node, h),
                 mask=encode_mask(m), max_length=self.session.max_length, past=cut, job=chain.job),

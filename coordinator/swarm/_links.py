@@ -21,6 +21,16 @@ from slowllm.protocol import MAX_STEPS, Channel, Step, Steps, UnavailableError
 # Steps whose hidden states are at most this many bytes go through the outbox (merged into Steps messages
 # packed on the event loop); bigger ones (prefills) are packed by their job's thread and sent alone.
 OUTBOX_STEP_BYTES = 1 << 20
+# ... and at most this many positions (rows x new tokens): the most a node's decode kernels merge into one
+# pass (16: the AMX build). A prompt beyond it runs in a pass of its own at every node, so it goes alone
+# and is answered alone: while the next node runs it, this one runs the next prompt (sent in one Steps
+# message, prompts that arrive together would reach the next node only once all of them had run here).
+OUTBOX_STEP_POSITIONS = 16
+
+
+def merges(hidden) -> bool:
+    """Whether a generation step of `hidden` [rows, new, H] goes through a node's outbox (merged)."""
+    return hidden.shape[0] * hidden.shape[1] <= OUTBOX_STEP_POSITIONS and hidden.numel() * 4 <= OUTBOX_STEP_BYTES
 GANG_WAIT_S = 0.02  # the longest an outbox holds a wave's steps for the rest of them (a failover moved one)
 
 

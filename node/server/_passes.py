@@ -112,6 +112,7 @@ class ComputePasses:
         if chosen:
             queue.passes += 1
             self._run(queue, chosen)
+            chosen = [w for w in chosen if w.outcome is not _PENDING]  # (the rest wait for the next pass)
             rows = sum(w.inputs[0].shape[0] for w in chosen if w.inputs is not None)
             queue.recent.append((len(chosen), rows))
         answered = {id(w.frame): w.frame for w in chosen}
@@ -177,12 +178,26 @@ class ComputePasses:
             except BaseException as e:  # noqa: BLE001 - this request's answer; the others run
                 w.outcome = e
         window = family_of(self.blocks.config).window(self.blocks.config)
+        groups = []  # (positions, first, last, [(work, part)])
         for (first, last), entries in steps.items():
             parts = [p for _, p in entries]
             for group in plan_steps(parts, self.blocks.config, self.dtype.itemsize, self.score_budget,
                                     queue.limits.max_batch_tokens, window, self._merge_rows()):
-                self._answer_together([entries[i][0] for i in group],
-                                      lambda g=group: run_merged_steps(self.blocks, [parts[i] for i in g], first, last))
+                chosen_entries = [entries[i] for i in group]
+                positions = sum(p.hidden.shape[0] * p.hidden.shape[1] for _, p in chosen_entries)
+                groups.append((positions, first, last, chosen_entries))
+        # One merged pass of steps per pass, the smallest first (decode steps before prompts): the rest wait
+        # for the next pass, with whatever arrives meanwhile. Each request is answered as soon as it ran, so
+        # while this node runs one session's prompt, the next node already runs the one before (prompts that
+        # arrive together cross a chain as a pipeline, not as one lump that every stage waits for).
+        groups.sort(key=lambda g: g[0])
+        for _, first, last, entries in groups[1:]:
+            for w, _ in entries:
+                w.inputs = None  # decoded and checked again when its pass comes
+        if groups:
+            _, first, last, entries = groups[0]
+            self._answer_together([w for w, _ in entries],
+                                  lambda: run_merged_steps(self.blocks, [p for _, p in entries], first, last))
         if forwards:
             self._answer_together(forwards, lambda: run_merged_forwards(
                 self.blocks, [w.inputs for w in forwards], forwards[0].msg.first, forwards[0].msg.last))
