@@ -7,9 +7,10 @@ batch (not once per block), and keeps the per-block key/value cache that the att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
@@ -89,6 +90,21 @@ def work_width(config) -> int:
     return 8 * config.hidden_size + 2 * intermediate_size(config)
 
 
+# Where attention runs through oneDNN (bf16 and fp16 on CPU), every new shape of its two batched matrix
+# products builds a new oneDNN primitive: ~1 ms per block, against ~0.1 ms to run it at decode sizes, and
+# a decode step's key length is new at every token (measured: 4 of a node's 13 ms per pass at hidden
+# 1024, 24 ms of a bloom-1b7 decode step). So a cache's keys and values are seen through a view padded
+# to a multiple of KV_BUCKET positions (masked: the padding gets no weight), and shapes repeat.
+KV_BUCKET = 64
+
+
+def kv_view_length(length: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The key length attention sees for `length` cached positions: padded to KV_BUCKET where it pays."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return -(-length // KV_BUCKET) * KV_BUCKET
+    return length
+
+
 @dataclass
 class AttentionInputs:
     """Position inputs and additive mask for one batch, shared by every block it passes through."""
@@ -96,6 +112,18 @@ class AttentionInputs:
     mask: torch.Tensor  # [batch, 1, q_len, kv_len], 0 where attention is allowed, dtype-min elsewhere
     alibi: torch.Tensor | None = None  # Bloom: [batch * heads, 1, kv_len]
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # others: cos, sin [batch, q_len, rotary dims]
+    _padded: dict = field(default_factory=dict, repr=False)
+
+    def padded(self, length: int) -> "AttentionInputs":
+        """The same inputs for keys padded on the right to `length` slots (masked), built once per length."""
+        extra = length - self.mask.shape[-1]
+        if extra <= 0:
+            return self
+        if length not in self._padded:
+            mask = F.pad(self.mask, (0, extra), value=torch.finfo(self.mask.dtype).min)
+            alibi = None if self.alibi is None else F.pad(self.alibi, (0, extra))
+            self._padded[length] = AttentionInputs(mask, alibi, self.rotary)
+        return self._padded[length]
 
 
 def positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -152,7 +180,7 @@ class BlockCache:
     back, spare room and all (so a streamed decode step does not copy the cache either).
     """
 
-    GROW_MIN = 64  # positions added at least when a buffer grows
+    GROW_MIN = 64  # positions added at least when a buffer grows (capacities are multiples of KV_BUCKET)
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
                  length: int | None = None, limit: int | None = None):
@@ -173,7 +201,8 @@ class BlockCache:
             room = need if new > 1 else need + self.GROW_MIN  # a prompt pass: exact; decode: room
         else:
             room = max(need, self.capacity + max(self.GROW_MIN, self.capacity // 2))
-        return max(need, min(room, self.limit)) if self.limit is not None else room
+        room = max(need, min(room, self.limit)) if self.limit is not None else room
+        return -(-room // KV_BUCKET) * KV_BUCKET  # (room for the padded view: see `kv_view_length`)
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -184,21 +213,25 @@ class BlockCache:
         return None if self._values is None else self._values[..., : self._length, :]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append the new positions; return the keys and values attention sees: the filled part, padded
+        to `kv_view_length` (`run_block` pads the mask alike). Slots past the filled part hold zeros or
+        rolled-back positions: finite numbers under a masked score, so they get exactly zero weight."""
         new = keys.shape[-2]
         need = self._length + new
-        if self._keys is None or need > self._keys.shape[-2]:
-            capacity = self.capacity_for(new)
+        view = kv_view_length(need, keys.dtype, keys.device)
+        if self._keys is None or view > self._keys.shape[-2]:
+            capacity = max(view, self.capacity_for(new))
             old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
-            self._keys = torch.empty(shape, dtype=keys.dtype, device=keys.device)
-            self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
+            self._keys = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
+            self._values = torch.zeros(shape, dtype=values.dtype, device=values.device)
             if old_k is not None:
                 self._keys[..., : self._length, :] = old_k
                 self._values[..., : self._length, :] = old_v
         self._keys[..., self._length: need, :] = keys
         self._values[..., self._length: need, :] = values
         self._length = need
-        return self.keys, self.values
+        return self._keys[..., :view, :], self._values[..., :view, :]
 
     @property
     def length(self) -> int:
@@ -227,6 +260,8 @@ class BlockCache:
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
     family = block.slowllm_family
+    if isinstance(cache, BlockCache):  # its keys come padded (`BlockCache.update`): the mask too
+        attn = attn.padded(kv_view_length(attn.mask.shape[-1], attn.mask.dtype, attn.mask.device))
     kwargs = {family.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attn.mask}
     if attn.alibi is not None:
         kwargs["alibi"] = attn.alibi

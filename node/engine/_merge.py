@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._blocks import SCORE_BYTES, BlockCache, attention_inputs, run_block
+from ._blocks import KV_BUCKET, SCORE_BYTES, BlockCache, attention_inputs, kv_view_length, run_block
 from ._families import kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
@@ -57,7 +57,7 @@ def merged_step_cost(parts: list[StepPart], config, itemsize: int) -> tuple[int,
     """(tokens, attention-score bytes, padded cache-view bytes of one block) of running `parts` as one batch."""
     rows = sum(p.rows for p in parts)
     q = max(p.new for p in parts)
-    length = max(p.past for p in parts) + q
+    length = -(-(max(p.past for p in parts) + q) // KV_BUCKET) * KV_BUCKET  # (as padded at most)
     scores = rows * config.num_attention_heads * q * length * SCORE_BYTES
     view = 2 * rows * length * kv_width(config) * itemsize
     return rows * q, scores, view
@@ -100,10 +100,10 @@ class MergedCache:
     on every padding slot, so their (zero) keys get no weight.
     """
 
-    def __init__(self, parts: list[StepPart], layer: int):
+    def __init__(self, parts: list[StepPart], layer: int, length: int):
         self.parts, self.layer = parts, layer
         self.q = max(p.new for p in parts)
-        self.past = max(p.past for p in parts)
+        self.past = length - self.q  # (at least the longest past: more where the view is padded)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         length = self.past + self.q
@@ -117,14 +117,21 @@ class MergedCache:
                                                layer_idx)
             out_k[rows, ..., self.past - p.past: self.past, :] = k[..., : p.past, :]
             out_v[rows, ..., self.past - p.past: self.past, :] = v[..., : p.past, :]
-            out_k[rows, ..., length - p.new:, :] = k[..., p.past:, :]
-            out_v[rows, ..., length - p.new:, :] = v[..., p.past:, :]
+            out_k[rows, ..., length - p.new:, :] = k[..., p.past: p.past + p.new, :]
+            out_v[rows, ..., length - p.new:, :] = v[..., p.past: p.past + p.new, :]
         return out_k, out_v
 
 
-def merged_layout(parts: list[StepPart]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's hidden states [rows, Q, H] and 0/1 mask [rows, max past + Q] in `MergedCache`'s layout."""
-    q, past = max(p.new for p in parts), max(p.past for p in parts)
+def merged_length(parts: list[StepPart], dtype: torch.dtype, device) -> int:
+    """The key length of a merged pass: the longest past plus Q, padded as `kv_view_length` pads."""
+    return kv_view_length(max(p.past for p in parts) + max(p.new for p in parts), dtype, torch.device(device))
+
+
+def merged_layout(parts: list[StepPart], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's hidden states [rows, Q, H] and 0/1 mask [rows, length] (at least the longest past + Q:
+    left padding beyond it) in `MergedCache`'s layout."""
+    q = max(p.new for p in parts)
+    past = (length or max(p.past for p in parts) + q) - q
     first = parts[0].hidden
     hidden = first.new_zeros((sum(p.rows for p in parts), q, first.shape[-1]))
     mask = torch.zeros(hidden.shape[0], past + q, dtype=torch.long)
@@ -144,12 +151,13 @@ def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> li
     if len(parts) == 1:  # alone: exactly today's path
         p = parts[0]
         return [blocks.forward(p.hidden, p.mask, first, last, p.caches)]
-    hidden, mask = merged_layout(parts)
+    length = merged_length(parts, blocks.dtype, blocks.device)
+    hidden, mask = merged_layout(parts, length)
     hidden = hidden.to(blocks.device, blocks.dtype)
     q = hidden.shape[1]
     attn = attention_inputs(blocks.config, mask.to(blocks.device), q, blocks.dtype, blocks.device)
     for layer in range(first, last + 1):
-        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer))
+        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length))
     hidden = hidden.cpu()
     outs, start = [], 0
     for p in parts:
