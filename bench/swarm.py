@@ -1,6 +1,6 @@
 """Swarm benchmark: many clients at once through coordinator + N single-thread nodes on loopback.
 
-    python bench/swarm.py [--nodes 2 4] [--clients 1 2 4 8 16] [--tokens 24] [--lines 256] [--dtype bfloat16]
+    python bench/swarm.py [--nodes 2 4] [--clients 1 2 4 8 16] [--tokens 24] [--lines 256] [--repeat 1] [--dtype bfloat16]
 
 Creates (once, under bench/_work/) a random fp32 Bloom checkpoint (hidden 1024, 8 blocks, 16 heads),
 then for each N in --nodes starts a coordinator and N nodes splitting the blocks evenly, each node with
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--lines", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=1, help="score timings: best of this many")
+    p.add_argument("--repeat", type=int, default=1, help="every timing: the best of this many runs")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="what the nodes compute in (bf16: slowllm's kernels, as a Bloom node runs; float32: MKL's)")
     args = p.parse_args()
@@ -132,8 +132,9 @@ def main() -> None:
                      for i, t in enumerate(texts)}
             runs = {}
             for s in args.clients:
-                r = concurrent_clients(cluster, texts[:s], args.tokens)
-                r["identical"] = all(r["ids"][i] == alone[i] for i in range(s))
+                tries = [concurrent_clients(cluster, texts[:s], args.tokens) for _ in range(args.repeat)]
+                r = max(tries, key=lambda x: x["tokens_per_s"])
+                r["identical"] = all(t["ids"][i] == alone[i] for t in tries for i in range(s))
                 del r["ids"]
                 runs[s] = r
             t, scores = min(timed_score(cluster, lines) for _ in range(args.repeat))
