@@ -76,6 +76,59 @@ def test_merged_steps_equal_each_session_alone(blocks):
         torch.testing.assert_close(got, want, **CLOSE)
 
 
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, monkeypatch):
+    """In bf16 on CPU, attention sees a cache's keys through views padded to KV_BUCKET positions (so oneDNN
+    meets each shape again). The padding, zeros or a rolled-back draft's keys, gets no weight: a prompt and
+    decode steps through the caches, alone and merged, are as close to the fp32 truth as with unpadded
+    views (their rounding may differ: sdpa sums a padded row in another order)."""
+    from slowllm.node.engine import _blocks
+
+    extra = {"num_key_value_heads": 2} if family == "llama" else {}
+    path = make_checkpoint(models_dir / f"pad-{family}", tiny_config(n_layer=3, hidden=64, n_head=4, family=family,
+                                                                     **extra), seed=6)
+    blocks = ResidentBlocks(Checkpoint(path), 0, 2, torch.bfloat16)
+    gen = torch.Generator().manual_seed(6)
+    hidden = (3 * torch.randn(2, 9, 64, generator=gen)).bfloat16()
+    draft = (30 * torch.randn(2, 1, 64, generator=gen)).bfloat16()
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # a left-padded row
+    truth = ResidentBlocks(Checkpoint(path), 0, 2, torch.float32).forward(hidden.float(), mask, 0, 2)
+
+    def error(bucket: int, merged: bool) -> torch.Tensor:
+        monkeypatch.setattr(_blocks, "KV_BUCKET", bucket)
+        caches = [{layer: BlockCache() for layer in range(3)} for _ in range(2)]
+        outs = [[blocks.forward(hidden[r:r + 1, :5], mask[r:r + 1, :5], 0, 2, caches[r])] for r in range(2)]
+        for r in range(2):  # a rejected draft: its keys stay in the buffers past the filled part
+            blocks.forward(draft[r:r + 1], mask[r:r + 1, :6], 0, 2, caches[r])
+            for cache in caches[r].values():
+                cache.truncate(5)
+        for t in range(5, 9):
+            parts = [StepPart(hidden[r:r + 1, t:t + 1], mask[r:r + 1, :t + 1], caches[r], f"s{r}") for r in range(2)]
+            steps = run_merged_steps(blocks, parts, 0, 2) if merged else [
+                blocks.forward(p.hidden, p.mask, 0, 2, p.caches) for p in parts]
+            for r in range(2):
+                outs[r].append(steps[r])
+        return (torch.cat([torch.cat(o, dim=1) for o in outs]).float() - truth).abs()
+
+    seen: set = set()  # the key lengths attention saw through the sessions' caches
+    update = BlockCache.update
+
+    def spy(self, *args, **kwargs):
+        keys, values = update(self, *args, **kwargs)
+        seen.add(keys.shape[-2])
+        return keys, values
+    monkeypatch.setattr(BlockCache, "update", spy)
+    bucket = _blocks.KV_BUCKET
+    exact = error(1, merged=False)
+    assert seen == {5, 6, 7, 8, 9} and exact.max() < 0.03 * truth.abs().max()  # (bf16 against fp32)
+    for merged in (False, True):
+        seen.clear()
+        padded = error(bucket, merged)
+        assert seen == {bucket}
+        assert padded.max() <= 1.25 * exact.max() and padded.mean() <= 1.1 * exact.mean(), (merged, padded, exact)
+
+
 def test_merged_forwards_equal_each_alone(blocks):
     gen = torch.Generator().manual_seed(1)
     inputs = []
@@ -245,6 +298,47 @@ def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
         done = node.pool.submit(node._pass, queue, []).result()
     answer = unpack(done[0][1][1])
     assert [type(x) for x in answer.items] == [Result, Result], answer.items
+
+
+def test_a_node_answers_each_merged_pass_as_it_ends_the_smallest_first(tiny_model, monkeypatch):
+    """Requests too big to merge wait for passes of their own, each answered as soon as it ran (so the next
+    node starts on it), decode-sized steps first; a Steps message is answered once all its steps ran."""
+    from slowllm.node.server._passes import _Queue
+    from slowllm.node.server._server import NodeServer
+    from slowllm.protocol import Channel, Result, Results, Step, Steps, decode_tensor, encode_tensor, pack, unpack
+
+    node = NodeServer(first=0, last=5, coordinator="ws://127.0.0.1:9", model=str(tiny_model), dtype=torch.float32)
+    monkeypatch.setattr(type(node), "_merge_rows", lambda self: 4)  # as a bf16 node's kernels bound it
+    gen = torch.Generator().manual_seed(4)
+
+    def step(i, session, new):
+        return Step(id=i, session=session, first=0, last=5, hidden=encode_tensor(torch.randn(1, new, 64, generator=gen)),
+                    mask=encode_tensor(torch.ones(1, new, dtype=torch.uint8)), max_length=32)
+
+    prompts, small = [step(1, "p1", 6), step(2, "p2", 6)], step(3, "d", 1)
+    queue = _Queue(Channel())
+    frames = [(pack(m), m.id) for m in [*prompts, small]]
+    answered = []
+    done = node.pool.submit(node._pass, queue, frames).result()
+    while done:
+        answered.append([future for future, _ in done])
+        outcomes = {future: unpack(reply) for future, (_, reply) in done}
+        for future, msg in outcomes.items():
+            alone = node.pool.submit(node._pass, _Queue(Channel()), [
+                (pack(next(m for m in [*prompts, small] if m.id == future).model_copy(update={"session": "x"})), 0)]
+            ).result()[0][1][1]
+            torch.testing.assert_close(decode_tensor(msg.tensor), decode_tensor(unpack(alone).tensor), **CLOSE)
+            node.sessions.close(queue.session_key("x"))
+        done = node.pool.submit(node._pass, queue, []).result()
+    assert answered == [[3], [1], [2]]  # one pass each, the decode-sized step first
+    # the same three in one Steps message: one reply, after the three passes
+    queue = _Queue(Channel())
+    items = [m.model_copy(update={"session": m.session + "-again"}) for m in [*prompts, small]]
+    replies = [node.pool.submit(node._pass, queue, [(pack(Steps(id=9, items=items)), None)]).result()]
+    replies += [node.pool.submit(node._pass, queue, []).result() for _ in range(2)]
+    assert [len(r) for r in replies] == [0, 0, 1] and queue.passes == 3
+    answer = unpack(replies[2][0][1][1])
+    assert isinstance(answer, Results) and [type(x) for x in answer.items] == [Result] * 3
 
 
 def test_a_node_serving_two_coordinators_keeps_their_sessions_apart_within_one_budget(tiny_model):
