@@ -71,12 +71,19 @@ class Stepper:
         entry = _Entry(chain, list(steps), None if heads is None else list(heads), getattr(self._local, "member", False))
         with self._cond:
             alone = entry.member and self._members == 1 and not self._waiting and not self._flying and len(steps) == 1
-            if not alone:
+            if alone:
+                self._flying += 1  # (a generation that starts meanwhile must not wait for this one's steps)
+            else:
                 self._waiting.append(entry)
                 self._cond.notify_all()
         if alone:  # the only generation running: no wave to gather, no thread hand-offs (one client's latency)
             session, hidden, mask = steps[0]
-            return with_heads([session.step(hidden, mask)], heads)
+            try:
+                return with_heads([session.step(hidden, mask)], heads)
+            finally:
+                with self._cond:
+                    self._flying -= 1
+                    self._cond.notify_all()
         entry.done.wait()
         if entry.error is not None:
             raise entry.error
