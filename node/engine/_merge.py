@@ -18,6 +18,7 @@ the node's limits and score budget; a step too large to merge (a long prefill) r
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -100,26 +101,52 @@ class MergedCache:
     on every padding slot, so their (zero) keys get no weight.
     """
 
-    def __init__(self, parts: list[StepPart], layer: int, length: int):
+    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch | None" = None):
         self.parts, self.layer = parts, layer
         self.q = max(p.new for p in parts)
         self.past = length - self.q  # (at least the longest past: more where the view is padded)
+        self.scratch = scratch or _Scratch()
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         length = self.past + self.q
-        out_k = keys.new_zeros((*keys.shape[:-2], length, keys.shape[-1]))
-        out_v = values.new_zeros((*values.shape[:-2], length, values.shape[-1]))
+        out_k, out_v = self.scratch.pair((*keys.shape[:-2], length, keys.shape[-1]), keys.dtype, keys.device)
         start = 0
         for p in self.parts:
             rows = slice(start, start + p.rows)
             start += p.rows
             k, v = p.caches[self.layer].update(keys[rows, ..., self.q - p.new:, :], values[rows, ..., self.q - p.new:, :],
                                                layer_idx)
-            out_k[rows, ..., self.past - p.past: self.past, :] = k[..., : p.past, :]
-            out_v[rows, ..., self.past - p.past: self.past, :] = v[..., : p.past, :]
-            out_k[rows, ..., length - p.new:, :] = k[..., p.past: p.past + p.new, :]
-            out_v[rows, ..., length - p.new:, :] = v[..., p.past: p.past + p.new, :]
+            for out, x in ((out_k, k), (out_v, v)):  # every slot written: the buffers are reused
+                out[rows, ..., : self.past - p.past, :] = 0
+                out[rows, ..., self.past - p.past: self.past, :] = x[..., : p.past, :]
+                out[rows, ..., self.past: length - p.new, :] = 0
+                out[rows, ..., length - p.new:, :] = x[..., p.past: p.past + p.new, :]
         return out_k, out_v
+
+
+class _Scratch:
+    """The padded key and value views of a merged pass, one pair of buffers for all its blocks (attention
+    is done with a block's view before the next block asks), and kept for the next pass of the same shape
+    while small: fresh buffers every block cost page faults (~0.3 ms per MB here), more than the copies."""
+
+    KEEP_BYTES = 32 << 20  # kept between passes up to this size each (bigger passes allocate per pass)
+    _kept = threading.local()
+
+    def __init__(self):
+        self._pair = None
+
+    def pair(self, shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(shape), dtype, str(device))
+        if self._pair is None or self._pair[0] != key:
+            kept = getattr(self._kept, "pair", None)
+            if kept is not None and kept[0] == key:
+                self._pair = kept
+            else:
+                self._pair = (key, torch.empty(shape, dtype=dtype, device=device),
+                              torch.empty(shape, dtype=dtype, device=device))
+                small = self._pair[1].numel() * self._pair[1].element_size() <= self.KEEP_BYTES
+                self._kept.pair = self._pair if small else None
+        return self._pair[1], self._pair[2]
 
 
 def merged_length(parts: list[StepPart], dtype: torch.dtype, device) -> int:
@@ -156,8 +183,9 @@ def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> li
     hidden = hidden.to(blocks.device, blocks.dtype)
     q = hidden.shape[1]
     attn = attention_inputs(blocks.config, mask.to(blocks.device), q, blocks.dtype, blocks.device)
+    scratch = _Scratch()
     for layer in range(first, last + 1):
-        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length))
+        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length, scratch))
     hidden = hidden.cpu()
     outs, start = [], 0
     for p in parts:
