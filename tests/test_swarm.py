@@ -78,8 +78,8 @@ def test_merged_steps_equal_each_session_alone(blocks):
 
 @pytest.mark.parametrize("family", ["bloom", "llama"])
 def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, monkeypatch):
-    """In bf16 on CPU, attention sees a cache's keys through views padded to KV_BUCKET positions (so oneDNN
-    meets each shape again). The padding, zeros or a rolled-back draft's keys, gets no weight: a prompt and
+    """In bf16 on CPU, attention sees a cache's keys through views padded to KV_BUCKET positions within the
+    buffers' spare room (so oneDNN meets each shape again). The padding, zeros or a rolled-back draft's keys, gets no weight: a prompt and
     decode steps through the caches, alone and merged, are as close to the fp32 truth as with unpadded
     views (their rounding may differ: sdpa sums a padded row in another order)."""
     from slowllm.node.engine import _blocks
@@ -125,7 +125,7 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
     for merged in (False, True):
         seen.clear()
         padded = error(bucket, merged)
-        assert seen == {bucket}
+        assert seen == {5, bucket}  # (the prompt pass's buffers are exact: seen unpadded)
         assert padded.max() <= 1.25 * exact.max() and padded.mean() <= 1.1 * exact.mean(), (merged, padded, exact)
 
 

@@ -93,8 +93,8 @@ def work_width(config) -> int:
 # Where attention runs through oneDNN (bf16 and fp16 on CPU), every new shape of its two batched matrix
 # products builds a new oneDNN primitive: ~1 ms per block, against ~0.1 ms to run it at decode sizes, and
 # a decode step's key length is new at every token (measured: 4 of a node's 13 ms per pass at hidden
-# 1024, 24 ms of a bloom-1b7 decode step). So a cache's keys and values are seen through a view padded
-# to a multiple of KV_BUCKET positions (masked: the padding gets no weight), and shapes repeat.
+# 1024). So a cache's keys and values are seen through a view padded to a multiple of KV_BUCKET positions
+# within the buffer's spare room (masked: the padding gets no weight), and shapes repeat.
 KV_BUCKET = 64
 
 
@@ -180,7 +180,7 @@ class BlockCache:
     back, spare room and all (so a streamed decode step does not copy the cache either).
     """
 
-    GROW_MIN = 64  # positions added at least when a buffer grows (capacities are multiples of KV_BUCKET)
+    GROW_MIN = 64  # positions added at least when a buffer grows
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
                  length: int | None = None, limit: int | None = None):
@@ -201,8 +201,14 @@ class BlockCache:
             room = need if new > 1 else need + self.GROW_MIN  # a prompt pass: exact; decode: room
         else:
             room = max(need, self.capacity + max(self.GROW_MIN, self.capacity // 2))
-        room = max(need, min(room, self.limit)) if self.limit is not None else room
-        return -(-room // KV_BUCKET) * KV_BUCKET  # (room for the padded view: see `kv_view_length`)
+        return max(need, min(room, self.limit)) if self.limit is not None else room
+
+    def view_length(self, total: int, dtype: torch.dtype, device: torch.device) -> int:
+        """The key length `update` returns when the session reaches `total` positions: padded as
+        `kv_view_length` asks, within the buffers' room (which padding never grows: the KV budget counts
+        what is allocated; a prompt pass's exact buffers are seen unpadded)."""
+        capacity = self.capacity if total <= self.capacity else self.capacity_for(total - self._length)
+        return max(total, min(kv_view_length(total, dtype, device), capacity))
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -218,9 +224,9 @@ class BlockCache:
         rolled-back positions: finite numbers under a masked score, so they get exactly zero weight."""
         new = keys.shape[-2]
         need = self._length + new
-        view = kv_view_length(need, keys.dtype, keys.device)
-        if self._keys is None or view > self._keys.shape[-2]:
-            capacity = max(view, self.capacity_for(new))
+        view = self.view_length(need, keys.dtype, keys.device)
+        if self._keys is None or need > self._keys.shape[-2]:
+            capacity = self.capacity_for(new)
             old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
             self._keys = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
@@ -261,7 +267,7 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInput
               cache: BlockCache | None = None) -> torch.Tensor:
     family = block.slowllm_family
     if isinstance(cache, BlockCache):  # its keys come padded (`BlockCache.update`): the mask too
-        attn = attn.padded(kv_view_length(attn.mask.shape[-1], attn.mask.dtype, attn.mask.device))
+        attn = attn.padded(cache.view_length(attn.mask.shape[-1], attn.mask.dtype, attn.mask.device))
     kwargs = {family.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attn.mask}
     if attn.alibi is not None:
         kwargs["alibi"] = attn.alibi
