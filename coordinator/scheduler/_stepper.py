@@ -14,6 +14,7 @@ a step that fails answers its own job only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -48,6 +49,9 @@ class Stepper:
         self._local = threading.local()
         self._flying = 0  # member entries in waves in flight
         self.waves = 0  # (status and tests)
+        # Waves run on kept threads: a wave's LM head is parallel work, and each new thread that starts
+        # some builds its own OpenMP team (worker threads created, then left behind when it ends).
+        self._wave_threads = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="slowllm-wave")
         self.steps = 0
         threading.Thread(target=self._loop, daemon=True, name="slowllm-stepper").start()
 
@@ -127,7 +131,7 @@ class Stepper:
                     with self._cond:
                         self._flying, waves = self._flying - taken, waves - 1
                         self._cond.notify_all()
-            threading.Thread(target=run, daemon=True, name="slowllm-wave").start()
+            self._wave_threads.submit(run)
 
     def _depth(self) -> int:
         chain = self._waiting[0].chain if self._waiting else None
