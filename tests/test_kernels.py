@@ -100,6 +100,41 @@ DECODE = textwrap.dedent("""
 """)
 
 
+def test_the_kernels_let_other_python_threads_run_meanwhile():
+    """Every entry point releases Python's lock while it computes (as PyTorch's ops do): a node's event loop
+    and a coordinator's other waves go on meanwhile. The main thread counts while a product runs in another
+    thread; had the product held the lock, the count would stay where it was when the product began."""
+    import threading
+
+    from slowllm.node.kernels import kernels
+
+    k = kernels()
+    if k is None:
+        pytest.skip("no kernel build on this machine")
+    w = torch.randn(8192, 2048)
+    q, scale = quantize_rows(w)
+    x = torch.randn(4, 2048)
+    calls = {"fp32_gemv": (x, w), "bf16_fp32_gemv": (x, w.bfloat16()), "bf16_gemv": (x.bfloat16(), w.bfloat16()),
+             "int8_gemv": (x, q, scale), "int8_bf16_gemv": (x.bfloat16(), q, scale)}
+    for name, args in calls.items():
+        started, done = threading.Event(), threading.Event()
+
+        def run():
+            started.set()
+            for _ in range(40):  # ~0.1-1 s of products: long beside the main thread's loop below
+                getattr(k, name)(*args)
+            done.set()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        started.wait()
+        count = 0
+        while not done.is_set():
+            count += 1
+        worker.join()
+        assert count > 10_000, (name, count)
+
+
 def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_dir):
     """A bf16 checkpoint decodes in bf16 by default through the build SLOWLLM_ISA names (the counters
     prove it ran), and every build, and PyTorch's kernels, give the same greedy tokens."""
