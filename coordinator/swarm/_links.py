@@ -26,12 +26,12 @@ OUTBOX_STEP_BYTES = 1 << 20
 # and is answered alone: while the next node runs it, this one runs the next prompt (sent in one Steps
 # message, prompts that arrive together would reach the next node only once all of them had run here).
 OUTBOX_STEP_POSITIONS = 16
+GANG_WAIT_S = 0.02  # the longest an outbox holds a wave's steps for the rest of them (a failover moved one)
 
 
 def merges(hidden) -> bool:
     """Whether a generation step of `hidden` [rows, new, H] goes through a node's outbox (merged)."""
     return hidden.shape[0] * hidden.shape[1] <= OUTBOX_STEP_POSITIONS and hidden.numel() * 4 <= OUTBOX_STEP_BYTES
-GANG_WAIT_S = 0.02  # the longest an outbox holds a wave's steps for the rest of them (a failover moved one)
 
 
 class BatchReply:

@@ -98,11 +98,14 @@ def work_width(config) -> int:
 KV_BUCKET = 64
 
 
+def kv_bucketed(length: int) -> int:
+    """`length` rounded up to a multiple of KV_BUCKET."""
+    return -(-length // KV_BUCKET) * KV_BUCKET
+
+
 def kv_view_length(length: int, dtype: torch.dtype, device: torch.device) -> int:
     """The key length attention sees for `length` cached positions: padded to KV_BUCKET where it pays."""
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return -(-length // KV_BUCKET) * KV_BUCKET
-    return length
+    return kv_bucketed(length) if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else length
 
 
 @dataclass
@@ -229,8 +232,10 @@ class BlockCache:
             capacity = self.capacity_for(new)
             old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
-            self._keys = torch.zeros(shape, dtype=keys.dtype, device=keys.device)
-            self._values = torch.zeros(shape, dtype=values.dtype, device=values.device)
+            self._keys = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+            self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
+            self._keys[..., need:, :] = 0  # (spare room a padded view may show: finite)
+            self._values[..., need:, :] = 0
             if old_k is not None:
                 self._keys[..., : self._length, :] = old_k
                 self._values[..., : self._length, :] = old_v

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._blocks import KV_BUCKET, SCORE_BYTES, BlockCache, attention_inputs, kv_view_length, run_block
+from ._blocks import SCORE_BYTES, BlockCache, attention_inputs, kv_bucketed, kv_view_length, run_block
 from ._families import kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
@@ -58,7 +58,7 @@ def merged_step_cost(parts: list[StepPart], config, itemsize: int) -> tuple[int,
     """(tokens, attention-score bytes, padded cache-view bytes of one block) of running `parts` as one batch."""
     rows = sum(p.rows for p in parts)
     q = max(p.new for p in parts)
-    length = -(-(max(p.past for p in parts) + q) // KV_BUCKET) * KV_BUCKET  # (as padded at most)
+    length = kv_bucketed(max(p.past for p in parts) + q)  # (as padded at most)
     scores = rows * config.num_attention_heads * q * length * SCORE_BYTES
     view = 2 * rows * length * kv_width(config) * itemsize
     return rows * q, scores, view
@@ -101,11 +101,10 @@ class MergedCache:
     on every padding slot, so their (zero) keys get no weight.
     """
 
-    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch | None" = None):
-        self.parts, self.layer = parts, layer
+    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch"):
+        self.parts, self.layer, self.scratch = parts, layer, scratch
         self.q = max(p.new for p in parts)
         self.past = length - self.q  # (at least the longest past: more where the view is padded)
-        self.scratch = scratch or _Scratch()
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         length = self.past + self.q
@@ -154,11 +153,11 @@ def merged_length(parts: list[StepPart], dtype: torch.dtype, device) -> int:
     return kv_view_length(max(p.past for p in parts) + max(p.new for p in parts), dtype, torch.device(device))
 
 
-def merged_layout(parts: list[StepPart], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's hidden states [rows, Q, H] and 0/1 mask [rows, length] (at least the longest past + Q:
-    left padding beyond it) in `MergedCache`'s layout."""
+def merged_layout(parts: list[StepPart], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's hidden states [rows, Q, H] and 0/1 mask [rows, length] (`merged_length`: left padding
+    beyond the longest past) in `MergedCache`'s layout."""
     q = max(p.new for p in parts)
-    past = (length or max(p.past for p in parts) + q) - q
+    past = length - q
     first = parts[0].hidden
     hidden = first.new_zeros((sum(p.rows for p in parts), q, first.shape[-1]))
     mask = torch.zeros(hidden.shape[0], past + q, dtype=torch.long)
