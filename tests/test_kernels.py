@@ -100,17 +100,14 @@ DECODE = textwrap.dedent("""
 """)
 
 
-def test_the_kernels_let_other_python_threads_run_meanwhile():
-    """Every entry point releases Python's lock while it computes (as PyTorch's ops do): a node's event loop
-    and a coordinator's other waves go on meanwhile. The main thread counts while a product runs in another
-    thread; had the product held the lock, the count would stay where it was when the product began."""
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_the_kernels_let_other_python_threads_run_meanwhile(isa):
+    """Every entry point of every build releases Python's lock while it computes (as PyTorch's ops do): a
+    node's event loop and a coordinator's other waves go on meanwhile. The main thread counts while a
+    product runs in another thread; had the product held the lock, the count would stay where it was."""
     import threading
 
-    from slowllm.node.kernels import kernels
-
-    k = kernels()
-    if k is None:
-        pytest.skip("no kernel build on this machine")
+    k = build(isa)
     w = torch.randn(8192, 2048)
     q, scale = quantize_rows(w)
     x = torch.randn(4, 2048)
