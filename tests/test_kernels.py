@@ -87,6 +87,41 @@ def test_each_build_matches_float_references(isa):
     assert ran == {"bf16_gemv": 120, "int8_bf16_gemv": 120, "int8_gemv": 160, "bf16_fp32_gemv": 80, "fp32_gemv": 80}, ran
 
 
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ("amx", "avx512bf16")])
+def test_int8_products_are_exact_integer_sums_on_the_avx512_builds(isa):
+    """On the avx512bf16 and amx builds int8 weights meet the input rows as exact integer dot products
+    (node/kernels/_int8.h), each row put on a power-of-two grid: 24 bits below its largest element for fp32
+    rows, 16 for bf16. Rows already on the grid come out as the float64 sum rounded once or twice, at any
+    width; any row is off by at most half a grid step per element; a row with an inf or NaN gives NaN and
+    leaves the rows beside it alone; and every row's numbers are the same whatever is batched beside it
+    (up to 40 rows: several AMX column groups, every VNNI tile shape, the tails)."""
+    k = build(isa)
+    g = torch.Generator().manual_seed(7)
+    for rows, n, width in ((1, 48, 4096), (5, 33, 200), (8, 64, 1000), (40, 17, 130), (3, 7, 40)):
+        x = torch.randn(rows, width, generator=g)
+        x[:, 0] *= 4096  # an outlier: most of each row lies far below its largest element
+        q, scale = quantize_rows(torch.randn(n, width, generator=g))
+        w = q.double() * scale.double()[:, None]
+        for bits, entry, inputs in ((24, k.int8_gemv, x), (16, k.int8_bf16_gemv, x.bfloat16())):
+            step = torch.exp2(inputs.float().abs().amax(1, keepdim=True).log2().floor() - (bits - 2)).double()
+            on_grid = (inputs.double() / step).round() * step  # exactly representable: the sums are exact
+            got, ref = entry(on_grid.to(inputs.dtype), q, scale), on_grid @ w.T
+            rounding = 2 ** -23 if bits == 24 else 2 ** -8  # the output's: fp32 (twice), or bf16
+            assert ((got.double() - ref).abs() <= rounding * ref.abs() + 1e-30).all(), (isa, bits, rows, n, width)
+            got, ref = entry(inputs, q, scale), inputs.double() @ w.T
+            grid_error = step / 2 @ w.abs().sum(1, keepdim=True).T  # half a step per element at most
+            assert ((got.double() - ref).abs() <= grid_error + rounding * ref.abs()).all(), (isa, bits, rows, n, width)
+            for m in (0, rows - 1):
+                assert torch.equal(got[m:m + 1], entry(inputs[m:m + 1], q, scale))
+        if rows > 1:  # a poisoned row
+            bad = x.clone()
+            bad[0, 1] = float("inf")
+            out = k.int8_gemv(bad, q, scale)
+            assert out[0].isnan().all() and torch.equal(out[1:], k.int8_gemv(x, q, scale)[1:])
+    with pytest.raises(RuntimeError, match="at most 65536 inputs per row"):
+        k.int8_gemv(torch.ones(1, 65537), torch.ones(2, 65537, dtype=torch.int8), torch.ones(2))
+
+
 DECODE = textwrap.dedent("""
     import json, sys
     from slowllm.coordinator import LocalRunner, Sampling

@@ -1,5 +1,5 @@
 // AMX tiles for the bf16-input products (the `amx` build): included by _kernels.cpp inside its anonymous
-// namespace, after the helpers it uses (parallel_slices, bf16_to_float, Bf16Weights, Int8Weights).
+// namespace, after the helpers it uses (parallel_slices, bf16_to_float, Bf16Weights).
 // Its own file because it is its own idea: tiles, their configuration and Linux's permission for them.
 #pragma once
 #if defined(SLOWLLM_AMX)
@@ -60,33 +60,15 @@ void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const t
     }
 }
 
-// Where the weight tile of 16 rows from `w` (inputs [k, k + 32)) loads from, and its row stride in bytes:
-// bf16 rows straight from memory; int8 rows converted to bf16 (exact) into a 1 KB buffer first.
-template <typename Weights>
-const void* weight_tile(const typename Weights::T* w, int64_t K, int64_t k, uint16_t* buffer, int64_t& stride) {
-  if constexpr (std::is_same_v<Weights, Bf16Weights>) {
-    stride = K * 2;
-    return w + k;
-  } else {
-    // GCC's tile load names no memory operand, so the compiler may move plain stores across it: fences on
-    // both sides keep these after the previous load from this buffer and before the next
-    asm volatile("" ::: "memory");
-    for (int i = 0; i < kTileRows; ++i) _mm512_store_si512(buffer + i * kTileK, (__m512i)Weights::load(w + i * K + k));
-    asm volatile("" ::: "memory");
-    stride = 64;
-    return buffer;
-  }
-}
-
 // B weight tiles (16 rows each, from row n0) against every block of 16 input rows; tile registers are
 // immediates, hence the unrolled cases.
 template <int B, typename Weights>
 void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
               const float* S, int64_t n0, float* Y, int64_t N) {
-  const int64_t tiles = K / kTileK;
+  static_assert(std::is_same_v<Weights, Bf16Weights>, "int8 weights take the integer tiles (_int8.h)");
+  const int64_t tiles = K / kTileK, stride = K * 2;
   alignas(64) float C[kAmxBlocks][kTileRows * kTileRows];
-  alignas(64) uint16_t buffer[3][kTileRows * kTileK];
-  const typename Weights::T* w = W + n0 * K;
+  const uint16_t* w = W + n0 * K;
   asm volatile("" ::: "memory");  // (the packed inputs are written before the tile loads read them)
   for (int64_t mb = 0; mb * kTileRows < M; ++mb) {
     _tile_zero(0);
@@ -96,36 +78,23 @@ void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, c
     const uint16_t* in = packed + mb * tiles * kTileRows * kTileK;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t k = t * kTileK;
-      int64_t stride;  // (the tile macros evaluate their operands in no set order: pointer and stride first)
       _tile_loadd(4, in + t * kTileRows * kTileK, 64);
-      const void* a = weight_tile<Weights>(w, K, k, buffer[0], stride);
-      _tile_loadd(5, a, stride);
+      _tile_loadd(5, w + k, stride);
       _tile_dpbf16ps(0, 5, 4);
-      if constexpr (B > 1) {
-        a = weight_tile<Weights>(w + kTileRows * K, K, k, buffer[1], stride);
-        _tile_loadd(6, a, stride);
-        _tile_dpbf16ps(1, 6, 4);
-      }
-      if constexpr (B > 2) {
-        a = weight_tile<Weights>(w + 2 * kTileRows * K, K, k, buffer[2], stride);
-        _tile_loadd(7, a, stride);
-        _tile_dpbf16ps(2, 7, 4);
-      }
-      if constexpr (B > 3) {
-        a = weight_tile<Weights>(w + 3 * kTileRows * K, K, k, buffer[0], stride);
-        _tile_loadd(5, a, stride);
-        _tile_dpbf16ps(3, 5, 4);
-      }
+      if constexpr (B > 1) { _tile_loadd(6, w + kTileRows * K + k, stride); _tile_dpbf16ps(1, 6, 4); }
+      if constexpr (B > 2) { _tile_loadd(7, w + 2 * kTileRows * K + k, stride); _tile_dpbf16ps(2, 7, 4); }
+      if constexpr (B > 3) { _tile_loadd(5, w + 3 * kTileRows * K + k, stride); _tile_dpbf16ps(3, 5, 4); }
     }
     _tile_stored(0, C[0], 64);
     if constexpr (B > 1) _tile_stored(1, C[1], 64);
     if constexpr (B > 2) _tile_stored(2, C[2], 64);
     if constexpr (B > 3) _tile_stored(3, C[3], 64);
+    asm volatile("" ::: "memory");  // (the sums are stored before these reads)
     for (int b = 0; b < B; ++b) store_tile<Weights>(C[b], X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
   }
 }
 
-// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs, bf16 or int8 weights, fp32 out: 64 weight rows
+// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs and weights, fp32 out: 64 weight rows
 // per task, the last whole tiles of 16 after them, and the rows beyond the last whole tile one by one (each
 // row always takes the same path, whatever M is). False where the OS refuses the tile state (the caller
 // uses the AVX512 kernels).

@@ -5,19 +5,20 @@
 // job is to keep that stream going. One source, built once per instruction set (node/kernels/_kernels.py picks
 // the best the CPU has; SLOWLLM_ISA forces one):
 // - avx512bf16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later): bf16 input rows
-//   against bf16 weights, or int8 weights converted to bf16 in registers (exact for |q| <= 127), through
-//   AVX512-BF16 dot products, in tiles of R weight rows x M input rows (R x M chains, each weight vector
-//   loaded and converted once per tile, each input vector once per R rows). Every output sums in
-//   the same order whatever M is, so batching never changes a row's numbers.
-// - amx (Sapphire Rapids and later): the avx512bf16 build whose bf16-input products run on AMX tiles:
-//   up to 16 input rows cost about what one does, batch invariant too.
+//   against bf16 weights through AVX512-BF16 dot products, in tiles of R weight rows x M input rows (R x M
+//   chains, each weight vector loaded once per tile, each input vector once per R rows). Every output sums
+//   in the same order whatever M is, so batching never changes a row's numbers. int8 weights are never
+//   converted: the input rows are (_int8.h), to integers, for exact VNNI byte dot products.
+// - amx (Sapphire Rapids and later): the avx512bf16 build whose bf16-input products run on AMX tiles (up
+//   to 16 input rows cost about what one does, batch invariant too), and int8 ones on AMX's int8 tiles.
 // - avx2 (AVX2 + FMA: every x86 PC since Haswell, 2013, and all of AMD's since Zen): the input rows are
 //   widened to fp32 once per call, and each weight is widened to fp32 in registers (bf16: a shift; int8:
 //   a conversion, the row's scale applied to the sum) for 256-bit FMAs. These are also the fp32 paths of
-//   both builds (the LM head's fp32 hidden states; fp32 activations on int8 blocks).
-// Accumulation is fp32 throughout. An Arm build (NEON widening for bf16 and int8, BFDOT where the CPU has
-// BF16) would be a third set of the same few primitives (`load16`, the row and tile loops); it is not
-// written yet, and Arm CPUs use PyTorch's kernels.
+//   the other builds for bf16 and fp32 weights (the LM head's fp32 hidden states).
+// Accumulation is fp32 (int32 for int8 on the avx512 builds). An Arm build (NEON widening for bf16, SDOT
+// byte dot products for int8 as _int8.h does, BFDOT where the CPU has BF16) would be another set of the
+// same few primitives (`load16`, the row and tile loops); it is not written yet, and Arm CPUs use
+// PyTorch's kernels.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -115,15 +116,6 @@ struct Int8Weights {
     w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
   }
   static float value(T w) { return static_cast<float>(w); }
-#if defined(SLOWLLM_AVX512BF16)
-  // converted to bf16 in registers, 32 at a time (exact for |q| <= 127)
-  static __m512bh load(const T* w) {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))),
-                               _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))));
-  }
-  static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 3 ? 6 : 4; }
-#endif
 };
 
 // fp32 weights as they are (a fp32 checkpoint's LM head at the coordinator): no conversion, the same loops,
@@ -352,6 +344,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
 #endif
 
 #include "_amx.h"  // (empty unless SLOWLLM_AMX)
+#include "_int8.h"  // (empty unless SLOWLLM_AVX512BF16)
 
 // Y [M, N] (fp32) = X [M, K] (bf16) @ W [N, K].T (times S[n]): the ISA's bf16-input path. avx2 widens
 // the few input rows to fp32 once (M x K values: nothing beside the weights) and uses the fp32 path.
@@ -384,8 +377,9 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   return out.to(x.scalar_type());
 }
 
-// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N]; q int8; more than 8 rows run 8 at a
-// time (still faster than converting the weight for a dense GEMM up to ~32 rows: 47 vs 101 ms at 16)
+// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N]; q int8. avx512bf16 and amx: integer dot
+// products (_int8.h; any number of rows, each its exact sum); avx2: converted to fp32 in registers, 8 rows
+// at a time.
 torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   check(x, q);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
@@ -393,11 +387,18 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   g_calls[1]++;
   auto sf = scale.to(torch::kFloat).contiguous();
   auto out = torch::empty({x.size(0), q.size(0)}, x.options().dtype(torch::kFloat));
+#if defined(SLOWLLM_AVX512BF16)
+  auto xc = x.contiguous();
+  int8_matmul(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
+              q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), q.size(0));
+#else
   bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), q.size(0));
+#endif
   return out.to(x.scalar_type());
 }
 
-// y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N]; q int8, x bf16/fp16/fp32, 8 rows at a time
+// y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N]; q int8, x bf16/fp16/fp32 (as fp32): integer
+// dot products on avx512bf16 and amx (exact up to the input grid's 2^-24), fp32 FMAs 8 rows at a time on avx2
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   check(x, q);
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.numel() == q.size(0), "int8 q and one scale per row");
@@ -406,7 +407,11 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   auto xf = x.to(torch::kFloat).contiguous();
   auto sf = scale.to(torch::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+#if defined(SLOWLLM_AVX512BF16)
+  int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
+#else
   fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
+#endif
   return out.to(x.scalar_type());
 }
 

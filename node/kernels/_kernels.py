@@ -35,23 +35,25 @@ _why_not = ""
 _builds: dict[str, object] = {}
 
 # The CPU flags each build needs (Linux /proc/cpuinfo names), best first.
+# (Every CPU with AVX512-BF16 has AVX512-VNNI, and every one with AMX-BF16 AMX-INT8: the int8 kernels' dot products.)
 ISA_FLAGS = {
-    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma", "amx_tile", "amx_bf16"),
-    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma"),
+    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma", "amx_tile", "amx_bf16",
+            "amx_int8"),
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma"),
     "avx2": ("avx2", "fma", "f16c"),
 }
-_AVX512BF16_CFLAGS = ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2",
-                      "-mfma", "-mf16c"]
+_AVX512BF16_CFLAGS = ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+                      "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"]
 ISA_CFLAGS = {
-    "amx": ["-DSLOWLLM_AMX", "-mamx-tile", "-mamx-bf16", *_AVX512BF16_CFLAGS],
+    "amx": ["-DSLOWLLM_AMX", "-mamx-tile", "-mamx-bf16", "-mamx-int8", *_AVX512BF16_CFLAGS],
     "avx512bf16": _AVX512BF16_CFLAGS,
     "avx2": ["-DSLOWLLM_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 # Input rows up to which each kernel beats the alternative, per build. avx512bf16 (measured on bloom-1b7
 # shapes, 2 cores, 600M weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at
-# 8, 57/54 at 16; int8 with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at 1, 23/24 at 4, 26/49 at
-# 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32; int8 with fp32 rows only at 1
-# row (the fp32 FMAs make it compute-bound beyond). The bf16 limits are fixed, not measured against
+# 8, 57/54 at 16; int8 (converting to bf16 then) with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at
+# 1, 23/24 at 4, 26/49 at 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32; avx2's
+# int8 with fp32 rows only at 1 row (the fp32 FMAs make it compute-bound beyond). The bf16 limits are fixed, not measured against
 # F.linear: they are also how many sessions' steps a node merges into one pass (each row's numbers only
 # stay its own within the kernels), and a merged pass of 8 rows costs far less than 8 passes of one
 # whatever F.linear does (a calibration that found F.linear faster at 2 rows, on a noisy moment, left a
@@ -59,13 +61,16 @@ ISA_CFLAGS = {
 # bf16 kernel vs oneDNN's F.linear 48/63 at 1 row, 92/174 at 4, 144/268 at 8; int8 with bf16 rows vs
 # torch's int8 kernel 40/43 at 1, 99/120 at 8. More than 8 rows run through the kernels 8 at a time.
 # amx (2-core Sapphire Rapids, 1 thread, 4 blocks of hidden 1024, ms, vs F.linear): 4.95/8.9 at 1 row,
-# 7.3/10.0 at 8, 9.6/10.3 at 16, 14.3/11.4 at 32; int8 with bf16 rows, 600M weights: 43 / 45 / 49 ms at 1 /
-# 8 / 16 rows (the conversions, as avx512bf16's 44 / 77 / 156).
+# 7.3/10.0 at 8, 9.6/10.3 at 16, 14.3/11.4 at 32. int8 on amx and avx512bf16 is integer dot products
+# (_int8.h), fp32 rows as well as bf16 ones: bloom-1b7's 24 blocks of linears, bf16 rows, amx 53 / 71 / 99 ms
+# at 1 / 8 / 16 rows (converting to bf16 before: 109 / 113 / 116), avx512bf16 60 / 145 (91 / 151); "int8"
+# is calibrated per machine, "int8_fp32" follows it.
 MAX_ROWS = {
-    "amx": {"bf16": 16, "int8": 32, "int8_fp32": 1},
-    "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 1},
+    "amx": {"bf16": 16, "int8": 32, "int8_fp32": 32},
+    "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 32},
     "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
 }
+INT8_MAX_INPUTS = 65536  # the avx512 builds' int32 sums hold K products of 255 x 128 up to here
 
 
 @functools.cache
@@ -183,9 +188,9 @@ def kernels_for(isa: str):
         here = Path(__file__).parent
         module, where = build_extension(f"slowllm_kernels_{isa}", [here / "_kernels.cpp"],
                                         ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root,  # OpenMP: at::parallel_for
-                                        headers=(here / "_amx.h",))
+                                        headers=(here / "_amx.h", here / "_int8.h"))
         if isa in ("amx", "avx512bf16"):
-            MAX_ROWS[isa]["int8"] = _calibrate(module, where / "tuning.json")["int8_rows"]
+            MAX_ROWS[isa]["int8"] = MAX_ROWS[isa]["int8_fp32"] = _calibrate(module, where / "tuning.json")["int8_rows"]
         _builds[isa] = module
     return _builds[isa]
 
@@ -194,7 +199,8 @@ def _calibrate(k, path: Path) -> dict:
     """What depends on the CPU rather than the build, measured once per machine at hidden 2048 (~1 s) and
     kept beside the build: "int8_rows", up to how many input rows (8, 16 or 32) the int8 kernel beats
     converting the weights to bf16 for PyTorch's GEMM (Sapphire Rapids, 600M weights at 32 rows: 298 ms
-    vs 144 with AMX). (Only speed: both give every row its own numbers up to the kernel's limit.)"""
+    vs 144 with AMX). (Only speed: both give every row its own numbers up to the kernel's limit.) fp32
+    rows follow it: their alternative, a fp32 GEMM, is slower still."""
     try:
         tuned = json.loads(path.read_text())
         if tuned["int8_rows"] in (8, 16, 32):
@@ -247,4 +253,6 @@ def usable(x: torch.Tensor, kind: str) -> bool:
     if x.device.type != "cpu" or x.numel() == 0:
         return False
     k = kernels()
-    return k is not None and x.numel() // x.shape[-1] <= MAX_ROWS[k.isa][kind]
+    if k is None or (kind.startswith("int8") and x.shape[-1] > INT8_MAX_INPUTS):
+        return False
+    return x.numel() // x.shape[-1] <= MAX_ROWS[k.isa][kind]
