@@ -130,8 +130,8 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
   for (int r = 0; r < R; ++r) {
     const int64_t Q = _mm512_reduce_add_epi32(sums[r]);
     for (int m = 0; m < M; ++m) {
-      const int64_t total = int_total<P>([&](int p) { return _mm512_reduce_add_epi32(acc[r][m][p]); }, Q)
-                            + int_tail(in, m0 + m, W + r * K, body);
+      int64_t total = int_total<P>([&](int p) { return _mm512_reduce_add_epi32(acc[r][m][p]); }, Q);
+      if (body < K) total += int_tail(in, m0 + m, W + r * K, body);
       Y[m * stride + r] = int_output(total, in.step[m0 + m], S ? S + r : nullptr);
     }
   }
@@ -211,14 +211,16 @@ void amx_int_rows(const uint8_t* packed, const IntRows<P>& in, const int8_t* W, 
     if constexpr (B > 3) _tile_stored(3, sums.data() + (3 * groups + g) * 256, 64);
   }
   asm volatile("" ::: "memory");  // (and stored before these reads)
+  const bool tail = tiles * 64 < K;
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < 16; ++i) {
       const int64_t n = n0 + 16 * b + i;
-      auto column = [&](int64_t j) -> int64_t { return sums[((b * groups + j / 16) * 16 + i) * 16 + j % 16]; };
-      const int64_t Q = column(0);
+      const int32_t* row = sums.data() + (b * groups * 16 + i) * 16;  // column j at row[(j / 16) * 256 + j % 16]
+      auto column = [&](int64_t j) -> int64_t { return row[(j >> 4) * 256 + (j & 15)]; };
+      const int64_t Q = row[0];
       for (int64_t m = 0; m < in.M; ++m) {
-        const int64_t total = int_total<P>([&](int p) { return column(1 + P * m + p); }, Q)
-                              + int_tail(in, m, W + n * K, tiles * 64);
+        int64_t total = int_total<P>([&](int p) { return column(1 + P * m + p); }, Q);
+        if (tail) total += int_tail(in, m, W + n * K, tiles * 64);
         Y[m * N + n] = int_output(total, in.step[m], S ? S + n : nullptr);
       }
     }
