@@ -87,6 +87,29 @@ def test_each_build_matches_float_references(isa):
     assert ran == {"bf16_gemv": 120, "int8_bf16_gemv": 120, "int8_gemv": 160, "bf16_fp32_gemv": 80, "fp32_gemv": 80}, ran
 
 
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
+    """The linears pass their bias to the kernel (a decode step's ~100 products each skip a separate add
+    and conversion): the result is the fp32 sum plus the bias rounded once to the input's dtype, bf16, fp32
+    or fp16 biases alike, each row still its own whatever is batched beside it."""
+    k = build(isa)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 300, generator=g)
+    w = torch.randn(70, 300, generator=g)
+    q, scale = quantize_rows(w)
+    wq = q.float() * scale.float()[:, None]
+    for bias in (torch.randn(70, generator=g) * 10, torch.randn(70, generator=g).bfloat16(), torch.randn(70, generator=g).half()):
+        for name, args, weight in (("bf16_gemv", (x.bfloat16(), w.bfloat16()), w.bfloat16().float()),
+                                   ("int8_bf16_gemv", (x.bfloat16(), q, scale), wq), ("int8_gemv", (x, q, scale), wq)):
+            got = getattr(k, name)(*args, bias)
+            exact = args[0].float() @ weight.T + bias.float()
+            if got.dtype == torch.bfloat16:  # one rounding of the fp32 result (ties and the sum's order aside)
+                assert (got.float() - exact).abs().max() <= 2 ** -8 * exact.abs().max(), (name, bias.dtype)
+            else:
+                assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), (name, bias.dtype)
+            assert torch.equal(got[-1:], getattr(k, name)(args[0][-1:], *args[1:], bias))
+
+
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ("amx", "avx512bf16")])
 def test_int8_products_are_exact_integer_sums_on_the_avx512_builds(isa):
     """On the avx512bf16 and amx builds int8 weights meet the input rows as exact integer dot products

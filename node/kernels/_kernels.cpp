@@ -366,53 +366,91 @@ void bf16_input_matmul(const torch::Tensor& x, const typename Weights::T* W, con
 
 }  // namespace
 
-// y [M, N] (x's dtype) = x [M, K] (bf16) @ w [N, K].T (bf16); more than 8 rows run 8 at a time
-torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
+namespace {
+// A vector of bf16, fp16 or fp32 values as fp32: itself, or converted into `buffer` (no allocation per call
+// once it has grown: a decode step makes ~100 of these calls)
+const float* as_floats(const torch::Tensor& t, std::vector<float>& buffer) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "contiguous CPU scales and bias");
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  buffer.resize(t.numel());
+  if (t.scalar_type() == at::kBFloat16) std::copy_n(t.data_ptr<at::BFloat16>(), t.numel(), buffer.begin());
+  else if (t.scalar_type() == at::kHalf) std::copy_n(t.data_ptr<at::Half>(), t.numel(), buffer.begin());
+  else TORCH_CHECK(false, "bf16, fp16 or fp32 scales and bias");
+  return buffer.data();
+}
+
+// y [M, N] (fp32) + bias [N] in `dtype`: the bias added in fp32 and the sum rounded once, in one pass
+// (what `.to(dtype)` and a bias add cost as separate ops: two allocations and three passes per linear)
+torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, at::ScalarType dtype) {
+  if (!bias && dtype == at::kFloat) return y;
+  thread_local std::vector<float> bias_buffer;
+  const int64_t M = y.size(0), N = y.size(1);
+  TORCH_CHECK(!bias || bias->numel() == N, "one bias per output");
+  const float* b = bias ? as_floats(*bias, bias_buffer) : nullptr;
+  const float* Y = y.data_ptr<float>();
+  auto out = dtype == at::kFloat ? y : torch::empty({M, N}, y.options().dtype(dtype));
+  auto store = [&](auto* dst) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) dst[m * N + n] = Y[m * N + n] + (b ? b[n] : 0.0f);
+  };
+  if (dtype == at::kFloat) store(out.data_ptr<float>());
+  else if (dtype == at::kBFloat16) store(out.data_ptr<at::BFloat16>());  // (rounded to nearest even)
+  else if (dtype == at::kHalf) store(out.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "bf16, fp16 or fp32 inputs");
+  return out;
+}
+}  // namespace
+
+// y [M, N] (x's dtype) = x [M, K] (bf16) @ w [N, K].T (bf16) (+ bias); more than 8 rows run 8 at a time
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 x and w");
   g_calls[0]++;
   auto out = torch::empty({x.size(0), w.size(0)}, x.options().dtype(torch::kFloat));
   bf16_input_matmul<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr,
                                  out.data_ptr<float>(), w.size(0));
-  return out.to(x.scalar_type());
+  return finish(out, bias, x.scalar_type());
 }
 
-// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N]; q int8. avx512bf16 and amx: integer dot
-// products (_int8.h; any number of rows, each its exact sum); avx2: converted to fp32 in registers, 8 rows
-// at a time.
-torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8. avx512bf16 and amx: integer
+// dot products (_int8.h; any number of rows, each its exact sum); avx2: converted to fp32 in registers, 8
+// rows at a time.
+torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check(x, q);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
   TORCH_CHECK(scale.numel() == q.size(0), "one scale per row");
   g_calls[1]++;
-  auto sf = scale.to(torch::kFloat).contiguous();
+  thread_local std::vector<float> scale_buffer;
+  const float* S = as_floats(scale, scale_buffer);
   auto out = torch::empty({x.size(0), q.size(0)}, x.options().dtype(torch::kFloat));
 #if defined(SLOWLLM_AVX512BF16)
   auto xc = x.contiguous();
   int8_matmul(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
-              q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), q.size(0));
+              q.data_ptr<int8_t>(), S, out.data_ptr<float>(), q.size(0));
 #else
-  bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), q.size(0));
+  bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), q.size(0));
 #endif
-  return out.to(x.scalar_type());
+  return finish(out, bias, x.scalar_type());
 }
 
-// y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N]; q int8, x bf16/fp16/fp32 (as fp32): integer
-// dot products on avx512bf16 and amx (exact up to the input grid's 2^-24), fp32 FMAs 8 rows at a time on avx2
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+// y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N] (+ bias); q int8, x bf16/fp16/fp32 (as fp32):
+// integer dot products on avx512bf16 and amx (exact up to the input grid's 2^-24), fp32 FMAs 8 rows at a
+// time on avx2
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check(x, q);
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.numel() == q.size(0), "int8 q and one scale per row");
   g_calls[2]++;
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto xf = x.to(torch::kFloat).contiguous();
-  auto sf = scale.to(torch::kFloat).contiguous();
+  thread_local std::vector<float> scale_buffer;
+  const float* S = as_floats(scale, scale_buffer);
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
 #if defined(SLOWLLM_AVX512BF16)
-  int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
+  int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), N);
 #else
-  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), N);
+  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), N);
 #endif
-  return out.to(x.scalar_type());
+  return finish(out, bias, x.scalar_type());
 }
 
 namespace {
@@ -452,9 +490,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The products run without Python's lock, as PyTorch's own ops do: a node's or coordinator's other
   // threads (its event loop sending and reading the next messages, another wave's head) go on meanwhile.
   using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("bf16_gemv", &bf16_gemv, nogil(), "bf16 x [M, K] @ bf16 w [N, K].T, fp32 accumulation");
-  m.def("int8_bf16_gemv", &int8_bf16_gemv, nogil(), "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
-  m.def("int8_gemv", &int8_gemv, nogil(), "fp32 x [M, K] @ (int8 q [N, K] * scale [N]).T, fp32 accumulation");
+  const auto bias = py::arg("bias") = py::none();  // added in fp32 before the one rounding to x's dtype
+  m.def("bf16_gemv", &bf16_gemv, nogil(), py::arg("x"), py::arg("w"), bias,
+        "bf16 x [M, K] @ bf16 w [N, K].T (+ bias), fp32 accumulation");
+  m.def("int8_bf16_gemv", &int8_bf16_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias,
+        "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
+  m.def("int8_gemv", &int8_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias,
+        "x [M, K] (as fp32) @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
   m.def("bf16_fp32_gemv", &bf16_fp32_gemv, nogil(), "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
   m.def("fp32_gemv", &fp32_gemv, nogil(), "fp32 x [M, K] @ fp32 w [N, K].T, batch invariant");
   m.def("calls", &calls, "how many times each entry point ran in this process");

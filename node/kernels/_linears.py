@@ -50,19 +50,20 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ (q * scale).T, never materialising the whole float weight.
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ (q * scale).T (+ bias), never materialising the whole float weight.
 
-    A few rows (decoding): slowllm's GEMV kernel, else torch's weight-only int8 kernel; both read the int8
-    bytes once. Many rows (prompts, scoring), or fp32 without the kernels: slices of rows converted into
-    a reused float buffer (int8 values are exact in bf16) and a dense GEMM, the scale on the output."""
+    A few rows (decoding): slowllm's GEMV kernel (the bias added in it, before its one rounding), else
+    torch's weight-only int8 kernel; both read the int8 bytes once. Many rows (prompts, scoring), or fp32
+    without the kernels: slices of rows converted into a reused float buffer (int8 values are exact in
+    bf16) and a dense GEMM, the scale on the output."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x.dtype == torch.bfloat16 and usable(x2, "int8"):
-        out = kernels().int8_bf16_gemv(x2, q, scale)
-    elif x.dtype == torch.float32 and usable(x2, "int8_fp32"):
-        out = kernels().int8_gemv(x2, q, scale)
-    elif (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] <= KERNEL_MAX_ROWS
+        return kernels().int8_bf16_gemv(x2, q, scale, bias).reshape(*lead, q.shape[0])
+    if x.dtype == torch.float32 and usable(x2, "int8_fp32"):
+        return kernels().int8_gemv(x2, q, scale, bias).reshape(*lead, q.shape[0])
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] <= KERNEL_MAX_ROWS
             and k % _KERNEL_K_MULTIPLE == 0):
         out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     else:  # in fp32 where PyTorch's bf16 GEMM is slow (see bf16_linear)
@@ -77,6 +78,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
             weight.copy_(part)
             out[:, start:start + part.shape[0]] = F.linear(xc, weight)
         out = out.mul_(scale.to(dtype)).to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
     return out.reshape(*lead, q.shape[0])
 
 
@@ -156,9 +159,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             out = _Int8Function.apply(x, self.weight, self.weight_scale)
-        else:
-            out = int8_matmul(x, self.weight, self.weight_scale)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+        return int8_matmul(x, self.weight, self.weight_scale, self.bias)
 
 
 class GemvLinear(nn.Linear):
@@ -175,9 +177,7 @@ class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and usable(x, "bf16")
                 and not (torch.is_grad_enabled() and x.requires_grad) and self.weight.is_contiguous()):
-            out = kernels().bf16_gemv(x.reshape(-1, x.shape[-1]), self.weight)
-            if self.bias is not None:
-                out += self.bias
+            out = kernels().bf16_gemv(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
             return bf16_linear(x, self.weight, self.bias)
