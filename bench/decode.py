@@ -184,7 +184,7 @@ def main() -> None:
     results: dict[tuple, list[dict]] = {}
     for _ in range(args.repeat):
         for isa in isas:
-            env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa == "avx2" else {})}
+            env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa.startswith("avx2") else {})}
             for condition in conditions:
                 busy = neighbour() if condition == "busy" else None
                 try:

@@ -110,9 +110,9 @@ def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
             assert torch.equal(got[-1:], getattr(k, name)(args[0][-1:], *args[1:], bias))
 
 
-@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ("amx", "avx512bf16")])
-def test_int8_products_are_exact_integer_sums_on_the_avx512_builds(isa):
-    """On the avx512bf16 and amx builds int8 weights meet the input rows as exact integer dot products
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ("amx", "avx512bf16", "avx2vnni")])
+def test_int8_products_are_exact_integer_sums_on_the_vnni_builds(isa):
+    """On the avx512bf16, amx and avx2vnni builds int8 weights meet the input rows as exact integer dot products
     (node/kernels/_int8.h), each row put on a power-of-two grid: 24 bits below its largest element for fp32
     rows, 16 for bf16. Rows already on the grid come out as the float64 sum rounded once or twice, at any
     width; any row is off by at most half a grid step per element; a row with an inf or NaN gives NaN and
@@ -275,7 +275,7 @@ def test_an_isa_this_cpu_cannot_run_or_does_not_know_is_refused(monkeypatch):
     from slowllm.node.kernels._kernels import chosen_isa
 
     monkeypatch.setenv("SLOWLLM_ISA", "sse9")
-    with pytest.raises(ValueError, match="SLOWLLM_ISA=sse9 is not one of amx, avx512bf16, avx2, none"):
+    with pytest.raises(ValueError, match="SLOWLLM_ISA=sse9 is not one of amx, avx512bf16, avx2vnni, avx2, none"):
         chosen_isa()
     monkeypatch.setenv("SLOWLLM_ISA", "avx512bf16")
     monkeypatch.setattr("slowllm.node.kernels._kernels.cpu_flags", lambda: {"avx2", "fma", "f16c"})

@@ -1,12 +1,13 @@
-// int8 weights as integer dot products (the avx512bf16 and amx builds): included by _kernels.cpp inside its
-// anonymous namespace, after the helpers it uses (parallel_slices, in_row_groups, kSlice, kMaxTileRows).
+// int8 weights as integer dot products (the avx512bf16, amx and avx2vnni builds): included by _kernels.cpp
+// inside its anonymous namespace, after the helpers it uses (parallel_slices, over_tiles, SLOWLLM_DISPATCH).
 //
 // Converting int8 weights to bf16 or fp32 in registers takes more instructions per weight byte than the
 // memory needs to deliver it: int8 decode ran at bf16's rate per weight (~13 G weights/s on 2 cores), so
 // half the bytes did not halve the time. Here the weights are never converted. Each input row becomes
 // integers on a power-of-two grid, x ~= (u - 2^(8P-1)) * step with u < 2^(8P) (one step per row, chosen from its
-// largest |x|), u kept as P byte planes (high first), and VNNI's byte dot products (vpdpbusd:
-// 64 unsigned x signed byte products per instruction; AMX's tdpbsud: 16 x 16 x 64 per tile product) sum
+// largest |x|), u kept as P byte planes (high first), and VNNI's byte dot products (vpdpbusd: 64 unsigned
+// x signed byte products per instruction with AVX512-VNNI, 32 with AVX-VNNI, which the AVX2-only CPUs of
+// Intel since Alder Lake and AMD since Zen 5 have; AMX's tdpbsud: 16 x 16 x 64 per tile product) sum
 // q * byte exactly in int32. One more dot product, with ones, gives each weight row's sum of q for the
 // offset. The sums are exact integers, so a row's result is the same whatever rows are beside it, however
 // the work is tiled or threaded, and the tails can run any path. The only rounding is the grid's: fp32
@@ -15,8 +16,71 @@
 // smaller ones are off by at most 2^-16 of the largest, far below the bf16 rounding the inputs already
 // carry): a dot product less per input row, which is most of the work beyond one row.
 #pragma once
-#if defined(SLOWLLM_AVX512BF16)
+#if defined(SLOWLLM_INT8_DOTS)
 constexpr int64_t kIntMaxK = 65536;  // |sum over K of 255 x 128| < 2^31: an int32 sum cannot overflow
+
+// The build's vectors: byte dot products and the input rows' conversion to integers, F floats at a time.
+#if defined(SLOWLLM_AVX512BF16)
+struct ByteDots {
+  using V = __m512i;
+  static constexpr int kBytes = 64, kRegisters = 32, F = 16;
+  static V zero() { return _mm512_setzero_si512(); }
+  static V ones() { return _mm512_set1_epi8(1); }
+  static V flip() { return _mm512_set1_epi8(static_cast<char>(0x80)); }
+  static V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V load(const void* p) { return _mm512_loadu_si512(p); }
+  static V dot(V acc, V u8, V s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+  static int64_t sum(V v) { return _mm512_reduce_add_epi32(v); }
+  static __m512 floats(const float* x) { return _mm512_loadu_ps(x); }
+  static __m512 floats(const uint16_t* x) {  // bf16: the top half of the fp32 with the same value
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  }
+  // F values x * scale rounded to integers (to nearest even), + offset, at most `most`, into P planes
+  template <int P, typename In>
+  static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t K) {
+    __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(floats(x), _mm512_set1_ps(scale))),
+                                 _mm512_set1_epi32(offset));
+    u = _mm512_min_epi32(u, _mm512_set1_epi32(most));
+    for (int p = 0; p < P; ++p)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * K), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8 * (P - 1 - p))));
+  }
+};
+#else
+struct ByteDots {
+  using V = __m256i;
+  static constexpr int kBytes = 32, kRegisters = 16, F = 8;
+  static V zero() { return _mm256_setzero_si256(); }
+  static V ones() { return _mm256_set1_epi8(1); }
+  static V flip() { return _mm256_set1_epi8(static_cast<char>(0x80)); }
+  static V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
+  static V load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V dot(V acc, V u8, V s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
+  static int64_t sum(V v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  }
+  static __m256 floats(const float* x) { return _mm256_loadu_ps(x); }
+  static __m256 floats(const uint16_t* x) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+  }
+  template <int P, typename In>
+  static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t K) {
+    __m256i u = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats(x), _mm256_set1_ps(scale))),
+                                 _mm256_set1_epi32(offset));
+    u = _mm256_min_epi32(u, _mm256_set1_epi32(most));
+    // byte 0 of each 32-bit lane to the low 4 bytes of its 128-bit half, then the two halves together
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+    for (int p = 0; p < P; ++p) {
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(_mm256_srli_epi32(u, 8 * (P - 1 - p)), pick), halves);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + p * K), _mm256_castsi256_si128(bytes));
+    }
+  }
+};
+#endif
 
 // The input rows as P integer byte planes: plane p (0: high byte) of row m at planes[(m * P + p) * K], and
 // each row's step (NaN for a row with an inf or NaN: its outputs are NaN, as a float sum's would be).
@@ -26,6 +90,7 @@ struct IntRows {
   int64_t M, K;
   std::vector<uint8_t> planes;
   std::vector<double> step;
+  std::vector<int64_t> high;  // per row: the sum of the high bytes minus 128 over the VNNI body
   const uint8_t* plane(int64_t m, int p) const { return planes.data() + (m * P + p) * K; }
   int32_t value(int64_t m, int64_t k) const {  // u - offset
     int32_t u = 0;
@@ -34,11 +99,6 @@ struct IntRows {
   }
 };
 
-inline __m512 load16_float(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16_float(const uint16_t* x) {  // bf16: the top half of the fp32 with the same value
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-}
 inline uint32_t magnitude_bits(float v) { uint32_t b; std::memcpy(&b, &v, 4); return b & 0x7FFFFFFFu; }
 inline uint32_t magnitude_bits(uint16_t v) { return (static_cast<uint32_t>(v) << 16) & 0x7FFFFFFFu; }
 inline float as_float(float v) { return v; }
@@ -48,8 +108,9 @@ inline float as_float(uint16_t v) { return bf16_to_float(v); }
 template <int P, typename In>
 IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
   constexpr int32_t offset = IntRows<P>::kOffset, most = (1 << (8 * P)) - 1;
-  IntRows<P> out{M, K, std::vector<uint8_t>(M * P * K), std::vector<double>(M)};
-  const int64_t body = K / 16 * 16;
+  IntRows<P> out{M, K, std::vector<uint8_t>(M * P * K), std::vector<double>(M), std::vector<int64_t>(M)};
+  const int64_t vnni_body = K / ByteDots::kBytes * ByteDots::kBytes;
+  const int64_t body = K / ByteDots::F * ByteDots::F;
   for (int64_t m = 0; m < M; ++m) {
     const In* x = X + m * K;
     uint32_t top = 0;  // the largest |x| as bits: as integers, finite < inf < NaN
@@ -63,20 +124,15 @@ IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
     }
     out.step[m] = std::ldexp(1.0, exponent - (8 * P - 2));  // |x| / step < offset
     const float inverse = std::ldexp(1.0f, 8 * P - 2 - exponent);  // a power of two: x * inverse is exact
-    const __m512 scale = _mm512_set1_ps(inverse);
-    for (int64_t k = 0; k < body; k += 16) {
-      // (rounding to nearest even may reach the offset for the largest: clamped, one grid step)
-      __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16_float(x + k), scale)),
-                                   _mm512_set1_epi32(offset));
-      u = _mm512_min_epi32(u, _mm512_set1_epi32(most));
-      for (int p = 0; p < P; ++p)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + p * K + k),
-                         _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8 * (P - 1 - p))));
-    }
+    // (rounding to nearest even may reach the offset for the largest: clamped to `most`, one grid step)
+    for (int64_t k = 0; k < body; k += ByteDots::F) ByteDots::planes<P>(x + k, inverse, offset, most, planes + k, K);
     for (int64_t k = body; k < K; ++k) {
       const int32_t u = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * inverse)) + offset, most);
       for (int p = 0; p < P; ++p) planes[p * K + k] = (u >> 8 * (P - 1 - p)) & 0xFF;
     }
+    int64_t high = 0;
+    for (int64_t k = 0; k < vnni_body; ++k) high += planes[k];
+    out.high[m] = high - 128 * vnni_body;
   }
   return out;
 }
@@ -103,51 +159,51 @@ int64_t int_total(const Plane& plane, int64_t Q) {
   return total - (Q << (8 * P - 1));
 }
 
-// R weight rows against M input rows (m0 on) with AVX512-VNNI: R x (PM + 1) int32 chains, each weight
-// vector loaded once for all of them and each plane vector once for the R weight rows.
+// R weight rows against M input rows (m0 on) with VNNI: R x (PM + 1) int32 chains, each weight vector
+// loaded once for all of them and each plane vector once for the R weight rows.
 template <int M, int R, int P>
 void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
-  const int64_t K = in.K, body = K / 64 * 64;
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc[R][M][P], sums[R];
-  for (int r = 0; r < R; ++r) {
-    sums[r] = _mm512_setzero_si512();
+  using D = ByteDots;
+  const int64_t K = in.K, body = K / D::kBytes * D::kBytes;
+  const D::V flip = D::flip();
+  D::V acc[R][M][P];
+  for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
-      for (int p = 0; p < P; ++p) acc[r][m][p] = _mm512_setzero_si512();
-  }
-  for (int64_t k = 0; k < body; k += 64) {
-    __m512i w[R];
+      for (int p = 0; p < P; ++p) acc[r][m][p] = D::zero();
+  for (int64_t k = 0; k < body; k += D::kBytes) {
     for (int r = 0; r < R; ++r) {
-      w[r] = _mm512_loadu_si512(W + r * K + k);
-      sums[r] = _mm512_dpbusd_epi32(sums[r], ones, w[r]);
-    }
-    for (int m = 0; m < M; ++m)
-      for (int p = 0; p < P; ++p) {
-        const __m512i x = _mm512_loadu_si512(in.plane(m0 + m, p) + k);
-        for (int r = 0; r < R; ++r) acc[r][m][p] = _mm512_dpbusd_epi32(acc[r][m][p], x, w[r]);
+      const D::V w = D::load(W + r * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
+      for (int m = 0; m < M; ++m) {
+        acc[r][m][0] = D::dot(acc[r][m][0], shifted, D::xor_(D::load(in.plane(m0 + m, 0) + k), flip));
+        for (int p = 1; p < P; ++p) acc[r][m][p] = D::dot(acc[r][m][p], D::load(in.plane(m0 + m, p) + k), w);
       }
+    }
   }
   for (int r = 0; r < R; ++r) {
-    const int64_t Q = _mm512_reduce_add_epi32(sums[r]);
     for (int m = 0; m < M; ++m) {
-      int64_t total = int_total<P>([&](int p) { return _mm512_reduce_add_epi32(acc[r][m][p]); }, Q);
+      // high: sum (q + 128) h - 128 sum h = sum q h, h = high byte - 128; the offset is in h already
+      int64_t total = D::sum(acc[r][m][0]) - 128 * in.high[m0 + m];
+      for (int p = 1; p < P; ++p) total = (total << 8) + D::sum(acc[r][m][p]);
       if (body < K) total += int_tail(in, m0 + m, W + r * K, body);
       Y[m * stride + r] = int_output(total, in.step[m0 + m], S ? S + r : nullptr);
     }
   }
 }
 
-// weight rows per VNNI tile for M input rows: R x (PM + 1) sums, R weight vectors and one plane vector
-// fit the 32 vector registers (at most 6: beyond, the rows' loads compete with too few sums)
+// Weight rows per VNNI tile for M input rows: R x (PM + 1) sums, R weight vectors, one plane vector and
+// the ones fit the vector registers (at most 6: beyond, the rows' loads compete with too few sums); and
+// input rows per pass, so that one weight row fits (8; 256-bit: 6 bf16 rows, 4 fp32 rows).
 template <int P>
-constexpr int vnni_rows_per_tile(int M) { return std::min(6, 30 / (P * M + 2)); }
+constexpr int vnni_rows_per_tile(int M) { return std::min(6, (ByteDots::kRegisters - 4) / (P * M)); }
+template <int P>
+constexpr int64_t kVnniPassRows = std::min(8, (ByteDots::kRegisters - 4) / P);
 
 template <int P>
 void vnni_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float* Y0, int64_t N) {
   const int64_t M = in.M;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+  for (int64_t m0 = 0; m0 < M; m0 += kVnniPassRows<P>) {
     float* Y = Y0 + m0 * N;
-    const int64_t rows = std::min<int64_t>(kMaxTileRows, M - m0);
+    const int64_t rows = std::min<int64_t>(kVnniPassRows<P>, M - m0);
     auto one = [&](int64_t n) {
       for (int64_t m = 0; m < rows; ++m) vnni_tile<1, 1, P>(in, m0 + m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
     };

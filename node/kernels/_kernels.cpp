@@ -35,10 +35,15 @@
 #include <unistd.h>
 #elif defined(SLOWLLM_AVX512BF16)
 #define SLOWLLM_ISA_NAME "avx512bf16"
+#elif defined(SLOWLLM_AVX2) && defined(SLOWLLM_AVXVNNI)
+#define SLOWLLM_ISA_NAME "avx2vnni"
 #elif defined(SLOWLLM_AVX2)
 #define SLOWLLM_ISA_NAME "avx2"
 #else
 #error "build with -DSLOWLLM_AVX512BF16 or -DSLOWLLM_AVX2 and the matching -m flags (node/kernels/_kernels.py does)"
+#endif
+#if defined(SLOWLLM_AVX512BF16) || defined(SLOWLLM_AVXVNNI)
+#define SLOWLLM_INT8_DOTS  // int8 weights as integer byte dot products (_int8.h)
 #endif
 
 namespace {
@@ -191,6 +196,16 @@ void fp32_four_rows(const float* X, int64_t K, const typename Weights::T* W, con
     default: TORCH_CHECK(false, "at most 8 input rows");           \
   }
 
+// Rows [0, N) in tiles of R (the rest one by one), kSlice rows at least per slice a thread takes.
+template <int R, typename Tile, typename One>
+void over_tiles(int64_t N, const Tile& whole, const One& one) {
+  parallel_slices((N + R - 1) / R, std::max<int64_t>(1, kSlice / R), [&](int64_t g) {
+    const int64_t n = R * g;
+    if (n + R <= N) whole(n);
+    else for (int64_t r = n; r < N; ++r) one(r);
+  });
+}
+
 // body(X, Y, rows) for each group of up to kMaxTileRows input rows of X0 [M, K] and their outputs Y0 [M, N]
 template <typename In, typename Body>
 void in_row_groups(const In* X0, int64_t M, int64_t K, float* Y0, int64_t N, const Body& body) {
@@ -316,16 +331,6 @@ void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const floa
     }
 }
 
-// Rows [0, N) in tiles of R (the rest one by one), kSlice rows at least per slice a thread takes.
-template <int R, typename Tile, typename One>
-void over_tiles(int64_t N, const Tile& whole, const One& one) {
-  parallel_slices((N + R - 1) / R, std::max<int64_t>(1, kSlice / R), [&](int64_t g) {
-    const int64_t n = R * g;
-    if (n + R <= N) whole(n);
-    else for (int64_t r = n; r < N; ++r) one(r);
-  });
-}
-
 // Y [M, N] = X [M, K] (bf16) @ W [N, K].T (times S[n] when scales are given), 8 input rows at a time:
 // tiles of Weights::rows_per_tile weight rows, the rest row by row.
 template <typename Weights>
@@ -344,7 +349,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
 #endif
 
 #include "_amx.h"  // (empty unless SLOWLLM_AMX)
-#include "_int8.h"  // (empty unless SLOWLLM_AVX512BF16)
+#include "_int8.h"  // (empty unless SLOWLLM_INT8_DOTS)
 
 // Y [M, N] (fp32) = X [M, K] (bf16) @ W [N, K].T (times S[n]): the ISA's bf16-input path. avx2 widens
 // the few input rows to fp32 once (M x K values: nothing beside the weights) and uses the fp32 path.
@@ -423,7 +428,7 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
   auto out = torch::empty({x.size(0), q.size(0)}, x.options().dtype(torch::kFloat));
-#if defined(SLOWLLM_AVX512BF16)
+#if defined(SLOWLLM_INT8_DOTS)
   auto xc = x.contiguous();
   int8_matmul(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
               q.data_ptr<int8_t>(), S, out.data_ptr<float>(), q.size(0));
@@ -445,7 +450,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
   auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-#if defined(SLOWLLM_AVX512BF16)
+#if defined(SLOWLLM_INT8_DOTS)
   int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), N);
 #else
   fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), N);

@@ -40,6 +40,7 @@ ISA_FLAGS = {
     "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma", "amx_tile", "amx_bf16",
             "amx_int8"),
     "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma"),
+    "avx2vnni": ("avx2", "fma", "f16c", "avx_vnni"),  # Intel Alder Lake and later, AMD Zen 5: AVX2 + AVX-VNNI
     "avx2": ("avx2", "fma", "f16c"),
 }
 _AVX512BF16_CFLAGS = ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
@@ -47,6 +48,7 @@ _AVX512BF16_CFLAGS = ["-DSLOWLLM_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx5
 ISA_CFLAGS = {
     "amx": ["-DSLOWLLM_AMX", "-mamx-tile", "-mamx-bf16", "-mamx-int8", *_AVX512BF16_CFLAGS],
     "avx512bf16": _AVX512BF16_CFLAGS,
+    "avx2vnni": ["-DSLOWLLM_AVX2", "-DSLOWLLM_AVXVNNI", "-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
     "avx2": ["-DSLOWLLM_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 # Input rows up to which each kernel beats the alternative, per build. avx512bf16 (measured on bloom-1b7
@@ -68,6 +70,7 @@ ISA_CFLAGS = {
 MAX_ROWS = {
     "amx": {"bf16": 16, "int8": 32, "int8_fp32": 32},
     "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 32},
+    "avx2vnni": {"bf16": 8, "int8": 16, "int8_fp32": 16},
     "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
 }
 INT8_MAX_INPUTS = 65536  # the avx512 builds' int32 sums hold K products of 255 x 128 up to here
