@@ -108,6 +108,15 @@ def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
             else:
                 assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), (name, bias.dtype)
             assert torch.equal(got[-1:], getattr(k, name)(args[0][-1:], *args[1:], bias))
+        # the one rounding is PyTorch's (to nearest even, NaN kept), vectorized or not (70 = 8 x 8 + 6)
+        for dtype in (torch.bfloat16, torch.float16):  # (int8_gemv sums bf16 and fp16 rows as fp32 ones)
+            xd = x.to(dtype)
+            assert torch.equal(k.int8_gemv(xd, q, scale, bias), k.int8_gemv(xd.float(), q, scale, bias).to(dtype))
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -11, 1 + 3 * 2 ** -11, float("nan"),
+                         float("inf"), 3e38, 1e-30, 0.1] * 7)  # a zero row's outputs are its bias, rounded once
+    for dtype in (torch.bfloat16, torch.float16):
+        got = k.int8_gemv(torch.zeros(1, 300, dtype=dtype), q, scale, ties)
+        torch.testing.assert_close(got[0], ties.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ("amx", "avx512bf16", "avx2vnni")])

@@ -8,8 +8,10 @@
 // largest |x|), u kept as P byte planes (high first), and VNNI's byte dot products (vpdpbusd: 64 unsigned
 // x signed byte products per instruction with AVX512-VNNI, 32 with AVX-VNNI, which the AVX2-only CPUs of
 // Intel since Alder Lake and AMD since Zen 5 have; AMX's tdpbsud: 16 x 16 x 64 per tile product) sum
-// q * byte exactly in int32. One more dot product, with ones, gives each weight row's sum of q for the
-// offset. The sums are exact integers, so a row's result is the same whatever rows are beside it, however
+// q * byte exactly in int32. The offset needs each weight row's sum of q (AMX: a column of ones beside the
+// planes, free within a tile product) or, with VNNI, is folded into the high plane taken as signed (the
+// weights offset by 128 instead, and the row's high-byte sum, computed once, takes it out). The sums are
+// exact integers, so a row's result is the same whatever rows are beside it, however
 // the work is tiled or threaded, and the tails can run any path. The only rounding is the grid's: fp32
 // inputs take P = 3 planes (elements off by at most 2^-24 of the row's largest, the rounding of a fp32
 // sum), bf16 inputs P = 2 (every bf16 element within 2^-8 of the largest is exact, all 8 of its bits, and
@@ -137,7 +139,7 @@ IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
   return out;
 }
 
-// One output from its exact integer sum: sum over k of q * (u - 2^23), times the row's step and scale.
+// One output from its exact integer sum: sum over k of q * (u - offset), times the row's step and scale.
 inline float int_output(int64_t total, double step, const float* S) {
   const float y = static_cast<float>(static_cast<double>(total) * step);
   return S ? y * *S : y;

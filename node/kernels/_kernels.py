@@ -6,6 +6,8 @@ Which build runs is the best the CPU has, unless SLOWLLM_ISA names one:
   else is in the batch;
 - `avx512bf16`: AVX512-BF16 dot products (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
   later);
+- `avx2vnni`: the avx2 build whose int8 products are integer dot products (AVX-VNNI: Intel Alder Lake and
+  later, AMD Zen 5), as the two above do with AVX512-VNNI and AMX;
 - `avx2`: AVX2 + FMA, weights widened to fp32 in registers (every x86 PC since 2013-2015);
 - `none`: PyTorch's own kernels (also what Arm CPUs get; SLOWLLM_KERNELS=0 means the same).
 A build takes ~30-60 s once, into ~/.cache/slowllm/kernels (SLOWLLM_CACHE moves it), under a lock that
