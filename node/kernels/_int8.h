@@ -201,18 +201,23 @@ template <int P>
 constexpr int64_t kVnniPassRows = std::min(8, (ByteDots::kRegisters - 4) / P);
 
 template <int P>
-void vnni_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float* Y0, int64_t N) {
+void vnni_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float* Y, int64_t N) {
   const int64_t M = in.M;
-  for (int64_t m0 = 0; m0 < M; m0 += kVnniPassRows<P>) {
-    float* Y = Y0 + m0 * N;
-    const int64_t rows = std::min<int64_t>(kVnniPassRows<P>, M - m0);
-    auto one = [&](int64_t n) {
-      for (int64_t m = 0; m < rows; ++m) vnni_tile<1, 1, P>(in, m0 + m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
-    };
-#define SLOWLLM_VNNI(R) over_tiles<vnni_rows_per_tile<P>(R)>(N, [&](int64_t n) { \
-      vnni_tile<R, vnni_rows_per_tile<P>(R), P>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
-    SLOWLLM_DISPATCH(rows, SLOWLLM_VNNI)
+  if (M > kVnniPassRows<P>) {  // several passes: each weight row takes them all in turn, its bytes read
+    parallel_slices(N, kSlice, [&](int64_t n) {  // from memory once (the later passes find them in L1)
+      for (int64_t m0 = 0; m0 < M; m0 += kVnniPassRows<P>) {
+#define SLOWLLM_VNNI_PASS(R) vnni_tile<R, 1, P>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N)
+        SLOWLLM_DISPATCH(std::min<int64_t>(kVnniPassRows<P>, M - m0), SLOWLLM_VNNI_PASS)
+      }
+    });
+    return;
   }
+  auto one = [&](int64_t n) {
+    for (int64_t m = 0; m < M; ++m) vnni_tile<1, 1, P>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
+  };
+#define SLOWLLM_VNNI(R) over_tiles<vnni_rows_per_tile<P>(R)>(N, [&](int64_t n) { \
+    vnni_tile<R, vnni_rows_per_tile<P>(R), P>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
+  SLOWLLM_DISPATCH(M, SLOWLLM_VNNI)
 }
 
 #if defined(SLOWLLM_AMX)
