@@ -161,8 +161,8 @@ int64_t int_total(const Plane& plane, int64_t Q) {
   return total - (Q << (8 * P - 1));
 }
 
-// R weight rows against M input rows (m0 on) with VNNI: R x (PM + 1) int32 chains, each weight vector
-// loaded once for all of them and each plane vector once for the R weight rows.
+// R weight rows against M input rows (m0 on) with VNNI: R x M x P int32 chains, each weight vector loaded
+// once for all of them (and offset by 128 once, for the high planes taken as signed).
 template <int M, int R, int P>
 void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
   using D = ByteDots;
@@ -192,9 +192,9 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
   }
 }
 
-// Weight rows per VNNI tile for M input rows: R x (PM + 1) sums, R weight vectors, one plane vector and
-// the ones fit the vector registers (at most 6: beyond, the rows' loads compete with too few sums); and
-// input rows per pass, so that one weight row fits (8; 256-bit: 6 bf16 rows, 4 fp32 rows).
+// Weight rows per VNNI tile for M input rows: R x M x P sums, a weight vector, its offset copy, a plane
+// vector and the 0x80 constant fit the vector registers (at most 6: beyond, the rows' loads compete with
+// too few sums); and input rows per pass, so that one weight row fits (8; 256-bit: 6 bf16 rows, 4 fp32).
 template <int P>
 constexpr int vnni_rows_per_tile(int M) { return std::min(6, (ByteDots::kRegisters - 4) / (P * M)); }
 template <int P>

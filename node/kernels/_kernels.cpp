@@ -17,7 +17,7 @@
 //   the other builds for bf16 and fp32 weights (the LM head's fp32 hidden states).
 // - avx2vnni (AVX2 PCs with AVX-VNNI: Intel Alder Lake and later, AMD Zen 5): the avx2 build with int8
 //   weights as integer dot products (_int8.h), 256 bits wide.
-// Accumulation is fp32 (int32 for int8 on the avx512 builds). An Arm build (NEON widening for bf16, SDOT
+// Accumulation is fp32 (int32 for int8 on the VNNI builds). An Arm build (NEON widening for bf16, SDOT
 // byte dot products for int8 as _int8.h does, BFDOT where the CPU has BF16) would be another set of the
 // same few primitives (`load16`, the row and tile loops); it is not written yet, and Arm CPUs use
 // PyTorch's kernels.
@@ -438,9 +438,9 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return finish(out, bias, x.scalar_type());
 }
 
-// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8. avx512bf16 and amx: integer
-// dot products (_int8.h; any number of rows, each its exact sum); avx2: converted to fp32 in registers, 8
-// rows at a time.
+// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8. The VNNI builds (amx,
+// avx512bf16, avx2vnni): integer dot products (_int8.h; any number of rows, each its exact sum); avx2:
+// converted to fp32 in registers, 8 rows at a time.
 torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check(x, q);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
@@ -460,7 +460,7 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 }
 
 // y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N] (+ bias); q int8, x bf16/fp16/fp32 (as fp32):
-// integer dot products on avx512bf16 and amx (exact up to the input grid's 2^-24), fp32 FMAs 8 rows at a
+// integer dot products on the VNNI builds (exact up to the input grid's 2^-24), fp32 FMAs 8 rows at a
 // time on avx2
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check(x, q);

@@ -65,17 +65,18 @@ ISA_CFLAGS = {
 # bf16 kernel vs oneDNN's F.linear 48/63 at 1 row, 92/174 at 4, 144/268 at 8; int8 with bf16 rows vs
 # torch's int8 kernel 40/43 at 1, 99/120 at 8. More than 8 rows run through the kernels 8 at a time.
 # amx (2-core Sapphire Rapids, 1 thread, 4 blocks of hidden 1024, ms, vs F.linear): 4.95/8.9 at 1 row,
-# 7.3/10.0 at 8, 9.6/10.3 at 16, 14.3/11.4 at 32. int8 on amx and avx512bf16 is integer dot products
-# (_int8.h), fp32 rows as well as bf16 ones: bloom-1b7's 24 blocks of linears, bf16 rows, amx 53 / 71 / 99 ms
-# at 1 / 8 / 16 rows (converting to bf16 before: 109 / 113 / 116), avx512bf16 60 / 145 (91 / 151); "int8"
-# is calibrated per machine, "int8_fp32" follows it.
+# 7.3/10.0 at 8, 9.6/10.3 at 16, 14.3/11.4 at 32. int8 on amx, avx512bf16 and avx2vnni is integer dot
+# products (_int8.h), fp32 rows as well as bf16 ones: bloom-1b7's 24 blocks of linears, bf16 rows, amx 48 /
+# 71 / 99 ms at 1 / 8 / 16 rows (converting to bf16 before: 109 / 113 / 116), avx512bf16 58 / 130 (91 /
+# 151), avx2vnni 62 / 165 / 301 (avx2's FMAs 80 / ~180 / ~390); "int8" is calibrated per machine on the
+# avx512 builds, "int8_fp32" follows it.
 MAX_ROWS = {
     "amx": {"bf16": 16, "int8": 32, "int8_fp32": 32},
     "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 32},
     "avx2vnni": {"bf16": 8, "int8": 16, "int8_fp32": 16},
     "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
 }
-INT8_MAX_INPUTS = 65536  # the avx512 builds' int32 sums hold K products of 255 x 128 up to here
+INT8_MAX_INPUTS = 65536  # the VNNI builds' int32 sums hold K products of 255 x 128 up to here (176B: 57344)
 
 
 @functools.cache
