@@ -395,20 +395,35 @@ __m128i bf16_round8(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-// y [M, N] (fp32) + bias [N] in `dtype`: the bias added in fp32 and the sum rounded once, in one pass
-// (what `.to(dtype)` and a bias add cost as separate ops: two allocations and three passes per linear)
-torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, at::ScalarType dtype) {
-  if (!bias && dtype == at::kFloat) return y;
+// Where an entry point's fp32 sums Y [M, N] go and its output, in the input's dtype: a fp32 output holds
+// its own sums; a bf16 or fp16 one is rounded (`finish`) from a per-thread buffer, so a call allocates
+// only its output (a fresh fp32 buffer per call cost ~15 us of page faults, ~200 calls per token).
+struct Output {
+  torch::Tensor out;
+  float* Y;
+};
+Output output(const torch::Tensor& x, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "bf16, fp16 or fp32 inputs");
+  thread_local std::vector<float> sums;
+  auto out = torch::empty({x.size(0), N}, x.options());
+  if (x.scalar_type() == at::kFloat) return {out, out.data_ptr<float>()};
+  sums.resize(x.size(0) * N);
+  return {out, sums.data()};
+}
+
+// out = Y (+ bias [N]): the bias added in fp32 and the sum rounded once to out's dtype, in one pass (what
+// `.to(dtype)` and a bias add cost as separate ops: two allocations and three passes per linear)
+torch::Tensor finish(const Output& o, const c10::optional<torch::Tensor>& bias) {
+  const at::ScalarType dtype = o.out.scalar_type();
+  if (!bias && dtype == at::kFloat) return o.out;
   thread_local std::vector<float> bias_buffer;
-  const int64_t M = y.size(0), N = y.size(1);
+  const int64_t M = o.out.size(0), N = o.out.size(1);
   TORCH_CHECK(!bias || bias->numel() == N, "one bias per output");
   const float* b = bias ? as_floats(*bias, bias_buffer) : nullptr;
-  float* Y = y.data_ptr<float>();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "bf16, fp16 or fp32 inputs");
-  auto out = dtype == at::kFloat ? y : torch::empty({M, N}, y.options().dtype(dtype));
-  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(o.out.data_ptr());
   for (int64_t m = 0; m < M; ++m) {
-    float* row = Y + m * N;
+    float* row = o.Y + m * N;
     int64_t n = 0;
     for (; n + 8 <= N; n += 8) {  // 8 at a time: a head's 250,880 logits per row are no small loop
       const __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + n), b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps());
@@ -423,7 +438,7 @@ torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, 
       else dst[m * N + n] = c10::Half(v).x;
     }
   }
-  return out;
+  return o.out;
 }
 }  // namespace
 
@@ -432,10 +447,10 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 x and w");
   g_calls[0]++;
-  auto out = torch::empty({x.size(0), w.size(0)}, x.options().dtype(torch::kFloat));
-  bf16_input_matmul<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr,
-                                 out.data_ptr<float>(), w.size(0));
-  return finish(out, bias, x.scalar_type());
+  const Output o = output(x, w.size(0));
+  bf16_input_matmul<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr, o.Y,
+                                 w.size(0));
+  return finish(o, bias);
 }
 
 // y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8. The VNNI builds (amx,
@@ -448,15 +463,15 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   g_calls[1]++;
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
-  auto out = torch::empty({x.size(0), q.size(0)}, x.options().dtype(torch::kFloat));
+  const Output o = output(x, q.size(0));
 #if defined(SLOWLLM_INT8_DOTS)
   auto xc = x.contiguous();
   int8_matmul(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
-              q.data_ptr<int8_t>(), S, out.data_ptr<float>(), q.size(0));
+              q.data_ptr<int8_t>(), S, o.Y, q.size(0));
 #else
-  bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), q.size(0));
+  bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), S, o.Y, q.size(0));
 #endif
-  return finish(out, bias, x.scalar_type());
+  return finish(o, bias);
 }
 
 // y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N] (+ bias); q int8, x bf16/fp16/fp32 (as fp32):
@@ -470,13 +485,13 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
   auto xf = x.to(torch::kFloat).contiguous();
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  const Output o = output(x, N);
 #if defined(SLOWLLM_INT8_DOTS)
-  int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), N);
+  int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
 #else
-  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, out.data_ptr<float>(), N);
+  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
 #endif
-  return finish(out, bias, x.scalar_type());
+  return finish(o, bias);
 }
 
 namespace {
