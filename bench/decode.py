@@ -10,8 +10,9 @@ once and times generation of 1 and of 1+N new tokens, greedy: decode ms/token = 
   slowllm   LocalRunner(keep_in_ram=True) with no dtype asked: what `slowllm generate --local
             --keep-in-ram` gives a bf16 checkpoint by default (bf16 wherever a kernel reads it fast)
   slowllm8  the same on the int8 checkpoint
-Per ISA (`SLOWLLM_ISA`): `avx2` also caps PyTorch, oneDNN and MKL at AVX2 (ATEN_CPU_CAPABILITY,
-ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), for every engine: an AVX2-only PC on this machine.
+Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL at AVX2
+(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), for every engine: an AVX2-only PC
+(without or with AVX-VNNI) on this machine.
 
 The memory floor of a token is the bytes of weights it must read (every block's linears and the LM
 head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
