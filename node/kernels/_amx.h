@@ -1,5 +1,6 @@
 // AMX tiles for the bf16-input products (the `amx` build): included by _kernels.cpp inside its anonymous
-// namespace, after the helpers it uses (parallel_slices, bf16_to_float, Bf16Weights).
+// namespace, after the helpers it uses (parallel_slices, bf16_to_float). int8 weights take the integer
+// tiles of _int8.h.
 // Its own file because it is its own idea: tiles, their configuration and Linux's permission for them.
 #pragma once
 #if defined(SLOWLLM_AMX)
@@ -48,24 +49,22 @@ std::vector<uint16_t> pack_inputs(const uint16_t* X, int64_t M, int64_t K) {
 }
 
 // The sums of one tile (C [16 weight rows][16 input rows]) into Y [M, N], with the K tail (K % 32) and scales.
-template <typename Weights>
-void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
+void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
                 const float* S, int64_t n0, int64_t m0, float* Y, int64_t N) {
   const int64_t k_tail = K / kTileK * kTileK;
   for (int i = 0; i < kTileRows; ++i)
     for (int64_t m = m0; m < std::min(M, m0 + kTileRows); ++m) {
       float total = C[i * kTileRows + (m - m0)];
-      for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[(n0 + i) * K + j]);
+      for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * bf16_to_float(W[(n0 + i) * K + j]);
       Y[m * N + n0 + i] = S ? total * S[n0 + i] : total;
     }
 }
 
 // B weight tiles (16 rows each, from row n0) against every block of 16 input rows; tile registers are
 // immediates, hence the unrolled cases.
-template <int B, typename Weights>
-void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W,
+template <int B>
+void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
               const float* S, int64_t n0, float* Y, int64_t N) {
-  static_assert(std::is_same_v<Weights, Bf16Weights>, "int8 weights take the integer tiles (_int8.h)");
   const int64_t tiles = K / kTileK, stride = K * 2;
   alignas(64) float C[kAmxBlocks][kTileRows * kTileRows];
   const uint16_t* w = W + n0 * K;
@@ -90,7 +89,7 @@ void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, c
     if constexpr (B > 2) _tile_stored(2, C[2], 64);
     if constexpr (B > 3) _tile_stored(3, C[3], 64);
     asm volatile("" ::: "memory");  // (the sums are stored before these reads)
-    for (int b = 0; b < B; ++b) store_tile<Weights>(C[b], X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
+    for (int b = 0; b < B; ++b) store_tile(C[b], X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
   }
 }
 
@@ -98,8 +97,7 @@ void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, c
 // per task, the last whole tiles of 16 after them, and the rows beyond the last whole tile one by one (each
 // row always takes the same path, whatever M is). False where the OS refuses the tile state (the caller
 // uses the AVX512 kernels).
-template <typename Weights>
-bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y,
+bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const uint16_t* W, const float* S, float* Y,
                 int64_t N) {
   if (K < kTileK || !amx_permitted()) return false;
   const std::vector<uint16_t> packed = pack_inputs(X, M, K);
@@ -108,15 +106,15 @@ bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const typename Weights:
   parallel_slices(tasks + singles + (N - whole * kTileRows), 1, [&](int64_t task) {
     if (task < tasks + singles) {
       configure_tiles();
-      if (task < tasks) amx_rows<kAmxBlocks, Weights>(packed.data(), X, M, K, W, S, task * per_task, Y, N);
-      else amx_rows<1, Weights>(packed.data(), X, M, K, W, S, (tasks * kAmxBlocks + task - tasks) * kTileRows, Y, N);
+      if (task < tasks) amx_rows<kAmxBlocks>(packed.data(), X, M, K, W, S, task * per_task, Y, N);
+      else amx_rows<1>(packed.data(), X, M, K, W, S, (tasks * kAmxBlocks + task - tasks) * kTileRows, Y, N);
       _tile_release();
       return;
     }
     const int64_t n = whole * kTileRows + (task - tasks - singles);
     for (int64_t m = 0; m < M; ++m) {
       float total = 0;
-      for (int64_t j = 0; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[n * K + j]);
+      for (int64_t j = 0; j < K; ++j) total += bf16_to_float(X[m * K + j]) * bf16_to_float(W[n * K + j]);
       Y[m * N + n] = S ? total * S[n] : total;
     }
   });

@@ -153,12 +153,14 @@ int64_t int_tail(const IntRows<P>& in, int64_t m, const int8_t* w, int64_t from)
   return total;
 }
 
-// The planes' sums over the vector body (high first, `plane(p)`) and the weight row's sum of q into the total.
+// The planes' sums over the vector body (high first, `plane(p)`) into the total, less `offsets` times
+// 2^(8P-1): AMX's planes are offset (u = x + 2^(8P-1)) and `offsets` is the weight row's sum of q; VNNI's
+// high plane is signed, summed against q + 128, and `offsets` is the row's sum of signed high bytes.
 template <int P, typename Plane>
-int64_t int_total(const Plane& plane, int64_t Q) {
+int64_t int_total(const Plane& plane, int64_t offsets) {
   int64_t total = 0;
   for (int p = 0; p < P; ++p) total = (total << 8) + plane(p);
-  return total - (Q << (8 * P - 1));
+  return total - (offsets << (8 * P - 1));
 }
 
 // R weight rows against M input rows (m0 on) with VNNI: R x M x P int32 chains, each weight vector loaded
@@ -183,9 +185,8 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
   }
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < M; ++m) {
-      // high: sum (q + 128) h - 128 sum h = sum q h, h = high byte - 128; the offset is in h already
-      int64_t total = D::sum(acc[r][m][0]) - 128 * in.high[m0 + m];
-      for (int p = 1; p < P; ++p) total = (total << 8) + D::sum(acc[r][m][p]);
+      // high: sum (q + 128) h - 128 sum h = sum q h, h = high byte - 128 (the offset is in h already)
+      int64_t total = int_total<P>([&](int p) { return D::sum(acc[r][m][p]); }, in.high[m0 + m]);
       if (body < K) total += int_tail(in, m0 + m, W + r * K, body);
       Y[m * stride + r] = int_output(total, in.step[m0 + m], S ? S + r : nullptr);
     }

@@ -362,7 +362,7 @@ void bf16_input_matmul(const torch::Tensor& x, const typename Weights::T* W, con
   auto xc = x.contiguous();
   const auto* X = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
 #if defined(SLOWLLM_AMX)
-  if (amx_matmul<Weights>(X, M, K, W, S, Y, N)) return;
+  if (amx_matmul(X, M, K, W, S, Y, N)) return;  // (bf16 weights: int8 ones never come here)
 #endif
   bf16_matmul<Weights>(X, M, K, W, S, Y, N);
   return;

@@ -76,7 +76,7 @@ MAX_ROWS = {
     "avx2vnni": {"bf16": 8, "int8": 16, "int8_fp32": 16},
     "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
 }
-INT8_MAX_INPUTS = 65536  # the VNNI builds' int32 sums hold K products of 255 x 128 up to here (176B: 57344)
+INT8_MAX_INPUTS = 65536  # the VNNI builds' int32 sums hold K products of 255 x 128 up to here (176B: 57344; kIntMaxK in _int8.h)
 
 
 @functools.cache
