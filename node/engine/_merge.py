@@ -109,17 +109,25 @@ class MergedCache:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         length = self.past + self.q
         out_k, out_v = self.scratch.pair((*keys.shape[:-2], length, keys.shape[-1]), keys.dtype, keys.device)
+        # Padding slots are the same in every block of the pass: zeroed at its first block only (the
+        # buffers are reused from block to block, and from a previous pass of another layout).
+        pad, self.scratch.padded = not self.scratch.padded, True
         start = 0
         for p in self.parts:
             rows = slice(start, start + p.rows)
             start += p.rows
             k, v = p.caches[self.layer].update(keys[rows, ..., self.q - p.new:, :], values[rows, ..., self.q - p.new:, :],
                                                layer_idx)
-            for out, x in ((out_k, k), (out_v, v)):  # every slot written: the buffers are reused
-                out[rows, ..., : self.past - p.past, :] = 0
-                out[rows, ..., self.past - p.past: self.past, :] = x[..., : p.past, :]
-                out[rows, ..., self.past: length - p.new, :] = 0
-                out[rows, ..., length - p.new:, :] = x[..., p.past: p.past + p.new, :]
+            lead = self.past - p.past  # left padding
+            for out, x in ((out_k, k), (out_v, v)):
+                if pad:
+                    out[rows, ..., :lead, :] = 0
+                    out[rows, ..., self.past: length - p.new, :] = 0
+                if p.new == self.q:  # (decode steps: past and new positions side by side, one copy)
+                    out[rows, ..., lead:, :] = x[..., : p.past + p.new, :]
+                else:
+                    out[rows, ..., lead: self.past, :] = x[..., : p.past, :]
+                    out[rows, ..., length - p.new:, :] = x[..., p.past: p.past + p.new, :]
         return out_k, out_v
 
 
@@ -133,10 +141,12 @@ class _Scratch:
 
     def __init__(self):
         self._pair = None
+        self.padded = False  # the pair's padding slots zeroed for this pass
 
     def pair(self, shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(shape), dtype, str(device))
         if self._pair is None or self._pair[0] != key:
+            self.padded = False
             kept = getattr(self._kept, "pair", None)
             if kept is not None and kept[0] == key:
                 self._pair = kept
