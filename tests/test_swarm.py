@@ -260,6 +260,26 @@ def test_concurrent_clients_share_passes_and_get_what_they_get_alone(tiny_model,
             assert abs(res["logprob"] - want) < 1e-4
 
 
+def test_a_wave_with_checked_hops_and_a_liar_gives_each_client_its_answer(tiny_model, secret):
+    """Concurrent clients' steps hop together as one wave (one Steps message per node and hop, from one
+    thread): under --verify 0.5 some hops are re-run on another node and judged, a liar (fast, covering
+    every block) is banned at its first hop and the sessions it held fail over; each client still gets
+    exactly what it gets alone."""
+    from adversaries import LyingNode
+    from netutil import Cluster
+
+    greedy = Sampling(max_new_tokens=8)
+    with Cluster(tiny_model, ["0-2", "3-5", "0-5"], secret_file=secret, coordinator_args=["--verify", "0.5"]) as c:
+        alone = [c.client().generate([p], greedy)[0]["token_ids"] for p in PROMPTS]
+        liar = LyingNode(c.url, open(secret, "rb").read().strip(), tiny_model, 0, 5, "nudge", speed=1e12).start()
+        got = _together([lambda p=p: c.client().generate([p], greedy)[0]["token_ids"] for p in PROMPTS])
+        assert got == alone
+        status = c.client().status()
+        assert liar.answered >= 1 and liar.done.wait(10)
+        assert next(n for n in status["nodes"] if n["name"] == liar.name)["banned"]
+        assert status["verified_hops"] > 0 and max(n["steps_per_message"] for n in status["nodes"]) > 1
+
+
 def test_a_steps_message_answers_each_step_and_a_bad_one_alone(tiny_model):
     """The node's side of a merged pass, in process: a Steps message whose middle step is malformed gets an
     error for that step only; the others equal the same steps sent alone."""

@@ -114,19 +114,34 @@ class Exchanges:
                 reply = self.call(node.request(msg_id, node.channel.pack(make(msg_id)), timeout=timeout))
         except (UnavailableError, asyncio.TimeoutError, TimeoutError):
             raise self.failed(node, "disconnected or timed out") from None
+        if batched:
+            return self.step_answer(node, shared, index, msg_id, expect)
         try:
-            msg = shared.open(node.channel, self.limits) if batched else node.channel.unpack(reply, self.limits)
-        except AuthError:  # altered on the way, not necessarily by the node: drop the link, fail over
-            self.router.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(node.ws.close(1008, "bad frame")))
-            raise self.failed(node, "a reply failed authentication") from None
+            msg = node.channel.unpack(reply, self.limits)
+        except AuthError:
+            raise self._forged(node) from None
         except ProtocolError:
             raise self.lied(node, "sent a malformed reply") from None
-        if batched:
-            if not isinstance(msg, Results) or msg.id != shared.msg_id or len(msg.items) != shared.count:
-                raise self.lied(node, f"answered {msg.type!r} with {len(getattr(msg, 'items', []))} items to "
-                                      f"{shared.count} steps")
-            msg = msg.items[index]
         return self._answer(node, msg, msg_id, expect)
+
+    def step_answer(self, node: "NodeLink", shared, index: int, msg_id: int,
+                    expect: tuple[int, ...] | None) -> torch.Tensor | None:
+        """The answer to step `msg_id`: item `index` of the Results reply `shared` (a `BatchReply`), checked."""
+        try:
+            msg = shared.open(node.channel, self.limits)
+        except AuthError:
+            raise self._forged(node) from None
+        except ProtocolError:
+            raise self.lied(node, "sent a malformed reply") from None
+        if not isinstance(msg, Results) or msg.id != shared.msg_id or len(msg.items) != shared.count:
+            raise self.lied(node, f"answered {msg.type!r} with {len(getattr(msg, 'items', []))} items to "
+                                  f"{shared.count} steps")
+        return self._answer(node, msg.items[index], msg_id, expect)
+
+    def _forged(self, node: "NodeLink") -> NodeFailed:
+        """A reply failed authentication - altered on the way, not necessarily by the node: drop the link."""
+        self.router.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(node.ws.close(1008, "bad frame")))
+        return self.failed(node, "a reply failed authentication")
 
     def _answer(self, node: "NodeLink", msg, msg_id: int, expect: tuple[int, ...] | None) -> torch.Tensor | None:
         """The tensor a reply carries, if it is what an honest node answers to request `msg_id`."""

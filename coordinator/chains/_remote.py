@@ -31,6 +31,7 @@ from slowllm.protocol import Backward, Forward, InputError, Limits, UnavailableE
 
 from ._chain import Chain, ChainSession, with_heads
 from ._exchange import FRAME_OVERHEAD, Exchanges, NodeFailed, current_wave, encode_mask
+from ._gang import step_wave, together
 from ._verification import Rerun, Verification
 
 if TYPE_CHECKING:
@@ -237,8 +238,27 @@ class RemoteChain(Chain):
         return with_heads(outcomes, heads)
 
     def step_gang(self, steps) -> list:
-        """Every session's step at once, each on its own thread; each node is told how many of them to
-        expect, so its outbox sends them as one Steps message. Returns each step's output or exception."""
+        """Every session's step at once; each step's output or exception. Decode steps hop together from
+        this thread (`_gang.py`: one Steps message per node and hop); the others (prefills, steps cut into
+        frames, --verify) each walk alone on a thread, each node told how many of them to expect so its
+        outbox still sends them as one Steps message."""
+        wave = [i for i, step in enumerate(steps) if together(*step)]
+        alone = [i for i in range(len(steps)) if i not in set(wave)]
+        futures = self._step_threads([steps[i] for i in alone])  # (they run meanwhile)
+        outcomes: list = [None] * len(steps)
+        if wave:
+            for i, out in zip(wave, step_wave(self.router, [steps[i] for i in wave], _PIPELINE)):
+                outcomes[i] = out
+        for i, future in zip(alone, futures):
+            try:
+                outcomes[i] = future.result()
+            except BaseException as e:  # noqa: BLE001 - this step's job gets it
+                outcomes[i] = e
+        return outcomes
+
+    def _step_threads(self, steps) -> list[concurrent.futures.Future]:
+        if not steps:
+            return []
         expected: collections.Counter = collections.Counter()
         for session, hidden, mask in steps:
             if merges(hidden):  # (bigger ones are sent alone)
@@ -257,14 +277,7 @@ class RemoteChain(Chain):
                 return session.step(hidden, mask)
             finally:
                 current_wave.id = None
-        futures = [_PIPELINE.submit(step, session, hidden, mask) for session, hidden, mask in steps]
-        outcomes = []
-        for future in futures:
-            try:
-                outcomes.append(future.result())
-            except BaseException as e:  # noqa: BLE001 - this step's job gets it
-                outcomes.append(e)
-        return outcomes
+        return [_PIPELINE.submit(step, session, hidden, mask) for session, hidden, mask in steps]
 
     def forward(self, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
         return self.pipelined(lambda b: self._forward_range(0, self.n_layer - 1, b.hidden.float(), b.mask)[0], batches)

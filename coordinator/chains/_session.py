@@ -66,22 +66,33 @@ class _StepHop:
     def last(self) -> int:
         return self.span.last
 
+    def frame_positions(self) -> int:
+        """New positions per frame (< 1: not even one fits)."""
+        return self.session.chain.step_positions(self.hidden.shape[0], self.mask.shape[1])
+
+    def message(self, node: "NodeLink", msg_id: int, start: int, end: int) -> Step:
+        """The Step carrying new positions start..end-1 to `node` (with the rollback the node has not heard of)."""
+        chain, span = self.session.chain, self.span
+        past = self.mask.shape[1] - self.hidden.shape[1]
+        return Step(id=msg_id, session=span.session, first=span.first, last=span.last,
+                    hidden=chain.exchanges.wire(node, self.hidden[:, start:end]),
+                    mask=encode_mask(self.mask[:, : past + end]), max_length=self.session.max_length,
+                    past=span.cut, job=chain.job)
+
     def send(self, node: "NodeLink") -> torch.Tensor:
         chain, span, hidden, mask = self.session.chain, self.span, self.hidden, self.mask
         rows, new, total = hidden.shape[0], hidden.shape[1], mask.shape[1]
-        per_frame = chain.step_positions(rows, total)
+        per_frame = self.frame_positions()
         if per_frame < 1:
             raise InputError(f"a session of {total} positions x {rows} rows cannot be sent within the coordinator's "
                              f"--max-message-size ({chain.limits.max_frame} bytes): use fewer or shorter prompts.")
-        past, outs, x = total - new, [], chain.exchanges
+        outs = []
         for start in range(0, new, per_frame):
             end = min(new, start + per_frame)
-            piece, piece_mask = hidden[:, start:end], mask[:, : past + end]
-            small = merges(piece)  # decode steps: merged with other sessions'
-            outs.append(x.exchange(node, lambda i, h=piece, m=piece_mask, cut=span.cut: Step(
-                id=i, session=span.session, first=span.first, last=span.last, hidden=x.wire(node, h),
-                mask=encode_mask(m), max_length=self.session.max_length, past=cut, job=chain.job),
-                tuple(piece.shape), span.last - span.first + 1, batched=small))
+            piece = hidden[:, start:end]
+            outs.append(chain.exchanges.exchange(node, lambda i, a=start, b=end: self.message(node, i, a, b),
+                                                 tuple(piece.shape), span.last - span.first + 1,
+                                                 batched=merges(piece)))  # decode steps: merged with others'
             span.cut = None  # the node has cut its cache
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -117,8 +128,11 @@ class RemoteSession(ChainSession):
         self.spans = [_Span(node, a, b) for node, a, b in routes]
         chain.router.open_session(self)
 
+    def hop(self, span: _Span, hidden: torch.Tensor, mask: torch.Tensor) -> _StepHop:
+        return _StepHop(self, span, hidden, mask)
+
     def _step_span(self, span: _Span, node: "NodeLink", hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.chain.verification.verified(node, _StepHop(self, span, hidden, mask))
+        return self.chain.verification.verified(node, self.hop(span, hidden, mask))
 
     def _replace(self, index: int, failed: "NodeLink") -> torch.Tensor:
         """Rebuild span `index` on other nodes by replaying its inputs; returns the latest step's output."""
@@ -145,19 +159,32 @@ class RemoteSession(ChainSession):
         return hidden[:, -latest:]
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
-        index = 0
+        return self.walk(hidden.float(), mask)
+
+    def enter(self, index: int, hidden: torch.Tensor, mask: torch.Tensor) -> _Span:
+        """Span `index` takes the step's input `hidden` (kept for a replay)."""
+        span = self.spans[index]
+        span.inputs.append(hidden)
+        span.mask = mask
+        return span
+
+    def walk(self, hidden: torch.Tensor, mask: torch.Tensor, index: int = 0,
+             failed: "NodeLink | None" = None) -> torch.Tensor:
+        """The step from span `index` to the last. `failed`: span `index` already took `hidden` and its node
+        failed on it (a wave's hop, `_gang.py`), so it is rebuilt first."""
         while index < len(self.spans):
-            span = self.spans[index]
-            span.inputs.append(hidden)
-            span.mask = mask
-            try:
-                hidden = self._step_span(span, span.node, hidden, mask)
-                index += 1
-            except NodeFailed as e:
-                count = len(self.spans)
-                hidden = self._replace(index, e.node)
-                index += len(self.spans) - count + 1
+            if failed is None:
+                span = self.enter(index, hidden, mask)
+                try:
+                    hidden = self._step_span(span, span.node, hidden, mask)
+                    index += 1
+                    continue
+                except NodeFailed as e:
+                    failed = e.node
+            count = len(self.spans)
+            hidden = self._replace(index, failed)
+            index += len(self.spans) - count + 1
+            failed = None
         return hidden
 
     def rollback(self, n: int) -> None:

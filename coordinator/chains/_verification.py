@@ -49,6 +49,15 @@ class Rerun:
     nodes: list
 
 
+@dataclass
+class _Check:
+    """The checks one hop gets: the referee's (on probation, or to settle a re-run) and a re-run elsewhere."""
+
+    judge: bool  # the referee may decide
+    probation: bool = False  # the node was never checked by the referee: it judges this hop
+    rerun: concurrent.futures.Future | None = None  # the hop re-run on other nodes (a `Rerun` or None)
+
+
 class Hop(Protocol):
     """Blocks first..last of one request: what verification needs to know of it."""
 
@@ -88,25 +97,35 @@ class Verification:
 
     def verified(self, node: "NodeLink", hop: Hop) -> torch.Tensor:
         """`hop.send(node)`, checked as the module's docstring says; the answer the job may use."""
+        check = self.check(node, hop)
+        return self.conclude(node, hop, hop.send(node), check)
+
+    def check(self, node: "NodeLink", hop: Hop) -> "_Check | None":
+        """What checks `hop` gets when sent to `node` (None: none); a re-run starts now, beside the hop."""
         router = self.router
         judge = self.referee is not None and router.verify > 0 and not self.checking
         if judge and node.refereed == 0:
-            return self.judge(node, hop, hop.send(node))
-        pending = None
-        if not self.checking and router.verify > 0 and self.rng.random() < router.verify:
-            # checked by healthy nodes only: a node being avoided (it failed or timed out lately) would
-            # make the job wait for its timeout just to check a hop
-            now = time.monotonic()
-            avoid = {node} | {x for x in router.nodes if x.avoid_until > now}
-            if router.missing(hop.first, hop.last, exclude=avoid):  # no other node covers some of the span
-                router.record_verification(None, agreed=None)
-            else:
-                pending = _CHECKS.submit(self._rerun, hop, avoid)
-        out = hop.send(node)
-        if pending is None:
+            return _Check(judge, probation=True)
+        if self.checking or router.verify <= 0 or self.rng.random() >= router.verify:
+            return None
+        # checked by healthy nodes only: a node being avoided (it failed or timed out lately) would make the
+        # job wait for its timeout just to check a hop
+        now = time.monotonic()
+        avoid = {node} | {x for x in router.nodes if x.avoid_until > now}
+        if router.missing(hop.first, hop.last, exclude=avoid):  # no other node covers some of the span
+            router.record_verification(None, agreed=None)
+            return None
+        return _Check(judge, rerun=_CHECKS.submit(self._rerun, hop, avoid))
+
+    def conclude(self, node: "NodeLink", hop: Hop, out: torch.Tensor, check: "_Check | None") -> torch.Tensor:
+        """The answer the job may use, once `node` answered `out` to `hop` and `check` has run."""
+        if check is None:
             return out
+        if check.probation:
+            return self.judge(node, hop, out)
+        router = self.router
         try:
-            rerun = pending.result()
+            rerun = check.rerun.result()
         except (SlowllmError, concurrent.futures.CancelledError) as e:
             # the check could not run (a checker failed, refused, was busy, or the job was cancelled): the
             # user's answer stands unchecked, as when no second node covers the span
@@ -118,7 +137,7 @@ class Verification:
             return out
         agreed = agree(out, rerun.output, hop.mask, tolerance(node.precision, *(x.precision for x in rerun.nodes)))
         router.record_verification(node, agreed=agreed)
-        if not judge:
+        if not check.judge:
             return out
         if agreed and all(x.refereed for x in rerun.nodes) and self.rng.random() >= router.verify:
             return out
