@@ -107,28 +107,40 @@ class MergedCache:
         self.past = length - self.q  # (at least the longest past: more where the view is padded)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        length = self.past + self.q
-        out_k, out_v = self.scratch.pair((*keys.shape[:-2], length, keys.shape[-1]), keys.dtype, keys.device)
-        # Padding slots are the same in every block of the pass: zeroed at its first block only (the
-        # buffers are reused from block to block, and from a previous pass of another layout).
-        pad, self.scratch.padded = not self.scratch.padded, True
-        start = 0
-        for p in self.parts:
-            rows = slice(start, start + p.rows)
-            start += p.rows
-            k, v = p.caches[self.layer].update(keys[rows, ..., self.q - p.new:, :], values[rows, ..., self.q - p.new:, :],
-                                               layer_idx)
-            lead = self.past - p.past  # left padding
-            for out, x in ((out_k, k), (out_v, v)):
-                if pad:
-                    out[rows, ..., :lead, :] = 0
-                    out[rows, ..., self.past: length - p.new, :] = 0
-                if p.new == self.q:  # (decode steps: past and new positions side by side, one copy)
-                    out[rows, ..., lead:, :] = x[..., : p.past + p.new, :]
-                else:
-                    out[rows, ..., lead: self.past, :] = x[..., : p.past, :]
-                    out[rows, ..., length - p.new:, :] = x[..., p.past: p.past + p.new, :]
+        out_k, out_v = self.scratch.pair((*keys.shape[:-2], self.past + self.q, keys.shape[-1]), keys.dtype,
+                                         keys.device)
+        if self.scratch.slots is None:
+            self.scratch.slots = self._slots(out_k, out_v)
+        for p, start, segments in self.scratch.slots:
+            k, v = keys.narrow(0, start, p.rows), values.narrow(0, start, p.rows)
+            if p.new < self.q:
+                k, v = k.narrow(-2, self.q - p.new, p.new), v.narrow(-2, self.q - p.new, p.new)
+            k, v = p.caches[self.layer].update(k, v, layer_idx)
+            for offset, n, to_k, to_v in segments:
+                to_k.copy_(k.narrow(-2, offset, n))
+                to_v.copy_(v.narrow(-2, offset, n))
         return out_k, out_v
+
+    def _slots(self, out_k: torch.Tensor, out_v: torch.Tensor) -> list:
+        """Where each part's cached positions go in the padded views: (part, first row, [(offset in its
+        cache, positions, keys view, values view)]), the same in every block of the pass, so worked out (and
+        the padding zeroed) at its first block only. A decode step's past and new positions are side by
+        side: one copy each."""
+        slots, start, length = [], 0, self.past + self.q
+        for p in self.parts:
+            lead = self.past - p.past  # left padding
+            rows_k, rows_v = out_k.narrow(0, start, p.rows), out_v.narrow(0, start, p.rows)
+            for out in (rows_k, rows_v):
+                out.narrow(-2, 0, lead).zero_()
+                out.narrow(-2, self.past, self.q - p.new).zero_()
+            if p.new == self.q:
+                places = [(0, p.past + p.new, lead)]
+            else:
+                places = [(0, p.past, lead), (p.past, p.new, length - p.new)]
+            slots.append((p, start, [(offset, n, rows_k.narrow(-2, at, n), rows_v.narrow(-2, at, n))
+                                     for offset, n, at in places if n]))
+            start += p.rows
+        return slots
 
 
 class _Scratch:
@@ -141,12 +153,11 @@ class _Scratch:
 
     def __init__(self):
         self._pair = None
-        self.padded = False  # the pair's padding slots zeroed for this pass
-
+        self.slots = None  # `MergedCache._slots` of this pass in the pair
     def pair(self, shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(shape), dtype, str(device))
         if self._pair is None or self._pair[0] != key:
-            self.padded = False
+            self.slots = None
             kept = getattr(self._kept, "pair", None)
             if kept is not None and kept[0] == key:
                 self._pair = kept
