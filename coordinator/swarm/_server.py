@@ -285,14 +285,10 @@ class Coordinator(CoordinatorJobs):
                 nodes_log.info("node %s left (blocks %s)", link.name, format_span(link.first, link.last))
 
     async def _client(self, ws, hs) -> None:
-        lock, channel = asyncio.Lock(), hs.channel
+        channel = hs.channel
         # with client keys, admission and the status page count jobs per user; otherwise per address
         who = hs.user if hs.key is not None and self.keys.path is not None else _peer(ws)
-
-        async def send(msg) -> None:
-            async with lock:
-                await ws.send(channel.pack(msg))
-
+        send = _Sender(ws, channel)
         cancels: set[threading.Event] = set()
         try:
             async for frame in ws:
@@ -315,14 +311,16 @@ class Coordinator(CoordinatorJobs):
             # their node sessions and give back their admission slots.
             for cancel in cancels:
                 cancel.set()
+            send.close()
 
-    async def _run_job(self, job: Job, send, client: str = "", cancel: threading.Event | None = None) -> None:
+    async def _run_job(self, job: Job, send: "_Sender", client: str = "",
+                       cancel: threading.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         cancel = cancel or threading.Event()
 
         def emit(data: dict) -> None:
             if not cancel.is_set():
-                asyncio.run_coroutine_threadsafe(send(Event(id=job.id, data=data)), loop)
+                send.post(Event(id=job.id, data=data))
 
         try:
             if job.job == "status":
@@ -375,6 +373,37 @@ class Coordinator(CoordinatorJobs):
 def close_reason(text: str, limit: int = 120) -> str:
     """A WebSocket close reason: at most 123 bytes of UTF-8 (cut by bytes, not characters)."""
     return text.encode()[:limit].decode(errors="ignore")
+
+
+class _Sender:
+    """A client connection's outgoing messages, written in order by one task. A job's thread packs (seals)
+    its own events and hands the frame over (`post`): per generated token the event loop only writes it,
+    instead of starting a task that packs it under a lock (on 2 cores that was a fifth of the loop's time,
+    and the loop also relays every node's steps)."""
+
+    def __init__(self, ws, channel):
+        self.ws, self.channel = ws, channel
+        self.loop = asyncio.get_running_loop()
+        self.frames: asyncio.Queue = asyncio.Queue()
+        self.writer = asyncio.ensure_future(self._write())
+
+    async def __call__(self, msg) -> None:
+        """Send `msg` (from the event loop) after everything sent before it."""
+        self.frames.put_nowait(self.channel.pack(msg))
+
+    def post(self, msg) -> None:
+        """Send `msg` from any thread, after everything sent or posted before it."""
+        self.loop.call_soon_threadsafe(self.frames.put_nowait, self.channel.pack(msg))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.ws.send(await self.frames.get())
+        except websockets.ConnectionClosed:
+            pass  # the client went away: its jobs are cancelled by `_client`
+
+    def close(self) -> None:
+        self.writer.cancel()
 
 
 def _peer(ws) -> str:
