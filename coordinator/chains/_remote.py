@@ -243,7 +243,7 @@ class RemoteChain(Chain):
         frames, --verify) each walk alone on a thread, each node told how many of them to expect so its
         outbox still sends them as one Steps message."""
         wave = [i for i, step in enumerate(steps) if together(*step)]
-        alone = [i for i in range(len(steps)) if i not in set(wave)]
+        alone = sorted(set(range(len(steps))) - set(wave))
         futures = self._step_threads([steps[i] for i in alone])  # (they run meanwhile)
         outcomes: list = [None] * len(steps)
         if wave:
@@ -257,6 +257,7 @@ class RemoteChain(Chain):
         return outcomes
 
     def _step_threads(self, steps) -> list[concurrent.futures.Future]:
+        """Each step walking alone on its own thread, in the same wave at every node it reaches."""
         if not steps:
             return []
         expected: collections.Counter = collections.Counter()
