@@ -106,16 +106,16 @@ class Exchanges:
             raise Cancelled("the job was cancelled (its client went away).")
         msg_id = node.next_id()
         timeout = self.timeout(node, expect, blocks, backward)
+        if batched:
+            try:
+                reply = self.call(node.step(make(msg_id), timeout=timeout, wave=getattr(current_wave, "id", None)))
+            except (UnavailableError, asyncio.TimeoutError, TimeoutError) as e:
+                reply = e
+            return self.step_answer(node, reply, msg_id, expect)
         try:
-            if batched:
-                shared, index = self.call(node.step(make(msg_id), timeout=timeout,
-                                                    wave=getattr(current_wave, "id", None)))
-            else:
-                reply = self.call(node.request(msg_id, node.channel.pack(make(msg_id)), timeout=timeout))
+            reply = self.call(node.request(msg_id, node.channel.pack(make(msg_id)), timeout=timeout))
         except (UnavailableError, asyncio.TimeoutError, TimeoutError):
             raise self.failed(node, "disconnected or timed out") from None
-        if batched:
-            return self.step_answer(node, shared, index, msg_id, expect)
         try:
             msg = node.channel.unpack(reply, self.limits)
         except AuthError:
@@ -124,9 +124,14 @@ class Exchanges:
             raise self.lied(node, "sent a malformed reply") from None
         return self._answer(node, msg, msg_id, expect)
 
-    def step_answer(self, node: "NodeLink", shared, index: int, msg_id: int,
-                    expect: tuple[int, ...] | None) -> torch.Tensor | None:
-        """The answer to step `msg_id`: item `index` of the Results reply `shared` (a `BatchReply`), checked."""
+    def step_answer(self, node: "NodeLink", reply, msg_id: int, expect: tuple[int, ...] | None) -> torch.Tensor | None:
+        """The answer to step `msg_id`, from what the node's outbox gave for it (`NodeLink.step`): its item
+        of a shared Results reply, (BatchReply, index), checked; or the exception its exchange ended in."""
+        if isinstance(reply, (UnavailableError, asyncio.TimeoutError, TimeoutError)):
+            raise self.failed(node, "disconnected or timed out")
+        if isinstance(reply, BaseException):
+            raise reply
+        shared, index = reply
         try:
             msg = shared.open(node.channel, self.limits)
         except AuthError:

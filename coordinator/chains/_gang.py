@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from slowllm.coordinator.swarm._links import merges
-from slowllm.protocol import UnavailableError
 
 from ._exchange import Cancelled, NodeFailed
 
@@ -76,11 +75,7 @@ def step_wave(router: "Router", steps: list, alone: concurrent.futures.Executor)
             walk, x = walks[i], walks[i].session.chain.exchanges
             hop.span.cut = None  # the node has cut its cache
             try:
-                if isinstance(reply, (UnavailableError, asyncio.TimeoutError, TimeoutError)):
-                    raise x.failed(node, "disconnected or timed out")
-                if isinstance(reply, BaseException):
-                    raise reply
-                out = x.step_answer(node, *reply, msg_id, tuple(walk.hidden.shape))
+                out = x.step_answer(node, reply, msg_id, tuple(walk.hidden.shape))
                 if check is not None:  # re-run elsewhere or judged: that wait is this session's alone
                     rebuilt[i] = alone.submit(_checked, walk, node, hop, out, check)
                     del walks[i]

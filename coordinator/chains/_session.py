@@ -66,10 +66,6 @@ class _StepHop:
     def last(self) -> int:
         return self.span.last
 
-    def frame_positions(self) -> int:
-        """New positions per frame (< 1: not even one fits)."""
-        return self.session.chain.step_positions(self.hidden.shape[0], self.mask.shape[1])
-
     def message(self, node: "NodeLink", msg_id: int, start: int, end: int) -> Step:
         """The Step carrying new positions start..end-1 to `node` (with the rollback the node has not heard of)."""
         chain, span = self.session.chain, self.span
@@ -82,7 +78,7 @@ class _StepHop:
     def send(self, node: "NodeLink") -> torch.Tensor:
         chain, span, hidden, mask = self.session.chain, self.span, self.hidden, self.mask
         rows, new, total = hidden.shape[0], hidden.shape[1], mask.shape[1]
-        per_frame = self.frame_positions()
+        per_frame = chain.step_positions(rows, total)
         if per_frame < 1:
             raise InputError(f"a session of {total} positions x {rows} rows cannot be sent within the coordinator's "
                              f"--max-message-size ({chain.limits.max_frame} bytes): use fewer or shorter prompts.")

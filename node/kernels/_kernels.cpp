@@ -13,8 +13,9 @@
 //   to 16 input rows cost about what one does, batch invariant too), and int8 ones on AMX's int8 tiles.
 // - avx2 (AVX2 + FMA: every x86 PC since Haswell, 2013, and all of AMD's since Zen): the input rows are
 //   widened to fp32 once per call, and each weight is widened to fp32 in registers (bf16: a shift; int8:
-//   a conversion, the row's scale applied to the sum) for 256-bit FMAs. These are also the fp32 paths of
-//   the other builds for bf16 and fp32 weights (the LM head's fp32 hidden states).
+//   a conversion, the row's scale applied to the sum) for 256-bit FMAs. These are also the other builds'
+//   fp32 path of one row for bf16 and fp32 weights (the LM head's fp32 hidden states); several rows take
+//   512-bit register tiles there (fp32_tile), each row summed exactly as alone.
 // - avx2vnni (AVX2 PCs with AVX-VNNI: Intel Alder Lake and later, AMD Zen 5): the avx2 build with int8
 //   weights as integer dot products (_int8.h), 256 bits wide.
 // Accumulation is fp32 (int32 for int8 on the VNNI builds). An Arm build (NEON widening for bf16, SDOT
@@ -52,11 +53,9 @@ namespace {
 
 constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
 constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
-#if defined(SLOWLLM_AVX512BF16)
-constexpr int kFp32Rows = 8;  // fp32 rows per weight row: 2 x 8 accumulators fit the 32 vector registers
-#else
-constexpr int kFp32Rows = 4;  // AVX2 has 16: beyond 4 rows the accumulators spill
-#endif
+// fp32 rows per weight row in the AVX2 builds' several-row path (16 registers: beyond 4 rows the
+// accumulators spill); the AVX-512 builds take several fp32 rows in register tiles (fp32_tile)
+constexpr int kFp32Rows = 4;
 
 // Calls per entry point, so that a test can tell the kernels ran (rather than PyTorch's fallback).
 std::atomic<int64_t> g_calls[5];
