@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from slowllm.node import Checkpoint
 from slowllm.node.engine._checkpoint import SCALE
+from slowllm.node.engine._memory import huge_page_empty
 from slowllm.node.kernels._kernels import kernels, usable
 from slowllm.node.kernels._linears import bf16_linear, int8_matmul
 
@@ -84,7 +85,7 @@ class ModelEnds:
         until the end: for Bloom-176B, 14 GB at the peak instead of 7.
         """
         shape, dtype = self.checkpoint.meta(key)
-        out = torch.empty(shape, dtype=dtype)
+        out = huge_page_empty(shape, dtype)  # read at every token (the head): 2 MB pages
         rows = max(1, chunk_bytes // (shape[1] * dtype.itemsize))
         for start in range(0, shape[0], rows):
             mapped = self.checkpoint.read([key])[key]

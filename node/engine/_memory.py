@@ -7,6 +7,8 @@ its byte budget, otherwise in safetensors files under a temporary directory that
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import shutil
 import tempfile
@@ -187,7 +189,6 @@ def steady_allocator(threshold: int = 1 << 20) -> None:
     and their freed predecessors cannot be reused: peak RSS of a chunked 8k-token prompt was 380 MB where
     about twice 4k's is expected. A fixed threshold keeps it linear (34 / 59 / 113 MB for 2k / 4k / 8k).
     """
-    import ctypes
     import sys
 
     if sys.platform != "linux":
@@ -196,3 +197,61 @@ def steady_allocator(threshold: int = 1 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):
         pass  # not glibc (musl, ...): nothing to tune
+
+
+# ---- weights in 2 MB pages ---------------------------------------------------------------------------
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages() -> str | None:
+    """Linux's transparent huge page mode ("always", "madvise", "never"), None where there is none."""
+    try:
+        text = _THP_SETTING.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1: text.index("]")] if "[" in text else None
+
+
+def page_note() -> str:
+    """What a start-up line says about the pages weights are kept in (and how to get 2 MB ones)."""
+    mode = huge_pages()
+    if mode in ("always", "madvise"):
+        return "weights in 2 MB pages"
+    if mode is None:
+        return "weights in 4 KB pages"
+    return ("weights in 4 KB pages: transparent huge pages are off, `echo madvise | sudo tee "
+            f"{_THP_SETTING}` decodes ~5% faster")
+
+
+def huge_page_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in memory Linux backs with transparent 2 MB pages where it can.
+
+    Decoding reads every weight once per token, a new 4 KB page every 4 KB: each costs a page-table walk,
+    which a virtual machine doubles (guest and host tables), and the tables' entries are gone from the
+    caches by the next linear. Measured on the bloom-1b7 shape, int8, 2 cores of a KVM guest: the block
+    linears alone 52.6 ms with 4 KB pages, 50.8 ms with 2 MB ones; with 1 ms of other work between them
+    (what attention is) 61.4 vs 54.0; decode 95-97 vs 91-92 ms/token. The buffer is 2 MB larger than asked
+    and the tensor starts at its first 2 MB boundary, so every whole 2 MB of it can be one page; the
+    unaligned ends are never touched, so they take no memory. A plain tensor where there is no such memory
+    (not Linux, huge pages off, small tensors)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE or huge_pages() not in ("always", "madvise"):
+        return torch.empty(shape, dtype=dtype)
+    base = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -base.data_ptr() % HUGE_PAGE
+    advised = (base.numel() - start) // HUGE_PAGE * HUGE_PAGE
+    try:  # before anything is written: the first touch of each 2 MB then takes a huge page
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(base.data_ptr() + start),
+                                                   ctypes.c_size_t(advised), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass  # no madvise to call: 4 KB pages, as before
+    return base[start:start + nbytes].view(dtype).view(shape)
+
+
+def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor in 2 MB pages (`huge_page_empty`); a plain copy of a small one."""
+    out = huge_page_empty(tensor.shape, tensor.dtype)
+    out.copy_(tensor)
+    return out

@@ -14,7 +14,7 @@ from slowllm.protocol import InputError
 
 from ._blocks import DEFAULT_SCORE_BUDGET, SCORE_BYTES, Attention, BlockCache, load_weights, new_block
 from ._checkpoint import Checkpoint
-from ._memory import steady_allocator
+from ._memory import HUGE_PAGE, in_huge_pages, steady_allocator
 
 
 class ResidentBlocks:
@@ -35,8 +35,8 @@ class ResidentBlocks:
             block = new_block(self.config, dtype, self.device, int8=checkpoint.int8)
             load_weights(block, checkpoint.read_block(layer), layer)
             for p in block.parameters():  # own the memory: no page-cache-backed maps left behind
-                if p.data.device.type == "cpu" and p.data.dtype in (dtype, torch.int8):
-                    p.data = p.data.clone()
+                if p.data.device.type == "cpu" and (p.data.nbytes >= HUGE_PAGE or p.data.dtype in (dtype, torch.int8)):
+                    p.data = in_huge_pages(p.data)  # the weights: read every token, in 2 MB pages
             self.blocks[layer] = block
 
     def check_range(self, first: int, last: int) -> None:

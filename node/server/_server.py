@@ -23,7 +23,7 @@ from slowllm.node.engine._blocks import DEFAULT_SCORE_BUDGET, block_nbytes
 from slowllm.node.engine._checkpoint import Checkpoint
 from slowllm.node.engine._digests import block_digests
 from slowllm.node.engine._memory import (NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need,
-                                         steady_allocator)
+                                         page_note, steady_allocator)
 from slowllm.node.engine._resident import ResidentBlocks
 from slowllm.node.kernels._kernels import cpu_supported, describe, kernels
 from slowllm.protocol import (HANDSHAKE_LIMITS, AuthError, Channel, CheckpointError, Error, Heartbeat, InputError,
@@ -104,7 +104,7 @@ class NodeServer(ComputePasses):
         self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype, checkpoint.int8)
         self._check_memory(checkpoint)
         threads = torch.get_num_threads()
-        kind = f", {describe()}, {threads} thread{'s' * (threads > 1)}" if self.device == "cpu" else ""
+        kind = f", {describe()}, {threads} thread{'s' * (threads > 1)}, {page_note()}" if self.device == "cpu" else ""
         print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
               f"{str(self.dtype).removeprefix('torch.')}{' with int8 weights' if checkpoint.int8 else ''} ({why}{kind})",
               flush=True)
