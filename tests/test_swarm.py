@@ -129,6 +129,32 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
         assert padded.max() <= 1.25 * exact.max() and padded.mean() <= 1.1 * exact.mean(), (merged, padded, exact)
 
 
+def test_bloom_caches_store_keys_as_its_attention_reads_them(blocks):
+    """Bloom multiplies queries by the keys' transpose (`baddbmm`): its caches store keys [head_dim,
+    positions] (in bf16 on CPU 2-3.5x faster to multiply than a transposed view), the rotary families'
+    as sdpa reads them; the views attention gets, a spill to disk and back, and merged passes see the same
+    positions either way (the tests above compare the numbers)."""
+    gen = torch.Generator().manual_seed(3)
+    caches, mask = _session(blocks, 2, 7, holes=False, gen=gen)
+    bloom = blocks.blocks[0].slowllm_family.keys_transposed
+    assert bloom == (blocks.config.model_type == "bloom")
+    for cache in caches.values():
+        assert cache.keys_transposed == bloom
+        stored = cache.state()["keys"]
+        assert stored.shape[-1 if bloom else -2] == cache.capacity  # positions last where transposed
+        assert cache.keys.shape[-2:] == (7, cache.values.shape[-1])
+        back = BlockCache.from_state(cache.state())
+        assert back.keys_transposed == bloom and torch.equal(back.keys, cache.keys)
+    other, other_mask = _session(blocks, 1, 3, holes=False, gen=gen)
+    one = torch.ones(2, 1, dtype=torch.long)
+    step = StepPart(torch.randn(2, 1, 64, generator=gen), torch.cat([mask, one], 1), caches, "s")
+    beside = StepPart(torch.randn(1, 1, 64, generator=gen), torch.cat([other_mask, one[:1]], 1), other, "t")
+    twin = _clone(caches)
+    merged = run_merged_steps(blocks, [step, beside], 0, 2)[0]
+    torch.testing.assert_close(merged, blocks.forward(step.hidden, step.mask, 0, 2, twin), **CLOSE)
+    assert all(c.length == 8 for c in caches.values())
+
+
 def test_merged_forwards_equal_each_alone(blocks):
     gen = torch.Generator().manual_seed(1)
     inputs = []

@@ -180,20 +180,34 @@ class BlockCache:
     step copies one position, not the whole cache as concatenation (transformers' DynamicCache) does:
     at 2,000 cached positions of Bloom-176B that is 229 MB per block per token saved. `update` returns
     views of the filled part. `state`/`from_state` let the streaming executor move a cache to disk and
-    back, spare room and all (so a streamed decode step does not copy the cache either).
+    back, spare room and all (so a streamed decode step does not copy the cache either). Keys are stored
+    [..., head_dim, positions] where the family's attention reads them transposed (`lay_out_keys`, which
+    `run_block` calls before the first update): every view still has the shape [..., positions, head_dim].
     """
 
     GROW_MIN = 64  # positions added at least when a buffer grows
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                 length: int | None = None, limit: int | None = None):
-        self._keys, self._values = keys, values
-        self._length = (0 if keys is None else keys.shape[-2]) if length is None else length
+                 length: int | None = None, limit: int | None = None, keys_transposed: bool = False):
+        self._keys, self._values = keys, values  # (keys as stored: transposed when `keys_transposed`)
+        self._length = (0 if values is None else values.shape[-2]) if length is None else length
         self.limit = limit  # positions the session may ever hold: spare room never goes beyond it
+        self.keys_transposed = keys_transposed
+
+    def lay_out_keys(self, transposed: bool) -> None:
+        """Store keys transposed or not (`Family.keys_transposed`); kept once buffers exist."""
+        if self._keys is None:
+            self.keys_transposed = transposed
+
+    def _key_slots(self, start: int, stop: int) -> torch.Tensor:
+        """Positions start..stop of the key buffer, seen [..., positions, head_dim] whatever the storage."""
+        if self.keys_transposed:
+            return self._keys[..., start:stop].transpose(-1, -2)
+        return self._keys[..., start:stop, :]
 
     @property
     def capacity(self) -> int:
-        return 0 if self._keys is None else self._keys.shape[-2]
+        return 0 if self._values is None else self._values.shape[-2]
 
     def capacity_for(self, new: int) -> int:
         """Positions the buffers will have after `new` more (the current capacity when they fit)."""
@@ -215,7 +229,7 @@ class BlockCache:
 
     @property
     def keys(self) -> torch.Tensor | None:
-        return None if self._keys is None else self._keys[..., : self._length, :]
+        return None if self._keys is None else self._key_slots(0, self._length)
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -228,21 +242,22 @@ class BlockCache:
         new = keys.shape[-2]
         need = self._length + new
         view = self.view_length(need, keys.dtype, keys.device)
-        if self._keys is None or need > self._keys.shape[-2]:
+        if self._keys is None or need > self.capacity:
             capacity = self.capacity_for(new)
             old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
-            self._keys = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+            stored = (*keys.shape[:-2], keys.shape[-1], capacity) if self.keys_transposed else shape
+            self._keys = torch.empty(stored, dtype=keys.dtype, device=keys.device)
             self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
-            self._keys[..., need:, :] = 0  # (spare room a padded view may show: finite)
+            self._key_slots(need, capacity).zero_()  # (spare room a padded view may show: finite)
             self._values[..., need:, :] = 0
             if old_k is not None:
-                self._keys[..., : self._length, :] = old_k
+                self._key_slots(0, self._length).copy_(old_k)
                 self._values[..., : self._length, :] = old_v
-        self._keys[..., self._length: need, :] = keys
+        self._key_slots(self._length, need).copy_(keys)
         self._values[..., self._length: need, :] = values
         self._length = need
-        return self._keys[..., :view, :], self._values[..., :view, :]
+        return self._key_slots(0, view), self._values[..., :view, :]
 
     @property
     def length(self) -> int:
@@ -260,18 +275,21 @@ class BlockCache:
     def state(self) -> dict[str, torch.Tensor]:
         if self._keys is None or self._length == 0:
             return {}
-        return {"keys": self._keys, "values": self._values, "length": torch.tensor(self._length)}
+        return {"keys": self._keys, "values": self._values, "length": torch.tensor(self._length),
+                "keys_transposed": torch.tensor(self.keys_transposed)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockCache":
-        length = state.get("length")
-        return cls(state.get("keys"), state.get("values"), None if length is None else int(length))
+        length, transposed = state.get("length"), state.get("keys_transposed")
+        return cls(state.get("keys"), state.get("values"), None if length is None else int(length),
+                   keys_transposed=transposed is not None and bool(transposed))
 
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
     family = block.slowllm_family
     if isinstance(cache, BlockCache):  # its keys come padded (`BlockCache.update`): the mask too
+        cache.lay_out_keys(family.keys_transposed)
         attn = attn.padded(cache.view_length(attn.mask.shape[-1], attn.mask.dtype, attn.mask.device))
     kwargs = {family.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attn.mask}
     if attn.alibi is not None:

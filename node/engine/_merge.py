@@ -101,21 +101,24 @@ class MergedCache:
     on every padding slot, so their (zero) keys get no weight.
     """
 
-    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch"):
+    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch", keys_transposed: bool):
         self.parts, self.layer, self.scratch = parts, layer, scratch
         self.q = max(p.new for p in parts)
         self.past = length - self.q  # (at least the longest past: more where the view is padded)
+        self.keys_transposed = keys_transposed  # stored as `BlockCache` stores them (`Family.keys_transposed`)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         out_k, out_v = self.scratch.pair((*keys.shape[:-2], self.past + self.q, keys.shape[-1]), keys.dtype,
-                                         keys.device)
+                                         keys.device, self.keys_transposed)
         if self.scratch.slots is None:
             self.scratch.slots = self._slots(out_k, out_v)
         for p, start, segments in self.scratch.slots:
             k, v = keys.narrow(0, start, p.rows), values.narrow(0, start, p.rows)
             if p.new < self.q:
                 k, v = k.narrow(-2, self.q - p.new, p.new), v.narrow(-2, self.q - p.new, p.new)
-            k, v = p.caches[self.layer].update(k, v, layer_idx)
+            cache = p.caches[self.layer]
+            cache.lay_out_keys(self.keys_transposed)
+            k, v = cache.update(k, v, layer_idx)
             for offset, n, to_k, to_v in segments:
                 to_k.copy_(k.narrow(-2, offset, n))
                 to_v.copy_(v.narrow(-2, offset, n))
@@ -154,16 +157,18 @@ class _Scratch:
     def __init__(self):
         self._pair = None
         self.slots = None  # `MergedCache._slots` of this pass in the pair
-    def pair(self, shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(shape), dtype, str(device))
+    def pair(self, shape: tuple, dtype: torch.dtype, device, keys_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value views of `shape` [..., positions, head_dim]; the keys stored transposed if asked."""
+        key = (tuple(shape), dtype, str(device), keys_transposed)
         if self._pair is None or self._pair[0] != key:
             self.slots = None
             kept = getattr(self._kept, "pair", None)
             if kept is not None and kept[0] == key:
                 self._pair = kept
             else:
-                self._pair = (key, torch.empty(shape, dtype=dtype, device=device),
-                              torch.empty(shape, dtype=dtype, device=device))
+                keys = (torch.empty((*shape[:-2], shape[-1], shape[-2]), dtype=dtype, device=device).transpose(-1, -2)
+                        if keys_transposed else torch.empty(shape, dtype=dtype, device=device))
+                self._pair = (key, keys, torch.empty(shape, dtype=dtype, device=device))
                 small = self._pair[1].numel() * self._pair[1].element_size() <= self.KEEP_BYTES
                 self._kept.pair = self._pair if small else None
         return self._pair[1], self._pair[2]
@@ -204,8 +209,9 @@ def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> li
     q = hidden.shape[1]
     attn = attention_inputs(blocks.config, mask.to(blocks.device), q, blocks.dtype, blocks.device)
     scratch = _Scratch()
+    transposed = blocks.blocks[first].slowllm_family.keys_transposed
     for layer in range(first, last + 1):
-        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length, scratch))
+        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length, scratch, transposed))
     hidden = hidden.cpu()
     outs, start = [], 0
     for p in parts:
