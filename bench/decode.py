@@ -1,6 +1,6 @@
 """Decode speed with every block in RAM, against the memory floor, per kernel build, idle and busy.
 
-    python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--prompts 1 8]
+    python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--prompts 1 8] [--context 0]
                            [--isa avx512bf16 avx2] [--engines hf slowllm slowllm8] [--neighbour]
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
@@ -49,8 +49,10 @@ def make_int8(model: Path) -> Path:
     return out
 
 
-def prompts(n: int) -> list[str]:
-    return [f"{i} {PROMPT}"[: 20 + 7 * i] for i in range(n)]  # different lengths: left padding
+def prompts(n: int, context: int = 0) -> list[str]:
+    """n prompts of different lengths (left padding); with `context`, each ~that many tokens longer."""
+    words = "".join(f"w{j} " for j in range(context // 2))  # (~2 tokens per word here)
+    return [f"{words}{i} {PROMPT}"[: len(words) + 20 + 7 * i] for i in range(n)]
 
 
 def bandwidth() -> float:
@@ -65,12 +67,12 @@ def bandwidth() -> float:
     return big.numel() * 2 / best / 1e9
 
 
-def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
+def child(engine: str, model: str, n_prompts: int, tokens: int, context: int) -> dict:
     import torch
 
     from slowllm.node import Checkpoint
 
-    texts = prompts(n_prompts)
+    texts = prompts(n_prompts, context)
     parts = {}
     if engine == "hf":
         from tokenizers import Tokenizer
@@ -94,6 +96,7 @@ def child(engine: str, model: str, n_prompts: int, tokens: int) -> dict:
 
         runner = LocalRunner(model, keep_in_ram=True, progress=False)
         parts["dtype"] = str(runner.chain.dtype).removeprefix("torch.")
+        parts["prompt_tokens"] = max(len(runner.ends.encode(t)) for t in texts)
         parts["kernels"] = describe()
 
         def run(n: int) -> int:
@@ -138,8 +141,9 @@ def breakdown(runner, n_prompts: int) -> dict:
     return {"linears_ms": lin, "head_ms": head}
 
 
-def measure(engine: str, model: Path, n_prompts: int, tokens: int, env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", engine, str(model), str(n_prompts), str(tokens)],
+def measure(engine: str, model: Path, n_prompts: int, tokens: int, context: int, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", engine, str(model), str(n_prompts), str(tokens),
+                          str(context)],
                          capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
     if out.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{out.stderr[-3000:]}")
@@ -153,14 +157,15 @@ def neighbour() -> subprocess.Popen:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        engine, model, n_prompts, tokens = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-        print(json.dumps(child(engine, model, n_prompts, tokens)))
+        engine, model, n_prompts, tokens, context = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+        print(json.dumps(child(engine, model, n_prompts, tokens, context)))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--context", type=int, default=0, help="tokens of context before the prompts (attention's share)")
     ap.add_argument("--isa", nargs="+", default=None, help="kernel builds to measure (default: those this CPU runs)")
     ap.add_argument("--engines", nargs="+", default=["hf", "slowllm", "slowllm8"])
     ap.add_argument("--neighbour", action="store_true", help="also measure beside a CPU-bound process")
@@ -191,7 +196,7 @@ def main() -> None:
                 try:
                     for n in args.prompts:
                         for engine in args.engines:
-                            r = measure(engine, paths[engine], n, args.tokens, env)
+                            r = measure(engine, paths[engine], n, args.tokens, args.context, env)
                             results.setdefault((isa, condition, n, engine), []).append(r)
                             print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
                                   f"{r.get('dtype', '')} {r.get('kernels', '')}", file=sys.stderr, flush=True)
@@ -200,7 +205,9 @@ def main() -> None:
                         busy.kill()
                         busy.wait()
     summary: dict = {"bandwidth_gbps": round(gbps, 1)}
-    print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens, median of {args.repeat}; "
+    longest = max((r.get("prompt_tokens", 0) for runs in results.values() for r in runs), default=0)
+    print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens after prompts of up to "
+          f"{longest} tokens, median of {args.repeat}; "
           f"read bandwidth {gbps:.1f} GB/s")
     print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'x floor':>8} "
           f"{'linears':>8} {'head':>6} {'rest':>6}")
@@ -230,7 +237,8 @@ def main() -> None:
                                  / statistics.median(r["ms_per_token"] for r in idle))
                         summary[f"{isa}_{n}p_{engine}_busy_over_idle"] = round(ratio, 2)
                         print(f"busy/idle {isa} {n} prompt(s) {engine}: {ratio:.2f}x")
-    print(json.dumps({"bench": "decode", "n_layer": args.n_layer, "tokens": args.tokens, **summary}))
+    print(json.dumps({"bench": "decode", "n_layer": args.n_layer, "tokens": args.tokens, "context": args.context,
+                      **summary}))
 
 
 def torch_numel(meta) -> int:
