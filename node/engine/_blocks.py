@@ -187,6 +187,14 @@ def _rotary(family: Family, config, device) -> torch.nn.Module:
     return _ROTARY[key][1]
 
 
+def key_buffer(shape: tuple, dtype: torch.dtype, device, transposed: bool) -> torch.Tensor:
+    """An empty key buffer seen as `shape` [..., positions, head_dim]; stored [..., head_dim, positions]
+    when `transposed` (`Family.keys_transposed`)."""
+    if transposed:
+        return torch.empty((*shape[:-2], shape[-1], shape[-2]), dtype=dtype, device=device).transpose(-1, -2)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class BlockCache:
     """Keys and values of one block for one generation session (the `Cache.update` its attention calls).
 
@@ -196,15 +204,16 @@ class BlockCache:
     views of the filled part. `state`/`from_state` let the streaming executor move a cache to disk and
     back, spare room and all (so a streamed decode step does not copy the cache either). Keys are stored
     [..., head_dim, positions] where the family's attention reads them transposed (`lay_out_keys`, which
-    `run_block` calls before the first update): every view still has the shape [..., positions, head_dim].
+    `run_block` calls before the first update; `key_buffer`): every view still has the shape [..., positions,
+    head_dim].
     """
 
     GROW_MIN = 64  # positions added at least when a buffer grows
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
                  length: int | None = None, limit: int | None = None, keys_transposed: bool = False):
-        self._keys, self._values = keys, values  # (keys as stored: transposed when `keys_transposed`)
-        self._length = (0 if values is None else values.shape[-2]) if length is None else length
+        self._keys, self._values = keys, values  # [..., capacity, head_dim] (views, whatever the storage)
+        self._length = (0 if keys is None else keys.shape[-2]) if length is None else length
         self.limit = limit  # positions the session may ever hold: spare room never goes beyond it
         self.keys_transposed = keys_transposed
 
@@ -213,15 +222,9 @@ class BlockCache:
         if self._keys is None:
             self.keys_transposed = transposed
 
-    def _key_slots(self, start: int, stop: int) -> torch.Tensor:
-        """Positions start..stop of the key buffer, seen [..., positions, head_dim] whatever the storage."""
-        if self.keys_transposed:
-            return self._keys[..., start:stop].transpose(-1, -2)
-        return self._keys[..., start:stop, :]
-
     @property
     def capacity(self) -> int:
-        return 0 if self._values is None else self._values.shape[-2]
+        return 0 if self._keys is None else self._keys.shape[-2]
 
     def capacity_for(self, new: int) -> int:
         """Positions the buffers will have after `new` more (the current capacity when they fit)."""
@@ -248,7 +251,7 @@ class BlockCache:
 
     @property
     def keys(self) -> torch.Tensor | None:
-        return None if self._keys is None else self._key_slots(0, self._length)
+        return None if self._keys is None else self._keys[..., : self._length, :]
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -265,18 +268,17 @@ class BlockCache:
             capacity = self.capacity_for(new)
             old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
-            stored = (*keys.shape[:-2], keys.shape[-1], capacity) if self.keys_transposed else shape
-            self._keys = torch.empty(stored, dtype=keys.dtype, device=keys.device)
+            self._keys = key_buffer(shape, keys.dtype, keys.device, self.keys_transposed)
             self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
-            self._key_slots(need, capacity).zero_()  # (spare room a padded view may show: finite)
+            self._keys[..., need:, :] = 0  # (spare room a padded view may show: finite)
             self._values[..., need:, :] = 0
             if old_k is not None:
-                self._key_slots(0, self._length).copy_(old_k)
+                self._keys[..., : self._length, :] = old_k
                 self._values[..., : self._length, :] = old_v
-        self._key_slots(self._length, need).copy_(keys)
+        self._keys[..., self._length: need, :] = keys
         self._values[..., self._length: need, :] = values
         self._length = need
-        return self._key_slots(0, view), self._values[..., :view, :]
+        return self._keys[..., :view, :], self._values[..., :view, :]
 
     @property
     def length(self) -> int:
@@ -294,14 +296,16 @@ class BlockCache:
     def state(self) -> dict[str, torch.Tensor]:
         if self._keys is None or self._length == 0:
             return {}
-        return {"keys": self._keys, "values": self._values, "length": torch.tensor(self._length),
+        stored = self._keys.transpose(-1, -2) if self.keys_transposed else self._keys  # (the buffer itself)
+        return {"keys": stored, "values": self._values, "length": torch.tensor(self._length),
                 "keys_transposed": torch.tensor(self.keys_transposed)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockCache":
-        length, transposed = state.get("length"), state.get("keys_transposed")
-        return cls(state.get("keys"), state.get("values"), None if length is None else int(length),
-                   keys_transposed=transposed is not None and bool(transposed))
+        length, keys = state.get("length"), state.get("keys")
+        transposed = "keys_transposed" in state and bool(state["keys_transposed"])
+        return cls(keys.transpose(-1, -2) if transposed else keys, state.get("values"),
+                   None if length is None else int(length), keys_transposed=transposed)
 
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,

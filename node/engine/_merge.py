@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._blocks import SCORE_BYTES, BlockCache, attention_inputs, kv_bucketed, kv_view_length, run_block
+from ._blocks import SCORE_BYTES, BlockCache, attention_inputs, key_buffer, kv_bucketed, kv_view_length, run_block
 from ._families import kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
@@ -157,6 +157,7 @@ class _Scratch:
     def __init__(self):
         self._pair = None
         self.slots = None  # `MergedCache._slots` of this pass in the pair
+
     def pair(self, shape: tuple, dtype: torch.dtype, device, keys_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value views of `shape` [..., positions, head_dim]; the keys stored transposed if asked."""
         key = (tuple(shape), dtype, str(device), keys_transposed)
@@ -166,9 +167,8 @@ class _Scratch:
             if kept is not None and kept[0] == key:
                 self._pair = kept
             else:
-                keys = (torch.empty((*shape[:-2], shape[-1], shape[-2]), dtype=dtype, device=device).transpose(-1, -2)
-                        if keys_transposed else torch.empty(shape, dtype=dtype, device=device))
-                self._pair = (key, keys, torch.empty(shape, dtype=dtype, device=device))
+                self._pair = (key, key_buffer(shape, dtype, device, keys_transposed),
+                              torch.empty(shape, dtype=dtype, device=device))
                 small = self._pair[1].numel() * self._pair[1].element_size() <= self.KEEP_BYTES
                 self._kept.pair = self._pair if small else None
         return self._pair[1], self._pair[2]
