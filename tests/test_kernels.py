@@ -119,14 +119,15 @@ def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
         torch.testing.assert_close(got[0], ties.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ("amx", "avx512bf16", "avx2vnni")])
-def test_int8_products_are_exact_integer_sums_on_the_vnni_builds(isa):
-    """On the avx512bf16, amx and avx2vnni builds int8 weights meet the input rows as exact integer dot products
-    (node/kernels/_int8.h), each row put on a power-of-two grid: 24 bits below its largest element for fp32
-    rows, 16 for bf16. Rows already on the grid come out as the float64 sum rounded once or twice, at any
-    width; any row is off by at most half a grid step per element; a row with an inf or NaN gives NaN and
-    leaves the rows beside it alone; and every row's numbers are the same whatever is batched beside it
-    (up to 40 rows: several AMX column groups, every VNNI tile shape, the tails)."""
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_int8_products_are_exact_integer_sums_on_every_build(isa):
+    """int8 weights meet the input rows as exact integer sums (node/kernels/_int8.h: VNNI byte dot products on
+    amx, avx512bf16 and avx2vnni, int16 multiply-adds on avx2), each row put on a power-of-two grid: 24 bits
+    below its largest element for fp32 rows, 16 for bf16. Rows already on the grid come out as the float64
+    sum rounded once or twice, at any width (the widest rows' int32 sums would overflow were they not moved
+    into int64 in time); any row is off by at most half a grid step per element; a row with an inf or NaN
+    gives NaN and leaves the rows beside it alone; and every row's numbers are the same whatever is batched
+    beside it (up to 40 rows: several AMX column groups, every tile shape, the tails)."""
     k = build(isa)
     g = torch.Generator().manual_seed(7)
     for rows, n, width in ((1, 48, 4096), (5, 33, 200), (8, 64, 1000), (40, 17, 130), (3, 7, 40)):
@@ -150,8 +151,29 @@ def test_int8_products_are_exact_integer_sums_on_the_vnni_builds(isa):
             bad[0, 1] = float("inf")
             out = k.int8_gemv(bad, q, scale)
             assert out[0].isnan().all() and torch.equal(out[1:], k.int8_gemv(x, q, scale)[1:])
+    # the largest sums: every product near 127 x 2^15 over 65,536 inputs (2^38: far beyond an int32)
+    q = torch.full((3, 65536), 127, dtype=torch.int8)
+    q[1] = -128
+    for entry, x in ((k.int8_gemv, torch.full((2, 65536), 1.99)), (k.int8_bf16_gemv, torch.full((2, 65536), 1.99).bfloat16())):
+        got, ref = entry(x, q, torch.ones(3)), x.double() @ q.double().T
+        assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs()).all(), (isa, x.dtype, got, ref)
     with pytest.raises(RuntimeError, match="at most 65536 inputs per row"):
         k.int8_gemv(torch.ones(1, 65537), torch.ones(2, 65537, dtype=torch.int8), torch.ones(2))
+
+
+def test_every_build_gives_the_same_int8_numbers():
+    """The builds differ in how they sum (VNNI byte dot products, AMX tiles, int16 multiply-adds), not in
+    what: exact integers on the same grid, so an int8 product is bit for bit the same on every x86 build,
+    bf16 and fp32 rows alike (a PC without AVX-VNNI gives a swarm the numbers of one with it)."""
+    builds = [build(isa) for isa in runnable_isas()]
+    g = torch.Generator().manual_seed(3)
+    for rows, n, width in ((1, 70, 2048), (8, 33, 1000), (17, 9, 130)):
+        x = torch.randn(rows, width, generator=g) * torch.exp(2 * torch.randn(rows, width, generator=g))
+        q, scale = quantize_rows(torch.randn(n, width, generator=g))
+        for name, inputs in (("int8_gemv", x), ("int8_bf16_gemv", x.bfloat16())):
+            first = getattr(builds[0], name)(inputs, q, scale)
+            for k in builds[1:]:
+                assert torch.equal(getattr(k, name)(inputs, q, scale), first), (k.isa, builds[0].isa, name, rows)
 
 
 DECODE = textwrap.dedent("""

@@ -17,9 +17,77 @@
 // sum), bf16 inputs P = 2 (every bf16 element within 2^-8 of the largest is exact, all 8 of its bits, and
 // smaller ones are off by at most 2^-16 of the largest, far below the bf16 rounding the inputs already
 // carry): a dot product less per input row, which is most of the work beyond one row.
+//
+// The avx2 build (no VNNI) puts the input rows on the same grid, as signed 16-bit integers (bf16: s itself;
+// fp32: s >> 8 and s & 255, two planes), and multiplies them by the weights sign-extended to 16 bits with
+// vpmaddwd (16 products per instruction, pairs summed in int32; the int32 sums are moved into int64 every
+// 2,048 inputs, before they could overflow). Three instructions per 16 weights where converting them to
+// fp32 for FMAs took seven: the weights stream at the memory's speed, and every build gives the same exact
+// sums, so a row's numbers are the same on every x86 build.
 #pragma once
-#if defined(SLOWLLM_INT8_DOTS)
+#if defined(SLOWLLM_INT8_DOTS) || defined(SLOWLLM_INT16_DOTS)
 constexpr int64_t kIntMaxK = 65536;  // |sum over K of 255 x 128| < 2^31: an int32 sum cannot overflow
+
+inline uint32_t magnitude_bits(float v) { uint32_t b; std::memcpy(&b, &v, 4); return b & 0x7FFFFFFFu; }
+inline uint32_t magnitude_bits(uint16_t v) { return (static_cast<uint32_t>(v) << 16) & 0x7FFFFFFFu; }
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) { return bf16_to_float(v); }
+
+// 8 inputs as fp32 (bf16: the top half of the fp32 with the same value)
+inline __m256 floats8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 floats8(const uint16_t* x) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+}
+
+// An input row's grid for P bytes per input: x ~= s * step with |s| <= 2^(8P-1), step a power of two
+// chosen from the row's largest |x|; `inverse` = 1 / step (x * inverse is exact). A row with an inf or a
+// NaN has step NaN (its outputs are NaN, as a float sum's would be), one below 2^-100 everywhere is zeros.
+struct RowGrid {
+  double step;
+  float inverse;
+  bool zeros;  // every s is 0
+};
+template <int P, typename In>
+RowGrid row_grid(const In* x, int64_t K) {
+  uint32_t top = 0;  // the largest |x| as bits: as integers, finite < inf < NaN
+  for (int64_t k = 0; k < K; ++k) top = std::max(top, magnitude_bits(x[k]));
+  const int exponent = static_cast<int>(top >> 23) - 127;  // of the largest: it lies in [2^e, 2^(e+1))
+  if (top >= 0x7F800000u || exponent < -100) return {top >= 0x7F800000u ? std::nan("") : 1.0, 0.0f, true};
+  // |x| / step < 2^(8P-1); rounding to nearest even may reach it for the largest: clamped one step below
+  return {std::ldexp(1.0, exponent - (8 * P - 2)), std::ldexp(1.0f, 8 * P - 2 - exponent), false};
+}
+
+// One output from its exact integer sum: sum over k of q * s, times the row's step and scale.
+inline float int_output(int64_t total, double step, const float* S) {
+  const float y = static_cast<float>(static_cast<double>(total) * step);
+  return S ? y * *S : y;
+}
+
+// Y [M, N] = rows @ W [N, K].T (times S[n]) with Kernel's tiles: where M exceeds its pass, each weight row
+// takes every pass of input rows in turn (its bytes read from memory once: the later passes find them in
+// L1); otherwise tiles of `rows_per_tile(M)` weight rows x M input rows.
+template <typename Kernel, typename Rows>
+void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64_t N) {
+  const int64_t M = in.M;
+  if (M > Kernel::kPassRows) {
+    parallel_slices(N, kSlice, [&](int64_t n) {
+      for (int64_t m0 = 0; m0 < M; m0 += Kernel::kPassRows) {
+#define SLOWLLM_INT_PASS(R) Kernel::template tile<R, 1>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N)
+        SLOWLLM_DISPATCH(std::min<int64_t>(Kernel::kPassRows, M - m0), SLOWLLM_INT_PASS)
+      }
+    });
+    return;
+  }
+  auto one = [&](int64_t n) {
+    for (int64_t m = 0; m < M; ++m) Kernel::template tile<1, 1>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
+  };
+#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, [&](int64_t n) { \
+    Kernel::template tile<R, Kernel::rows_per_tile(R)>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
+  SLOWLLM_DISPATCH(M, SLOWLLM_INT_TILES)
+}
+#endif
+
+#if defined(SLOWLLM_INT8_DOTS)
 
 // The build's vectors: byte dot products and the input rows' conversion to integers, F floats at a time.
 #if defined(SLOWLLM_AVX512BF16)
@@ -63,10 +131,8 @@ struct ByteDots {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
   }
-  static __m256 floats(const float* x) { return _mm256_loadu_ps(x); }
-  static __m256 floats(const uint16_t* x) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
-  }
+  template <typename In>
+  static __m256 floats(const In* x) { return floats8(x); }
   template <int P, typename In>
   static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t K) {
     __m256i u = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats(x), _mm256_set1_ps(scale))),
@@ -101,11 +167,6 @@ struct IntRows {
   }
 };
 
-inline uint32_t magnitude_bits(float v) { uint32_t b; std::memcpy(&b, &v, 4); return b & 0x7FFFFFFFu; }
-inline uint32_t magnitude_bits(uint16_t v) { return (static_cast<uint32_t>(v) << 16) & 0x7FFFFFFFu; }
-inline float as_float(float v) { return v; }
-inline float as_float(uint16_t v) { return bf16_to_float(v); }
-
 // X [M, K] (bf16 as uint16_t, or fp32) -> IntRows<P>.
 template <int P, typename In>
 IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
@@ -115,18 +176,14 @@ IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
   const int64_t body = K / ByteDots::F * ByteDots::F;
   for (int64_t m = 0; m < M; ++m) {
     const In* x = X + m * K;
-    uint32_t top = 0;  // the largest |x| as bits: as integers, finite < inf < NaN
-    for (int64_t k = 0; k < K; ++k) top = std::max(top, magnitude_bits(x[k]));
-    const int exponent = static_cast<int>(top >> 23) - 127;  // of the largest: it lies in [2^e, 2^(e+1))
+    const RowGrid grid = row_grid<P>(x, K);
+    const float inverse = grid.inverse;
     uint8_t* planes = out.planes.data() + m * P * K;  // plane p at planes + p * K
-    if (top >= 0x7F800000u || exponent < -100) {  // not finite: NaN out; all below 2^-100: zeros
-      out.step[m] = top >= 0x7F800000u ? std::nan("") : 1.0;
+    out.step[m] = grid.step;
+    if (grid.zeros) {
       std::memset(planes, 0x80, K), std::memset(planes + K, 0, (P - 1) * K);  // u = offset: x = 0
       continue;
     }
-    out.step[m] = std::ldexp(1.0, exponent - (8 * P - 2));  // |x| / step < offset
-    const float inverse = std::ldexp(1.0f, 8 * P - 2 - exponent);  // a power of two: x * inverse is exact
-    // (rounding to nearest even may reach the offset for the largest: clamped to `most`, one grid step)
     for (int64_t k = 0; k < body; k += ByteDots::F) ByteDots::planes<P>(x + k, inverse, offset, most, planes + k, K);
     for (int64_t k = body; k < K; ++k) {
       const int32_t u = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * inverse)) + offset, most);
@@ -137,12 +194,6 @@ IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
     out.high[m] = high - 128 * vnni_body;
   }
   return out;
-}
-
-// One output from its exact integer sum: sum over k of q * (u - offset), times the row's step and scale.
-inline float int_output(int64_t total, double step, const float* S) {
-  const float y = static_cast<float>(static_cast<double>(total) * step);
-  return S ? y * *S : y;
 }
 
 // sum over k in [from, K) of q[k] * (u[m][k] - offset), one by one (the tails)
@@ -176,6 +227,7 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
       for (int p = 0; p < P; ++p) acc[r][m][p] = D::zero();
   for (int64_t k = 0; k < body; k += D::kBytes) {
     for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
       const D::V w = D::load(W + r * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
         acc[r][m][0] = D::dot(acc[r][m][0], shifted, D::xor_(D::load(in.plane(m0 + m, 0) + k), flip));
@@ -202,24 +254,14 @@ template <int P>
 constexpr int64_t kVnniPassRows = std::min(8, (ByteDots::kRegisters - 4) / P);
 
 template <int P>
-void vnni_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float* Y, int64_t N) {
-  const int64_t M = in.M;
-  if (M > kVnniPassRows<P>) {  // several passes: each weight row takes them all in turn, its bytes read
-    parallel_slices(N, kSlice, [&](int64_t n) {  // from memory once (the later passes find them in L1)
-      for (int64_t m0 = 0; m0 < M; m0 += kVnniPassRows<P>) {
-#define SLOWLLM_VNNI_PASS(R) vnni_tile<R, 1, P>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N)
-        SLOWLLM_DISPATCH(std::min<int64_t>(kVnniPassRows<P>, M - m0), SLOWLLM_VNNI_PASS)
-      }
-    });
-    return;
+struct VnniKernel {
+  static constexpr int64_t kPassRows = kVnniPassRows<P>;
+  static constexpr int rows_per_tile(int M) { return vnni_rows_per_tile<P>(M); }
+  template <int M, int R>
+  static void tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
+    vnni_tile<M, R, P>(in, m0, W, S, Y, stride);
   }
-  auto one = [&](int64_t n) {
-    for (int64_t m = 0; m < M; ++m) vnni_tile<1, 1, P>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
-  };
-#define SLOWLLM_VNNI(R) over_tiles<vnni_rows_per_tile<P>(R)>(N, [&](int64_t n) { \
-    vnni_tile<R, vnni_rows_per_tile<P>(R), P>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
-  SLOWLLM_DISPATCH(M, SLOWLLM_VNNI)
-}
+};
 
 #if defined(SLOWLLM_AMX)
 // AMX: tiles of 16 weight rows x 64 int8 straight from memory (signed) against tiles of the planes as
@@ -320,6 +362,128 @@ void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float
 #if defined(SLOWLLM_AMX)
   if (amx_int_matmul(in, W, S, Y, N)) return;
 #endif
-  vnni_matmul(in, W, S, Y, N);
+  int_matmul<VnniKernel<P>>(in, W, S, Y, N);
+}
+#endif
+
+#if defined(SLOWLLM_INT16_DOTS)
+// The input rows on the grid as int16 planes: P = 2 (bf16 rows) one plane, s; P = 3 (fp32) two, s >> 8
+// (signed) and s & 255, s = 256 * high + low. Plane q of row m at planes[(m * Q + q) * K].
+template <int P>
+struct ShortRows {
+  static constexpr int Q = P - 1;
+  int64_t M, K;
+  std::vector<int16_t> planes;
+  std::vector<double> step;
+  const int16_t* plane(int64_t m, int q) const { return planes.data() + (m * Q + q) * K; }
+  int64_t value(int64_t m, int64_t k) const {  // s
+    return Q == 1 ? plane(m, 0)[k] : static_cast<int64_t>(plane(m, 0)[k]) * 256 + plane(m, 1)[k];
+  }
+};
+
+// 8 values of s (int32 lanes) into their planes at `out` (plane q at out + q * K)
+template <int P>
+void store_short(__m256i s, int16_t* out, int64_t K) {
+  auto store = [](__m256i v, int16_t* to) {  // (packs keeps the order within 128-bit halves: lo then hi)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm_packs_epi32(_mm256_castsi256_si128(v),
+                                                                     _mm256_extracti128_si256(v, 1)));
+  };
+  if constexpr (P == 2) {
+    store(s, out);
+  } else {
+    store(_mm256_srai_epi32(s, 8), out);
+    store(_mm256_and_si256(s, _mm256_set1_epi32(255)), out + K);
+  }
+}
+
+// X [M, K] (bf16 as uint16_t, or fp32) -> ShortRows<P>: s = round(x / step), at most 2^(8P-1) - 1, as
+// the byte planes of the VNNI builds hold it (u - offset)
+template <int P, typename In>
+ShortRows<P> short_rows(const In* X, int64_t M, int64_t K) {
+  constexpr int Q = P - 1;
+  constexpr int32_t most = (1 << (8 * P - 1)) - 1;
+  ShortRows<P> out{M, K, std::vector<int16_t>(M * Q * K, 0), std::vector<double>(M)};
+  const int64_t body = K / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const In* x = X + m * K;
+    const RowGrid grid = row_grid<P>(x, K);
+    out.step[m] = grid.step;
+    if (grid.zeros) continue;
+    int16_t* planes = out.planes.data() + m * Q * K;
+    const __m256 inverse = _mm256_set1_ps(grid.inverse);
+    for (int64_t k = 0; k < body; k += 8)
+      store_short<P>(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)),
+                                      _mm256_set1_epi32(most)), planes + k, K);
+    for (int64_t k = body; k < K; ++k) {
+      const int32_t v = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most);
+      if constexpr (P == 2) planes[k] = static_cast<int16_t>(v);
+      else planes[k] = static_cast<int16_t>(v >> 8), planes[K + k] = static_cast<int16_t>(v & 255);
+    }
+  }
+  return out;
+}
+
+// The int32 lanes of a multiply-add chain gain at most 2 x 128 x 32768 = 2^23 per 16 inputs: moved into
+// int64 every kFlushSteps x 16 inputs, they stay below 2^30.
+constexpr int64_t kFlushSteps = 128;
+
+inline int64_t sum_lanes(__m256i v) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t total = 0;
+  for (int i = 0; i < 8; ++i) total += lanes[i];
+  return total;
+}
+
+// R weight rows against M input rows (m0 on): R x M x Q int32 chains of vpmaddwd, each weight vector
+// sign-extended once for all of them.
+template <int M, int R, int P>
+void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
+  constexpr int Q = P - 1;
+  const int64_t K = in.K, body = K / 16 * 16;
+  __m256i acc[R][M][Q];
+  int64_t total[R][M][Q] = {};
+  for (int64_t k = 0; k < body;) {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        for (int q = 0; q < Q; ++q) acc[r][m][q] = _mm256_setzero_si256();
+    for (const int64_t end = std::min(body, k + 16 * kFlushSteps); k < end; k += 16)
+      for (int r = 0; r < R; ++r) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + r * K + k)));
+        for (int m = 0; m < M; ++m)
+          for (int q = 0; q < Q; ++q)
+            acc[r][m][q] = _mm256_add_epi32(acc[r][m][q], _mm256_madd_epi16(
+                w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.plane(m0 + m, q) + k))));
+      }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        for (int q = 0; q < Q; ++q) total[r][m][q] += sum_lanes(acc[r][m][q]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      int64_t sum = Q == 1 ? total[r][m][0] : total[r][m][0] * 256 + total[r][m][Q - 1];
+      for (int64_t k = body; k < K; ++k) sum += static_cast<int64_t>(W[r * K + k]) * in.value(m0 + m, k);
+      Y[m * stride + r] = int_output(sum, in.step[m0 + m], S ? S + r : nullptr);
+    }
+}
+
+// R x M x Q chains and a weight vector within the 16 registers (4 weight rows at most, as VNNI's)
+template <int P>
+struct MaddKernel {
+  static constexpr int64_t kPassRows = 12 / (P - 1) < 8 ? 12 / (P - 1) : 8;
+  static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, 12 / ((P - 1) * M))); }
+  template <int M, int R>
+  static void tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
+    madd_tile<M, R, P>(in, m0, W, S, Y, stride);
+  }
+};
+
+// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T
+template <typename In>
+void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
+  TORCH_CHECK(K <= kIntMaxK, "the int8 kernels take at most ", kIntMaxK, " inputs per row");
+  constexpr int P = std::is_same_v<In, float> ? 3 : 2;
+  int_matmul<MaddKernel<P>>(short_rows<P>(X, M, K), W, S, Y, N);
 }
 #endif

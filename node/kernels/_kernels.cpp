@@ -12,13 +12,14 @@
 // - amx (Sapphire Rapids and later): the avx512bf16 build whose bf16-input products run on AMX tiles (up
 //   to 16 input rows cost about what one does, batch invariant too), and int8 ones on AMX's int8 tiles.
 // - avx2 (AVX2 + FMA: every x86 PC since Haswell, 2013, and all of AMD's since Zen): the input rows are
-//   widened to fp32 once per call, and each weight is widened to fp32 in registers (bf16: a shift; int8:
-//   a conversion, the row's scale applied to the sum) for 256-bit FMAs. These are also the other builds'
-//   fp32 path of one row for bf16 and fp32 weights (the LM head's fp32 hidden states); several rows take
-//   512-bit register tiles there (fp32_tile), each row summed exactly as alone.
+//   widened to fp32 once per call, and each bf16 weight is widened to fp32 in registers (a shift) for
+//   256-bit FMAs; int8 weights are sign-extended to int16 against the input rows made integers, for exact
+//   integer multiply-adds (_int8.h). The fp32 loops are also the other builds' fp32 path of one row for
+//   bf16 and fp32 weights (the LM head's fp32 hidden states); several rows take 512-bit register tiles
+//   there (fp32_tile), each row summed exactly as alone.
 // - avx2vnni (AVX2 PCs with AVX-VNNI: Intel Alder Lake and later, AMD Zen 5): the avx2 build with int8
 //   weights as integer dot products (_int8.h), 256 bits wide.
-// Accumulation is fp32 (int32 for int8 on the VNNI builds). An Arm build (NEON widening for bf16, SDOT
+// Accumulation is fp32 (int8: exact integers). An Arm build (NEON widening for bf16, SDOT
 // byte dot products for int8 as _int8.h does, BFDOT where the CPU has BF16) would be another set of the
 // same few primitives (`load16`, the row and tile loops); it is not written yet, and Arm CPUs use
 // PyTorch's kernels.
@@ -47,6 +48,8 @@
 #endif
 #if defined(SLOWLLM_AVX512BF16) || defined(SLOWLLM_AVXVNNI)
 #define SLOWLLM_INT8_DOTS  // int8 weights as integer byte dot products (_int8.h)
+#else
+#define SLOWLLM_INT16_DOTS  // int8 weights as int16 multiply-adds (_int8.h)
 #endif
 
 namespace {
@@ -117,21 +120,6 @@ struct Bf16Weights {
   static constexpr int rows_per_tile(int M) { return M == 1 ? 4 : M <= 4 ? 8 : 4; }
 #endif
 };
-struct Int8Weights {
-  using T = int8_t;
-  static constexpr bool kEvenOdd = false;
-  static void load16(const T* w, __m256& w0, __m256& w1) {
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-  }
-  static float value(T w) { return static_cast<float>(w); }
-#if defined(SLOWLLM_AVX512BF16)
-  static __m512 wide16(const T* w) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-  }
-#endif
-};
 
 // fp32 weights as they are (a fp32 checkpoint's LM head at the coordinator): no conversion, the same loops,
 // so a row's logits do not depend on the rows batched beside it, which PyTorch's fp32 GEMM does not give
@@ -149,7 +137,7 @@ struct Fp32Weights {
 #endif
 };
 
-// fp32 input rows against bf16, int8 or fp32 weights, converted to fp32 in registers (exact for both): the
+// fp32 input rows against bf16 or fp32 weights, converted to fp32 in registers (exact): the
 // same numbers as converting the matrix and a dense fp32 GEMM, up to summation order, without writing
 // and re-reading a float copy of it (Bloom's head: 2 GB at hidden 2048, 14 GB at 14336). 256-bit lanes:
 // on CPUs that split 512-bit ops in two (Zen 4) the conversions are the bottleneck, and independent
@@ -176,8 +164,8 @@ void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const fl
 }
 
 // Four weight rows against one fp32 input row: each input vector loaded once for the four, eight chains
-// in flight (an int8 row's conversions no longer wait on two chains' latency: 63 -> 46 ms per 600M weights
-// on AVX2, measured with four chains). Each row sums exactly as fp32_row<1> does, so a row's numbers
+// in flight (a converted row no longer waits on two chains' latency: 63 -> 46 ms per 600M int8 weights on
+// AVX2, when int8 weights came here, measured with four chains). Each row sums exactly as fp32_row<1> does, so a row's numbers
 // are the same whether it ran here or there.
 template <typename Weights>
 void fp32_four_rows(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
@@ -378,7 +366,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 
 #if defined(SLOWLLM_AVX512BF16)
 // R weight rows against M input rows: R x M independent chains of bf16 dot products; each weight vector
-// is loaded (int8: converted) once for the M rows and each input vector once for the R weight rows. Every
+// is loaded once for the M rows and each input vector once for the R weight rows. Every
 // output sums in ONE order whatever M and R are (one chain over K in 32-wide blocks, then the reduction,
 // then the scalar tail), so a row's numbers do not depend on the rows batched beside it: a node merges
 // many sessions' steps into one pass and each gets exactly its numbers alone. With several input rows the
@@ -386,7 +374,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 // R x M chains keep them busy: at 1b7 shapes, 4 rows went from 35 to 17 ms per 600M weights, 8 rows from
 // 50 to 27. One input row takes four weight rows at a time (four chains hide each other's latency; a
 // second chain per row, which one row at a time needs, would sum in another order than the tiles: 8 rows
-// then cost 48 instead of 31 ms per 600M weights here, int8 100 instead of 72).
+// then cost 48 instead of 31 ms per 600M weights here).
 // y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
 template <int M, int R, typename Weights>
 void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
@@ -428,7 +416,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
 #endif
 
 #include "_amx.h"  // (empty unless SLOWLLM_AMX)
-#include "_int8.h"  // (empty unless SLOWLLM_INT8_DOTS)
+#include "_int8.h"  // int8_matmul
 
 // Y [M, N] (fp32) = X [M, K] (bf16) @ W [N, K].T (times S[n]): the ISA's bf16-input path. avx2 widens
 // the few input rows to fp32 once (M x K values: nothing beside the weights) and uses the fp32 path.
@@ -530,9 +518,9 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return finish(o, bias);
 }
 
-// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8. The VNNI builds (amx,
-// avx512bf16, avx2vnni): integer dot products (_int8.h; any number of rows, each its exact sum); avx2:
-// converted to fp32 in registers, 8 rows at a time.
+// y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8: exact integer sums
+// (_int8.h: VNNI byte dot products on amx, avx512bf16 and avx2vnni, int16 multiply-adds on avx2), any
+// number of rows, each its own sum.
 torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check(x, q);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
@@ -541,19 +529,14 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
   const Output o = output(x, q.size(0));
-#if defined(SLOWLLM_INT8_DOTS)
   auto xc = x.contiguous();
   int8_matmul(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
               q.data_ptr<int8_t>(), S, o.Y, q.size(0));
-#else
-  bf16_input_matmul<Int8Weights>(x, q.data_ptr<int8_t>(), S, o.Y, q.size(0));
-#endif
   return finish(o, bias);
 }
 
 // y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N] (+ bias); q int8, x bf16/fp16/fp32 (as fp32):
-// integer dot products on the VNNI builds (exact up to the input grid's 2^-24), fp32 FMAs 8 rows at a
-// time on avx2
+// exact integer sums (_int8.h) of the inputs on a grid of 2^-24 of each row's largest
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check(x, q);
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.numel() == q.size(0), "int8 q and one scale per row");
@@ -563,11 +546,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
   const Output o = output(x, N);
-#if defined(SLOWLLM_INT8_DOTS)
   int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
-#else
-  fp32_matmul<Int8Weights>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
-#endif
   return finish(o, bias);
 }
 

@@ -8,7 +8,8 @@ Which build runs is the best the CPU has, unless SLOWLLM_ISA names one:
   later);
 - `avx2vnni`: the avx2 build whose int8 products are integer dot products (AVX-VNNI: Intel Alder Lake and
   later, AMD Zen 5), as the two above do with AVX512-VNNI and AMX;
-- `avx2`: AVX2 + FMA, weights widened to fp32 in registers (every x86 PC since 2013-2015);
+- `avx2`: AVX2 + FMA, bf16 weights widened to fp32 in registers, int8 ones multiplied as int16 integers
+  (every x86 PC since 2013-2015); its int8 numbers are the other builds', bit for bit;
 - `none`: PyTorch's own kernels (also what Arm CPUs get; SLOWLLM_KERNELS=0 means the same).
 A build takes ~30-60 s once, into ~/.cache/slowllm/kernels (SLOWLLM_CACHE moves it), under a lock that
 a dead builder cannot leave behind (`_build.py`). Without a compiler the callers use PyTorch's kernels:
@@ -56,8 +57,7 @@ ISA_CFLAGS = {
 # Input rows up to which each kernel beats the alternative, per build. avx512bf16 (measured on bloom-1b7
 # shapes, 2 cores, 600M weights, ms): bf16 tiles vs MKL's F.linear 19/35 at 1 row, 20/35 at 4, 29/41 at
 # 8, 57/54 at 16; int8 (converting to bf16 then) with bf16 rows vs torch's `_weight_int8pack_mm` 10/19 at
-# 1, 23/24 at 4, 26/49 at 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32; avx2's
-# int8 with fp32 rows only at 1 row (the fp32 FMAs make it compute-bound beyond). The bf16 limits are fixed, not measured against
+# 1, 23/24 at 4, 26/49 at 8, and vs converting slices for a dense GEMM 47/101 at 16, 81/123 at 32. The bf16 limits are fixed, not measured against
 # F.linear: they are also how many sessions' steps a node merges into one pass (each row's numbers only
 # stay its own within the kernels), and a merged pass of 8 rows costs far less than 8 passes of one
 # whatever F.linear does (a calibration that found F.linear faster at 2 rows, on a noisy moment, left a
@@ -68,13 +68,15 @@ ISA_CFLAGS = {
 # 7.3/10.0 at 8, 9.6/10.3 at 16, 14.3/11.4 at 32. int8 on amx, avx512bf16 and avx2vnni is integer dot
 # products (_int8.h), fp32 rows as well as bf16 ones: bloom-1b7's 24 blocks of linears, bf16 rows, amx 48 /
 # 71 / 99 ms at 1 / 8 / 16 rows (converting to bf16 before: 109 / 113 / 116), avx512bf16 58 / 130 (91 /
-# 151), avx2vnni 62 / 165 / 301 (avx2's FMAs 80 / ~180 / ~390); "int8" is calibrated per machine on the
-# avx512 builds, "int8_fp32" follows it.
+# 151), avx2vnni 62 / 165 / 301; avx2's int16 multiply-adds 55 / 115 / 223 (its fp32 FMAs before: 80 / ~180
+# / ~390), avx2vnni 53 / 133 / 256 the same day, both with the next tile's rows prefetched; "int8" is
+# calibrated per machine on the avx512 builds, "int8_fp32" follows it. "bf16_fp32" (fp32 rows, bf16
+# weights: a float32 block that keeps a bf16 checkpoint's weights) is the fp32 FMA loops on every build.
 MAX_ROWS = {
-    "amx": {"bf16": 16, "int8": 32, "int8_fp32": 32},
-    "avx512bf16": {"bf16": 8, "int8": 32, "int8_fp32": 32},
-    "avx2vnni": {"bf16": 8, "int8": 16, "int8_fp32": 16},
-    "avx2": {"bf16": 8, "int8": 16, "int8_fp32": 1},
+    "amx": {"bf16": 16, "bf16_fp32": 8, "int8": 32, "int8_fp32": 32},
+    "avx512bf16": {"bf16": 8, "bf16_fp32": 8, "int8": 32, "int8_fp32": 32},
+    "avx2vnni": {"bf16": 8, "bf16_fp32": 8, "int8": 16, "int8_fp32": 16},
+    "avx2": {"bf16": 8, "bf16_fp32": 8, "int8": 16, "int8_fp32": 16},
 }
 INT8_MAX_INPUTS = 65536  # the VNNI builds' int32 sums hold K products of 255 x 128 up to here (176B: 57344; kIntMaxK in _int8.h)
 
@@ -255,7 +257,8 @@ def kernel_rows(kind: str) -> int | None:
 
 
 def usable(x: torch.Tensor, kind: str) -> bool:
-    """Should this input go through kernel `kind` ("bf16", "int8", "int8_fp32"): CPU, few rows, built?"""
+    """Should this input go through kernel `kind` ("bf16", "bf16_fp32", "int8", "int8_fp32"): CPU, few
+    rows, built?"""
     if x.device.type != "cpu" or x.numel() == 0:
         return False
     k = kernels()

@@ -89,9 +89,28 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     on an AVX2 PC, and no fp32 copy of the whole weight. Not for autograd (the buffer is reused)."""
     if x.device.type != "cpu" or _native_bf16() or (torch.is_grad_enabled() and x.requires_grad):
         return F.linear(x, weight, bias)
+    return _widened_linear(x, weight, bias).to(x.dtype)
+
+
+def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 x [..., in] @ bf16 weight [out, in].T (+ bias) in fp32, each weight exact in fp32: the numbers
+    of a float32 block, reading half its bytes. A few rows (decoding) run the kernel, which widens the
+    weights in registers, each row summed in one order whatever the batch; more rows widen slices of the
+    weight for fp32 GEMMs (`_widened_linear`). Not for autograd (`GemvLinear` wraps it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if usable(x2, "bf16_fp32") and weight.is_contiguous():
+        out = kernels().bf16_fp32_gemv(x2, weight)
+        if bias is not None:
+            out += bias
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _widened_linear(x, weight, bias)
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) in fp32, the weight widened 64 MB of fp32 at a time into a reused buffer."""
     lead, k = x.shape[:-1], x.shape[-1]
     xf = x.reshape(-1, k).float()
-    out = torch.empty(xf.shape[0], weight.shape[0], dtype=torch.float32)
+    out = torch.empty(xf.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     rows = max(1, _DEQUANT_BYTES // (k * 4))
     buffer = _buffer(min(rows, weight.shape[0]) * k, torch.float32, x.device)
     for start in range(0, weight.shape[0], rows):
@@ -101,7 +120,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         out[:, start:start + part.shape[0]] = F.linear(xf, wide)
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype).reshape(*lead, weight.shape[0])
+    return out.reshape(*lead, weight.shape[0])
 
 
 def _native_bf16() -> bool:
@@ -127,23 +146,24 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return buf
 
 
-class _Int8Function(torch.autograd.Function):
-    """Forward with the int8 kernel; d(x @ W.T)/dx = grad @ W, computed from the int8 rows a slice at a time."""
+class _FrozenWeight(torch.autograd.Function):
+    """x @ W.T for a frozen weight stored narrower than x (int8 rows and scales, or bf16 under fp32
+    activations); d/dx = grad @ W, the weight widened a slice at a time (never a whole float copy)."""
 
     @staticmethod
-    def forward(ctx, x, q, scale):
-        ctx.save_for_backward(q, scale)
-        return int8_matmul(x, q, scale)
+    def forward(ctx, x, weight, scale):
+        ctx.save_for_backward(weight, scale)
+        return wide_linear(x, weight) if scale is None else int8_matmul(x, weight, scale)
 
     @staticmethod
     def backward(ctx, grad):
-        q, scale = ctx.saved_tensors
-        g = (grad * scale.to(grad.dtype)).reshape(-1, q.shape[0])
-        out = torch.zeros(g.shape[0], q.shape[1], dtype=grad.dtype, device=grad.device)
-        rows = max(1, (64 << 20) // max(1, q.shape[1] * grad.element_size()))  # <= 64 MB of float weight at once
-        for start in range(0, q.shape[0], rows):
-            out += g[:, start:start + rows] @ q[start:start + rows].to(grad.dtype)
-        return out.reshape(*grad.shape[:-1], q.shape[1]), None, None
+        weight, scale = ctx.saved_tensors
+        g = (grad if scale is None else grad * scale.to(grad.dtype)).reshape(-1, weight.shape[0])
+        out = torch.zeros(g.shape[0], weight.shape[1], dtype=grad.dtype, device=grad.device)
+        rows = max(1, _DEQUANT_BYTES // max(1, weight.shape[1] * grad.element_size()))
+        for start in range(0, weight.shape[0], rows):
+            out += g[:, start:start + rows] @ weight[start:start + rows].to(grad.dtype)
+        return out.reshape(*grad.shape[:-1], weight.shape[1]), None, None
 
 
 class Int8Linear(nn.Module):
@@ -158,13 +178,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            out = _Int8Function.apply(x, self.weight, self.weight_scale)
+            out = _FrozenWeight.apply(x, self.weight, self.weight_scale)
             return out if self.bias is None else out + self.bias.to(out.dtype)
         return int8_matmul(x, self.weight, self.weight_scale, self.bias)
 
 
 class GemvLinear(nn.Linear):
-    """`nn.Linear` in bf16 whose few-row products (decoding) run the GEMV kernel; the same parameters."""
+    """`nn.Linear` with a bf16 weight whose few-row products (decoding) run the GEMV kernel; the same
+    parameters. Under fp32 activations (a float32 block that keeps a bf16 checkpoint's weights as they
+    are) it computes in fp32 from the bf16 weight (`wide_linear`)."""
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> "GemvLinear":
@@ -175,8 +197,14 @@ class GemvLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if x.dtype == torch.float32 and self.weight.dtype == torch.bfloat16:
+            if grad:
+                out = _FrozenWeight.apply(x, self.weight, None)
+                return out if self.bias is None else out + self.bias
+            return wide_linear(x, self.weight, self.bias)
         if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and usable(x, "bf16")
-                and not (torch.is_grad_enabled() and x.requires_grad) and self.weight.is_contiguous()):
+                and not grad and self.weight.is_contiguous()):
             out = kernels().bf16_gemv(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
