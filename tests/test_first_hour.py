@@ -114,9 +114,9 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
         assert text.count("retrying in") >= 3
     assert "HTTP 502 instead of a WebSocket" in plain
     assert "is the coordinator serving wss://? if not, use ws://" in tls
-    from slowllm.node.engine._memory import fast_bf16, page_note
-    expected = "in bfloat16 (the checkpoint's dtype" if fast_bf16() else "in float32 (this CPU has no fast"
-    assert expected in plain
+    from slowllm.node.engine._memory import default_dtype, page_note
+    dtype, why = default_dtype(torch.bfloat16, "cpu")  # (st-bf16 is a bf16 checkpoint)
+    assert f"in {str(dtype).removeprefix('torch.')}" in plain and why in plain
     from slowllm.node.kernels._kernels import describe  # the start-up line: kernels, threads, weights' pages
     assert describe() in plain and f", {torch.get_num_threads()} thread" in plain and ", 1 thread, " in tls
     assert page_note() in plain

@@ -20,6 +20,7 @@ from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags, kernels_for, run
 from slowllm.node.kernels._linears import quantize_rows
 
 ISAS = list(ISA_FLAGS)
+AVX2_PC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # as bench/decode.py
 
 
 def runnable(isa: str):
@@ -223,7 +224,9 @@ def test_the_kernels_let_other_python_threads_run_meanwhile(isa):
 
 def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_dir):
     """A bf16 checkpoint decodes in bf16 by default through the build SLOWLLM_ISA names (the counters
-    prove it ran), and every build, and PyTorch's kernels, give the same greedy tokens."""
+    prove it ran), and every build, and PyTorch's kernels, give the same greedy tokens. On an AVX2 PC (no
+    native bf16: PyTorch capped at AVX2) the default is fp32 activations on the bf16 weights, decoded
+    by the avx2 build's fp32-rows path."""
     model = models_dir / "kernels-bf16"
     if not (model / "config.json").exists():
         make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
@@ -233,7 +236,12 @@ def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_di
     isas.append("none")
     procs = {isa: subprocess.Popen([sys.executable, "-c", DECODE, str(model)], stdout=subprocess.PIPE, text=True,
                                    env={**os.environ, "SLOWLLM_ISA": isa}) for isa in isas}
+    avx2_pc = subprocess.Popen([sys.executable, "-c", DECODE, str(model)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "SLOWLLM_ISA": "avx2", **AVX2_PC})
     runs = {isa: json.loads(p.communicate(timeout=600)[0].splitlines()[-1]) for isa, p in procs.items()}
+    pc = json.loads(avx2_pc.communicate(timeout=600)[0].splitlines()[-1])
+    assert pc["dtype"] == "torch.float32" and pc["isa"] == "avx2" and pc["calls"]["bf16_fp32_gemv"] > 0, pc
+    assert pc["calls"]["bf16_gemv"] == 0, pc
     for isa, run in runs.items():
         assert run["dtype"] == ("torch.bfloat16" if isa != "none" or "avx512_bf16" in cpu_flags() else "torch.float32")
         if isa != "none":

@@ -260,3 +260,60 @@ def test_streamed_text_ends_with_a_character_the_last_token_cut(tiny_model):
         whole(0, [token])
     whole.finish()
     assert "".join(got) == "日"
+
+
+def test_a_bf16_checkpoint_in_float32_computes_on_its_bf16_weights(models_dir):
+    """fp32 compute on a bf16 checkpoint (--dtype float32; the default on a CPU whose kernels read bf16 but
+    that has no native bf16) keeps the linear weights in bf16 as stored: widening bf16 is exact, so the
+    numbers are transformers' in fp32 while the blocks take about half the RAM. Decode steps run the
+    kernels' fp32-rows path (counted), soft-prompt gradients pass through the frozen bf16 weights, and
+    streaming maps the weights from the checkpoint without converting them."""
+    from slowllm.coordinator import make_checkpoint, tiny_config
+    from slowllm.node.engine._blocks import block_nbytes
+    from slowllm.node.engine._families import layer_shapes
+    from slowllm.node.kernels._kernels import kernels
+
+    model = models_dir / "kernels-bf16"  # (shared with test_kernels.py)
+    if not (model / "config.json").exists():
+        make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    oracle = hf_model(model)
+    with LocalRunner(model, dtype="float32", keep_in_ram=True, progress=False) as resident:
+        config = resident.chain.blocks.config
+        params = dict(resident.chain.blocks.blocks[0].named_parameters())
+        linears = {name for name, _, linear in layer_shapes(config) if linear}
+        assert {n for n, p in params.items() if p.dtype == torch.bfloat16} == linears
+        assert all(p.dtype == torch.float32 for n, p in params.items() if n not in linears)
+        held = sum(p.nbytes for p in params.values())
+        assert held == block_nbytes(config, torch.float32, linears=torch.bfloat16) < 0.6 * block_nbytes(config, torch.float32)
+
+        k = kernels()
+        before = k.calls()["bf16_fp32_gemv"] if k else 0
+        outs = resident.generate(PROMPTS, Sampling(max_new_tokens=10))
+        assert k is None or k.calls()["bf16_fp32_gemv"] > before
+        for prompt, out in zip(PROMPTS, outs):
+            ids = torch.tensor([resident.ends.encode(prompt)])
+            ref = oracle.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=3)[0, ids.shape[1]:]
+            ref = ref.tolist()
+            assert out["token_ids"] == ref[: ref.index(2)] if 2 in ref else ref, prompt
+        request = {"context": "The quick brown fox", "continuation": " jumps over the lazy dog"}
+        ends = resident.ends
+        assert resident.score([request])[0]["logprob"] == pytest.approx(
+            hf_logprob(oracle, ends.encode(request["context"]), ends.encode(request["continuation"]))[0], abs=1e-4)
+
+        batch = [(ends.encode("Is the sky blue?"), ends.encode(" Yes."))]
+        prompt = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+        loss, grad = loss_and_grad(ends, resident.chain, prompt, batch)
+        ref_prompt = prompt.clone().requires_grad_(True)
+        ctx, cont = batch[0]
+        embeds = torch.cat([ref_prompt, oracle.transformer.word_embeddings(torch.tensor(ctx + cont))])[None]
+        start = ref_prompt.shape[0] + len(ctx) - 1
+        lp = torch.log_softmax(oracle(inputs_embeds=embeds).logits[0, start:start + len(cont)], dim=-1)
+        ref_loss = -lp[torch.arange(len(cont)), torch.tensor(cont)].mean()
+        ref_loss.backward()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        assert (grad - ref_prompt.grad).norm() / ref_prompt.grad.norm() < 1e-4
+
+    with LocalRunner(model, dtype="float32", progress=False) as streaming:
+        assert streaming.chain.executor.stream.zero_copy == (k is not None)
+        assert [o["token_ids"] for o in streaming.generate(PROMPTS, Sampling(max_new_tokens=10))] == \
+            [o["token_ids"] for o in outs]

@@ -16,6 +16,7 @@ import torch
 from slowllm.node import (BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_nbytes, format_size,
                           process_rss)
 from slowllm.node.engine._blocks import work_width
+from slowllm.node.engine._memory import linear_dtype
 from slowllm.protocol import MemoryBudgetError
 
 from ._chain import Batch, Chain, ChainSession, with_heads
@@ -47,8 +48,9 @@ def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, pre
                 max_length: int = 2048) -> MemoryPlan:
     baseline = process_rss()
     raw_block = checkpoint.block_nbytes()
-    zero_copy = checkpoint.storage_dtype() == dtype
-    compute_block = block_nbytes(checkpoint.config, dtype, checkpoint.int8)
+    linears = linear_dtype(checkpoint.storage_dtype(), dtype, "cpu", checkpoint.int8)  # as StreamingBlocks decides
+    zero_copy = checkpoint.storage_dtype() == linears
+    compute_block = block_nbytes(checkpoint.config, dtype, checkpoint.int8, linears)
 
     def blocks_bytes(pre: bool) -> int:
         return raw_block * (2 if pre else 1) if zero_copy else compute_block + raw_block

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
@@ -18,20 +19,27 @@ from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
 from ._families import Family, family_of, intermediate_size, layer_shapes
 
 
-def new_block(config, dtype: torch.dtype, device: torch.device | str = "cpu", int8: bool = False) -> torch.nn.Module:
+def new_block(config, dtype: torch.dtype, device: torch.device | str = "cpu", int8: bool = False,
+              linears: torch.dtype | None = None) -> torch.nn.Module:
     """An empty block of the config's family whose parameters are filled by `load_weights`.
 
     With `int8`, the block's linears are `Int8Linear`s (an int8 checkpoint's weights and per-row scales);
-    in bf16 they are `GemvLinear`s (decode steps through slowllm's GEMV kernel).
+    in bf16, or with bf16 `linears` under fp32 (`linear_dtype`), they are `GemvLinear`s (decode steps
+    through slowllm's GEMV kernel).
     """
     family = family_of(config)
+    bf16_weights = not int8 and torch.bfloat16 in (dtype, linears)
     with torch.device("meta"):
         block = family.new_layer(config)
         if int8:
             use_int8_linears(block)
-        elif dtype == torch.bfloat16:
+        elif bf16_weights:
             use_gemv_linears(block)
     block.to_empty(device=device).to(dtype)  # floating parameters only: int8 weights stay int8
+    if bf16_weights and dtype != torch.bfloat16:  # fp32 compute on weights kept in bf16 (exact when widened)
+        for linear in block.modules():
+            if isinstance(linear, nn.Linear):
+                linear.weight = nn.Parameter(linear.weight.to(torch.bfloat16), requires_grad=False)
     block.eval()
     block.requires_grad_(False)
     block.slowllm_family = family  # how to name its tensors and call it (`load_weights`, `run_block`)
@@ -76,12 +84,16 @@ def block_param_shape(block: torch.nn.Module, suffix: str) -> tuple[int, ...]:
     return block.slowllm_shapes[suffix]
 
 
-def block_nbytes(config, dtype: torch.dtype, int8: bool = False) -> int:
-    """Bytes of one block's parameters in memory: `dtype` floats, or int8 linear weights beside them."""
+def block_nbytes(config, dtype: torch.dtype, int8: bool = False, linears: torch.dtype | None = None) -> int:
+    """Bytes of one block's parameters in memory: `dtype` floats, or int8 (with scales) or `linears`
+    linear weights beside them."""
     total = 0
     for _, shape, linear in layer_shapes(config):
         n = torch.Size(shape).numel()
-        total += n + shape[0] * dtype.itemsize if int8 and linear else n * dtype.itemsize
+        if int8 and linear:
+            total += n + shape[0] * dtype.itemsize
+        else:
+            total += n * (linears or dtype).itemsize if linear else n * dtype.itemsize
     return total
 
 

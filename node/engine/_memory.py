@@ -19,7 +19,7 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from slowllm.node.kernels._kernels import fast_bf16
+from slowllm.node.kernels._kernels import kernels, native_bf16
 from slowllm.utils._units import format_size, parse_size  # noqa: F401  (re-exported)
 
 
@@ -103,16 +103,44 @@ NODE_RUNTIME_BYTES = 1 << 30  # interpreter, torch, transformers and one request
 
 
 def default_dtype(storage: torch.dtype, device: str, int8: bool = False) -> tuple[torch.dtype, str]:
-    """The compute dtype a node or a local run takes when none is asked, and why (printed at start-up):
-    bf16 for a bf16 or int8 checkpoint where bf16 is fast (half the bytes per token), else fp32."""
+    """The compute dtype a node or a local run takes when none is asked, and why (printed at start-up).
+
+    A bf16 or int8 checkpoint computes in bf16 where the CPU computes bf16 natively (half the bytes of
+    activations and KV caches). Elsewhere PyTorch's bf16 attention, norms and GEMMs run several times
+    slower than fp32 (a 1,000-token prompt on the AVX2 PC: minutes instead of seconds), so activations are
+    fp32 while the weights stay as stored wherever slowllm's kernels read them (`linear_dtype`): the bytes
+    per token of bf16 with the numbers of fp32. fp32 checkpoints stay fp32 (exact)."""
     if device == "cuda":
         return torch.bfloat16, "the default on a GPU"
     if storage == torch.bfloat16 or int8:
-        why = fast_bf16()
-        if why is not None:
-            return torch.bfloat16, f"the checkpoint's dtype, and {why} (--dtype float32 to change)"
+        if native_bf16():
+            return torch.bfloat16, "the checkpoint's dtype, and this CPU computes bfloat16 natively (--dtype float32 to change)"
+        k = kernels()
+        if k is not None:
+            return torch.float32, (f"this CPU has no native bfloat16: activations in float32, weights read as stored by "
+                                   f"slowllm's {k.isa} kernels; --dtype bfloat16 halves the KV caches")
         return torch.float32, "this CPU has no fast bfloat16 (--dtype bfloat16 halves RAM)"
     return torch.float32, "the checkpoint's dtype"
+
+
+def linear_dtype(storage: torch.dtype, dtype: torch.dtype, device: str | torch.device, int8: bool = False) -> torch.dtype:
+    """The dtype a block keeps its linear weights in (int8 checkpoints: int8, whatever this says).
+
+    A bf16 checkpoint computed in fp32 on a CPU with slowllm's kernels keeps them in bf16: widening bf16
+    to fp32 is exact, so the numbers are a float32 block's while RAM and the bytes read per token are
+    half (the kernels widen in registers; prompts widen slices for fp32 GEMMs). Otherwise the compute
+    dtype."""
+    if (not int8 and storage == torch.bfloat16 and dtype == torch.float32 and torch.device(device).type == "cpu"
+            and kernels() is not None):
+        return torch.bfloat16
+    return dtype
+
+
+def weights_note(dtype: torch.dtype, linears: torch.dtype, int8: bool) -> str:
+    """What a start-up line adds after the compute dtype about the linear weights' own dtype."""
+    if int8:
+        return " with int8 weights"
+    return f" with {str(linears).removeprefix('torch.')} weights" if linears != dtype else ""
 
 
 def node_dtype(storage: torch.dtype, device: str, asked: torch.dtype | None,

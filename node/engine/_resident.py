@@ -14,12 +14,12 @@ from slowllm.protocol import InputError
 
 from ._blocks import DEFAULT_SCORE_BUDGET, SCORE_BYTES, Attention, BlockCache, load_weights, new_block
 from ._checkpoint import Checkpoint
-from ._memory import HUGE_PAGE, in_huge_pages, steady_allocator
+from ._memory import HUGE_PAGE, in_huge_pages, linear_dtype, steady_allocator
 
 
 class ResidentBlocks:
     """Blocks first..last held in memory (RAM or GPU) in the compute dtype (linear weights in int8 for an
-    int8 checkpoint)."""
+    int8 checkpoint, in bf16 for a bf16 one computed in fp32 on a CPU with slowllm's kernels)."""
 
     def __init__(self, checkpoint: Checkpoint, first: int, last: int, dtype: torch.dtype, device: str = "cpu",
                  score_budget: int = DEFAULT_SCORE_BUDGET):
@@ -31,11 +31,12 @@ class ResidentBlocks:
         self.dtype, self.device = dtype, torch.device(device)
         self.blocks: dict[int, torch.nn.Module] = {}
         self.score_budget = score_budget  # attention scores of one block: bounds a request's working memory
+        self.linears = linear_dtype(checkpoint.storage_dtype(), dtype, self.device, checkpoint.int8)
         for layer in range(first, last + 1):
-            block = new_block(self.config, dtype, self.device, int8=checkpoint.int8)
+            block = new_block(self.config, dtype, self.device, int8=checkpoint.int8, linears=self.linears)
             load_weights(block, checkpoint.read_block(layer), layer)
             for p in block.parameters():  # own the memory: no page-cache-backed maps left behind
-                if p.data.device.type == "cpu" and (p.data.nbytes >= HUGE_PAGE or p.data.dtype in (dtype, torch.int8)):
+                if p.data.device.type == "cpu" and (p.data.nbytes >= HUGE_PAGE or p.data.dtype in (dtype, self.linears, torch.int8)):
                     p.data = in_huge_pages(p.data)  # the weights: read every token, in 2 MB pages
             self.blocks[layer] = block
 

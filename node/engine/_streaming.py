@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ._batch import Batch
 from ._blocks import DEFAULT_SCORE_BUDGET, Attention, BlockCache, load_weights, new_block, release_weights
 from ._checkpoint import Checkpoint, touch
-from ._memory import SpillStore
+from ._memory import SpillStore, linear_dtype
 
 
 class BlockStream:
@@ -38,8 +38,10 @@ class BlockStream:
         self.dtype = dtype
         self.device = torch.device(device)
         self.prefetch = prefetch
-        self.zero_copy = checkpoint.storage_dtype() == dtype and self.device.type == "cpu"
-        self._block = new_block(checkpoint.config, dtype, self.device, int8=checkpoint.int8)
+        # the linears map the checkpoint itself when it stores their dtype (bf16 under fp32 too: exact)
+        linears = linear_dtype(checkpoint.storage_dtype(), dtype, self.device, checkpoint.int8)
+        self.zero_copy = checkpoint.storage_dtype() == linears and self.device.type == "cpu"
+        self._block = new_block(checkpoint.config, dtype, self.device, int8=checkpoint.int8, linears=linears)
         if self.zero_copy:
             release_weights(self._block)
 

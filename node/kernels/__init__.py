@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 from slowllm.utils._lazy import lazy_exports
 
 _EXPORTS = {
-    "._kernels": ["chosen_isa", "cpu_flags", "cpu_supported", "describe", "fast_bf16", "kernel_rows", "kernels", "native_bf16", "usable"],
+    "._kernels": ["chosen_isa", "cpu_flags", "cpu_supported", "describe", "kernel_rows", "kernels", "native_bf16", "usable"],
     "._build": ["BuildUnavailable", "build_extension"],
     "._linears": ["GemvLinear", "Int8Linear", "quantize_rows", "use_gemv_linears", "use_int8_linears"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from ._kernels import chosen_isa, cpu_flags, cpu_supported, describe, fast_bf16, kernel_rows, kernels, native_bf16, usable  # noqa: F401
+    from ._kernels import chosen_isa, cpu_flags, cpu_supported, describe, kernel_rows, kernels, native_bf16, usable  # noqa: F401
     from ._build import BuildUnavailable, build_extension  # noqa: F401
     from ._linears import GemvLinear, Int8Linear, quantize_rows, use_gemv_linears, use_int8_linears  # noqa: F401

@@ -103,18 +103,6 @@ def native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def fast_bf16() -> str | None:
-    """Why bfloat16 computes at memory speed on this CPU (a clause for start-up lines), or None.
-
-    Native bf16 (AVX512-BF16, AMX, Arm BF16), or slowllm's AVX2 kernels, which widen bf16 weights to fp32
-    in registers and read them as fast as memory allows; without either, PyTorch's bf16 is slower than
-    fp32 and the blocks are widened once at load."""
-    if native_bf16():
-        return "this CPU computes bfloat16 natively"
-    k = kernels()
-    return f"slowllm's {k.isa} kernels read bfloat16 at memory speed" if k is not None else None
-
-
 def runnable_isas(flags: frozenset[str] | None = None) -> list[str]:
     """The builds this CPU runs, best first (tests and bench/decode.py run each)."""
     flags = cpu_flags() if flags is None else flags

@@ -223,6 +223,8 @@ class ComputePasses:
             kind = "int8" if self.dtype == torch.bfloat16 else "int8_fp32"
         elif self.dtype == torch.bfloat16:
             kind = "bf16"
+        elif self.blocks.linears == torch.bfloat16:  # fp32 activations on bf16 weights
+            kind = "bf16_fp32"
         else:
             return 1 << 30
         return kernel_rows(kind) or 1 << 30

@@ -22,8 +22,8 @@ import websockets
 from slowllm.node.engine._blocks import DEFAULT_SCORE_BUDGET, block_nbytes
 from slowllm.node.engine._checkpoint import Checkpoint
 from slowllm.node.engine._digests import block_digests
-from slowllm.node.engine._memory import (NODE_RUNTIME_BYTES, blocks_that_fit, format_size, node_dtype, node_memory_need,
-                                         page_note, steady_allocator)
+from slowllm.node.engine._memory import (NODE_RUNTIME_BYTES, blocks_that_fit, format_size, linear_dtype, node_dtype,
+                                         node_memory_need, page_note, steady_allocator, weights_note)
 from slowllm.node.engine._resident import ResidentBlocks
 from slowllm.node.kernels._kernels import cpu_supported, describe, kernels
 from slowllm.protocol import (HANDSHAKE_LIMITS, AuthError, Channel, CheckpointError, Error, Heartbeat, InputError,
@@ -102,11 +102,12 @@ class NodeServer(ComputePasses):
             print(f"node {self.name}: preparing the decode kernels", flush=True)
             kernels()
         self.dtype, why = node_dtype(checkpoint.storage_dtype(), self.device, self.dtype, checkpoint.int8)
+        self.linears = linear_dtype(checkpoint.storage_dtype(), self.dtype, self.device, checkpoint.int8)
         self._check_memory(checkpoint)
         threads = torch.get_num_threads()
         kind = f", {describe()}, {threads} thread{'s' * (threads > 1)}, {page_note()}" if self.device == "cpu" else ""
         print(f"node {self.name}: loading blocks {self.first}-{self.last} of {model} in "
-              f"{str(self.dtype).removeprefix('torch.')}{' with int8 weights' if checkpoint.int8 else ''} ({why}{kind})",
+              f"{str(self.dtype).removeprefix('torch.')}{weights_note(self.dtype, self.linears, checkpoint.int8)} ({why}{kind})",
               flush=True)
         self.blocks = ResidentBlocks(checkpoint, self.first, self.last, self.dtype, self.device,
                                      score_budget=self.score_budget)
@@ -121,7 +122,7 @@ class NodeServer(ComputePasses):
             available = torch.cuda.mem_get_info()[0] if self.memory is None else self.memory
         else:
             available = psutil.virtual_memory().available if self.memory is None else self.memory
-        block = block_nbytes(checkpoint.config, self.dtype, checkpoint.int8)
+        block = block_nbytes(checkpoint.config, self.dtype, checkpoint.int8, self.linears)
         count = self.last - self.first + 1
         need = node_memory_need(block, count, self.sessions.budget)
         if need <= available:
