@@ -99,7 +99,7 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     procs = [subprocess.Popen([sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-1", "--model", str(model),
                                "--coordinator", f"{scheme}://127.0.0.1:{port}", *threads], stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, env=env)
-             for scheme, log, threads in zip(("ws", "wss"), logs, ([], ["--threads", "1"]))]
+             for scheme, log, threads in zip(("ws", "wss"), logs, ([], ["--threads", "1", "--dtype", "float32"]))]
     try:
         time.sleep(10)
         assert [p.poll() for p in procs] == [None, None], [log.read_text() for log in logs]
@@ -117,6 +117,8 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     from slowllm.node.engine._memory import default_dtype, page_note
     dtype, why = default_dtype(torch.bfloat16, "cpu")  # (st-bf16 is a bf16 checkpoint)
     assert f"in {str(dtype).removeprefix('torch.')}" in plain and why in plain
+    from slowllm.node.kernels._kernels import kernels  # asked for fp32: the bf16 weights kept as they are
+    assert ("in float32 with bfloat16 weights (as asked" if kernels() else "in float32 (as asked") in tls
     from slowllm.node.kernels._kernels import describe  # the start-up line: kernels, threads, weights' pages
     assert describe() in plain and f", {torch.get_num_threads()} thread" in plain and ", 1 thread, " in tls
     assert page_note() in plain
