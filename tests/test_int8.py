@@ -196,7 +196,8 @@ def test_int8_linear_every_path_and_its_gradient():
     (grad,) = torch.autograd.grad(lin(x).square().sum(), x)
     x2 = x.detach().requires_grad_(True)
     (expected,) = torch.autograd.grad(F.linear(x2, dense, lin.bias).square().sum(), x2)
-    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-4)
+    # (the forward's fp32 rows meet the int8 weights on a 16-bit grid of each row's largest element)
+    assert (grad - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert int8_matmul(torch.zeros(0, 64), q, scale).shape == (0, 80)
 
 

@@ -353,11 +353,10 @@ bool amx_int_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float
 }
 #endif
 
-// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T
-template <typename In>
+// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T, the inputs on a grid of P bytes
+template <int P, typename In>
 void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
   TORCH_CHECK(K <= kIntMaxK, "the int8 kernels take at most ", kIntMaxK, " inputs per row");
-  constexpr int P = std::is_same_v<In, float> ? 3 : 2;
   const IntRows<P> in = int_rows<P>(X, M, K);
 #if defined(SLOWLLM_AMX)
   if (amx_int_matmul(in, W, S, Y, N)) return;
@@ -479,11 +478,10 @@ struct MaddKernel {
   }
 };
 
-// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T
-template <typename In>
+// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T, the inputs on a grid of P bytes
+template <int P, typename In>
 void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
   TORCH_CHECK(K <= kIntMaxK, "the int8 kernels take at most ", kIntMaxK, " inputs per row");
-  constexpr int P = std::is_same_v<In, float> ? 3 : 2;
   int_matmul<MaddKernel<P>>(short_rows<P>(X, M, K), W, S, Y, N);
 }
 #endif

@@ -530,23 +530,28 @@ torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const float* S = as_floats(scale, scale_buffer);
   const Output o = output(x, q.size(0));
   auto xc = x.contiguous();
-  int8_matmul(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
-              q.data_ptr<int8_t>(), S, o.Y, q.size(0));
+  int8_matmul<2>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
+                 q.data_ptr<int8_t>(), S, o.Y, q.size(0));
   return finish(o, bias);
 }
 
 // y [M, N] (x's dtype) = (x [M, K] @ q [N, K].T) * scale [N] (+ bias); q int8, x bf16/fp16/fp32 (as fp32):
-// exact integer sums (_int8.h) of the inputs on a grid of 2^-24 of each row's largest
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+// exact integer sums (_int8.h) of the inputs on a grid of 2^-(bits) of each row's largest: 24 (a fp32
+// sum's own rounding: the LM head's logits), or 16 (the bf16 rows' grid, half the integer work: a block's
+// int8 linears, whose weights are already rounded to 2^-8 of their row's largest)
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                        int64_t bits) {
   check(x, q);
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.numel() == q.size(0), "int8 q and one scale per row");
+  TORCH_CHECK(bits == 16 || bits == 24, "bits: 16 or 24");
   g_calls[2]++;
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto xf = x.to(torch::kFloat).contiguous();
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
   const Output o = output(x, N);
-  int8_matmul(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
+  if (bits == 16) int8_matmul<2>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
+  else int8_matmul<3>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), S, o.Y, N);
   return finish(o, bias);
 }
 
@@ -592,8 +597,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 x [M, K] @ bf16 w [N, K].T (+ bias), fp32 accumulation");
   m.def("int8_bf16_gemv", &int8_bf16_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias,
         "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
-  m.def("int8_gemv", &int8_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias,
-        "x [M, K] (as fp32) @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
+  m.def("int8_gemv", &int8_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias, py::arg("bits") = 24,
+        "x [M, K] (as fp32) @ (int8 q [N, K] * scale [N]).T (+ bias), the inputs on a grid of 2^-bits (24 or 16)");
   m.def("bf16_fp32_gemv", &bf16_fp32_gemv, nogil(), "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
   m.def("fp32_gemv", &fp32_gemv, nogil(), "fp32 x [M, K] @ fp32 w [N, K].T, batch invariant");
   m.def("calls", &calls, "how many times each entry point ran in this process");

@@ -61,8 +61,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     x2 = x.reshape(-1, k)
     if x.dtype == torch.bfloat16 and usable(x2, "int8"):
         return kernels().int8_bf16_gemv(x2, q, scale, bias).reshape(*lead, q.shape[0])
-    if x.dtype == torch.float32 and usable(x2, "int8_fp32"):
-        return kernels().int8_gemv(x2, q, scale, bias).reshape(*lead, q.shape[0])
+    if x.dtype == torch.float32 and usable(x2, "int8_fp32"):  # (16-bit input grid: see int8_gemv)
+        return kernels().int8_gemv(x2, q, scale, bias, bits=16).reshape(*lead, q.shape[0])
     if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and 0 < x2.shape[0] <= KERNEL_MAX_ROWS
             and k % _KERNEL_K_MULTIPLE == 0):
         out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
