@@ -45,10 +45,10 @@ def _work_per_token(checkpoint: Checkpoint, dtype: torch.dtype, length: int) -> 
 
 
 def plan_memory(checkpoint: Checkpoint, dtype: torch.dtype, max_ram: int, *, prefetch: bool = True,
-                max_length: int = 2048) -> MemoryPlan:
+                max_length: int = 2048, device: str = "cpu") -> MemoryPlan:
     baseline = process_rss()
     raw_block = checkpoint.block_nbytes()
-    linears = linear_dtype(checkpoint.storage_dtype(), dtype, "cpu", checkpoint.int8)  # as StreamingBlocks decides
+    linears = linear_dtype(checkpoint.storage_dtype(), dtype, device, checkpoint.int8)  # as BlockStream decides
     zero_copy = checkpoint.storage_dtype() == linears
     compute_block = block_nbytes(checkpoint.config, dtype, checkpoint.int8, linears)
 

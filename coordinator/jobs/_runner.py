@@ -143,7 +143,7 @@ class LocalRunner(Runner):
         draft = None
         if draft_model is not None:  # loaded first: the memory plan then counts it as already used
             draft = load_draft(str(draft_model), checkpoint, dtype=torch_dtype, device=device, tokens=draft_tokens)
-        self.plan = plan_memory(checkpoint, torch_dtype, budget)
+        self.plan = plan_memory(checkpoint, torch_dtype, budget, device=device)
         ends = ModelEnds(checkpoint, dtype=torch_dtype, resident_embedding=self.plan.resident_embedding,
                          head_chunk_bytes=self.plan.head_chunk_bytes)
         if keep_in_ram:

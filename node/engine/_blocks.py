@@ -90,10 +90,8 @@ def block_nbytes(config, dtype: torch.dtype, int8: bool = False, linears: torch.
     total = 0
     for _, shape, linear in layer_shapes(config):
         n = torch.Size(shape).numel()
-        if int8 and linear:
-            total += n + shape[0] * dtype.itemsize
-        else:
-            total += n * (linears or dtype).itemsize if linear else n * dtype.itemsize
+        itemsize = (linears or dtype).itemsize if linear else dtype.itemsize
+        total += n + shape[0] * dtype.itemsize if int8 and linear else n * itemsize
     return total
 
 
