@@ -8,7 +8,8 @@ bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a
 once and times generation of 1 and of 1+N new tokens, greedy: decode ms/token = (t(1+N) - t(1)) / N.
   hf        BloomForCausalLM.generate, bf16, eager (what transformers users get)
   slowllm   LocalRunner(keep_in_ram=True) with no dtype asked: what `slowllm generate --local
-            --keep-in-ram` gives a bf16 checkpoint by default (bf16 wherever a kernel reads it fast)
+            --keep-in-ram` gives a bf16 checkpoint by default (bf16 where the CPU computes it natively,
+            else fp32 activations on the bf16 weights; each run's progress line says which)
   slowllm8  the same on the int8 checkpoint
 Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL at AVX2
 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), for every engine: an AVX2-only PC
