@@ -18,12 +18,18 @@ from slowllm.node.engine._merge import StepPart, plan_forwards, plan_steps, run_
 from slowllm.node.engine._resident import ResidentBlocks
 
 
-@pytest.fixture(scope="module", params=["bloom", "llama"])
+@pytest.fixture(scope="module", params=["bloom", "llama", "bloom-bf16"])
 def blocks(request, models_dir):
-    extra = {"num_key_value_heads": 2} if request.param == "llama" else {}
+    """fp32 blocks; "bloom-bf16": a bf16 checkpoint in fp32, its linears kept in bf16 (an AVX2 PC's node)."""
+    family = request.param.removesuffix("-bf16")
+    extra = {"num_key_value_heads": 2} if family == "llama" else {}
+    stored = torch.bfloat16 if request.param.endswith("-bf16") else torch.float32
     path = make_checkpoint(models_dir / f"merge-{request.param}",
-                           tiny_config(n_layer=3, hidden=64, n_head=4, family=request.param, **extra), seed=5)
-    return ResidentBlocks(Checkpoint(path), 0, 2, torch.float32)
+                           tiny_config(n_layer=3, hidden=64, n_head=4, family=family, **extra), seed=5, dtype=stored)
+    blocks = ResidentBlocks(Checkpoint(path), 0, 2, torch.float32)
+    from slowllm.node.kernels._kernels import kernels
+    assert blocks.linears == (stored if kernels() is not None else torch.float32)
+    return blocks
 
 
 # fp32 through matrix products of another size: rounding differs in the last bits (hidden states here are
