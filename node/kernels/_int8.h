@@ -16,7 +16,9 @@
 // inputs take P = 3 planes (elements off by at most 2^-24 of the row's largest, the rounding of a fp32
 // sum), bf16 inputs P = 2 (every bf16 element within 2^-8 of the largest is exact, all 8 of its bits, and
 // smaller ones are off by at most 2^-16 of the largest, far below the bf16 rounding the inputs already
-// carry): a dot product less per input row, which is most of the work beyond one row.
+// carry): a dot product less per input row, which is most of the work beyond one row. A block's int8
+// linears take fp32 rows on the P = 2 grid too (int8_gemv's bits=16: the weights' own rounding, 2^-8 of
+// their row's largest, is far coarser); the LM head keeps P = 3.
 //
 // The avx2 build (no VNNI) puts the input rows on the same grid, as signed 16-bit integers (bf16: s itself;
 // fp32: s >> 8 and s & 255, two planes), and multiplies them by the weights sign-extended to 16 bits with
