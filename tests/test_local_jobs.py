@@ -281,12 +281,12 @@ def test_a_bf16_checkpoint_in_float32_computes_on_its_bf16_weights(models_dir):
         config = resident.chain.blocks.config
         params = dict(resident.chain.blocks.blocks[0].named_parameters())
         linears = {name for name, _, linear in layer_shapes(config) if linear}
-        assert {n for n, p in params.items() if p.dtype == torch.bfloat16} == linears
+        k = kernels()  # (without them, no compiler here: the weights are widened at load, as before)
+        assert {n for n, p in params.items() if p.dtype == torch.bfloat16} == (linears if k else set())
         assert all(p.dtype == torch.float32 for n, p in params.items() if n not in linears)
         held = sum(p.nbytes for p in params.values())
-        assert held == block_nbytes(config, torch.float32, linears=torch.bfloat16) < 0.6 * block_nbytes(config, torch.float32)
-
-        k = kernels()
+        assert held == block_nbytes(config, torch.float32, linears=torch.bfloat16 if k else None)
+        assert not k or held < 0.6 * block_nbytes(config, torch.float32)
         before = k.calls()["bf16_fp32_gemv"] if k else 0
         outs = resident.generate(PROMPTS, Sampling(max_new_tokens=10))
         assert k is None or k.calls()["bf16_fp32_gemv"] > before
