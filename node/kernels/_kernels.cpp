@@ -573,12 +573,13 @@ torch::Tensor fp32_input_gemv(const torch::Tensor& x, const typename Weights::T*
 }
 }  // namespace
 
-// y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (bf16), each weight exact in fp32; 8 rows at a time
-torch::Tensor bf16_fp32_gemv(torch::Tensor x, torch::Tensor w) {
+// y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (bf16) (+ bias), each weight exact in fp32; 8 rows at a time
+torch::Tensor bf16_fp32_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16, "fp32 x, bf16 w");
   g_calls[3]++;
-  return fp32_input_gemv<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(0));
+  auto out = fp32_input_gemv<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(0));
+  return finish({out, out.data_ptr<float>()}, bias);  // (the bias added in place, as the other entries do)
 }
 
 // y [M, N] (fp32) = x [M, K] (fp32) @ w [N, K].T (fp32), each row's sum in the same order whatever M is
@@ -606,7 +607,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
   m.def("int8_gemv", &int8_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias, py::arg("bits") = 24,
         "x [M, K] (as fp32) @ (int8 q [N, K] * scale [N]).T (+ bias), the inputs on a grid of 2^-bits (24 or 16)");
-  m.def("bf16_fp32_gemv", &bf16_fp32_gemv, nogil(), "fp32 x [M, K] @ bf16 w [N, K].T, fp32 throughout");
+  m.def("bf16_fp32_gemv", &bf16_fp32_gemv, nogil(), py::arg("x"), py::arg("w"), bias,
+        "fp32 x [M, K] @ bf16 w [N, K].T (+ bias), fp32 throughout");
   m.def("fp32_gemv", &fp32_gemv, nogil(), "fp32 x [M, K] @ fp32 w [N, K].T, batch invariant");
   m.def("calls", &calls, "how many times each entry point ran in this process");
 }

@@ -99,10 +99,7 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     weight for fp32 GEMMs (`_widened_linear`). Not for autograd (`GemvLinear` wraps it)."""
     x2 = x.reshape(-1, x.shape[-1])
     if usable(x2, "bf16_fp32") and weight.is_contiguous():
-        out = kernels().bf16_fp32_gemv(x2, weight)
-        if bias is not None:
-            out += bias
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return kernels().bf16_fp32_gemv(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return _widened_linear(x, weight, bias)
 
 
