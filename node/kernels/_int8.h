@@ -59,6 +59,31 @@ RowGrid row_grid(const In* x, int64_t K) {
   return {std::ldexp(1.0, exponent - (8 * P - 2)), std::ldexp(1.0f, 8 * P - 2 - exponent), false};
 }
 
+// Input planes kept in blocks of B inputs, each block holding every row's planes side by side: Q planes
+// of M rows as [K / B blocks][M][Q][B] (the last block padded). A tile's loop then reads all its input
+// vectors from one pointer at fixed offsets; with one K-long array per plane, 8 rows x 2 planes needed 16
+// address registers and the loop reloaded them from the stack (int8 with 8 rows ran at a third of its
+// dot products' rate on Zen 4).
+// The buffer is aligned to 64 bytes (a vector's 16 made every 512-bit load of a plane span two cache lines)
+// and starts zeroed.
+template <typename T, int Q, int64_t B>
+struct BlockedPlanes {
+  struct Free { void operator()(T* p) const { std::free(p); } };
+  int64_t M, K;
+  std::unique_ptr<T[], Free> planes;
+  BlockedPlanes(int64_t M, int64_t K) : M(M), K(K) {
+    const size_t bytes = ((K + B - 1) / B * B * M * Q * sizeof(T) + 63) / 64 * 64;
+    planes.reset(static_cast<T*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
+    TORCH_CHECK(planes, "out of memory for the int8 kernels' input planes");
+    std::memset(planes.get(), 0, bytes);
+  }
+  // plane q of row m at input k (to the end of k's block; the row's next plane B further)
+  const T* plane(int64_t m, int q, int64_t k) const { return planes.get() + ((k / B * M + m) * Q + q) * B + k % B; }
+  T* plane(int64_t m, int q, int64_t k) { return planes.get() + ((k / B * M + m) * Q + q) * B + k % B; }
+  static constexpr int64_t kBlock = B;
+  int64_t block_stride() const { return M * Q * B; }  // from one block of a row's planes to the next
+};
+
 // One output from its exact integer sum: sum over k of q * s, times the row's step and scale.
 inline float int_output(int64_t total, double step, const float* S) {
   const float y = static_cast<float>(static_cast<double>(total) * step);
@@ -101,7 +126,10 @@ struct ByteDots {
   static V flip() { return _mm512_set1_epi8(static_cast<char>(0x80)); }
   static V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
   static V load(const void* p) { return _mm512_loadu_si512(p); }
-  static V dot(V acc, V u8, V s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+  static V dot(V acc, V u8, V s8) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+  }
   static int64_t sum(V v) { return _mm512_reduce_add_epi32(v); }
   static __m512 floats(const float* x) { return _mm512_loadu_ps(x); }
   static __m512 floats(const uint16_t* x) {  // bf16: the top half of the fp32 with the same value
@@ -109,13 +137,14 @@ struct ByteDots {
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
   }
   // F values x * scale rounded to integers (to nearest even), + offset, at most `most`, into P planes
+  // (plane p at out + p * stride)
   template <int P, typename In>
-  static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t K) {
+  static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t stride) {
     __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(floats(x), _mm512_set1_ps(scale))),
                                  _mm512_set1_epi32(offset));
     u = _mm512_min_epi32(u, _mm512_set1_epi32(most));
     for (int p = 0; p < P; ++p)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * K), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8 * (P - 1 - p))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * stride), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8 * (P - 1 - p))));
   }
 };
 #else
@@ -136,7 +165,7 @@ struct ByteDots {
   template <typename In>
   static __m256 floats(const In* x) { return floats8(x); }
   template <int P, typename In>
-  static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t K) {
+  static void planes(const In* x, float scale, int32_t offset, int32_t most, uint8_t* out, int64_t stride) {
     __m256i u = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats(x), _mm256_set1_ps(scale))),
                                  _mm256_set1_epi32(offset));
     u = _mm256_min_epi32(u, _mm256_set1_epi32(most));
@@ -146,25 +175,23 @@ struct ByteDots {
     const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
     for (int p = 0; p < P; ++p) {
       const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(_mm256_srli_epi32(u, 8 * (P - 1 - p)), pick), halves);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + p * K), _mm256_castsi256_si128(bytes));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + p * stride), _mm256_castsi256_si128(bytes));
     }
   }
 };
 #endif
 
-// The input rows as P integer byte planes: plane p (0: high byte) of row m at planes[(m * P + p) * K], and
-// each row's step (NaN for a row with an inf or NaN: its outputs are NaN, as a float sum's would be).
+// The input rows as P integer byte planes (plane 0: the high byte), and each row's step (NaN for a row with
+// an inf or NaN: its outputs are NaN, as a float sum's would be).
 template <int P>
-struct IntRows {
+struct IntRows : BlockedPlanes<uint8_t, P, ByteDots::kBytes> {
   static constexpr int32_t kOffset = 1 << (8 * P - 1);
-  int64_t M, K;
-  std::vector<uint8_t> planes;
   std::vector<double> step;
   std::vector<int64_t> high;  // per row: the sum of the high bytes minus 128 over the VNNI body
-  const uint8_t* plane(int64_t m, int p) const { return planes.data() + (m * P + p) * K; }
+  IntRows(int64_t M, int64_t K) : BlockedPlanes<uint8_t, P, ByteDots::kBytes>(M, K), step(M), high(M) {}
   int32_t value(int64_t m, int64_t k) const {  // u - offset
     int32_t u = 0;
-    for (int p = 0; p < P; ++p) u = u << 8 | plane(m, p)[k];
+    for (int p = 0; p < P; ++p) u = u << 8 | *this->plane(m, p, k);
     return u - kOffset;
   }
 };
@@ -173,26 +200,28 @@ struct IntRows {
 template <int P, typename In>
 IntRows<P> int_rows(const In* X, int64_t M, int64_t K) {
   constexpr int32_t offset = IntRows<P>::kOffset, most = (1 << (8 * P)) - 1;
-  IntRows<P> out{M, K, std::vector<uint8_t>(M * P * K), std::vector<double>(M), std::vector<int64_t>(M)};
-  const int64_t vnni_body = K / ByteDots::kBytes * ByteDots::kBytes;
+  constexpr int64_t B = ByteDots::kBytes;
+  IntRows<P> out(M, K);
+  const int64_t vnni_body = K / B * B;
   const int64_t body = K / ByteDots::F * ByteDots::F;
   for (int64_t m = 0; m < M; ++m) {
     const In* x = X + m * K;
     const RowGrid grid = row_grid<P>(x, K);
     const float inverse = grid.inverse;
-    uint8_t* planes = out.planes.data() + m * P * K;  // plane p at planes + p * K
     out.step[m] = grid.step;
-    if (grid.zeros) {
-      std::memset(planes, 0x80, K), std::memset(planes + K, 0, (P - 1) * K);  // u = offset: x = 0
+    if (grid.zeros) {  // u = offset: x = 0
+      for (int64_t k = 0; k < K; k += B) std::memset(out.plane(m, 0, k), 0x80, B);
       continue;
     }
-    for (int64_t k = 0; k < body; k += ByteDots::F) ByteDots::planes<P>(x + k, inverse, offset, most, planes + k, K);
+    for (int64_t k = 0; k < body; k += ByteDots::F)  // (F divides B: a group never crosses a block)
+      ByteDots::planes<P>(x + k, inverse, offset, most, out.plane(m, 0, k), B);
     for (int64_t k = body; k < K; ++k) {
       const int32_t u = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * inverse)) + offset, most);
-      for (int p = 0; p < P; ++p) planes[p * K + k] = (u >> 8 * (P - 1 - p)) & 0xFF;
+      for (int p = 0; p < P; ++p) *out.plane(m, p, k) = (u >> 8 * (P - 1 - p)) & 0xFF;
     }
     int64_t high = 0;
-    for (int64_t k = 0; k < vnni_body; ++k) high += planes[k];
+    for (int64_t k = 0; k < vnni_body; k += B)
+      for (int64_t i = 0; i < B; ++i) high += out.plane(m, 0, k)[i];
     out.high[m] = high - 128 * vnni_body;
   }
   return out;
@@ -221,19 +250,23 @@ int64_t int_total(const Plane& plane, int64_t offsets) {
 template <int M, int R, int P>
 void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
   using D = ByteDots;
-  const int64_t K = in.K, body = K / D::kBytes * D::kBytes;
+  constexpr int64_t B = D::kBytes;
+  const int64_t K = in.K, body = K / B * B, next = in.block_stride();
   const D::V flip = D::flip();
   D::V acc[R][M][P];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
       for (int p = 0; p < P; ++p) acc[r][m][p] = D::zero();
-  for (int64_t k = 0; k < body; k += D::kBytes) {
+  const uint8_t* planes = in.plane(m0, 0, 0);  // row m0 + m's plane p at planes + (m * P + p) * B
+  for (int64_t k = 0; k < body; k += B, planes += next) {
+    D::V high[M];  // the high planes taken as signed, for every weight row
+    for (int m = 0; m < M; ++m) high[m] = D::xor_(D::load(planes + m * P * B), flip);
     for (int r = 0; r < R; ++r) {
-      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
+      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
       const D::V w = D::load(W + r * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
-        acc[r][m][0] = D::dot(acc[r][m][0], shifted, D::xor_(D::load(in.plane(m0 + m, 0) + k), flip));
-        for (int p = 1; p < P; ++p) acc[r][m][p] = D::dot(acc[r][m][p], D::load(in.plane(m0 + m, p) + k), w);
+        acc[r][m][0] = D::dot(acc[r][m][0], shifted, high[m]);
+        for (int p = 1; p < P; ++p) acc[r][m][p] = D::dot(acc[r][m][p], D::load(planes + (m * P + p) * B), w);
       }
     }
   }
@@ -279,11 +312,11 @@ std::vector<uint8_t> pack_columns(const IntRows<P>& in) {
   const int64_t tiles = in.K / 64, cols = 1 + P * in.M, groups = int_groups<P>(in.M);
   std::vector<uint8_t> out(groups * tiles * 1024, 0);
   for (int64_t j = 0; j < cols; ++j) {
-    const uint8_t* src = j ? in.plane((j - 1) / P, (j - 1) % P) : nullptr;
     for (int64_t t = 0; t < tiles; ++t) {
+      const uint8_t* src = j ? in.plane((j - 1) / P, (j - 1) % P, t * 64) : nullptr;  // (blocks of 64 here)
       uint8_t* tile = out.data() + ((j / 16) * tiles + t) * 1024 + (j % 16) * 4;
       for (int p = 0; p < 16; ++p)
-        if (src) std::memcpy(tile + p * 64, src + t * 64 + 4 * p, 4);
+        if (src) std::memcpy(tile + p * 64, src + 4 * p, 4);
         else std::memset(tile + p * 64, 1, 4);
     }
   }
@@ -355,10 +388,9 @@ bool amx_int_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float
 }
 #endif
 
-// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T, the inputs on a grid of P bytes
+// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T with byte dot products (AMX's tiles first)
 template <int P, typename In>
-void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
-  TORCH_CHECK(K <= kIntMaxK, "the int8 kernels take at most ", kIntMaxK, " inputs per row");
+void byte_dots_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
   const IntRows<P> in = int_rows<P>(X, M, K);
 #if defined(SLOWLLM_AMX)
   if (amx_int_matmul(in, W, S, Y, N)) return;
@@ -368,23 +400,62 @@ void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float
 #endif
 
 #if defined(SLOWLLM_INT16_DOTS)
-// The input rows on the grid as int16 planes: P = 2 (bf16 rows) one plane, s; P = 3 (fp32) two, s >> 8
-// (signed) and s & 255, s = 256 * high + low. Plane q of row m at planes[(m * Q + q) * K].
+// The build's vectors for int16 multiply-adds: 16 lanes (AVX2) or 32 (AVX-512)
+#if defined(SLOWLLM_AVX512BF16)
+struct Shorts {
+  using V = __m512i;
+  static constexpr int kLanes = 32, kRegisters = 32;
+  static V zero() { return _mm512_setzero_si512(); }
+  static V widen(const int8_t* w) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))); }
+  static V load(const int16_t* x) { return _mm512_loadu_si512(x); }
+  static V madd(V acc, V w, V x) {  // vpdpwssd (AVX512-VNNI): multiply-add in place
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+  }
+  static int64_t sum(V v) {
+    return sum8(_mm512_castsi512_si256(v)) + sum8(_mm512_extracti64x4_epi64(v, 1));
+  }
+  static int64_t sum8(__m256i v) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+    int64_t total = 0;
+    for (int i = 0; i < 8; ++i) total += lanes[i];
+    return total;
+  }
+};
+#else
+struct Shorts {
+  using V = __m256i;
+  static constexpr int kLanes = 16, kRegisters = 16;
+  static V zero() { return _mm256_setzero_si256(); }
+  static V widen(const int8_t* w) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+  static V load(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+  static V madd(V acc, V w, V x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+  static int64_t sum(V v) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+    int64_t total = 0;
+    for (int i = 0; i < 8; ++i) total += lanes[i];
+    return total;
+  }
+};
+#endif
+
+// The input rows on the grid as int16 planes (`BlockedPlanes`, blocks of a vector's lanes): P = 2 (bf16
+// rows) one plane, s; P = 3 (fp32) two, s >> 8 (signed) and s & 255, s = 256 * high + low.
 template <int P>
-struct ShortRows {
+struct ShortRows : BlockedPlanes<int16_t, P - 1, Shorts::kLanes> {
   static constexpr int Q = P - 1;
-  int64_t M, K;
-  std::vector<int16_t> planes;
   std::vector<double> step;
-  const int16_t* plane(int64_t m, int q) const { return planes.data() + (m * Q + q) * K; }
+  ShortRows(int64_t M, int64_t K) : BlockedPlanes<int16_t, P - 1, Shorts::kLanes>(M, K), step(M) {}
   int64_t value(int64_t m, int64_t k) const {  // s
-    return Q == 1 ? plane(m, 0)[k] : static_cast<int64_t>(plane(m, 0)[k]) * 256 + plane(m, 1)[k];
+    return Q == 1 ? *this->plane(m, 0, k) : static_cast<int64_t>(*this->plane(m, 0, k)) * 256 + *this->plane(m, 1, k);
   }
 };
 
-// 8 values of s (int32 lanes) into their planes at `out` (plane q at out + q * K)
+// 8 values of s (int32 lanes) into their planes at `out` (plane q at out + q * stride)
 template <int P>
-void store_short(__m256i s, int16_t* out, int64_t K) {
+void store_short(__m256i s, int16_t* out, int64_t stride) {
   auto store = [](__m256i v, int16_t* to) {  // (packs keeps the order within 128-bit halves: lo then hi)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm_packs_epi32(_mm256_castsi256_si128(v),
                                                                      _mm256_extracti128_si256(v, 1)));
@@ -393,7 +464,7 @@ void store_short(__m256i s, int16_t* out, int64_t K) {
     store(s, out);
   } else {
     store(_mm256_srai_epi32(s, 8), out);
-    store(_mm256_and_si256(s, _mm256_set1_epi32(255)), out + K);
+    store(_mm256_and_si256(s, _mm256_set1_epi32(255)), out + stride);
   }
 }
 
@@ -401,65 +472,55 @@ void store_short(__m256i s, int16_t* out, int64_t K) {
 // the byte planes of the VNNI builds hold it (u - offset)
 template <int P, typename In>
 ShortRows<P> short_rows(const In* X, int64_t M, int64_t K) {
-  constexpr int Q = P - 1;
   constexpr int32_t most = (1 << (8 * P - 1)) - 1;
-  ShortRows<P> out{M, K, std::vector<int16_t>(M * Q * K, 0), std::vector<double>(M)};
+  ShortRows<P> out(M, K);  // (zeros: s = 0 for a row of zeros)
   const int64_t body = K / 8 * 8;
   for (int64_t m = 0; m < M; ++m) {
     const In* x = X + m * K;
     const RowGrid grid = row_grid<P>(x, K);
     out.step[m] = grid.step;
     if (grid.zeros) continue;
-    int16_t* planes = out.planes.data() + m * Q * K;
     const __m256 inverse = _mm256_set1_ps(grid.inverse);
-    for (int64_t k = 0; k < body; k += 8)
+    for (int64_t k = 0; k < body; k += 8)  // (8 divides a block)
       store_short<P>(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)),
-                                      _mm256_set1_epi32(most)), planes + k, K);
+                                      _mm256_set1_epi32(most)), out.plane(m, 0, k), Shorts::kLanes);
     for (int64_t k = body; k < K; ++k) {
       const int32_t v = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most);
-      if constexpr (P == 2) planes[k] = static_cast<int16_t>(v);
-      else planes[k] = static_cast<int16_t>(v >> 8), planes[K + k] = static_cast<int16_t>(v & 255);
+      if constexpr (P == 2) *out.plane(m, 0, k) = static_cast<int16_t>(v);
+      else *out.plane(m, 0, k) = static_cast<int16_t>(v >> 8), *out.plane(m, 1, k) = static_cast<int16_t>(v & 255);
     }
   }
   return out;
 }
 
-// The int32 lanes of a multiply-add chain gain at most 2 x 128 x 32768 = 2^23 per 16 inputs: moved into
-// int64 every kFlushSteps x 16 inputs, they stay below 2^30.
+// The int32 lanes of a multiply-add chain gain at most 2 x 128 x 32768 = 2^23 per step: moved into
+// int64 every kFlushSteps steps, they stay below 2^30.
 constexpr int64_t kFlushSteps = 128;
-
-inline int64_t sum_lanes(__m256i v) {
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-  int64_t total = 0;
-  for (int i = 0; i < 8; ++i) total += lanes[i];
-  return total;
-}
 
 // R weight rows against M input rows (m0 on): R x M x Q int32 chains of vpmaddwd, each weight vector
 // sign-extended once for all of them.
 template <int M, int R, int P>
 void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
-  constexpr int Q = P - 1;
-  const int64_t K = in.K, body = K / 16 * 16;
-  __m256i acc[R][M][Q];
+  using D = Shorts;
+  constexpr int Q = P - 1, L = D::kLanes;
+  const int64_t K = in.K, body = K / L * L, next = in.block_stride();
+  D::V acc[R][M][Q];
   int64_t total[R][M][Q] = {};
+  const int16_t* planes = in.plane(m0, 0, 0);  // row m0 + m's plane q at planes + (m * Q + q) * L
   for (int64_t k = 0; k < body;) {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m)
-        for (int q = 0; q < Q; ++q) acc[r][m][q] = _mm256_setzero_si256();
-    for (const int64_t end = std::min(body, k + 16 * kFlushSteps); k < end; k += 16)
+        for (int q = 0; q < Q; ++q) acc[r][m][q] = D::zero();
+    for (const int64_t end = std::min(body, k + L * kFlushSteps); k < end; k += L, planes += next)
       for (int r = 0; r < R; ++r) {
         if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
-        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + r * K + k)));
+        const D::V w = D::widen(W + r * K + k);
         for (int m = 0; m < M; ++m)
-          for (int q = 0; q < Q; ++q)
-            acc[r][m][q] = _mm256_add_epi32(acc[r][m][q], _mm256_madd_epi16(
-                w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.plane(m0 + m, q) + k))));
+          for (int q = 0; q < Q; ++q) acc[r][m][q] = D::madd(acc[r][m][q], w, D::load(planes + (m * Q + q) * L));
       }
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m)
-        for (int q = 0; q < Q; ++q) total[r][m][q] += sum_lanes(acc[r][m][q]);
+        for (int q = 0; q < Q; ++q) total[r][m][q] += D::sum(acc[r][m][q]);
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
@@ -469,21 +530,34 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
     }
 }
 
-// R x M x Q chains and a weight vector within the 16 registers (4 weight rows at most, as VNNI's)
+// R x M x Q chains and a weight vector within the registers (4 weight rows at most, as VNNI's)
 template <int P>
 struct MaddKernel {
-  static constexpr int64_t kPassRows = 12 / (P - 1) < 8 ? 12 / (P - 1) : 8;
-  static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, 12 / ((P - 1) * M))); }
+  static constexpr int kChains = Shorts::kRegisters == 32 ? 16 : 12;
+  static constexpr int64_t kPassRows = std::min(8, kChains / (P - 1));
+  static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, kChains / ((P - 1) * M))); }
   template <int M, int R>
   static void tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
     madd_tile<M, R, P>(in, m0, W, S, Y, stride);
   }
 };
 
-// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T, the inputs on a grid of P bytes
+#endif
+
+// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T, the inputs on a grid of P bytes. The
+// AVX-512 build (not AMX) has both paths: one row takes byte dot products, more take int16 multiply-adds,
+// which need half the instructions per input row (one int16 plane where the byte dots take two): on Zen 4,
+// whose 512-bit vpdpbusd issues once a cycle, 8 rows ran at 10 G weights/s against ~18 for the int16 path.
+// Both sums are the same exact integers: the same numbers either way.
 template <int P, typename In>
 void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
   TORCH_CHECK(K <= kIntMaxK, "the int8 kernels take at most ", kIntMaxK, " inputs per row");
-  int_matmul<MaddKernel<P>>(short_rows<P>(X, M, K), W, S, Y, N);
-}
+#if defined(SLOWLLM_INT8_DOTS) && defined(SLOWLLM_INT16_DOTS)
+  if (M == 1) return byte_dots_matmul<P>(X, M, K, W, S, Y, N);
+#elif defined(SLOWLLM_INT8_DOTS)
+  return byte_dots_matmul<P>(X, M, K, W, S, Y, N);
 #endif
+#if defined(SLOWLLM_INT16_DOTS)
+  int_matmul<MaddKernel<P>>(short_rows<P>(X, M, K), W, S, Y, N);
+#endif
+}
