@@ -259,13 +259,15 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
       for (int p = 0; p < P; ++p) acc[r][m][p] = D::zero();
   const uint8_t* planes = in.plane(m0, 0, 0);  // row m0 + m's plane p at planes + (m * P + p) * B
   for (int64_t k = 0; k < body; k += B, planes += next) {
-    D::V high[M];  // the high planes taken as signed, for every weight row
-    for (int m = 0; m < M; ++m) high[m] = D::xor_(D::load(planes + m * P * B), flip);
+    auto high = [&](int m) { return D::xor_(D::load(planes + m * P * B), flip); };  // taken as signed
+    D::V highs[M];  // several weight rows: each row's high plane once for all of them
+    if constexpr (R > 1)
+      for (int m = 0; m < M; ++m) highs[m] = high(m);
     for (int r = 0; r < R; ++r) {
       if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
       const D::V w = D::load(W + r * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
-        acc[r][m][0] = D::dot(acc[r][m][0], shifted, high[m]);
+        acc[r][m][0] = D::dot(acc[r][m][0], shifted, R > 1 ? highs[m] : high(m));
         for (int p = 1; p < P; ++p) acc[r][m][p] = D::dot(acc[r][m][p], D::load(planes + (m * P + p) * B), w);
       }
     }
