@@ -264,7 +264,7 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
     if constexpr (R > 1)
       for (int m = 0; m < M; ++m) highs[m] = high(m);
     for (int r = 0; r < R; ++r) {
-      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
+      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
       const D::V w = D::load(W + r * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
         acc[r][m][0] = D::dot(acc[r][m][0], shifted, R > 1 ? highs[m] : high(m));
@@ -402,6 +402,15 @@ void byte_dots_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const 
 #endif
 
 #if defined(SLOWLLM_INT16_DOTS)
+// the eight int32 lanes' sum in int64 (each may be near 2^30: kFlushSteps)
+inline int64_t sum_lanes(__m256i v) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t total = 0;
+  for (int i = 0; i < 8; ++i) total += lanes[i];
+  return total;
+}
+
 // The build's vectors for int16 multiply-adds: 16 lanes (AVX2) or 32 (AVX-512)
 #if defined(SLOWLLM_AVX512BF16)
 struct Shorts {
@@ -414,16 +423,7 @@ struct Shorts {
     asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
     return acc;
   }
-  static int64_t sum(V v) {
-    return sum8(_mm512_castsi512_si256(v)) + sum8(_mm512_extracti64x4_epi64(v, 1));
-  }
-  static int64_t sum8(__m256i v) {
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-    int64_t total = 0;
-    for (int i = 0; i < 8; ++i) total += lanes[i];
-    return total;
-  }
+  static int64_t sum(V v) { return sum_lanes(_mm512_castsi512_si256(v)) + sum_lanes(_mm512_extracti64x4_epi64(v, 1)); }
 };
 #else
 struct Shorts {
@@ -433,13 +433,7 @@ struct Shorts {
   static V widen(const int8_t* w) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
   static V load(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
   static V madd(V acc, V w, V x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
-  static int64_t sum(V v) {
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-    int64_t total = 0;
-    for (int i = 0; i < 8; ++i) total += lanes[i];
-    return total;
-  }
+  static int64_t sum(V v) { return sum_lanes(v); }
 };
 #endif
 
@@ -515,7 +509,7 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
         for (int q = 0; q < Q; ++q) acc[r][m][q] = D::zero();
     for (const int64_t end = std::min(body, k + L * kFlushSteps); k < end; k += L, planes += next)
       for (int r = 0; r < R; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
         const D::V w = D::widen(W + r * K + k);
         for (int m = 0; m < M; ++m)
           for (int q = 0; q < Q; ++q) acc[r][m][q] = D::madd(acc[r][m][q], w, D::load(planes + (m * Q + q) * L));
