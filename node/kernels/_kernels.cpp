@@ -63,7 +63,7 @@ constexpr int kFp32Rows = 4;
 
 // Where the one-row loops prefetch the next tile's weight rows: into L2, not L1 (T0). On Zen 4 the 96
 // int8 block linears of a bloom-1b7 token streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16
-// path 20 -> 24), bf16 rows gained ~10% (29 -> 33 GB/s; they had no prefetch); with T0 the L1 miss
+// path 20 -> 24), bf16 rows gained ~10% (29 -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss
 // buffers are the limit while the tile's own loads need them. Sapphire Rapids measured T0, T1, T2 alike.
 constexpr _mm_hint kPrefetchHint = _MM_HINT_T2;
 
