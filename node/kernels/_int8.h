@@ -64,8 +64,8 @@ RowGrid row_grid(const In* x, int64_t K) {
 // vectors from one pointer at fixed offsets; with one K-long array per plane, 8 rows x 2 planes needed 16
 // address registers and the loop reloaded them from the stack (int8 with 8 rows ran at a third of its
 // dot products' rate on Zen 4).
-// The buffer is aligned to 64 bytes (a vector's 16 made every 512-bit load of a plane span two cache lines)
-// and starts zeroed.
+// The buffer is aligned to 64 bytes, so that no 512-bit load of a plane spans two cache lines (a vector's
+// 16-byte alignment made every one do so; measured no slower or faster), and starts zeroed.
 template <typename T, int Q, int64_t B>
 struct BlockedPlanes {
   struct Free { void operator()(T* p) const { std::free(p); } };
@@ -80,7 +80,6 @@ struct BlockedPlanes {
   // plane q of row m at input k (to the end of k's block; the row's next plane B further)
   const T* plane(int64_t m, int q, int64_t k) const { return planes.get() + ((k / B * M + m) * Q + q) * B + k % B; }
   T* plane(int64_t m, int q, int64_t k) { return planes.get() + ((k / B * M + m) * Q + q) * B + k % B; }
-  static constexpr int64_t kBlock = B;
   int64_t block_stride() const { return M * Q * B; }  // from one block of a row's planes to the next
 };
 
