@@ -57,9 +57,23 @@ namespace {
 
 constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
 constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
-// fp32 rows per weight row in the AVX2 builds' several-row path (16 registers: beyond 4 rows the
-// accumulators spill); the AVX-512 builds take several fp32 rows in register tiles (fp32_tile)
-constexpr int kFp32Rows = 4;
+// Chains per (weight row, input row) in the 256-bit fp32 loops, each step's 16 weights as two vectors
+// (load16). The AVX-512 builds keep the two apart, the order their 512-bit tiles (fp32_tile) reproduce
+// for several input rows. The AVX2 builds add both vectors into ONE chain (16 registers: 8 input rows
+// are then 8 accumulators, a weight converted once for all 8; with two chains, 4 rows per pass, every
+// weight twice): in a standalone loop, 8 rows x 16 weights took 9.9 instead of 13.3 cycles on Zen 4
+// (8 FMAs at most), and the 96 block linears of a bloom-1b7 token with 8 rows 150-160 instead of 226 ms,
+// its head 86-96 instead of 107. One row pays a little for it (its two FMAs a step wait on each other):
+// the block linears 84-85 instead of 81-82 ms (the same memory, alternating runs).
+#if defined(SLOWLLM_AVX512BF16)
+constexpr int kChains = 2;
+#else
+constexpr int kChains = 1;
+#endif
+// Floats between input rows beyond K in the AVX2 builds' several-row loops: rows K apart (K a multiple
+// of 1,024) put the same k of 8 rows in one L1 set, whose 8 ways then also hold the weights' lines
+// (the standalone loop above: 11.1 cycles without, 10.4 with 16 floats, 9.9 with 64)
+constexpr int64_t kRowPad = 64;
 
 // Where the one-row loops prefetch the next tile's weight rows: into L2, not L1 (T0). On Zen 4 the 96
 // int8 block linears of a bloom-1b7 token streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16
@@ -88,6 +102,10 @@ float reduce256(__m256 a) {
   r = _mm_hadd_ps(r, r);
   return _mm_cvtss_f32(r);
 }
+
+// A (weight row, input row)'s kChains chains (the first and the last) as one vector: every fp32 loop
+// ends a sum this way (by value: with a pointer, GCC stored the accumulators every step)
+__m256 chains_total(__m256 first, __m256 last) { return kChains == 2 ? _mm256_add_ps(first, last) : first; }
 
 // Tasks [0, n) in slices of `grain`, taken by the threads one slice at a time: a thread whose core is
 // shared with another process (a volunteer's PC is never idle) does fewer slices instead of holding up
@@ -152,46 +170,58 @@ struct Fp32Weights {
 // same order whatever M is, so a row's numbers do not depend on the rows batched beside it.
 template <int M, typename Weights>
 void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const float* S, float* out, int64_t stride) {
-  __m256 acc[M][2];
-  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[M][kChains];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m256 w0, w1;
     Weights::load16(wr + k, w0, w1);
     for (int m = 0; m < M; ++m) {
       acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * K + k), acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * K + k + 8), acc[m][1]);
+      acc[m][kChains - 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * K + k + 8), acc[m][kChains - 1]);
     }
   }
   for (int m = 0; m < M; ++m) {
-    float total = reduce256(_mm256_add_ps(acc[m][0], acc[m][1]));
+    float total = reduce256(chains_total(acc[m][0], acc[m][kChains - 1]));
     for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(wr[j]);
     out[m * stride] = S ? total * *S : total;
   }
 }
 
-// Four weight rows against one fp32 input row: each input vector loaded once for the four, eight chains
-// in flight (a converted row no longer waits on two chains' latency: 63 -> 46 ms per 600M int8 weights on
-// AVX2, when int8 weights came here, measured with four chains). Each row sums exactly as fp32_row<1> does, so a row's numbers
-// are the same whether it ran here or there.
+// Weight rows against one fp32 input row, kOneRowTile at a time: each input vector loaded once for them,
+// several chains in flight (a converted row no longer waits on its chains' latency: 63 -> 46 ms per 600M
+// int8 weights on AVX2, when int8 weights came here, measured with four chains). With one chain per row
+// (AVX2 builds) six rows: weights in cache, one core, 4 rows read 24, 6 rows 25, 8 rows 23 G weights/s
+// (4 rows x 2 chains: 28); streamed from memory all alike within this VM's noise. Each row sums exactly
+// as fp32_row<1> does, so a row's numbers are the same whether it ran here or there.
+constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
 template <typename Weights>
-void fp32_four_rows(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
-  __m256 acc[4][2];
-  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
+  constexpr int R = kOneRowTile;
+  __m256 acc[R][kChains];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm256_setzero_ps();
+  auto step = [&](int64_t k) {
     const __m256 x0 = _mm256_loadu_ps(X + k), x1 = _mm256_loadu_ps(X + k + 8);
-    for (int r = 0; r < 4; ++r) {
-      if ((k * sizeof(typename Weights::T)) % 64 == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(W + (4 + r) * K + k), kPrefetchHint);
+    for (int r = 0; r < R; ++r) {
       __m256 w0, w1;
       Weights::load16(W + r * K + k, w0, w1);
       acc[r][0] = _mm256_fmadd_ps(w0, x0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w1, x1, acc[r][1]);
+      acc[r][kChains - 1] = _mm256_fmadd_ps(w1, x1, acc[r][kChains - 1]);
     }
+  };
+  // 64 bytes of each row per iteration, and the next tile's asked for: no branch in the loop (with one
+  // for the prefetches, GCC kept the accumulators in memory: 8 one-chain rows ran at 2/3 the speed)
+  constexpr int64_t kLine = 64 / sizeof(typename Weights::T);
+  int64_t k = 0;
+  for (; k + kLine <= K; k += kLine) {
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
+    for (int64_t j = 0; j < kLine; j += 16) step(k + j);
   }
-  for (int r = 0; r < 4; ++r) {
-    float total = reduce256(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (; k + 16 <= K; k += 16) step(k);
+  for (int r = 0; r < R; ++r) {
+    float total = reduce256(chains_total(acc[r][0], acc[r][kChains - 1]));
     for (int64_t j = k; j < K; ++j) total += X[j] * Weights::value(W[r * K + j]);
     out[r] = S ? total * S[r] : total;
   }
@@ -223,71 +253,93 @@ void in_row_groups(const In* X0, int64_t M, int64_t K, float* Y0, int64_t N, con
     body(X0 + m0 * K, Y0 + m0 * N, std::min<int64_t>(kMaxTileRows, M - m0));
 }
 
-// Several input rows against a slice of weight rows, K a chunk at a time: every weight row reads all M
-// input rows, so one row after another over the whole of K re-streams M x K floats from L2 per weight row
-// (8 rows at K = 2048: 64 KB, 8x the weight row's own bytes), and that, not the FMAs, was the limit (AVX2,
-// 8 rows: 3.4x one row's time, at a third of the FMA rate MKL reaches here). A chunk of kChunk inputs of
-// every row stays in L1 while the slice's weight rows pass; each (weight row, input row) carries its two
-// chains from chunk to chunk, so every sum is exactly fp32_row's (the same order, whatever M is).
+// The input rows as the fp32 loops read them, `stride` floats apart: for bf16 weights (kEvenOdd) in the
+// order load16 gives the weights, in each full group of 16 the 8 even positions then the 8 odd ones (the
+// tail beyond the last full group as it is)
+template <typename Weights>
+std::vector<float> input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
+  std::vector<float> out(M * stride, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = out.data() + m * stride;
+    std::copy_n(X + m * K, K, row);
+    if (Weights::kEvenOdd)
+      for (int64_t k = 0; k + 16 <= K; k += 16)
+        for (int i = 0; i < 8; ++i) {
+          row[k + i] = X[m * K + k + 2 * i];
+          row[k + 8 + i] = X[m * K + k + 2 * i + 1];
+        }
+  }
+  return out;
+}
+
+#if !defined(SLOWLLM_AVX512BF16)
+// Several input rows on the AVX2 builds: a slice of weight rows, K a chunk at a time. Every weight row
+// reads all M input rows, so one row after another over the whole of K re-streams M x K floats from L2
+// per weight row (8 rows at K = 2048: 64 KB, 8x the weight row's own bytes), and that, not the FMAs, was
+// the limit (8 rows: 3.4x one row's time, at a third of the FMA rate MKL reaches here). A chunk of kChunk
+// inputs of every row stays in L1 while the slice's weight rows pass; each (weight row, input row)
+// carries its chain from chunk to chunk, so every sum is exactly fp32_row's (the same order, whatever M is).
 constexpr int64_t kChunk = 256;
 // Each chunk pass reads kSlice weight rows a chunk apart (32 streams, more than the hardware prefetchers
-// follow): the chunk of the row two ahead is asked for while this one is summed (AVX2, 8 rows, the 96
-// block linears of a bloom-1b7 token: 228 -> 197 ms; one or three rows ahead alike, eight slower; with
-// chunks of 256 inputs instead of 512, 186-191 ms: 128 and 1,024 were slower).
+// follow): the chunk of the row two ahead is asked for while this one is summed (8 rows, the 96 block
+// linears of a bloom-1b7 token: 228 -> 197 ms; one or three rows ahead alike, eight slower; with chunks
+// of 256 inputs instead of 512, 186-191 ms: 128 and 1,024 were slower).
 constexpr int64_t kPrefetchRows = 2;
 
+// One weight row's [k0, k1) against M input rows (`xs` floats apart), carrying their chains in `state`
 template <int M, typename Weights>
-void fp32_row_part(const float* X, int64_t K, const typename Weights::T* wr, int64_t k0, int64_t k1, __m256* state) {
-  __m256 acc[M][2];
-  for (int m = 0; m < M; ++m) acc[m][0] = state[2 * m], acc[m][1] = state[2 * m + 1];
+void fp32_row_part(const float* X, int64_t xs, const typename Weights::T* wr, int64_t k0, int64_t k1, __m256* state) {
+  static_assert(kChains == 1, "8 input rows x 1 chain fit AVX2's 16 registers");
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = state[m];
   for (int64_t k = k0; k < k1; k += 16) {
     __m256 w0, w1;
     Weights::load16(wr + k, w0, w1);
     for (int m = 0; m < M; ++m) {
-      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * K + k), acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * K + k + 8), acc[m][1]);
+      acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * xs + k), acc[m]);
+      acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * xs + k + 8), acc[m]);
     }
   }
-  for (int m = 0; m < M; ++m) state[2 * m] = acc[m][0], state[2 * m + 1] = acc[m][1];
+  for (int m = 0; m < M; ++m) state[m] = acc[m];
 }
 
-// Weight rows [n0, n1) (at most kSlice) against M <= 8 input rows, in passes of kFp32Rows input rows.
+// Weight rows [n0, n1) (at most kSlice) against M <= 8 input rows (`xs` floats apart, in input_rows' order)
 template <int M, typename Weights>
-void fp32_slice(const float* X, int64_t K, const typename Weights::T* W, int64_t n0, int64_t n1, const float* S,
-                float* Y, int64_t N) {
-  constexpr int P = M <= kFp32Rows ? M : kFp32Rows;  // input rows per pass
-  alignas(32) __m256 state[kSlice][M][2];
+void fp32_slice(const float* X, int64_t xs, int64_t K, const typename Weights::T* W, int64_t n0, int64_t n1,
+                const float* S, float* Y, int64_t N) {
+  alignas(32) __m256 state[kSlice][M];
   for (int64_t n = 0; n < n1 - n0; ++n)
-    for (int m = 0; m < M; ++m) state[n][m][0] = state[n][m][1] = _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) state[n][m] = _mm256_setzero_ps();
   const int64_t body = K / 16 * 16;
   for (int64_t k0 = 0; k0 < body; k0 += kChunk)
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t k1 = std::min(body, k0 + kChunk);
       for (int64_t k = k0; k < k1; k += 64 / sizeof(typename Weights::T))
         _mm_prefetch(reinterpret_cast<const char*>(W + (n + kPrefetchRows) * K + k), _MM_HINT_T0);
-      fp32_row_part<P, Weights>(X, K, W + n * K, k0, k1, state[n - n0][0]);
-      if constexpr (M > P) fp32_row_part<M - P, Weights>(X + P * K, K, W + n * K, k0, k1, state[n - n0][P]);
+      fp32_row_part<M, Weights>(X, xs, W + n * K, k0, k1, state[n - n0]);
     }
   for (int64_t n = n0; n < n1; ++n)
     for (int m = 0; m < M; ++m) {
-      float total = reduce256(_mm256_add_ps(state[n - n0][m][0], state[n - n0][m][1]));
-      for (int64_t j = body; j < K; ++j) total += X[m * K + j] * Weights::value(W[n * K + j]);
+      float total = reduce256(state[n - n0][m]);
+      for (int64_t j = body; j < K; ++j) total += X[m * xs + j] * Weights::value(W[n * K + j]);
       Y[m * N + n] = S ? total * S[n] : total;
     }
 }
 
-// The input rows in the order load16 gives the weights: in each full group of 16, the 8 even positions
-// then the 8 odd ones (the tail beyond the last full group as it is).
-std::vector<float> even_odd(const float* X, int64_t M, int64_t K) {
-  std::vector<float> out(X, X + M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k + 16 <= K; k += 16)
-      for (int i = 0; i < 8; ++i) {
-        out[m * K + k + i] = X[m * K + k + 2 * i];
-        out[m * K + k + 8 + i] = X[m * K + k + 2 * i + 1];
-      }
-  return out;
+template <typename Weights>
+void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
+                      int64_t N) {
+  const int64_t xs = K + kRowPad;
+  const std::vector<float> rows = input_rows<Weights>(X0, M, K, xs);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+    const float* X = rows.data() + m0 * xs;
+    float* Y = Y0 + m0 * N;
+#define SLOWLLM_FP32(R) parallel_slices((N + kSlice - 1) / kSlice, 1, [&](int64_t g) { \
+      fp32_slice<R, Weights>(X, xs, K, W, g * kSlice, std::min(N, (g + 1) * kSlice), S, Y, N); })
+    SLOWLLM_DISPATCH(std::min<int64_t>(kMaxTileRows, M - m0), SLOWLLM_FP32)
+  }
 }
+#endif
 
 #if defined(SLOWLLM_AVX512BF16)
 // Several fp32 input rows on the AVX-512 builds: R weight rows x M input rows of 512-bit chains, all in
@@ -296,7 +348,7 @@ std::vector<float> even_odd(const float* X, int64_t M, int64_t K) {
 // 16 registers, their state in memory between chunks: every FMA waited on a load, and 4 rows of a fp32
 // head cost 2.2x one row's time (8 rows 3.4x, 10 GB/s where one row reads 22). A 512-bit chain holds
 // exactly the lanes of those two chains, summed in the same order, and `fp32_row_total` adds them as
-// fp32_row does: every output is bit for bit what one row alone gets (fp32_four_rows), so batching still
+// fp32_row does: every output is bit for bit what one row alone gets (fp32_one_row_tile), so batching still
 // never changes a row's numbers.
 template <typename Weights>
 float fp32_row_total(__m512 acc) {
@@ -357,26 +409,24 @@ void fp32_matmul_512(const float* X0, int64_t M, int64_t K, const typename Weigh
 template <typename Weights>
 void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
                  int64_t N) {
+  if (M > 1) {
 #if defined(SLOWLLM_AVX512BF16)
-  if (M > 1) return fp32_matmul_512<Weights>(X0, M, K, W, S, Y0, N);  // (the input rows as they are)
+    return fp32_matmul_512<Weights>(X0, M, K, W, S, Y0, N);  // (the input rows as they are)
+#else
+    return fp32_rows_matmul<Weights>(X0, M, K, W, S, Y0, N);
 #endif
+  }
   std::vector<float> reordered;
   if (Weights::kEvenOdd) {
-    reordered = even_odd(X0, M, K);
+    reordered = input_rows<Weights>(X0, 1, K, K);
     X0 = reordered.data();
   }
-  if (M == 1) {  // four weight rows at a time, the rest one by one
-    parallel_slices((N + 3) / 4, kSlice / 4, [&](int64_t g) {
-      const int64_t n = 4 * g;
-      if (n + 4 <= N) fp32_four_rows<Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
-      else for (int64_t r = n; r < N; ++r) fp32_row<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r, N);
-    });
-    return;
-  }
-  in_row_groups(X0, M, K, Y0, N, [&](const float* X, float* Y, int64_t rows) {
-#define SLOWLLM_FP32(R) parallel_slices((N + kSlice - 1) / kSlice, 1, [&](int64_t g) { \
-      fp32_slice<R, Weights>(X, K, W, g * kSlice, std::min(N, (g + 1) * kSlice), S, Y, N); })
-    SLOWLLM_DISPATCH(rows, SLOWLLM_FP32)
+  // kOneRowTile weight rows at a time, the rest one by one
+  constexpr int R = kOneRowTile;
+  parallel_slices((N + R - 1) / R, kSlice / R, [&](int64_t g) {
+    const int64_t n = R * g;
+    if (n + R <= N) fp32_one_row_tile<Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
+    else for (int64_t r = n; r < N; ++r) fp32_row<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r, N);
   });
 }
 
