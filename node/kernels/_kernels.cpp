@@ -62,8 +62,8 @@ constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups 
 // for several input rows. The AVX2 builds add both vectors into ONE chain (16 registers: 8 input rows
 // are then 8 accumulators, a weight converted once for all 8; with two chains, 4 rows per pass, every
 // weight twice): in a standalone loop, 8 rows x 16 weights took 9.9 instead of 13.3 cycles on Zen 4
-// (8 at two FMAs a cycle), and the 96 block linears of a bloom-1b7 token with 8 rows 150-160 instead of
-// 226 ms, its head 86-96 instead of 107. One row pays a little for it (its two FMAs a step wait on each
+// (8 at two FMAs a cycle), and the 96 block linears of a bloom-1b7 token with 8 rows 148-165 instead of
+// 202-204 ms, its head 86-96 instead of 107 (alternating runs). One row pays a little for it (its two FMAs a step wait on each
 // other): the block linears 84-85 instead of 81-82 ms (alternating runs; within this VM's noise).
 #if defined(SLOWLLM_AVX512BF16)
 constexpr int kChains = 2;
