@@ -168,37 +168,16 @@ struct Fp32Weights {
 // on CPUs that split 512-bit ops in two (Zen 4) the conversions are the bottleneck, and independent
 // chains keep both vector ports busy. Each weight is converted once per M input rows. Every row sums in the
 // same order whatever M is, so a row's numbers do not depend on the rows batched beside it.
-template <int M, typename Weights>
-void fp32_row(const float* X, int64_t K, const typename Weights::T* wr, const float* S, float* out, int64_t stride) {
-  __m256 acc[M][kChains];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m256 w0, w1;
-    Weights::load16(wr + k, w0, w1);
-    for (int m = 0; m < M; ++m) {
-      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * K + k), acc[m][0]);
-      acc[m][kChains - 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * K + k + 8), acc[m][kChains - 1]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    float total = reduce256(chains_total(acc[m][0], acc[m][kChains - 1]));
-    for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(wr[j]);
-    out[m * stride] = S ? total * *S : total;
-  }
-}
-
+//
 // Weight rows against one fp32 input row, kOneRowTile at a time: each input vector loaded once for them,
 // several chains in flight (a converted row no longer waits on its chains' latency: 63 -> 46 ms per 600M
 // int8 weights on AVX2, when int8 weights came here, measured with four chains). With one chain per row
 // (AVX2 builds) six rows: weights in cache, one core, 4 rows read 24, 6 rows 25, 8 rows 23 G weights/s
 // (4 rows x 2 chains: 28); streamed from memory all alike within this VM's noise. Each row sums exactly
-// as fp32_row<1> does, so a row's numbers are the same whether it ran here or there.
+// as a tile of one does (the rows left over), so a row's numbers are the same whether it ran here or there.
 constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
-template <typename Weights>
+template <int R, typename Weights>
 void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
-  constexpr int R = kOneRowTile;
   __m256 acc[R][kChains];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kChains; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -255,10 +234,12 @@ void in_row_groups(const In* X0, int64_t M, int64_t K, float* Y0, int64_t N, con
 
 // The input rows as the fp32 loops read them, `stride` floats apart: for bf16 weights (kEvenOdd) in the
 // order load16 gives the weights, in each full group of 16 the 8 even positions then the 8 odd ones (the
-// tail beyond the last full group as it is)
+// tail beyond the last full group as it is). In a per-thread buffer that stays allocated (8 rows of 8,192
+// floats are 256 KB: a fresh allocation that large is mapped and faulted in again at every call).
 template <typename Weights>
-std::vector<float> input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
-  std::vector<float> out(M * stride, 0.0f);
+const float* input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
+  thread_local std::vector<float> out;
+  out.resize(M * stride);
   for (int64_t m = 0; m < M; ++m) {
     float* row = out.data() + m * stride;
     std::copy_n(X + m * K, K, row);
@@ -269,7 +250,7 @@ std::vector<float> input_rows(const float* X, int64_t M, int64_t K, int64_t stri
           row[k + 8 + i] = X[m * K + k + 2 * i + 1];
         }
   }
-  return out;
+  return out.data();
 }
 
 #if !defined(SLOWLLM_AVX512BF16)
@@ -278,7 +259,7 @@ std::vector<float> input_rows(const float* X, int64_t M, int64_t K, int64_t stri
 // per weight row (8 rows at K = 2048: 64 KB, 8x the weight row's own bytes), and that, not the FMAs, was
 // the limit (8 rows: 3.4x one row's time, at a third of the FMA rate MKL reaches here). A chunk of kChunk
 // inputs of every row stays in L1 while the slice's weight rows pass; each (weight row, input row)
-// carries its chain from chunk to chunk, so every sum is exactly fp32_row's (the same order, whatever M is).
+// carries its chain from chunk to chunk, so every sum is exactly fp32_one_row_tile's (the same order, whatever M is).
 constexpr int64_t kChunk = 256;
 // Each chunk pass reads kSlice weight rows a chunk apart (32 streams, more than the hardware prefetchers
 // follow): the chunk of the row two ahead is asked for while this one is summed (8 rows, the 96 block
@@ -330,9 +311,9 @@ template <typename Weights>
 void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
                       int64_t N) {
   const int64_t xs = K + kRowPad;
-  const std::vector<float> rows = input_rows<Weights>(X0, M, K, xs);
+  const float* rows = input_rows<Weights>(X0, M, K, xs);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const float* X = rows.data() + m0 * xs;
+    const float* X = rows + m0 * xs;
     float* Y = Y0 + m0 * N;
 #define SLOWLLM_FP32(R) parallel_slices((N + kSlice - 1) / kSlice, 1, [&](int64_t g) { \
       fp32_slice<R, Weights>(X, xs, K, W, g * kSlice, std::min(N, (g + 1) * kSlice), S, Y, N); })
@@ -348,11 +329,11 @@ void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weig
 // 16 registers, their state in memory between chunks: every FMA waited on a load, and 4 rows of a fp32
 // head cost 2.2x one row's time (8 rows 3.4x, 10 GB/s where one row reads 22). A 512-bit chain holds
 // exactly the lanes of those two chains, summed in the same order, and `fp32_row_total` adds them as
-// fp32_row does: every output is bit for bit what one row alone gets (fp32_one_row_tile), so batching still
+// fp32_one_row_tile does: every output is bit for bit what one row alone gets there, so batching still
 // never changes a row's numbers.
 template <typename Weights>
 float fp32_row_total(__m512 acc) {
-  __m256 a, b;  // fp32_row's two chains
+  __m256 a, b;  // fp32_one_row_tile's two chains
   if (Weights::kEvenOdd) {  // (its input rows were reordered even/odd: here they are not)
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     a = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, acc));
@@ -416,17 +397,13 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
     return fp32_rows_matmul<Weights>(X0, M, K, W, S, Y0, N);
 #endif
   }
-  std::vector<float> reordered;
-  if (Weights::kEvenOdd) {
-    reordered = input_rows<Weights>(X0, 1, K, K);
-    X0 = reordered.data();
-  }
+  if (Weights::kEvenOdd) X0 = input_rows<Weights>(X0, 1, K, K);
   // kOneRowTile weight rows at a time, the rest one by one
   constexpr int R = kOneRowTile;
   parallel_slices((N + R - 1) / R, kSlice / R, [&](int64_t g) {
     const int64_t n = R * g;
-    if (n + R <= N) fp32_one_row_tile<Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
-    else for (int64_t r = n; r < N; ++r) fp32_row<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r, N);
+    if (n + R <= N) fp32_one_row_tile<R, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
+    else for (int64_t r = n; r < N; ++r) fp32_one_row_tile<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r);
   });
 }
 
