@@ -107,8 +107,8 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
   auto one = [&](int64_t n) {
     for (int64_t m = 0; m < M; ++m) Kernel::template tile<1, 1>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
   };
-#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, [&](int64_t n) { \
-    Kernel::template tile<R, Kernel::rows_per_tile(R)>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
+#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, in.K, [&](int64_t n, int64_t rs) { \
+    Kernel::template tile<R, Kernel::rows_per_tile(R)>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); }, one)
   SLOWLLM_DISPATCH(M, SLOWLLM_INT_TILES)
 }
 #endif
@@ -247,7 +247,8 @@ int64_t int_total(const Plane& plane, int64_t offsets) {
 // R weight rows against M input rows (m0 on) with VNNI: R x M x P int32 chains, each weight vector loaded
 // once for all of them (and offset by 128 once, for the high planes taken as signed).
 template <int M, int R, int P>
-void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
+void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
+               int64_t rs = 1) {
   using D = ByteDots;
   constexpr int64_t B = D::kBytes;
   const int64_t K = in.K, body = K / B * B, next = in.block_stride();
@@ -263,8 +264,8 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
     if constexpr (R > 1)
       for (int m = 0; m < M; ++m) highs[m] = high(m);
     for (int r = 0; r < R; ++r) {
-      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
-      const D::V w = D::load(W + r * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
+      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + next_row(r, R, rs) * K + k), kPrefetchHint);
+      const D::V w = D::load(W + r * rs * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
         acc[r][m][0] = D::dot(acc[r][m][0], shifted, R > 1 ? highs[m] : high(m));
         for (int p = 1; p < P; ++p) acc[r][m][p] = D::dot(acc[r][m][p], D::load(planes + (m * P + p) * B), w);
@@ -275,8 +276,8 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
     for (int m = 0; m < M; ++m) {
       // high: sum (q + 128) h - 128 sum h = sum q h, h = high byte - 128 (the offset is in h already)
       int64_t total = int_total<P>([&](int p) { return D::sum(acc[r][m][p]); }, in.high[m0 + m]);
-      if (body < K) total += int_tail(in, m0 + m, W + r * K, body);
-      Y[m * stride + r] = int_output(total, in.step[m0 + m], S ? S + r : nullptr);
+      if (body < K) total += int_tail(in, m0 + m, W + r * rs * K, body);
+      Y[m * stride + r * rs] = int_output(total, in.step[m0 + m], S ? S + r * rs : nullptr);
     }
   }
 }
@@ -285,7 +286,7 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
 // vector and the 0x80 constant fit the vector registers (at most 6: beyond, the rows' loads compete with
 // too few sums); and input rows per pass, so that one weight row fits (8; 256-bit: 6 bf16 rows, 4 fp32).
 template <int P>
-constexpr int vnni_rows_per_tile(int M) { return std::min(6, (ByteDots::kRegisters - 4) / (P * M)); }
+constexpr int vnni_rows_per_tile(int M) { return std::max(1, std::min(6, (ByteDots::kRegisters - 4) / (P * M))); }
 template <int P>
 constexpr int64_t kVnniPassRows = std::min(8, (ByteDots::kRegisters - 4) / P);
 
@@ -294,8 +295,9 @@ struct VnniKernel {
   static constexpr int64_t kPassRows = kVnniPassRows<P>;
   static constexpr int rows_per_tile(int M) { return vnni_rows_per_tile<P>(M); }
   template <int M, int R>
-  static void tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
-    vnni_tile<M, R, P>(in, m0, W, S, Y, stride);
+  static void tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
+                   int64_t rs = 1) {
+    vnni_tile<M, R, P>(in, m0, W, S, Y, stride, rs);
   }
 };
 
@@ -495,7 +497,8 @@ constexpr int64_t kFlushSteps = 128;
 // R weight rows against M input rows (m0 on): R x M x Q int32 chains of vpmaddwd, each weight vector
 // sign-extended once for all of them.
 template <int M, int R, int P>
-void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
+void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
+               int64_t rs = 1) {
   using D = Shorts;
   constexpr int Q = P - 1, L = D::kLanes;
   const int64_t K = in.K, body = K / L * L, next = in.block_stride();
@@ -508,8 +511,8 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
         for (int q = 0; q < Q; ++q) acc[r][m][q] = D::zero();
     for (const int64_t end = std::min(body, k + L * kFlushSteps); k < end; k += L, planes += next)
       for (int r = 0; r < R; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
-        const D::V w = D::widen(W + r * K + k);
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + next_row(r, R, rs) * K + k), kPrefetchHint);
+        const D::V w = D::widen(W + r * rs * K + k);
         for (int m = 0; m < M; ++m)
           for (int q = 0; q < Q; ++q) acc[r][m][q] = D::madd(acc[r][m][q], w, D::load(planes + (m * Q + q) * L));
       }
@@ -520,8 +523,8 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       int64_t sum = Q == 1 ? total[r][m][0] : total[r][m][0] * 256 + total[r][m][Q - 1];
-      for (int64_t k = body; k < K; ++k) sum += static_cast<int64_t>(W[r * K + k]) * in.value(m0 + m, k);
-      Y[m * stride + r] = int_output(sum, in.step[m0 + m], S ? S + r : nullptr);
+      for (int64_t k = body; k < K; ++k) sum += static_cast<int64_t>(W[r * rs * K + k]) * in.value(m0 + m, k);
+      Y[m * stride + r * rs] = int_output(sum, in.step[m0 + m], S ? S + r * rs : nullptr);
     }
 }
 
@@ -532,8 +535,9 @@ struct MaddKernel {
   static constexpr int64_t kPassRows = std::min(8, kChains / (P - 1));
   static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, kChains / ((P - 1) * M))); }
   template <int M, int R>
-  static void tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride) {
-    madd_tile<M, R, P>(in, m0, W, S, Y, stride);
+  static void tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
+                   int64_t rs = 1) {
+    madd_tile<M, R, P>(in, m0, W, S, Y, stride, rs);
   }
 };
 

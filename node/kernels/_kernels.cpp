@@ -120,6 +120,41 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
   });
 }
 
+// Bytes of weights each of a tile's R rows reads in one run (over_tiles). A tile reads its R weight rows
+// side by side, R streams; with adjacent rows each stream ended after one row (2 KB for int8 at hidden
+// 2048) and the next had to be found by the prefetchers again: at one input row int8 rows of 2 KB
+// streamed at 33 GB/s where rows of 8 KB reached 43 (512 MB on Zen 4), bf16 rows of 2 KB 34, of 8 KB 50.
+// Runs of 32 KB (16 and 64 alike), the 96 block linears of a bloom-1b7 token at one row, alternating
+// runs of both builds on Zen 4: int8 39-44 -> 36-39 ms (avx512bf16; once 39 -> 29), 45-49 -> 32-33 (avx2's
+// int16 path), bf16 weights with fp32 rows (avx2) 70-81 -> 60-75, bf16 rows (avx512bf16) 1-4% faster;
+// the head alike. At 4 and 8 rows (the dot products the limit) 14% faster to 3% slower.
+constexpr int64_t kRunBytes = 32768;
+
+// Rows [0, N) in tiles of R weight rows `rs` apart, whole(n, rs) for the tile whose first row is n (the
+// rows left over one by one, one(n)). Rows are taken in blocks of R x L: tile t of a block has rows t,
+// t + L, t + 2L, ..., so each of its R streams goes on where the previous tile's ended, L rows (kRunBytes)
+// in one run. A block is the task a thread takes (at least 4 per thread, so that a thread whose core is
+// busy holds up no one).
+template <int R, typename Tile, typename One>
+void over_tiles(int64_t N, int64_t row_bytes, const Tile& whole, const One& one) {
+  const int64_t L = std::max<int64_t>(1, std::min(kRunBytes / std::max<int64_t>(1, row_bytes),  // (K = 0: empty rows)
+                                                   N / (R * 4 * at::get_num_threads())));
+  const int64_t block = R * L, blocks = N / block, rest = N - blocks * block;
+  parallel_slices(blocks + (rest + R - 1) / R, 1, [&](int64_t g) {
+    if (g < blocks) {
+      for (int64_t t = 0; t < L; ++t) whole(g * block + t, L);
+      return;
+    }
+    const int64_t n = blocks * block + (g - blocks) * R;
+    if (n + R <= N) whole(n, 1);
+    else for (int64_t r = n; r < N; ++r) one(r);
+  });
+}
+
+// The row that a tile's row r (rows `rs` apart) has its stream read next, in rows from the tile's first:
+// in over_tiles' blocks the row after it; tiles of adjacent rows (rs = 1), the next tile's row r.
+constexpr int64_t next_row(int r, int R, int64_t rs) { return r * rs + (rs > 1 ? 1 : R); }
+
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
 // top half of the fp32 with the same value; kEvenOdd: in which order), one as a float (the tails), and on avx512bf16 32 as bf16
 // for the dot products (`load`), with how many weight rows a tile takes for M input rows (measured at 1b7
@@ -177,7 +212,7 @@ struct Fp32Weights {
 // as a tile of one does (the rows left over), so a row's numbers are the same whether it ran here or there.
 constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
 template <int R, typename Weights>
-void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out) {
+void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out, int64_t rs = 1) {
   __m256 acc[R][kChains];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kChains; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -185,24 +220,24 @@ void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, 
     const __m256 x0 = _mm256_loadu_ps(X + k), x1 = _mm256_loadu_ps(X + k + 8);
     for (int r = 0; r < R; ++r) {
       __m256 w0, w1;
-      Weights::load16(W + r * K + k, w0, w1);
+      Weights::load16(W + r * rs * K + k, w0, w1);
       acc[r][0] = _mm256_fmadd_ps(w0, x0, acc[r][0]);
       acc[r][kChains - 1] = _mm256_fmadd_ps(w1, x1, acc[r][kChains - 1]);
     }
   };
-  // 64 bytes of each row per iteration, and the next tile's asked for: no branch in the loop (with one
+  // 64 bytes of each row per iteration, and what its stream reads next asked for: no branch in the loop (with one
   // for the prefetches, GCC kept the accumulators in memory: 8 one-chain rows ran at 2/3 the speed)
   constexpr int64_t kLine = 64 / sizeof(typename Weights::T);
   int64_t k = 0;
   for (; k + kLine <= K; k += kLine) {
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + next_row(r, R, rs) * K + k), kPrefetchHint);
     for (int64_t j = 0; j < kLine; j += 16) step(k + j);
   }
   for (; k + 16 <= K; k += 16) step(k);
   for (int r = 0; r < R; ++r) {
     float total = reduce256(chains_total(acc[r][0], acc[r][kChains - 1]));
-    for (int64_t j = k; j < K; ++j) total += X[j] * Weights::value(W[r * K + j]);
-    out[r] = S ? total * S[r] : total;
+    for (int64_t j = k; j < K; ++j) total += X[j] * Weights::value(W[r * rs * K + j]);
+    out[r * rs] = S ? total * S[r * rs] : total;
   }
 }
 
@@ -214,16 +249,6 @@ void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, 
     case 7: CALL(7); break; case 8: CALL(8); break;                \
     default: TORCH_CHECK(false, "at most 8 input rows");           \
   }
-
-// Rows [0, N) in tiles of R (the rest one by one), kSlice rows at least per slice a thread takes.
-template <int R, typename Tile, typename One>
-void over_tiles(int64_t N, const Tile& whole, const One& one) {
-  parallel_slices((N + R - 1) / R, std::max<int64_t>(1, kSlice / R), [&](int64_t g) {
-    const int64_t n = R * g;
-    if (n + R <= N) whole(n);
-    else for (int64_t r = n; r < N; ++r) one(r);
-  });
-}
 
 // body(X, Y, rows) for each group of up to kMaxTileRows input rows of X0 [M, K] and their outputs Y0 [M, N]
 template <typename In, typename Body>
@@ -346,14 +371,15 @@ float fp32_row_total(__m512 acc) {
 }
 
 template <int M, int R, typename Weights>
-void fp32_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
+void fp32_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride,
+               int64_t rs = 1) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 w[R];
-    for (int r = 0; r < R; ++r) w[r] = Weights::wide16(W + r * K + k);
+    for (int r = 0; r < R; ++r) w[r] = Weights::wide16(W + r * rs * K + k);
     for (int m = 0; m < M; ++m) {
       const __m512 x = _mm512_loadu_ps(X + m * K + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], x, acc[r][m]);
@@ -362,8 +388,8 @@ void fp32_tile(const float* X, int64_t K, const typename Weights::T* W, const fl
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float total = fp32_row_total<Weights>(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(W[r * K + j]);
-      Y[m * stride + r] = S ? total * S[r] : total;
+      for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(W[r * rs * K + j]);
+      Y[m * stride + r * rs] = S ? total * S[r * rs] : total;
     }
 }
 
@@ -378,8 +404,8 @@ void fp32_matmul_512(const float* X0, int64_t M, int64_t K, const typename Weigh
       for (int64_t m = 0; m < rows; ++m)
         fp32_tile<1, 1, Weights>(X + m * K, K, W + n * K, S ? S + n : nullptr, Y + m * N + n, N);
     };
-#define SLOWLLM_FP32_TILES(R) over_tiles<fp32_tile_rows(R)>(N, [&](int64_t n) { \
-      fp32_tile<R, fp32_tile_rows(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
+#define SLOWLLM_FP32_TILES(R) over_tiles<fp32_tile_rows(R)>(N, K * sizeof(typename Weights::T), [&](int64_t n, int64_t rs) { \
+      fp32_tile<R, fp32_tile_rows(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_FP32_TILES)
   });
 }
@@ -400,11 +426,9 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
   if (Weights::kEvenOdd) X0 = input_rows<Weights>(X0, 1, K, K);
   // kOneRowTile weight rows at a time, the rest one by one
   constexpr int R = kOneRowTile;
-  parallel_slices((N + R - 1) / R, kSlice / R, [&](int64_t g) {
-    const int64_t n = R * g;
-    if (n + R <= N) fp32_one_row_tile<R, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n);
-    else for (int64_t r = n; r < N; ++r) fp32_one_row_tile<1, Weights>(X0, K, W + r * K, S ? S + r : nullptr, Y0 + r);
-  });
+  over_tiles<R>(N, K * sizeof(typename Weights::T), [&](int64_t n, int64_t rs) {
+    fp32_one_row_tile<R, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, rs);
+  }, [&](int64_t n) { fp32_one_row_tile<1, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n); });
 }
 
 #if defined(SLOWLLM_AVX512BF16)
@@ -420,7 +444,8 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 // then cost 48 instead of 31 ms per 600M weights here).
 // y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
 template <int M, int R, typename Weights>
-void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
+void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride,
+          int64_t rs = 1) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -428,8 +453,8 @@ void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const floa
   for (; k + 32 <= K; k += 32) {
     __m512bh w[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), kPrefetchHint);
-      w[r] = Weights::load(W + r * K + k);
+      _mm_prefetch(reinterpret_cast<const char*>(W + next_row(r, R, rs) * K + k), kPrefetchHint);
+      w[r] = Weights::load(W + r * rs * K + k);
     }
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
@@ -439,8 +464,8 @@ void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const floa
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float total = _mm512_reduce_add_ps(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[r * K + j]);
-      Y[m * stride + r] = S ? total * S[r] : total;
+      for (int64_t j = k; j < K; ++j) total += bf16_to_float(X[m * K + j]) * Weights::value(W[r * rs * K + j]);
+      Y[m * stride + r * rs] = S ? total * S[r * rs] : total;
     }
 }
 
@@ -454,8 +479,8 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       const float* s = S ? S + n : nullptr;
       for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
-#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, [&](int64_t n) { \
-      tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
+#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, K * sizeof(typename Weights::T), [&](int64_t n, int64_t rs) { \
+      tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
   });
 }
