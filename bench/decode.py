@@ -17,7 +17,8 @@ Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL 
 
 The memory floor of a token is the bytes of weights it must read (every block's linears and the LM
 head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
-best of 5, all threads). slowllm's rows say how far above it they are and where the rest goes: the
+best of 5, all threads) just before and just after that row's run, their mean (a shared VM's bandwidth
+moved 30-55 GB/s within minutes: one reading at the start put rows measured later at the wrong floor). slowllm's rows say how far above it they are and where the rest goes: the
 block linears and the head timed alone at 1 row, the remainder (attention, norms, Python per block).
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
@@ -184,9 +185,8 @@ def main() -> None:
         keys = [ck.head_key] + [k for layer in range(ck.n_layer) for k in ck.quantized_keys(layer)]
         keys += [k + SCALE for k in keys if ck.int8 and k != ck.head_key] + ([ck.head_key + SCALE] if ck.int8 else [])
         floor_bytes[engine] = sum(torch_numel(ck.meta(k)) for k in keys)
-    gbps = statistics.median(bandwidth() for _ in range(3))
-    print(f"read bandwidth {gbps:.1f} GB/s; bytes per token: bf16 {floor_bytes['slowllm'] / 1e9:.2f} GB, "
-          f"int8 {floor_bytes['slowllm8'] / 1e9:.2f} GB", file=sys.stderr)
+    print(f"bytes per token: bf16 {floor_bytes['slowllm'] / 1e9:.2f} GB, int8 {floor_bytes['slowllm8'] / 1e9:.2f} GB",
+          file=sys.stderr)
     conditions = ["idle", "busy"] if args.neighbour else ["idle"]
     results: dict[tuple, list[dict]] = {}
     for _ in range(args.repeat):
@@ -197,20 +197,24 @@ def main() -> None:
                 try:
                     for n in args.prompts:
                         for engine in args.engines:
+                            before = bandwidth()
                             r = measure(engine, paths[engine], n, args.tokens, args.context, env)
+                            r["gbps"] = (before + bandwidth()) / 2
                             results.setdefault((isa, condition, n, engine), []).append(r)
                             print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
-                                  f"{r.get('dtype', '')} {r.get('kernels', '')}", file=sys.stderr, flush=True)
+                                  f"at {r['gbps']:.1f} GB/s {r.get('dtype', '')} {r.get('kernels', '')}",
+                                  file=sys.stderr, flush=True)
                 finally:
                     if busy:
                         busy.kill()
                         busy.wait()
+    gbps = statistics.median(r["gbps"] for runs in results.values() for r in runs)
     summary: dict = {"bandwidth_gbps": round(gbps, 1)}
     longest = max((r.get("prompt_tokens", 0) for runs in results.values() for r in runs), default=0)
     print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens after prompts of up to "
           f"{longest} tokens, median of {args.repeat}; "
-          f"read bandwidth {gbps:.1f} GB/s")
-    print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'x floor':>8} "
+          f"read bandwidth {gbps:.1f} GB/s (median of the rows')")
+    print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'GB/s':>5} {'x floor':>8} "
           f"{'linears':>8} {'head':>6} {'rest':>6}")
     for (isa, condition, n, engine), runs in results.items():
         ms = statistics.median(r["ms_per_token"] for r in runs)
@@ -219,8 +223,11 @@ def main() -> None:
         key = f"{isa}_{condition}_{n}p_{engine}"
         summary[key + "_ms"] = round(ms, 1)
         summary[key + "_speedup_vs_hf"] = round(base / ms, 2)
-        floor = floor_bytes[engine] / gbps / 1e6
-        row = f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {ms / floor:>7.2f}x"
+        row_gbps = statistics.median(r["gbps"] for r in runs)
+        floor = floor_bytes[engine] / row_gbps / 1e6
+        row = (f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {row_gbps:>5.1f} "
+               f"{ms / floor:>7.2f}x")
+        summary[key + "_gbps"] = round(row_gbps, 1)
         summary[key + "_x_floor"] = round(ms / floor, 2)
         if "linears_ms" in runs[0]:
             lin = statistics.median(r["linears_ms"] for r in runs)
