@@ -264,7 +264,7 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
     if constexpr (R > 1)
       for (int m = 0; m < M; ++m) highs[m] = high(m);
     for (int r = 0; r < R; ++r) {
-      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + next_row(r, R, rs) * K + k), kPrefetchHint);
+      if (B == 64 || (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + prefetch_row(r, R, rs) * K + k), kPrefetchHint);
       const D::V w = D::load(W + r * rs * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
         acc[r][m][0] = D::dot(acc[r][m][0], shifted, R > 1 ? highs[m] : high(m));
@@ -511,7 +511,7 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
         for (int q = 0; q < Q; ++q) acc[r][m][q] = D::zero();
     for (const int64_t end = std::min(body, k + L * kFlushSteps); k < end; k += L, planes += next)
       for (int r = 0; r < R; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + next_row(r, R, rs) * K + k), kPrefetchHint);
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(W + prefetch_row(r, R, rs) * K + k), kPrefetchHint);
         const D::V w = D::widen(W + r * rs * K + k);
         for (int m = 0; m < M; ++m)
           for (int q = 0; q < Q; ++q) acc[r][m][q] = D::madd(acc[r][m][q], w, D::load(planes + (m * Q + q) * L));
