@@ -17,8 +17,9 @@ Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL 
 
 The memory floor of a token is the bytes of weights it must read (every block's linears and the LM
 head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
-best of 5, all threads) just before and just after that row's run, their mean (a shared VM's bandwidth
-moved 30-55 GB/s within minutes: one reading at the start put rows measured later at the wrong floor). slowllm's rows say how far above it they are and where the rest goes: the
+best of 5, all threads) just before and just after each run, their mean (a shared VM's bandwidth moved
+30-55 GB/s within minutes: one reading at the start put runs measured later at the wrong floor); a row's
+"x floor" is the median of its runs' own ratios. slowllm's rows say how far above it they are and where the rest goes: the
 block linears and the head timed alone at 1 row, the remainder (attention, norms, Python per block).
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
@@ -224,11 +225,12 @@ def main() -> None:
         summary[key + "_ms"] = round(ms, 1)
         summary[key + "_speedup_vs_hf"] = round(base / ms, 2)
         row_gbps = statistics.median(r["gbps"] for r in runs)
-        floor = floor_bytes[engine] / row_gbps / 1e6
+        # each run against its own floor (the bandwidth of its moment), then the median
+        x_floor = statistics.median(r["ms_per_token"] / (floor_bytes[engine] / r["gbps"] / 1e6) for r in runs)
         row = (f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {row_gbps:>5.1f} "
-               f"{ms / floor:>7.2f}x")
+               f"{x_floor:>7.2f}x")
         summary[key + "_gbps"] = round(row_gbps, 1)
-        summary[key + "_x_floor"] = round(ms / floor, 2)
+        summary[key + "_x_floor"] = round(x_floor, 2)
         if "linears_ms" in runs[0]:
             lin = statistics.median(r["linears_ms"] for r in runs)
             head = statistics.median(r["head_ms"] for r in runs)
