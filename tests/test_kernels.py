@@ -89,6 +89,36 @@ def test_each_build_matches_float_references(isa):
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_each_weight_row_gets_its_own_output_however_the_rows_are_handed_out(isa):
+    """The kernels hand weight rows to threads in blocks whose tiles take rows a run apart (`over_tiles`:
+    blocks of R x L rows, tile t reads rows t, t + L, ...; then tiles of adjacent rows, then single rows),
+    L following the row's bytes, N and the thread count. Whatever the split, every output is the one its
+    weight row gives alone (bit for bit: each row sums in one order), with 1, 2 and 3 threads and row
+    counts that leave every kind of remainder."""
+    k = build(isa)
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for n, width in ((5, 64), (47, 96), (131, 64), (250, 200), (97, 2048)):
+            w = torch.randn(n, width, generator=g).bfloat16()
+            q, scale = quantize_rows(torch.randn(n, width, generator=g))
+            for rows in (1, 3):
+                x = torch.randn(rows, width, generator=g)
+                calls = {"bf16_gemv": lambda w_, q_, s_: k.bf16_gemv(x.bfloat16(), w_),
+                         "bf16_fp32_gemv": lambda w_, q_, s_: k.bf16_fp32_gemv(x, w_),
+                         "int8_gemv": lambda w_, q_, s_: k.int8_gemv(x, q_, s_),
+                         "int8_bf16_gemv": lambda w_, q_, s_: k.int8_bf16_gemv(x.bfloat16(), q_, s_)}
+                for name, call in calls.items():
+                    alone = torch.cat([call(w[i:i + 1], q[i:i + 1], scale[i:i + 1]) for i in range(n)], dim=1)
+                    for t in (1, 2, 3):
+                        torch.set_num_threads(t)
+                        assert torch.equal(call(w, q, scale), alone), (name, n, width, rows, t)
+                    torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
 def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
     """The linears pass their bias to the kernel (a decode step's ~100 products each skip a separate add
     and conversion): the result is the fp32 sum plus the bias rounded once to the input's dtype, bf16, fp32
