@@ -230,7 +230,7 @@ void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, 
       acc[r][kChains - 1] = _mm256_fmadd_ps(w1, x1, acc[r][kChains - 1]);
     }
   };
-  // 64 bytes of each row per iteration, and what its stream reads next asked for: no branch in the loop (with one
+  // 64 bytes of each row per iteration, and prefetch_row's line asked for: no branch in the loop (with one
   // for the prefetches, GCC kept the accumulators in memory: 8 one-chain rows ran at 2/3 the speed)
   constexpr int64_t kLine = 64 / sizeof(typename Weights::T);
   int64_t k = 0;
