@@ -107,7 +107,7 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
   auto one = [&](int64_t n) {
     for (int64_t m = 0; m < M; ++m) Kernel::template tile<1, 1>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
   };
-#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, in.K, [&](int64_t n, int64_t rs) { \
+#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, run_rows(in.K, R), [&](int64_t n, int64_t rs) { \
     Kernel::template tile<R, Kernel::rows_per_tile(R)>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); }, one)
   SLOWLLM_DISPATCH(M, SLOWLLM_INT_TILES)
 }

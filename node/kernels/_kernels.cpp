@@ -127,20 +127,25 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // Runs of 32 KB (16 and 64 alike), the 96 block linears of a bloom-1b7 token at one row, alternating
 // runs of both builds on Zen 4: int8 39-44 -> 36-39 ms (avx512bf16; once 39 -> 29), 45-49 -> 32-33 (avx2's
 // int16 path), bf16 weights with fp32 rows (avx2) 70-81 -> 60-75, bf16 rows (avx512bf16) 1-4% faster;
-// the head alike. At 4 and 8 rows (the dot products the limit) 14% faster to 3% slower.
+// the head alike. Only with one input row: with several the dot products are the limit, and adjacent
+// rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%).
 constexpr int64_t kRunBytes = 32768;
+
+// Rows per run for tiles of M input rows whose weight rows are `row_bytes` long (over_tiles)
+inline int64_t run_rows(int64_t row_bytes, int M) {
+  return M == 1 ? std::max<int64_t>(1, kRunBytes / std::max<int64_t>(1, row_bytes)) : 1;  // (K = 0: empty rows)
+}
 
 // Rows [0, N) in tiles of R weight rows `rs` apart, whole(n, rs) for the tile whose first row is n (the
 // rows left over one by one, one(n)). Rows are taken in blocks of R x L: tile t of a block has rows t,
-// t + L, t + 2L, ..., so each of its R streams goes on where the previous tile's ended, L rows (kRunBytes)
-// in one run. A block is the task a thread takes (at least 4 per thread, so that a thread whose core is
-// busy holds up no one).
+// t + L, t + 2L, ..., so each of its R streams goes on where the previous tile's ended, L rows (at most
+// `run`, run_rows') in one run. A thread takes a block at a time (at least 4 per thread, so that a thread
+// whose core is busy holds up no one), or kSlice rows of blocks where blocks are smaller.
 template <int R, typename Tile, typename One>
-void over_tiles(int64_t N, int64_t row_bytes, const Tile& whole, const One& one) {
-  const int64_t L = std::max<int64_t>(1, std::min(kRunBytes / std::max<int64_t>(1, row_bytes),  // (K = 0: empty rows)
-                                                   N / (R * 4 * at::get_num_threads())));
+void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
+  const int64_t L = std::max<int64_t>(1, std::min(run, N / (R * 4 * at::get_num_threads())));
   const int64_t block = R * L, blocks = N / block, rest = N - blocks * block;
-  parallel_slices(blocks + (rest + R - 1) / R, 1, [&](int64_t g) {
+  parallel_slices(blocks + (rest + R - 1) / R, std::max<int64_t>(1, kSlice / block), [&](int64_t g) {  // (kSlice rows a slice)
     if (g < blocks) {
       for (int64_t t = 0; t < L; ++t) whole(g * block + t, L);
       return;
@@ -409,7 +414,7 @@ void fp32_matmul_512(const float* X0, int64_t M, int64_t K, const typename Weigh
       for (int64_t m = 0; m < rows; ++m)
         fp32_tile<1, 1, Weights>(X + m * K, K, W + n * K, S ? S + n : nullptr, Y + m * N + n, N);
     };
-#define SLOWLLM_FP32_TILES(R) over_tiles<fp32_tile_rows(R)>(N, K * sizeof(typename Weights::T), [&](int64_t n, int64_t rs) { \
+#define SLOWLLM_FP32_TILES(R) over_tiles<fp32_tile_rows(R)>(N, run_rows(K * sizeof(typename Weights::T), R), [&](int64_t n, int64_t rs) { \
       fp32_tile<R, fp32_tile_rows(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_FP32_TILES)
   });
@@ -431,7 +436,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
   if (Weights::kEvenOdd) X0 = input_rows<Weights>(X0, 1, K, K);
   // kOneRowTile weight rows at a time, the rest one by one
   constexpr int R = kOneRowTile;
-  over_tiles<R>(N, K * sizeof(typename Weights::T), [&](int64_t n, int64_t rs) {
+  over_tiles<R>(N, run_rows(K * sizeof(typename Weights::T), 1), [&](int64_t n, int64_t rs) {
     fp32_one_row_tile<R, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, rs);
   }, [&](int64_t n) { fp32_one_row_tile<1, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n); });
 }
@@ -484,7 +489,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       const float* s = S ? S + n : nullptr;
       for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
-#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, K * sizeof(typename Weights::T), [&](int64_t n, int64_t rs) { \
+#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, run_rows(K * sizeof(typename Weights::T), R), [&](int64_t n, int64_t rs) { \
       tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
   });
