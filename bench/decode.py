@@ -19,8 +19,9 @@ The memory floor of a token is the bytes of weights it must read (every block's 
 head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
 best of 5, all threads) just before and just after each run, their mean (a shared VM's bandwidth moved
 30-55 GB/s within minutes: one reading at the start put runs measured later at the wrong floor); a row's
-"x floor" is the median of its runs' own ratios. slowllm's rows say how far above it they are and where the rest goes: the
-block linears and the head timed alone at 1 row, the remainder (attention, norms, Python per block).
+"x floor" is the median of its runs' own ratios. slowllm's rows say how far above it they are and where
+the rest goes: the block linears and the head timed alone at 1 row, the remainder (attention, norms,
+Python per block).
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
 a baseline measured in the same run (the machine is shared).
