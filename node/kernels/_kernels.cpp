@@ -156,13 +156,14 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
   });
 }
 
-// The row whose line at the same k a one-row tile's row r (rows `rs` apart) asks for while it reads its
-// own, in rows from the tile's first. Tiles of adjacent rows (rs = 1): the next tile's row r, as each
-// stream ends with its row. Within a run (rs > 1) the hardware prefetchers follow each stream, and asking
-// for the row after made it slower: it asks for its own line, which it is about to read (no branch in the
-// loops). Measured on Zen 4 at one row, alternating builds, the 96 block linears of a bloom-1b7 token
-// with the memory reading 53-63 GB/s: bf16 rows 45 -> 48-50 GB/s (avx512bf16), fp32 rows of bf16 weights
-// 39-41 -> 43-45 (avx512bf16) and 39-42 -> 43-44 (avx2), int8 alike (+-3%).
+// The row whose line at the same k a tile's row r (rows `rs` apart) asks for while it reads its own, in
+// rows from the tile's first. Tiles of adjacent rows (rs = 1; every tile of several input rows): the next
+// tile's row r, as each stream ends with its row. Within a run (rs > 1: one input row) the hardware
+// prefetchers follow each stream, and asking for the row after made it slower: it asks for its own line,
+// which it is about to read (no branch in the loops). Measured on Zen 4 at one row, alternating builds,
+// the 96 block linears of a bloom-1b7 token with the memory reading 53-63 GB/s: bf16 rows 45 -> 48-50 GB/s
+// (avx512bf16), fp32 rows of bf16 weights 39-41 -> 43-45 (avx512bf16) and 39-42 -> 43-44 (avx2), int8
+// alike (+-3%).
 constexpr int64_t prefetch_row(int r, int R, int64_t rs) { return r * rs + (rs > 1 ? 0 : R); }
 
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
