@@ -382,15 +382,14 @@ float fp32_row_total(__m512 acc) {
 }
 
 template <int M, int R, typename Weights>
-void fp32_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride,
-               int64_t rs = 1) {
+void fp32_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 w[R];
-    for (int r = 0; r < R; ++r) w[r] = Weights::wide16(W + r * rs * K + k);
+    for (int r = 0; r < R; ++r) w[r] = Weights::wide16(W + r * K + k);
     for (int m = 0; m < M; ++m) {
       const __m512 x = _mm512_loadu_ps(X + m * K + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], x, acc[r][m]);
@@ -399,8 +398,8 @@ void fp32_tile(const float* X, int64_t K, const typename Weights::T* W, const fl
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float total = fp32_row_total<Weights>(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(W[r * rs * K + j]);
-      Y[m * stride + r * rs] = S ? total * S[r * rs] : total;
+      for (int64_t j = k; j < K; ++j) total += X[m * K + j] * Weights::value(W[r * K + j]);
+      Y[m * stride + r] = S ? total * S[r] : total;
     }
 }
 
@@ -415,8 +414,10 @@ void fp32_matmul_512(const float* X0, int64_t M, int64_t K, const typename Weigh
       for (int64_t m = 0; m < rows; ++m)
         fp32_tile<1, 1, Weights>(X + m * K, K, W + n * K, S ? S + n : nullptr, Y + m * N + n, N);
     };
-#define SLOWLLM_FP32_TILES(R) over_tiles<fp32_tile_rows(R)>(N, run_rows(K * sizeof(typename Weights::T), R), [&](int64_t n, int64_t rs) { \
-      fp32_tile<R, fp32_tile_rows(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }, one)
+    // (adjacent rows, no runs: several input rows, bar the last group of 9 or 17; one row alone takes
+    // fp32_one_row_tile)
+#define SLOWLLM_FP32_TILES(R) over_tiles<fp32_tile_rows(R)>(N, 1, [&](int64_t n, int64_t) { \
+      fp32_tile<R, fp32_tile_rows(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_FP32_TILES)
   });
 }
