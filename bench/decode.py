@@ -196,12 +196,14 @@ def main() -> None:
             env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa.startswith("avx2") else {})}
             for condition in conditions:
                 busy = neighbour() if condition == "busy" else None
+                reading = bandwidth()  # (a run's reading after it is the next run's before)
                 try:
                     for n in args.prompts:
                         for engine in args.engines:
-                            before = bandwidth()
+                            before = reading
                             r = measure(engine, paths[engine], n, args.tokens, args.context, env)
-                            r["gbps"] = (before + bandwidth()) / 2
+                            reading = bandwidth()
+                            r["gbps"] = (before + reading) / 2
                             results.setdefault((isa, condition, n, engine), []).append(r)
                             print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
                                   f"at {r['gbps']:.1f} GB/s {r.get('dtype', '')} {r.get('kernels', '')}",
