@@ -59,12 +59,12 @@ constexpr int64_t kSlice = 32;  // weight rows per parallel task (at least)
 constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups of 8
 // Chains per (weight row, input row) in the 256-bit fp32 loops, each step's 16 weights as two vectors
 // (load16). The AVX-512 builds keep the two apart, the order their 512-bit tiles (fp32_tile) reproduce
-// for several input rows. The AVX2 builds add both vectors into ONE chain (16 registers: 8 input rows
-// are then 8 accumulators, a weight converted once for all 8; with two chains, 4 rows per pass, every
-// weight twice): in a standalone loop, 8 rows x 16 weights took 9.9 instead of 13.3 cycles on Zen 4
-// (8 at two FMAs a cycle), and the 96 block linears of a bloom-1b7 token with 8 rows 148-165 instead of
-// 202-204 ms, its head 86-96 instead of 107 (alternating runs). One row pays a little for it (its two FMAs a step wait on each
-// other): the block linears 84-85 instead of 81-82 ms (alternating runs; within this VM's noise).
+// for several input rows. The AVX2 builds add both vectors into ONE chain (16 registers: a tile of
+// several input rows then holds 8 accumulators, fp32_rows_part; with two chains, half as many, and every
+// weight converted twice as often): the 96 block linears of a bloom-1b7 token with 8 rows 148-165 instead
+// of 202-204 ms, its head 86-96 instead of 107 (alternating runs, when tiles were 1 weight row x 8 input
+// rows). One row pays a little for it (its two FMAs a step wait on each other): the block linears 84-85
+// instead of 81-82 ms (alternating runs; within this VM's noise).
 #if defined(SLOWLLM_AVX512BF16)
 constexpr int kChains = 2;
 #else
@@ -72,7 +72,8 @@ constexpr int kChains = 1;
 #endif
 // Floats between input rows beyond K in the AVX2 builds' several-row loops: rows K apart (K a multiple
 // of 1,024) put the same k of 8 rows in one L1 set, whose 8 ways then also hold the weights' lines
-// (the standalone loop above: 11.1 cycles without, 10.4 with 16 floats, 9.9 with 64)
+// (a standalone loop of 1 weight row x 8 input rows on Zen 4: 11.1 cycles per 16 weights without, 10.4
+// with 16 floats, 9.9 with 64)
 constexpr int64_t kRowPad = 64;
 
 // Where the one-row loops prefetch the next tile's weight rows: into L2, not L1 (T0). On Zen 4 the 96
@@ -290,56 +291,75 @@ const float* input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
 }
 
 #if !defined(SLOWLLM_AVX512BF16)
-// Several input rows on the AVX2 builds: a slice of weight rows, K a chunk at a time. Every weight row
-// reads all M input rows, so one row after another over the whole of K re-streams M x K floats from L2
-// per weight row (8 rows at K = 2048: 64 KB, 8x the weight row's own bytes), and that, not the FMAs, was
-// the limit (8 rows: 3.4x one row's time, at a third of the FMA rate MKL reaches here). A chunk of kChunk
-// inputs of every row stays in L1 while the slice's weight rows pass; each (weight row, input row)
-// carries its chain from chunk to chunk, so every sum is exactly fp32_one_row_tile's (the same order, whatever M is).
-constexpr int64_t kChunk = 256;
-// Each chunk pass reads kSlice weight rows a chunk apart (32 streams, more than the hardware prefetchers
-// follow): the chunk of the row two ahead is asked for while this one is summed (8 rows, the 96 block
-// linears of a bloom-1b7 token: 228 -> 197 ms; one or three rows ahead alike, eight slower; with chunks
-// of 256 inputs instead of 512, 186-191 ms: 128 and 1,024 were slower).
-constexpr int64_t kPrefetchRows = 2;
+// Several input rows on the AVX2 builds: tiles of 2 adjacent weight rows x 4 input rows (8 chains, what
+// two FMA ports of 4 cycles' latency need), K a chunk at a time. Each input vector is loaded into a
+// register once for both weight rows: GCC otherwise folds every use into its FMA as a memory operand, and
+// then one weight row x 8 input rows (this loop's tiles before) and 2 x 4 both load once per FMA. In a
+// standalone loop on Zen 4, data in L1: 1 x 8 with folded loads 1.14 FMAs a cycle, 2 x 4 and 4 x 2 with
+// the inputs in registers 1.79 (3 x 2, six chains: 1.59). The 96 block linears and head of a bloom-1b7
+// token with 8 input rows, alternating builds: one thread 6.6 -> 9.0 GB/s of weights, two 14.1-14.9 ->
+// 15.0-16.8. A chunk of kChunk inputs of every row stays in L1 while the tile passes over it (chunks of
+// 64 inputs alike, 256 up to 7% slower, 32 10%); each (weight row, input row) carries its chain from chunk
+// to chunk, so every sum is exactly fp32_one_row_tile's (the same order, whatever M is). While a tile
+// reads a chunk it asks for the same chunk of the next tile's rows (two tiles ahead: alike or 5% slower).
+constexpr int kRowsTile = 2;
+constexpr int kInputsTile = 4;
+constexpr int64_t kChunk = 128;
 
-// One weight row's [k0, k1) against M input rows (`xs` floats apart), carrying their chains in `state`
-template <int M, typename Weights>
-void fp32_row_part(const float* X, int64_t xs, const typename Weights::T* wr, int64_t k0, int64_t k1, __m256* state) {
-  static_assert(kChains == 1, "8 input rows x 1 chain fit AVX2's 16 registers");
-  __m256 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = state[m];
+// A tile's R weight rows over [k0, k1) against M input rows (`xs` floats apart), carrying their chains
+// in `state` [M][R]
+template <int R, int M, typename Weights>
+void fp32_rows_part(const float* X, int64_t xs, const typename Weights::T* W, int64_t K, int64_t k0, int64_t k1,
+                    __m256* state) {
+  static_assert(kChains == 1, "one chain per (weight row, input row): 8 of them fit AVX2's 16 registers");
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = state[m * R + r];
   for (int64_t k = k0; k < k1; k += 16) {
-    __m256 w0, w1;
-    Weights::load16(wr + k, w0, w1);
+    __m256 w0[R], w1[R];
+    for (int r = 0; r < R; ++r) Weights::load16(W + r * K + k, w0[r], w1[r]);
     for (int m = 0; m < M; ++m) {
-      acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * xs + k), acc[m]);
-      acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * xs + k + 8), acc[m]);
+      __m256 x = _mm256_loadu_ps(X + m * xs + k);
+      asm("" : "+x"(x));  // (in a register, loaded once: see above)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w0[r], x, acc[m][r]);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 x = _mm256_loadu_ps(X + m * xs + k + 8);
+      asm("" : "+x"(x));
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w1[r], x, acc[m][r]);
     }
   }
-  for (int m = 0; m < M; ++m) state[m] = acc[m];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) state[m * R + r] = acc[m][r];
 }
 
-// Weight rows [n0, n1) (at most kSlice) against M <= 8 input rows (`xs` floats apart, in input_rows' order)
-template <int M, typename Weights>
-void fp32_slice(const float* X, int64_t xs, int64_t K, const typename Weights::T* W, int64_t n0, int64_t n1,
-                const float* S, float* Y, int64_t N) {
-  alignas(32) __m256 state[kSlice][M];
-  for (int64_t n = 0; n < n1 - n0; ++n)
-    for (int m = 0; m < M; ++m) state[n][m] = _mm256_setzero_ps();
+// R adjacent weight rows against `rows` (<= kMaxTileRows) input rows: outputs Y[m * N + r]
+template <int R, typename Weights>
+void fp32_rows_tile(const float* X, int64_t xs, int64_t rows, int64_t K, const typename Weights::T* W, const float* S,
+                    float* Y, int64_t N) {
+  alignas(32) __m256 state[kMaxTileRows * R];
+  for (int i = 0; i < kMaxTileRows * R; ++i) state[i] = _mm256_setzero_ps();
   const int64_t body = K / 16 * 16;
-  for (int64_t k0 = 0; k0 < body; k0 += kChunk)
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t k1 = std::min(body, k0 + kChunk);
+  for (int64_t k0 = 0; k0 < body; k0 += kChunk) {
+    const int64_t k1 = std::min(body, k0 + kChunk);
+    for (int r = 0; r < R; ++r)
       for (int64_t k = k0; k < k1; k += 64 / sizeof(typename Weights::T))
-        _mm_prefetch(reinterpret_cast<const char*>(W + (n + kPrefetchRows) * K + k), _MM_HINT_T0);
-      fp32_row_part<M, Weights>(X, xs, W + n * K, k0, k1, state[n - n0]);
+        _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
+    int64_t m = 0;
+    for (; m + kInputsTile <= rows; m += kInputsTile)
+      fp32_rows_part<R, kInputsTile, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R);
+    static_assert(kInputsTile == 4, "the cases below are the rows passes of 4 leave");
+    switch (rows - m) {  // (the input rows left over, together)
+      case 3: fp32_rows_part<R, 3, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
+      case 2: fp32_rows_part<R, 2, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
+      case 1: fp32_rows_part<R, 1, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
     }
-  for (int64_t n = n0; n < n1; ++n)
-    for (int m = 0; m < M; ++m) {
-      float total = reduce256(state[n - n0][m]);
-      for (int64_t j = body; j < K; ++j) total += X[m * xs + j] * Weights::value(W[n * K + j]);
-      Y[m * N + n] = S ? total * S[n] : total;
+  }
+  for (int64_t m = 0; m < rows; ++m)
+    for (int r = 0; r < R; ++r) {
+      float total = reduce256(state[m * R + r]);
+      for (int64_t j = body; j < K; ++j) total += X[m * xs + j] * Weights::value(W[r * K + j]);
+      Y[m * N + r] = S ? total * S[r] : total;
     }
 }
 
@@ -351,9 +371,10 @@ void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weig
   for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
     const float* X = rows + m0 * xs;
     float* Y = Y0 + m0 * N;
-#define SLOWLLM_FP32(R) parallel_slices((N + kSlice - 1) / kSlice, 1, [&](int64_t g) { \
-      fp32_slice<R, Weights>(X, xs, K, W, g * kSlice, std::min(N, (g + 1) * kSlice), S, Y, N); })
-    SLOWLLM_DISPATCH(std::min<int64_t>(kMaxTileRows, M - m0), SLOWLLM_FP32)
+    const int64_t mr = std::min<int64_t>(kMaxTileRows, M - m0);
+    over_tiles<kRowsTile>(N, 1, [&](int64_t n, int64_t) {  // (adjacent rows: see run_rows)
+      fp32_rows_tile<kRowsTile, Weights>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N);
+    }, [&](int64_t n) { fp32_rows_tile<1, Weights>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N); });
   }
 }
 #endif
