@@ -93,8 +93,8 @@ def test_each_weight_row_gets_its_own_output_however_the_rows_are_handed_out(isa
     """The kernels hand weight rows to threads in blocks whose tiles take rows a run apart (`over_tiles`:
     blocks of R x L rows, tile t reads rows t, t + L, ...; then tiles of adjacent rows, then single rows),
     L following the row's bytes, N and the thread count. Whatever the split, every output is the one its
-    weight row gives alone (bit for bit: each row sums in one order), with 1, 2 and 3 threads and row
-    counts that leave every kind of remainder."""
+    weight row gives alone (bit for bit: each row sums in one order), with 1, 2 and 3 threads, row
+    counts that leave every kind of remainder, and input rows in one tile or in several passes."""
     k = build(isa)
     g = torch.Generator().manual_seed(5)
     threads = torch.get_num_threads()
@@ -102,7 +102,7 @@ def test_each_weight_row_gets_its_own_output_however_the_rows_are_handed_out(isa
         for n, width in ((5, 64), (47, 96), (131, 64), (250, 200), (97, 2048)):
             w = torch.randn(n, width, generator=g).bfloat16()
             q, scale = quantize_rows(torch.randn(n, width, generator=g))
-            for rows in (1, 3):
+            for rows in (1, 3, 6):  # (6: passes of input rows, each over tiles of weight rows)
                 x = torch.randn(rows, width, generator=g)
                 calls = {"bf16_gemv": lambda w_, q_, s_: k.bf16_gemv(x.bfloat16(), w_),
                          "bf16_fp32_gemv": lambda w_, q_, s_: k.bf16_fp32_gemv(x, w_),
