@@ -238,6 +238,27 @@ def test_top_k_and_top_p_restrict_the_choice_and_draws_depend_on_seed_row_and_po
     assert abs(sum(Draws(9).uniform(0, n) for n in range(4000)) / 4000 - 0.5) < 0.02
 
 
+def test_greedy_picks_are_torchs_argmax_however_the_largest_lies():
+    """`argmax_rows` (greedy decoding, speculative acceptance, scoring's "is the target the argmax") finds
+    each row's first largest in two vectorized passes; it must give torch's own indices: ties within and
+    across its blocks, a largest in the shorter last block, NaN (counts as the largest), +-inf, every
+    vocabulary size around its block, bf16, leading dimensions, a non-contiguous view."""
+    from slowllm.coordinator.jobs._sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(3)
+    for v in (100, 4095, 4096, 4097, 5000, 250880):
+        x = torch.randn(10, v, generator=g)
+        x[1] = 3.0  # every element tied
+        x[2, -1] = 99.0  # the very last (a shorter last block)
+        x[3, [7, v // 2]] = float("nan")
+        x[4] = float("-inf")
+        x[5, [10, v - 3]] = 50.0  # tied across blocks
+        x[6, v // 3] = float("inf")
+        x[7, [v - 2, v - 1]] = 60.0  # tied within the last block
+        for t in (x, x.bfloat16(), x.reshape(2, 5, v), x.T.contiguous().T, x[::2]):
+            assert torch.equal(argmax_rows(t), t.argmax(dim=-1)), (v, t.dtype, t.shape)
+
+
 def test_streamed_text_ends_with_a_character_the_last_token_cut(tiny_model):
     """Plain streamed output shows what --json shows: a character cut by the last token (U+FFFD) is
     printed at the end, not dropped; whole characters come out as soon as they are complete."""

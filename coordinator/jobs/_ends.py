@@ -27,6 +27,8 @@ from slowllm.node.engine._memory import huge_page_empty
 from slowllm.node.kernels._kernels import kernels, usable
 from slowllm.node.kernels._linears import bf16_linear, int8_matmul
 
+from ._sampling import argmax_rows
+
 # Positions up to which the kernel (`_fp32_logit_chunks`) beats converting each chunk for a dense fp32
 # GEMM (measured, Bloom's head at hidden 2048, 2 cores; ms bf16 / int8): 1 row 32 vs 211 / 20 vs 258,
 # 8 rows 136 vs 363 / 101 vs 442, 32 rows 574 vs 732 / 402 vs 651.
@@ -151,10 +153,14 @@ class ModelEnds:
         return F.layer_norm(hidden, (self.hidden_size,), *self._final_norm, self.eps)
 
     # ---- LM head -------------------------------------------------------------------------------
-    def _stored_chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """(start, the head's rows [start, start + head_chunk_rows) as stored, their int8 scales or None)."""
+    def _stored_chunks(self, whole: bool = False) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(start, the head's rows [start, start + head_chunk_rows) as stored, their int8 scales or None);
+        `whole`: a resident head in one piece (chunks only bound what a memory map or a conversion holds)."""
         key = self.checkpoint.head_key
         scale = self._scale(key)
+        if whole and key in self._resident:
+            yield 0, self._resident[key], scale
+            return
         for start in range(0, self.vocab_size, self.head_chunk_rows):
             stop = min(start + self.head_chunk_rows, self.vocab_size)
             source = self._matrix(key)[start:stop]
@@ -200,7 +206,7 @@ class ModelEnds:
             for start, w in self._head_chunks(torch.float32):
                 yield start, self._chunk_logits(hidden, w)
             return
-        for start, source, scale in self._stored_chunks():
+        for start, source, scale in self._stored_chunks(whole=True):  # (the kernel's output: no copy to join)
             if scale is not None:
                 yield start, k.int8_gemv(hidden, source, scale)
             else:
@@ -220,12 +226,17 @@ class ModelEnds:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [N, V] in fp32 for normed hidden states [N, H] (generation: N is the batch)."""
-        out = torch.empty(hidden.shape[0], self.vocab_size, dtype=torch.float32)
         key = self.checkpoint.head_key
         if self.dtype == torch.float32:
+            out = None
             for start, chunk in self._fp32_logit_chunks(hidden):
+                if chunk.shape[1] == self.vocab_size:  # the whole head in one product (resident, kernel)
+                    return chunk
+                if out is None:
+                    out = torch.empty(hidden.shape[0], self.vocab_size, dtype=torch.float32)
                 out[:, start:start + chunk.shape[1]] = chunk
             return out
+        out = torch.empty(hidden.shape[0], self.vocab_size, dtype=torch.float32)
         if self.checkpoint.int8 and key in self._resident:  # the int8 rows as they are: half the bytes
             x = hidden.to(self.dtype)
             for start, q, scale in self._stored_chunks():
@@ -247,7 +258,8 @@ class ModelEnds:
         # Log-likelihoods are the product here: logits in fp32 even when blocks compute in bf16 (a bf16
         # logit of ~30 is off by up to 0.125; converting each weight chunk costs little beside the pass).
         for start, logits in self._fp32_logit_chunks(hidden):
-            chunk_max, chunk_arg = logits.max(dim=1)
+            chunk_arg = argmax_rows(logits)  # (max(dim=1)'s index search is slow: see argmax_rows)
+            chunk_max = logits.gather(1, chunk_arg[:, None]).squeeze(1)
             better = chunk_max > best
             best = torch.where(better, chunk_max, best)
             best_id = torch.where(better, chunk_arg + start, best_id)

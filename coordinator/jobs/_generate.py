@@ -18,7 +18,7 @@ from slowllm.coordinator.chains._chain import Chain, Head, plan_batches
 
 from ._ends import ModelEnds
 from ._options import Sampling
-from ._sampling import Draws, pick_tokens, probabilities  # noqa: F401 (probabilities: the tests' oracle uses it)
+from ._sampling import Draws, argmax_rows, pick_tokens, probabilities  # noqa: F401 (probabilities: the tests' oracle uses it)
 from ._score import hidden_batch
 from ._speculative import Draft, DraftLength, Stopwatch, accept
 
@@ -242,7 +242,7 @@ def _draft(draft: Draft, session, batch, tail_ids, tail_mask, fed: int, k: int, 
         fed = tail_ids.shape[1]
         logits = draft.ends.logits(draft.ends.final_norm(h[:, -1]))
         if s.temperature == 0:
-            d = logits.argmax(dim=-1)
+            d = argmax_rows(logits)
         else:
             q.append(probabilities(logits, s))
             n = len(drafted)

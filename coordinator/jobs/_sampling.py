@@ -53,9 +53,32 @@ class Draws:
         return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
 
 
+# Elements per block of `argmax_rows`' first pass
+_ARGMAX_BLOCK = 1024
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of float logits [..., V], the same indices (each row's first largest; a NaN
+    counts as the largest), in two vectorized passes: each block's max, then the first block holding the
+    row's max, searched. torch's argmax over Bloom's 250,880 logits took 215-300 us a row on Zen 4 (its
+    max alone 12; this 41), at 8 rows 1.1 ms (this 0.13) of every decode step."""
+    v = x.shape[-1]
+    if v < 4 * _ARGMAX_BLOCK or not x.is_floating_point() or x.numel() == 0:
+        return x.argmax(dim=-1)
+    lead, x = x.shape[:-1], x.reshape(-1, v).contiguous()
+    n, body = x.shape[0], v // _ARGMAX_BLOCK * _ARGMAX_BLOCK
+    blocks = x[:, :body].view(n, -1, _ARGMAX_BLOCK).amax(dim=-1)
+    if body < v:
+        blocks = torch.cat([blocks, x[:, body:].amax(dim=-1, keepdim=True)], dim=1)
+    first = blocks.argmax(dim=-1) * _ARGMAX_BLOCK
+    # the block's columns; the last block may be shorter: its last column repeats, after the real one
+    columns = (first[:, None] + torch.arange(_ARGMAX_BLOCK)).clamp_max_(v - 1)
+    return (first + x.gather(1, columns).argmax(dim=-1)).reshape(lead)
+
+
 def pick_tokens(logits: torch.Tensor, s: Sampling, draws: Draws, where: list[tuple[int, int]]) -> torch.Tensor:
     """The next token of each row (`where`: each row's (row key, position)): argmax at temperature 0."""
     if s.temperature == 0:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     probs = probabilities(logits, s)
     return torch.tensor([draws.sample(probs[j], row, position) for j, (row, position) in enumerate(where)])

@@ -31,6 +31,7 @@ from slowllm.node.engine._memory import node_dtype
 from slowllm.protocol import InputError
 
 from ._ends import ModelEnds
+from ._sampling import argmax_rows
 
 if TYPE_CHECKING:
     from ._sampling import Draws
@@ -96,7 +97,7 @@ def accept(p: torch.Tensor | None, q: list[torch.Tensor] | None, target_logits: 
     """
     k = drafted.shape[0]
     if p is None:
-        best = target_logits.argmax(dim=-1)
+        best = argmax_rows(target_logits)
         agree = (best[:k] == drafted).long()
         n = int(agree.cumprod(0).sum()) if k else 0
         return n, int(best[n])
