@@ -18,7 +18,8 @@ from slowllm.coordinator.chains._chain import Chain, Head, plan_batches
 
 from ._ends import ModelEnds
 from ._options import Sampling
-from ._sampling import Draws, argmax_rows, pick_tokens, probabilities  # noqa: F401 (probabilities: the tests' oracle uses it)
+from ._sampling import Draws, argmax_rows, pick_tokens
+from ._sampling import probabilities  # noqa: F401 (the tests' oracle uses it)
 from ._score import hidden_batch
 from ._speculative import Draft, DraftLength, Stopwatch, accept
 

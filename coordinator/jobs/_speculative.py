@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -31,10 +30,7 @@ from slowllm.node.engine._memory import node_dtype
 from slowllm.protocol import InputError
 
 from ._ends import ModelEnds
-from ._sampling import argmax_rows
-
-if TYPE_CHECKING:
-    from ._sampling import Draws
+from ._sampling import Draws, argmax_rows
 
 MAX_DRAFT_TOKENS = 16  # beyond this a round's acceptance probability of the last token is negligible
 
@@ -87,7 +83,7 @@ def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, dev
 
 # ---- acceptance ----------------------------------------------------------------------------------
 def accept(p: torch.Tensor | None, q: list[torch.Tensor] | None, target_logits: torch.Tensor,
-           drafted: torch.Tensor, draws: "Draws | None" = None, row: int = 0, at: int = 0) -> tuple[int, int]:
+           drafted: torch.Tensor, draws: Draws | None = None, row: int = 0, at: int = 0) -> tuple[int, int]:
     """For one row: how many of the k drafted tokens stay, and the big model's own next token.
 
     `target_logits` [k+1, V] are the big model's logits after each of x, d1..dk; `drafted` [k] the draft's

@@ -294,7 +294,7 @@ const float* input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
 // Several input rows on the AVX2 builds: tiles of 2 adjacent weight rows x 4 input rows (8 chains, what
 // two FMA ports of 4 cycles' latency need), K a chunk at a time. Each input vector is loaded into a
 // register once for both weight rows: GCC otherwise folds every use into its FMA as a memory operand, and
-// then one weight row x 8 input rows (this loop's tiles before) and 2 x 4 both load once per FMA. In a
+// then tiles of one weight row x 8 input rows and of 2 x 4 alike load once per FMA. In a
 // standalone loop on Zen 4, data in L1: 1 x 8 with folded loads 1.14 FMAs a cycle, 2 x 4 and 4 x 2 with
 // the inputs in registers 1.79 (3 x 2, six chains: 1.59). The 96 block linears and head of a bloom-1b7
 // token with 8 input rows, alternating builds: one thread 6.6 -> 9.0 GB/s of weights, two 14.1-14.9 ->
