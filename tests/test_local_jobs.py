@@ -338,3 +338,29 @@ def test_a_bf16_checkpoint_in_float32_computes_on_its_bf16_weights(models_dir):
         assert streaming.chain.executor.stream.zero_copy == (k is not None)
         assert [o["token_ids"] for o in streaming.generate(PROMPTS, Sampling(max_new_tokens=10))] == \
             [o["token_ids"] for o in outs]
+
+
+def test_a_sessions_prompt_pass_leaves_room_for_its_first_decode_steps(tiny_model, runner):
+    """A generation session's caches get GROW_MIN positions of room at its prompt pass (never past its
+    max length), so its first decode steps write in place instead of copying the whole prompt's keys and
+    values into a grown buffer; a scratch cache (no session, no limit) holds exactly the prompt."""
+    from slowllm.node import BlockCache
+    from slowllm.node.engine._blocks import Attention
+
+    hidden, mask = torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.long)
+    step, step_mask = torch.randn(2, 1, 64), torch.ones(2, 6, dtype=torch.long)
+    with LocalRunner(tiny_model, keep_in_ram=True, progress=False) as resident:
+        for max_length, room in ((100, 5 + BlockCache.GROW_MIN), (7, 7)):
+            with resident.chain.open_session(2, max_length) as session:
+                session.step(hidden, mask)
+                buffers = {layer: c.state()["keys"].data_ptr() for layer, c in session.caches.items()}
+                assert {c.capacity for c in session.caches.values()} == {room}
+                session.step(step, step_mask)
+                assert {layer: c.state()["keys"].data_ptr() for layer, c in session.caches.items()} == buffers
+        scratch = BlockCache()
+        Attention(mask, 5, resident.chain.blocks.config, torch.float32).run(resident.chain.blocks.blocks[0], hidden, scratch)
+        assert scratch.capacity == 5
+    with runner.chain.open_session(2, 100) as streamed:  # the streaming executor's sessions alike
+        streamed.step(hidden, mask)
+        stored = streamed._session.caches.get(0)
+        assert stored["keys"].shape[-1] == 5 + BlockCache.GROW_MIN  # (Bloom stores keys positions last)

@@ -128,22 +128,24 @@ def test_session_budget_errors_and_idle_expiry(monkeypatch):
     from slowllm.protocol import BusyError
 
     s = Sessions(budget=1000, idle_timeout=60)  # 2 blocks, 4 bytes per position and block (keys + values)
-    caches = s.get("a", range(2), position_bytes=4, new=75, max_length=200)
+    caches = s.get("a", range(2), position_bytes=4, new=75, max_length=100)  # (prompt + room: 100 positions)
     caches[0] = BlockCache(torch.zeros(1, 75, 1), torch.zeros(1, 75, 1))  # 2 x 300 bytes held
     with pytest.raises(BusyError, match="KV-cache budget of 1000 B is full"):
-        s.get("b", range(2), position_bytes=4, new=75, max_length=200)
+        s.get("b", range(2), position_bytes=4, new=75, max_length=100)
     with pytest.raises(InputError, match="more than its --session-memory"):
         s.get("c", range(2), position_bytes=4, new=250, max_length=250)  # can never fit: not "busy"
     later = time.monotonic() + 61
     monkeypatch.setattr(time, "monotonic", lambda: later)
     s.expire()
     assert len(s) == 0 and s.nbytes() == 0
-    assert s.get("b", range(2), position_bytes=4, new=75, max_length=200) is not None
+    assert s.get("b", range(2), position_bytes=4, new=75, max_length=100) is not None
 
 
 def test_session_budget_counts_what_is_allocated_spare_room_and_copies_included():
-    """Caches grow by half (spare room for decode steps) and copy when they grow: the budget holds the
-    bytes allocated, the new buffer beside the old while copying, and spare room never passes max_length."""
+    """A prompt pass reserves room for the first decode steps, caches grow by half when full and copy
+    when they grow: the budget holds the bytes allocated, the new buffer beside the old while copying, and
+    spare room never passes max_length."""
+    from slowllm.node import BlockCache
     from slowllm.node.server._sessions import Sessions
     from slowllm.protocol import BusyError
 
@@ -169,15 +171,21 @@ def test_session_budget_counts_what_is_allocated_spare_room_and_copies_included(
         step("long", 1, 300)
     assert all(c.length == 300 and c.capacity == 300 for c in caches.values())  # room capped at max_length
     assert s.nbytes() == 2 * 300 * position and peak <= budget
-    step("other", 100, 200)  # 2 x 100 of the 300 positions left: a prompt pass fits...
-    with pytest.raises(BusyError):  # ...and its first decode step's growth to 164 (the copy beside) does not
+    with pytest.raises(BusyError):  # 300 positions left: a prompt of 100 and its room, 2 x 164, do not fit
+        step("other", 100, 200)
+    other = step("other", 80, 200)  # 2 x (80 + 64) do...
+    for _ in range(BlockCache.GROW_MIN):  # ...and take decode steps up to the room in place...
+        step("other", 1, 200)
+    assert all(c.capacity == 144 for c in other.values())
+    with pytest.raises(BusyError):  # ...but not the growth to 200 past it (the copy beside)
         step("other", 1, 200)
     s.close("other")
     s.close("long")
     short = step("short", 10, 20)
-    for _ in range(5):
+    assert all(c.capacity == 20 for c in short.values())  # room capped at its max length
+    for _ in range(10):
         step("short", 1, 20)
-    assert all(c.capacity == 20 for c in short.values())  # grew (by GROW_MIN) to its max length, no further
+    assert all(c.capacity == 20 and c.length == 20 for c in short.values())
 
 
 async def _fake_coordinator(port_box: list, flood: int, frame_bytes: int, out: dict):

@@ -108,7 +108,7 @@ class LocalChain(Chain):
         return self.executor.backward(tape, grad)
 
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
-        return _LocalSession(self.executor.session())
+        return _LocalSession(self.executor.session(max_length))
 
     def step_sessions(self, steps, heads=None):
         return with_heads(self.executor.step_sessions([(session._session, h, m) for session, h, m in steps]), heads)
@@ -156,13 +156,13 @@ class ResidentChain(Chain):
         return self.blocks.backward(tape.hidden, tape.mask, grad, 0, self.n_layer - 1)
 
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
-        return _ResidentSession(self.blocks)
+        return _ResidentSession(self.blocks, max_length)
 
 
 class _ResidentSession(ChainSession):
-    def __init__(self, blocks: ResidentBlocks):
+    def __init__(self, blocks: ResidentBlocks, max_length: int):
         self.blocks = blocks
-        self.caches = {layer: BlockCache() for layer in blocks.blocks}
+        self.caches = {layer: BlockCache(limit=max_length) for layer in blocks.blocks}
         self.length = 0
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

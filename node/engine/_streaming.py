@@ -195,8 +195,9 @@ class StreamingExecutor:
             tape.close()
         return grad
 
-    def session(self) -> "StreamingSession":
-        return StreamingSession(self)
+    def session(self, max_length: int | None = None) -> "StreamingSession":
+        """A generation session that may hold up to `max_length` positions (its caches' limit)."""
+        return StreamingSession(self, max_length)
 
     @torch.no_grad()
     def step_sessions(self, steps: Sequence[tuple["StreamingSession", torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -215,6 +216,7 @@ class StreamingExecutor:
                 session, hidden, attn, past = item
                 store = session.caches
                 cache = BlockCache.from_state(store.get(layer)) if layer in store else BlockCache()
+                cache.limit = session.max_length
                 cache.truncate(past)  # a rollback is applied here, as each cache comes in anyway
                 item[1] = attn.run(block, hidden, cache)
                 store.put(layer, cache.state())
@@ -226,8 +228,8 @@ class StreamingExecutor:
 class StreamingSession:
     """A generation session: KV caches per block, one pass over the weights per step for the whole batch."""
 
-    def __init__(self, executor: StreamingExecutor):
-        self.executor = executor
+    def __init__(self, executor: StreamingExecutor, max_length: int | None = None):
+        self.executor, self.max_length = executor, max_length
         self.caches = SpillStore(executor.activation_budget, executor.spill_dir)
         self.length = 0
 
