@@ -95,3 +95,22 @@ def test_commands_shorten_openmp_spinning_unless_the_user_chose(env, expected):
     clean = {k: v for k, v in __import__("os").environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**clean, **env})
     assert out.stdout.strip() == str(expected)
+
+
+def test_a_local_job_keeps_openmps_own_spinning(monkeypatch, tiny_model):
+    """`--local` jobs are the only process computing: nothing to shorten the spinning for."""
+    from slowllm.coordinator.cli import _main
+
+    asked = []
+    monkeypatch.setattr(_main, "share_cores", lambda threads=None, alone=False: asked.append(alone))
+    monkeypatch.setattr(_main, "run", lambda args: 0)  # (only the choice before torch is imported)
+    for argv in (["generate", "--local", "--model", str(tiny_model), "Hi"],
+                 ["score", "--local", "--model", str(tiny_model), "--input", "x.jsonl"],
+                 ["generate", "--coordinator", "ws://127.0.0.1:9", "Hi"], ["status", "--coordinator", "ws://127.0.0.1:9"]):
+        assert _main.main(argv) == 0
+    assert asked == [True, True, False, False]
+    code = ("import os; from slowllm.utils._openmp import share_cores; share_cores(alone=True); "
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
+    clean = {k: v for k, v in __import__("os").environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean)
+    assert out.stdout.strip() == "None"

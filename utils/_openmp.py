@@ -21,15 +21,20 @@ from concurrent.futures import Future
 SPIN_COUNT = 10_000
 
 
-def share_cores(threads: int | None = None) -> None:
+def share_cores(threads: int | None = None, alone: bool = False) -> None:
     """Before torch is imported: the spin count above, and `threads` compute threads if given (--threads).
+
+    `alone`: this process is the only one computing (`--local` jobs), so its workers keep libgomp's own
+    spinning: nothing else needs the cores between its parallel regions, and a worker woken from sleep
+    costs each region its wake-up (bloom-1b7 shape in one process, bf16, 1 prompt, interleaved runs of
+    two processes: 92.8 ms/token median with 10,000, 88.9 with libgomp's 300,000).
 
     On a PC in use, fewer threads than cores can be faster: every parallel region waits for its slowest
     thread, and a thread on a core another program keeps busy is slow. Measured on 2 cores, bloom-1b7
     shape, 8 blocks, bf16, one token: idle, 2 threads 91 ms and 1 thread 160; beside a CPU-bound process,
     2 threads 181 ms and 1 thread 160 (transformers, 2 threads: 108 idle, 383 busy). So the default stays
     all cores, and `--threads` is the cores a volunteer can spare."""
-    if "OMP_WAIT_POLICY" not in os.environ:
+    if "OMP_WAIT_POLICY" not in os.environ and not alone:
         os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -377,7 +377,8 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    share_cores(getattr(args, "threads", None))  # before torch is imported: see utils/_openmp.py
+    # before torch is imported (utils/_openmp.py); a --local job is the only process computing
+    share_cores(getattr(args, "threads", None), alone=getattr(args, "local", False))
     exit_on_interrupt("slowllm")
     try:
         return run(args)
