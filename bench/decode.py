@@ -1,11 +1,12 @@
 """Decode speed with every block in RAM, against the memory floor, per kernel build, idle and busy.
 
-    python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--prompts 1 8] [--context 0]
+    python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--inner 3] [--prompts 1 8] [--context 0]
                            [--isa avx512bf16 avx2] [--engines hf slowllm slowllm8] [--neighbour]
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
 bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess, loads
-once and times generation of 1 and of 1+N new tokens, greedy: decode ms/token = (t(1+N) - t(1)) / N.
+once and times generation of 1 and of 1+N new tokens, greedy: decode ms/token = (t(1+N) - t(1)) / N,
+`--inner` times in a row (their median).
   hf        BloomForCausalLM.generate, bf16, eager (what transformers users get)
   slowllm   LocalRunner(keep_in_ram=True) with no dtype asked: what `slowllm generate --local
             --keep-in-ram` gives a bf16 checkpoint by default (bf16 where the CPU computes it natively,
@@ -17,9 +18,10 @@ Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL 
 
 The memory floor of a token is the bytes of weights it must read (every block's linears and the LM
 head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
-best of 5, all threads) just before and just after each run, their mean (a shared VM's bandwidth moved
-30-55 GB/s within minutes: one reading at the start put runs measured later at the wrong floor); a row's
-"x floor" is the median of its runs' own ratios. slowllm's rows say how far above it they are and where
+best of 5, all threads), read by the same process just before and just after each timed pair, their mean:
+a shared VM's bandwidth moved 30-55 GB/s within minutes (one reading at the start put runs measured
+later at the wrong floor; readings before and after each process, half a minute of loading apart,
+still missed turns). A row's "x floor" is the median of its timed pairs' own ratios. slowllm's rows say how far above it they are and where
 the rest goes: the block linears and the head timed alone at 1 row, the remainder (attention, norms,
 Python per block).
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
@@ -59,10 +61,15 @@ def prompts(n: int, context: int = 0) -> list[str]:
     return [f"{words}{i} {PROMPT}"[: len(words) + 20 + 7 * i] for i in range(n)]
 
 
+_BIG = []
+
+
 def bandwidth() -> float:
     import torch
 
-    big = torch.ones(1 << 30, dtype=torch.bfloat16)
+    if not _BIG:  # (kept: a fresh 2 GB would cost its page faults first)
+        _BIG.append(torch.ones(1 << 30, dtype=torch.bfloat16))
+    big = _BIG[0]
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
@@ -71,7 +78,7 @@ def bandwidth() -> float:
     return big.numel() * 2 / best / 1e9
 
 
-def child(engine: str, model: str, n_prompts: int, tokens: int, context: int) -> dict:
+def child(engine: str, model: str, n_prompts: int, tokens: int, context: int, inner: int) -> dict:
     import torch
 
     from slowllm.node import Checkpoint
@@ -108,12 +115,17 @@ def child(engine: str, model: str, n_prompts: int, tokens: int, context: int) ->
             return min(len(r["token_ids"]) for r in out)
 
     run(2)  # warm-up: first-call allocations, oneDNN primitive creation
-    t0 = time.perf_counter()
-    run(1)
-    t1 = time.perf_counter()
-    made = run(1 + tokens)
-    t2 = time.perf_counter()
-    result = {"ms_per_token": ((t2 - t1) - (t1 - t0)) / tokens * 1000, "generated": made, **parts}
+    pairs = []  # (ms/token, GB/s read around it)
+    for _ in range(inner):
+        before = bandwidth()
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        made = run(1 + tokens)
+        t2 = time.perf_counter()
+        pairs.append((((t2 - t1) - (t1 - t0)) / tokens * 1000, (before + bandwidth()) / 2))
+    result = {"ms_per_token": statistics.median(ms for ms, _ in pairs),
+              "gbps": statistics.median(gbps for _, gbps in pairs), "pairs": pairs, "generated": made, **parts}
     if engine != "hf":
         result.update(breakdown(runner, n_prompts))
     return result
@@ -145,9 +157,9 @@ def breakdown(runner, n_prompts: int) -> dict:
     return {"linears_ms": lin, "head_ms": head}
 
 
-def measure(engine: str, model: Path, n_prompts: int, tokens: int, context: int, env: dict) -> dict:
+def measure(engine: str, model: Path, n_prompts: int, tokens: int, context: int, inner: int, env: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", engine, str(model), str(n_prompts), str(tokens),
-                          str(context)],
+                          str(context), str(inner)],
                          capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
     if out.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{out.stderr[-3000:]}")
@@ -161,13 +173,14 @@ def neighbour() -> subprocess.Popen:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        engine, model, n_prompts, tokens, context = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
-        print(json.dumps(child(engine, model, n_prompts, tokens, context)))
+        engine, model, n_prompts, tokens, context, inner = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
+        print(json.dumps(child(engine, model, n_prompts, tokens, context, inner)))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--inner", type=int, default=3, help="timed pairs per run, each between two bandwidth readings")
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, default=0, help="tokens of context before the prompts (attention's share)")
     ap.add_argument("--isa", nargs="+", default=None, help="kernel builds to measure (default: those this CPU runs)")
@@ -196,17 +209,14 @@ def main() -> None:
             env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa.startswith("avx2") else {})}
             for condition in conditions:
                 busy = neighbour() if condition == "busy" else None
-                reading = bandwidth()  # (a run's reading after it is the next run's before)
                 try:
                     for n in args.prompts:
                         for engine in args.engines:
-                            before = reading
-                            r = measure(engine, paths[engine], n, args.tokens, args.context, env)
-                            reading = bandwidth()
-                            r["gbps"] = (before + reading) / 2
+                            r = measure(engine, paths[engine], n, args.tokens, args.context, args.inner, env)
                             results.setdefault((isa, condition, n, engine), []).append(r)
                             print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
-                                  f"at {r['gbps']:.1f} GB/s {r.get('dtype', '')} {r.get('kernels', '')}",
+                                  f"at {r['gbps']:.1f} GB/s (pairs: {', '.join(f'{ms:.1f} at {g:.1f}' for ms, g in r['pairs'])}) "
+                                  f"{r.get('dtype', '')} {r.get('kernels', '')}",
                                   file=sys.stderr, flush=True)
                 finally:
                     if busy:
@@ -228,8 +238,8 @@ def main() -> None:
         summary[key + "_ms"] = round(ms, 1)
         summary[key + "_speedup_vs_hf"] = round(base / ms, 2)
         row_gbps = statistics.median(r["gbps"] for r in runs)
-        # each run against its own floor (the bandwidth of its moment), then the median
-        x_floor = statistics.median(r["ms_per_token"] / (floor_bytes[engine] / r["gbps"] / 1e6) for r in runs)
+        # each timed pair against its own floor (the bandwidth of its moment), then the median
+        x_floor = statistics.median(ms / (floor_bytes[engine] / gbps / 1e6) for r in runs for ms, gbps in r["pairs"])
         row = (f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {row_gbps:>5.1f} "
                f"{x_floor:>7.2f}x")
         summary[key + "_gbps"] = round(row_gbps, 1)
