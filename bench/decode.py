@@ -5,8 +5,11 @@
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
 bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess, loads
-once and times generation of 1 and of 1+N new tokens, greedy: decode ms/token = (t(1+N) - t(1)) / N,
-`--inner` times in a row (their median).
+once and generates 1+N new tokens, greedy, `--inner` times in a row: decode ms/token is the time from
+the first new token to the last over N, each token timed as it comes (slowllm's per-token callback,
+transformers' streamer), so the prompt pass is not in it (8 prompts' prompt pass on the AVX2 path takes
+3.0-4.7 s from one generation to the next: differencing whole generations of 1 and 1+16 tokens moved
+the result by up to 60 ms/token).
   hf        BloomForCausalLM.generate, bf16, eager (what transformers users get)
   slowllm   LocalRunner(keep_in_ram=True) with no dtype asked: what `slowllm generate --local
             --keep-in-ram` gives a bf16 checkpoint by default (bf16 where the CPU computes it natively,
@@ -96,11 +99,22 @@ def child(engine: str, model: str, n_prompts: int, tokens: int, context: int, in
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
         hf = BloomForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
 
-        def run(n: int) -> int:
+        class Stamps:  # transformers' streamer interface: put() once with the prompt, then once per step
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        def run(n: int) -> list[float]:
+            streamer = Stamps()
             with torch.no_grad():
-                out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=3)
-            return out.shape[1] - width
+                hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=3, streamer=streamer)
+            return streamer.times[1:]  # (each new token's time)
     else:
         from slowllm.coordinator import LocalRunner, Sampling
         from slowllm.node.kernels._kernels import describe
@@ -110,20 +124,21 @@ def child(engine: str, model: str, n_prompts: int, tokens: int, context: int, in
         parts["prompt_tokens"] = max(len(runner.ends.encode(t)) for t in texts)
         parts["kernels"] = describe()
 
-        def run(n: int) -> int:
-            out = runner.generate(texts, Sampling(n, 0.0, None, None, None))
-            return min(len(r["token_ids"]) for r in out)
+        def run(n: int) -> list[float]:
+            times: dict[int, list[float]] = {}  # each row's new tokens' times (a row may stop at EOS)
+            runner.generate(texts, Sampling(n, 0.0, None, None, None),
+                            on_tokens=lambda i, ids: times.setdefault(i, []).extend([time.perf_counter()] * len(ids)))
+            return max(times.values(), key=len)
 
     run(2)  # warm-up: first-call allocations, oneDNN primitive creation
     pairs = []  # (ms/token, GB/s read around it)
     for _ in range(inner):
         before = bandwidth()
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        made = run(1 + tokens)
-        t2 = time.perf_counter()
-        pairs.append((((t2 - t1) - (t1 - t0)) / tokens * 1000, (before + bandwidth()) / 2))
+        times = run(1 + tokens)
+        made = len(times) - 1
+        if made < 1:
+            raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
+        pairs.append(((times[-1] - times[0]) / made * 1000, (before + bandwidth()) / 2))
     result = {"ms_per_token": statistics.median(ms for ms, _ in pairs),
               "gbps": statistics.median(gbps for _, gbps in pairs), "pairs": pairs, "generated": made, **parts}
     if engine != "hf":
