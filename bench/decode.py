@@ -5,11 +5,12 @@
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
 bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess, loads
-once and generates 1+N new tokens, greedy, `--inner` times in a row: decode ms/token is the time from
-the first new token to the last over N, each token timed as it comes (slowllm's per-token callback,
-transformers' streamer), so the prompt pass is not in it (8 prompts' prompt pass on the AVX2 path takes
-3.0-4.7 s from one generation to the next: differencing whole generations of 1 and 1+16 tokens moved
-the result by up to 60 ms/token).
+once and generates 1+N new tokens for each prompt count in turn, greedy, `--inner` turns (so the "x 1p"
+column, each count's step over one prompt's, compares steps of the same minutes). Decode ms/token is the
+time from the first new token to the last over N, each token timed as it comes (slowllm's per-token
+callback, transformers' streamer), so the prompt pass is not in it (8 prompts' prompt pass on the AVX2
+path takes 3.0-4.7 s from one generation to the next: differencing whole generations of 1 and 1+16
+tokens moved the result by up to 60 ms/token).
   hf        BloomForCausalLM.generate, bf16, eager (what transformers users get)
   slowllm   LocalRunner(keep_in_ram=True) with no dtype asked: what `slowllm generate --local
             --keep-in-ram` gives a bf16 checkpoint by default (bf16 where the CPU computes it natively,
@@ -21,12 +22,12 @@ Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL 
 
 The memory floor of a token is the bytes of weights it must read (every block's linears and the LM
 head, in the stored dtype) divided by the read bandwidth measured here (torch's sum over 2 GB of bf16,
-best of 5, all threads), read by the same process just before and just after each timed pair, their mean:
-a shared VM's bandwidth moved 30-55 GB/s within minutes (one reading at the start put runs measured
-later at the wrong floor; readings before and after each process, half a minute of loading apart,
-still missed turns). A row's "x floor" is the median of its timed pairs' own ratios. slowllm's rows say how far above it they are and where
-the rest goes: the block linears and the head timed alone at 1 row, the remainder (attention, norms,
-Python per block).
+best of 5, all threads), read by the same process just before and just after each timed generation, their
+mean: a shared VM's bandwidth moved 30-60 GB/s within minutes (one reading at the start put runs measured
+later at the wrong floor; readings before and after each process, half a minute of loading apart, still
+missed turns). A row's "x floor" is the median of its generations' own ratios. slowllm's rows also say
+where the step goes: the block linears and the head timed alone at the row's prompt count, the remainder
+(attention, norms, Python per block).
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
 a baseline measured in the same run (the machine is shared).
@@ -81,22 +82,19 @@ def bandwidth() -> float:
     return big.numel() * 2 / best / 1e9
 
 
-def child(engine: str, model: str, n_prompts: int, tokens: int, context: int, inner: int) -> dict:
+def child(engine: str, model: str, counts: list[int], tokens: int, context: int, inner: int) -> dict:
+    """Each prompt count's decode, the counts measured in turns in this one process (so that the ratio
+    of 8 prompts' step to one prompt's compares the same minutes of a shared machine)."""
     import torch
 
     from slowllm.node import Checkpoint
 
-    texts = prompts(n_prompts, context)
     parts = {}
     if engine == "hf":
         from tokenizers import Tokenizer
         from transformers import BloomForCausalLM
 
         tok = Tokenizer.from_file(str(Checkpoint(model).tokenizer_path()))
-        ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[3] * (width - len(r)) + r for r in ids])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
         hf = BloomForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
 
         class Stamps:  # transformers' streamer interface: put() once with the prompt, then once per step
@@ -109,41 +107,61 @@ def child(engine: str, model: str, n_prompts: int, tokens: int, context: int, in
             def end(self):
                 pass
 
-        def run(n: int) -> list[float]:
-            streamer = Stamps()
-            with torch.no_grad():
-                hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=3, streamer=streamer)
-            return streamer.times[1:]  # (each new token's time)
+        def runner_for(n_prompts: int):
+            ids = [tok.encode(t, add_special_tokens=False).ids for t in prompts(n_prompts, context)]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[3] * (width - len(r)) + r for r in ids])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+
+            def run(n: int) -> list[float]:
+                streamer = Stamps()
+                with torch.no_grad():
+                    hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=3, streamer=streamer)
+                return streamer.times[1:]  # (each new token's time)
+            return run
     else:
         from slowllm.coordinator import LocalRunner, Sampling
         from slowllm.node.kernels._kernels import describe
 
         runner = LocalRunner(model, keep_in_ram=True, progress=False)
         parts["dtype"] = str(runner.chain.dtype).removeprefix("torch.")
-        parts["prompt_tokens"] = max(len(runner.ends.encode(t)) for t in texts)
+        parts["prompt_tokens"] = max(len(runner.ends.encode(t)) for t in prompts(max(counts), context))
         parts["kernels"] = describe()
 
-        def run(n: int) -> list[float]:
-            times: dict[int, list[float]] = {}  # each row's new tokens' times (a row may stop at EOS)
-            runner.generate(texts, Sampling(n, 0.0, None, None, None),
-                            on_tokens=lambda i, ids: times.setdefault(i, []).extend([time.perf_counter()] * len(ids)))
-            return max(times.values(), key=len)
+        def runner_for(n_prompts: int):
+            texts = prompts(n_prompts, context)
 
-    run(2)  # warm-up: first-call allocations, oneDNN primitive creation
-    pairs = []  # (ms/token, GB/s read around it)
+            def run(n: int) -> list[float]:
+                times: dict[int, list[float]] = {}  # each row's new tokens' times (a row may stop at EOS)
+                runner.generate(texts, Sampling(n, 0.0, None, None, None),
+                                on_tokens=lambda i, ids: times.setdefault(i, []).extend([time.perf_counter()] * len(ids)))
+                return max(times.values(), key=len)
+            return run
+
+    runs = {n: runner_for(n) for n in counts}
+    for run in runs.values():
+        run(2)  # warm-up: first-call allocations, oneDNN primitive creation
+    pairs: dict[int, list] = {n: [] for n in counts}  # (ms/token, GB/s read around it)
+    made = {}
     for _ in range(inner):
-        before = bandwidth()
-        times = run(1 + tokens)
-        made = len(times) - 1
-        if made < 1:
-            raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
-        pairs.append(((times[-1] - times[0]) / made * 1000, (before + bandwidth()) / 2))
-    result = {"ms_per_token": statistics.median(ms for ms, _ in pairs),
-              "gbps": statistics.median(gbps for _, gbps in pairs), "pairs": pairs, "generated": made, **parts}
-    if engine != "hf":
-        result.update(breakdown(runner, n_prompts))
-    return result
+        for n, run in runs.items():
+            before = bandwidth()
+            times = run(1 + tokens)
+            made[n] = len(times) - 1
+            if made[n] < 1:
+                raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
+            pairs[n].append(((times[-1] - times[0]) / made[n] * 1000, (before + bandwidth()) / 2))
+    results = {}
+    for n in counts:
+        r = {"ms_per_token": statistics.median(ms for ms, _ in pairs[n]),
+             "gbps": statistics.median(gbps for _, gbps in pairs[n]), "pairs": pairs[n], "generated": made[n],
+             # each turn's step against the first count's step of the same turn
+             "over_first": [ms / first for (ms, _), (first, _) in zip(pairs[n], pairs[counts[0]])], **parts}
+        if engine != "hf":
+            r.update(breakdown(runner, n))
+        results[str(n)] = r
+    return results
 
 
 def breakdown(runner, n_prompts: int) -> dict:
@@ -172,9 +190,9 @@ def breakdown(runner, n_prompts: int) -> dict:
     return {"linears_ms": lin, "head_ms": head}
 
 
-def measure(engine: str, model: Path, n_prompts: int, tokens: int, context: int, inner: int, env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", engine, str(model), str(n_prompts), str(tokens),
-                          str(context), str(inner)],
+def measure(engine: str, model: Path, counts: list[int], tokens: int, context: int, inner: int, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", engine, str(model), ",".join(map(str, counts)),
+                          str(tokens), str(context), str(inner)],
                          capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
     if out.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{out.stderr[-3000:]}")
@@ -188,8 +206,9 @@ def neighbour() -> subprocess.Popen:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        engine, model, n_prompts, tokens, context, inner = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
-        print(json.dumps(child(engine, model, n_prompts, tokens, context, inner)))
+        engine, model, counts = sys.argv[2], sys.argv[3], [int(n) for n in sys.argv[4].split(",")]
+        tokens, context, inner = map(int, sys.argv[5:8])
+        print(json.dumps(child(engine, model, counts, tokens, context, inner)))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-layer", type=int, default=24)
@@ -225,9 +244,10 @@ def main() -> None:
             for condition in conditions:
                 busy = neighbour() if condition == "busy" else None
                 try:
-                    for n in args.prompts:
-                        for engine in args.engines:
-                            r = measure(engine, paths[engine], n, args.tokens, args.context, args.inner, env)
+                    for engine in args.engines:
+                        rs = measure(engine, paths[engine], args.prompts, args.tokens, args.context, args.inner, env)
+                        for n in args.prompts:
+                            r = rs[str(n)]
                             results.setdefault((isa, condition, n, engine), []).append(r)
                             print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
                                   f"at {r['gbps']:.1f} GB/s (pairs: {', '.join(f'{ms:.1f} at {g:.1f}' for ms, g in r['pairs'])}) "
@@ -243,8 +263,9 @@ def main() -> None:
     print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens after prompts of up to "
           f"{longest} tokens, median of {args.repeat}; "
           f"read bandwidth {gbps:.1f} GB/s (median of the rows')")
+    first = args.prompts[0]
     print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'GB/s':>5} {'x floor':>8} "
-          f"{'linears':>8} {'head':>6} {'rest':>6}")
+          f"{f'x {first}p':>6} {'linears':>8} {'head':>6} {'rest':>6}")
     for (isa, condition, n, engine), runs in results.items():
         ms = statistics.median(r["ms_per_token"] for r in runs)
         hf = results.get((isa, condition, n, "hf"))
@@ -255,8 +276,12 @@ def main() -> None:
         row_gbps = statistics.median(r["gbps"] for r in runs)
         # each timed pair against its own floor (the bandwidth of its moment), then the median
         x_floor = statistics.median(ms / (floor_bytes[engine] / gbps / 1e6) for r in runs for ms, gbps in r["pairs"])
+        # the step against the first prompt count's, measured in turns in the same process: the median turn
+        x_first = statistics.median(x for r in runs for x in r["over_first"])
         row = (f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {row_gbps:>5.1f} "
-               f"{x_floor:>7.2f}x")
+               f"{x_floor:>7.2f}x {x_first:>5.2f}x")
+        if n != first:
+            summary[key + f"_over_{first}p"] = round(x_first, 2)
         summary[key + "_gbps"] = round(row_gbps, 1)
         summary[key + "_x_floor"] = round(x_floor, 2)
         if "linears_ms" in runs[0]:
