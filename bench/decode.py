@@ -26,8 +26,8 @@ best of 5, all threads), read by the same process just before and just after eac
 mean: a shared VM's bandwidth moved 30-60 GB/s within minutes (one reading at the start put runs measured
 later at the wrong floor; readings before and after each process, half a minute of loading apart, still
 missed turns). A row's "x floor" is the median of its generations' own ratios. slowllm's rows also say
-where the step goes: the block linears and the head timed alone at the row's prompt count, the remainder
-(attention, norms, Python per block).
+where the step goes: the block linears and the head timed alone at the row's prompt count right after
+each generation, and the rest of that generation's step (attention, norms, Python per block), medians.
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
 a baseline measured in the same run (the machine is shared).
@@ -143,6 +143,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
     for run in runs.values():
         run(2)  # warm-up: first-call allocations, oneDNN primitive creation
     pairs: dict[int, list] = {n: [] for n in counts}  # (ms/token, GB/s read around it)
+    parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the linears and head alone, right after
     made = {}
     for _ in range(inner):
         for n, run in runs.items():
@@ -152,14 +153,18 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
             if made[n] < 1:
                 raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
             pairs[n].append(((times[-1] - times[0]) / made[n] * 1000, (before + bandwidth()) / 2))
+            if engine != "hf":
+                parts_by_turn[n].append(breakdown(runner, n))
     results = {}
     for n in counts:
         r = {"ms_per_token": statistics.median(ms for ms, _ in pairs[n]),
              "gbps": statistics.median(gbps for _, gbps in pairs[n]), "pairs": pairs[n], "generated": made[n],
              # each turn's step against the first count's step of the same turn
              "over_first": [ms / first for (ms, _), (first, _) in zip(pairs[n], pairs[counts[0]])], **parts}
-        if engine != "hf":
-            r.update(breakdown(runner, n))
+        if engine != "hf":  # each turn's own: the rest is its step less its linears and head
+            r["linears"] = [b["linears_ms"] for b in parts_by_turn[n]]
+            r["head"] = [b["head_ms"] for b in parts_by_turn[n]]
+            r["rest"] = [ms - b["linears_ms"] - b["head_ms"] for (ms, _), b in zip(pairs[n], parts_by_turn[n])]
         results[str(n)] = r
     return results
 
@@ -284,11 +289,11 @@ def main() -> None:
             summary[key + f"_over_{first}p"] = round(x_first, 2)
         summary[key + "_gbps"] = round(row_gbps, 1)
         summary[key + "_x_floor"] = round(x_floor, 2)
-        if "linears_ms" in runs[0]:
-            lin = statistics.median(r["linears_ms"] for r in runs)
-            head = statistics.median(r["head_ms"] for r in runs)
-            row += f" {lin:>8.1f} {head:>6.1f} {ms - lin - head:>6.1f}"
+        if "linears" in runs[0]:  # medians over the turns, each measured right after its generation
+            lin, head, rest = (statistics.median(x for r in runs for x in r[part]) for part in ("linears", "head", "rest"))
+            row += f" {lin:>8.1f} {head:>6.1f} {rest:>6.1f}"
             summary[key + "_linears_ms"], summary[key + "_head_ms"] = round(lin, 1), round(head, 1)
+            summary[key + "_rest_ms"] = round(rest, 1)
         print(row)
     if args.neighbour:
         for isa in isas:
