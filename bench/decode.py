@@ -142,7 +142,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
     runs = {n: runner_for(n) for n in counts}
     for run in runs.values():
         run(2)  # warm-up: first-call allocations, oneDNN primitive creation
-    pairs: dict[int, list] = {n: [] for n in counts}  # (ms/token, GB/s read around it)
+    pairs: dict[int, list] = {n: [] for n in counts}  # per turn: (ms/token, GB/s read around it)
     parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the linears and head alone, right after
     made = {}
     for _ in range(inner):
@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--inner", type=int, default=3, help="timed pairs per run, each between two bandwidth readings")
+    ap.add_argument("--inner", type=int, default=3, help="timed generations per prompt count in a run, each between two bandwidth readings")
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, default=0, help="tokens of context before the prompts (attention's share)")
     ap.add_argument("--isa", nargs="+", default=None, help="kernel builds to measure (default: those this CPU runs)")
@@ -255,7 +255,7 @@ def main() -> None:
                             r = rs[str(n)]
                             results.setdefault((isa, condition, n, engine), []).append(r)
                             print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
-                                  f"at {r['gbps']:.1f} GB/s (pairs: {', '.join(f'{ms:.1f} at {g:.1f}' for ms, g in r['pairs'])}) "
+                                  f"at {r['gbps']:.1f} GB/s (turns: {', '.join(f'{ms:.1f} at {g:.1f}' for ms, g in r['pairs'])}) "
                                   f"{r.get('dtype', '')} {r.get('kernels', '')}",
                                   file=sys.stderr, flush=True)
                 finally:
@@ -279,7 +279,7 @@ def main() -> None:
         summary[key + "_ms"] = round(ms, 1)
         summary[key + "_speedup_vs_hf"] = round(base / ms, 2)
         row_gbps = statistics.median(r["gbps"] for r in runs)
-        # each timed pair against its own floor (the bandwidth of its moment), then the median
+        # each timed generation against its own floor (the bandwidth of its moment), then the median
         x_floor = statistics.median(ms / (floor_bytes[engine] / gbps / 1e6) for r in runs for ms, gbps in r["pairs"])
         # the step against the first prompt count's, measured in turns in the same process: the median turn
         x_first = statistics.median(x for r in runs for x in r["over_first"])
