@@ -36,6 +36,7 @@ a baseline measured in the same run (the machine is shared).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -65,15 +66,16 @@ def prompts(n: int, context: int = 0) -> list[str]:
     return [f"{words}{i} {PROMPT}"[: len(words) + 20 + 7 * i] for i in range(n)]
 
 
-_BIG = []
+@functools.cache
+def _read_buffer():
+    """2 GB of bf16, made once per process (a fresh one would cost its page faults first)."""
+    import torch
+
+    return torch.ones(1 << 30, dtype=torch.bfloat16)
 
 
 def bandwidth() -> float:
-    import torch
-
-    if not _BIG:  # (kept: a fresh 2 GB would cost its page faults first)
-        _BIG.append(torch.ones(1 << 30, dtype=torch.bfloat16))
-    big = _BIG[0]
+    big = _read_buffer()
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
@@ -93,11 +95,12 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
     if engine == "hf":
         from tokenizers import Tokenizer
         from transformers import BloomForCausalLM
+        from transformers.generation.streamers import BaseStreamer
 
         tok = Tokenizer.from_file(str(Checkpoint(model).tokenizer_path()))
         hf = BloomForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
 
-        class Stamps:  # transformers' streamer interface: put() once with the prompt, then once per step
+        class Stamps(BaseStreamer):  # put() once with the prompt, then once per step
             def __init__(self):
                 self.times = []
 
