@@ -76,12 +76,6 @@ constexpr int kChains = 1;
 // with 16 floats, 9.9 with 64)
 constexpr int64_t kRowPad = 64;
 
-// Where the one-row loops prefetch the next tile's weight rows: into L2, not L1 (T0). On Zen 4 the 96
-// int8 block linears of a bloom-1b7 token streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16
-// path 20 -> 24), bf16 rows gained ~10% (29 -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss
-// buffers are the limit while the tile's own loads need them. Sapphire Rapids measured T0, T1, T2 alike.
-constexpr _mm_hint kPrefetchHint = _MM_HINT_T2;
-
 // Calls per entry point, so that a test can tell the kernels ran (rather than PyTorch's fallback).
 std::atomic<int64_t> g_calls[5];
 
@@ -157,15 +151,35 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
   });
 }
 
-// The row whose line at the same k a tile's row r (rows `rs` apart) asks for while it reads its own, in
-// rows from the tile's first. Tiles of adjacent rows (rs = 1; every tile of several input rows): the next
-// tile's row r, as each stream ends with its row. Within a run (rs > 1: one input row) the hardware
-// prefetchers follow each stream, and asking for the row after made it slower: it asks for its own line,
-// which it is about to read (no branch in the loops). Measured on Zen 4 at one row, alternating builds,
-// the 96 block linears of a bloom-1b7 token with the memory reading 53-63 GB/s: bf16 rows 45 -> 48-50 GB/s
-// (avx512bf16), fp32 rows of bf16 weights 39-41 -> 43-45 (avx512bf16) and 39-42 -> 43-44 (avx2), int8
-// alike (+-3%).
-constexpr int64_t prefetch_row(int r, int R, int64_t rs) { return r * rs + (rs > 1 ? 0 : R); }
+// A tile's prefetch for its weight row r (of R, rows `rs` apart) while it reads the line at k. Tiles of
+// adjacent rows (not in a run: every tile of several input rows) ask for the next tile's row r, as each
+// stream ends with its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears of a bloom-1b7 token
+// streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16 path 20 -> 24), bf16 rows gained ~10% (29
+// -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss buffers are the limit while the tile's
+// own loads need them. Sapphire Rapids measured T0, T1, T2 alike.
+// Within a run (kRun, rs > 1: one input row) the hardware prefetchers follow each stream, and asking for
+// the row after made it slower: the row asks for its own line, which it is about to read (no branch in
+// the loops), measured on Zen 4 at one row, alternating builds, the 96 block linears of a bloom-1b7 token
+// with the memory reading 53-63 GB/s: bf16 rows 45 -> 48-50 GB/s (avx512bf16), fp32 rows of bf16 weights
+// 39-41 -> 43-45 (avx512bf16) and 39-42 -> 43-44 (avx2), int8 alike (+-3%). It asks non-temporal (NTA):
+// weights read once a token then stay out of L2 and L3, where the rest of the step (the KV cache, norms,
+// activations, PyTorch's and Python's own data) lives. Decoding one prompt of the bloom-1b7 shape, every
+// block in RAM, two processes measured in turns on Zen 4 (ms/token per turn, new / old): bf16 on
+// avx512bf16 0.946 median (faster in 19 of 24 turns; 89.7 -> 83.8 ms in an earlier round's fast turns),
+// the avx2 path's fp32 rows 0.986 (13 of 20), int8 0.99 on both builds (avx2 11 of 16).
+template <bool kRun, typename T>
+inline void prefetch_weights(const T* W, int r, int R, int64_t rs, int64_t K, int64_t k) {
+  if constexpr (kRun) _mm_prefetch(reinterpret_cast<const char*>(W + r * rs * K + k), _MM_HINT_NTA);
+  else _mm_prefetch(reinterpret_cast<const char*>(W + (r + R) * K + k), _MM_HINT_T2);
+}
+
+// tile(std::true_type) for a tile in a run (rs > 1), tile(std::false_type) otherwise: the loops' prefetch
+// hint is a compile-time choice (prefetch_weights)
+template <typename Tile>
+void by_run(int64_t rs, const Tile& tile) {
+  if (rs > 1) tile(std::true_type{});
+  else tile(std::false_type{});
+}
 
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
 // top half of the fp32 with the same value; kEvenOdd: in which order), one as a float (the tails), and on avx512bf16 32 as bf16
@@ -223,7 +237,7 @@ struct Fp32Weights {
 // (4 rows x 2 chains: 28); streamed from memory all alike within this VM's noise. Each row sums exactly
 // as a tile of one does (the rows left over), so a row's numbers are the same whether it ran here or there.
 constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
-template <int R, typename Weights>
+template <int R, typename Weights, bool kRun = false>
 void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out, int64_t rs = 1) {
   __m256 acc[R][kChains];
   for (int r = 0; r < R; ++r)
@@ -237,12 +251,12 @@ void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, 
       acc[r][kChains - 1] = _mm256_fmadd_ps(w1, x1, acc[r][kChains - 1]);
     }
   };
-  // 64 bytes of each row per iteration, and prefetch_row's line asked for: no branch in the loop (with one
+  // 64 bytes of each row per iteration, and prefetch_weights' line asked for: no branch in the loop (with one
   // for the prefetches, GCC kept the accumulators in memory: 8 one-chain rows ran at 2/3 the speed)
   constexpr int64_t kLine = 64 / sizeof(typename Weights::T);
   int64_t k = 0;
   for (; k + kLine <= K; k += kLine) {
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + prefetch_row(r, R, rs) * K + k), kPrefetchHint);
+    for (int r = 0; r < R; ++r) prefetch_weights<kRun>(W, r, R, rs, K, k);
     for (int64_t j = 0; j < kLine; j += 16) step(k + j);
   }
   for (; k + 16 <= K; k += 16) step(k);
@@ -462,7 +476,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
   // kOneRowTile weight rows at a time, the rest one by one
   constexpr int R = kOneRowTile;
   over_tiles<R>(N, run_rows(K * sizeof(typename Weights::T), 1), [&](int64_t n, int64_t rs) {
-    fp32_one_row_tile<R, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, rs);
+    by_run(rs, [&](auto run) { fp32_one_row_tile<R, Weights, run>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, rs); });
   }, [&](int64_t n) { fp32_one_row_tile<1, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n); });
 }
 
@@ -478,7 +492,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 // second chain per row, which one row at a time needs, would sum in another order than the tiles: 8 rows
 // then cost 48 instead of 31 ms per 600M weights here).
 // y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
-template <int M, int R, typename Weights>
+template <int M, int R, typename Weights, bool kRun = false>
 void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride,
           int64_t rs = 1) {
   __m512 acc[R][M];
@@ -488,7 +502,7 @@ void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const floa
   for (; k + 32 <= K; k += 32) {
     __m512bh w[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(W + prefetch_row(r, R, rs) * K + k), kPrefetchHint);
+      prefetch_weights<kRun>(W, r, R, rs, K, k);
       w[r] = Weights::load(W + r * rs * K + k);
     }
     for (int m = 0; m < M; ++m) {
@@ -515,7 +529,8 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
 #define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, run_rows(K * sizeof(typename Weights::T), R), [&](int64_t n, int64_t rs) { \
-      tile<R, Weights::rows_per_tile(R), Weights>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }, one)
+      by_run(rs, [&](auto run) { /* (runs only at one input row: R > 1 never takes the kRun variant) */ \
+        tile<R, Weights::rows_per_tile(R), Weights, R == 1 && run>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
   });
 }
