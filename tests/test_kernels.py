@@ -280,6 +280,31 @@ def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_di
         assert run["tokens"] == runs[isas[0]]["tokens"], isa
 
 
+def test_a_resident_bf16_head_decodes_in_one_product_with_the_chunks_numbers(models_dir):
+    """Decoding in bf16 with the head in RAM: one kernel call for the whole head, logits equal (torch.equal)
+    to the head read from disk in chunks, row by row or several rows at once."""
+    from slowllm.coordinator.jobs._ends import ModelEnds
+    from slowllm.node import Checkpoint
+    from slowllm.node.kernels._kernels import kernels
+
+    k = kernels()
+    if k is None:
+        pytest.skip("no decode kernels here")
+    model = models_dir / "kernels-bf16"
+    if not (model / "config.json").exists():
+        make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    # (chunks of 4 KB: a resident head, too, was computed chunk by chunk)
+    resident = ModelEnds(Checkpoint(model), dtype=torch.bfloat16, head_chunk_bytes=4096)
+    chunked = ModelEnds(Checkpoint(model), dtype=torch.bfloat16, resident_embedding=False, head_chunk_bytes=4096)
+    assert chunked.head_chunk_rows < chunked.vocab_size
+    hidden = torch.randn(3, resident.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = k.calls()["bf16_gemv"]
+    whole = resident.logits(hidden)
+    assert k.calls()["bf16_gemv"] == before + 1 and whole.dtype == torch.float32
+    assert torch.equal(whole, chunked.logits(hidden))
+    assert torch.equal(whole[1:2], resident.logits(hidden[1:2]))
+
+
 TINY = """#include <pybind11/pybind11.h>
 int answer() { return %d; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
