@@ -26,8 +26,14 @@ best of 5, all threads), read by the same process just before and just after eac
 mean: a shared VM's bandwidth moved 30-60 GB/s within minutes (one reading at the start put runs measured
 later at the wrong floor; readings before and after each process, half a minute of loading apart, still
 missed turns). A row's "x floor" is the median of its generations' own ratios. slowllm's rows also say
-where the step goes: the block linears and the head timed alone at the row's prompt count right after
-each generation, and the rest of that generation's step (attention, norms, Python per block), medians.
+where the step goes (ms per step, medians): "kernels", the block linears' and the head's kernel calls
+timed inside the decode steps; "alone", the same products timed back to back right after each generation
+(what the step's kernels cost without the rest around them: the difference is their slowdown inside the
+step, caches and threads gone cold); and the rest of the step, split by PyTorch's profiler (one
+generation per prompt count, after the timed ones) into "attn" (attention's own ops: scores, softmax,
+weighted values), "ops" (the block's other PyTorch ops: norms, GELU, residual adds, KV cache writes,
+views and copies) and "python" (what is left: Python and framework overhead per module and op, and the
+profiler's view of it). The JSON line has each part.
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
 a baseline measured in the same run (the machine is shared).
@@ -135,29 +141,38 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
         def runner_for(n_prompts: int):
             texts = prompts(n_prompts, context)
 
-            def run(n: int) -> list[float]:
+            def run(n: int, at_first=None) -> list[float]:
                 times: dict[int, list[float]] = {}  # each row's new tokens' times (a row may stop at EOS)
-                runner.generate(texts, Sampling(n, 0.0, None, None, None),
-                                on_tokens=lambda i, ids: times.setdefault(i, []).extend([time.perf_counter()] * len(ids)))
+
+                def on_tokens(i: int, ids: list[int]) -> None:
+                    if at_first and not times:  # (the first step's tokens: the prompt pass is over)
+                        at_first()
+                    times.setdefault(i, []).extend([time.perf_counter()] * len(ids))
+                runner.generate(texts, Sampling(n, 0.0, None, None, None), on_tokens=on_tokens)
                 return max(times.values(), key=len)
             return run
 
     runs = {n: runner_for(n) for n in counts}
     for run in runs.values():
         run(2)  # warm-up: first-call allocations, oneDNN primitive creation
+    timed = TimedKernels.install() if engine != "hf" else None
     pairs: dict[int, list] = {n: [] for n in counts}  # per turn: (ms/token, GB/s read around it)
     parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the linears and head alone, right after
     made = {}
     for _ in range(inner):
         for n, run in runs.items():
             before = bandwidth()
+            if timed:
+                timed.timings.clear()
             times = run(1 + tokens)
             made[n] = len(times) - 1
             if made[n] < 1:
                 raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
             pairs[n].append(((times[-1] - times[0]) / made[n] * 1000, (before + bandwidth()) / 2))
-            if engine != "hf":
-                parts_by_turn[n].append(breakdown(runner, n))
+            if timed:  # the kernel calls between the first new token and the last: the decode steps'
+                in_step = sum(took for at, took in timed.timings if times[0] < at <= times[-1]) / made[n] * 1000
+                parts_by_turn[n].append({**breakdown(runner, n), "kernels_ms": in_step})
+    split = {n: rest_split(run, tokens) for n, run in runs.items()} if engine != "hf" else {}
     results = {}
     for n in counts:
         r = {"ms_per_token": statistics.median(ms for ms, _ in pairs[n]),
@@ -167,9 +182,67 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
         if engine != "hf":  # each turn's own: the rest is its step less its linears and head
             r["linears"] = [b["linears_ms"] for b in parts_by_turn[n]]
             r["head"] = [b["head_ms"] for b in parts_by_turn[n]]
-            r["rest"] = [ms - b["linears_ms"] - b["head_ms"] for (ms, _), b in zip(pairs[n], parts_by_turn[n])]
+            r["kernels_in_step"] = [b["kernels_ms"] for b in parts_by_turn[n]]
+            r["rest"] = [ms - b["kernels_ms"] for (ms, _), b in zip(pairs[n], parts_by_turn[n])]
+            r.update(split[n])
         results[str(n)] = r
     return results
+
+
+class TimedKernels:
+    """slowllm's kernel module with each call's (end time, seconds) kept in `timings`: the block linears'
+    and the head's time inside the decode steps themselves (`install` puts it where every caller looks
+    it up, `kernels()`; ~1 us per call, ~100 calls a step)."""
+
+    def __init__(self, module):
+        self._module, self.timings = module, []
+
+    @classmethod
+    def install(cls) -> "TimedKernels | None":
+        from slowllm.node.kernels import _kernels
+
+        if _kernels.kernels() is None:
+            return None
+        _kernels._module = cls(_kernels._module)
+        return _kernels._module
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if not callable(attr) or name == "calls":
+            return attr
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = attr(*args, **kwargs)
+            end = time.perf_counter()
+            self.timings.append((end, end - t))
+            return out
+        return timed
+
+
+# PyTorch ops of a decode step that are attention's (transformers' eager Bloom attention: scores with the
+# alibi bias, softmax, weighted values), by the profiler's names
+ATTENTION_OPS = {"aten::baddbmm", "aten::bmm", "aten::_softmax", "aten::softmax", "aten::matmul"}
+
+
+def rest_split(run, tokens: int) -> dict:
+    """Where the rest of a decode step goes, from PyTorch's profiler (started at the first new token, so
+    the prompt pass is not in it): attention's ops, and the block's other PyTorch ops (norms, GELU,
+    residual adds, KV cache writes, the head's logits copies, views), in ms per step, their own time
+    inside the profiler (which adds ~1 us per op); what the rest holds beyond them is Python and framework
+    overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    made = len(run(1 + tokens, at_first=prof.start)) - 1
+    prof.stop()
+    attention = other = 0.0
+    for e in prof.key_averages():
+        if e.key in ATTENTION_OPS:
+            attention += e.self_cpu_time_total
+        else:  # (ATen's ops, and autograd functions' own Python: Bloom's GeLUFunction)
+            other += e.self_cpu_time_total
+    return {"attention_ms": attention / 1000 / made, "ops_ms": other / 1000 / made}
 
 
 def breakdown(runner, n_prompts: int) -> dict:
@@ -273,7 +346,7 @@ def main() -> None:
           f"read bandwidth {gbps:.1f} GB/s (median of the rows')")
     first = args.prompts[0]
     print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'GB/s':>5} {'x floor':>8} "
-          f"{f'x {first}p':>6} {'linears':>8} {'head':>6} {'rest':>6}")
+          f"{f'x {first}p':>6} {'kernels':>8} {'alone':>6} {'attn':>5} {'ops':>5} {'python':>6}")
     for (isa, condition, n, engine), runs in results.items():
         ms = statistics.median(r["ms_per_token"] for r in runs)
         hf = results.get((isa, condition, n, "hf"))
@@ -292,11 +365,14 @@ def main() -> None:
             summary[key + f"_over_{first}p"] = round(x_first, 2)
         summary[key + "_gbps"] = round(row_gbps, 1)
         summary[key + "_x_floor"] = round(x_floor, 2)
-        if "linears" in runs[0]:  # medians over the turns, each measured right after its generation
-            lin, head, rest = (statistics.median(x for r in runs for x in r[part]) for part in ("linears", "head", "rest"))
-            row += f" {lin:>8.1f} {head:>6.1f} {rest:>6.1f}"
+        if "linears" in runs[0]:  # medians over the turns (the profiler's split: one per run)
+            lin, head, kern, rest = (statistics.median(x for r in runs for x in r[part])
+                                     for part in ("linears", "head", "kernels_in_step", "rest"))
+            attn, ops = (statistics.median(r[part] for r in runs) for part in ("attention_ms", "ops_ms"))
+            row += f" {kern:>8.1f} {lin + head:>6.1f} {attn:>5.1f} {ops:>5.1f} {rest - attn - ops:>6.1f}"
+            summary[key + "_kernels_ms"], summary[key + "_rest_ms"] = round(kern, 1), round(rest, 1)
             summary[key + "_linears_ms"], summary[key + "_head_ms"] = round(lin, 1), round(head, 1)
-            summary[key + "_rest_ms"] = round(rest, 1)
+            summary[key + "_attention_ms"], summary[key + "_ops_ms"] = round(attn, 1), round(ops, 1)
         print(row)
     if args.neighbour:
         for isa in isas:
