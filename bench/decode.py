@@ -157,7 +157,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
         run(2)  # warm-up: first-call allocations, oneDNN primitive creation
     timed = TimedKernels.install() if engine != "hf" else None
     pairs: dict[int, list] = {n: [] for n in counts}  # per turn: (ms/token, GB/s read around it)
-    parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the linears and head alone, right after
+    parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the kernels in the step, and alone right after
     made = {}
     for _ in range(inner):
         for n, run in runs.items():
@@ -179,7 +179,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
              "gbps": statistics.median(gbps for _, gbps in pairs[n]), "pairs": pairs[n], "generated": made[n],
              # each turn's step against the first count's step of the same turn
              "over_first": [ms / first for (ms, _), (first, _) in zip(pairs[n], pairs[counts[0]])], **parts}
-        if engine != "hf":  # each turn's own: the rest is its step less its linears and head
+        if engine != "hf":  # each turn's own: the rest is its step less its kernel calls in it
             r["linears"] = [b["linears_ms"] for b in parts_by_turn[n]]
             r["head"] = [b["head_ms"] for b in parts_by_turn[n]]
             r["kernels_in_step"] = [b["kernels_ms"] for b in parts_by_turn[n]]

@@ -152,8 +152,9 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 }
 
 // A tile's prefetch for its weight row r (of R, rows `rs` apart) while it reads the line at k. Tiles of
-// adjacent rows (not in a run: every tile of several input rows) ask for the next tile's row r, as each
-// stream ends with its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears of a bloom-1b7 token
+// adjacent rows (not in a run: every tile of several input rows, and one row's tiles where a row is longer
+// than a run, as at Bloom-176B's width in bf16) ask for the next tile's row r, as each stream ends with
+// its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears of a bloom-1b7 token
 // streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16 path 20 -> 24), bf16 rows gained ~10% (29
 // -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss buffers are the limit while the tile's
 // own loads need them. Sapphire Rapids measured T0, T1, T2 alike.
