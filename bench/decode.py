@@ -33,7 +33,8 @@ step, caches and threads gone cold); and the rest of the step, split by PyTorch'
 generation per prompt count, after the timed ones) into "attn" (attention's own ops: scores, softmax,
 weighted values), "ops" (the block's other PyTorch ops: norms, GELU, residual adds, KV cache writes,
 views and copies) and "python" (what is left: Python and framework overhead per module and op, and the
-profiler's view of it). The JSON line has each part.
+profiler's view of it). The JSON line has each part. Where PyTorch's kernels run (`--isa none`) there is
+no "kernels" figure (nan) and the linears' PyTorch ops land in "ops".
 --neighbour repeats everything with a CPU-bound process beside it (one busy core, as a volunteer's PC
 has) and reports busy/idle per engine. Prints a table and one JSON line; every speed-up is a ratio to
 a baseline measured in the same run (the machine is shared).
@@ -155,7 +156,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
     runs = {n: runner_for(n) for n in counts}
     for run in runs.values():
         run(2)  # warm-up: first-call allocations, oneDNN primitive creation
-    timed = TimedKernels.install() if engine != "hf" else None
+    timed = TimedKernels.install() if engine != "hf" else None  # (None too where PyTorch's kernels run)
     pairs: dict[int, list] = {n: [] for n in counts}  # per turn: (ms/token, GB/s read around it)
     parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the kernels in the step, and alone right after
     made = {}
@@ -169,8 +170,9 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
             if made[n] < 1:
                 raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
             pairs[n].append(((times[-1] - times[0]) / made[n] * 1000, (before + bandwidth()) / 2))
-            if timed:  # the kernel calls between the first new token and the last: the decode steps'
-                in_step = sum(took for at, took in timed.timings if times[0] < at <= times[-1]) / made[n] * 1000
+            if engine != "hf":  # the kernel calls between the first new token and the last: the decode steps'
+                in_step = (sum(took for at, took in timed.timings if times[0] < at <= times[-1]) / made[n] * 1000
+                           if timed else float("nan"))
                 parts_by_turn[n].append({**breakdown(runner, n), "kernels_ms": in_step})
     split = {n: rest_split(run, tokens) for n, run in runs.items()} if engine != "hf" else {}
     results = {}

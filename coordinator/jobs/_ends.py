@@ -237,12 +237,12 @@ class ModelEnds:
                 out[:, start:start + chunk.shape[1]] = chunk
             return out
         whole = self._resident.get(key)
-        if whole is not None and whole.dtype == self.dtype == torch.bfloat16 and whole.is_contiguous():
-            x = hidden.to(whole.dtype)
-            if usable(x, "bf16"):  # decoding, a resident bf16 head: one product, one conversion (chunk by
-                # chunk, each chunk's logits were converted, then copied into a fresh [N, V]: 8 rows of the
-                # bloom-1b7 shape 42 -> 39 ms; the same numbers, each row's product being its own)
-                return kernels().bf16_gemv(x, whole).float()
+        if (whole is not None and whole.dtype == self.dtype == torch.bfloat16 and whole.is_contiguous()
+                and usable(hidden, "bf16")):
+            # decoding with a resident bf16 head: the kernel over all of it, one conversion (chunk by chunk,
+            # each chunk's logits were converted, then copied into a fresh [N, V]: 8 rows of the bloom-1b7
+            # shape 42 -> 39 ms; the same numbers, each row's product being its own)
+            return self._chunk_logits(hidden, whole)
         out = torch.empty(hidden.shape[0], self.vocab_size, dtype=torch.float32)
         if self.checkpoint.int8 and key in self._resident:  # the int8 rows as they are: half the bytes
             x = hidden.to(self.dtype)
