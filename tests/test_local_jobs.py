@@ -364,3 +364,27 @@ def test_a_sessions_prompt_pass_leaves_room_for_its_first_decode_steps(tiny_mode
         streamed.step(hidden, mask)
         stored = streamed._session.caches.get(0)
         assert stored["keys"].shape[-1] == 5 + BlockCache.GROW_MIN  # (Bloom stores keys positions last)
+
+
+def test_sessions_run_in_inference_mode_and_scoring_and_tuning_still_follow(tiny_model, tmp_path):
+    """A generation session's passes skip autograd's bookkeeping (inference mode: what they make, the KV
+    caches included, are inference tensors); passes without a session do not, and scoring and tuning on
+    the same blocks and buffers, after a generation, still work and take gradients."""
+    data = [{"context": "Is the sky blue?", "continuation": " Yes."}, {"context": "Is fire cold?", "continuation": " No."}]
+    with LocalRunner(tiny_model, keep_in_ram=True, progress=False) as r:
+        first = r.generate(PROMPTS[:2], Sampling(max_new_tokens=5))
+        blocks = r.chain.blocks
+        session = r.chain.open_session(1, 8)
+        hidden, mask = torch.randn(1, 3, blocks.config.hidden_size), torch.ones(1, 3, dtype=torch.long)
+        out = session.step(hidden, mask)
+        cache = session.caches[0]
+        assert out.is_inference() and cache.keys.is_inference() and cache.values.is_inference()
+        plain = blocks.forward(hidden, mask, 0, blocks.last)
+        assert not plain.is_inference() and torch.equal(plain, out)
+        session.close()
+        losses = []
+        r.tune(data, TuneOptions(prompt_tokens=2, steps=2, lr=0.05, batch_size=2), tmp_path / "p.safetensors",
+               on_step=lambda step, loss: losses.append(loss))
+        assert len(losses) == 2 and all(loss == loss for loss in losses)
+        assert len(r.score(data)) == 2
+        assert r.generate(PROMPTS[:2], Sampling(max_new_tokens=5)) == first

@@ -193,7 +193,8 @@ def _rotary(family: Family, config, device) -> torch.nn.Module:
     object (kept beside it, so its id is never reused while the entry lives)."""
     key = (id(config), str(device))
     if key not in _ROTARY:
-        _ROTARY[key] = (config, family.rotary(config).to(device))
+        with torch.inference_mode(False):  # normal buffers: shared by sessions' passes and the others
+            _ROTARY[key] = (config, family.rotary(config).to(device))
     return _ROTARY[key][1]
 
 
@@ -216,6 +217,12 @@ class BlockCache:
     [..., head_dim, positions] where the family's attention reads them transposed (`lay_out_keys`, which
     `run_block` calls before the first update; `key_buffer`): every view still has the shape [..., positions,
     head_dim].
+
+    A session's passes run in inference mode (`ResidentBlocks.forward` with caches, `run_merged_steps`,
+    `StreamingExecutor.step_sessions`: the only code that makes or writes a cache's tensors): the ~35
+    PyTorch ops of each block then skip autograd's bookkeeping (version counters, views' tracking), 1.5%
+    of a bloom-1b7 decode step measured, the same numbers. Passes without caches (scoring, tuning, whose
+    outputs get `requires_grad`) stay in `no_grad`.
     """
 
     GROW_MIN = 64  # positions added at least when a buffer grows

@@ -197,7 +197,7 @@ def merged_layout(parts: list[StepPart], length: int) -> tuple[torch.Tensor, tor
     return hidden, mask
 
 
-@torch.no_grad()
+@torch.inference_mode()  # sessions' passes (see `BlockCache`)
 def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> list[torch.Tensor]:
     """Each part's output [rows, new, H] of blocks first..last (`blocks`: a `ResidentBlocks`), in one pass."""
     if len(parts) == 1:  # alone: exactly today's path

@@ -59,9 +59,10 @@ class ResidentBlocks:
     def forward(self, hidden, mask, first, last, caches: dict[int, BlockCache] | None = None) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)
         attn = self.attention(mask.to(self.device), hidden.shape[1])
-        for layer in range(first, last + 1):
-            hidden = attn.run(self.blocks[layer], hidden, None if caches is None else caches[layer])
-        return hidden.cpu()
+        with torch.inference_mode(caches is not None):  # a session's pass (see `BlockCache`)
+            for layer in range(first, last + 1):
+                hidden = attn.run(self.blocks[layer], hidden, None if caches is None else caches[layer])
+            return hidden.cpu()
 
     def max_backward_length(self, batch: int) -> int:
         """Longest input whose backward fits the score budget: autograd keeps one block's scores whole."""

@@ -199,7 +199,7 @@ class StreamingExecutor:
         """A generation session that may hold up to `max_length` positions (its caches' limit)."""
         return StreamingSession(self, max_length)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # sessions' passes (see `BlockCache`)
     def step_sessions(self, steps: Sequence[tuple["StreamingSession", torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Generation steps of several sessions in ONE pass over the weights: each block, once read, runs
         every session's new positions against that session's cache."""

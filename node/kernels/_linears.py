@@ -139,7 +139,8 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
         store = _buffers.by_kind = {}
     buf = store.get(key)
     if buf is None or buf.numel() < numel:
-        buf = store[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor, whichever pass (session's or not) made it first
+            buf = store[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf
 
 
