@@ -221,8 +221,8 @@ class BlockCache:
     A session's passes run in inference mode (`ResidentBlocks.forward` with caches, `run_merged_steps`,
     `StreamingExecutor.step_sessions`: the only code that makes or writes a cache's tensors): the ~35
     PyTorch ops of each block then skip autograd's bookkeeping (version counters, views' tracking): a
-    bloom-1b7 decode step 1.3-2.6% faster (paired turns), the same numbers. Passes without caches (scoring, tuning, whose
-    outputs get `requires_grad`) stay in `no_grad`.
+    bloom-1b7 decode step 1.3-2.6% faster (paired turns), the same numbers. Passes without caches
+    (scoring, and tuning, whose outputs get `requires_grad`) stay in `no_grad`.
     """
 
     GROW_MIN = 64  # positions added at least when a buffer grows
