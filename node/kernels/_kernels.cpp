@@ -157,7 +157,11 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 // its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears of a bloom-1b7 token
 // streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16 path 20 -> 24), bf16 rows gained ~10% (29
 // -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss buffers are the limit while the tile's
-// own loads need them. Sapphire Rapids measured T0, T1, T2 alike.
+// own loads need them. Sapphire Rapids measured T0, T1, T2 alike. The avx2 builds' fp32 loops for several
+// input rows (fp32_rows_tile) still asked T0 until measured on Zen 4 (bf16 weights, 1.4 GB of block-shaped
+// matrices, two threads, both builds alternating, G multiply-adds/s): 8 rows 61-62 -> 68-69 (1.11-1.13x
+// in 6 of 6), 4 rows 1.07-1.10x, 2 rows 1.19-1.30x, the same outputs bit for bit (T1: 1.09-1.14x; no
+// prefetch 0.86x; T2 two tiles ahead 0.94x).
 // Within a run (kRun, rs > 1: one input row) the hardware prefetchers follow each stream, and asking for
 // the row after made it slower: the row asks for its own line, which it is about to read (no branch in
 // the loops), measured on Zen 4 at one row, alternating builds, the 96 block linears of a bloom-1b7 token
@@ -361,7 +365,7 @@ void fp32_rows_tile(const float* X, int64_t xs, int64_t rows, int64_t K, const t
     const int64_t k1 = std::min(body, k0 + kChunk);
     for (int r = 0; r < R; ++r)
       for (int64_t k = k0; k < k1; k += 64 / sizeof(typename Weights::T))
-        _mm_prefetch(reinterpret_cast<const char*>(W + (R + r) * K + k), _MM_HINT_T0);
+        prefetch_weights<false>(W, r, R, 1, K, k);  // (into L2: T0 here was 10-27% slower, see there)
     int64_t m = 0;
     for (; m + kInputsTile <= rows; m += kInputsTile)
       fp32_rows_part<R, kInputsTile, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R);
