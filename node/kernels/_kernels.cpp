@@ -159,9 +159,10 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 // -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss buffers are the limit while the tile's
 // own loads need them. Sapphire Rapids measured T0, T1, T2 alike. The avx2 builds' fp32 loops for several
 // input rows (fp32_rows_tile) still asked T0 until measured on Zen 4 (bf16 weights, 1.4 GB of block-shaped
-// matrices, two threads, both builds alternating, G multiply-adds/s): 8 rows 61-62 -> 68-69 (1.11-1.13x
-// in 6 of 6), 4 rows 1.07-1.10x, 2 rows 1.19-1.30x, the same outputs bit for bit (T1: 1.09-1.14x; no
-// prefetch 0.86x; T2 two tiles ahead 0.94x).
+// matrices, two threads, the two builds alternating in one process and then loaded in the other order, as
+// which one loads first moved the ratio by up to 8% even between two builds of one source): T2 1.065x
+// the multiply-adds a second at 8 rows, 1.12x at 4, 1.20x at 2, the same outputs bit for bit (T1 like
+// T2; no prefetch and T2 two tiles ahead slower than T0).
 // Within a run (kRun, rs > 1: one input row) the hardware prefetchers follow each stream, and asking for
 // the row after made it slower: the row asks for its own line, which it is about to read (no branch in
 // the loops), measured on Zen 4 at one row, alternating builds, the 96 block linears of a bloom-1b7 token
