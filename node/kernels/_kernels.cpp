@@ -160,7 +160,7 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 // own loads need them. Sapphire Rapids measured T0, T1, T2 alike. The avx2 builds' fp32 loops for several
 // input rows (fp32_rows_tile) still asked T0 until measured on Zen 4 (bf16 weights, 1.4 GB of block-shaped
 // matrices, two threads, the two builds alternating in one process and then loaded in the other order, as
-// which one loads first moved the ratio by up to 8% even between two builds of one source): T2 1.065x
+// which one loads first moved the ratio by 6-11% even between two builds of one source): T2 1.065x
 // the multiply-adds a second at 8 rows, 1.12x at 4, 1.20x at 2, the same outputs bit for bit (T1 like
 // T2; no prefetch and T2 two tiles ahead slower than T0).
 // Within a run (kRun, rs > 1: one input row) the hardware prefetchers follow each stream, and asking for
