@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 from slowllm.coordinator.demo._launch import LocalCluster as Cluster  # noqa: F401
 
 
+def _ephemeral_low() -> int:
+    """The first port of the range the OS hands out for port 0 and outgoing connections (Linux's default
+    32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, for a process the test starts next, chosen below the OS's ephemeral range: a port
+    from bind(0) is free again once returned, and the OS may hand it straight back to the next bind(0) or
+    outgoing connection (a coordinator's own WebSocket port once took the HTTP port a test had picked:
+    "address already in use")."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (nothing free below the range: any port, as before)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
