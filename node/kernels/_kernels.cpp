@@ -124,7 +124,17 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // int16 path), bf16 weights with fp32 rows (avx2) 70-81 -> 60-75, bf16 rows (avx512bf16) 1-4% faster;
 // the head alike. Only with one input row: with several the dot products are the limit, and adjacent
 // rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%).
-constexpr int64_t kRunBytes = 32768;
+// Runs of 256 KB: those figures came from this VM's slow-memory turns (~35 GB/s), where any run length
+// reads at the memory's speed; in its fast turns (~60 GB/s) the streams' restarts cost (a standalone
+// copy of the avx2 one-row loop, 600 MB: 32 KB runs 48, 64 KB 50, 128 KB 52, 256 KB 52 GB/s, against a
+// plain read at 56). The 96 block linears and head of a bloom-1b7 token at one row, both builds in one
+// process in turns, then loaded in the other order: fast turns 0.885x the time with bf16 rows
+// (avx512bf16), 0.907x with fp32 rows of bf16 weights (avx2), 0.848x for int8 on avx2 (int16), int8 on
+// avx512bf16 (VNNI, which reads at ~70% of the memory's speed either way) 1.00-1.03x; slow turns
+// 0.94-0.99x. At Bloom-176B's width (one block; bf16 rows of 28 and 112 KB were runs of one row)
+// 0.87-0.97x. Runs are still capped at 4 blocks per thread, so a thread on a busy core still holds up no
+// one: with a CPU-bound process beside, both alike (0.97-1.00x). 1 MB runs: as 256 KB.
+constexpr int64_t kRunBytes = 262144;
 
 // Rows per run for tiles of M input rows whose weight rows are `row_bytes` long (over_tiles)
 inline int64_t run_rows(int64_t row_bytes, int M) {
@@ -153,7 +163,7 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 
 // A tile's prefetch for its weight row r (of R, rows `rs` apart) while it reads the line at k. Tiles of
 // adjacent rows (not in a run: every tile of several input rows, and one row's tiles where a row is longer
-// than a run, as at Bloom-176B's width in bf16) ask for the next tile's row r, as each stream ends with
+// than a run, 256 KB: hidden sizes past 131,072 in bf16) ask for the next tile's row r, as each stream ends with
 // its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears of a bloom-1b7 token
 // streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16 path 20 -> 24), bf16 rows gained ~10% (29
 // -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss buffers are the limit while the tile's
