@@ -249,10 +249,14 @@ struct Fp32Weights {
 // Weight rows against one fp32 input row, kOneRowTile at a time: each input vector loaded once for them,
 // several chains in flight (a converted row no longer waits on its chains' latency: 63 -> 46 ms per 600M
 // int8 weights on AVX2, when int8 weights came here, measured with four chains). With one chain per row
-// (AVX2 builds) six rows: weights in cache, one core, 4 rows read 24, 6 rows 25, 8 rows 23 G weights/s
-// (4 rows x 2 chains: 28); streamed from memory all alike within this VM's noise. Each row sums exactly
-// as a tile of one does (the rows left over), so a row's numbers are the same whether it ran here or there.
-constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
+// (AVX2 builds) four rows too: weights in cache, one core, 4 rows read 24, 6 rows 25, 8 rows 23 G weights/s
+// (4 rows x 2 chains: 28), streamed from memory alike in this VM's slow-memory turns; in its fast turns
+// (~60 GB/s) each tile's streams are what counts, and two threads of 4 read faster than of 6 (the 96 block
+// linears and head of a bloom-1b7 token at one row, avx2 build, both variants in one process in turns,
+// three sets: 0.905x, 0.939x and 0.975x the time), as with VNNI's int8 tiles (vnni_rows_per_tile). Each
+// row sums exactly as a tile of one does (the rows left over), so a row's numbers are the same whether it
+// ran here or there.
+constexpr int kOneRowTile = 4;
 template <int R, typename Weights, bool kRun = false>
 void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out, int64_t rs = 1) {
   __m256 acc[R][kChains];
