@@ -112,6 +112,15 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
   auto one = [&](int64_t n) {
     for (int64_t m = 0; m < M; ++m) Kernel::template tile<1, 1>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);
   };
+  if (M == 1) {  // one row: as many weight rows a tile as by_input says for its planes' length
+    by_input<Kernel::rows_per_tile(1)>(in.K * Kernel::kPlaneBytes, [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      over_tiles<R>(N, run_rows(in.K, 1), [&](int64_t n, int64_t rs) {
+        by_run(rs, [&](auto run) { Kernel::template tile<1, R, decltype(run)::value>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); });
+      }, one);
+    });
+    return;
+  }
 #define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, run_rows(in.K, R), [&](int64_t n, int64_t rs) { \
     by_run(rs, [&](auto run) { /* (runs only at one input row: R > 1 never takes the kRun variant) */ \
       Kernel::template tile<R, Kernel::rows_per_tile(R), R == 1 && run>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
@@ -291,20 +300,20 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
 // Weight rows per VNNI tile for M input rows: R x M x P sums, a weight vector, its offset copy, a plane
 // vector and the 0x80 constant fit the vector registers (at most 6: beyond, the rows' loads compete with
 // too few sums); and input rows per pass, so that one weight row fits (8; 256-bit: 6 bf16 rows, 4 fp32).
-// One input row takes 4: its tile is R weight streams, and with 6 per thread the int8 loop read at ~70%
-// of the memory's speed in this Zen 4 VM's fast turns (~60 GB/s); with 4, 86% (the 96 block linears and
-// head of a bloom-1b7 token, avx512bf16 build, both in one process in turns: 0.86x and 0.92x the time
-// in two sets; 3 rows and 2 alike).
+// One input row takes 4 where its planes are short (by_input): its tile is R weight streams, and with 6
+// per thread the int8 loop read at ~70% of the memory's speed in this Zen 4 VM's fast turns (~60 GB/s);
+// with 4, 86% (the 96 block linears and head of a bloom-1b7 token, avx512bf16 build, both in one process
+// in turns: 0.86x and 0.92x the time in two sets; 3 rows and 2 alike). At Bloom-176B's width (planes of
+// 28 and 112 KB) 6 read faster: 4 gave up the 0.95-0.97x that 256 KB runs had gained there.
 template <int P>
-constexpr int vnni_rows_per_tile(int M) {
-  return M == 1 ? 4 : std::max(1, std::min(6, (ByteDots::kRegisters - 4) / (P * M)));
-}
+constexpr int vnni_rows_per_tile(int M) { return std::max(1, std::min(6, (ByteDots::kRegisters - 4) / (P * M))); }
 template <int P>
 constexpr int64_t kVnniPassRows = std::min(8, (ByteDots::kRegisters - 4) / P);
 
 template <int P>
 struct VnniKernel {
   static constexpr int64_t kPassRows = kVnniPassRows<P>;
+  static constexpr int64_t kPlaneBytes = P;  // an input's bytes in the planes a tile reads
   static constexpr int rows_per_tile(int M) { return vnni_rows_per_tile<P>(M); }
   template <int M, int R, bool kRun = false>
   static void tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
@@ -571,6 +580,7 @@ template <int P>
 struct MaddKernel {
   static constexpr int kChains = Shorts::kRegisters == 32 ? 16 : 8;
   static constexpr int64_t kPassRows = std::min(4, kChains / (P - 1));
+  static constexpr int64_t kPlaneBytes = 2 * (P - 1);  // an input's int16 planes
   static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, kChains / ((P - 1) * M))); }
   template <int M, int R, bool kRun = false>
   static void tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
