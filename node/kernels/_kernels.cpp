@@ -252,7 +252,7 @@ struct Fp32Weights {
 // (AVX2 builds) six rows: weights in cache, one core, 4 rows read 24, 6 rows 25, 8 rows 23 G weights/s
 // (4 rows x 2 chains: 28), streamed from memory alike in this VM's slow-memory turns. In its fast turns
 // (~60 GB/s) a tile's streams count too (one per row, per thread), and where the input row is short
-// (one_row_tile) 4 rows read faster (the 96 block linears and head of a bloom-1b7 token at one row, avx2
+// (by_input) 4 rows read faster (the 96 block linears and head of a bloom-1b7 token at one row, avx2
 // build, both variants in one process in turns, three sets: 0.905x, 0.939x and 0.975x the time); where it
 // is long, as at Bloom-176B's width (57 and 229 KB in fp32), each tile reads it again from L2, and 4 rows
 // took 1.01-1.13x 6 rows' time. Each row sums exactly as a tile of one does (the rows left over), so a
@@ -261,7 +261,7 @@ constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
 
 // Weight rows per tile for one input row read as `input_bytes` a pass (fp32 rows, int8's byte planes):
 // 4 while the input row fits in half of L1 (bloom-1b7's 8 KB fp32 rows, its int8 planes of 4-16 KB), else
-// `wide` (kOneRowTile; VNNI's 6), whose longer tiles read a long input row (Bloom-176B's) fewer times.
+// kWide (kOneRowTile; VNNI's 6), whose longer tiles read a long input row (Bloom-176B's) fewer times.
 constexpr int64_t kShortInputBytes = 16384;
 template <int kWide = kOneRowTile, typename Body>
 void by_input(int64_t input_bytes, const Body& body) {
@@ -504,7 +504,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 #endif
   }
   if (Weights::kEvenOdd) X0 = input_rows<Weights>(X0, 1, K, K);
-  // one_row_tile(K * 4) weight rows at a time, the rest one by one
+  // by_input's weight rows at a time for the fp32 row's length, the rest one by one
   by_input(K * sizeof(float), [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     over_tiles<R>(N, run_rows(K * sizeof(typename Weights::T), 1), [&](int64_t n, int64_t rs) {
