@@ -121,9 +121,9 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
     });
     return;
   }
-#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, run_rows(in.K, R), [&](int64_t n, int64_t rs) { \
-    by_run(rs, [&](auto run) { /* (runs only at one input row: R > 1 never takes the kRun variant) */ \
-      Kernel::template tile<R, Kernel::rows_per_tile(R), R == 1 && run>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
+  // several rows: tiles of adjacent weight rows (runs are one row's, above)
+#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, 1, [&](int64_t n, int64_t) { \
+    Kernel::template tile<R, Kernel::rows_per_tile(R)>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
   SLOWLLM_DISPATCH(M, SLOWLLM_INT_TILES)
 }
 #endif
