@@ -139,22 +139,26 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
         assert padded.max() <= 1.25 * exact.max() and padded.mean() <= 1.1 * exact.mean(), (merged, padded, exact)
 
 
-def test_bloom_caches_store_keys_as_its_attention_reads_them(blocks):
-    """Bloom multiplies queries by the keys' transpose (`baddbmm`): its caches store keys [head_dim,
-    positions] (in bf16 on CPU 2-3.5x faster to multiply than a transposed view), the rotary families'
-    as sdpa reads them; the views attention gets, a spill to disk and back, and merged passes see the same
+def test_caches_store_keys_and_values_as_their_attention_reads_them(blocks):
+    """Bloom multiplies queries by the keys' transpose (`baddbmm`) and the weights by the values (`bmm`):
+    in fp32 (MKL) and where oneDNN runs them its caches store keys [head_dim, positions] and values as rows
+    (`cache_layout`; the bf16 path of an AVX2 PC, the reverse, is tested below); the rotary families' as
+    sdpa reads them. The views attention gets, a spill to disk and back, and merged passes see the same
     positions either way (the tests above compare the numbers)."""
+    from slowllm.node.engine._blocks import KVLayout
+
     gen = torch.Generator().manual_seed(3)
     caches, mask = _session(blocks, 2, 7, holes=False, gen=gen)
-    bloom = blocks.blocks[0].slowllm_family.keys_transposed
-    assert bloom == (blocks.config.model_type == "bloom")
+    bloom = blocks.config.model_type == "bloom"
     for cache in caches.values():
-        assert cache.keys_transposed == bloom
-        stored = cache.state()["keys"]
-        assert stored.shape[-1 if bloom else -2] == cache.capacity  # positions last where transposed
+        assert cache.layout == KVLayout(keys_transposed=bloom, values_transposed=False)
+        stored = cache.state()
+        assert stored["keys"].shape[-1 if bloom else -2] == cache.capacity  # positions last where transposed
+        assert stored["values"].shape[-2] == cache.capacity
         assert cache.keys.shape[-2:] == (7, cache.values.shape[-1])
         back = BlockCache.from_state(cache.state())
-        assert back.keys_transposed == bloom and torch.equal(back.keys, cache.keys)
+        assert back.layout == cache.layout and torch.equal(back.keys, cache.keys)
+        assert torch.equal(back.values, cache.values)
     other, other_mask = _session(blocks, 1, 3, holes=False, gen=gen)
     one = torch.ones(2, 1, dtype=torch.long)
     step = StepPart(torch.randn(2, 1, 64, generator=gen), torch.cat([mask, one], 1), caches, "s")
@@ -425,3 +429,72 @@ def test_a_node_serving_two_coordinators_keeps_their_sessions_apart_within_one_b
     assert len(node.sessions) == 1
     node.sessions.budget = node.sessions.nbytes() + one // 2  # room for half a session more, whoever asks
     assert isinstance(run(a, step(5, "t")), BusyError) and isinstance(run(b, step(6, "t")), BusyError)
+
+
+# A bf16 session's prompt and decode steps (alone and merged), with the layout `cache_layout` chooses here or
+# with the other one forced, against the fp32 truth of all positions at once (no cache).
+_LAYOUTS = r"""
+import json, sys
+import torch
+from slowllm.node import Checkpoint
+from slowllm.node.engine import _blocks, _merge
+from slowllm.node.engine._blocks import BlockCache, KVLayout, onednn_attention
+from slowllm.node.engine._merge import StepPart, run_merged_steps
+from slowllm.node.engine._resident import ResidentBlocks
+
+blocks = ResidentBlocks(Checkpoint(sys.argv[1]), 0, 2, torch.bfloat16)
+gen = torch.Generator().manual_seed(7)
+hidden = 3 * torch.randn(2, 12, 64, generator=gen)
+mask = torch.ones(2, 12, dtype=torch.long)
+mask[1, :3] = 0
+want = ResidentBlocks(Checkpoint(sys.argv[1]), 0, 2, torch.float32).forward(hidden, mask, 0, 2)
+
+def decode(merged):
+    caches = [{layer: BlockCache() for layer in range(3)} for _ in range(2)]
+    outs = [[blocks.forward(hidden[r:r + 1, :8].bfloat16(), mask[r:r + 1, :8], 0, 2, caches[r])] for r in range(2)]
+    for t in range(8, 12):
+        parts = [StepPart(hidden[r:r + 1, t:t + 1].bfloat16(), mask[r:r + 1, :t + 1], caches[r], f"s{r}") for r in range(2)]
+        steps = run_merged_steps(blocks, parts, 0, 2) if merged else [
+            blocks.forward(p.hidden, p.mask, 0, 2, p.caches) for p in parts]
+        for r in range(2):
+            outs[r].append(steps[r])
+    cache = caches[0][0]
+    return {"layout": list(cache.layout), "keys_stride": list(cache.keys.stride()),
+            "values_stride": list(cache.values.stride()),
+            "error": (torch.cat([torch.cat(o, 1) for o in outs]).float() - want).abs().max().item()}
+
+run = {"onednn": onednn_attention(torch.bfloat16, torch.device("cpu")), "alone": decode(False), "merged": decode(True),
+       "scale": want.abs().max().item()}
+chosen = KVLayout(*run["alone"]["layout"])
+other = KVLayout(not chosen.keys_transposed, not chosen.values_transposed)
+_blocks.cache_layout = _merge.cache_layout = lambda *args: other
+run["other"] = decode(False)
+print(json.dumps(run))
+"""
+
+
+def test_bf16_caches_follow_the_path_that_multiplies_them(models_dir):
+    """Where oneDNN multiplies bf16 attention (AVX512 CPUs) keys are stored transposed and values as rows; on
+    PyTorch's own bf16 loops (an AVX2 PC with `--dtype bfloat16`; here PyTorch capped at AVX2) the reverse,
+    4-23x faster there (`cache_layout`). Each layout is stored as chosen (the views' strides show which) and
+    gives a prompt and decode steps, alone and merged, as close to the fp32 truth as the other layout."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = make_checkpoint(models_dir / "layouts", tiny_config(n_layer=3, hidden=64, n_head=4, std=0.25), seed=7)
+    avx2_pc = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    procs = {name: subprocess.Popen([sys.executable, "-c", _LAYOUTS, str(path)], stdout=subprocess.PIPE, text=True,
+                                    env={**os.environ, **extra}) for name, extra in (("here", {}), ("avx2", avx2_pc))}
+    runs = {name: json.loads(p.communicate(timeout=300)[0].splitlines()[-1]) for name, p in procs.items()}
+    assert runs["avx2"]["onednn"] is False
+    for name, run in runs.items():
+        for way in ("alone", "merged"):
+            got = run[way]
+            assert got["layout"] == ([True, False] if run["onednn"] else [False, True]), (name, got)
+            assert (got["keys_stride"][-2] == 1) == run["onednn"], (name, got)  # keys: positions contiguous
+            assert (got["values_stride"][-2] == 1) != run["onednn"], (name, got)
+            assert got["error"] < 0.03 * run["scale"], (name, way, run)
+            assert got["error"] <= 1.5 * run["other"]["error"] + 1e-3 * run["scale"], (name, way, run)
+        assert run["other"]["layout"] != run["alone"]["layout"]

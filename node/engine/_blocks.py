@@ -8,6 +8,8 @@ batch (not once per block), and keeps the per-block key/value cache that the att
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +102,14 @@ def work_width(config) -> int:
     return 8 * config.hidden_size + 2 * intermediate_size(config)
 
 
-# Where attention runs through oneDNN (bf16 and fp16 on CPU), every new shape of its two batched matrix
+# Where attention runs through oneDNN (`onednn_attention`), every new shape of its two batched matrix
 # products builds a new oneDNN primitive: ~1 ms per block, against ~0.1 ms to run it at decode sizes, and
 # a decode step's key length is new at every token (measured: 4 of a node's 13 ms per pass at hidden
 # 1024). So a cache's keys and values are seen through a view padded to a multiple of KV_BUCKET positions
-# within the buffer's spare room (masked: the padding gets no weight), and shapes repeat.
+# within the buffer's spare room (masked: the padding gets no weight), and shapes repeat. PyTorch's own
+# loops (bf16 on an AVX2 PC) build nothing: there padding would only add work.
 KV_BUCKET = 64
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def kv_bucketed(length: int) -> int:
@@ -113,9 +117,56 @@ def kv_bucketed(length: int) -> int:
     return -(-length // KV_BUCKET) * KV_BUCKET
 
 
+@lru_cache(maxsize=None)
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    ops = torch.ops.mkldnn
+    try:  # what PyTorch's matmuls ask (AVX512 and later on x86; ONEDNN_MAX_CPU_ISA caps it)
+        return bool(ops._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without these checks: the CPU's own bf16 says
+        from slowllm.node.kernels._kernels import native_bf16
+        return dtype == torch.bfloat16 and native_bf16()
+
+
+def onednn_attention(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether PyTorch multiplies attention's matrices of this dtype through oneDNN here: bf16 or fp16 on a
+    CPU whose oneDNN computes that type. Elsewhere on CPU they run PyTorch's own loops (bf16 on an AVX2
+    PC), and fp32 runs MKL."""
+    return (device.type == "cpu" and dtype in _HALF and torch.backends.mkldnn.is_available()
+            and torch._C._get_mkldnn_enabled() and _onednn_supports(dtype))
+
+
 def pads_views(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether attention runs through oneDNN here (bf16 and fp16 on CPU), so cached keys are seen padded."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    """Whether attention runs through oneDNN here (`onednn_attention`), so cached keys are seen padded."""
+    return onednn_attention(dtype, device)
+
+
+class KVLayout(NamedTuple):
+    """How `BlockCache` stores keys and values: [..., positions, head_dim], or transposed [..., head_dim,
+    positions]; attention always sees [..., positions, head_dim] views."""
+
+    keys_transposed: bool = False
+    values_transposed: bool = False
+
+
+# Bloom's attention computes `baddbmm(query, keys.transpose)` and `bmm(probs, values)`, and how fast depends
+# on which path runs them and how the cache stores the matrices (bf16, 16 heads x 128, one query, keys and
+# values seen as L positions of buffers of 1.5 L, us per block on Zen 4; docs/int8-and-kernels.md):
+# - oneDNN (AVX512 CPUs): keys stored transposed 2.7-2.9x faster than as rows at L = 512-2,048, values as
+#   rows 4-14x faster than transposed (153 / 443 us and 111 / 453 at L = 512); prompts (128 queries)
+#   1.3-2.8x. MKL (fp32) and GPUs take the same layout (fp32: keys transposed 1.4-1.7x faster).
+# - PyTorch's own loops (no oneDNN for the type: bf16 and fp16 on an AVX2 PC): the reverse, by far more:
+#   keys as rows 3.8-17x faster (L = 2,048: 539 us against 9,059), values transposed 5.6-11x (254 / 2,820);
+#   8 queries 6-23x, prompts 6-23x (128 queries at L = 2,048: 54 ms against 1.23 s for the keys alone).
+_TRANSPOSED_KEYS, _TRANSPOSED_VALUES = KVLayout(keys_transposed=True), KVLayout(values_transposed=True)
+
+
+def cache_layout(family: Family, dtype: torch.dtype, device: torch.device) -> KVLayout:
+    """How a block's cache stores its keys and values for the family's attention on this path (above)."""
+    if not family.bmm_attention:
+        return KVLayout()
+    if device.type == "cpu" and dtype in _HALF and not onednn_attention(dtype, device):
+        return _TRANSPOSED_VALUES
+    return _TRANSPOSED_KEYS
 
 
 def kv_view_length(length: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -198,9 +249,9 @@ def _rotary(family: Family, config, device) -> torch.nn.Module:
     return _ROTARY[key][1]
 
 
-def key_buffer(shape: tuple, dtype: torch.dtype, device, transposed: bool) -> torch.Tensor:
-    """An empty key buffer seen as `shape` [..., positions, head_dim]; stored [..., head_dim, positions]
-    when `transposed` (`Family.keys_transposed`)."""
+def kv_buffer(shape: tuple, dtype: torch.dtype, device, transposed: bool) -> torch.Tensor:
+    """An empty key or value buffer seen as `shape` [..., positions, head_dim]; stored [..., head_dim,
+    positions] when `transposed` (`KVLayout`)."""
     if transposed:
         return torch.empty((*shape[:-2], shape[-1], shape[-2]), dtype=dtype, device=device).transpose(-1, -2)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -213,10 +264,9 @@ class BlockCache:
     step copies one position, not the whole cache as concatenation (transformers' DynamicCache) does:
     at 2,000 cached positions of Bloom-176B that is 229 MB per block per token saved. `update` returns
     views of the filled part. `state`/`from_state` let the streaming executor move a cache to disk and
-    back, spare room and all (so a streamed decode step does not copy the cache either). Keys are stored
-    [..., head_dim, positions] where the family's attention reads them transposed (`lay_out_keys`, which
-    `run_block` calls before the first update; `key_buffer`): every view still has the shape [..., positions,
-    head_dim].
+    back, spare room and all (so a streamed decode step does not copy the cache either). Keys and values
+    are stored as the path that multiplies them reads them fastest (`cache_layout`; `lay_out`, which
+    `run_block` calls before the first update): every view still has the shape [..., positions, head_dim].
 
     A session's passes run in inference mode (`ResidentBlocks.forward` with caches, `run_merged_steps`,
     `StreamingExecutor.step_sessions`: the only code that makes or writes a cache's tensors): the ~35
@@ -228,16 +278,16 @@ class BlockCache:
     GROW_MIN = 64  # positions added at least when a buffer grows
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                 length: int | None = None, limit: int | None = None, keys_transposed: bool = False):
+                 length: int | None = None, limit: int | None = None, layout: KVLayout = KVLayout()):
         self._keys, self._values = keys, values  # [..., capacity, head_dim] (views, whatever the storage)
         self._length = (0 if keys is None else keys.shape[-2]) if length is None else length
         self.limit = limit  # positions the session may ever hold: spare room never goes beyond it
-        self.keys_transposed = keys_transposed
+        self.layout = layout
 
-    def lay_out_keys(self, transposed: bool) -> None:
-        """Store keys transposed or not (`Family.keys_transposed`); kept once buffers exist."""
+    def lay_out(self, layout: KVLayout) -> None:
+        """Store keys and values so (`cache_layout`); kept once buffers exist."""
         if self._keys is None:
-            self.keys_transposed = transposed
+            self.layout = layout
 
     @property
     def capacity(self) -> int:
@@ -288,8 +338,8 @@ class BlockCache:
             capacity = self.capacity_for(new)
             old_k, old_v = (None, None) if self._keys is None or self._length == 0 else (self.keys, self.values)
             shape = (*keys.shape[:-2], capacity, keys.shape[-1])
-            self._keys = key_buffer(shape, keys.dtype, keys.device, self.keys_transposed)
-            self._values = torch.empty(shape, dtype=values.dtype, device=values.device)
+            self._keys = kv_buffer(shape, keys.dtype, keys.device, self.layout.keys_transposed)
+            self._values = kv_buffer(shape, values.dtype, values.device, self.layout.values_transposed)
             self._keys[..., need:, :] = 0  # (spare room a padded view may show: finite)
             self._values[..., need:, :] = 0
             if old_k is not None:
@@ -316,23 +366,27 @@ class BlockCache:
     def state(self) -> dict[str, torch.Tensor]:
         if self._keys is None or self._length == 0:
             return {}
-        stored = self._keys.transpose(-1, -2) if self.keys_transposed else self._keys  # (the buffer itself)
-        return {"keys": stored, "values": self._values, "length": torch.tensor(self._length),
-                "keys_transposed": torch.tensor(self.keys_transposed)}
+        keys_t, values_t = self.layout  # (the buffers themselves, as stored)
+        return {"keys": self._keys.transpose(-1, -2) if keys_t else self._keys,
+                "values": self._values.transpose(-1, -2) if values_t else self._values,
+                "length": torch.tensor(self._length),
+                "keys_transposed": torch.tensor(keys_t), "values_transposed": torch.tensor(values_t)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> "BlockCache":
-        length, keys = state.get("length"), state.get("keys")
-        transposed = "keys_transposed" in state and bool(state["keys_transposed"])
-        return cls(keys.transpose(-1, -2) if transposed else keys, state.get("values"),
-                   None if length is None else int(length), keys_transposed=transposed)
+        length, keys, values = state.get("length"), state.get("keys"), state.get("values")
+        layout = KVLayout(*(name in state and bool(state[name]) for name in ("keys_transposed", "values_transposed")))
+        return cls(keys.transpose(-1, -2) if layout.keys_transposed else keys,
+                   values.transpose(-1, -2) if layout.values_transposed else values,
+                   None if length is None else int(length), layout=layout)
 
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
     family = block.slowllm_family
     if isinstance(cache, BlockCache):  # its keys come padded (`BlockCache.update`): the mask too
-        cache.lay_out_keys(family.keys_transposed)
+        if cache.capacity == 0:
+            cache.lay_out(cache_layout(family, attn.mask.dtype, attn.mask.device))
         attn = attn.padded(cache.view_length(attn.mask.shape[-1], attn.mask.dtype, attn.mask.device))
     kwargs = {family.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attn.mask}
     if attn.alibi is not None:

@@ -66,11 +66,10 @@ class Family:
         return self._load(self.rotary_class)(config=config)
 
     @property
-    def keys_transposed(self) -> bool:
-        """Whether its attention reads cached keys transposed, so `BlockCache` stores them [head_dim,
-        positions]: Bloom's `baddbmm(query, key.transpose)`. In bf16 on CPU a transposed view of keys stored
-        [positions, head_dim] is 2-3.5x slower to multiply (oneDNN; 64 to 4,096 cached positions); sdpa
-        (the rotary families) wants them as they are."""
+    def bmm_attention(self) -> bool:
+        """Whether its attention multiplies the cached keys and values with batched matmuls that take them
+        in either layout (Bloom: `baddbmm(query, keys.transpose)`, `bmm(probs, values)`), so `BlockCache`
+        chooses how to store them (`cache_layout`); sdpa (the rotary families) wants them as they are."""
         return self.rotary_class is None
 
     @property

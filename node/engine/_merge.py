@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._blocks import SCORE_BYTES, BlockCache, attention_inputs, key_buffer, kv_bucketed, kv_view_length, run_block
+from ._blocks import (SCORE_BYTES, BlockCache, KVLayout, attention_inputs, cache_layout, kv_buffer, kv_bucketed,
+                      kv_view_length, run_block)
 from ._families import kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
@@ -101,15 +102,15 @@ class MergedCache:
     on every padding slot, so their (zero) keys get no weight.
     """
 
-    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch", keys_transposed: bool):
+    def __init__(self, parts: list[StepPart], layer: int, length: int, scratch: "_Scratch", layout: KVLayout):
         self.parts, self.layer, self.scratch = parts, layer, scratch
         self.q = max(p.new for p in parts)
         self.past = length - self.q  # (at least the longest past: more where the view is padded)
-        self.keys_transposed = keys_transposed  # stored as `BlockCache` stores them (`Family.keys_transposed`)
+        self.layout = layout  # stored as the sessions' `BlockCache`s store them (`cache_layout`)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         out_k, out_v = self.scratch.pair((*keys.shape[:-2], self.past + self.q, keys.shape[-1]), keys.dtype,
-                                         keys.device, self.keys_transposed)
+                                         keys.device, self.layout)
         if self.scratch.slots is None:
             self.scratch.slots = self._slots(out_k, out_v)
         for p, start, segments in self.scratch.slots:
@@ -117,7 +118,7 @@ class MergedCache:
             if p.new < self.q:
                 k, v = k.narrow(-2, self.q - p.new, p.new), v.narrow(-2, self.q - p.new, p.new)
             cache = p.caches[self.layer]
-            cache.lay_out_keys(self.keys_transposed)
+            cache.lay_out(self.layout)
             k, v = cache.update(k, v, layer_idx)
             for offset, n, to_k, to_v in segments:
                 to_k.copy_(k.narrow(-2, offset, n))
@@ -158,17 +159,17 @@ class _Scratch:
         self._pair = None
         self.slots = None  # `MergedCache._slots` of this pass in the pair
 
-    def pair(self, shape: tuple, dtype: torch.dtype, device, keys_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value views of `shape` [..., positions, head_dim]; the keys stored transposed if asked."""
-        key = (tuple(shape), dtype, str(device), keys_transposed)
+    def pair(self, shape: tuple, dtype: torch.dtype, device, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value views of `shape` [..., positions, head_dim], stored as `layout` says."""
+        key = (tuple(shape), dtype, str(device), layout)
         if self._pair is None or self._pair[0] != key:
             self.slots = None
             kept = getattr(self._kept, "pair", None)
             if kept is not None and kept[0] == key:
                 self._pair = kept
             else:
-                self._pair = (key, key_buffer(shape, dtype, device, keys_transposed),
-                              torch.empty(shape, dtype=dtype, device=device))
+                self._pair = (key, kv_buffer(shape, dtype, device, layout.keys_transposed),
+                              kv_buffer(shape, dtype, device, layout.values_transposed))
                 small = self._pair[1].numel() * self._pair[1].element_size() <= self.KEEP_BYTES
                 self._kept.pair = self._pair if small else None
         return self._pair[1], self._pair[2]
@@ -209,9 +210,9 @@ def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> li
     q = hidden.shape[1]
     attn = attention_inputs(blocks.config, mask.to(blocks.device), q, blocks.dtype, blocks.device)
     scratch = _Scratch()
-    transposed = blocks.blocks[first].slowllm_family.keys_transposed
+    layout = cache_layout(blocks.blocks[first].slowllm_family, blocks.dtype, torch.device(blocks.device))
     for layer in range(first, last + 1):
-        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length, scratch, transposed))
+        hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length, scratch, layout))
     hidden = hidden.cpu()
     outs, start = [], 0
     for p in parts:
