@@ -359,3 +359,57 @@ def test_mistral_with_a_sliding_window_and_qwen2_match_transformers(family, mode
         for prompt, out in zip(PROMPTS, outs):
             assert out["token_ids"] == reference_generate(oracle, runner.ends.encode_prompt(prompt), 8), prompt
         assert len({tuple(o["token_ids"]) for o in outs}) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("family,kv_heads", [("gpt_neox", None), ("llama", 4), ("llama", 2)])
+def test_bf16_decode_steps_take_the_attention_that_is_faster_with_the_same_numbers(family, kv_heads, models_dir,
+                                                                                    monkeypatch):
+    """The rotary families call transformers' sdpa, except single-query-per-key-head steps (decode, up to 8
+    new positions) in bf16 where oneDNN computes it: there the family's own eager attention, 3-6x faster
+    (node/engine/_attention.py). Grouped keys (Llama's 4 heads on 2), prompts and fp32 stay on sdpa. The
+    calls are counted; a prompt and decode steps through the caches are as close to the fp32 truth (all
+    positions at once) as with sdpa alone."""
+    import sys
+
+    from slowllm.node.engine import _attention
+    from slowllm.node.engine._blocks import BlockCache
+
+    extra = {} if kv_heads is None else {"num_key_value_heads": kv_heads}
+    path = make_checkpoint(models_dir / f"attention-{family}-{kv_heads}",
+                           tiny_config(n_layer=2, hidden=64, n_head=4, family=family, **extra), seed=8)
+    truth_blocks = ResidentBlocks(Checkpoint(path), 0, 1, torch.float32)
+    blocks = ResidentBlocks(Checkpoint(path), 0, 1, torch.bfloat16)
+    gen = torch.Generator().manual_seed(8)
+    hidden = 3 * torch.randn(2, 14, 64, generator=gen)
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row
+    truth = truth_blocks.forward(hidden, mask, 0, 1)
+    modeling = sys.modules[type(blocks.blocks[0]).__module__]
+    calls = {"sdpa": 0, "eager": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(_attention, "sdpa_attention_forward", counted("sdpa", _attention.sdpa_attention_forward))
+    monkeypatch.setattr(modeling, "eager_attention_forward", counted("eager", modeling.eager_attention_forward))
+
+    def error(runner) -> float:
+        caches = {layer: BlockCache() for layer in range(2)}
+        outs = [runner.forward(hidden[:, :10].to(runner.dtype), mask[:, :10], 0, 1, caches)]  # > 8 positions
+        for t in range(10, 14):
+            outs.append(runner.forward(hidden[:, t:t + 1].to(runner.dtype), mask[:, :t + 1], 0, 1, caches))
+        return (torch.cat(outs, 1).float() - truth).abs().max().item()
+
+    chosen = error(blocks)
+    mha = kv_heads in (None, 4)
+    eager_here = mha and _attention.onednn_attention(torch.bfloat16, torch.device("cpu"))
+    # per block: the prompt, then 4 decode steps
+    assert calls == ({"sdpa": 2, "eager": 8} if eager_here else {"sdpa": 10, "eager": 0}), calls
+    calls.update(sdpa=0, eager=0)
+    error(truth_blocks)  # fp32: sdpa throughout
+    assert calls == {"sdpa": 10, "eager": 0}, calls
+    monkeypatch.setattr(_attention, "eager_pays", lambda *args: False)
+    sdpa_only = error(blocks)
+    assert chosen < 0.03 * truth.abs().max() and chosen <= 1.5 * sdpa_only + 1e-3 * truth.abs().max(), (chosen, sdpa_only)

@@ -8,7 +8,6 @@ batch (not once per block), and keeps the per-block key/value cache that the att
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -18,6 +17,7 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
 
+from ._attention import _HALF, onednn_attention
 from ._families import Family, family_of, intermediate_size, layer_shapes
 
 
@@ -109,30 +109,11 @@ def work_width(config) -> int:
 # within the buffer's spare room (masked: the padding gets no weight), and shapes repeat. PyTorch's own
 # loops (bf16 on an AVX2 PC) build nothing: there padding would only add work.
 KV_BUCKET = 64
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def kv_bucketed(length: int) -> int:
     """`length` rounded up to a multiple of KV_BUCKET."""
     return -(-length // KV_BUCKET) * KV_BUCKET
-
-
-@lru_cache(maxsize=None)
-def _onednn_supports(dtype: torch.dtype) -> bool:
-    ops = torch.ops.mkldnn
-    try:  # what PyTorch's matmuls ask (AVX512 and later on x86; ONEDNN_MAX_CPU_ISA caps it)
-        return bool(ops._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without these checks: the CPU's own bf16 says
-        from slowllm.node.kernels._kernels import native_bf16
-        return dtype == torch.bfloat16 and native_bf16()
-
-
-def onednn_attention(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether PyTorch multiplies attention's matrices of this dtype through oneDNN here: bf16 or fp16 on a
-    CPU whose oneDNN computes that type. Elsewhere on CPU they run PyTorch's own loops (bf16 on an AVX2
-    PC), and fp32 runs MKL."""
-    return (device.type == "cpu" and dtype in _HALF and torch.backends.mkldnn.is_available()
-            and torch._C._get_mkldnn_enabled() and _onednn_supports(dtype))
 
 
 def pads_views(dtype: torch.dtype, device: torch.device) -> bool:

@@ -23,6 +23,10 @@ from torch import nn
 
 from slowllm.protocol import CheckpointError
 
+# The attention function the rotary families' configs name (`config_from_dict`), registered with transformers
+# when a layer is first built (`Family.new_layer`; node/engine/_attention.py).
+ATTENTION = "slowllm"
+
 
 @dataclass(frozen=True)
 class Family:
@@ -59,6 +63,10 @@ class Family:
         return self._load(self.layer_class)
 
     def new_layer(self, config) -> nn.Module:
+        # Registers ATTENTION with transformers; imported here, not with this module, which coordinators and
+        # clients import too: transformers' modeling code costs them ~2 s they need not spend.
+        from . import _attention  # noqa: F401
+
         # layer_idx 0: every block gets a cache object of its own (`BlockCache`), never a shared one
         return self.layer_cls(config, layer_idx=0)
 
@@ -187,9 +195,10 @@ def config_from_dict(raw: dict):
     family = family_named(raw.get("model_type"))
     config = family.config_cls.from_dict(raw)
     if family.rotary_class is not None:
-        # sdpa: transformers' default for these families, and attention without [heads x q x kv] weights in
-        # memory; the mask slowllm builds (causal, padding, holes, window) is passed in full.
-        config._attn_implementation = "sdpa"
+        # transformers' sdpa (its default for these families: attention without [heads x q x kv] weights in
+        # memory), or the family's eager attention for decode steps where that is faster (`_attention`); the
+        # mask slowllm builds (causal, padding, holes, window) is passed in full.
+        config._attn_implementation = ATTENTION
     check_config(family, config)
     return config
 
