@@ -1,7 +1,7 @@
 """Decode speed with every block in RAM, against the memory floor, per kernel build, idle and busy.
 
     python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--inner 3] [--prompts 1 8] [--context 0]
-                           [--isa avx512bf16 avx2] [--engines hf slowllm slowllm8] [--neighbour]
+                           [--isa avx512bf16 avx2] [--engines hf slowllm slowllm8 slowllm16] [--neighbour]
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
 bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess, loads
@@ -16,6 +16,9 @@ tokens moved the result by up to 60 ms/token).
             --keep-in-ram` gives a bf16 checkpoint by default (bf16 where the CPU computes it natively,
             else fp32 activations on the bf16 weights; each run's progress line says which)
   slowllm8  the same on the int8 checkpoint
+  slowllm16 `--dtype bfloat16` asked: bf16 activations and KV caches everywhere (on an AVX2 PC the
+            start-up line offers it to halve the KV caches; where the CPU computes bf16 natively it is
+            what slowllm runs anyway); not run unless named
 Per ISA (`SLOWLLM_ISA`): `avx2` and `avx2vnni` also cap PyTorch, oneDNN and MKL at AVX2
 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), for every engine: an AVX2-only PC
 (without or with AVX-VNNI) on this machine.
@@ -134,7 +137,8 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
         from slowllm.coordinator import LocalRunner, Sampling
         from slowllm.node.kernels._kernels import describe
 
-        runner = LocalRunner(model, keep_in_ram=True, progress=False)
+        runner = LocalRunner(model, keep_in_ram=True, progress=False,
+                             dtype="bfloat16" if engine == "slowllm16" else None)
         parts["dtype"] = str(runner.chain.dtype).removeprefix("torch.")
         parts["prompt_tokens"] = max(len(runner.ends.encode(t)) for t in prompts(max(counts), context))
         parts["kernels"] = describe()
@@ -310,7 +314,7 @@ def main() -> None:
 
     isas = args.isa or runnable_isas()
     model = make_model(args.n_layer)
-    paths = {"hf": model, "slowllm": model, "slowllm8": make_int8(model)}
+    paths = {"hf": model, "slowllm": model, "slowllm8": make_int8(model), "slowllm16": model}
     floor_bytes = {}
     for engine, path in paths.items():
         ck = Checkpoint(path)

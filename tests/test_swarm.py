@@ -141,20 +141,19 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
 
 def test_caches_store_keys_and_values_as_their_attention_reads_them(blocks):
     """Bloom multiplies queries by the keys' transpose (`baddbmm`) and the weights by the values (`bmm`):
-    in fp32 (MKL) and where oneDNN runs them its caches store keys [head_dim, positions] and values as rows
-    (`cache_layout`; the bf16 path of an AVX2 PC, the reverse, is tested below); the rotary families' as
-    sdpa reads them. The views attention gets, a spill to disk and back, and merged passes see the same
-    positions either way (the tests above compare the numbers)."""
+    in fp32 (MKL) its caches store both [head_dim, positions] (`cache_layout`; bf16's layouts are tested
+    below); the rotary families' as sdpa reads them. The views attention gets, a spill to disk and back, and
+    merged passes see the same positions either way (the tests above compare the numbers)."""
     from slowllm.node.engine._blocks import KVLayout
 
     gen = torch.Generator().manual_seed(3)
     caches, mask = _session(blocks, 2, 7, holes=False, gen=gen)
     bloom = blocks.config.model_type == "bloom"
     for cache in caches.values():
-        assert cache.layout == KVLayout(keys_transposed=bloom, values_transposed=False)
+        assert cache.layout == KVLayout(keys_transposed=bloom, values_transposed=bloom)
         stored = cache.state()
-        assert stored["keys"].shape[-1 if bloom else -2] == cache.capacity  # positions last where transposed
-        assert stored["values"].shape[-2] == cache.capacity
+        for name in ("keys", "values"):  # positions last where transposed
+            assert stored[name].shape[-1 if bloom else -2] == cache.capacity
         assert cache.keys.shape[-2:] == (7, cache.values.shape[-1])
         back = BlockCache.from_state(cache.state())
         assert back.layout == cache.layout and torch.equal(back.keys, cache.keys)

@@ -130,24 +130,31 @@ class KVLayout(NamedTuple):
 
 
 # Bloom's attention computes `baddbmm(query, keys.transpose)` and `bmm(probs, values)`, and how fast depends
-# on which path runs them and how the cache stores the matrices (bf16, 16 heads x 128, one query, keys and
-# values seen as L positions of buffers of 1.5 L, us per block on Zen 4; docs/int8-and-kernels.md):
-# - oneDNN (AVX512 CPUs): keys stored transposed 2.7-2.9x faster than as rows at L = 512-2,048, values as
-#   rows 4-14x faster than transposed (153 / 443 us and 111 / 453 at L = 512); prompts (128 queries)
-#   1.3-2.8x. MKL (fp32) and GPUs take the same layout (fp32: keys transposed 1.4-1.7x faster).
+# on which path runs them and how the cache stores the matrices (16 heads x 128 on Zen 4; docs/int8-and-kernels.md):
+# - oneDNN (bf16 on AVX512 CPUs; one query, keys and values seen as L positions of buffers of 1.5 L, in L3):
+#   keys stored transposed 2.7-2.9x faster than as rows at L = 512-2,048, values as rows 4-14x faster than
+#   transposed (153 / 443 us and 111 / 453 at L = 512); prompts (128 queries) 1.3-2.8x. GPUs: the same.
 # - PyTorch's own loops (no oneDNN for the type: bf16 and fp16 on an AVX2 PC): the reverse, by far more:
 #   keys as rows 3.8-17x faster (L = 2,048: 539 us against 9,059), values transposed 5.6-11x (254 / 2,820);
 #   8 queries 6-23x, prompts 6-23x (128 queries at L = 2,048: 54 ms against 1.23 s for the keys alone).
+# - MKL (fp32: fp32 checkpoints, and an AVX2 PC's default activations): keys transposed 1.4-1.7x faster, and
+#   values transposed too: a decode step's attention over 24 blocks' caches read from memory (as in a step,
+#   whose weights push them out of L3), capped at AVX2, one query: at 200 / 600 / 1,500 positions 5.0 / 12.6
+#   / 27.3 ms with values as rows, 5.1 / 10.0 / 18.9 transposed; 8 queries 6.7 / 16.6 / 43.2 against 7.4 /
+#   17.1 / 42.1; prompts alike.
 _TRANSPOSED_KEYS, _TRANSPOSED_VALUES = KVLayout(keys_transposed=True), KVLayout(values_transposed=True)
+_BOTH_TRANSPOSED = KVLayout(keys_transposed=True, values_transposed=True)
 
 
 def cache_layout(family: Family, dtype: torch.dtype, device: torch.device) -> KVLayout:
     """How a block's cache stores its keys and values for the family's attention on this path (above)."""
     if not family.bmm_attention:
         return KVLayout()
-    if device.type == "cpu" and dtype in _HALF and not onednn_attention(dtype, device):
-        return _TRANSPOSED_VALUES
-    return _TRANSPOSED_KEYS
+    if device.type != "cpu":
+        return _TRANSPOSED_KEYS
+    if dtype not in _HALF:
+        return _BOTH_TRANSPOSED
+    return _TRANSPOSED_KEYS if onednn_attention(dtype, device) else _TRANSPOSED_VALUES
 
 
 def kv_view_length(length: int, dtype: torch.dtype, device: torch.device) -> int:
