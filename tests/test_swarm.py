@@ -452,7 +452,8 @@ def decode(merged):
     caches = [{layer: BlockCache() for layer in range(3)} for _ in range(2)]
     outs = [[blocks.forward(hidden[r:r + 1, :8].bfloat16(), mask[r:r + 1, :8], 0, 2, caches[r])] for r in range(2)]
     for t in range(8, 12):
-        parts = [StepPart(hidden[r:r + 1, t:t + 1].bfloat16(), mask[r:r + 1, :t + 1], caches[r], f"s{r}") for r in range(2)]
+        parts = [StepPart(hidden[r:r + 1, t:t + 1].bfloat16(), mask[r:r + 1, :t + 1], caches[r], f"s{r}")
+                 for r in range(2)]
         steps = run_merged_steps(blocks, parts, 0, 2) if merged else [
             blocks.forward(p.hidden, p.mask, 0, 2, p.caches) for p in parts]
         for r in range(2):
