@@ -15,6 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from slowllm.coordinator import make_checkpoint, tiny_config  # noqa: E402
 
+# An AVX2-only PC on an AVX512 machine (as bench/decode.py): PyTorch, oneDNN and MKL capped at AVX2, for
+# subprocesses (they read these before torch loads)
+AVX2_PC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
 LAYOUTS = {
     # name: make_checkpoint keyword arguments
     "st-sharded": dict(fmt="safetensors", sharded=True, prefix=True),

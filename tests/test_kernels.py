@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import AVX2_PC
 from slowllm.coordinator import make_checkpoint, tiny_config
 from slowllm.node.kernels._build import BuildUnavailable, build_extension, build_lock
 from slowllm.node.kernels._kernels import ISA_FLAGS, cpu_flags, kernels_for, native_bf16, runnable_isas
 from slowllm.node.kernels._linears import quantize_rows
 
 ISAS = list(ISA_FLAGS)
-AVX2_PC = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # as bench/decode.py
 
 
 def runnable(isa: str):

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from conftest import AVX2_PC
 from slowllm.coordinator import Sampling, make_checkpoint, tiny_config
 from slowllm.node import Checkpoint
 from slowllm.node.engine._blocks import BlockCache
@@ -484,9 +485,8 @@ def test_bf16_caches_follow_the_path_that_multiplies_them(models_dir):
     import sys
 
     path = make_checkpoint(models_dir / "layouts", tiny_config(n_layer=3, hidden=64, n_head=4, std=0.25), seed=7)
-    avx2_pc = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     procs = {name: subprocess.Popen([sys.executable, "-c", _LAYOUTS, str(path)], stdout=subprocess.PIPE, text=True,
-                                    env={**os.environ, **extra}) for name, extra in (("here", {}), ("avx2", avx2_pc))}
+                                    env={**os.environ, **extra}) for name, extra in (("here", {}), ("avx2", AVX2_PC))}
     runs = {name: json.loads(p.communicate(timeout=300)[0].splitlines()[-1]) for name, p in procs.items()}
     assert runs["avx2"]["onednn"] is False
     for name, run in runs.items():

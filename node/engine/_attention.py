@@ -35,6 +35,9 @@ _HALF = (torch.bfloat16, torch.float16)
 
 @lru_cache(maxsize=None)
 def _onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch's oneDNN computes `dtype` on this CPU (fixed for the process: asked once)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     ops = torch.ops.mkldnn
     try:  # what PyTorch's matmuls ask (AVX512 and later on x86; ONEDNN_MAX_CPU_ISA caps it)
         return bool(ops._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported())
@@ -46,9 +49,9 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
 def onednn_attention(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether PyTorch multiplies attention's matrices of this dtype through oneDNN here: bf16 or fp16 on a
     CPU whose oneDNN computes that type. Elsewhere on CPU they run PyTorch's own loops (bf16 on an AVX2
-    PC), and fp32 runs MKL."""
-    return (device.type == "cpu" and dtype in _HALF and torch.backends.mkldnn.is_available()
-            and torch._C._get_mkldnn_enabled() and _onednn_supports(dtype))
+    PC), and fp32 runs MKL. Asked per block and step: only the user's switch (`torch.backends.mkldnn`) is
+    read each time."""
+    return device.type == "cpu" and dtype in _HALF and torch._C._get_mkldnn_enabled() and _onednn_supports(dtype)
 
 
 def eager_pays(module: torch.nn.Module, query: torch.Tensor) -> bool:
