@@ -390,3 +390,23 @@ def test_sessions_run_in_inference_mode_and_scoring_and_tuning_still_follow(tiny
         assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
         assert len(r.score(data)) == 2
         assert r.generate(PROMPTS[:2], Sampling(max_new_tokens=5)) == first
+
+
+def test_bloom_blocks_run_pytorchs_fused_gelu_with_transformers_numbers(tiny_model):
+    """Bloom's MLP activation is PyTorch's one fused op (`TanhGelu`), not BloomGelu's nine: every block
+    slowllm builds has it, and it is BloomGelu's function, forward and backward (tuning), to fp32 rounding."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    from slowllm.node import Checkpoint
+    from slowllm.node.engine._blocks import TanhGelu, new_block
+
+    for dtype in (torch.float32, torch.bfloat16):
+        kinds = [type(m) for m in new_block(Checkpoint(tiny_model).config, dtype).modules()]
+        assert TanhGelu in kinds and BloomGelu not in kinds
+    x = torch.randn(4096) * 6
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = TanhGelu()(ours), BloomGelu()(theirs)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=2e-6)  # (derivatives up to ~1.13)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+from transformers.models.bloom.modeling_bloom import BloomGelu, build_alibi_tensor
 
 from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
 
@@ -27,12 +27,13 @@ def new_block(config, dtype: torch.dtype, device: torch.device | str = "cpu", in
 
     With `int8`, the block's linears are `Int8Linear`s (an int8 checkpoint's weights and per-row scales);
     in bf16, or with bf16 `linears` under fp32 (`linear_dtype`), they are `GemvLinear`s (decode steps
-    through slowllm's GEMV kernel).
+    through slowllm's GEMV kernel). Bloom's GELU is PyTorch's fused one (`TanhGelu`).
     """
     family = family_of(config)
     bf16_weights = not int8 and torch.bfloat16 in (dtype, linears)
     with torch.device("meta"):
         block = family.new_layer(config)
+        use_fused_gelu(block)
         if int8:
             use_int8_linears(block)
         elif bf16_weights:
@@ -47,6 +48,28 @@ def new_block(config, dtype: torch.dtype, device: torch.device | str = "cpu", in
     block.slowllm_family = family  # how to name its tensors and call it (`load_weights`, `run_block`)
     block.slowllm_shapes = {name: shape for name, shape, _ in layer_shapes(config)}
     return block
+
+
+class TanhGelu(nn.Module):
+    """Bloom's GELU, the tanh approximation, as PyTorch's one fused op (`F.gelu(approximate="tanh")`, with
+    its own backward for tuning) instead of `BloomGelu`'s nine elementwise ops and autograd Function, each
+    dispatched and allocated per block per step. The same function (Megatron's 0.79788456 is sqrt(2/pi)
+    to 8 digits): fp32 outputs within 5e-7 of BloomGelu's, gradients within 1.1e-6 (inputs of |x| <= 16);
+    in bf16, rounded once instead of after each op, nearer the fp32 truth (0.0078 against 0.0089). A
+    bloom-1b7 decode step, one prompt, the two in turns in one process (6 turns each, Zen 4): 0.972x the
+    time with fp32 activations on the AVX2 path (73.2 -> 71.4 ms), ~0.975x in bf16 on avx512bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def use_fused_gelu(block: nn.Module) -> None:
+    """Replace the block's `BloomGelu` (Bloom's MLP activation) by `TanhGelu`; other families' activations
+    are already one op each (ACT2FN)."""
+    for name, module in list(block.named_modules()):
+        if type(module) is BloomGelu:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, attr, TanhGelu())
 
 
 def load_weights(block: torch.nn.Module, tensors: dict[str, torch.Tensor], layer: int) -> None:
