@@ -255,8 +255,10 @@ struct Fp32Weights {
 // (by_input) 4 rows read faster (the 96 block linears and head of a bloom-1b7 token at one row, avx2
 // build, both variants in one process in turns, three sets: 0.905x, 0.939x and 0.975x the time); where it
 // is long, as at Bloom-176B's width (57 and 229 KB in fp32), each tile reads it again from L2, and 4 rows
-// took 1.01-1.13x 6 rows' time. Each row sums exactly as a tile of one does (the rows left over), so a
-// row's numbers are the same whether it ran here or there.
+// took 1.01-1.13x 6 rows' time; bloom-1b7's 4h -> h (32 KB fp32 rows), the 96 block linears in block
+// order, fast turns only, each height against 6 in one process in turns: 4 rows 1.029x (2,456 turns), 8
+// rows 1.013x (1,879). Each row sums exactly as a tile of one does (the rows left over), so a row's
+// numbers are the same whether it ran here or there.
 constexpr int kOneRowTile = kChains == 2 ? 4 : 6;
 
 // Weight rows per tile for one input row read as `input_bytes` a pass (fp32 rows, int8's byte planes):
