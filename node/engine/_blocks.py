@@ -68,8 +68,7 @@ def use_fused_gelu(block: nn.Module) -> None:
     are already one op each (ACT2FN)."""
     for name, module in list(block.named_modules()):
         if type(module) is BloomGelu:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(block.get_submodule(parent_name) if parent_name else block, attr, TanhGelu())
+            block.set_submodule(name, TanhGelu())
 
 
 def load_weights(block: torch.nn.Module, tensors: dict[str, torch.Tensor], layer: int) -> None:

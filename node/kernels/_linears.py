@@ -212,11 +212,8 @@ class GemvLinear(nn.Linear):
 
 def _swap(block: nn.Module, make) -> None:
     """Replace every `nn.Linear` of the block (Bloom's four, Llama's seven...) by `make(linear)`."""
-    linears = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
-    for name in linears:
-        parent_name, _, attr = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, attr, make(getattr(parent, attr)))
+    for name, linear in [(name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]:
+        block.set_submodule(name, make(linear))
 
 
 def use_int8_linears(block: nn.Module) -> None:
