@@ -152,6 +152,30 @@ def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_bf16_results_come_as_fp32_and_large_outputs_in_their_own_pages(isa):
+    """`fp32_out` (the LM head's bf16 logits, which sampling reads in fp32): each value is exactly the
+    bf16 output's, widened, ties, NaN and inf included. Outputs of 2 MB or more (the head's logits for
+    several rows) come from a separate allocation (`new_output`, 2 MB pages) and hold the same numbers."""
+    k = build(isa)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 300, generator=g).bfloat16()
+    w = torch.randn(70, 300, generator=g).bfloat16()
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), float("nan"), float("inf"), 3e38, 1e-30] * 10)
+    for xs, bias in ((x, None), (x, torch.randn(70, generator=g)), (torch.zeros(1, 300).bfloat16(), ties)):
+        got = k.bf16_gemv(xs, w, bias, fp32_out=True)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, k.bf16_gemv(xs, w, bias).float(), rtol=0, atol=0, equal_nan=True)
+    # [8, 65600] outputs: 2.1 MB in fp32 (bf16: 1.05 MB, an ordinary allocation), 8 rows of one product
+    x8 = torch.randn(8, 64, generator=g)
+    wide = torch.randn(65600, 64, generator=g).bfloat16()
+    big = k.bf16_fp32_gemv(x8, wide)
+    assert big.shape == (8, 65600) and big.is_contiguous()
+    assert (big - x8 @ wide.float().T).abs().max() <= 1e-5 * big.abs().max()
+    assert torch.equal(k.bf16_gemv(x8.bfloat16(), wide, fp32_out=True), k.bf16_gemv(x8.bfloat16(), wide).float())
+    assert torch.equal(big[3:4], k.bf16_fp32_gemv(x8[3:4], wide))
+
+
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
 def test_int8_products_are_exact_integer_sums_on_every_build(isa):
     """int8 weights meet the input rows as exact integer sums (node/kernels/_int8.h: VNNI byte dot products on
     amx, avx512bf16 and avx2vnni, int16 multiply-adds on avx2), each row put on a power-of-two grid: 24 bits

@@ -27,8 +27,11 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -616,19 +619,38 @@ __m128i bf16_round8(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-// Where an entry point's fp32 sums Y [M, N] go and its output, in the input's dtype: a fp32 output holds
-// its own sums; a bf16 or fp16 one is rounded (`finish`) from a per-thread buffer, so a call allocates
-// only its output (a fresh fp32 buffer per call cost ~15 us of page faults, ~200 calls per token).
+// A fresh [M, N] output; from 2 MB on (the LM head's logits for several rows: 8 MB for 8 fp32 rows of
+// Bloom's 250,880) in memory Linux may back with 2 MB pages. An allocation that large is a mapping of its
+// own (glibc; slowllm's steady_allocator), and its first writes fault in every 4 KB page: [8, 250880] bf16
+// logits widened to fp32 took 2.5 ms a step with 4 KB pages, 0.6 ms with 2 MB ones (Zen 4, THP "madvise").
+constexpr int64_t kHugePage = 2 << 20;
+torch::Tensor new_output(int64_t M, int64_t N, const at::TensorOptions& options) {
+  const int64_t bytes = M * N * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  void* p = nullptr;
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  if (bytes < kHugePage || posix_memalign(&p, kHugePage, size) != 0) return torch::empty({M, N}, options);
+#if defined(MADV_HUGEPAGE)
+  madvise(p, size, MADV_HUGEPAGE);  // (before the first write; a no-op where huge pages are off)
+#endif
+  return torch::from_blob(p, {M, N}, [](void* q) { std::free(q); }, options);
+}
+
+// Where an entry point's fp32 sums Y [M, N] go and its output, in the input's dtype (or fp32 for
+// `fp32_out`): a fp32 output holds its own sums; a bf16 or fp16 one is rounded (`finish`) from a per-thread
+// buffer, so a call allocates only its output (a fresh fp32 buffer per call cost ~15 us of page faults,
+// ~200 calls per token). `round_bf16`: a fp32 output of bf16 inputs holds each sum rounded to bf16, the
+// numbers of the bf16 output widened (`.float()`) without writing and reading it (bf16_gemv's fp32_out).
 struct Output {
   torch::Tensor out;
   float* Y;
+  bool round_bf16 = false;
 };
-Output output(const torch::Tensor& x, int64_t N) {
+Output output(const torch::Tensor& x, int64_t N, bool fp32_out = false) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "bf16, fp16 or fp32 inputs");
   thread_local std::vector<float> sums;
-  auto out = torch::empty({x.size(0), N}, x.options());
-  if (x.scalar_type() == at::kFloat) return {out, out.data_ptr<float>()};
+  auto out = new_output(x.size(0), N, fp32_out ? x.options().dtype(at::kFloat) : x.options());
+  if (out.scalar_type() == at::kFloat) return {out, out.data_ptr<float>(), fp32_out && x.scalar_type() == at::kBFloat16};
   sums.resize(x.size(0) * N);
   return {out, sums.data()};
 }
@@ -637,7 +659,7 @@ Output output(const torch::Tensor& x, int64_t N) {
 // `.to(dtype)` and a bias add cost as separate ops: two allocations and three passes per linear)
 torch::Tensor finish(const Output& o, const c10::optional<torch::Tensor>& bias) {
   const at::ScalarType dtype = o.out.scalar_type();
-  if (!bias && dtype == at::kFloat) return o.out;
+  if (!bias && dtype == at::kFloat && !o.round_bf16) return o.out;
   thread_local std::vector<float> bias_buffer;
   const int64_t M = o.out.size(0), N = o.out.size(1);
   TORCH_CHECK(!bias || bias->numel() == N, "one bias per output");
@@ -648,13 +670,14 @@ torch::Tensor finish(const Output& o, const c10::optional<torch::Tensor>& bias) 
     int64_t n = 0;
     for (; n + 8 <= N; n += 8) {  // 8 at a time: a head's 250,880 logits per row are no small loop
       const __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + n), b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps());
-      if (dtype == at::kFloat) _mm256_storeu_ps(row + n, v);
+      if (dtype == at::kFloat)
+        _mm256_storeu_ps(row + n, o.round_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16_round8(v)), 16)) : v);
       else _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + m * N + n),
                             dtype == at::kBFloat16 ? bf16_round8(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     }
     for (; n < N; ++n) {
       const float v = row[n] + (b ? b[n] : 0.0f);
-      if (dtype == at::kFloat) row[n] = v;
+      if (dtype == at::kFloat) row[n] = o.round_bf16 ? static_cast<float>(c10::BFloat16(v)) : v;
       else if (dtype == at::kBFloat16) dst[m * N + n] = c10::BFloat16(v).x;  // (rounded to nearest even)
       else dst[m * N + n] = c10::Half(v).x;
     }
@@ -663,12 +686,13 @@ torch::Tensor finish(const Output& o, const c10::optional<torch::Tensor>& bias) 
 }
 }  // namespace
 
-// y [M, N] (x's dtype) = x [M, K] (bf16) @ w [N, K].T (bf16) (+ bias); more than 8 rows run 8 at a time
-torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+// y [M, N] (x's dtype) = x [M, K] (bf16) @ w [N, K].T (bf16) (+ bias); more than 8 rows run 8 at a time.
+// fp32_out: y in fp32, each value the bf16 one (the LM head's bf16 logits, which sampling reads in fp32)
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, bool fp32_out) {
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 x and w");
   g_calls[0]++;
-  const Output o = output(x, w.size(0));
+  const Output o = output(x, w.size(0), fp32_out);
   bf16_input_matmul<Bf16Weights>(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr, o.Y,
                                  w.size(0));
   return finish(o, bias);
@@ -716,7 +740,7 @@ namespace {
 template <typename Weights>
 torch::Tensor fp32_input_gemv(const torch::Tensor& x, const typename Weights::T* W, int64_t N) {
   auto xc = x.contiguous();
-  auto out = torch::empty({x.size(0), N}, x.options());
+  auto out = new_output(x.size(0), N, x.options());
   fp32_matmul<Weights>(xc.data_ptr<float>(), x.size(0), x.size(1), W, nullptr, out.data_ptr<float>(), N);
   return out;
 }
@@ -750,8 +774,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // threads (its event loop sending and reading the next messages, another wave's head) go on meanwhile.
   using nogil = py::call_guard<py::gil_scoped_release>;
   const auto bias = py::arg("bias") = py::none();  // added in fp32 before the one rounding to x's dtype
-  m.def("bf16_gemv", &bf16_gemv, nogil(), py::arg("x"), py::arg("w"), bias,
-        "bf16 x [M, K] @ bf16 w [N, K].T (+ bias), fp32 accumulation");
+  m.def("bf16_gemv", &bf16_gemv, nogil(), py::arg("x"), py::arg("w"), bias, py::arg("fp32_out") = false,
+        "bf16 x [M, K] @ bf16 w [N, K].T (+ bias), fp32 accumulation; fp32_out: the bf16 results as fp32");
   m.def("int8_bf16_gemv", &int8_bf16_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias,
         "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
   m.def("int8_gemv", &int8_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias, py::arg("bits") = 24,
