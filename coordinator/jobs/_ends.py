@@ -188,8 +188,8 @@ class ModelEnds:
     def _chunk_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = hidden.to(weight.dtype)
         if weight.dtype == torch.bfloat16 and weight.is_contiguous() and usable(x, "bf16"):  # decoding: the GEMV kernel
-            # (bf16 logits written as fp32, as `.float()` would give them: 8 rows of Bloom's vocabulary, no
-            # 4 MB bf16 tensor to write and widen: ~2.5 ms a step of page faults and a pass)
+            # (the bf16 logits written as fp32, the numbers `.float()` gives: for 8 rows of Bloom's vocabulary
+            # no 4 MB bf16 tensor to write and widen, 4-5 ms a step of page faults and a pass on Zen 4)
             return kernels().bf16_gemv(x, weight, fp32_out=True)
         if weight.dtype == torch.bfloat16:
             return bf16_linear(x, weight).float()
