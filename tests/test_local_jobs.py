@@ -240,6 +240,32 @@ def test_top_k_and_top_p_restrict_the_choice_and_draws_depend_on_seed_row_and_po
     assert abs(sum(Draws(9).uniform(0, n) for n in range(4000)) / 4000 - 0.5) < 0.02
 
 
+def test_sampling_row_by_row_draws_what_the_batch_and_plain_fp64_sums_draw():
+    """`pick_tokens` takes a row at a time (no [rows, vocabulary] temporaries) and `Draws.sample` sums
+    its CDF in a buffer it keeps: the same probabilities and tokens as the whole batch's ops and a fresh
+    `probs.double().cumsum(0)`, a row's draw still a function of (seed, row, position) alone."""
+    from slowllm.coordinator.jobs._sampling import Draws, pick_tokens, probabilities
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 50_000, generator=g) * 4
+    where = [(0, 3), (5, 9), (2, 2)]
+    for s in (Sampling(temperature=0.7), Sampling(temperature=1.3, top_k=40), Sampling(temperature=0.9, top_p=0.9)):
+        batch = probabilities(logits, s)
+        for j in range(3):
+            assert torch.equal(probabilities(logits[j:j + 1], s)[0], batch[j]), s
+        for seed in range(6):
+            reference = []
+            for j, (row, position) in enumerate(where):
+                cdf = batch[j].double().cumsum(0)
+                u = torch.tensor([Draws(seed).uniform(row, position) * float(cdf[-1])], dtype=torch.float64)
+                reference.append(min(int(torch.searchsorted(cdf, u, right=True)), batch.shape[1] - 1))
+            assert pick_tokens(logits, s, Draws(seed), where).tolist() == reference, (s, seed)
+        draws = Draws(0)  # its kept CDF holds the fp64 sums themselves, after rows of other lengths too
+        draws.sample(batch[0, :99], 0, 0)
+        draws.sample(batch[1], 0, 0)
+        assert torch.equal(draws._cdf, batch[1].double().cumsum(0))
+
+
 def test_greedy_picks_are_torchs_argmax_however_the_largest_lies():
     """`argmax_rows` (greedy decoding, speculative acceptance, scoring's "is the target the argmax") finds
     each row's first largest in two vectorized passes; it must give torch's own indices: ties within and
