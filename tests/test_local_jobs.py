@@ -264,6 +264,11 @@ def test_sampling_row_by_row_draws_what_the_batch_and_plain_fp64_sums_draw():
         draws.sample(batch[0, :99], 0, 0)
         draws.sample(batch[1], 0, 0)
         assert torch.equal(draws._cdf, batch[1].double().cumsum(0))
+    with torch.inference_mode():  # a job's draws made in inference mode draw outside it, and the reverse
+        inside = Draws(1)
+    assert inside.sample(batch[2], 0, 0) == Draws(1).sample(batch[2], 0, 0)
+    with torch.inference_mode():
+        assert Draws(1).sample(batch[2], 0, 1) == inside.sample(batch[2], 0, 1)
 
 
 def test_greedy_picks_are_torchs_argmax_however_the_largest_lies():

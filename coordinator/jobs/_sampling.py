@@ -39,7 +39,8 @@ class Draws:
     def __init__(self, seed: int | None):
         self.seed = seed
         self._own = random.Random()  # unseeded: any numbers will do
-        self._cdf = torch.empty(0, dtype=torch.float64)  # `sample`'s, reused (a job's rows draw one at a time)
+        with torch.inference_mode(False):  # (a normal tensor: updated in place in inference mode or out of it)
+            self._cdf = torch.empty(0, dtype=torch.float64)  # `sample`'s, reused (a job's rows draw one at a time)
 
     def uniform(self, row: int, position: int, use: str = "token") -> float:
         if self.seed is None:
