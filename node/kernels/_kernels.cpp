@@ -623,6 +623,8 @@ __m128i bf16_round8(__m256 v) {
 // Bloom's 250,880) in memory Linux may back with 2 MB pages. An allocation that large is a mapping of its
 // own (glibc; slowllm's steady_allocator), and its first writes fault in every 4 KB page: [8, 250880] bf16
 // logits widened to fp32 took 2.5 ms a step with 4 KB pages, 0.6 ms with 2 MB ones (Zen 4, THP "madvise").
+// (What node/engine/_memory.py's huge_page_empty does for resident weights, here in every entry point at
+// once, rather than an `out` tensor each caller would allocate and pass.)
 constexpr int64_t kHugePage = 2 << 20;
 torch::Tensor new_output(int64_t M, int64_t N, const at::TensorOptions& options) {
   const int64_t bytes = M * N * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
