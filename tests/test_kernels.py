@@ -153,18 +153,21 @@ def test_a_bias_is_added_in_fp32_before_the_one_rounding(isa):
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
 def test_bf16_results_come_as_fp32_and_large_outputs_in_their_own_pages(isa):
-    """`fp32_out` (the LM head's bf16 logits, which sampling reads in fp32): each value is exactly the
-    bf16 output's, widened, ties, NaN and inf included. Outputs of 2 MB or more (the head's logits for
-    several rows) come from a separate allocation (`new_output`, 2 MB pages) and hold the same numbers."""
+    """`fp32_out` (the LM head's bf16 logits, which sampling reads in fp32; bf16 or int8 weights): each
+    value is exactly the bf16 output's, widened, ties, NaN and inf included. Outputs of 2 MB or more (the
+    head's logits for several rows) come from a separate allocation (`new_output`, 2 MB pages) and hold the
+    same numbers."""
     k = build(isa)
     g = torch.Generator().manual_seed(13)
     x = torch.randn(3, 300, generator=g).bfloat16()
     w = torch.randn(70, 300, generator=g).bfloat16()
+    q, scale = quantize_rows(w.float())
     ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), float("nan"), float("inf"), 3e38, 1e-30] * 10)
     for xs, bias in ((x, None), (x, torch.randn(70, generator=g)), (torch.zeros(1, 300).bfloat16(), ties)):
-        got = k.bf16_gemv(xs, w, bias, fp32_out=True)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, k.bf16_gemv(xs, w, bias).float(), rtol=0, atol=0, equal_nan=True)
+        for entry, weights in ((k.bf16_gemv, (w,)), (k.int8_bf16_gemv, (q, scale))):
+            got = entry(xs, *weights, bias, fp32_out=True)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, entry(xs, *weights, bias).float(), rtol=0, atol=0, equal_nan=True)
     # [8, 65600] outputs: 2.1 MB in fp32 (bf16: 1.05 MB, an ordinary allocation), 8 rows of one product
     x8 = torch.randn(8, 64, generator=g)
     wide = torch.randn(65600, 64, generator=g).bfloat16()
@@ -173,6 +176,10 @@ def test_bf16_results_come_as_fp32_and_large_outputs_in_their_own_pages(isa):
     assert (big - x8 @ wide.float().T).abs().max() <= 1e-5 * big.abs().max()
     assert torch.equal(k.bf16_gemv(x8.bfloat16(), wide, fp32_out=True), k.bf16_gemv(x8.bfloat16(), wide).float())
     assert torch.equal(big[3:4], k.bf16_fp32_gemv(x8[3:4], wide))
+    q, scale = quantize_rows(wide.float())
+    wide8 = k.int8_bf16_gemv(x8.bfloat16(), q, scale, fp32_out=True)
+    assert torch.equal(wide8, k.int8_bf16_gemv(x8.bfloat16(), q, scale).float())
+    assert torch.equal(wide8[3:4], k.int8_bf16_gemv(x8[3:4].bfloat16(), q, scale, fp32_out=True))
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
@@ -305,11 +312,14 @@ def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_di
         assert run["tokens"] == runs[isas[0]]["tokens"], isa
 
 
-def test_a_resident_bf16_head_decodes_in_one_product_with_the_chunks_numbers(models_dir):
-    """Decoding in bf16 with the head in RAM: one kernel call for the whole head, logits equal (torch.equal)
-    to the head read from disk in chunks, row by row or several rows at once."""
+@pytest.mark.parametrize("stored", ["bf16", "int8"])
+def test_a_resident_head_decodes_in_one_product_with_the_chunks_numbers(models_dir, stored):
+    """Decoding in bf16 with the head in RAM (bf16, or int8 rows and scales): one kernel call for the whole
+    head, logits equal (torch.equal) to the head's chunks (bf16: read from disk; int8: the resident rows a
+    chunk at a time, as before), row by row or several rows at once."""
     from slowllm.coordinator.jobs._ends import ModelEnds
     from slowllm.node import Checkpoint
+    from slowllm.node.engine._quantize import quantize_checkpoint
     from slowllm.node.kernels._kernels import kernels
 
     k = kernels()
@@ -319,15 +329,25 @@ def test_a_resident_bf16_head_decodes_in_one_product_with_the_chunks_numbers(mod
     model = models_dir / "kernels-bf16"
     if not (model / "config.json").exists():
         make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    if stored == "int8":
+        if not (models_dir / "kernels-int8" / "config.json").exists():
+            quantize_checkpoint(model, models_dir / "kernels-int8")
+        model = models_dir / "kernels-int8"
+    entry = "bf16_gemv" if stored == "bf16" else "int8_bf16_gemv"
     # (chunks of 4 KB: a resident head, too, was computed chunk by chunk)
     resident = ModelEnds(Checkpoint(model), dtype=torch.bfloat16, head_chunk_bytes=4096)
     chunked = ModelEnds(Checkpoint(model), dtype=torch.bfloat16, resident_embedding=False, head_chunk_bytes=4096)
     assert chunked.head_chunk_rows < chunked.vocab_size
     hidden = torch.randn(3, resident.hidden_size, generator=torch.Generator().manual_seed(0))
-    before = k.calls()["bf16_gemv"]
+    before = k.calls()[entry]
     whole = resident.logits(hidden)
-    assert k.calls()["bf16_gemv"] == before + 1 and whole.dtype == torch.float32
-    assert torch.equal(whole, chunked.logits(hidden))
+    assert k.calls()[entry] == before + 1 and whole.dtype == torch.float32
+    if stored == "bf16":
+        assert torch.equal(whole, chunked.logits(hidden))
+    else:  # (from disk, int8 chunks are converted to bf16 weights: rounded, other numbers)
+        x, chunks = hidden.bfloat16(), list(resident._stored_chunks())
+        assert len(chunks) > 1
+        assert torch.equal(whole, torch.cat([k.int8_bf16_gemv(x, q, scale).float() for _, q, scale in chunks], 1))
     assert torch.equal(whole[1:2], resident.logits(hidden[1:2]))
 
 

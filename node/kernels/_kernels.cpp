@@ -702,15 +702,17 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 
 // y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8: exact integer sums
 // (_int8.h: VNNI byte dot products on amx, avx512bf16 and avx2vnni, int16 multiply-adds on avx2), any
-// number of rows, each its own sum.
-torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+// number of rows, each its own sum. fp32_out: the bf16 results held as fp32, as bf16_gemv's (an int8 LM
+// head's logits in one call, where chunks of bf16 logits were copied into a fp32 [M, V]).
+torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                             bool fp32_out) {
   check(x, q);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar, "bf16 x, int8 q");
   TORCH_CHECK(scale.numel() == q.size(0), "one scale per row");
   g_calls[1]++;
   thread_local std::vector<float> scale_buffer;
   const float* S = as_floats(scale, scale_buffer);
-  const Output o = output(x, q.size(0));
+  const Output o = output(x, q.size(0), fp32_out);
   auto xc = x.contiguous();
   int8_matmul<2>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), x.size(0), x.size(1),
                  q.data_ptr<int8_t>(), S, o.Y, q.size(0));
@@ -779,7 +781,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, nogil(), py::arg("x"), py::arg("w"), bias, py::arg("fp32_out") = false,
         "bf16 x [M, K] @ bf16 w [N, K].T (+ bias), fp32 accumulation; fp32_out: the bf16 results as fp32");
   m.def("int8_bf16_gemv", &int8_bf16_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias,
-        "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer or fp32 accumulation");
+        py::arg("fp32_out") = false,
+        "bf16 x [M, K] @ (int8 q [N, K] * scale [N]).T (+ bias), exact integer sums; fp32_out: the bf16 results as fp32");
   m.def("int8_gemv", &int8_gemv, nogil(), py::arg("x"), py::arg("q"), py::arg("scale"), bias, py::arg("bits") = 24,
         "x [M, K] (as fp32) @ (int8 q [N, K] * scale [N]).T (+ bias), the inputs on a grid of 2^-bits (24 or 16)");
   m.def("bf16_fp32_gemv", &bf16_fp32_gemv, nogil(), py::arg("x"), py::arg("w"), bias,
