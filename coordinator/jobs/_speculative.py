@@ -83,17 +83,19 @@ def load_draft(model: str, target: Checkpoint, *, dtype: torch.dtype | None, dev
 
 # ---- acceptance ----------------------------------------------------------------------------------
 def accept(p: torch.Tensor | None, q: list[torch.Tensor] | None, target_logits: torch.Tensor,
-           drafted: torch.Tensor, draws: Draws | None = None, row: int = 0, at: int = 0) -> tuple[int, int]:
+           drafted: torch.Tensor, draws: Draws | None = None, row: int = 0, at: int = 0,
+           best: torch.Tensor | None = None) -> tuple[int, int]:
     """For one row: how many of the k drafted tokens stay, and the big model's own next token.
 
     `target_logits` [k+1, V] are the big model's logits after each of x, d1..dk; `drafted` [k] the draft's
     tokens. Greedy when `p` is None; otherwise `p` [k+1, V] are the big model's sampling probabilities
     (temperature, top-k, top-p applied) and `q[i]` [V] the draft's, from which drafted[i] was sampled;
     the random numbers are `draws`' for row `row`, the drafts sitting at positions at, at+1, ...
+    `best`: greedy, `argmax_rows(target_logits)` if the caller has it already (a batch's rows in one call).
     """
     k = drafted.shape[0]
     if p is None:
-        best = argmax_rows(target_logits)
+        best = argmax_rows(target_logits) if best is None else best
         agree = (best[:k] == drafted).long()
         n = int(agree.cumprod(0).sum()) if k else 0
         return n, int(best[n])
