@@ -245,7 +245,7 @@ class ModelEnds:
             # each chunk's logits were converted, then copied into a fresh [N, V]: 8 rows of the bloom-1b7
             # shape 42 -> 39 ms; the same numbers, each row's product being its own)
             return self._chunk_logits(hidden, whole)
-        if (self.checkpoint.int8 and whole is not None and whole.is_contiguous() and self.dtype == torch.bfloat16
+        if (whole is not None and whole.dtype == torch.int8 and whole.is_contiguous() and self.dtype == torch.bfloat16
                 and usable(hidden, "int8")):
             # decoding with a resident int8 head: the kernel over all of it, the bf16 logits written as
             # fp32 (chunk by chunk, each chunk's bf16 logits were copied into a fresh fp32 [N, V]; the same
