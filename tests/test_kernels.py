@@ -85,7 +85,37 @@ def test_each_build_matches_float_references(isa):
             assert torch.equal(k.int8_bf16_gemv(x, q, scale)[-1:], k.int8_bf16_gemv(x[-1:], q, scale))
     after = k.calls()  # the kernels themselves ran, not a fallback
     ran = {name: after[name] - before[name] for name in after}
-    assert ran == {"bf16_gemv": 120, "int8_bf16_gemv": 120, "int8_gemv": 160, "bf16_fp32_gemv": 80, "fp32_gemv": 80}, ran
+    assert ran == {"bf16_gemv": 120, "int8_bf16_gemv": 120, "int8_gemv": 160, "bf16_fp32_gemv": 80, "fp32_gemv": 80,
+                   "bf16_lookup": 0}, ran
+
+
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_a_bf16_table_gives_the_ops_numbers_bit_for_bit(isa):
+    """`bf16_lookup` (Bloom's GELU in bf16 decoding): a table that PyTorch's own GELU filled over every
+    bf16 value (NaN, inf, -0 and subnormals included) answers what that op answers in whole vectors, as a
+    decode step's activations are (one or 8 rows of 8,192); any shape, contiguous or not, is looked up
+    element by element; a wrong table is refused."""
+    import torch.nn.functional as F
+
+    from slowllm.node.engine._blocks import _bf16_gelu_table
+
+    k = build(isa)
+    table = _bf16_gelu_table()
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for half in every.split(32768):  # (one call on one thread each: whole vectors, as the table was made)
+        torch.testing.assert_close(k.bf16_lookup(half, table), F.gelu(half, approximate="tanh"), rtol=0, atol=0,
+                                   equal_nan=True)
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 8):
+        x = (torch.randn(rows, 1, 8192, generator=g) * 4).bfloat16()
+        assert torch.equal(k.bf16_lookup(x, table), F.gelu(x, approximate="tanh")), rows
+    for shape in ((3, 40000), (5, 7)):
+        x = (torch.randn(shape, generator=g) * 4).bfloat16()
+        for view in (x, x.t()):
+            looked_up = table[view.contiguous().view(torch.int16).long() & 0xFFFF]
+            assert torch.equal(k.bf16_lookup(view, table), looked_up), shape
+    with pytest.raises(RuntimeError, match="every bf16 value"):
+        k.bf16_lookup(x, table[:100])
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import hf_logprob, hf_model
 from slowllm.coordinator import LocalRunner, Sampling, TuneOptions
@@ -441,3 +442,17 @@ def test_bloom_blocks_run_pytorchs_fused_gelu_with_transformers_numbers(tiny_mod
     out.sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=2e-6)  # (derivatives up to ~1.13)
+    # bf16 without autograd runs slowllm's table of PyTorch's answers (where the kernels are built): the
+    # same numbers; with autograd (tuning), PyTorch's op and its backward
+    from slowllm.node.kernels._kernels import kernels
+
+    k = kernels()
+    x16 = x.bfloat16()
+    before = k.calls()["bf16_lookup"] if k else 0
+    with torch.no_grad():
+        assert torch.equal(TanhGelu()(x16), F.gelu(x16, approximate="tanh"))
+    if k:
+        assert k.calls()["bf16_lookup"] == before + 1
+    tuned = x16.clone().requires_grad_()
+    TanhGelu()(tuned).float().sum().backward()
+    assert tuned.grad is not None and (k is None or k.calls()["bf16_lookup"] == before + 1)
