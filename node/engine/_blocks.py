@@ -80,8 +80,7 @@ def _bf16_gelu_table() -> torch.Tensor:
     than PyTorch's grain), all of it whole vectors. (PyTorch's scalar loop, which it runs past the last
     whole vector of a thread's share, rounds a few values otherwise: GELU(-5.09375) is -1.5e-7 there and
     -0 in the vectors. Decode steps' activations, 8,192 or 57,344 a row, are whole vectors.)"""
-    bits = torch.arange(65536, dtype=torch.int32)
-    every = (bits - (bits >> 15 << 16)).to(torch.int16).view(torch.bfloat16)  # bit patterns 0..65535, in order
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # bits 0..65535 (wrapped)
     with torch.inference_mode(False):  # a normal tensor, whichever pass asks first
         return torch.cat([F.gelu(half, approximate="tanh") for half in every.split(32768)])
 

@@ -771,6 +771,9 @@ torch::Tensor fp32_gemv(torch::Tensor x, torch::Tensor w) {
 // PyTorch's own op filled once (Bloom's GELU: `F.gelu(approximate="tanh")` over every bf16 value) gives
 // that op's numbers bit for bit at a load per element. PyTorch's bf16 GELU widens each element, takes a
 // vectorized tanh and rounds: at 8 prompts' [8, 8192] 77 us a block against 22, at one prompt's 19 against 3.
+// Elements a thread takes at least; a share that large first asks for the whole table (128 KB) into L2,
+// which the weights' streams have pushed out (one row's 8,192 lookups find too few of its lines to pay)
+constexpr int64_t kLookupShare = 16384;
 torch::Tensor bf16_lookup(torch::Tensor x, torch::Tensor table) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && table.scalar_type() == at::kBFloat16, "bf16 x and table");
   TORCH_CHECK(table.numel() == 65536 && table.is_contiguous(), "a table of every bf16 value's answer, in bit order");
@@ -781,8 +784,8 @@ torch::Tensor bf16_lookup(torch::Tensor x, torch::Tensor table) {
   const auto* in = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const auto* answers = reinterpret_cast<const uint16_t*>(table.data_ptr<at::BFloat16>());
   auto* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, xc.numel(), 16384, [&](int64_t begin, int64_t end) {
-    if (end - begin >= 16384)  // (the weights' streams have pushed the table out; a one-row share finds too few of its lines)
+  at::parallel_for(0, xc.numel(), kLookupShare, [&](int64_t begin, int64_t end) {
+    if (end - begin >= kLookupShare)
       for (int64_t i = 0; i < 65536; i += 32) _mm_prefetch(reinterpret_cast<const char*>(answers + i), _MM_HINT_T1);
     for (int64_t i = begin; i < end; ++i) y[i] = answers[in[i]];
   });
