@@ -86,7 +86,7 @@ def test_each_build_matches_float_references(isa):
     after = k.calls()  # the kernels themselves ran, not a fallback
     ran = {name: after[name] - before[name] for name in after}
     assert ran == {"bf16_gemv": 120, "int8_bf16_gemv": 120, "int8_gemv": 160, "bf16_fp32_gemv": 80, "fp32_gemv": 80,
-                   "bf16_lookup": 0}, ran
+                   "bf16_lookup": 0, "attention_bmm": 0}, ran
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
@@ -116,6 +116,45 @@ def test_a_bf16_table_gives_the_ops_numbers_bit_for_bit(isa):
             assert torch.equal(k.bf16_lookup(view, table), looked_up), shape
     with pytest.raises(RuntimeError, match="every bf16 value"):
         k.bf16_lookup(x, table[:100])
+
+
+@pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
+def test_attention_products_are_pytorchs_up_to_rounding_in_every_layout(isa):
+    """`attention_bmm` (a decode step's `baddbmm` and `bmm` in Bloom's attention) against fp64 references:
+    bf16 and fp32, 1-8 queries, row ends of every remainder, the cache's matrices as strided views in both
+    layouts (n or k contiguous), a broadcast alibi, alpha and beta (beta 0: NaN in c ignored, as PyTorch
+    does); each query's numbers the same alone as beside the others; empty and refused shapes."""
+    k = build(isa)
+    g = torch.Generator().manual_seed(11)
+    before = k.calls()["attention_bmm"]
+    calls = 0
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 8e-3)):
+        for heads, m, kk, n in ((3, 1, 128, 25), (2, 1, 128, 33), (2, 3, 128, 7), (4, 8, 64, 130), (1, 5, 40, 8),
+                                (2, 1, 300, 128), (2, 2, 7, 128), (1, 1, 1, 1)):
+            a = torch.randn(heads, m, kk, generator=g).to(dtype)
+            rows = torch.randn(heads, kk, n + 5, generator=g).to(dtype)[:, :, :n]  # n contiguous (keys stored transposed)
+            dots = torch.randn(heads, n + 3, kk, generator=g).to(dtype)[:, :n].transpose(1, 2)  # k contiguous
+            c = torch.randn(heads, 1, n, generator=g).to(dtype)
+            for b in (rows, dots):
+                want = (0.5 * c.double() + 0.125 * (a.double() @ b.double()))
+                got = k.attention_bmm(a, b, c, 0.125, 0.5)
+                assert got.dtype == dtype and got.shape == (heads, m, n)
+                torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+                torch.testing.assert_close(k.attention_bmm(a, b).double(), a.double() @ b.double(), rtol=tol,
+                                           atol=tol * (a.double() @ b.double()).abs().max().item())
+                for q in range(m):  # batch invariance: a query alone gets its numbers from the batch
+                    assert torch.equal(k.attention_bmm(a[:, q:q + 1], b, c, 0.125, 0.5), got[:, q:q + 1])
+                calls += 2 + m
+    nan = torch.full((2, 1, 9), float("nan"))
+    a, b = torch.randn(2, 1, 16, generator=g), torch.randn(2, 16, 9, generator=g)
+    assert torch.equal(k.attention_bmm(a, b, nan, 1.0, 0.0), k.attention_bmm(a, b))
+    assert k.attention_bmm(torch.ones(0, 1, 4), torch.ones(0, 4, 3)).shape == (0, 1, 3)
+    calls += 3
+    assert k.calls()["attention_bmm"] == before + calls  # the kernel itself ran, every time
+    with pytest.raises(RuntimeError, match="at most 8 queries"):
+        k.attention_bmm(torch.ones(1, 9, 4), torch.ones(1, 4, 3))
+    with pytest.raises(RuntimeError, match="both bf16 or both fp32"):
+        k.attention_bmm(torch.ones(1, 1, 4), torch.ones(1, 4, 3, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])

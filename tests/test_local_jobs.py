@@ -414,7 +414,10 @@ def test_sessions_run_in_inference_mode_and_scoring_and_tuning_still_follow(tiny
         cache = session.caches[0]
         assert out.is_inference() and cache.keys.is_inference() and cache.values.is_inference()
         plain = blocks.forward(hidden, mask, 0, blocks.last)
-        assert not plain.is_inference() and torch.equal(plain, out)
+        assert not plain.is_inference()
+        # (the session's 3 new positions multiply attention in slowllm's kernel, the stateless pass in
+        # PyTorch's GEMM: the same up to fp32 rounding)
+        torch.testing.assert_close(plain, out, rtol=1e-5, atol=1e-5)
         session.close()
         losses = []
         r.tune(data, TuneOptions(prompt_tokens=2, steps=2, lr=0.05, batch_size=2), tmp_path / "p.safetensors",

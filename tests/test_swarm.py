@@ -89,8 +89,9 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
     (decode steps: the whole buffer; longer steps: to KV_BUCKET positions), so oneDNN meets each shape
     again and multiplies tensors that fill their buffers. The padding, zeros or a rolled-back draft's keys, gets no weight: a prompt and
     decode steps through the caches, alone and merged, are as close to the fp32 truth as with unpadded
-    views (their rounding may differ: sdpa sums a padded row in another order)."""
-    from slowllm.node.engine import _blocks
+    views (their rounding may differ: sdpa sums a padded row in another order). Where slowllm's kernel
+    multiplies Bloom's decode steps it is shown exact views (it reads what it is shown), as close."""
+    from slowllm.node.engine import _blocks, _merge
 
     extra = {"num_key_value_heads": 2} if family == "llama" else {}
     path = make_checkpoint(models_dir / f"pad-{family}", tiny_config(n_layer=3, hidden=64, n_head=4, family=family,
@@ -120,13 +121,16 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
         return (torch.cat([torch.cat(o, dim=1) for o in outs]).float() - truth).abs()
 
     seen: set = set()  # the key lengths attention saw through the sessions' caches
-    update = BlockCache.update
+    append = BlockCache.append
 
     def spy(self, *args, **kwargs):
-        keys, values = update(self, *args, **kwargs)
+        keys, values = append(self, *args, **kwargs)
         seen.add(keys.shape[-2])
         return keys, values
-    monkeypatch.setattr(BlockCache, "update", spy)
+    monkeypatch.setattr(BlockCache, "append", spy)
+    products = _blocks.kernel_products  # (PyTorch's ops multiply here: slowllm's kernel reads exact views, below)
+    for module in (_blocks, _merge):
+        monkeypatch.setattr(module, "kernel_products", lambda dtype, device: False)
     bucket = _blocks.KV_BUCKET
     with monkeypatch.context() as unpadded:
         unpadded.setattr(_blocks, "pads_views", lambda dtype, device: False)
@@ -138,23 +142,35 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
         # the prompt pass's buffers are exact (seen unpadded); decode steps see the whole grown buffer
         assert seen == {5, 5 + BlockCache.GROW_MIN}
         assert padded.max() <= 1.25 * exact.max() and padded.mean() <= 1.1 * exact.mean(), (merged, padded, exact)
+    if family == "bloom" and products(torch.bfloat16, torch.device("cpu")):
+        for module in (_blocks, _merge):  # Bloom's decode steps in slowllm's kernel: exact views
+            monkeypatch.setattr(module, "kernel_products", products)
+        for merged in (False, True):
+            seen.clear()
+            got = error(bucket, merged)
+            assert merged or seen == {5, 6, 7, 8, 9}
+            assert got.max() <= 1.25 * exact.max() and got.mean() <= 1.1 * exact.mean(), (merged, got, exact)
 
 
 def test_caches_store_keys_and_values_as_their_attention_reads_them(blocks):
     """Bloom multiplies queries by the keys' transpose (`baddbmm`) and the weights by the values (`bmm`):
-    in fp32 (MKL) its caches store both [head_dim, positions] (`cache_layout`; bf16's layouts are tested
-    below); the rotary families' as sdpa reads them. The views attention gets, a spill to disk and back, and
-    merged passes see the same positions either way (the tests above compare the numbers)."""
+    in fp32 its caches store keys [head_dim, positions] and values as rows where slowllm's kernel
+    multiplies decode steps' attention, both [head_dim, positions] where MKL does (`cache_layout`; bf16's
+    layouts are tested below); the rotary families' as sdpa reads them. The views attention gets, a spill
+    to disk and back, and merged passes see the same positions either way (the tests above compare the
+    numbers)."""
+    from slowllm.node.engine._attention_products import usable
     from slowllm.node.engine._blocks import KVLayout
 
     gen = torch.Generator().manual_seed(3)
     caches, mask = _session(blocks, 2, 7, holes=False, gen=gen)
     bloom = blocks.config.model_type == "bloom"
     for cache in caches.values():
-        assert cache.layout == KVLayout(keys_transposed=bloom, values_transposed=bloom)
+        values_transposed = bloom and not usable(torch.float32, "cpu")
+        assert cache.layout == KVLayout(keys_transposed=bloom, values_transposed=values_transposed)
         stored = cache.state()
-        for name in ("keys", "values"):  # positions last where transposed
-            assert stored[name].shape[-1 if bloom else -2] == cache.capacity
+        for name, transposed in (("keys", bloom), ("values", values_transposed)):  # positions last where transposed
+            assert stored[name].shape[-1 if transposed else -2] == cache.capacity
         assert cache.keys.shape[-2:] == (7, cache.values.shape[-1])
         back = BlockCache.from_state(cache.state())
         assert back.layout == cache.layout and torch.equal(back.keys, cache.keys)
@@ -167,6 +183,43 @@ def test_caches_store_keys_and_values_as_their_attention_reads_them(blocks):
     merged = run_merged_steps(blocks, [step, beside], 0, 2)[0]
     torch.testing.assert_close(merged, blocks.forward(step.hidden, step.mask, 0, 2, twin), **CLOSE)
     assert all(c.length == 8 for c in caches.values())
+
+
+def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks):
+    """A Bloom block's decode steps (alone, merged, a speculative check of 3) hand attention `DecodeKV`, so
+    its `baddbmm` and `bmm` run `attention_bmm` (two calls per block; none for the rotary families, whose
+    attention is transformers' sdpa or eager); the outputs are PyTorch's ops' up to fp32 rounding (the same
+    steps with the kernel's hand-off switched off) and a prompt pass (more than 8 queries) stays PyTorch's."""
+    from slowllm.node.engine import _blocks, _merge
+    from slowllm.node.kernels import kernels
+
+    k = kernels()
+    if k is None:
+        pytest.skip("no kernels built here (SLOWLLM_ISA=none or no compiler)")
+    bloom = blocks.config.model_type == "bloom"
+    gen = torch.Generator().manual_seed(9)
+    caches, mask = _session(blocks, 2, 11, holes=False, gen=gen)  # (a prompt pass of 11: no kernel products)
+    other, other_mask = _session(blocks, 1, 6, holes=False, gen=gen)
+    twins = (_clone(caches), _clone(other))
+    hand_off = _blocks.for_attention
+    three, step, beside = (torch.randn(rows, new, 64, generator=gen) for rows, new in ((2, 3), (2, 1), (1, 1)))
+    outs = []
+    for on, (c, o) in ((True, (caches, other)), (False, twins)):
+        _blocks.for_attention = _merge.for_attention = hand_off if on else (lambda keys, values, new: (keys, values))
+        try:
+            before = k.calls()["attention_bmm"]
+            alone = blocks.forward(three, torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1), 0, 2, c)
+            one = torch.ones(2, 1, dtype=torch.long)
+            parts = [StepPart(step, torch.cat([mask, one, one, one, one], 1), c, "s"),
+                     StepPart(beside, torch.cat([other_mask, one[:1]], 1), o, "t")]
+            merged = run_merged_steps(blocks, parts, 0, 2)
+            ran = k.calls()["attention_bmm"] - before
+        finally:
+            _blocks.for_attention = _merge.for_attention = hand_off
+        outs.append((alone, *merged))
+        assert ran == ((3 * 2 * 2) if on and bloom else 0), ran  # 3 blocks x 2 products x 2 passes
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, **CLOSE)
 
 
 def test_merged_forwards_equal_each_alone(blocks):

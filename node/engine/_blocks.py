@@ -20,6 +20,8 @@ from slowllm.node.kernels._kernels import kernels
 from slowllm.node.kernels._linears import use_gemv_linears, use_int8_linears
 
 from ._attention import _HALF, onednn_attention
+from ._attention_products import for_attention
+from ._attention_products import usable as kernel_products
 from ._families import Family, family_of, intermediate_size, layer_shapes
 
 
@@ -196,8 +198,8 @@ def cache_layout(family: Family, dtype: torch.dtype, device: torch.device) -> KV
         return KVLayout()
     if device.type != "cpu":
         return _TRANSPOSED_KEYS
-    if dtype not in _HALF:
-        return _BOTH_TRANSPOSED
+    if dtype not in _HALF:  # (fp32: values as rows where slowllm's kernel multiplies decode steps' attention)
+        return _TRANSPOSED_KEYS if kernel_products(dtype, device) else _BOTH_TRANSPOSED
     return _TRANSPOSED_KEYS if onednn_attention(dtype, device) else _TRANSPOSED_VALUES
 
 
@@ -211,7 +213,9 @@ def kv_view_length(length: int, dtype: torch.dtype, device: torch.device) -> int
 # into a larger one (bf16, 16 heads, 1,088 positions in a buffer of 1,100: the scores 398 -> 207 us, the
 # weighted values 329 -> 140 us; the whole of a buffer of 1,632 still beats 1,088 of it: 370 / 233 us), and
 # its shape changes only when the buffer grows. Scores grow with the spare room (at most half as many
-# positions again), so longer steps keep views padded to KV_BUCKET.
+# positions again), so longer steps keep views padded to KV_BUCKET. Where slowllm's kernel multiplies a Bloom
+# decode step's attention (_attention_products.py) the step sees exact views: the kernel's time follows the
+# positions it is shown, whatever the buffer.
 WHOLE_VIEW_MAX_NEW = 8
 
 
@@ -308,6 +312,7 @@ class BlockCache:
     """
 
     GROW_MIN = 64  # positions added at least when a buffer grows
+    products = False  # hand a decode step's keys and values to attention as DecodeKV (`run_block` sets it)
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
                  length: int | None = None, limit: int | None = None, layout: KVLayout = KVLayout()):
@@ -347,8 +352,8 @@ class BlockCache:
         capacity = self.capacity if total <= self.capacity else self.capacity_for(total - self._length)
         if not pads_views(dtype, device):
             return total
-        if total - self._length <= WHOLE_VIEW_MAX_NEW:
-            return capacity
+        if total - self._length <= WHOLE_VIEW_MAX_NEW:  # (slowllm's kernel reads what it is shown: exact)
+            return total if self.products and kernel_products(dtype, device) else capacity
         return max(total, min(kv_bucketed(total), capacity))
 
     @property
@@ -360,6 +365,13 @@ class BlockCache:
         return None if self._values is None else self._values[..., : self._length, :]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append the new positions; return the keys and values attention sees (`append`), for a Bloom
+        block's decode step as `DecodeKV`: its two products then run slowllm's kernel
+        (_attention_products.py)."""
+        keys_seen, values_seen = self.append(keys, values)
+        return for_attention(keys_seen, values_seen, keys.shape[-2]) if self.products else (keys_seen, values_seen)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new positions; return the keys and values attention sees: the filled part, padded
         to `kv_view_length` (`run_block` pads the mask alike). Slots past the filled part hold zeros or
         rolled-back positions: finite numbers under a masked score, so they get exactly zero weight."""
@@ -416,6 +428,8 @@ class BlockCache:
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, attn: AttentionInputs,
               cache: BlockCache | None = None) -> torch.Tensor:
     family = block.slowllm_family
+    if cache is not None:  # (a session's cache may come from a store without its family: set each time)
+        cache.products = family.bmm_attention
     if isinstance(cache, BlockCache):  # its keys come padded (`BlockCache.update`): the mask too
         if cache.capacity == 0:
             cache.lay_out(cache_layout(family, attn.mask.dtype, attn.mask.device))

@@ -25,6 +25,8 @@ import torch
 
 from ._blocks import (SCORE_BYTES, BlockCache, KVLayout, attention_inputs, cache_layout, kv_buffer, kv_bucketed,
                       kv_view_length, run_block)
+from ._attention_products import MAX_QUERIES, for_attention
+from ._attention_products import usable as kernel_products
 from ._families import kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
@@ -107,6 +109,7 @@ class MergedCache:
         self.q = max(p.new for p in parts)
         self.past = length - self.q  # (at least the longest past: more where the view is padded)
         self.layout = layout  # stored as the sessions' `BlockCache`s store them (`cache_layout`)
+        self.products = False  # as `BlockCache.products` (`run_block` sets it)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         out_k, out_v = self.scratch.pair((*keys.shape[:-2], self.past + self.q, keys.shape[-1]), keys.dtype,
@@ -119,11 +122,11 @@ class MergedCache:
                 k, v = k.narrow(-2, self.q - p.new, p.new), v.narrow(-2, self.q - p.new, p.new)
             cache = p.caches[self.layer]
             cache.lay_out(self.layout)
-            k, v = cache.update(k, v, layer_idx)
+            k, v = cache.append(k, v)
             for offset, n, to_k, to_v in segments:
                 to_k.copy_(k.narrow(-2, offset, n))
                 to_v.copy_(v.narrow(-2, offset, n))
-        return out_k, out_v
+        return for_attention(out_k, out_v, self.q) if self.products else (out_k, out_v)
 
     def _slots(self, out_k: torch.Tensor, out_v: torch.Tensor) -> list:
         """Where each part's cached positions go in the padded views: (part, first row, [(offset in its
@@ -175,9 +178,14 @@ class _Scratch:
         return self._pair[1], self._pair[2]
 
 
-def merged_length(parts: list[StepPart], dtype: torch.dtype, device) -> int:
-    """The key length of a merged pass: the longest past plus Q, padded as `kv_view_length` pads."""
-    return kv_view_length(max(p.past for p in parts) + max(p.new for p in parts), dtype, torch.device(device))
+def merged_length(parts: list[StepPart], dtype: torch.dtype, device, products: bool = False) -> int:
+    """The key length of a merged pass: the longest past plus Q, padded as `kv_view_length` pads; exact
+    where slowllm's kernel multiplies attention (`products`: a Bloom block's; it reads what it is shown)."""
+    q = max(p.new for p in parts)
+    length = max(p.past for p in parts) + q
+    if products and q <= MAX_QUERIES and kernel_products(dtype, torch.device(device)):
+        return length
+    return kv_view_length(length, dtype, torch.device(device))
 
 
 def merged_layout(parts: list[StepPart], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,13 +212,14 @@ def run_merged_steps(blocks, parts: list[StepPart], first: int, last: int) -> li
     if len(parts) == 1:  # alone: exactly today's path
         p = parts[0]
         return [blocks.forward(p.hidden, p.mask, first, last, p.caches)]
-    length = merged_length(parts, blocks.dtype, blocks.device)
+    family = blocks.blocks[first].slowllm_family
+    length = merged_length(parts, blocks.dtype, blocks.device, family.bmm_attention)
     hidden, mask = merged_layout(parts, length)
     hidden = hidden.to(blocks.device, blocks.dtype)
     q = hidden.shape[1]
     attn = attention_inputs(blocks.config, mask.to(blocks.device), q, blocks.dtype, blocks.device)
     scratch = _Scratch()
-    layout = cache_layout(blocks.blocks[first].slowllm_family, blocks.dtype, torch.device(blocks.device))
+    layout = cache_layout(family, blocks.dtype, torch.device(blocks.device))
     for layer in range(first, last + 1):
         hidden = run_block(blocks.blocks[layer], hidden, attn, MergedCache(parts, layer, length, scratch, layout))
     hidden = hidden.cpu()
