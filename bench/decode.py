@@ -34,7 +34,7 @@ timed inside the decode steps; "alone", the same products timed back to back rig
 (what the step's kernels cost without the rest around them: the difference is their slowdown inside the
 step, caches and threads gone cold); and the rest of the step, split by PyTorch's profiler (one
 generation per prompt count, after the timed ones) into "attn" (attention's own ops: scores, softmax,
-weighted values), "ops" (the block's other PyTorch ops: norms, GELU, residual adds, KV cache writes,
+weighted values; the products in slowllm's attention kernel where it runs them, timed per call), "ops" (the block's other PyTorch ops: norms, GELU, residual adds, KV cache writes,
 views and copies) and "python" (what is left: Python and framework overhead per module and op, and the
 profiler's view of it). The JSON line has each part. Where PyTorch's kernels run (`--isa none`) there is
 no "kernels" figure (nan) and the linears' PyTorch ops land in "ops".
@@ -175,10 +175,11 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
                 raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
             pairs[n].append(((times[-1] - times[0]) / made[n] * 1000, (before + bandwidth()) / 2))
             if engine != "hf":  # the kernel calls between the first new token and the last: the decode steps'
-                in_step = (sum(took for at, took in timed.timings if times[0] < at <= times[-1]) / made[n] * 1000
+                in_step = (sum(took for name, at, took in timed.timings
+                                   if times[0] < at <= times[-1] and name not in ATTENTION_KERNELS) / made[n] * 1000
                            if timed else float("nan"))
                 parts_by_turn[n].append({**breakdown(runner, n), "kernels_ms": in_step})
-    split = {n: rest_split(run, tokens) for n, run in runs.items()} if engine != "hf" else {}
+    split = {n: rest_split(run, tokens, timed) for n, run in runs.items()} if engine != "hf" else {}
     results = {}
     for n in counts:
         r = {"ms_per_token": statistics.median(ms for ms, _ in pairs[n]),
@@ -196,9 +197,9 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
 
 
 class TimedKernels:
-    """slowllm's kernel module with each call's (end time, seconds) kept in `timings`: the block linears'
-    and the head's time inside the decode steps themselves (`install` puts it where every caller looks
-    it up, `kernels()`; ~1 us per call, ~100 calls a step)."""
+    """slowllm's kernel module with each call's (entry point, end time, seconds) kept in `timings`: the
+    block linears' and the head's time inside the decode steps themselves, and attention's products
+    (`install` puts it where every caller looks it up, `kernels()`; ~1 us per call, ~150 calls a step)."""
 
     def __init__(self, module):
         self._module, self.timings = module, []
@@ -221,7 +222,7 @@ class TimedKernels:
             t = time.perf_counter()
             out = attr(*args, **kwargs)
             end = time.perf_counter()
-            self.timings.append((end, end - t))
+            self.timings.append((name, end, end - t))
             return out
         return timed
 
@@ -229,20 +230,31 @@ class TimedKernels:
 # PyTorch ops of a decode step that are attention's (transformers' eager Bloom attention: scores with the
 # alibi bias, softmax, weighted values), by the profiler's names
 ATTENTION_OPS = {"aten::baddbmm", "aten::bmm", "aten::_softmax", "aten::softmax", "aten::matmul"}
+# slowllm's kernel entry points that are attention's (its products in decode steps): "attn", not "kernels"
+ATTENTION_KERNELS = {"attention_bmm"}
 
 
-def rest_split(run, tokens: int) -> dict:
+def rest_split(run, tokens: int, timed: "TimedKernels | None") -> dict:
     """Where the rest of a decode step goes, from PyTorch's profiler (started at the first new token, so
-    the prompt pass is not in it): attention's ops, and the block's other PyTorch ops (norms, GELU,
-    residual adds, KV cache writes, the head's logits copies, views), in ms per step, their own time
-    inside the profiler (which adds ~1 us per op); what the rest holds beyond them is Python and framework
-    overhead."""
+    the prompt pass is not in it): attention's ops (with slowllm's attention kernel, whose calls the
+    profiler does not see: timed), and the block's other PyTorch ops (norms, GELU, residual adds, KV cache
+    writes, the head's logits copies, views), in ms per step, their own time inside the profiler (which
+    adds ~1 us per op); what the rest holds beyond them is Python and framework overhead."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU])
-    made = len(run(1 + tokens, at_first=prof.start)) - 1
+    started = []
+
+    def start():
+        started.append(time.perf_counter())
+        prof.start()
+    made = len(run(1 + tokens, at_first=start)) - 1
     prof.stop()
+    stopped = time.perf_counter()
     attention = other = 0.0
+    if timed:  # (us, as the profiler's figures)
+        attention += 1e6 * sum(took for name, at, took in timed.timings
+                               if name in ATTENTION_KERNELS and started[0] < at <= stopped)
     for e in prof.key_averages():
         if e.key in ATTENTION_OPS:
             attention += e.self_cpu_time_total

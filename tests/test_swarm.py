@@ -93,6 +93,8 @@ def test_padded_key_views_give_no_weight_to_their_padding(models_dir, family, mo
     multiplies Bloom's decode steps it is shown exact views (it reads what it is shown), as close."""
     from slowllm.node.engine import _blocks, _merge
 
+    if not _blocks.pads_views(torch.bfloat16, torch.device("cpu")):  # (an AVX2 PC, or PyTorch capped at AVX2)
+        pytest.skip("attention sees padded views only where oneDNN multiplies bf16")
     extra = {"num_key_value_heads": 2} if family == "llama" else {}
     path = make_checkpoint(models_dir / f"pad-{family}", tiny_config(n_layer=3, hidden=64, n_head=4, family=family,
                                                                      **extra), seed=6)
