@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._blocks import (SCORE_BYTES, BlockCache, KVLayout, attention_inputs, cache_layout, kv_buffer, kv_bucketed,
-                      kv_view_length, run_block)
 from ._attention_products import MAX_QUERIES, for_attention
 from ._attention_products import usable as kernel_products
+from ._blocks import (SCORE_BYTES, BlockCache, KVLayout, attention_inputs, cache_layout, kv_buffer, kv_bucketed,
+                      kv_view_length, run_block)
 from ._families import kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
