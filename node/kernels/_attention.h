@@ -146,8 +146,8 @@ void dots_tile(const Head<T>& h, int64_t K, int64_t N, int64_t m0, int64_t n0, f
 
 // "rows" for longer rows (more than 32 outputs: a head's values, or the scores of more than 32 positions):
 // each of b's rows read whole and in order, into rows of sums in L1, for up to 4 queries at a time. A tile
-// of registers (rows_tile) would walk b down 32-output columns, its lines kTh of a row apart, and the
-// prefetchers lose it: Zen 4, bf16, 8 sessions' 128 heads, caches read from memory (as in a step), the
+// of registers (rows_tile) would walk b down 32-output columns, one line from each row in turn (a row's
+// length apart), and the prefetchers lose it: Zen 4, bf16, 8 sessions' 128 heads, caches read from memory (as in a step), the
 // scores at 300 / 1,024 positions 953 / 2,655 us in tiles against 500 / 990 (34 GB/s, the memory's speed),
 // the values 757 / 2,147 against 410 / 1,094; fp32 alike (1,024 positions: 4,250 / 2,118 and 3,556 / 1,764).
 template <typename T, int MT>
@@ -173,7 +173,8 @@ void rows_stream(const Head<T>& h, int64_t m0, int64_t K, int64_t N, float alpha
                  h.c ? h.c + (m0 + m) * h.ldc + n : nullptr, alpha, beta, N - n);
 }
 
-// One head: its queries in groups (of 4, or 2 in registers), then one by one (each query's sums in the same order either way)
+// One head: its queries in groups (of 4, or 2 in registers), then one by one (each query's sums in the
+// same order either way)
 template <typename T>
 void head(const Head<T>& h, int64_t M, int64_t K, int64_t N, bool dots, float alpha, float beta) {
   int64_t m = 0;
