@@ -51,29 +51,27 @@ class DecodeKV(torch.Tensor):
         return out.as_subclass(cls) if func in _VIEWS else out
 
 
-def _computes(a, b, c=None) -> bool:
-    """Whether the kernel computes this product (the module docstring's conditions)."""
+def _kernels_for(a, b, c=None):
+    """The kernels if they compute this product (the module docstring's conditions), else None."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (c is None or isinstance(c, torch.Tensor))):
-        return False
+        return None
     if a.dim() != 3 or b.dim() != 3 or a.shape[1] > MAX_QUERIES or a.dtype not in _TYPES or b.dtype != a.dtype:
-        return False
+        return None
     if a.device.type != "cpu" or b.device.type != "cpu" or (c is not None and (c.dtype != a.dtype or c.device.type != "cpu")):
-        return False
+        return None
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)):
-        return False
-    return kernels() is not None
+        return None
+    return kernels()
 
 
 def _baddbmm(input, batch1=None, batch2=None, *, beta=1, alpha=1, out=None):
-    if out is None and _computes(batch1, batch2, input):
-        return kernels().attention_bmm(batch1, batch2, input, float(alpha), float(beta))
-    return None
+    k = _kernels_for(batch1, batch2, input) if out is None else None
+    return None if k is None else k.attention_bmm(batch1, batch2, input, float(alpha), float(beta))
 
 
 def _bmm(input, mat2=None, *, out=None):
-    if out is None and _computes(input, mat2):
-        return kernels().attention_bmm(input, mat2)
-    return None
+    k = _kernels_for(input, mat2) if out is None else None
+    return None if k is None else k.attention_bmm(input, mat2)
 
 
 _PRODUCTS = {torch.Tensor.baddbmm: _baddbmm, torch.baddbmm: _baddbmm, torch.Tensor.bmm: _bmm, torch.bmm: _bmm}

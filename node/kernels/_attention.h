@@ -24,10 +24,7 @@ namespace attention {
 
 constexpr int64_t kMaxQueries = 8;  // queries per head this path takes (more: PyTorch's GEMMs pay)
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // 8 bf16 as fp32 (a bf16 is the top half of its fp32)
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+// (8 values as fp32, and one: _int8.h's `floats8` and `as_float`)
 // the first `n` (1-7) of 8, zeros after: a row's end, without reading past it (masked loads: lanes
 // masked off are never read, so a row that ends where its buffer does is safe)
 inline __m256i first_lanes(int64_t n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
@@ -46,9 +43,7 @@ inline __m256 load_part(const uint16_t* p, int64_t n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 template <typename T>
-inline __m256 load_upto(const T* p, int64_t n) { return n >= 8 ? load8(p) : load_part(p, n); }
-inline float value(float v) { return v; }
-inline float value(uint16_t v) { return bf16_to_float(v); }
+inline __m256 load_upto(const T* p, int64_t n) { return n >= 8 ? floats8(p) : load_part(p, n); }
 
 // out[m, n0 + i] for i < count (1-8) = alpha * sum + beta * c[m, n0 + i], rounded once to T
 template <typename T>
@@ -95,9 +90,9 @@ void rows_tile(const Head<T>& h, int64_t K, int64_t N, int64_t m0, int64_t n0, f
     for (int64_t k = 0; k < K; ++k) {
       const T* row = h.b + k * h.ldb + n0;
       __m256 w[NV];
-      for (int j = 0; j < NV; ++j) w[j] = load8(row + 8 * j);
+      for (int j = 0; j < NV; ++j) w[j] = floats8(row + 8 * j);
       for (int m = 0; m < MT; ++m) {
-        const __m256 q = _mm256_set1_ps(value(h.a[(m0 + m) * h.lda + k]));
+        const __m256 q = _mm256_set1_ps(as_float(h.a[(m0 + m) * h.lda + k]));
         for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_fmadd_ps(q, w[j], acc[m][j]);
       }
     }
@@ -107,7 +102,7 @@ void rows_tile(const Head<T>& h, int64_t K, int64_t N, int64_t m0, int64_t n0, f
       __m256 w[NV];
       for (int j = 0; j < NV; ++j) w[j] = 8 * j < count ? load_upto(row + 8 * j, count - 8 * j) : _mm256_setzero_ps();
       for (int m = 0; m < MT; ++m) {
-        const __m256 q = _mm256_set1_ps(value(h.a[(m0 + m) * h.lda + k]));
+        const __m256 q = _mm256_set1_ps(as_float(h.a[(m0 + m) * h.lda + k]));
         for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_fmadd_ps(q, w[j], acc[m][j]);
       }
     }
@@ -160,9 +155,9 @@ void rows_stream(const Head<T>& h, int64_t m0, int64_t K, int64_t N, float alpha
   for (int64_t k = 0; k < K; ++k) {
     const T* row = h.b + k * h.ldb;
     __m256 q[MT];
-    for (int m = 0; m < MT; ++m) q[m] = _mm256_set1_ps(value(h.a[(m0 + m) * h.lda + k]));
+    for (int m = 0; m < MT; ++m) q[m] = _mm256_set1_ps(as_float(h.a[(m0 + m) * h.lda + k]));
     for (int64_t n = 0; n < N; n += 8) {
-      const __m256 w = n < N8 ? load8(row + n) : load_part(row + n, N - n);
+      const __m256 w = n < N8 ? floats8(row + n) : load_part(row + n, N - n);
       for (int m = 0; m < MT; ++m)
         _mm256_storeu_ps(s + m * stride + n, _mm256_fmadd_ps(q[m], w, _mm256_loadu_ps(s + m * stride + n)));
     }
