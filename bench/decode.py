@@ -231,7 +231,7 @@ class TimedKernels:
 # alibi bias, softmax, weighted values), by the profiler's names
 ATTENTION_OPS = {"aten::baddbmm", "aten::bmm", "aten::_softmax", "aten::softmax", "aten::matmul"}
 # slowllm's kernel entry points that are attention's (its products in decode steps): "attn", not "kernels"
-ATTENTION_KERNELS = {"attention_bmm"}
+ATTENTION_KERNELS = {"attention_bmm", "attention_bmm_pieces"}
 
 
 def rest_split(run, tokens: int, timed: "TimedKernels | None") -> dict:

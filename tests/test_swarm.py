@@ -187,11 +187,13 @@ def test_caches_store_keys_and_values_as_their_attention_reads_them(blocks):
     assert all(c.length == 8 for c in caches.values())
 
 
-def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks):
-    """A Bloom block's decode steps (alone, merged, a speculative check of 3) hand attention `DecodeKV`, so
-    its `baddbmm` and `bmm` run `attention_bmm` (two calls per block; none for the rotary families, whose
-    attention is transformers' sdpa or eager); the outputs are PyTorch's ops' up to fp32 rounding (the same
-    steps with the kernel's hand-off switched off) and a prompt pass (more than 8 queries) stays PyTorch's."""
+def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks, monkeypatch):
+    """A Bloom block's decode steps hand attention `DecodeKV`, so its `baddbmm` and `bmm` run slowllm's
+    kernel, two calls per block: alone (a speculative check of 3) `attention_bmm`; merged, the sessions'
+    caches read where they lie (`attention_bmm_pieces`), nothing copied into the pass's scratch. None for
+    the rotary families (their attention is transformers' sdpa or eager). The outputs are PyTorch's ops'
+    up to fp32 rounding (the same steps with the hand-off switched off: the scratch filled, PyTorch's
+    products), and a prompt pass (more than 8 queries) stays PyTorch's."""
     from slowllm.node.engine import _blocks, _merge
     from slowllm.node.kernels import kernels
 
@@ -203,25 +205,95 @@ def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks):
     caches, mask = _session(blocks, 2, 11, holes=False, gen=gen)  # (a prompt pass of 11: no kernel products)
     other, other_mask = _session(blocks, 1, 6, holes=False, gen=gen)
     twins = (_clone(caches), _clone(other))
-    hand_off = _blocks.for_attention
+    fills = []
+    fill = _merge.MergedCache._fill
+    monkeypatch.setattr(_merge.MergedCache, "_fill", lambda self, *args: fills.append(1) or fill(self, *args))
     three, step, beside = (torch.randn(rows, new, 64, generator=gen) for rows, new in ((2, 3), (2, 1), (1, 1)))
     outs = []
     for on, (c, o) in ((True, (caches, other)), (False, twins)):
-        _blocks.for_attention = _merge.for_attention = hand_off if on else (lambda keys, values, new: (keys, values))
-        try:
-            before = k.calls()["attention_bmm"]
+        with monkeypatch.context() as off:
+            if not on:
+                off.setattr(_blocks, "for_attention", lambda keys, values, new: (keys, values))
+                off.setattr(_merge, "for_attention", lambda keys, values, new: (keys, values))
+                off.setattr(_merge, "merged_for_attention", lambda keys, values, *rest: (rest[-1](), (keys, values))[1])
+            before = k.calls()
             alone = blocks.forward(three, torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1), 0, 2, c)
+            ran_alone = k.calls()["attention_bmm"] - before["attention_bmm"]
             one = torch.ones(2, 1, dtype=torch.long)
             parts = [StepPart(step, torch.cat([mask, one, one, one, one], 1), c, "s"),
                      StepPart(beside, torch.cat([other_mask, one[:1]], 1), o, "t")]
+            fills.clear()
             merged = run_merged_steps(blocks, parts, 0, 2)
-            ran = k.calls()["attention_bmm"] - before
-        finally:
-            _blocks.for_attention = _merge.for_attention = hand_off
+            after = k.calls()
+        ran_merged = (after["attention_bmm_pieces"] - before["attention_bmm_pieces"],
+                      after["attention_bmm"] - before["attention_bmm"] - ran_alone)
         outs.append((alone, *merged))
-        assert ran == ((3 * 2 * 2) if on and bloom else 0), ran  # 3 blocks x 2 products x 2 passes
+        kernel = on and bloom
+        assert ran_alone == (3 * 2 if kernel else 0), ran_alone  # 3 blocks x 2 products
+        assert ran_merged == ((3 * 2, 0) if kernel else (0, 0)), ran_merged
+        assert len(fills) == (0 if kernel else 3)  # (merged: the scratch filled only where PyTorch multiplies)
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, **CLOSE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merged_pass_copies_its_caches_only_for_what_is_not_its_two_products(dtype):
+    """A merged pass hands attention its padded scratch, unfilled: Bloom's two products read each
+    session's cache where it lies. Any other read of it (another op, another view) first gets the copies
+    the scratch stands for: each session's positions last in its rows, zeros before; reading a block's
+    keys after the next block has reused the scratch is refused in one sentence, not silently wrong."""
+    from slowllm.node.engine._attention_products import DecodeKV, usable
+    from slowllm.node.engine._blocks import KVLayout
+    from slowllm.node.engine._merge import MergedCache, _Scratch
+
+    if not usable(dtype, "cpu"):
+        pytest.skip("no kernels built here (SLOWLLM_ISA=none or no compiler)")
+    gen = torch.Generator().manual_seed(4)
+    heads, d = 3, 8
+    parts, stored = [], []
+    for rows, past in ((2, 5), (1, 9)):
+        caches = {}
+        for layer in range(2):
+            cache = BlockCache()
+            cache.lay_out(KVLayout(keys_transposed=True))
+            cache.append(*(torch.randn(rows, heads, past, d, generator=gen).to(dtype) for _ in range(2)))
+            caches[layer] = cache
+        parts.append(StepPart(torch.zeros(rows, 1, 4), torch.ones(rows, past + 1, dtype=torch.long), caches))
+    scratch, length = _Scratch(), 10
+    new = [torch.randn(3, heads, 1, d, generator=gen).to(dtype) for _ in range(2)]
+
+    def update(layer: int):
+        merged = MergedCache(parts, layer, length, scratch, KVLayout(keys_transposed=True))
+        merged.products = True
+        return merged.update(*new, layer)
+
+    def padded(layer: int, which: str) -> torch.Tensor:
+        out = torch.zeros(3, heads, length, d, dtype=dtype)
+        out[:2, :, 4:] = getattr(parts[0].caches[layer], which)
+        out[2:, :, :] = getattr(parts[1].caches[layer], which)
+        return out
+    keys, values = update(0)
+    assert isinstance(keys, DecodeKV) and keys._merged is not None
+    q = torch.randn(9, 1, d, generator=gen).to(dtype)
+    probs = torch.softmax(torch.randn(9, 1, length, generator=gen), -1).to(dtype)
+    probs[:6, :, :4] = 0  # (the first session's padding, as its mask gives)
+    alibi = torch.randn(9, 1, length, generator=gen).to(dtype)
+    scores = alibi.baddbmm(q, keys.reshape(9, -1, d).transpose(-1, -2), alpha=0.5)  # (read in place: nothing copied)
+    weighted = torch.bmm(probs, values.reshape(9, -1, d))
+    assert not keys._merged.filled
+    want_k, want_v = padded(0, "keys"), padded(0, "values")
+    torch.testing.assert_close(scores.float(), alibi.float() + 0.5 * (q.float() @ want_k.reshape(9, -1, d).float()
+                                                                      .transpose(-1, -2)), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weighted.float(), probs.float() @ want_v.reshape(9, -1, d).float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(keys.clone(), want_k) and torch.equal(values[:, :, 4:] + 0, want_v[:, :, 4:])  # (filled)
+    assert keys._merged.filled
+    # (from the copies now: the same products up to fp32 rounding)
+    torch.testing.assert_close(alibi.baddbmm(q, keys.reshape(9, -1, d).transpose(-1, -2), alpha=0.5), scores)
+    keys, values = update(1)
+    stale = keys
+    update(1)  # (the next block)
+    with pytest.raises(RuntimeError, match="read them while their block runs"):
+        stale.sum()
 
 
 def test_merged_forwards_equal_each_alone(blocks):

@@ -69,13 +69,14 @@ inline void store_upto(T* out, __m256 sum, const T* c, float alpha, float beta, 
 }
 
 // Where one head's matrices are: a [M, K] (k contiguous), b (rows: [K, N], n contiguous; dots: [N, K], k
-// contiguous), c [M, N] or null (n contiguous; rows `ldc` apart, 0 when broadcast), out [M, N] contiguous.
+// contiguous), c [M, N] or null (n contiguous; rows `ldc` apart, 0 when broadcast), out [M, N] (n
+// contiguous, rows `ldo` apart).
 template <typename T>
 struct Head {
   const T* a; int64_t lda;
   const T* b; int64_t ldb;
   const T* c; int64_t ldc;
-  T* out;
+  T* out; int64_t ldo;
 };
 
 // "rows": vectors along n, NV of them (8 NV outputs) per query row, for the queries [m0, m0 + MT); the
@@ -109,7 +110,7 @@ void rows_tile(const Head<T>& h, int64_t K, int64_t N, int64_t m0, int64_t n0, f
   }
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < NV && 8 * j < count; ++j)
-      store_upto(h.out + (m0 + m) * N + n0 + 8 * j, acc[m][j],
+      store_upto(h.out + (m0 + m) * h.ldo + n0 + 8 * j, acc[m][j],
                  h.c ? h.c + (m0 + m) * h.ldc + n0 + 8 * j : nullptr, alpha, beta, count - 8 * j);
 }
 
@@ -134,7 +135,7 @@ void dots_tile(const Head<T>& h, int64_t K, int64_t N, int64_t m0, int64_t n0, f
   for (int m = 0; m < MT; ++m) {
     alignas(32) float sums[8] = {};
     for (int j = 0; j < nt; ++j) sums[j] = reduce256(acc[m][j]);
-    store_upto(h.out + (m0 + m) * N + n0, _mm256_load_ps(sums), h.c ? h.c + (m0 + m) * h.ldc + n0 : nullptr,
+    store_upto(h.out + (m0 + m) * h.ldo + n0, _mm256_load_ps(sums), h.c ? h.c + (m0 + m) * h.ldc + n0 : nullptr,
                alpha, beta, nt);
   }
 }
@@ -164,7 +165,7 @@ void rows_stream(const Head<T>& h, int64_t m0, int64_t K, int64_t N, float alpha
   }
   for (int m = 0; m < MT; ++m)
     for (int64_t n = 0; n < N; n += 8)
-      store_upto(h.out + (m0 + m) * N + n, _mm256_loadu_ps(s + m * stride + n),
+      store_upto(h.out + (m0 + m) * h.ldo + n, _mm256_loadu_ps(s + m * stride + n),
                  h.c ? h.c + (m0 + m) * h.ldc + n : nullptr, alpha, beta, N - n);
 }
 
@@ -201,7 +202,7 @@ void run(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor* c,
   const int64_t ldb = dots ? b.stride(2) : b.stride(1);
   auto one = [&](int64_t i) {
     const Head<T> h{A + i * a.stride(0), a.stride(1), Bm + i * b.stride(0), ldb,
-                    C ? C + i * c->stride(0) : nullptr, C ? c->stride(1) : 0, O + i * M * N};
+                    C ? C + i * c->stride(0) : nullptr, C ? c->stride(1) : 0, O + i * M * N, N};
     head(h, M, K, N, dots, alpha, beta);
   };
   const int64_t work = B * M * K * N;
@@ -210,6 +211,54 @@ void run(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor* c,
     return;
   }
   parallel_slices(B, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, M * K * N)), one);
+}
+
+// A merged pass's products (node/engine/_merge.py), b in pieces: each session's cache where it lies, not
+// copied into one padded matrix. pieces[j] holds the next pieces[j].size(0) of the B heads, and the last n_j
+// of the pass's `length` positions of each; the positions before them are padding (zero keys and values,
+// what the copy this replaces wrote). keys: the scores, b [B, K, length], the padding's columns beta * c
+// (as zero keys give); values: the weighted values, b [B, length, N], the padding's rows skipped (zero
+// values, probabilities 0: they add nothing). A head's sums are those of its session's step alone.
+template <typename T>
+void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces, bool keys, int64_t length,
+                const torch::Tensor* c, const torch::Tensor& out, float alpha, float beta) {
+  const int64_t B = a.size(0), M = a.size(1), K = a.size(2), N = out.size(2);
+  const T* A = reinterpret_cast<const T*>(a.data_ptr());
+  const T* C = c ? reinterpret_cast<const T*>(c->data_ptr()) : nullptr;
+  const int64_t ldc = c ? c->stride(1) : 0;
+  T* O = reinterpret_cast<T*>(out.data_ptr());
+  std::vector<int64_t> owner(B), first(pieces.size());
+  int64_t work = 0;
+  for (int64_t j = 0, i = 0; j < static_cast<int64_t>(pieces.size()); ++j) {
+    first[j] = i;
+    for (int64_t r = 0; r < pieces[j].size(0); ++r) owner[i++] = j;
+    work += pieces[j].size(0) * pieces[j].size(1) * pieces[j].size(2) * M;
+  }
+  auto one = [&](int64_t i) {
+    const torch::Tensor& p = pieces[owner[i]];
+    const int64_t n = keys ? p.size(2) : p.size(1), lead = length - n;  // the session's positions, its padding
+    const bool dots = p.stride(2) != 1;
+    const T* b = reinterpret_cast<const T*>(p.data_ptr()) + (i - first[owner[i]]) * p.stride(0);
+    const T* ci = C ? C + i * c->stride(0) : nullptr;
+    T* o = O + i * M * N;
+    if (keys) {
+      const Head<T> h{A + i * a.stride(0), a.stride(1), b, dots ? p.stride(2) : p.stride(1), ci ? ci + lead : nullptr,
+                      ldc, o + lead, N};
+      head(h, M, K, n, dots, alpha, beta);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t x = 0; x < lead; x += 8)
+          store_upto(o + m * N + x, _mm256_setzero_ps(), ci ? ci + m * ldc + x : nullptr, alpha, beta,
+                     std::min<int64_t>(8, lead - x));
+    } else {
+      const Head<T> h{A + i * a.stride(0) + lead, a.stride(1), b, dots ? p.stride(2) : p.stride(1), ci, ldc, o, N};
+      head(h, M, n, N, dots, alpha, beta);
+    }
+  };
+  if (work < kParallelWork || at::get_num_threads() == 1) {
+    for (int64_t i = 0; i < B; ++i) one(i);
+    return;
+  }
+  parallel_slices(B, std::max<int64_t>(1, kParallelWork * B / work), one);
 }
 
 }  // namespace attention
@@ -245,5 +294,41 @@ torch::Tensor attention_bmm(torch::Tensor a, torch::Tensor b, c10::optional<torc
   const torch::Tensor* cp = cc ? &*cc : nullptr;
   if (a.scalar_type() == at::kFloat) attention::run<float>(a, b, cp, out, dots, alpha, beta);
   else attention::run<uint16_t>(a, b, cp, out, dots, alpha, beta);
+  return out;
+}
+
+// `attention_bmm` with b in pieces (attention::run_pieces): a merged pass's sessions' caches where they lie.
+// keys: a [B, M, K], each piece [b_j, K, n_j], out [B, M, length]; values: a [B, M, length], each piece
+// [b_j, n_j, N], out [B, M, N]; the pieces' b_j add up to B, n_j <= length.
+torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> pieces, bool keys, int64_t length,
+                                   c10::optional<torch::Tensor> c, double alpha, double beta) {
+  TORCH_CHECK(a.dim() == 3 && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && a.device().is_cpu(),
+              "a [B, M, K], bf16 or fp32, on the CPU");
+  TORCH_CHECK(a.size(1) <= attention::kMaxQueries, "at most 8 queries per head");
+  TORCH_CHECK(!pieces.empty(), "at least one piece");
+  TORCH_CHECK(keys || a.size(2) == length, "values: a [B, M, length]");
+  const int64_t B = a.size(0), M = a.size(1), N = keys ? length : pieces[0].size(2);
+  int64_t heads = 0;
+  for (auto& p : pieces) {
+    TORCH_CHECK(p.dim() == 3 && p.scalar_type() == a.scalar_type() && p.device().is_cpu(), "pieces [b, K, n] or [b, n, N] in a's dtype");
+    TORCH_CHECK(keys ? (p.size(1) == a.size(2) && p.size(2) <= length) : (p.size(1) <= length && p.size(2) == N),
+                keys ? "keys' pieces [b, K, n <= length]" : "values' pieces [b, n <= length, N]");
+    if (p.stride(2) != 1 && p.stride(1) != 1) p = p.contiguous();
+    heads += p.size(0);
+  }
+  TORCH_CHECK(heads == B, "the pieces hold a's B heads");
+  g_calls[7]++;
+  if (a.stride(2) != 1) a = a.contiguous();
+  auto out = torch::empty({B, M, N}, a.options());
+  if (B == 0 || M == 0 || N == 0) return out;
+  c10::optional<torch::Tensor> cc;
+  if (c && beta != 0.0) {
+    cc = c->expand({B, M, N});
+    TORCH_CHECK(cc->scalar_type() == a.scalar_type(), "c in the inputs' dtype");
+    if (cc->stride(2) != 1) cc = cc->contiguous();
+  }
+  const torch::Tensor* cp = cc ? &*cc : nullptr;
+  if (a.scalar_type() == at::kFloat) attention::run_pieces<float>(a, pieces, keys, length, cp, out, alpha, beta);
+  else attention::run_pieces<uint16_t>(a, pieces, keys, length, cp, out, alpha, beta);
   return out;
 }

@@ -80,7 +80,7 @@ constexpr int kChains = 1;
 constexpr int64_t kRowPad = 64;
 
 // Calls per entry point, so that a test can tell the kernels ran (rather than PyTorch's fallback).
-std::atomic<int64_t> g_calls[7];
+std::atomic<int64_t> g_calls[8];
 
 float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -792,12 +792,12 @@ torch::Tensor bf16_lookup(torch::Tensor x, torch::Tensor table) {
   return out;
 }
 
-#include "_attention.h"  // attention_bmm
+#include "_attention.h"  // attention_bmm, attention_bmm_pieces
 
 std::map<std::string, int64_t> calls() {
   return {{"bf16_gemv", g_calls[0]}, {"int8_bf16_gemv", g_calls[1]}, {"int8_gemv", g_calls[2]},
           {"bf16_fp32_gemv", g_calls[3]}, {"fp32_gemv", g_calls[4]}, {"bf16_lookup", g_calls[5]},
-          {"attention_bmm", g_calls[6]}};
+          {"attention_bmm", g_calls[6]}, {"attention_bmm_pieces", g_calls[7]}};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -821,5 +821,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bmm", &attention_bmm, nogil(), py::arg("a"), py::arg("b"), py::arg("c") = py::none(),
         py::arg("alpha") = 1.0, py::arg("beta") = 1.0,
         "beta * c + alpha * (a [B, M, K] @ b [B, K, N]) for M <= 8 (baddbmm; bmm without c), bf16 or fp32");
+  m.def("attention_bmm_pieces", &attention_bmm_pieces, nogil(), py::arg("a"), py::arg("pieces"), py::arg("keys"),
+        py::arg("length"), py::arg("c") = py::none(), py::arg("alpha") = 1.0, py::arg("beta") = 1.0,
+        "attention_bmm with b in pieces, each the last positions of `length` for its heads, zero padding before");
   m.def("calls", &calls, "how many times each entry point ran in this process");
 }
