@@ -320,6 +320,13 @@ def test_merge_plans_stay_within_their_bounds():
     # sliding window: beyond it, parts with different numbers of new positions do not merge
     windowed = plan_steps([part("a", 1, 50, 1), part("b", 1, 50, 3)], config, 4, 1 << 30, 1 << 16, window=32)
     assert len(windowed) == 2
+    # a pass whose attention reads the caches in place (slowllm's kernel: `products`) needs no padded view:
+    # only its scores bound it; a speculative step beside a plain one still fills the view
+    steps = [part("a", 1, 500, 1), part("b", 1, 490, 1)]
+    assert len(plan_steps(steps, config, 4, budget=300_000, max_tokens=1 << 16)) == 2  # (the view: 524 KB)
+    assert plan_steps(steps, config, 4, budget=300_000, max_tokens=1 << 16, products=True) == [[1, 0]]
+    uneven = [part("a", 1, 500, 1), part("b", 1, 490, 3)]
+    assert len(plan_steps(uneven, config, 4, budget=300_000, max_tokens=1 << 16, products=True)) == 2
     assert plan_forwards([(1, 100), (1, 100), (1, 10), (30, 100)], max_tokens=1 << 16) == [[0, 1], [2], [3]]
 
 

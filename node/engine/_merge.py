@@ -14,8 +14,9 @@ So the node merges what is queued (Orca's iteration-level batching):
   lies (`merged_for_attention`), and each session gets exactly its numbers alone.
 - Stateless forwards of the same blocks are left-padded to one length and run as one batch.
 
-A merged pass is bounded by tokens, attention scores and the padded cache view (`plan_steps`), all from
-the node's limits and score budget; a step too large to merge (a long prefill) runs alone, as before.
+A merged pass is bounded by tokens, attention scores and the padded cache view (`plan_steps`; the view only
+where it is filled), all from the node's limits and score budget; a step too large to merge (a long
+prefill) runs alone, as before.
 """
 
 from __future__ import annotations
@@ -59,18 +60,27 @@ class StepPart:
         return self.mask.shape[1] - self.hidden.shape[1]
 
 
-def merged_step_cost(parts: list[StepPart], config, itemsize: int) -> tuple[int, int, int]:
-    """(tokens, attention-score bytes, padded cache-view bytes of one block) of running `parts` as one batch."""
+def reads_in_place(parts: list[StepPart], products: bool) -> bool:
+    """Whether a merged pass's attention reads the parts' caches where they lie (`MergedCache.update`):
+    where slowllm's kernel multiplies its products (`products`: a Bloom block's, the kernels built, the
+    dtype theirs) and every part steps the same few new positions. Its padded view is then never filled."""
+    q = max(p.new for p in parts)
+    return products and q <= MAX_QUERIES and all(p.new == q for p in parts)
+
+
+def merged_step_cost(parts: list[StepPart], config, itemsize: int, products: bool = False) -> tuple[int, int, int]:
+    """(tokens, attention-score bytes, padded cache-view bytes of one block) of running `parts` as one batch;
+    no view bytes where the pass reads the caches in place (`reads_in_place`)."""
     rows = sum(p.rows for p in parts)
     q = max(p.new for p in parts)
     length = kv_bucketed(max(p.past for p in parts) + q)  # (as padded at most)
     scores = rows * config.num_attention_heads * q * length * SCORE_BYTES
-    view = 2 * rows * length * kv_width(config) * itemsize
+    view = 0 if reads_in_place(parts, products) else 2 * rows * length * kv_width(config) * itemsize
     return rows * q, scores, view
 
 
 def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_tokens: int,
-               window: int | None = None, max_rows: int = 1 << 30) -> list[list[int]]:
+               window: int | None = None, max_rows: int = 1 << 30, products: bool = False) -> list[list[int]]:
     """Group step indices into merged passes within the bounds; similar past lengths together (less padding).
     One session never appears twice in a group (its second step needs the first one's keys). With a
     sliding window (Mistral counts slots), parts with fewer new positions than others would see their past
@@ -78,13 +88,14 @@ def plan_steps(parts: list[StepPart], config, itemsize: int, budget: int, max_to
     `max_rows`: the rows (rows x new positions) up to which the node's linear kernels give each row what
     it gets alone (bf16 and int8 decode kernels); a bigger batch would switch to PyTorch's GEMM, whose
     rounding depends on the batch, and greedy tokens could differ from the request alone. So decode steps
-    merge up to that many rows and prefills run alone."""
+    merge up to that many rows and prefills run alone. `products`: slowllm's kernel multiplies the blocks'
+    attention (`products_in_place`): passes that read caches in place need no memory for a padded view."""
     order = sorted(range(len(parts)), key=lambda i: (parts[i].past, parts[i].new))
     groups: list[list[int]] = []
     for i in order:
         for group in groups:
             trial = [parts[j] for j in group] + [parts[i]]
-            tokens, scores, view = merged_step_cost(trial, config, itemsize)
+            tokens, scores, view = merged_step_cost(trial, config, itemsize, products)
             longest = max(p.past for p in trial) + max(p.new for p in trial)
             shifted = window is not None and longest > window and len({p.new for p in trial}) > 1
             # (the kernels see rows x new positions as rows: a merged prefill would go to PyTorch's GEMM)
@@ -137,7 +148,7 @@ class MergedCache:
             stored.append((k.narrow(-2, 0, p.past + p.new), v.narrow(-2, 0, p.past + p.new)))
         self.scratch.turn = turn = object()
         fill = lambda: self._fill(out_k, out_v, stored, turn)  # noqa: E731
-        if self.products and all(p.new == self.q for p in self.parts):
+        if reads_in_place(self.parts, self.products):
             # (each session's positions are the last of its row: its products can read them where they lie)
             return merged_for_attention(out_k, out_v, self.q, [k for k, _ in stored], [v for _, v in stored], fill)
         fill()
@@ -204,6 +215,12 @@ class _Scratch:
                 small = self._pair[1].numel() * self._pair[1].element_size() <= self.KEEP_BYTES
                 self._kept.pair = self._pair if small else None
         return self._pair[1], self._pair[2]
+
+
+def products_in_place(family, dtype: torch.dtype, device) -> bool:
+    """Whether slowllm's kernel multiplies this family's decode-step attention in `dtype` on `device`
+    (Bloom's, where the kernels are built): its merged passes can read caches in place (`reads_in_place`)."""
+    return family.bmm_attention and kernel_products(dtype, torch.device(device))
 
 
 def merged_length(parts: list[StepPart], dtype: torch.dtype, device, products: bool = False) -> int:
