@@ -1,7 +1,7 @@
 """A node's merged decode pass: attention reading each session's cache where it lies, against copies.
 
     python bench/merged.py [--sessions 2 8] [--context 100 300 1000] [--dtype bfloat16 float32] [--turns 8]
-                           [--isa avx512bf16 avx2] [--width176]
+                           [--isa avx512bf16 avx2] [--width176] [--check 4]
 
 A node runs the decode steps of every session waiting at it as ONE pass over its blocks
 (node/engine/_merge.py), and Bloom's attention there is handed a padded view of all the sessions' caches.
@@ -11,9 +11,14 @@ differs, as a node's sessions' do), through the 24 blocks of bench/local.py's bl
   copies    the view filled with a copy of every session's cache, every block (what the rounds before did)
   in place  attention's two products reading each session's cache where it lies (`attention_bmm_pieces`)
 and checks that "in place" gives each session exactly its step alone (bit for bit; "copies" differs by
-float rounding where a padded sum groups differently: the largest difference is printed). The first turn
+float rounding where a padded sum groups differently: the largest difference is printed; with --check a
+session's row with a hole also has PyTorch's softmax sum a longer row, whose rounding can differ too). The first turn
 of each is dropped, the rest's median kept. --width176 adds one block at Bloom-176B width (hidden 14336,
-112 heads, built tensor by tensor with random weights, never written), 8 sessions of ~2,048 positions.
+112 heads, built tensor by tensor with random weights, never written), 8 sessions of ~2,048 positions;
+--check K adds rows where the first session steps a speculative check of K positions (the others one:
+their rows get holes). A node merges at most its kernels' rows (sessions x the pass's new positions, holes
+included: 8 in bf16 without AMX, `plan_steps`), so --sessions 2 --check 4 is such a pass a node runs, where
+each session still gets its numbers alone; more would run the linears as PyTorch's GEMM.
 Per ISA (`SLOWLLM_ISA`, each in its own process; `avx2` also caps PyTorch, oneDNN and MKL at AVX2, as
 bench/decode.py does: an AVX2 PC, whose bf16 caches keep keys as rows). Prints a table and one JSON line;
 "in place" is a ratio to "copies" measured in the same turns.
@@ -59,17 +64,19 @@ def sessions_of(n: int, context: int, layers: int, heads: int, head_dim: int, dt
     return out
 
 
-def turns(blocks, sessions: list, hidden: int, dtype, count: int) -> dict:
+def turns(blocks, sessions: list, hidden: int, dtype, count: int, check: int = 0) -> dict:
     """Alternating merged steps (in place first, then copies, then the other order), each run again on the
-    same caches (the step's position is forgotten after it): ms per step, outputs identical."""
+    same caches (the step's positions are forgotten after it): ms per step, outputs identical. `check`:
+    the first session steps a speculative check of that many positions."""
+    news = [check if check and i == 0 else 1 for i in range(len(sessions))]
     from slowllm.node.engine import _merge
     from slowllm.node.engine._attention_products import for_attention
     from slowllm.node.kernels import kernels
 
     in_place = _merge.merged_for_attention
 
-    def copies(keys, values, new, stored_keys, stored_values, fill):
-        fill()
+    def copies(keys, values, new, *pieces_and_fill):
+        pieces_and_fill[-1]()  # (fill)
         return for_attention(keys, values, new)
     last = max(blocks.blocks)
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -79,26 +86,27 @@ def turns(blocks, sessions: list, hidden: int, dtype, count: int) -> dict:
         for turn in range(count):
             for on in ((True, False) if turn % 2 == 0 else (False, True)):
                 _merge.merged_for_attention = in_place if on else copies
-                parts = [_merge.StepPart(torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(i)).to(dtype),
-                                         torch.ones(1, past + 1, dtype=torch.long), caches, f"s{i}")
-                         for i, (past, caches) in enumerate(sessions)]
+                parts = [_merge.StepPart(torch.randn(1, new, hidden, generator=torch.Generator().manual_seed(i)).to(dtype),
+                                         torch.ones(1, past + new, dtype=torch.long), caches, f"s{i}")
+                         for i, ((past, caches), new) in enumerate(zip(sessions, news))]
                 before = kernels().calls()["attention_bmm_pieces"]
                 start = time.perf_counter()
                 out = _merge.run_merged_steps(blocks, parts, 0, last)
                 times[on].append(time.perf_counter() - start)
                 pieces += (kernels().calls()["attention_bmm_pieces"] - before) if on else 0
-                for _, caches in sessions:
+                for (_, caches), new in zip(sessions, news):
                     for cache in caches.values():
-                        cache.truncate(cache.length - 1)
-                outs[on] = torch.cat(out)
+                        cache.truncate(cache.length - new)
+                outs[on] = torch.cat([x.reshape(-1, hidden) for x in out])
     finally:
         _merge.merged_for_attention = in_place
     alone = []  # each session's step by itself
-    for i, (past, caches) in enumerate(sessions):
-        hidden_i = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(i)).to(dtype)
-        alone.append(blocks.forward(hidden_i, torch.ones(1, past + 1, dtype=torch.long), 0, last, caches))
+    for i, ((past, caches), new) in enumerate(zip(sessions, news)):
+        hidden_i = torch.randn(1, new, hidden, generator=torch.Generator().manual_seed(i)).to(dtype)
+        alone.append(blocks.forward(hidden_i, torch.ones(1, past + new, dtype=torch.long), 0, last, caches)
+                     .reshape(-1, hidden))
         for cache in caches.values():
-            cache.truncate(cache.length - 1)
+            cache.truncate(cache.length - new)
     copies_ms, in_place_ms = (statistics.median(times[on][1:]) * 1e3 for on in (False, True))
     return {"copies_ms": round(copies_ms, 1), "in_place_ms": round(in_place_ms, 1),
             "ratio": round(in_place_ms / copies_ms, 3), "in_place_took_pieces": pieces > 0,
@@ -127,8 +135,10 @@ def child(args) -> list[dict]:
         for n in args.sessions:
             for context in args.context:
                 sessions = sessions_of(n, context, 24, heads, config.hidden_size // heads, dtype, layout)
-                rows.append({"isa": kernels().isa, "dtype": name, "model": "bloom-1b7 shape, 24 blocks", "sessions": n,
-                             "context": context, **turns(blocks, sessions, config.hidden_size, dtype, args.turns)})
+                for check in sorted({0, args.check}):
+                    rows.append({"isa": kernels().isa, "dtype": name, "model": "bloom-1b7 shape, 24 blocks",
+                                 "sessions": n, "context": context, "check": check,
+                                 **turns(blocks, sessions, config.hidden_size, dtype, args.turns, check)})
                 del sessions
         del blocks
         if args.width176:
@@ -143,7 +153,7 @@ def child(args) -> list[dict]:
             layout = cache_layout(block.slowllm_family, dtype, torch.device("cpu"))
             sessions = sessions_of(8, 2048, 1, 112, 128, dtype, layout)
             rows.append({"isa": kernels().isa, "dtype": name, "model": "one Bloom-176B-width block", "sessions": 8,
-                         "context": 2048, **turns(one, sessions, 14336, dtype, min(args.turns, 6))})
+                         "context": 2048, "check": 0, **turns(one, sessions, 14336, dtype, min(args.turns, 6))})
             del block, sessions
     return rows
 
@@ -156,6 +166,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=8, help="timed steps of each kind (alternating)")
     ap.add_argument("--isa", nargs="+", default=None, help="kernel builds to measure (default: those this CPU runs)")
     ap.add_argument("--width176", action="store_true", help="also one block at Bloom-176B width (~8 GB of RAM)")
+    ap.add_argument("--check", type=int, default=0,
+                    help="also with the first session stepping a speculative check of this many positions")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -171,10 +183,10 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
                              text=True, check=True)
         rows += json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{'build':>10} {'dtype':>8} {'model':>28} {'sessions':>8} {'positions':>9} {'copies ms':>9} "
+    print(f"{'build':>10} {'dtype':>8} {'model':>28} {'sessions':>8} {'positions':>9} {'check':>5} {'copies ms':>9} "
           f"{'in place':>8} {'ratio':>6} {'as alone':>8} {'vs copies':>9}")
     for r in rows:
-        print(f"{r['isa']:>10} {r['dtype']:>8} {r['model']:>28} {r['sessions']:>8} {r['context']:>9} "
+        print(f"{r['isa']:>10} {r['dtype']:>8} {r['model']:>28} {r['sessions']:>8} {r['context']:>9} {r['check'] or '':>5} "
               f"{r['copies_ms']:>9.1f} {r['in_place_ms']:>8.1f} {r['ratio']:>5.3f}x {str(r['in_place_as_alone']):>8} "
               f"{r['copies_max_diff']:>9.1e}")
     print(json.dumps({"bench": "merged", "rows": rows}))

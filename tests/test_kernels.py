@@ -159,49 +159,60 @@ def test_attention_products_are_pytorchs_up_to_rounding_in_every_layout(isa):
 
 @pytest.mark.parametrize("isa", [pytest.param(isa, marks=runnable(isa)) for isa in ISAS])
 def test_attention_products_in_pieces_are_each_sessions_alone_bit_for_bit(isa):
-    """`attention_bmm_pieces` (a node's merged pass: each session's cache where it lies, the last n_j of
-    the pass's positions, zero padding before) gives each piece's heads exactly what `attention_bmm` gives
-    its session's step alone (the padding's score columns beta * c), and to fp64 rounding the products of
-    the padded matrix the pieces would be copied into (the padding's probabilities 0): bf16 and fp32, 1-8
-    queries, pieces in both layouts side by side, short and long rows; mismatched pieces are refused."""
+    """`attention_bmm_pieces` (a node's merged pass: each session's cache where it lies, placed in the
+    pass's rows of `length` positions: at their end, or its last `tail` there and the rest `gap` before
+    them; zero padding elsewhere) gives each piece's heads exactly what `attention_bmm` gives its
+    session's step alone (the padding's score columns beta * c), and to fp64 rounding the products of the
+    padded matrix the pieces would be copied into (the padding's probabilities 0): bf16 and fp32, 1-8
+    queries, pieces in both layouts side by side, short and long rows, holes; mismatched pieces are refused."""
     k = build(isa)
     g = torch.Generator().manual_seed(12)
     before = k.calls()["attention_bmm_pieces"]
     calls = 0
     for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 8e-3)):
-        for m, d, sizes, length in ((1, 64, [(2, 5), (1, 40), (3, 33), (2, 1)], 45), (3, 16, [(1, 7)], 7),
-                                    (8, 32, [(2, 130), (1, 3)], 140)):
-            heads = sum(h for h, _ in sizes)
+        # (heads, positions, tail, gap) per piece
+        for m, d, sizes, length in ((1, 64, [(2, 5, 1, 0), (1, 40, 1, 0), (3, 33, 1, 0), (2, 1, 1, 0)], 45),
+                                    (3, 16, [(1, 7, 3, 0)], 7), (8, 32, [(2, 130, 8, 0), (1, 3, 1, 7)], 140),
+                                    (2, 64, [(2, 20, 1, 3), (1, 9, 4, 0), (2, 4, 2, 2), (1, 36, 3, 1)], 40)):
+            heads = sum(h for h, *_ in sizes)
             # (each session's keys [h, n, d] as a cache stores them: transposed or as rows, in a larger buffer)
             def stored(h: int, n: int, transposed: bool) -> torch.Tensor:
                 if transposed:
                     return torch.randn(h, d, n + 6, generator=g).to(dtype)[..., :n].transpose(1, 2)
                 return torch.randn(h, n + 6, d, generator=g).to(dtype)[:, :n]
             layouts = [(j % 2 == 0, j % 2 == 1) for j in range(len(sizes))]  # (keys, values transposed)
-            keys = [stored(h, n, t) for (h, n), (t, _) in zip(sizes, layouts)]
-            values = [stored(h, n, t) for (h, n), (_, t) in zip(sizes, layouts)]
+            keys = [stored(h, n, t) for (h, n, *_), (t, _) in zip(sizes, layouts)]
+            values = [stored(h, n, t) for (h, n, *_), (_, t) in zip(sizes, layouts)]
+            tails, gaps = [t for *_, t, _ in sizes], [gap for *_, gap in sizes]
+            # where each piece's positions sit in the row: [lead, lead + n - tail) and [length - tail, length)
+            places = [list(range(length - n - gap, length - tail - gap)) + list(range(length - tail, length))
+                      for _, n, tail, gap in sizes]
             q = torch.randn(heads, m, d, generator=g).to(dtype)
             alibi = torch.randn(heads, 1, length, generator=g).to(dtype)
             probs = torch.softmax(torch.randn(heads, m, length, generator=g), -1)
             start = 0
-            for h, n in sizes:  # (the mask's zeros on each session's padding)
-                probs[start: start + h, :, : length - n] = 0
+            for (h, *_), at in zip(sizes, places):  # (the mask's zeros on each session's padding)
+                padding = [x for x in range(length) if x not in at]
+                probs[start: start + h, :, padding] = 0
                 start += h
             probs = probs.to(dtype)
-            scores = k.attention_bmm_pieces(q, [x.transpose(1, 2) for x in keys], True, length, alibi, 0.125, 0.5)
-            weighted = k.attention_bmm_pieces(probs, values, False, length)
+            scores = k.attention_bmm_pieces(q, [x.transpose(1, 2) for x in keys], True, length, alibi, 0.125, 0.5,
+                                            tails, gaps)
+            weighted = k.attention_bmm_pieces(probs, values, False, length, tails=tails, gaps=gaps)
             assert scores.shape == (heads, m, length) and weighted.shape == (heads, m, d)
             start = 0
-            for x, v in zip(keys, values):  # each session's heads: its step's products alone, padding aside
-                rows, lead = slice(start, start + x.shape[0]), length - x.shape[1]
+            padded_k, padded_v = (torch.zeros(heads, length, d, dtype=dtype) for _ in range(2))
+            for x, v, at in zip(keys, values, places):  # each session's heads: its step's products alone, padding aside
+                rows = slice(start, start + x.shape[0])
                 start += x.shape[0]
-                alone = k.attention_bmm(q[rows], x.transpose(1, 2), alibi[rows, :, lead:], 0.125, 0.5)
-                assert torch.equal(scores[rows, :, lead:], alone)
-                assert torch.equal(scores[rows, :, :lead], (0.5 * alibi[rows, :, :lead].float()).to(dtype).expand(-1, m, -1))
-                assert torch.equal(weighted[rows], k.attention_bmm(probs[rows, :, lead:], v))
+                padding = [c for c in range(length) if c not in at]
+                alone = k.attention_bmm(q[rows], x.transpose(1, 2), alibi[rows, :, at], 0.125, 0.5)
+                assert torch.equal(scores[rows][:, :, at], alone)
+                assert torch.equal(scores[rows][:, :, padding],
+                                   (0.5 * alibi[rows][:, :, padding].float()).to(dtype).expand(-1, m, -1))
+                assert torch.equal(weighted[rows], k.attention_bmm(probs[rows][:, :, at].contiguous(), v))
+                padded_k[rows, at], padded_v[rows, at] = x, v
             # and what they stand for: the products of the padded matrix the pieces would be copied into
-            padded_k, padded_v = (torch.cat([torch.nn.functional.pad(x, (0, 0, length - x.shape[1], 0)) for x in xs])
-                                  for xs in (keys, values))
             want = 0.5 * alibi.double() + 0.125 * (q.double() @ padded_k.double().transpose(1, 2))
             torch.testing.assert_close(scores.double(), want, rtol=tol, atol=tol * want.abs().max().item())
             want = probs.double() @ padded_v.double()
@@ -211,8 +222,10 @@ def test_attention_products_in_pieces_are_each_sessions_alone_bit_for_bit(isa):
     a, piece = torch.ones(3, 1, 4), torch.ones(2, 4, 5)
     with pytest.raises(RuntimeError, match="the pieces hold a's B heads"):
         k.attention_bmm_pieces(a, [piece], True, 5)
-    with pytest.raises(RuntimeError, match="n <= length"):
+    with pytest.raises(RuntimeError, match="within length"):
         k.attention_bmm_pieces(a[:2], [piece], True, 4)
+    with pytest.raises(RuntimeError, match="within length"):
+        k.attention_bmm_pieces(a[:2], [piece], True, 6, tails=[1], gaps=[2])
     with pytest.raises(RuntimeError, match="at most 8 queries"):
         k.attention_bmm_pieces(torch.ones(2, 9, 4), [piece], True, 5)
 

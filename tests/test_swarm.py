@@ -189,8 +189,9 @@ def test_caches_store_keys_and_values_as_their_attention_reads_them(blocks):
 
 def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks, monkeypatch):
     """A Bloom block's decode steps hand attention `DecodeKV`, so its `baddbmm` and `bmm` run slowllm's
-    kernel, two calls per block: alone (a speculative check of 3) `attention_bmm`; merged, the sessions'
-    caches read where they lie (`attention_bmm_pieces`), nothing copied into the pass's scratch. None for
+    kernel, two calls per block: alone (a speculative check of 3) `attention_bmm`; merged (a plain step
+    beside a check of 2), the sessions' caches read where they lie (`attention_bmm_pieces`), nothing
+    copied into the pass's scratch. None for
     the rotary families (their attention is transformers' sdpa or eager). The outputs are PyTorch's ops'
     up to fp32 rounding (the same steps with the hand-off switched off: the scratch filled, PyTorch's
     products), and a prompt pass (more than 8 queries) stays PyTorch's."""
@@ -208,7 +209,7 @@ def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks, monkey
     fills = []
     fill = _merge.MergedCache._fill
     monkeypatch.setattr(_merge.MergedCache, "_fill", lambda self, *args: fills.append(1) or fill(self, *args))
-    three, step, beside = (torch.randn(rows, new, 64, generator=gen) for rows, new in ((2, 3), (2, 1), (1, 1)))
+    three, step, beside = (torch.randn(rows, new, 64, generator=gen) for rows, new in ((2, 3), (2, 1), (1, 2)))
     outs = []
     for on, (c, o) in ((True, (caches, other)), (False, twins)):
         with monkeypatch.context() as off:
@@ -221,7 +222,7 @@ def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks, monkey
             ran_alone = k.calls()["attention_bmm"] - before["attention_bmm"]
             one = torch.ones(2, 1, dtype=torch.long)
             parts = [StepPart(step, torch.cat([mask, one, one, one, one], 1), c, "s"),
-                     StepPart(beside, torch.cat([other_mask, one[:1]], 1), o, "t")]
+                     StepPart(beside, torch.cat([other_mask, one[:1], one[:1]], 1), o, "t")]  # (a check of 2)
             fills.clear()
             merged = run_merged_steps(blocks, parts, 0, 2)
             after = k.calls()
@@ -239,9 +240,10 @@ def test_bloom_decode_steps_multiply_attention_in_slowllms_kernel(blocks, monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_merged_pass_copies_its_caches_only_for_what_is_not_its_two_products(dtype):
     """A merged pass hands attention its padded scratch, unfilled: Bloom's two products read each
-    session's cache where it lies. Any other read of it (another op, another view) first gets the copies
-    the scratch stands for: each session's positions last in its rows, zeros before; reading a block's
-    keys after the next block has reused the scratch is refused in one sentence, not silently wrong."""
+    session's cache where it lies, at its place in the rows (left padding, and a hole where a session steps
+    fewer new positions than a speculative check beside it). Any other read of it (another op, another
+    view) first gets the copies the scratch stands for; reading a block's keys after the next block has
+    reused the scratch is refused in one sentence, not silently wrong."""
     from slowllm.node.engine._attention_products import DecodeKV, usable
     from slowllm.node.engine._blocks import KVLayout
     from slowllm.node.engine._merge import MergedCache, _Scratch
@@ -250,17 +252,17 @@ def test_a_merged_pass_copies_its_caches_only_for_what_is_not_its_two_products(d
         pytest.skip("no kernels built here (SLOWLLM_ISA=none or no compiler)")
     gen = torch.Generator().manual_seed(4)
     heads, d = 3, 8
-    parts, stored = [], []
-    for rows, past in ((2, 5), (1, 9)):
+    parts = []
+    for rows, past, new in ((2, 5, 1), (1, 9, 2)):  # (the second: a speculative check of 2)
         caches = {}
         for layer in range(2):
             cache = BlockCache()
             cache.lay_out(KVLayout(keys_transposed=True))
             cache.append(*(torch.randn(rows, heads, past, d, generator=gen).to(dtype) for _ in range(2)))
             caches[layer] = cache
-        parts.append(StepPart(torch.zeros(rows, 1, 4), torch.ones(rows, past + 1, dtype=torch.long), caches))
-    scratch, length = _Scratch(), 10
-    new = [torch.randn(3, heads, 1, d, generator=gen).to(dtype) for _ in range(2)]
+        parts.append(StepPart(torch.zeros(rows, new, 4), torch.ones(rows, past + new, dtype=torch.long), caches))
+    scratch, length = _Scratch(), 11
+    new = [torch.randn(3, heads, 2, d, generator=gen).to(dtype) for _ in range(2)]
 
     def update(layer: int):
         merged = MergedCache(parts, layer, length, scratch, KVLayout(keys_transposed=True))
@@ -268,15 +270,18 @@ def test_a_merged_pass_copies_its_caches_only_for_what_is_not_its_two_products(d
         return merged.update(*new, layer)
 
     def padded(layer: int, which: str) -> torch.Tensor:
+        """the first session: 4 slots of padding, its 5 past positions, a hole, its new one"""
         out = torch.zeros(3, heads, length, d, dtype=dtype)
-        out[:2, :, 4:] = getattr(parts[0].caches[layer], which)
+        mine = getattr(parts[0].caches[layer], which)
+        out[:2, :, 4:9], out[:2, :, 10:] = mine[:, :, :5], mine[:, :, 5:]
         out[2:, :, :] = getattr(parts[1].caches[layer], which)
         return out
     keys, values = update(0)
     assert isinstance(keys, DecodeKV) and keys._merged is not None
-    q = torch.randn(9, 1, d, generator=gen).to(dtype)
-    probs = torch.softmax(torch.randn(9, 1, length, generator=gen), -1).to(dtype)
-    probs[:6, :, :4] = 0  # (the first session's padding, as its mask gives)
+    q = torch.randn(9, 2, d, generator=gen).to(dtype)
+    probs = torch.softmax(torch.randn(9, 2, length, generator=gen), -1)
+    probs[:6, :, :4] = probs[:6, :, 9] = 0  # (the first session's padding and hole, as its mask gives)
+    probs = probs.to(dtype)
     alibi = torch.randn(9, 1, length, generator=gen).to(dtype)
     scores = alibi.baddbmm(q, keys.reshape(9, -1, d).transpose(-1, -2), alpha=0.5)  # (read in place: nothing copied)
     weighted = torch.bmm(probs, values.reshape(9, -1, d))
@@ -320,13 +325,16 @@ def test_merge_plans_stay_within_their_bounds():
     # sliding window: beyond it, parts with different numbers of new positions do not merge
     windowed = plan_steps([part("a", 1, 50, 1), part("b", 1, 50, 3)], config, 4, 1 << 30, 1 << 16, window=32)
     assert len(windowed) == 2
-    # a pass whose attention reads the caches in place (slowllm's kernel: `products`) needs no padded view:
-    # only its scores bound it; a speculative step beside a plain one still fills the view
+    # a pass whose attention reads the caches in place (slowllm's kernel: `products`, at most 8 new
+    # positions) needs no padded view: only its scores bound it
     steps = [part("a", 1, 500, 1), part("b", 1, 490, 1)]
     assert len(plan_steps(steps, config, 4, budget=300_000, max_tokens=1 << 16)) == 2  # (the view: 524 KB)
     assert plan_steps(steps, config, 4, budget=300_000, max_tokens=1 << 16, products=True) == [[1, 0]]
-    uneven = [part("a", 1, 500, 1), part("b", 1, 490, 3)]
-    assert len(plan_steps(uneven, config, 4, budget=300_000, max_tokens=1 << 16, products=True)) == 2
+    uneven = [part("a", 1, 500, 1), part("b", 1, 490, 3)]  # (a speculative check beside a plain step: in place too)
+    assert len(plan_steps(uneven, config, 4, budget=300_000, max_tokens=1 << 16)) == 2
+    assert len(plan_steps(uneven, config, 4, budget=300_000, max_tokens=1 << 16, products=True)) == 1
+    prefill = [part("a", 1, 500, 1), part("b", 1, 0, 12)]  # (more than 8 new positions: PyTorch's products)
+    assert len(plan_steps(prefill, config, 4, budget=300_000, max_tokens=1 << 16, products=True)) == 2
     assert plan_forwards([(1, 100), (1, 100), (1, 10), (30, 100)], max_tokens=1 << 16) == [[0, 1], [2], [3]]
 
 

@@ -67,15 +67,17 @@ class DecodeKV(torch.Tensor):
 
 class MergedKV:
     """A merged pass's keys and values of one block (_merge.py's `MergedCache`): each session's as its cache
-    stores them (`keys[j]`, `values[j]`: [rows, heads, positions, head_dim], that session's last positions
-    of the pass's `length`), and the padded scratch [sessions' rows, heads, length, head_dim] attention is
-    handed. Attention's two products, when given the scratch viewed exactly as Bloom's attention views it,
+    stores them (`keys[j]`, `values[j]`: [rows, heads, positions, head_dim]), where they sit in the pass's
+    rows (`placement[j]`: (tail, gap): its last `tail` positions end the row, the others end `gap` before
+    them; gap 0: all of them end it), and the padded scratch [sessions' rows, heads, length, head_dim]
+    attention is handed. Attention's two products, when given the scratch viewed exactly as Bloom's attention views it,
     read the sessions' caches instead (`attention_bmm_pieces`); anything else reading the scratch has
     `fill` copy them in first (once). Only the block being run may fill: the next block reuses the scratch."""
 
-    def __init__(self, scratch_keys, scratch_values, keys: list, values: list, fill):
+    def __init__(self, scratch_keys, scratch_values, keys: list, values: list, placement: list, fill):
         self.scratch_keys, self.scratch_values = scratch_keys, scratch_values
         self.keys, self.values, self._fill = keys, values, fill
+        self.tails, self.gaps = [t for t, _ in placement], [g for _, g in placement]
         self.filled = False
 
     def fill(self) -> None:
@@ -101,7 +103,7 @@ class MergedKV:
         if k is None:
             return None
         pieces = [x.reshape(-1, x.shape[-2], x.shape[-1]).transpose(-1, -2) for x in self.keys]
-        return k.attention_bmm_pieces(a, pieces, True, b.shape[-1], c, float(alpha), float(beta))
+        return k.attention_bmm_pieces(a, pieces, True, b.shape[-1], c, float(alpha), float(beta), self.tails, self.gaps)
 
     def weighted(self, a, b):
         """`a.bmm(b)` for b the scratch's values (None where it is not)."""
@@ -109,7 +111,7 @@ class MergedKV:
         if k is None:
             return None
         pieces = [x.reshape(-1, x.shape[-2], x.shape[-1]) for x in self.values]
-        return k.attention_bmm_pieces(a, pieces, False, b.shape[-2])
+        return k.attention_bmm_pieces(a, pieces, False, b.shape[-2], tails=self.tails, gaps=self.gaps)
 
 
 def _fill_merged(*nested) -> None:
@@ -181,14 +183,14 @@ def for_attention(keys: torch.Tensor, values: torch.Tensor, new: int) -> tuple[t
 
 
 def merged_for_attention(keys: torch.Tensor, values: torch.Tensor, new: int, stored_keys: list, stored_values: list,
-                         fill) -> tuple[torch.Tensor, torch.Tensor]:
+                         placement: list, fill) -> tuple[torch.Tensor, torch.Tensor]:
     """A merged pass's padded scratch `keys`, `values` for attention, its products reading each session's
-    `stored_keys`/`stored_values` instead (`MergedKV`); `fill` copies them into the scratch. Where the kernels
-    do not take the step, the scratch filled, as `for_attention`."""
+    `stored_keys`/`stored_values` instead, placed as `placement` says (`MergedKV`); `fill` copies them into
+    the scratch. Where the kernels do not take the step, the scratch filled, as `for_attention`."""
     if new > MAX_QUERIES or not usable(keys.dtype, keys.device):
         fill()
         return keys, values
-    merged = MergedKV(keys, values, stored_keys, stored_values, fill)
+    merged = MergedKV(keys, values, stored_keys, stored_values, placement, fill)
     keys, values = keys.as_subclass(DecodeKV), values.as_subclass(DecodeKV)
     keys._merged = values._merged = merged
     return keys, values

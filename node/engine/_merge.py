@@ -63,9 +63,9 @@ class StepPart:
 def reads_in_place(parts: list[StepPart], products: bool) -> bool:
     """Whether a merged pass's attention reads the parts' caches where they lie (`MergedCache.update`):
     where slowllm's kernel multiplies its products (`products`: a Bloom block's, the kernels built, the
-    dtype theirs) and every part steps the same few new positions. Its padded view is then never filled."""
-    q = max(p.new for p in parts)
-    return products and q <= MAX_QUERIES and all(p.new == q for p in parts)
+    dtype theirs) and the parts step a few new positions (decode steps, speculative checks: at most
+    MAX_QUERIES). Its padded view is then never filled."""
+    return products and max(p.new for p in parts) <= MAX_QUERIES
 
 
 def merged_step_cost(parts: list[StepPart], config, itemsize: int, products: bool = False) -> tuple[int, int, int]:
@@ -118,9 +118,9 @@ class MergedCache:
 
     Filling that view copies every session's whole cache, every block, every step: 8 sessions of the
     bloom-1b7 shape in bf16, a merged decode step, 58.7 of 201.1 ms at ~300 cached positions, 146.5 of
-    325.9 at ~1,000. So where slowllm's kernel multiplies the step's attention (a Bloom block, every part
-    with Q new positions: its positions the last of its row) the view goes to attention unfilled, and its
-    two products read the parts' caches where they lie (`merged_for_attention`, `attention_bmm_pieces`):
+    325.9 at ~1,000. So where slowllm's kernel multiplies the step's attention (a Bloom block, at most 8
+    new positions) the view goes to attention unfilled, and its two products read the parts' caches where
+    they lie, at their places in the view (`merged_for_attention`, `attention_bmm_pieces`):
     in alternating turns 0.83x the step's time at ~300 positions, 0.61x at ~1,000 (fp32: 0.79x, 0.54x),
     the same outputs. Anything else that reads the view fills it first.
     """
@@ -149,8 +149,9 @@ class MergedCache:
         self.scratch.turn = turn = object()
         fill = lambda: self._fill(out_k, out_v, stored, turn)  # noqa: E731
         if reads_in_place(self.parts, self.products):
-            # (each session's positions are the last of its row: its products can read them where they lie)
-            return merged_for_attention(out_k, out_v, self.q, [k for k, _ in stored], [v for _, v in stored], fill)
+            placement = [(p.new, self.q - p.new) for p in self.parts]  # (`_slots`: new positions last, holes before)
+            return merged_for_attention(out_k, out_v, self.q, [k for k, _ in stored], [v for _, v in stored],
+                                        placement, fill)
         fill()
         return for_attention(out_k, out_v, self.q) if self.products else (out_k, out_v)
 

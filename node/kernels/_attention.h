@@ -214,14 +214,19 @@ void run(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor* c,
 }
 
 // A merged pass's products (node/engine/_merge.py), b in pieces: each session's cache where it lies, not
-// copied into one padded matrix. pieces[j] holds the next pieces[j].size(0) of the B heads, and the last n_j
-// of the pass's `length` positions of each; the positions before them are padding (zero keys and values,
-// what the copy this replaces wrote). keys: the scores, b [B, K, length], the padding's columns beta * c
-// (as zero keys give); values: the weighted values, b [B, length, N], the padding's rows skipped (zero
-// values, probabilities 0: they add nothing). A head's sums are those of its session's step alone.
+// copied into one padded matrix. pieces[j] holds the next pieces[j].size(0) of the B heads and n_j positions
+// of each, placed in the pass's row of `length` positions as MergedCache lays a session out: its last
+// tails[j] (its new positions) at the row's end, the ones before them ending gaps[j] positions earlier (a
+// speculative check's longer step beside it: holes), padding before them; every other position is padding
+// (zero keys and values, what the copy this replaces wrote). keys: the scores, b [B, K, length], the
+// padding's columns beta * c (as zero keys give); values: the weighted values, b [B, length, N], the
+// padding's rows skipped (zero values, probabilities 0: they add nothing). A head's sums are those of its
+// session's step alone (a score's column is one dot product wherever it is written; a weighted value sums
+// its session's positions in order, its probabilities gathered past the gap).
 template <typename T>
-void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces, bool keys, int64_t length,
-                const torch::Tensor* c, const torch::Tensor& out, float alpha, float beta) {
+void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces, const std::vector<int64_t>& tails,
+                const std::vector<int64_t>& gaps, bool keys, int64_t length, const torch::Tensor* c,
+                const torch::Tensor& out, float alpha, float beta) {
   const int64_t B = a.size(0), M = a.size(1), K = a.size(2), N = out.size(2);
   const T* A = reinterpret_cast<const T*>(a.data_ptr());
   const T* C = c ? reinterpret_cast<const T*>(c->data_ptr()) : nullptr;
@@ -235,23 +240,38 @@ void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces
     work += pieces[j].size(0) * pieces[j].size(1) * pieces[j].size(2) * M;
   }
   auto one = [&](int64_t i) {
-    const torch::Tensor& p = pieces[owner[i]];
-    const int64_t n = keys ? p.size(2) : p.size(1), lead = length - n;  // the session's positions, its padding
+    const int64_t j = owner[i];
+    const torch::Tensor& p = pieces[j];
+    const int64_t n = keys ? p.size(2) : p.size(1);  // the session's positions
+    const int64_t gap = gaps[j], tail = gap ? tails[j] : n, split = n - tail, lead = length - n - gap;
     const bool dots = p.stride(2) != 1;
-    const T* b = reinterpret_cast<const T*>(p.data_ptr()) + (i - first[owner[i]]) * p.stride(0);
+    const int64_t ldb = dots ? p.stride(2) : p.stride(1);
+    const T* b = reinterpret_cast<const T*>(p.data_ptr()) + (i - first[j]) * p.stride(0);
+    const T* ai = A + i * a.stride(0);
     const T* ci = C ? C + i * c->stride(0) : nullptr;
     T* o = O + i * M * N;
-    if (keys) {
-      const Head<T> h{A + i * a.stride(0), a.stride(1), b, dots ? p.stride(2) : p.stride(1), ci ? ci + lead : nullptr,
-                      ldc, o + lead, N};
-      head(h, M, K, n, dots, alpha, beta);
+    if (keys) {  // columns [0, split) at lead, [split, n) at length - tail; beta * c between and before
+      if (split > 0) head(Head<T>{ai, a.stride(1), b, ldb, ci ? ci + lead : nullptr, ldc, o + lead, N}, M, K, split,
+                          dots, alpha, beta);
+      const T* rest = b + split * (dots ? ldb : 1);
+      const int64_t end = length - tail;
+      head(Head<T>{ai, a.stride(1), rest, ldb, ci ? ci + end : nullptr, ldc, o + end, N}, M, K, tail, dots, alpha, beta);
+      const std::pair<int64_t, int64_t> padding[2] = {{0, lead}, {lead + split, end}};
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t x = 0; x < lead; x += 8)
-          store_upto(o + m * N + x, _mm256_setzero_ps(), ci ? ci + m * ldc + x : nullptr, alpha, beta,
-                     std::min<int64_t>(8, lead - x));
-    } else {
-      const Head<T> h{A + i * a.stride(0) + lead, a.stride(1), b, dots ? p.stride(2) : p.stride(1), ci, ldc, o, N};
-      head(h, M, n, N, dots, alpha, beta);
+        for (const auto& [from, to] : padding)
+          for (int64_t x = from; x < to; x += 8)
+            store_upto(o + m * N + x, _mm256_setzero_ps(), ci ? ci + m * ldc + x : nullptr, alpha, beta,
+                       std::min<int64_t>(8, to - x));
+    } else if (gap == 0) {
+      head(Head<T>{ai + lead, a.stride(1), b, ldb, ci, ldc, o, N}, M, n, N, dots, alpha, beta);
+    } else {  // the probabilities of its positions side by side (M x n), as its step alone has them
+      thread_local std::vector<T> gathered;
+      gathered.resize(M * n);
+      for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(gathered.data() + m * n, ai + m * a.stride(1) + lead, split * sizeof(T));
+        std::memcpy(gathered.data() + m * n + split, ai + m * a.stride(1) + length - tail, tail * sizeof(T));
+      }
+      head(Head<T>{gathered.data(), n, b, ldb, ci, ldc, o, N}, M, n, N, dots, alpha, beta);
     }
   };
   if (work < kParallelWork || at::get_num_threads() == 1) {
@@ -299,20 +319,28 @@ torch::Tensor attention_bmm(torch::Tensor a, torch::Tensor b, c10::optional<torc
 
 // `attention_bmm` with b in pieces (attention::run_pieces): a merged pass's sessions' caches where they lie.
 // keys: a [B, M, K], each piece [b_j, K, n_j], out [B, M, length]; values: a [B, M, length], each piece
-// [b_j, n_j, N], out [B, M, N]; the pieces' b_j add up to B, n_j <= length.
+// [b_j, n_j, N], out [B, M, N]; the pieces' b_j add up to B. Piece j's positions end at the row's end
+// (gaps empty, or gaps[j] 0), or its last tails[j] do and the others end gaps[j] positions before them.
 torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> pieces, bool keys, int64_t length,
-                                   c10::optional<torch::Tensor> c, double alpha, double beta) {
+                                   c10::optional<torch::Tensor> c, double alpha, double beta,
+                                   std::vector<int64_t> tails, std::vector<int64_t> gaps) {
   TORCH_CHECK(a.dim() == 3 && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && a.device().is_cpu(),
               "a [B, M, K], bf16 or fp32, on the CPU");
   TORCH_CHECK(a.size(1) <= attention::kMaxQueries, "at most 8 queries per head");
   TORCH_CHECK(!pieces.empty(), "at least one piece");
   TORCH_CHECK(keys || a.size(2) == length, "values: a [B, M, length]");
+  if (gaps.empty()) gaps.assign(pieces.size(), 0);
+  if (tails.empty()) tails.assign(pieces.size(), 0);
+  TORCH_CHECK(gaps.size() == pieces.size() && tails.size() == pieces.size(), "a tail and a gap per piece");
   const int64_t B = a.size(0), M = a.size(1), N = keys ? length : pieces[0].size(2);
   int64_t heads = 0;
-  for (auto& p : pieces) {
+  for (size_t j = 0; j < pieces.size(); ++j) {
+    auto& p = pieces[j];
     TORCH_CHECK(p.dim() == 3 && p.scalar_type() == a.scalar_type() && p.device().is_cpu(), "pieces [b, K, n] or [b, n, N] in a's dtype");
-    TORCH_CHECK(keys ? (p.size(1) == a.size(2) && p.size(2) <= length) : (p.size(1) <= length && p.size(2) == N),
-                keys ? "keys' pieces [b, K, n <= length]" : "values' pieces [b, n <= length, N]");
+    TORCH_CHECK(keys ? p.size(1) == a.size(2) : p.size(2) == N, keys ? "keys' pieces [b, K, n]" : "values' pieces [b, n, N]");
+    const int64_t n = keys ? p.size(2) : p.size(1);
+    TORCH_CHECK(gaps[j] >= 0 && (gaps[j] == 0 || (tails[j] >= 1 && tails[j] <= n)) && n + gaps[j] <= length,
+                "each piece's positions (and gap) within length, its tail within its positions");
     if (p.stride(2) != 1 && p.stride(1) != 1) p = p.contiguous();
     heads += p.size(0);
   }
@@ -328,7 +356,7 @@ torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> p
     if (cc->stride(2) != 1) cc = cc->contiguous();
   }
   const torch::Tensor* cp = cc ? &*cc : nullptr;
-  if (a.scalar_type() == at::kFloat) attention::run_pieces<float>(a, pieces, keys, length, cp, out, alpha, beta);
-  else attention::run_pieces<uint16_t>(a, pieces, keys, length, cp, out, alpha, beta);
+  if (a.scalar_type() == at::kFloat) attention::run_pieces<float>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
+  else attention::run_pieces<uint16_t>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
   return out;
 }

@@ -823,6 +823,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "beta * c + alpha * (a [B, M, K] @ b [B, K, N]) for M <= 8 (baddbmm; bmm without c), bf16 or fp32");
   m.def("attention_bmm_pieces", &attention_bmm_pieces, nogil(), py::arg("a"), py::arg("pieces"), py::arg("keys"),
         py::arg("length"), py::arg("c") = py::none(), py::arg("alpha") = 1.0, py::arg("beta") = 1.0,
-        "attention_bmm with b in pieces, each the last positions of `length` for its heads, zero padding before");
+        py::arg("tails") = std::vector<int64_t>{}, py::arg("gaps") = std::vector<int64_t>{},
+        "attention_bmm with b in pieces, each piece's positions at the end of `length` (or its tail there, the "
+        "rest `gap` before), zero padding elsewhere");
   m.def("calls", &calls, "how many times each entry point ran in this process");
 }
