@@ -64,6 +64,11 @@ def sessions_of(n: int, context: int, layers: int, heads: int, head_dim: int, dt
     return out
 
 
+def step_input(session: int, new: int, hidden: int, dtype) -> torch.Tensor:
+    """Session `session`'s hidden states for a step of `new` positions (the same in every turn)."""
+    return torch.randn(1, new, hidden, generator=torch.Generator().manual_seed(session)).to(dtype)
+
+
 def turns(blocks, sessions: list, hidden: int, dtype, count: int, check: int = 0) -> dict:
     """Alternating merged steps (in place first, then copies, then the other order), each run again on the
     same caches (the step's positions are forgotten after it): ms per step, outputs identical. `check`:
@@ -86,8 +91,8 @@ def turns(blocks, sessions: list, hidden: int, dtype, count: int, check: int = 0
         for turn in range(count):
             for on in ((True, False) if turn % 2 == 0 else (False, True)):
                 _merge.merged_for_attention = in_place if on else copies
-                parts = [_merge.StepPart(torch.randn(1, new, hidden, generator=torch.Generator().manual_seed(i)).to(dtype),
-                                         torch.ones(1, past + new, dtype=torch.long), caches, f"s{i}")
+                parts = [_merge.StepPart(step_input(i, new, hidden, dtype), torch.ones(1, past + new, dtype=torch.long),
+                                         caches, f"s{i}")
                          for i, ((past, caches), new) in enumerate(zip(sessions, news))]
                 before = kernels().calls()["attention_bmm_pieces"]
                 start = time.perf_counter()
@@ -102,8 +107,8 @@ def turns(blocks, sessions: list, hidden: int, dtype, count: int, check: int = 0
         _merge.merged_for_attention = in_place
     alone = []  # each session's step by itself
     for i, ((past, caches), new) in enumerate(zip(sessions, news)):
-        hidden_i = torch.randn(1, new, hidden, generator=torch.Generator().manual_seed(i)).to(dtype)
-        alone.append(blocks.forward(hidden_i, torch.ones(1, past + new, dtype=torch.long), 0, last, caches)
+        alone.append(blocks.forward(step_input(i, new, hidden, dtype), torch.ones(1, past + new, dtype=torch.long), 0,
+                                    last, caches)
                      .reshape(-1, hidden))
         for cache in caches.values():
             cache.truncate(cache.length - new)
@@ -186,7 +191,8 @@ def main() -> None:
     print(f"{'build':>10} {'dtype':>8} {'model':>28} {'sessions':>8} {'positions':>9} {'check':>5} {'copies ms':>9} "
           f"{'in place':>8} {'ratio':>6} {'as alone':>8} {'vs copies':>9}")
     for r in rows:
-        print(f"{r['isa']:>10} {r['dtype']:>8} {r['model']:>28} {r['sessions']:>8} {r['context']:>9} {r['check'] or '':>5} "
+        print(f"{r['isa']:>10} {r['dtype']:>8} {r['model']:>28} {r['sessions']:>8} {r['context']:>9} "
+              f"{r['check'] or '':>5} "
               f"{r['copies_ms']:>9.1f} {r['in_place_ms']:>8.1f} {r['ratio']:>5.3f}x {str(r['in_place_as_alone']):>8} "
               f"{r['copies_max_diff']:>9.1e}")
     print(json.dumps({"bench": "merged", "rows": rows}))

@@ -42,7 +42,7 @@ _TYPES = (torch.bfloat16, torch.float32)
 
 class DecodeKV(torch.Tensor):
     """A cache's keys or values as attention sees them in a decode step (the module docstring). A merged
-    pass's carry `_merged` (a `MergedKV`), kept by views."""
+    pass's also carry `_merged` (its `MergedKV`), and so do their views."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -70,9 +70,9 @@ class MergedKV:
     stores them (`keys[j]`, `values[j]`: [rows, heads, positions, head_dim]), where they sit in the pass's
     rows (`placement[j]`: (tail, gap): its last `tail` positions end the row, the others end `gap` before
     them; gap 0: all of them end it), and the padded scratch [sessions' rows, heads, length, head_dim]
-    attention is handed. Attention's two products, when given the scratch viewed exactly as Bloom's attention views it,
-    read the sessions' caches instead (`attention_bmm_pieces`); anything else reading the scratch has
-    `fill` copy them in first (once). Only the block being run may fill: the next block reuses the scratch."""
+    attention is handed. Attention's two products, given the scratch viewed exactly as Bloom's attention
+    views it, read the sessions' caches instead (`attention_bmm_pieces`); anything else reading the scratch
+    has `fill` copy them in first (once). Only the block being run may fill: the next reuses the scratch."""
 
     def __init__(self, scratch_keys, scratch_values, keys: list, values: list, placement: list, fill):
         self.scratch_keys, self.scratch_values = scratch_keys, scratch_values
@@ -131,7 +131,8 @@ def _kernels_for(a, b, c=None):
         return None
     if a.dim() != 3 or b.dim() != 3 or a.shape[1] > MAX_QUERIES or a.dtype not in _TYPES or b.dtype != a.dtype:
         return None
-    if a.device.type != "cpu" or b.device.type != "cpu" or (c is not None and (c.dtype != a.dtype or c.device.type != "cpu")):
+    if a.device.type != "cpu" or b.device.type != "cpu" or (
+            c is not None and (c.dtype != a.dtype or c.device.type != "cpu")):
         return None
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)):
         return None

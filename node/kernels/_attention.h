@@ -255,7 +255,8 @@ void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces
                           dots, alpha, beta);
       const T* rest = b + split * (dots ? ldb : 1);
       const int64_t end = length - tail;
-      head(Head<T>{ai, a.stride(1), rest, ldb, ci ? ci + end : nullptr, ldc, o + end, N}, M, K, tail, dots, alpha, beta);
+      head(Head<T>{ai, a.stride(1), rest, ldb, ci ? ci + end : nullptr, ldc, o + end, N}, M, K, tail, dots, alpha,
+           beta);
       const std::pair<int64_t, int64_t> padding[2] = {{0, lead}, {lead + split, end}};
       for (int64_t m = 0; m < M; ++m)
         for (const auto& [from, to] : padding)
@@ -324,8 +325,8 @@ torch::Tensor attention_bmm(torch::Tensor a, torch::Tensor b, c10::optional<torc
 torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> pieces, bool keys, int64_t length,
                                    c10::optional<torch::Tensor> c, double alpha, double beta,
                                    std::vector<int64_t> tails, std::vector<int64_t> gaps) {
-  TORCH_CHECK(a.dim() == 3 && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && a.device().is_cpu(),
-              "a [B, M, K], bf16 or fp32, on the CPU");
+  TORCH_CHECK(a.dim() == 3 && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
+                  a.device().is_cpu(), "a [B, M, K], bf16 or fp32, on the CPU");
   TORCH_CHECK(a.size(1) <= attention::kMaxQueries, "at most 8 queries per head");
   TORCH_CHECK(!pieces.empty(), "at least one piece");
   TORCH_CHECK(keys || a.size(2) == length, "values: a [B, M, length]");
@@ -336,8 +337,10 @@ torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> p
   int64_t heads = 0;
   for (size_t j = 0; j < pieces.size(); ++j) {
     auto& p = pieces[j];
-    TORCH_CHECK(p.dim() == 3 && p.scalar_type() == a.scalar_type() && p.device().is_cpu(), "pieces [b, K, n] or [b, n, N] in a's dtype");
-    TORCH_CHECK(keys ? p.size(1) == a.size(2) : p.size(2) == N, keys ? "keys' pieces [b, K, n]" : "values' pieces [b, n, N]");
+    TORCH_CHECK(p.dim() == 3 && p.scalar_type() == a.scalar_type() && p.device().is_cpu(),
+                "pieces [b, K, n] or [b, n, N] in a's dtype");
+    TORCH_CHECK(keys ? p.size(1) == a.size(2) : p.size(2) == N,
+                keys ? "keys' pieces [b, K, n]" : "values' pieces [b, n, N]");
     const int64_t n = keys ? p.size(2) : p.size(1);
     TORCH_CHECK(gaps[j] >= 0 && (gaps[j] == 0 || (tails[j] >= 1 && tails[j] <= n)) && n + gaps[j] <= length,
                 "each piece's positions (and gap) within length, its tail within its positions");
@@ -356,7 +359,9 @@ torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> p
     if (cc->stride(2) != 1) cc = cc->contiguous();
   }
   const torch::Tensor* cp = cc ? &*cc : nullptr;
-  if (a.scalar_type() == at::kFloat) attention::run_pieces<float>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
-  else attention::run_pieces<uint16_t>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
+  if (a.scalar_type() == at::kFloat)
+    attention::run_pieces<float>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
+  else
+    attention::run_pieces<uint16_t>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
   return out;
 }
