@@ -2,6 +2,7 @@
 
     python bench/merged.py [--sessions 2 8] [--context 100 300 1000] [--dtype bfloat16 float32] [--turns 8]
                            [--isa avx512bf16 avx2] [--width176] [--check 4]
+    python bench/merged.py --local-users 1 4 8 [--tokens 17] [--turns 4] [--isa ...]
 
 A node runs the decode steps of every session waiting at it as ONE pass over its blocks
 (node/engine/_merge.py), and Bloom's attention there is handed a padded view of all the sessions' caches.
@@ -19,6 +20,10 @@ of each is dropped, the rest's median kept. --width176 adds one block at Bloom-1
 their rows get holes). A node merges at most its kernels' rows (sessions x the pass's new positions, holes
 included: 8 in bf16 without AMX, `plan_steps`), so --sessions 2 --check 4 is such a pass a node runs, where
 each session still gets its numbers alone; more would run the linears as PyTorch's GEMM.
+--local-users N... measures instead N generations at once through one process with every block in RAM
+(`slowllm serve --local --keep-in-ram`'s users, `step_together`): its chain now runs their steps as merged
+passes and their LM heads in one read of the head, against their sessions stepped one after another with
+a read of the head each (what it did before), decode tokens/s of all of them, tokens compared.
 Per ISA (`SLOWLLM_ISA`, each in its own process; `avx2` also caps PyTorch, oneDNN and MKL at AVX2, as
 bench/decode.py does: an AVX2 PC, whose bf16 caches keep keys as rows). Prints a table and one JSON line;
 "in place" is a ratio to "copies" measured in the same turns.
@@ -119,6 +124,43 @@ def turns(blocks, sessions: list, hidden: int, dtype, count: int, check: int = 0
             "copies_max_diff": float((outs[True].float() - outs[False].float()).abs().max())}
 
 
+def local_users(model, users: int, tokens: int, count: int) -> dict:
+    """`users` generations stepped together on resident blocks (`slowllm serve --local --keep-in-ram`'s
+    users: `step_together`), the ResidentChain's merged passes and the bf16 ends' shared LM-head reads
+    against its sessions stepped one after another, each with its own read of the head (what it did
+    before), in alternating turns: decode tokens/s of all users, tokens identical."""
+    from slowllm.coordinator import LocalRunner, Sampling
+    from slowllm.coordinator.chains._chain import Chain
+    from slowllm.coordinator.chains._local import ResidentChain
+    from slowllm.coordinator.jobs._generate import Continuation, Generation, step_together
+
+    runner = LocalRunner(model, keep_in_ram=True, progress=False)
+    merged = ResidentChain.step_sessions
+    texts = [f"{i}: the researcher without a cluster read every block from disk in turn" for i in range(users)]
+    rate: dict[bool, list[float]] = {True: [], False: []}
+    got: dict[bool, list] = {}
+    try:
+        for turn in range(count):
+            for on in ((True, False) if turn % 2 == 0 else (False, True)):
+                ResidentChain.step_sessions = merged if on else Chain.step_sessions
+                runner.ends.__dict__.pop("invariant_rows", None)  # (a cached property: worked out again, or 0)
+                if not on and runner.ends.dtype == torch.bfloat16:  # (bf16 ends shared no head reads before)
+                    runner.ends.__dict__["invariant_rows"] = 0
+                jobs = [Generation(runner.ends, runner.chain, [Continuation(runner.ends.encode(t), tokens)], Sampling())
+                        for t in texts]
+                step_together(runner.chain, jobs)  # (the prompts' passes: the clock starts at the first decode step)
+                start = time.perf_counter()
+                while any(not job.done for job in jobs):
+                    step_together(runner.chain, [job for job in jobs if not job.done])
+                rate[on].append(users * (tokens - 1) / (time.perf_counter() - start))
+                got[on] = [job.results()[0]["token_ids"] for job in jobs]
+    finally:
+        ResidentChain.step_sessions = merged
+    before, now = (statistics.median(rate[on][1:] or rate[on]) for on in (False, True))
+    return {"users": users, "one_by_one_tokens_s": round(before, 1), "merged_tokens_s": round(now, 1),
+            "ratio": round(now / before, 2), "identical": got[True] == got[False]}
+
+
 def child(args) -> list[dict]:
     from transformers import BloomConfig
 
@@ -131,6 +173,8 @@ def child(args) -> list[dict]:
         raise SystemExit("slowllm's kernels are not built here (SLOWLLM_ISA=none or no compiler): nothing to compare")
     rows = []
     model = make_model(24)
+    if args.local_users:
+        return [{"isa": kernels().isa, **local_users(model, n, args.tokens, args.turns)} for n in args.local_users]
     for name in args.dtype:
         dtype = getattr(torch, name)
         blocks = ResidentBlocks(Checkpoint(model), 0, 23, dtype)
@@ -173,6 +217,9 @@ def main() -> None:
     ap.add_argument("--width176", action="store_true", help="also one block at Bloom-176B width (~8 GB of RAM)")
     ap.add_argument("--check", type=int, default=0,
                     help="also with the first session stepping a speculative check of this many positions")
+    ap.add_argument("--local-users", type=int, nargs="+", default=None,
+                    help="instead: this many generations at once through `LocalRunner(keep_in_ram=True)`")
+    ap.add_argument("--tokens", type=int, default=17, help="with --local-users: new tokens per generation")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -188,6 +235,13 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
                              text=True, check=True)
         rows += json.loads(out.stdout.strip().splitlines()[-1])
+    if args.local_users:
+        print(f"{'build':>10} {'users':>5} {'one by one tok/s':>16} {'merged tok/s':>12} {'ratio':>6} identical")
+        for r in rows:
+            print(f"{r['isa']:>10} {r['users']:>5} {r['one_by_one_tokens_s']:>16.1f} {r['merged_tokens_s']:>12.1f} "
+                  f"{r['ratio']:>5.2f}x {r['identical']}")
+        print(json.dumps({"bench": "merged", "local_users": rows}))
+        return
     print(f"{'build':>10} {'dtype':>8} {'model':>28} {'sessions':>8} {'positions':>9} {'check':>5} {'copies ms':>9} "
           f"{'in place':>8} {'ratio':>6} {'as alone':>8} {'vs copies':>9}")
     for r in rows:

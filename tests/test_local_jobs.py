@@ -177,6 +177,50 @@ def test_keep_in_ram_gives_the_same_numbers(tiny_model, runner):
                               loss_and_grad(runner.ends, runner.chain, prompt, batch)[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_keep_in_ram_steps_several_generations_in_merged_passes(tiny_model, models_dir, dtype, monkeypatch):
+    """Generations stepped together on resident blocks (the HTTP API's users, `step_together`) run as
+    merged passes, as a node runs its sessions: each block's weights read once per pass, not once per
+    session, and their LM heads in one read of the head a step. Every generation gets exactly the tokens it
+    gets alone (bf16: slowllm's kernels, batch invariant; fp32: greedy picks from logits within rounding)."""
+    from slowllm.coordinator.chains import _local
+    from slowllm.coordinator.jobs._generate import Continuation, Generation, step_together
+
+    from slowllm.coordinator import make_checkpoint, tiny_config
+    from slowllm.node.kernels import kernels
+
+    model = tiny_model
+    if dtype == "bfloat16":  # (a bf16 checkpoint: its resident head is bf16, which the kernels read)
+        model = models_dir / "kernels-bf16"  # (shared with test_kernels.py)
+        if not (model / "config.json").exists():
+            make_checkpoint(model, tiny_config(std=0.25), seed=0, dtype=torch.bfloat16)
+    merged = []
+    run = _local.run_merged_steps
+    monkeypatch.setattr(_local, "run_merged_steps",
+                        lambda blocks, parts, *a: merged.append(len(parts)) or run(blocks, parts, *a))
+    with LocalRunner(model, keep_in_ram=True, dtype=dtype) as resident:
+        texts = ["Once upon a time", "Is the sky blue?", "The first prompt of three", "a b c d e f g h"]
+        alone = [resident.generate([t], Sampling(max_new_tokens=8))[0]["token_ids"] for t in texts]
+        assert not merged  # (one session: stepped as before)
+        jobs = [Generation(resident.ends, resident.chain, [Continuation(resident.ends.encode(t), 8)], Sampling())
+                for t in texts]
+        heads = []
+        logits = resident.ends.logits
+        monkeypatch.setattr(resident.ends, "logits", lambda hidden: heads.append(hidden.shape[0]) or logits(hidden))
+        steps = 0
+        try:
+            while any(not job.done for job in jobs):
+                step_together(resident.chain, [job for job in jobs if not job.done])
+                steps += 1
+        finally:
+            for job in jobs:
+                job.close()
+        assert [job.results()[0]["token_ids"] for job in jobs] == alone
+        if kernels() is not None:  # (their LM heads in one read a step, where the kernels keep rows apart)
+            assert len(heads) == steps and max(heads) == len(texts)
+    assert merged and max(merged) == len(texts)  # (the four sessions' steps in one pass)
+
+
 def test_left_padding_equals_unpadded(runner):
     rows = [runner.ends.encode("Yes"), runner.ends.encode("Once upon a time there was")]
     embeds, mask = inputs_embeds(runner.ends, rows)

@@ -16,6 +16,8 @@ import torch
 from slowllm.node import (BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_nbytes, format_size,
                           process_rss)
 from slowllm.node.engine._blocks import work_width
+from slowllm.node.engine._families import family_of
+from slowllm.node.engine._merge import StepPart, merge_rows, plan_steps, products_in_place, run_merged_steps
 from slowllm.node.engine._memory import linear_dtype
 from slowllm.protocol import MemoryBudgetError
 
@@ -158,6 +160,29 @@ class ResidentChain(Chain):
     def open_session(self, batch_size: int, max_length: int) -> ChainSession:
         return _ResidentSession(self.blocks, max_length)
 
+    def step_sessions(self, steps, heads=None):
+        """Every session's step in merged passes over the blocks, as a node runs its sessions' steps
+        (`plan_steps`, `run_merged_steps`): with several sessions (the HTTP API's users, a job's groups)
+        each block's weights are read once per pass, not once per session, and each session gets its
+        tokens as alone (the kernels' rows are batch invariant; `merge_rows` bounds a pass)."""
+        sessions = [session for session, _, _ in steps]
+        if len(steps) < 2 or len({id(s) for s in sessions}) < len(sessions):  # (a session twice: in turn)
+            return super().step_sessions(steps, heads)
+        parts = []
+        for session, hidden, mask in steps:
+            session.check(hidden, mask)
+            parts.append(StepPart(hidden, mask, session.caches, str(id(session))))
+        blocks = self.blocks
+        family = family_of(blocks.config)
+        outs: list = [None] * len(parts)
+        for group in plan_steps(parts, blocks.config, self.dtype.itemsize, blocks.score_budget, self.max_batch_tokens,
+                                family.window(blocks.config), merge_rows(blocks),
+                                products_in_place(family, self.dtype, blocks.device)):
+            for i, out in zip(group, run_merged_steps(blocks, [parts[i] for i in group], blocks.first, blocks.last)):
+                outs[i] = out
+                sessions[i].length = parts[i].mask.shape[1]
+        return with_heads(outs, heads)
+
 
 class _ResidentSession(ChainSession):
     def __init__(self, blocks: ResidentBlocks, max_length: int):
@@ -165,9 +190,12 @@ class _ResidentSession(ChainSession):
         self.caches = {layer: BlockCache(limit=max_length) for layer in blocks.blocks}
         self.length = 0
 
-    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def check(self, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         if mask.shape[1] - hidden.shape[1] != self.length:
             raise ValueError(f"mask covers {mask.shape[1] - hidden.shape[1]} past positions, the session holds {self.length}")
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.check(hidden, mask)
         out = self.blocks.forward(hidden, mask, self.blocks.first, self.blocks.last, self.caches)
         self.length = mask.shape[1]
         return out

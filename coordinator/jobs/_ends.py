@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from slowllm.node import Checkpoint
 from slowllm.node.engine._checkpoint import SCALE
 from slowllm.node.engine._memory import huge_page_empty
-from slowllm.node.kernels._kernels import kernels, usable
+from slowllm.node.kernels._kernels import kernel_rows, kernels, usable
 from slowllm.node.kernels._linears import bf16_linear, int8_matmul
 
 from ._sampling import argmax_rows
@@ -219,11 +219,19 @@ class ModelEnds:
         """Up to how many positions one `logits` call gives each position the numbers it gets alone (the
         kernels' fixed summation order), so that the heads of many generations' steps may share one read of
         the LM head without changing any of them; 0 where PyTorch's GEMM computes it (its rounding depends on
-        the batch). Asked for every step's head: worked out once."""
+        the batch). Asked for every step's head: worked out once. In bf16 (a local runner's ends) the
+        kernels take a resident bf16 or int8 head (`logits`): 8 users of `slowllm serve --local
+        --keep-in-ram` on the bloom-1b7 shape read its 1 GB head once a step, not 8 times (~33 ms each)."""
         stored = self.checkpoint.meta(self.checkpoint.head_key)[1]
-        if self.dtype != torch.float32 or stored not in HEAD_KERNEL_MAX_ROWS or kernels() is None:
+        if kernels() is None:
             return 0
-        return HEAD_KERNEL_MAX_ROWS[stored]
+        if self.dtype == torch.float32:
+            return HEAD_KERNEL_MAX_ROWS.get(stored, 0)
+        whole = self._resident.get(self.checkpoint.head_key)
+        if (self.dtype != torch.bfloat16 or whole is None or whole.device.type != "cpu" or not whole.is_contiguous()
+                or whole.dtype not in (torch.bfloat16, torch.int8)):
+            return 0
+        return kernel_rows("bf16" if whole.dtype == torch.bfloat16 else "int8") or 0
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

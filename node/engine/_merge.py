@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slowllm.node.kernels._kernels import cpu_supported, kernel_rows
+
 from ._attention_products import MAX_QUERIES, for_attention, merged_for_attention
 from ._attention_products import usable as kernel_products
 from ._blocks import (SCORE_BYTES, BlockCache, KVLayout, attention_inputs, cache_layout, kv_buffer, kv_bucketed,
@@ -216,6 +218,24 @@ class _Scratch:
                 small = self._pair[1].numel() * self._pair[1].element_size() <= self.KEEP_BYTES
                 self._kept.pair = self._pair if small else None
         return self._pair[1], self._pair[2]
+
+
+def merge_rows(blocks) -> int:
+    """The most rows (rows x new positions) one merged decode pass over `blocks` (a `ResidentBlocks`) may
+    hold: where slowllm's CPU kernels run the linears (bf16, int8), as many as they take (batch invariant:
+    every session gets its tokens as alone); otherwise no limit beyond tokens and memory (fp32 through MKL
+    differs in the last bits only)."""
+    if blocks.device.type != "cpu" or not cpu_supported():
+        return 1 << 30
+    if blocks.checkpoint.int8:
+        kind = "int8" if blocks.dtype == torch.bfloat16 else "int8_fp32"
+    elif blocks.dtype == torch.bfloat16:
+        kind = "bf16"
+    elif blocks.linears == torch.bfloat16:  # fp32 activations on bf16 weights
+        kind = "bf16_fp32"
+    else:
+        return 1 << 30
+    return kernel_rows(kind) or 1 << 30
 
 
 def products_in_place(family, dtype: torch.dtype, device) -> bool:

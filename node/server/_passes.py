@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from slowllm.node.engine._families import family_of, kv_width
-from slowllm.node.engine._merge import (StepPart, plan_forwards, plan_steps, products_in_place, run_merged_forwards,
-                                        run_merged_steps)
-from slowllm.node.kernels._kernels import cpu_supported, kernel_rows
+from slowllm.node.engine._merge import (StepPart, merge_rows, plan_forwards, plan_steps, products_in_place,
+                                        run_merged_forwards, run_merged_steps)
 from slowllm.protocol import (Backward, Channel, CloseSession, Error, Forward, InputError, Limits, ProtocolError,
                               Result, Results, SlowllmError, Step, Steps, decode_tensor, encode_tensor)
 
@@ -217,20 +216,8 @@ class ComputePasses:
         return {id(w) for w in small or sorted(steps, key=lambda w: _positions(w.msg))[:1]}
 
     def _merge_rows(self) -> int:
-        """The most rows one merged decode pass may hold: where the node's CPU kernels run the linears
-        (bf16, int8), as many as they take (batch invariant: every session gets its tokens as alone);
-        otherwise no limit beyond tokens and memory (fp32 through MKL differs in the last bits only)."""
-        if self.device != "cpu" or not cpu_supported():
-            return 1 << 30
-        if self.blocks.checkpoint.int8:
-            kind = "int8" if self.dtype == torch.bfloat16 else "int8_fp32"
-        elif self.dtype == torch.bfloat16:
-            kind = "bf16"
-        elif self.blocks.linears == torch.bfloat16:  # fp32 activations on bf16 weights
-            kind = "bf16_fp32"
-        else:
-            return 1 << 30
-        return kernel_rows(kind) or 1 << 30
+        """The most rows one merged decode pass may hold (`merge_rows`)."""
+        return merge_rows(self.blocks)
 
     @staticmethod
     def _answer_together(works: list[_Work], run) -> None:
