@@ -1,5 +1,6 @@
 """Local mode: the chain is the disk-streaming executor in this process, within a RAM budget
-(or, with --keep-in-ram, every block resident: `ResidentChain`).
+(or, with --keep-in-ram, every block resident: `ResidentChain`, which steps several generations at once in
+merged passes, as a node does).
 
 `plan_memory` splits `--max-ram` (the whole process, interpreter included) between what is already
 used, the blocks in flight, the model's ends and activations, and refuses up front, saying how much is
