@@ -282,6 +282,16 @@ void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces
   parallel_slices(B, std::max<int64_t>(1, kParallelWork * B / work), one);
 }
 
+// c broadcast to the output [B, M, N], n contiguous, in a's dtype; none where beta is 0 (c is then not read,
+// as PyTorch's ops do: NaN in it does not propagate)
+inline c10::optional<torch::Tensor> broadcast_c(const c10::optional<torch::Tensor>& c, double beta,
+                                                const torch::Tensor& a, int64_t B, int64_t M, int64_t N) {
+  if (!c || beta == 0.0) return c10::nullopt;
+  torch::Tensor cc = c->expand({B, M, N});
+  TORCH_CHECK(cc.scalar_type() == a.scalar_type(), "c in the inputs' dtype");
+  return cc.stride(2) == 1 ? cc : cc.contiguous();
+}
+
 }  // namespace attention
 
 // out [B, M, N] = beta * c + alpha * (a [B, M, K] @ b [B, K, N]), fp32 sums rounded once to the inputs'
@@ -303,12 +313,7 @@ torch::Tensor attention_bmm(torch::Tensor a, torch::Tensor b, c10::optional<torc
   if (!dots && b.stride(2) != 1) b = b.contiguous();
   auto out = torch::empty({B, M, N}, a.options());
   if (B == 0 || M == 0 || N == 0) return out;
-  c10::optional<torch::Tensor> cc;
-  if (c && beta != 0.0) {  // (beta 0: c is not read, as PyTorch's ops do: NaN in it does not propagate)
-    cc = c->expand({B, M, N});
-    TORCH_CHECK(cc->scalar_type() == a.scalar_type(), "c in the inputs' dtype");
-    if (cc->stride(2) != 1) cc = cc->contiguous();
-  }
+  const c10::optional<torch::Tensor> cc = attention::broadcast_c(c, beta, a, B, M, N);
   if (a.size(2) == 0) {  // no products: beta * c (or zeros), as PyTorch gives
     return cc ? (*cc * beta).to(a.scalar_type()) : out.zero_();
   }
@@ -352,12 +357,7 @@ torch::Tensor attention_bmm_pieces(torch::Tensor a, std::vector<torch::Tensor> p
   if (a.stride(2) != 1) a = a.contiguous();
   auto out = torch::empty({B, M, N}, a.options());
   if (B == 0 || M == 0 || N == 0) return out;
-  c10::optional<torch::Tensor> cc;
-  if (c && beta != 0.0) {
-    cc = c->expand({B, M, N});
-    TORCH_CHECK(cc->scalar_type() == a.scalar_type(), "c in the inputs' dtype");
-    if (cc->stride(2) != 1) cc = cc->contiguous();
-  }
+  const c10::optional<torch::Tensor> cc = attention::broadcast_c(c, beta, a, B, M, N);
   const torch::Tensor* cp = cc ? &*cc : nullptr;
   if (a.scalar_type() == at::kFloat)
     attention::run_pieces<float>(a, pieces, tails, gaps, keys, length, cp, out, alpha, beta);
