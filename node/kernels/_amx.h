@@ -26,9 +26,12 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-void configure_tiles() {  // tmm0-3: sums (16 x 16 fp32), tmm4: inputs (16 pairs x 16 rows), tmm5-7: weights
+// tmm0-3: sums (weight rows x 16 fp32), tmm4: inputs (16 pairs x 16 rows), tmm5-7: weights (weight rows x 32).
+// Fewer weight rows than 16 (the rows beyond a matrix's last whole tile) make shorter tiles: each output is
+// its own sum in a tile product, so those rows get exactly the numbers a whole tile gives them.
+void configure_tiles(int weight_rows = kTileRows) {
   TileConfig c;
-  for (int t = 0; t < 8; ++t) c.rows[t] = kTileRows, c.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) c.rows[t] = t == 4 ? kTileRows : weight_rows, c.colsb[t] = 64;
   _tile_loadconfig(&c);
 }
 
@@ -48,11 +51,11 @@ std::vector<uint16_t> pack_inputs(const uint16_t* X, int64_t M, int64_t K) {
   return out;
 }
 
-// The sums of one tile (C [16 weight rows][16 input rows]) into Y [M, N], with the K tail (K % 32) and scales.
-void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
+// The sums of one tile (C [weight rows][16 input rows]) into Y [M, N], with the K tail (K % 32) and scales.
+void store_tile(const float* C, int weight_rows, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
                 const float* S, int64_t n0, int64_t m0, float* Y, int64_t N) {
   const int64_t k_tail = K / kTileK * kTileK;
-  for (int i = 0; i < kTileRows; ++i)
+  for (int i = 0; i < weight_rows; ++i)
     for (int64_t m = m0; m < std::min(M, m0 + kTileRows); ++m) {
       float total = C[i * kTileRows + (m - m0)];
       for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * bf16_to_float(W[(n0 + i) * K + j]);
@@ -60,11 +63,11 @@ void store_tile(const float* C, const uint16_t* X, int64_t M, int64_t K, const u
     }
 }
 
-// B weight tiles (16 rows each, from row n0) against every block of 16 input rows; tile registers are
-// immediates, hence the unrolled cases.
+// B weight tiles (16 rows each, from row n0; one of `weight_rows` where B is 1) against every block of 16
+// input rows; tile registers are immediates, hence the unrolled cases.
 template <int B>
 void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
-              const float* S, int64_t n0, float* Y, int64_t N) {
+              const float* S, int64_t n0, float* Y, int64_t N, int weight_rows = kTileRows) {
   const int64_t tiles = K / kTileK, stride = K * 2;
   alignas(64) float C[kAmxBlocks][kTileRows * kTileRows];
   const uint16_t* w = W + n0 * K;
@@ -89,34 +92,28 @@ void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, c
     if constexpr (B > 2) _tile_stored(2, C[2], 64);
     if constexpr (B > 3) _tile_stored(3, C[3], 64);
     asm volatile("" ::: "memory");  // (the sums are stored before these reads)
-    for (int b = 0; b < B; ++b) store_tile(C[b], X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
+    for (int b = 0; b < B; ++b) store_tile(C[b], weight_rows, X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
   }
 }
 
-// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs and weights, fp32 out: 64 weight rows
-// per task, the last whole tiles of 16 after them, and the rows beyond the last whole tile one by one (each
-// row always takes the same path, whatever M is). False where the OS refuses the tile state (the caller
-// uses the AVX512 kernels).
+// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs and weights, fp32 out: 64 weight rows per
+// task, the last whole tiles of 16 after them, then one shorter tile of the rows beyond. Every weight row
+// sums in one tile product's order, whatever M is and however the rows are handed out (a vocabulary in
+// chunks, one row alone). False where the OS refuses the tile state (the caller uses the AVX512 kernels).
 bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const uint16_t* W, const float* S, float* Y,
                 int64_t N) {
   if (K < kTileK || !amx_permitted()) return false;
   const std::vector<uint16_t> packed = pack_inputs(X, M, K);
   const int64_t per_task = kAmxBlocks * kTileRows, tasks = N / per_task, whole = N / kTileRows;
   const int64_t singles = whole - tasks * kAmxBlocks;  // whole tiles after the last full task
-  parallel_slices(tasks + singles + (N - whole * kTileRows), 1, [&](int64_t task) {
-    if (task < tasks + singles) {
-      configure_tiles();
-      if (task < tasks) amx_rows<kAmxBlocks>(packed.data(), X, M, K, W, S, task * per_task, Y, N);
-      else amx_rows<1>(packed.data(), X, M, K, W, S, (tasks * kAmxBlocks + task - tasks) * kTileRows, Y, N);
-      _tile_release();
-      return;
-    }
-    const int64_t n = whole * kTileRows + (task - tasks - singles);
-    for (int64_t m = 0; m < M; ++m) {
-      float total = 0;
-      for (int64_t j = 0; j < K; ++j) total += bf16_to_float(X[m * K + j]) * bf16_to_float(W[n * K + j]);
-      Y[m * N + n] = S ? total * S[n] : total;
-    }
+  const int rest = static_cast<int>(N - whole * kTileRows);
+  parallel_slices(tasks + singles + (rest > 0), 1, [&](int64_t task) {
+    const int64_t n0 = task < tasks ? task * per_task : (tasks * kAmxBlocks + task - tasks) * kTileRows;
+    const int rows = task < tasks + singles ? kTileRows : rest;
+    configure_tiles(rows);
+    if (task < tasks) amx_rows<kAmxBlocks>(packed.data(), X, M, K, W, S, n0, Y, N);
+    else amx_rows<1>(packed.data(), X, M, K, W, S, n0, Y, N, rows);
+    _tile_release();
   });
   return true;
 }
