@@ -33,9 +33,12 @@ def blocks(request, models_dir):
     return blocks
 
 
-# fp32 through matrix products of another size: rounding differs in the last bits (hidden states here are
-# of order 1-10; a log-probability through the head moves by less than 1e-5, as the network tests check)
-CLOSE = dict(atol=1e-4, rtol=1e-5)
+# fp32 through matrix products of another size: rounding differs in the last bits. Hidden states here
+# reach ~65 after two blocks; MKL's fp32 GEMM capped at AVX2 on an Intel CPU (the AVX2 PC's emulation)
+# gave a merged llama pass 1.2e-4 from its sessions alone, ~2e-6 of the largest: 3e-4 is ~5e-6 of it. A
+# merging bug (a wrong mask, position or row) moves states by O(1). A log-probability through the head
+# moves by less than 1e-5, as the network tests check.
+CLOSE = dict(atol=3e-4, rtol=1e-5)
 
 
 def _session(blocks, rows: int, past: int, holes: bool, gen: torch.Generator):
