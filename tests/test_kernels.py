@@ -426,6 +426,42 @@ def test_the_kernels_let_other_python_threads_run_meanwhile(isa):
         assert count > 10_000, (name, count)
 
 
+def test_the_kernels_leave_the_cores_other_programs_keep_busy():
+    """A volunteer's PC is never idle. A parallel region waits for every thread of its team, and a thread
+    whose core another program holds waits for a time slice first, so with one core busy 2 threads decoded
+    at a third of 1 thread's speed. The kernels use as many threads as cores stay free (at least one;
+    _cores.h); SLOWLLM_FREE_CORES=0 keeps all of PyTorch's. A CPU-bound process holds one core here."""
+    from slowllm.node.kernels._kernels import kernels
+
+    cores = len(os.sched_getaffinity(0))
+    if kernels() is None or cores < 2 or not Path("/proc/stat").exists():
+        pytest.skip("needs the kernels, 2 or more cores and Linux's /proc/stat")
+    script = textwrap.dedent("""
+        import time, torch
+        from slowllm.node.kernels._kernels import kernels
+        k, x, w = kernels(), torch.randn(1, 2048).bfloat16(), torch.randn(4096, 2048).bfloat16()
+        end = time.monotonic() + 1.5  # (the kernels read the cores' use every 0.5 s)
+        while time.monotonic() < end:
+            k.bf16_gemv(x, w)
+        print(torch.get_num_threads(), k.kernel_threads())
+    """)
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        seen = {}
+        for follow in ("1", "0"):
+            out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "SLOWLLM_FREE_CORES": follow}, check=True).stdout
+            seen[follow] = tuple(int(v) for v in out.split()[-2:])
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    (threads, following), (threads_off, all_of_them) = seen["1"], seen["0"]
+    if threads < 2:
+        pytest.skip("PyTorch runs one thread here (OMP_NUM_THREADS=1?)")
+    assert 1 <= following < threads, seen  # (on a quiet machine exactly threads - 1)
+    assert all_of_them == threads_off, seen
+
+
 def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_dir):
     """A bf16 checkpoint decodes in its default dtype (bf16 where the CPU computes it natively) through the
     build SLOWLLM_ISA names (the counters prove it ran), and every build, and PyTorch's kernels, give the

@@ -206,7 +206,7 @@ void run(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor* c,
     head(h, M, K, N, dots, alpha, beta);
   };
   const int64_t work = B * M * K * N;
-  if (work < kParallelWork || at::get_num_threads() == 1) {
+  if (work < kParallelWork || kernel_threads() == 1) {
     for (int64_t i = 0; i < B; ++i) one(i);
     return;
   }
@@ -275,7 +275,7 @@ void run_pieces(const torch::Tensor& a, const std::vector<torch::Tensor>& pieces
       head(Head<T>{gathered.data(), n, b, ldb, ci, ldc, o, N}, M, n, N, dots, alpha, beta);
     }
   };
-  if (work < kParallelWork || at::get_num_threads() == 1) {
+  if (work < kParallelWork || kernel_threads() == 1) {
     for (int64_t i = 0; i < B; ++i) one(i);
     return;
   }

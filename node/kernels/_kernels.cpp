@@ -105,14 +105,17 @@ float reduce256(__m256 a) {
 // ends a sum this way (by value: with a pointer, GCC stored the accumulators every step)
 __m256 chains_total(__m256 first, __m256 last) { return kChains == 2 ? _mm256_add_ps(first, last) : first; }
 
+#include "_cores.h"  // kernel_threads
+
 // Tasks [0, n) in slices of `grain`, taken by the threads one slice at a time: a thread whose core is
 // shared with another process (a volunteer's PC is never idle) does fewer slices instead of holding up
 // the others at the end, as an even split (at::parallel_for's) would.
+// As many threads as cores stay free of other programs (_cores.h): one runs inline, with no region.
 template <typename Body>
 void parallel_slices(int64_t n, int64_t grain, const Body& body) {
   const int64_t slices = (n + grain - 1) / grain;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(slices, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(slices, kernel_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t s = next.fetch_add(1); s < slices; s = next.fetch_add(1))
       for (int64_t t = s * grain, end = std::min(n, t + grain); t < end; ++t) body(t);
   });
@@ -827,4 +830,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention_bmm with b in pieces, each piece's positions at the end of `length` (or its tail there, the "
         "rest `gap` before), zero padding elsewhere");
   m.def("calls", &calls, "how many times each entry point ran in this process");
+  m.def("kernel_threads", &kernel_threads,
+        "threads the kernels' parallel work uses now: PyTorch's, less the cores other programs keep busy");
 }
