@@ -38,12 +38,10 @@ class FreeCores {
     return free > 0 ? std::min(most, free) : most;
   }
 
-  int free_now() const { return free_.load(std::memory_order_relaxed); }  // 0: not measured (yet), or off
-
  private:
   static constexpr int64_t kInterval = 500'000'000;  // ns between readings
-  // Cores of others' load that still leave a core free: 0.7 of one busy core costs a thread (a region
-  // would wait for it about that often), 0.2 does not.
+  // Others' load a core may carry and still count as free: more than 0.3 of a core costs a thread (0.7 of
+  // one busy core: a region would wait for it that often), 0.2 does not.
   static constexpr double kSpare = 0.3;
 
   bool enabled_ = [] {
@@ -52,7 +50,7 @@ class FreeCores {
   }();
   std::mutex mutex_;
   std::atomic<int64_t> last_{0};  // steady clock, ns
-  std::atomic<int> free_{0};
+  std::atomic<int> free_{0};  // 0: not measured yet
   bool have_ = false;
   double busy_ = 0, mine_ = 0, wall_ = 0;  // the last reading: seconds of CPU (all, ours), wall seconds
 
