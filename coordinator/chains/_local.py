@@ -17,8 +17,7 @@ import torch
 from slowllm.node import (BlockCache, Checkpoint, ResidentBlocks, StreamingExecutor, block_nbytes, format_size,
                           process_rss)
 from slowllm.node.engine._blocks import work_width
-from slowllm.node.engine._families import family_of
-from slowllm.node.engine._merge import StepPart, merge_rows, plan_steps, products_in_place, run_merged_steps
+from slowllm.node.engine._merge import StepPart, plan_block_steps, run_merged_steps
 from slowllm.node.engine._memory import linear_dtype
 from slowllm.protocol import MemoryBudgetError
 
@@ -163,7 +162,7 @@ class ResidentChain(Chain):
 
     def step_sessions(self, steps, heads=None):
         """Every session's step in merged passes over the blocks, as a node runs its sessions' steps
-        (`plan_steps`, `run_merged_steps`): with several sessions (the HTTP API's users, a job's groups)
+        (`plan_block_steps`, `run_merged_steps`): with several sessions (the HTTP API's users, a job's groups)
         each block's weights are read once per pass, not once per session, and each session gets its
         tokens as alone (the kernels' rows are batch invariant; `merge_rows` bounds a pass)."""
         sessions = [session for session, _, _ in steps]
@@ -174,11 +173,8 @@ class ResidentChain(Chain):
             session.check(hidden, mask)
             parts.append(StepPart(hidden, mask, session.caches, str(id(session))))
         blocks = self.blocks
-        family = family_of(blocks.config)
         outs: list = [None] * len(parts)
-        for group in plan_steps(parts, blocks.config, self.dtype.itemsize, blocks.score_budget, self.max_batch_tokens,
-                                family.window(blocks.config), merge_rows(blocks),
-                                products_in_place(family, self.dtype, blocks.device)):
+        for group in plan_block_steps(blocks, parts, self.dtype, blocks.score_budget, self.max_batch_tokens):
             for i, out in zip(group, run_merged_steps(blocks, [parts[i] for i in group], blocks.first, blocks.last)):
                 outs[i] = out
                 sessions[i].length = parts[i].mask.shape[1]

@@ -32,7 +32,7 @@ from ._attention_products import MAX_QUERIES, for_attention, merged_for_attentio
 from ._attention_products import usable as kernel_products
 from ._blocks import (SCORE_BYTES, BlockCache, KVLayout, attention_inputs, cache_layout, kv_buffer, kv_bucketed,
                       kv_view_length, run_block)
-from ._families import kv_width
+from ._families import family_of, kv_width
 
 MAX_FORWARD_WASTE = 1.25  # merged forwards: padded tokens at most this many times the real ones
 # Forwards merge only while small: a weight read is shared by many tokens already in a big batch (the pass
@@ -242,6 +242,17 @@ def products_in_place(family, dtype: torch.dtype, device) -> bool:
     """Whether slowllm's kernel multiplies this family's decode-step attention in `dtype` on `device`
     (Bloom's, where the kernels are built): its merged passes can read caches in place (`reads_in_place`)."""
     return family.bmm_attention and kernel_products(dtype, torch.device(device))
+
+
+def plan_block_steps(blocks, parts: list[StepPart], dtype: torch.dtype, budget: int, max_tokens: int,
+                     max_rows: int | None = None) -> list[list[int]]:
+    """`plan_steps` for steps through `blocks` (a `ResidentBlocks`) in `dtype`, with what the blocks decide:
+    their family's window, whether their attention reads caches in place, and `merge_rows` unless given.
+    (A node's passes and a local runner's resident chain plan the same way.)"""
+    family = family_of(blocks.config)
+    return plan_steps(parts, blocks.config, dtype.itemsize, budget, max_tokens, family.window(blocks.config),
+                      merge_rows(blocks) if max_rows is None else max_rows,
+                      products_in_place(family, dtype, blocks.device))
 
 
 def merged_length(parts: list[StepPart], dtype: torch.dtype, device, products: bool = False) -> int:

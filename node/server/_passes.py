@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slowllm.node.engine._families import family_of, kv_width
-from slowllm.node.engine._merge import (StepPart, merge_rows, plan_forwards, plan_steps, products_in_place,
-                                        run_merged_forwards, run_merged_steps)
+from slowllm.node.engine._families import kv_width
+from slowllm.node.engine._merge import (StepPart, merge_rows, plan_block_steps, plan_forwards, run_merged_forwards,
+                                        run_merged_steps)
 from slowllm.protocol import (Backward, Channel, CloseSession, Error, Forward, InputError, Limits, ProtocolError,
                               Result, Results, SlowllmError, Step, Steps, decode_tensor, encode_tensor)
 
@@ -178,14 +178,11 @@ class ComputePasses:
                     w.outcome = self.blocks.backward(hidden, mask, grad, w.msg.first, w.msg.last)
             except BaseException as e:  # noqa: BLE001 - this request's answer; the others run
                 w.outcome = e
-        family = family_of(self.blocks.config)
-        window = family.window(self.blocks.config)
-        in_place = products_in_place(family, self.dtype, self.blocks.device)
         groups = []  # (positions, first, last, [(work, part)])
         for (first, last), entries in steps.items():
             parts = [p for _, p in entries]
-            for group in plan_steps(parts, self.blocks.config, self.dtype.itemsize, self.score_budget,
-                                    queue.limits.max_batch_tokens, window, self._merge_rows(), in_place):
+            for group in plan_block_steps(self.blocks, parts, self.dtype, self.score_budget,
+                                          queue.limits.max_batch_tokens, self._merge_rows()):
                 chosen_entries = [entries[i] for i in group]
                 positions = sum(p.hidden.shape[0] * p.hidden.shape[1] for _, p in chosen_entries)
                 groups.append((positions, first, last, chosen_entries))
