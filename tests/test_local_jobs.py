@@ -453,15 +453,17 @@ def test_sessions_run_in_inference_mode_and_scoring_and_tuning_still_follow(tiny
         first = r.generate(PROMPTS[:2], Sampling(max_new_tokens=5))
         blocks = r.chain.blocks
         session = r.chain.open_session(1, 8)
-        hidden, mask = torch.randn(1, 3, blocks.config.hidden_size), torch.ones(1, 3, dtype=torch.long)
+        gen = torch.Generator().manual_seed(0)  # (not the global generator: its state depends on the tests before)
+        hidden, mask = torch.randn(1, 3, blocks.config.hidden_size, generator=gen), torch.ones(1, 3, dtype=torch.long)
         out = session.step(hidden, mask)
         cache = session.caches[0]
         assert out.is_inference() and cache.keys.is_inference() and cache.values.is_inference()
         plain = blocks.forward(hidden, mask, 0, blocks.last)
         assert not plain.is_inference()
         # (the session's 3 new positions multiply attention in slowllm's kernel, the stateless pass in
-        # PyTorch's GEMM: the same up to fp32 rounding)
-        torch.testing.assert_close(plain, out, rtol=1e-5, atol=1e-5)
+        # PyTorch's GEMM: the same up to fp32 rounding, through 6 blocks. Over 40 random inputs 9 came out
+        # beyond 1e-5, the largest 1.9x it: 5e-5)
+        torch.testing.assert_close(plain, out, rtol=5e-5, atol=5e-5)
         session.close()
         losses = []
         r.tune(data, TuneOptions(prompt_tokens=2, steps=2, lr=0.05, batch_size=2), tmp_path / "p.safetensors",
