@@ -462,6 +462,39 @@ def test_the_kernels_leave_the_cores_other_programs_keep_busy():
     assert all_of_them == threads_off, seen
 
 
+PREFETCH = textwrap.dedent("""
+    import torch
+    from slowllm.node.kernels._kernels import kernels
+    k, g = kernels(), torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 2048, generator=g), torch.randn(4096, 2048, generator=g).bfloat16()
+    q, s = torch.randint(-127, 128, (4096, 2048), generator=g, dtype=torch.int8), torch.rand(4096, generator=g)
+    out = torch.cat([k.bf16_fp32_gemv(x, w), k.int8_gemv(x, q, s.bfloat16()), k.bf16_gemv(x.bfloat16(), w).float()], 1)
+    print(k.prefetch, k.read_bytes(torch.tensor([1, 2, 4, 8], dtype=torch.uint8), True), out.view(torch.int32).sum().item())
+""")
+
+
+def test_how_runs_ask_for_weights_changes_no_number():
+    """One input row's tiles read weight rows in runs, and ask for each line ahead (Intel: its streamer stops
+    at every 4 KB page) or for their own line, non-temporal (elsewhere, as measured on Zen 4);
+    SLOWLLM_PREFETCH forces either, and a value it does not know says so and chooses by the CPU. A prefetch
+    is only a hint: both give the same numbers bit for bit."""
+    from slowllm.node.kernels._kernels import kernels
+
+    if kernels() is None:
+        pytest.skip("needs slowllm's kernels (a compiler, SLOWLLM_ISA not none)")
+    seen = {}
+    for mode in ("ahead", "own", "sideways"):
+        out = subprocess.run([sys.executable, "-c", PREFETCH], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "SLOWLLM_PREFETCH": mode}, check=True)
+        seen[mode] = out.stdout.split()
+        if mode == "sideways":
+            assert "SLOWLLM_PREFETCH=sideways is neither ahead nor own" in out.stderr
+    assert seen["ahead"][0] == "ahead" and seen["own"][0] == "own"
+    assert seen["sideways"][0] == ("ahead" if "GenuineIntel" in Path("/proc/cpuinfo").read_text() else "own")
+    assert seen["ahead"][1] == seen["own"][1] == "15"  # (read_bytes: the OR of every byte)
+    assert seen["ahead"][2] == seen["own"][2] == seen["sideways"][2]
+
+
 def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_dir):
     """A bf16 checkpoint decodes in its default dtype (bf16 where the CPU computes it natively) through the
     build SLOWLLM_ISA names (the counters prove it ran), and every build, and PyTorch's kernels, give the

@@ -14,6 +14,9 @@
 constexpr int kTileRows = 16;  // weight rows (and input rows) per tile
 constexpr int kTileK = 32;  // bf16 inputs per tile row (64 bytes)
 constexpr int kAmxBlocks = 4;  // weight tiles (of 16 rows) per task: four accumulators in flight
+// No software prefetch here: a task's 64 weight rows are adjacent, and asking for each row's line 256 B -
+// 1 KB ahead as the AVX loops do on Intel (prefetch_weights) made it slower on the Sapphire Rapids-class VM
+// (bf16, the 96 block linears of a bloom-1b7 token at one row: 21-26 -> 14-17 GB/s; int8 18-20 -> 13-14).
 
 bool amx_permitted() {  // Linux hands out the 8 KB of tile state only on request, once per process
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;

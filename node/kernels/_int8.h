@@ -261,7 +261,7 @@ int64_t int_total(const Plane& plane, int64_t offsets) {
 
 // R weight rows against M input rows (m0 on) with VNNI: R x M x P int32 chains, each weight vector loaded
 // once for all of them (and offset by 128 once, for the high planes taken as signed).
-template <int M, int R, int P, bool kRun = false>
+template <int M, int R, int P, int kFetch = kTiles>
 void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
                int64_t rs = 1) {
   using D = ByteDots;
@@ -279,7 +279,7 @@ void vnni_tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S
     if constexpr (R > 1)
       for (int m = 0; m < M; ++m) highs[m] = high(m);
     for (int r = 0; r < R; ++r) {
-      if (B == 64 || (k & 63) == 0) prefetch_weights<kRun>(W, r, R, rs, K, k);
+      if (B == 64 || (k & 63) == 0) prefetch_weights<kFetch>(W, r, R, rs, K, k);
       const D::V w = D::load(W + r * rs * K + k), shifted = D::xor_(w, flip);  // q + 128, unsigned
       for (int m = 0; m < M; ++m) {
         acc[r][m][0] = D::dot(acc[r][m][0], shifted, R > 1 ? highs[m] : high(m));
@@ -315,10 +315,10 @@ struct VnniKernel {
   static constexpr int64_t kPassRows = kVnniPassRows<P>;
   static constexpr int64_t kPlaneBytes = P;  // an input's bytes in the planes a tile reads
   static constexpr int rows_per_tile(int M) { return vnni_rows_per_tile<P>(M); }
-  template <int M, int R, bool kRun = false>
+  template <int M, int R, int kFetch = kTiles>
   static void tile(const IntRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
                    int64_t rs = 1) {
-    vnni_tile<M, R, P, kRun>(in, m0, W, S, Y, stride, rs);
+    vnni_tile<M, R, P, kFetch>(in, m0, W, S, Y, stride, rs);
   }
 };
 
@@ -525,7 +525,7 @@ constexpr int64_t kFlushSteps = 128;
 // 12.9-13.0 GB/s, 6 rows 15.6 -> 17.3, 4 rows 21.4-21.7 -> 25.0-25.4, 3 rows 22-25 -> 26-27; on
 // avx512bf16 8 rows 10.5 -> 14.1-14.4, 16 rows 5.1 -> 9.3-9.5, 8 fp32 rows 4.7 -> 7.0, 4 rows 3% slower
 // (within noise); 1 and 2 rows keep each weight row in turn with its loads (2 rows the other way: 13% slower).
-template <int M, int R, int P, bool kRun = false>
+template <int M, int R, int P, int kFetch = kTiles>
 void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
                int64_t rs = 1) {
   using D = Shorts;
@@ -542,7 +542,7 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
       if constexpr (M <= 2) {  // each weight row in turn, its input vectors loaded for it (the weights
         // widened first, then these loops: 2 rows 5-13% slower on AVX2)
         for (int r = 0; r < R; ++r) {
-          if ((k & 63) == 0) prefetch_weights<kRun>(W, r, R, rs, K, k);
+          if ((k & 63) == 0) prefetch_weights<kFetch>(W, r, R, rs, K, k);
           const D::V w = D::widen(W + r * rs * K + k);
           for (int m = 0; m < M; ++m)
             for (int q = 0; q < Q; ++q) acc[r][m][q] = D::madd(acc[r][m][q], w, D::load(planes + (m * Q + q) * L));
@@ -550,7 +550,7 @@ void madd_tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float*
       } else {  // the tile's weight rows first, then each input vector loaded once for all of them
         D::V w[R];
         for (int r = 0; r < R; ++r) {
-          if ((k & 63) == 0) prefetch_weights<kRun>(W, r, R, rs, K, k);
+          if ((k & 63) == 0) prefetch_weights<kFetch>(W, r, R, rs, K, k);
           w[r] = D::widen(W + r * rs * K + k);
         }
         for (int m = 0; m < M; ++m)
@@ -582,10 +582,10 @@ struct MaddKernel {
   static constexpr int64_t kPassRows = std::min(4, kChains / (P - 1));
   static constexpr int64_t kPlaneBytes = 2 * (P - 1);  // an input's int16 planes
   static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, kChains / ((P - 1) * M))); }
-  template <int M, int R, bool kRun = false>
+  template <int M, int R, int kFetch = kTiles>
   static void tile(const ShortRows<P>& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
                    int64_t rs = 1) {
-    madd_tile<M, R, P, kRun>(in, m0, W, S, Y, stride, rs);
+    madd_tile<M, R, P, kFetch>(in, m0, W, S, Y, stride, rs);
   }
 };
 

@@ -25,14 +25,17 @@
 // PyTorch's kernels.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -179,7 +182,7 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 // which one loads first moved the ratio by 6-11% even between two builds of one source): T2 1.065x
 // the multiply-adds a second at 8 rows, 1.12x at 4, 1.20x at 2, the same outputs bit for bit (T1 like
 // T2; no prefetch and T2 two tiles ahead slower than T0).
-// Within a run (kRun, rs > 1: one input row) the hardware prefetchers follow each stream, and asking for
+// Within a run (rs > 1: one input row) the hardware prefetchers follow each stream, and asking for
 // the row after made it slower: the row asks for its own line, which it is about to read (no branch in
 // the loops), measured on Zen 4 at one row, alternating builds, the 96 block linears of a bloom-1b7 token
 // with the memory reading 53-63 GB/s: bf16 rows 45 -> 48-50 GB/s (avx512bf16), fp32 rows of bf16 weights
@@ -189,18 +192,57 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 // block in RAM, two processes measured in turns on Zen 4 (ms/token per turn, new / old): bf16 on
 // avx512bf16 0.946 median (faster in 19 of 24 turns; 89.7 -> 83.8 ms in an earlier round's fast turns),
 // the avx2 path's fp32 rows 0.986 (13 of 20), int8 0.99 on both builds (avx2 11 of 16).
-template <bool kRun, typename T>
+//
+// On Intel it asks 2 KB ahead instead (kAhead, into L1): Intel's L2 streamer stops at every 4 KB page and
+// must find the stream again in the next, so a row of 4 KB (bf16 at hidden 2048) restarts it every row;
+// a line asked for 2 KB ahead is on its way before the stream crosses. Measured on the 2-core Sapphire
+// Rapids-class VM, the 96 block linears of a bloom-1b7 token at one row, builds forced (GB/s of weights;
+// torch's sum over the same memory read 19-23): avx2 fp32 rows of bf16 weights 16.2-18.4 (own line, NTA)
+// -> 21.0-23.3 (no prefetch) -> 25.6-28.0 (1-2 KB ahead, T0) and 24.8-26.6 (T2); avx2 int8 (int16 path)
+// 18.7 -> 18.5 -> 23.4-23.5 (T0) and 24.0-24.4 (T2); avx512bf16 int8 17.8 -> 22.7, bf16 rows 20.7 -> 25.1;
+// 512 B ahead 22.7 and 25.9, 8 KB 21.6 and 24.5; NTA at a distance 11-12 (bf16). Decoding one prompt on the
+// AVX2 path (PyTorch capped too), in turns: int8 119-125 -> 107-114 ms/token, bf16 weights 295-309 -> 147-153.
+// Zen 4 keeps the own line (measured there, above) until measured ahead: SLOWLLM_PREFETCH=ahead|own forces
+// either on any CPU (bench/decode.py --prefetch compares them).
+enum Fetch : int { kTiles = 0, kOwnLine = 1, kAhead = 2 };  // kTiles: adjacent rows' tiles (not in a run)
+constexpr int64_t kAheadBytes = 2048;
+
+template <int kFetch, typename T>
 inline void prefetch_weights(const T* W, int r, int R, int64_t rs, int64_t K, int64_t k) {
-  if constexpr (kRun) _mm_prefetch(reinterpret_cast<const char*>(W + r * rs * K + k), _MM_HINT_NTA);
+  const char* own = reinterpret_cast<const char*>(W + r * rs * K + k);
+  if constexpr (kFetch == kAhead) _mm_prefetch(own + kAheadBytes, _MM_HINT_T0);  // (a prefetch never faults)
+  else if constexpr (kFetch == kOwnLine) _mm_prefetch(own, _MM_HINT_NTA);
   else _mm_prefetch(reinterpret_cast<const char*>(W + (r + R) * K + k), _MM_HINT_T2);
 }
 
-// tile(std::true_type) for a tile in a run (rs > 1), tile(std::false_type) otherwise: the loops' prefetch
-// hint is a compile-time choice (prefetch_weights)
+// How runs ask for their weights here: SLOWLLM_PREFETCH (ahead, own), else by the CPU's vendor (above).
+int choose_run_fetch() {
+  if (const char* v = std::getenv("SLOWLLM_PREFETCH")) {
+    const std::string mode(v);
+    if (mode == "ahead") return kAhead;
+    if (mode == "own") return kOwnLine;
+    std::fprintf(stderr, "slowllm: SLOWLLM_PREFETCH=%s is neither ahead nor own; choosing by the CPU\n", v);
+  }
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  char vendor[13] = {};
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
+  }
+  return std::string(vendor) == "GenuineIntel" ? kAhead : kOwnLine;
+}
+
+int run_fetch() {
+  static const int mode = choose_run_fetch();
+  return mode;
+}
+
+// tile(kTiles) for a tile of adjacent rows, tile(run_fetch()) for one in a run (rs > 1), each an
+// std::integral_constant: the loops' prefetch hint is a compile-time choice (prefetch_weights)
 template <typename Tile>
 void by_run(int64_t rs, const Tile& tile) {
-  if (rs > 1) tile(std::true_type{});
-  else tile(std::false_type{});
+  if (rs <= 1) tile(std::integral_constant<int, kTiles>{});
+  else if (run_fetch() == kAhead) tile(std::integral_constant<int, kAhead>{});
+  else tile(std::integral_constant<int, kOwnLine>{});
 }
 
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
@@ -276,7 +318,7 @@ void by_input(int64_t input_bytes, const Body& body) {
   if (input_bytes <= kShortInputBytes) body(std::integral_constant<int, std::min(4, kWide)>{});
   else body(std::integral_constant<int, kWide>{});
 }
-template <int R, typename Weights, bool kRun = false>
+template <int R, typename Weights, int kFetch = kTiles>
 void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, const float* S, float* out, int64_t rs = 1) {
   __m256 acc[R][kChains];
   for (int r = 0; r < R; ++r)
@@ -295,7 +337,7 @@ void fp32_one_row_tile(const float* X, int64_t K, const typename Weights::T* W, 
   constexpr int64_t kLine = 64 / sizeof(typename Weights::T);
   int64_t k = 0;
   for (; k + kLine <= K; k += kLine) {
-    for (int r = 0; r < R; ++r) prefetch_weights<kRun>(W, r, R, rs, K, k);
+    for (int r = 0; r < R; ++r) prefetch_weights<kFetch>(W, r, R, rs, K, k);
     for (int64_t j = 0; j < kLine; j += 16) step(k + j);
   }
   for (; k + 16 <= K; k += 16) step(k);
@@ -533,7 +575,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
 // second chain per row, which one row at a time needs, would sum in another order than the tiles: 8 rows
 // then cost 48 instead of 31 ms per 600M weights here).
 // y[m, r] = x[m] . w[r] (times S[r] when scales are given), for R weight rows and M input rows
-template <int M, int R, typename Weights, bool kRun = false>
+template <int M, int R, typename Weights, int kFetch = kTiles>
 void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const float* S, float* Y, int64_t stride,
           int64_t rs = 1) {
   __m512 acc[R][M];
@@ -543,7 +585,7 @@ void tile(const uint16_t* X, int64_t K, const typename Weights::T* W, const floa
   for (; k + 32 <= K; k += 32) {
     __m512bh w[R];
     for (int r = 0; r < R; ++r) {
-      prefetch_weights<kRun>(W, r, R, rs, K, k);
+      prefetch_weights<kFetch>(W, r, R, rs, K, k);
       w[r] = Weights::load(W + r * rs * K + k);
     }
     for (int m = 0; m < M; ++m) {
@@ -570,7 +612,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
 #define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, run_rows(K * sizeof(typename Weights::T), R), [&](int64_t n, int64_t rs) { \
-      by_run(rs, [&](auto run) { /* (runs only at one input row: R > 1 never takes the kRun variant) */ \
+      by_run(rs, [&](auto run) { /* (runs only at one input row: R > 1 never takes a run's variant) */ \
         tile<R, Weights::rows_per_tile(R), Weights, R == 1 && run>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
   });
@@ -795,6 +837,33 @@ torch::Tensor bf16_lookup(torch::Tensor x, torch::Tensor table) {
   return out;
 }
 
+
+// Reads every byte of x as a run's tiles read weights (64 bytes a step; `ahead`: each line asked
+// kAheadBytes ahead, as kAhead runs do), on the kernels' threads, and returns their OR (so no read is
+// skipped). bench/decode.py's floor takes the faster of this and torch's sum: where the prefetchers stop at
+// every page, a plain read (torch's sum) is slower than the kernels' own and would make no floor.
+int64_t read_bytes(torch::Tensor x, bool ahead) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "a contiguous CPU tensor");
+  const char* p = static_cast<const char*>(x.data_ptr());
+  const int64_t n = x.numel() * x.element_size(), chunk = 1 << 20;
+  std::atomic<int64_t> all{0};
+  parallel_slices((n + chunk - 1) / chunk, 1, [&](int64_t c) {
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = c * chunk;
+    const int64_t end = std::min(n, i + chunk);
+    for (; i + 64 <= end; i += 64) {
+      if (ahead) _mm_prefetch(p + i + kAheadBytes, _MM_HINT_T0);
+      acc = _mm256_or_si256(acc, _mm256_or_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32))));
+    }
+    int64_t bits = _mm256_extract_epi64(acc, 0) | _mm256_extract_epi64(acc, 1) | _mm256_extract_epi64(acc, 2) |
+                   _mm256_extract_epi64(acc, 3);
+    for (; i < end; ++i) bits |= static_cast<uint8_t>(p[i]);
+    all.fetch_or(bits, std::memory_order_relaxed);
+  });
+  return all.load();
+}
+
 #include "_attention.h"  // attention_bmm, attention_bmm_pieces
 
 std::map<std::string, int64_t> calls() {
@@ -830,6 +899,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention_bmm with b in pieces, each piece's positions at the end of `length` (or its tail there, the "
         "rest `gap` before), zero padding elsewhere");
   m.def("calls", &calls, "how many times each entry point ran in this process");
+  m.attr("prefetch") = run_fetch() == kAhead ? "ahead" : "own";  // how runs ask for weights (SLOWLLM_PREFETCH)
+  m.def("read_bytes", &read_bytes, nogil(), py::arg("x"), py::arg("ahead"),
+        "every byte of x read as the kernels read weights (ahead: asked 2 KB ahead); their OR");
   m.def("kernel_threads", &kernel_threads,
         "threads the kernels' parallel work uses now: PyTorch's, less the cores other programs keep busy");
 }
