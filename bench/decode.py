@@ -85,11 +85,29 @@ def _read_buffer():
 
 
 def bandwidth() -> float:
+    """The issue's read bandwidth: torch's sum over 2 GB of bf16, best of 5, GB/s."""
     big = _read_buffer()
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
         big.sum()
+        best = min(best, time.perf_counter() - t)
+    return big.numel() * 2 / best / 1e9
+
+
+def read_speed() -> float:
+    """The same 2 GB read as the kernels read weights (`read_bytes`, lines asked ahead and not, the faster),
+    best of 3, GB/s; nan without the kernels. Where the prefetchers stop at every 4 KB page (Intel), torch's
+    sum reads slower than this and than the kernels themselves: its floor is then no floor."""
+    from slowllm.node.kernels._kernels import kernels
+
+    k, big = kernels(), _read_buffer()
+    if k is None or not hasattr(k, "read_bytes"):
+        return float("nan")
+    best = float("inf")
+    for ahead in (True, False) * 3:
+        t = time.perf_counter()
+        k.read_bytes(big, ahead)
         best = min(best, time.perf_counter() - t)
     return big.numel() * 2 / best / 1e9
 
@@ -162,11 +180,12 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
         run(2)  # warm-up: first-call allocations, oneDNN primitive creation
     timed = TimedKernels.install() if engine != "hf" else None  # (None too where PyTorch's kernels run)
     pairs: dict[int, list] = {n: [] for n in counts}  # per turn: (ms/token, GB/s read around it)
+    reads: dict[int, list] = {n: [] for n in counts}  # per turn: GB/s read as the kernels read, around it
     parts_by_turn: dict[int, list] = {n: [] for n in counts}  # the kernels in the step, and alone right after
     made = {}
     for _ in range(inner):
         for n, run in runs.items():
-            before = bandwidth()
+            before, read_before = bandwidth(), read_speed()
             if timed:
                 timed.timings.clear()
             times = run(1 + tokens)
@@ -174,6 +193,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
             if made[n] < 1:
                 raise SystemExit(f"{engine} stopped after its first token: no decode step to time")
             pairs[n].append(((times[-1] - times[0]) / made[n] * 1000, (before + bandwidth()) / 2))
+            reads[n].append((read_before + read_speed()) / 2)
             if engine != "hf":  # the kernel calls between the first new token and the last: the decode steps'
                 in_step = (sum(took for name, at, took in timed.timings
                                    if times[0] < at <= times[-1] and name not in ATTENTION_KERNELS) / made[n] * 1000
@@ -184,6 +204,7 @@ def child(engine: str, model: str, counts: list[int], tokens: int, context: int,
     for n in counts:
         r = {"ms_per_token": statistics.median(ms for ms, _ in pairs[n]),
              "gbps": statistics.median(gbps for _, gbps in pairs[n]), "pairs": pairs[n], "generated": made[n],
+             "reads": reads[n],
              # each turn's step against the first count's step of the same turn
              "over_first": [ms / first for (ms, _), (first, _) in zip(pairs[n], pairs[counts[0]])], **parts}
         if engine != "hf":  # each turn's own: the rest is its step less its kernel calls in it
@@ -319,6 +340,8 @@ def main() -> None:
     ap.add_argument("--isa", nargs="+", default=None, help="kernel builds to measure (default: those this CPU runs)")
     ap.add_argument("--engines", nargs="+", default=["hf", "slowllm", "slowllm8"])
     ap.add_argument("--neighbour", action="store_true", help="also measure beside a CPU-bound process")
+    ap.add_argument("--prefetch", nargs="+", choices=["ahead", "own"], default=None,
+                    help="how the kernels' runs ask for weights (SLOWLLM_PREFETCH), each a row (default: the CPU's)")
     args = ap.parse_args()
     from slowllm.node import Checkpoint
     from slowllm.node.engine._checkpoint import SCALE
@@ -340,15 +363,19 @@ def main() -> None:
     for _ in range(args.repeat):
         for isa in isas:
             env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa.startswith("avx2") else {})}
-            for condition in conditions:
+            for condition, mode in ((c, m) for c in conditions for m in args.prefetch or [None]):
                 busy = neighbour() if condition == "busy" else None
+                label = isa if mode is None else f"{isa}/{mode}"
                 try:
                     for engine in args.engines:
-                        rs = measure(engine, paths[engine], args.prompts, args.tokens, args.context, args.inner, env)
+                        if engine == "hf" and mode not in (None, args.prefetch[0]):
+                            continue  # (transformers reads its weights one way: measured once per build)
+                        rs = measure(engine, paths[engine], args.prompts, args.tokens, args.context, args.inner,
+                                     {**env, **({"SLOWLLM_PREFETCH": mode} if mode else {})})
                         for n in args.prompts:
                             r = rs[str(n)]
-                            results.setdefault((isa, condition, n, engine), []).append(r)
-                            print(f"  {isa} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
+                            results.setdefault((label, condition, n, engine), []).append(r)
+                            print(f"  {label} {condition} {engine:9s} {n} prompt(s): {r['ms_per_token']:.1f} ms/token "
                                   f"at {r['gbps']:.1f} GB/s (turns: {', '.join(f'{ms:.1f} at {g:.1f}' for ms, g in r['pairs'])}) "
                                   f"{r.get('dtype', '')} {r.get('kernels', '')}",
                                   file=sys.stderr, flush=True)
@@ -357,17 +384,19 @@ def main() -> None:
                         busy.kill()
                         busy.wait()
     gbps = statistics.median(r["gbps"] for runs in results.values() for r in runs)
-    summary: dict = {"bandwidth_gbps": round(gbps, 1)}
+    read = statistics.median(g for runs in results.values() for r in runs for g in r["reads"])
+    summary: dict = {"bandwidth_gbps": round(gbps, 1), "read_gbps": round(read, 1)}
     longest = max((r.get("prompt_tokens", 0) for runs in results.values() for r in runs), default=0)
     print(f"\ndecode, bloom-1b7 shape ({args.n_layer} blocks), {args.tokens} tokens after prompts of up to "
           f"{longest} tokens, median of {args.repeat}; "
-          f"read bandwidth {gbps:.1f} GB/s (median of the rows')")
+          f"read bandwidth {gbps:.1f} GB/s by torch's sum, {read:.1f} GB/s read as the kernels read (medians of "
+          f"the rows'); x floor: against the sum's (the issue's floor), x read: against the kernels' read")
     first = args.prompts[0]
     print(f"{'isa':>10} {'cond':>5} {'prompts':>7} {'engine':>9} {'ms/token':>9} {'vs hf':>6} {'GB/s':>5} {'x floor':>8} "
-          f"{f'x {first}p':>6} {'kernels':>8} {'alone':>6} {'attn':>5} {'ops':>5} {'python':>6}")
+          f"{'x read':>7} {f'x {first}p':>6} {'kernels':>8} {'alone':>6} {'attn':>5} {'ops':>5} {'python':>6}")
     for (isa, condition, n, engine), runs in results.items():
         ms = statistics.median(r["ms_per_token"] for r in runs)
-        hf = results.get((isa, condition, n, "hf"))
+        hf = results.get((isa.split("/")[0] + (f"/{args.prefetch[0]}" if args.prefetch else ""), condition, n, "hf"))
         base = statistics.median(r["ms_per_token"] for r in hf) if hf else float("nan")
         key = f"{isa}_{condition}_{n}p_{engine}"
         summary[key + "_ms"] = round(ms, 1)
@@ -375,14 +404,17 @@ def main() -> None:
         row_gbps = statistics.median(r["gbps"] for r in runs)
         # each timed generation against its own floor (the bandwidth of its moment), then the median
         x_floor = statistics.median(ms / (floor_bytes[engine] / gbps / 1e6) for r in runs for ms, gbps in r["pairs"])
+        x_read = statistics.median(ms / (floor_bytes[engine] / g / 1e6) for r in runs
+                                   for (ms, _), g in zip(r["pairs"], r["reads"]))
         # the step against the first prompt count's, measured in turns in the same process: the median turn
         x_first = statistics.median(x for r in runs for x in r["over_first"])
         row = (f"{isa:>10} {condition:>5} {n:>7} {engine:>9} {ms:>9.1f} {base / ms:>5.2f}x {row_gbps:>5.1f} "
-               f"{x_floor:>7.2f}x {x_first:>5.2f}x")
+               f"{x_floor:>7.2f}x {x_read:>6.2f}x {x_first:>5.2f}x")
         if n != first:
             summary[key + f"_over_{first}p"] = round(x_first, 2)
         summary[key + "_gbps"] = round(row_gbps, 1)
         summary[key + "_x_floor"] = round(x_floor, 2)
+        summary[key + "_x_read"] = round(x_read, 2)
         if "linears" in runs[0]:  # medians over the turns (the profiler's split: one per run)
             lin, head, kern, rest = (statistics.median(x for r in runs for x in r[part])
                                      for part in ("linears", "head", "kernels_in_step", "rest"))
@@ -393,7 +425,7 @@ def main() -> None:
             summary[key + "_attention_ms"], summary[key + "_ops_ms"] = round(attn, 1), round(ops, 1)
         print(row)
     if args.neighbour:
-        for isa in isas:
+        for isa in (i if m is None else f"{i}/{m}" for i in isas for m in args.prefetch or [None]):
             for n in args.prompts:
                 for engine in args.engines:
                     idle, busy = (results.get((isa, c, n, engine)) for c in ("idle", "busy"))

@@ -235,7 +235,10 @@ def _seconds(fn) -> float:
 def describe() -> str:
     """What a start-up line says about the kernels: which build runs, or why none does."""
     k = kernels()
-    return f"slowllm's {k.isa} decode kernels" if k is not None else f"PyTorch's kernels ({_why_not})"
+    if k is None:
+        return f"PyTorch's kernels ({_why_not})"
+    # (how one row's runs ask for weights: 2 KB ahead on Intel, else their own line; SLOWLLM_PREFETCH)
+    return f"slowllm's {k.isa} decode kernels" + (", weights asked 2 KB ahead" if k.prefetch == "ahead" else "")
 
 
 def kernel_rows(kind: str) -> int | None:
