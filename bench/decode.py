@@ -2,6 +2,7 @@
 
     python bench/decode.py [--n-layer 24] [--tokens 16] [--repeat 2] [--inner 3] [--prompts 1 8] [--context 0]
                            [--isa avx512bf16 avx2] [--engines hf slowllm slowllm8 slowllm16] [--neighbour]
+                           [--prefetch ahead own]
 
 A bloom-1b7-shaped random checkpoint (hidden 2048, vocab 250880, bf16; made once under bench/_work/, as
 bench/local.py does) and its `slowllm quantize` int8 copy. Each engine runs in a fresh subprocess, loads
@@ -28,7 +29,12 @@ head, in the stored dtype) divided by the read bandwidth measured here (torch's 
 best of 5, all threads), read by the same process just before and just after each timed generation, their
 mean: a shared VM's bandwidth moved 30-60 GB/s within minutes (one reading at the start put runs measured
 later at the wrong floor; readings before and after each process, half a minute of loading apart, still
-missed turns). A row's "x floor" is the median of its generations' own ratios. slowllm's rows also say
+missed turns). A row's "x floor" is the median of its generations' own ratios. "x read" is the same
+against memory read the way the kernels read weights (`read_bytes`: 64 bytes a step, lines asked ahead
+and not, the faster), read around each generation too: where the prefetchers stop at every page (Intel),
+torch's sum reads slower than the kernels themselves (21 against 26-29 GB/s measured), and only this is a
+floor. --prefetch runs slowllm's engines once per way the kernels' runs ask for weights (SLOWLLM_PREFETCH),
+each a row ("avx2/ahead", "avx2/own"; transformers once per build). slowllm's rows also say
 where the step goes (ms per step, medians): "kernels", the block linears' and the head's kernel calls
 timed inside the decode steps; "alone", the same products timed back to back right after each generation
 (what the step's kernels cost without the rest around them: the difference is their slowdown inside the
@@ -368,7 +374,7 @@ def main() -> None:
                 label = isa if mode is None else f"{isa}/{mode}"
                 try:
                     for engine in args.engines:
-                        if engine == "hf" and mode not in (None, args.prefetch[0]):
+                        if engine == "hf" and args.prefetch and mode != args.prefetch[0]:
                             continue  # (transformers reads its weights one way: measured once per build)
                         rs = measure(engine, paths[engine], args.prompts, args.tokens, args.context, args.inner,
                                      {**env, **({"SLOWLLM_PREFETCH": mode} if mode else {})})
