@@ -558,7 +558,7 @@ void fp32_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::
   by_input(K * sizeof(float), [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     over_tiles<R>(N, run_rows(K * sizeof(typename Weights::T), 1), [&](int64_t n, int64_t rs) {
-      by_run(rs, [&](auto run) { fp32_one_row_tile<R, Weights, run>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, rs); });
+      by_run(rs, [&](auto run) { fp32_one_row_tile<R, Weights, decltype(run)::value>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n, rs); });
     }, [&](int64_t n) { fp32_one_row_tile<1, Weights>(X0, K, W + n * K, S ? S + n : nullptr, Y0 + n); });
   });
 }
@@ -613,7 +613,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
     };
 #define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, run_rows(K * sizeof(typename Weights::T), R), [&](int64_t n, int64_t rs) { \
       by_run(rs, [&](auto run) { /* (runs only at one input row: R > 1 never takes a run's variant) */ \
-        tile<R, Weights::rows_per_tile(R), Weights, R == 1 && run>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
+        tile<R, Weights::rows_per_tile(R), Weights, R == 1 ? decltype(run)::value : kTiles>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)
   });
 }
