@@ -66,7 +66,7 @@ constexpr int64_t kMaxTileRows = 8;  // input rows per tile; more run in groups 
 // Chains per (weight row, input row) in the 256-bit fp32 loops, each step's 16 weights as two vectors
 // (load16). The AVX-512 builds keep the two apart, the order their 512-bit tiles (fp32_tile) reproduce
 // for several input rows. The AVX2 builds add both vectors into ONE chain (16 registers: a tile of
-// several input rows then holds 8 accumulators, fp32_rows_part; with two chains, half as many, and every
+// several input rows then holds 12 accumulators, _rows_avx2.h; with two chains, half as many, and every
 // weight converted twice as often): the 96 block linears of a bloom-1b7 token with 8 rows 148-165 instead
 // of 202-204 ms, its head 86-96 instead of 107 (alternating runs, when tiles were 1 weight row x 8 input
 // rows). One row pays a little for it (its two FMAs a step wait on each other): the block linears 84-85
@@ -260,6 +260,12 @@ struct Bf16Weights {
     even = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
+  // load16's vector `half` alone (0: even, 1: odd): for tiles that hold one of them at a time (_rows_avx2.h)
+  static __m256 load8(const T* w, int half) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm256_castsi256_ps(half ? _mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))
+                                    : _mm256_slli_epi32(b, 16));
+  }
   static float value(T w) { return bf16_to_float(w); }
 #if defined(SLOWLLM_AVX512BF16)
   static __m512 wide16(const T* w) {  // 16 weights as fp32, in order (a bf16 is the top half of its fp32)
@@ -281,6 +287,7 @@ struct Fp32Weights {
     w0 = _mm256_loadu_ps(w);
     w1 = _mm256_loadu_ps(w + 8);
   }
+  static __m256 load8(const T* w, int half) { return _mm256_loadu_ps(w + 8 * half); }
   static float value(T w) { return w; }
 #if defined(SLOWLLM_AVX512BF16)
   static __m512 wide16(const T* w) { return _mm512_loadu_ps(w); }
@@ -385,96 +392,7 @@ const float* input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
   return out.data();
 }
 
-#if !defined(SLOWLLM_AVX512BF16)
-// Several input rows on the AVX2 builds: tiles of 2 adjacent weight rows x 4 input rows (8 chains, what
-// two FMA ports of 4 cycles' latency need), K a chunk at a time. Each input vector is loaded into a
-// register once for both weight rows: GCC otherwise folds every use into its FMA as a memory operand, and
-// then tiles of one weight row x 8 input rows and of 2 x 4 alike load once per FMA. In a
-// standalone loop on Zen 4, data in L1: 1 x 8 with folded loads 1.14 FMAs a cycle, 2 x 4 and 4 x 2 with
-// the inputs in registers 1.79 (3 x 2, six chains: 1.59). The 96 block linears and head of a bloom-1b7
-// token with 8 input rows, alternating builds: one thread 6.6 -> 9.0 GB/s of weights, two 14.1-14.9 ->
-// 15.0-16.8. A chunk of kChunk inputs of every row stays in L1 while the tile passes over it (chunks of
-// 64 inputs alike, 256 up to 7% slower, 32 10%); each (weight row, input row) carries its chain from chunk
-// to chunk, so every sum is exactly fp32_one_row_tile's (the same order, whatever M is). While a tile
-// reads a chunk it asks for the same chunk of the next tile's rows (two tiles ahead: alike or 5% slower).
-// A tile takes all of K before the next (slices of 16-32 rows a chunk apart, each chunk of inputs then in
-// L1 for all of them: 3-9% slower in the model, many streams for the prefetchers, though faster in L2).
-constexpr int kRowsTile = 2;
-constexpr int kInputsTile = 4;
-constexpr int64_t kChunk = 128;
-
-// A tile's R weight rows over [k0, k1) against M input rows (`xs` floats apart), carrying their chains
-// in `state` [M][R]
-template <int R, int M, typename Weights>
-void fp32_rows_part(const float* X, int64_t xs, const typename Weights::T* W, int64_t K, int64_t k0, int64_t k1,
-                    __m256* state) {
-  static_assert(kChains == 1, "one chain per (weight row, input row): 8 of them fit AVX2's 16 registers");
-  __m256 acc[M][R];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = state[m * R + r];
-  for (int64_t k = k0; k < k1; k += 16) {
-    __m256 w0[R], w1[R];
-    for (int r = 0; r < R; ++r) Weights::load16(W + r * K + k, w0[r], w1[r]);
-    for (int m = 0; m < M; ++m) {
-      __m256 x = _mm256_loadu_ps(X + m * xs + k);
-      asm("" : "+x"(x));  // (in a register, loaded once: see above)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w0[r], x, acc[m][r]);
-    }
-    for (int m = 0; m < M; ++m) {
-      __m256 x = _mm256_loadu_ps(X + m * xs + k + 8);
-      asm("" : "+x"(x));
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(w1[r], x, acc[m][r]);
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) state[m * R + r] = acc[m][r];
-}
-
-// R adjacent weight rows against `rows` (<= kMaxTileRows) input rows: outputs Y[m * N + r]
-template <int R, typename Weights>
-void fp32_rows_tile(const float* X, int64_t xs, int64_t rows, int64_t K, const typename Weights::T* W, const float* S,
-                    float* Y, int64_t N) {
-  alignas(32) __m256 state[kMaxTileRows * R];
-  for (int i = 0; i < kMaxTileRows * R; ++i) state[i] = _mm256_setzero_ps();
-  const int64_t body = K / 16 * 16;
-  for (int64_t k0 = 0; k0 < body; k0 += kChunk) {
-    const int64_t k1 = std::min(body, k0 + kChunk);
-    for (int r = 0; r < R; ++r)
-      for (int64_t k = k0; k < k1; k += 64 / sizeof(typename Weights::T))
-        prefetch_weights<false>(W, r, R, 1, K, k);  // (into L2: 1.065-1.20x T0's speed here, see there)
-    int64_t m = 0;
-    for (; m + kInputsTile <= rows; m += kInputsTile)
-      fp32_rows_part<R, kInputsTile, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R);
-    static_assert(kInputsTile == 4, "the cases below are the rows passes of 4 leave");
-    switch (rows - m) {  // (the input rows left over, together)
-      case 3: fp32_rows_part<R, 3, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
-      case 2: fp32_rows_part<R, 2, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
-      case 1: fp32_rows_part<R, 1, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
-    }
-  }
-  for (int64_t m = 0; m < rows; ++m)
-    for (int r = 0; r < R; ++r) {
-      float total = reduce256(state[m * R + r]);
-      for (int64_t j = body; j < K; ++j) total += X[m * xs + j] * Weights::value(W[r * K + j]);
-      Y[m * N + r] = S ? total * S[r] : total;
-    }
-}
-
-template <typename Weights>
-void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weights::T* W, const float* S, float* Y0,
-                      int64_t N) {
-  const int64_t xs = K + kRowPad;
-  const float* rows = input_rows<Weights>(X0, M, K, xs);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const float* X = rows + m0 * xs;
-    float* Y = Y0 + m0 * N;
-    const int64_t mr = std::min<int64_t>(kMaxTileRows, M - m0);
-    over_tiles<kRowsTile>(N, 1, [&](int64_t n, int64_t) {  // (adjacent rows: see run_rows)
-      fp32_rows_tile<kRowsTile, Weights>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N);
-    }, [&](int64_t n) { fp32_rows_tile<1, Weights>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N); });
-  }
-}
-#endif
+#include "_rows_avx2.h"  // fp32_rows_matmul: several input rows on the AVX2 builds
 
 #if defined(SLOWLLM_AVX512BF16)
 // Several fp32 input rows on the AVX-512 builds: R weight rows x M input rows of 512-bit chains, all in

@@ -184,8 +184,7 @@ def kernels_for(isa: str):
         here = Path(__file__).parent
         module, where = build_extension(f"slowllm_kernels_{isa}", [here / "_kernels.cpp"],
                                         ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root,  # OpenMP: at::parallel_for
-                                        headers=(here / "_amx.h", here / "_int8.h", here / "_attention.h",
-                                                 here / "_cores.h"))
+                                        headers=sorted(here.glob("*.h")))  # (every header _kernels.cpp includes)
         if isa in ("amx", "avx512bf16"):
             MAX_ROWS[isa]["int8"] = MAX_ROWS[isa]["int8_fp32"] = _calibrate(module, where / "tuning.json")["int8_rows"]
         _builds[isa] = module
