@@ -412,12 +412,13 @@ bool amx_int_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float
 }
 #endif
 
-// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T with byte dot products (AMX's tiles first)
+// Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T with byte dot products (AMX's tiles first
+// from 2 input rows on; one row takes VNNI's, whose runs ask for their weights ahead: the same exact integers)
 template <int P, typename In>
 void byte_dots_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
   const IntRows<P> in = int_rows<P>(X, M, K);
 #if defined(SLOWLLM_AMX)
-  if (amx_int_matmul(in, W, S, Y, N)) return;
+  if (M > 1 && amx_int_matmul(in, W, S, Y, N)) return;
 #endif
   int_matmul<VnniKernel<P>>(in, W, S, Y, N);
 }
