@@ -101,6 +101,12 @@ def bandwidth() -> float:
     return big.numel() * 2 / best / 1e9
 
 
+def row_label(isa: str, prefetch: str | None) -> str:
+    """A result row's build: "avx2", or "avx2/ahead" where --prefetch names the way its runs ask for weights
+    (transformers' rows take the first mode's label: measured once per build)."""
+    return isa if prefetch is None else f"{isa}/{prefetch}"
+
+
 def read_speed() -> float:
     """The same 2 GB read as the kernels read weights (`read_bytes`, lines asked ahead and not, the faster),
     best of 3, GB/s; nan without the kernels. Where the prefetchers stop at every 4 KB page (Intel), torch's
@@ -371,7 +377,7 @@ def main() -> None:
             env = {"SLOWLLM_ISA": isa, **(AVX2_PC if isa.startswith("avx2") else {})}
             for condition, mode in ((c, m) for c in conditions for m in args.prefetch or [None]):
                 busy = neighbour() if condition == "busy" else None
-                label = isa if mode is None else f"{isa}/{mode}"
+                label = row_label(isa, mode)
                 try:
                     for engine in args.engines:
                         if engine == "hf" and args.prefetch and mode != args.prefetch[0]:
@@ -402,7 +408,7 @@ def main() -> None:
           f"{'x read':>7} {f'x {first}p':>6} {'kernels':>8} {'alone':>6} {'attn':>5} {'ops':>5} {'python':>6}")
     for (isa, condition, n, engine), runs in results.items():
         ms = statistics.median(r["ms_per_token"] for r in runs)
-        hf = results.get((isa.split("/")[0] + (f"/{args.prefetch[0]}" if args.prefetch else ""), condition, n, "hf"))
+        hf = results.get((row_label(isa.split("/")[0], args.prefetch[0] if args.prefetch else None), condition, n, "hf"))
         base = statistics.median(r["ms_per_token"] for r in hf) if hf else float("nan")
         key = f"{isa}_{condition}_{n}p_{engine}"
         summary[key + "_ms"] = round(ms, 1)
@@ -431,7 +437,7 @@ def main() -> None:
             summary[key + "_attention_ms"], summary[key + "_ops_ms"] = round(attn, 1), round(ops, 1)
         print(row)
     if args.neighbour:
-        for isa in (i if m is None else f"{i}/{m}" for i in isas for m in args.prefetch or [None]):
+        for isa in (row_label(i, m) for i in isas for m in args.prefetch or [None]):
             for n in args.prompts:
                 for engine in args.engines:
                     idle, busy = (results.get((isa, c, n, engine)) for c in ("idle", "busy"))

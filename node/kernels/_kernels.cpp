@@ -255,16 +255,18 @@ struct Bf16Weights {
   // and a mask make them two fp32 vectors without a shuffle (shuffles share one port with the loads'
   // conversions on most x86 cores). The input rows are stored in the same even/odd order (kEvenOdd).
   static constexpr bool kEvenOdd = true;
-  static void load16(const T* w, __m256& even, __m256& odd) {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    even = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-    odd = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  }
-  // load16's vector `half` alone (0: even, 1: odd): for tiles that hold one of them at a time (_rows_avx2.h)
-  static __m256 load8(const T* w, int half) {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  static __m256 half8(__m256i b, int half) {  // (0: the even weights, 1: the odd ones, as fp32)
     return _mm256_castsi256_ps(half ? _mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))
                                     : _mm256_slli_epi32(b, 16));
+  }
+  static void load16(const T* w, __m256& even, __m256& odd) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    even = half8(b, 0);
+    odd = half8(b, 1);
+  }
+  // load16's vector `half` alone: for tiles that hold one of them at a time (_rows_avx2.h)
+  static __m256 load8(const T* w, int half) {
+    return half8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), half);
   }
   static float value(T w) { return bf16_to_float(w); }
 #if defined(SLOWLLM_AVX512BF16)
