@@ -376,13 +376,19 @@ void in_row_groups(const In* X0, int64_t M, int64_t K, float* Y0, int64_t N, con
 // The input rows as the fp32 loops read them, `stride` floats apart: for bf16 weights (kEvenOdd) in the
 // order load16 gives the weights, in each full group of 16 the 8 even positions then the 8 odd ones (the
 // tail beyond the last full group as it is). In a per-thread buffer that stays allocated (8 rows of 8,192
-// floats are 256 KB: a fresh allocation that large is mapped and faulted in again at every call).
+// floats are 256 KB: a fresh allocation that large is mapped and faulted in again at every call), from a
+// 64-byte line on. malloc gives 16 bytes: a mapped chunk (256 KB) starts 16 bytes into its page, a smaller
+// one anywhere, so half of the loops' 32-byte loads could straddle two lines, and how many depended on
+// where this one buffer landed in each process: the AVX2 builds' 8-row products of bloom-1b7's block
+// linears and head, two builds of one source in turns, differed by 5% (0.949, 12 turns; earlier rounds saw
+// 6-11% between builds, by which one loaded first); aligned, 1.008, and 0.93-0.94 the misaligned time.
 template <typename Weights>
 const float* input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
-  thread_local std::vector<float> out;
-  out.resize(M * stride);
+  thread_local std::vector<float> buffer;
+  buffer.resize(M * stride + 16);
+  float* const out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
   for (int64_t m = 0; m < M; ++m) {
-    float* row = out.data() + m * stride;
+    float* row = out + m * stride;
     std::copy_n(X + m * K, K, row);
     if (Weights::kEvenOdd)
       for (int64_t k = 0; k + 16 <= K; k += 16)
@@ -391,7 +397,7 @@ const float* input_rows(const float* X, int64_t M, int64_t K, int64_t stride) {
           row[k + 8 + i] = X[m * K + k + 2 * i + 1];
         }
   }
-  return out.data();
+  return out;
 }
 
 #include "_rows_avx2.h"  // fp32_rows_matmul: several input rows on the AVX2 builds
