@@ -472,30 +472,42 @@ PREFETCH = textwrap.dedent("""
     x, w = torch.randn(1, 2048, generator=g), torch.randn(4096, 2048, generator=g).bfloat16()
     q, s = torch.randint(-127, 128, (4096, 2048), generator=g, dtype=torch.int8), torch.rand(4096, generator=g)
     out = torch.cat([k.bf16_fp32_gemv(x, w), k.int8_gemv(x, q, s.bfloat16()), k.bf16_gemv(x.bfloat16(), w).float()], 1)
-    print(k.prefetch, k.read_bytes(torch.tensor([1, 2, 4, 8], dtype=torch.uint8), True), out.view(torch.int32).sum().item())
+    rows = torch.randn(8, 2048, generator=g)  # (several rows: tiles in runs, or of adjacent rows, and the rest)
+    many = k.bf16_fp32_gemv(rows, w)
+    alone = all(torch.equal(many[m:m + 1], k.bf16_fp32_gemv(rows[m:m + 1], w)) for m in range(8))
+    print(k.prefetch, k.read_bytes(torch.tensor([1, 2, 4, 8], dtype=torch.uint8), True), out.view(torch.int32).sum().item(),
+          many.view(torch.int32).sum().item(), alone)
 """)
 
 
 def test_how_runs_ask_for_weights_changes_no_number():
     """One input row's tiles read weight rows in runs, and ask for each line ahead (Intel: its streamer stops
-    at every 4 KB page) or for their own line, non-temporal (elsewhere, as measured on Zen 4);
-    SLOWLLM_PREFETCH forces either, and a value it does not know says so and chooses by the CPU. A prefetch
-    is only a hint: both give the same numbers bit for bit."""
+    at every 4 KB page) or for their own line, non-temporal (elsewhere, as measured on Zen 4); on the AVX2
+    builds several rows' tiles take runs too where lines are asked ahead, else adjacent rows. SLOWLLM_PREFETCH
+    forces either, and a value it does not know says so and chooses by the CPU. A prefetch is only a hint:
+    both give the same numbers bit for bit, and several rows each what it gets alone."""
     from slowllm.node.kernels._kernels import kernels
 
     if kernels() is None:
         pytest.skip("needs slowllm's kernels (a compiler, SLOWLLM_ISA not none)")
-    seen = {}
-    for mode in ("ahead", "own", "sideways"):
-        out = subprocess.run([sys.executable, "-c", PREFETCH], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "SLOWLLM_PREFETCH": mode}, check=True)
-        seen[mode] = out.stdout.split()
-        if mode == "sideways":
-            assert "SLOWLLM_PREFETCH=sideways is neither ahead nor own" in out.stderr
-    assert seen["ahead"][0] == "ahead" and seen["own"][0] == "own"
-    assert seen["sideways"][0] == ("ahead" if "GenuineIntel" in Path("/proc/cpuinfo").read_text() else "own")
-    assert seen["ahead"][1] == seen["own"][1] == "15"  # (read_bytes: the OR of every byte)
-    assert seen["ahead"][2] == seen["own"][2] == seen["sideways"][2]
+    isas = [None] + (["avx2"] if "avx2" in runnable_isas() else [])
+    for isa in isas:
+        if isa:
+            build(isa)  # (built here once, not in each subprocess)
+        seen = {}
+        for mode in ("ahead", "own", "sideways") if isa is None else ("ahead", "own"):
+            env = {**os.environ, "SLOWLLM_PREFETCH": mode, **({"SLOWLLM_ISA": isa} if isa else {})}
+            out = subprocess.run([sys.executable, "-c", PREFETCH], capture_output=True, text=True, timeout=120,
+                                 env=env, check=True)
+            seen[mode] = out.stdout.split()
+            if mode == "sideways":
+                assert "SLOWLLM_PREFETCH=sideways is neither ahead nor own" in out.stderr
+        assert seen["ahead"][0] == "ahead" and seen["own"][0] == "own"
+        if isa is None:
+            assert seen["sideways"][0] == ("ahead" if "GenuineIntel" in Path("/proc/cpuinfo").read_text() else "own")
+        assert seen["ahead"][1] == seen["own"][1] == "15"  # (read_bytes: the OR of every byte)
+        assert len({s[2] for s in seen.values()}) == 1 and len({s[3] for s in seen.values()}) == 1, (isa, seen)
+        assert all(s[4] == "True" for s in seen.values()), (isa, seen)
 
 
 def test_decoding_runs_the_chosen_build_and_each_gives_the_same_tokens(models_dir):

@@ -29,11 +29,12 @@ constexpr int kRowsTile = 3;
 constexpr int kInputsTile = 4;
 constexpr int64_t kChunk = 128;
 
-// A tile's R weight rows over [k0, k1) against M input rows (`xs` floats apart), carrying their chains in
-// `state` [M][R]: R x M chains, R weights (one half at a time) and one input vector in registers.
+// A tile's R weight rows (`rs` rows apart) over [k0, k1) against M input rows (`xs` floats apart), carrying
+// their chains in `state` [M][R]: R x M chains, R weights (one half at a time) and one input vector in
+// registers.
 template <int R, int M, typename Weights>
 void fp32_rows_part(const float* X, int64_t xs, const typename Weights::T* W, int64_t K, int64_t k0, int64_t k1,
-                    __m256* state) {
+                    __m256* state, int64_t rs) {
   static_assert(kChains == 1, "one chain per (weight row, input row)");
   static_assert(R * M + R + 2 <= 16, "chains, weights, an input and the odd half's mask in 16 registers");
   __m256 acc[M][R];
@@ -42,7 +43,7 @@ void fp32_rows_part(const float* X, int64_t xs, const typename Weights::T* W, in
   for (int64_t k = k0; k < k1; k += 16)
     for (int half = 0; half < 2; ++half) {
       __m256 w[R];
-      for (int r = 0; r < R; ++r) w[r] = Weights::load8(W + r * K + k, half);
+      for (int r = 0; r < R; ++r) w[r] = Weights::load8(W + r * rs * K + k, half);
       for (int m = 0; m < M; ++m) {
         __m256 x = _mm256_loadu_ps(X + m * xs + k + 8 * half);
         asm("" : "+x"(x));  // (in a register, loaded once for the R rows: GCC would fold it into each FMA)
@@ -54,8 +55,8 @@ void fp32_rows_part(const float* X, int64_t xs, const typename Weights::T* W, in
 }
 
 // fp32_rows_part<3, 4> in fixed registers: chains ymm0-11 (input row m, weight row r: ymm 3m + r), the
-// three weight rows' half ymm12-14, the input vector ymm15. Weight rows at w0, w1, w2, input rows at x0-x3,
-// k counting inputs (bf16 weights 2 bytes each, fp32 ones and the inputs 4).
+// three weight rows' half ymm12-14, the input vector ymm15. Weight rows at w0, w1, w2 (`rs` rows apart),
+// input rows at x0-x3, k counting inputs (bf16 weights 2 bytes each, fp32 ones and the inputs 4).
 #define SLOWLLM_FMA4(off)                                                                                    \
   "vmovups " off "(%[x0],%[k],4), %%ymm15\n\t"                                                               \
   "vfmadd231ps %%ymm12, %%ymm15, %%ymm0\n\tvfmadd231ps %%ymm13, %%ymm15, %%ymm1\n\t"                         \
@@ -94,7 +95,7 @@ void fp32_rows_part(const float* X, int64_t xs, const typename Weights::T* W, in
                "vmovups %%ymm6, 192(%[s])\n\tvmovups %%ymm7, 224(%[s])\n\tvmovups %%ymm8, 256(%[s])\n\t"     \
                "vmovups %%ymm9, 288(%[s])\n\tvmovups %%ymm10, 320(%[s])\n\tvmovups %%ymm11, 352(%[s])"       \
                : [k] "+r"(k)                                                                                 \
-               : [k1] "r"(k1), [s] "r"(state), [w0] "r"(W), [w1] "r"(W + K), [w2] "r"(W + 2 * K),           \
+               : [k1] "r"(k1), [s] "r"(state), [w0] "r"(W), [w1] "r"(W + rs * K), [w2] "r"(W + 2 * rs * K), \
                  [x0] "r"(X), [x1] "r"(X + xs), [x2] "r"(X + 2 * xs), [x3] "r"(X + 3 * xs),                  \
                  [mask] "m"(kOddHalves)                                                                      \
                : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",     \
@@ -105,7 +106,7 @@ alignas(32) const uint32_t kOddHalves[8] = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000
 
 template <typename Weights>
 void fp32_rows_part_3x4(const float* X, int64_t xs, const typename Weights::T* W, int64_t K, int64_t k0, int64_t k1,
-                        __m256* state) {
+                        __m256* state, int64_t rs) {
   static_assert(kChains == 1 && kRowsTile == 3 && kInputsTile == 4, "the registers above");
   if (k0 >= k1) return;  // (the loop below runs at least once)
   int64_t k = k0;
@@ -118,10 +119,11 @@ void fp32_rows_part_3x4(const float* X, int64_t xs, const typename Weights::T* W
 #undef SLOWLLM_LOAD3
 #undef SLOWLLM_FMA4
 
-// R adjacent weight rows against `rows` (<= kMaxTileRows) input rows: outputs Y[m * N + r]
-template <int R, typename Weights>
+// R weight rows `rs` apart against `rows` (<= kMaxTileRows) input rows: outputs Y[m * N + r * rs]. kFetch:
+// how it asks for weights (prefetch_weights: in a run, its own stream's line ahead; else the next tile's)
+template <int R, typename Weights, int kFetch>
 void fp32_rows_tile(const float* X, int64_t xs, int64_t rows, int64_t K, const typename Weights::T* W, const float* S,
-                    float* Y, int64_t N) {
+                    float* Y, int64_t N, int64_t rs) {
   alignas(32) __m256 state[kMaxTileRows * R];
   for (int i = 0; i < kMaxTileRows * R; ++i) state[i] = _mm256_setzero_ps();
   const int64_t body = K / 16 * 16;
@@ -129,28 +131,28 @@ void fp32_rows_tile(const float* X, int64_t xs, int64_t rows, int64_t K, const t
     const int64_t k1 = std::min(body, k0 + kChunk);
     for (int r = 0; r < R; ++r)
       for (int64_t k = k0; k < k1; k += 64 / sizeof(typename Weights::T))
-        prefetch_weights<kTiles>(W, r, R, 1, K, k);  // (the next tile's: see there)
+        prefetch_weights<kFetch>(W, r, R, rs, K, k);
     // Passes of 4 input rows, those left over together; 5 rows as 3 + 2 (a pass of one row has too few
     // chains: 4 + 1 took 1.03x the time of 2 x 4 tiles, 8 chains a pass)
     int64_t m = 0;
     for (; rows - m >= kInputsTile && rows - m != 5; m += kInputsTile) {
-      if constexpr (R == kRowsTile) fp32_rows_part_3x4<Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R);
-      else fp32_rows_part<R, kInputsTile, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R);
+      if constexpr (R == kRowsTile) fp32_rows_part_3x4<Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R, rs);
+      else fp32_rows_part<R, kInputsTile, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R, rs);
     }
     for (int64_t take; m < rows; m += take) {
       take = rows - m == 5 ? 3 : rows - m;
       switch (take) {
-        case 3: fp32_rows_part<R, 3, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
-        case 2: fp32_rows_part<R, 2, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
-        case 1: fp32_rows_part<R, 1, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R); break;
+        case 3: fp32_rows_part<R, 3, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R, rs); break;
+        case 2: fp32_rows_part<R, 2, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R, rs); break;
+        case 1: fp32_rows_part<R, 1, Weights>(X + m * xs, xs, W, K, k0, k1, state + m * R, rs); break;
       }
     }
   }
   for (int64_t m = 0; m < rows; ++m)
     for (int r = 0; r < R; ++r) {
       float total = reduce256(state[m * R + r]);
-      for (int64_t j = body; j < K; ++j) total += X[m * xs + j] * Weights::value(W[r * K + j]);
-      Y[m * N + r] = S ? total * S[r] : total;
+      for (int64_t j = body; j < K; ++j) total += X[m * xs + j] * Weights::value(W[r * rs * K + j]);
+      Y[m * N + r * rs] = S ? total * S[r * rs] : total;
     }
 }
 
@@ -159,13 +161,20 @@ void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weig
                       int64_t N) {
   const int64_t xs = K + kRowPad;
   const float* rows = input_rows<Weights>(X0, M, K, xs);
+  // Where runs ask ahead (Intel: run_fetch), tiles of rows a run apart, as one row's: each of a tile's 3
+  // streams goes on where the last tile's ended, a line 2 KB ahead asked for into L1. Adjacent rows (each
+  // stream one row long, the next tile's rows asked for into L2) were measured faster on Zen 4 (run_rows)
+  // and stay where runs ask for their own line.
+  const int64_t run = run_fetch() == kAhead ? run_rows(K * sizeof(typename Weights::T), 1) : 1;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
     const float* X = rows + m0 * xs;
     float* Y = Y0 + m0 * N;
     const int64_t mr = std::min<int64_t>(kMaxTileRows, M - m0);
-    over_tiles<kRowsTile>(N, 1, [&](int64_t n, int64_t) {  // (adjacent rows: see run_rows)
-      fp32_rows_tile<kRowsTile, Weights>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N);
-    }, [&](int64_t n) { fp32_rows_tile<1, Weights>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N); });
+    over_tiles<kRowsTile>(N, run, [&](int64_t n, int64_t rs) {
+      const float* s = S ? S + n : nullptr;
+      if (rs > 1) fp32_rows_tile<kRowsTile, Weights, kAhead>(X, xs, mr, K, W + n * K, s, Y + n, N, rs);
+      else fp32_rows_tile<kRowsTile, Weights, kTiles>(X, xs, mr, K, W + n * K, s, Y + n, N, 1);
+    }, [&](int64_t n) { fp32_rows_tile<1, Weights, kTiles>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N, 1); });
   }
 }
 #endif
