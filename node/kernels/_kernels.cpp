@@ -132,7 +132,9 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // runs of both builds on Zen 4: int8 39-44 -> 36-39 ms (avx512bf16; once 39 -> 29), 45-49 -> 32-33 (avx2's
 // int16 path), bf16 weights with fp32 rows (avx2) 70-81 -> 60-75, bf16 rows (avx512bf16) 1-4% faster;
 // the head alike. Only with one input row: with several the dot products are the limit, and adjacent
-// rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%).
+// rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%; Zen 4, with
+// the row after asked for in runs). On Intel, lines asked 2 KB ahead, the AVX2 builds' fp32 tiles of
+// several rows take runs too (fp32_rows_matmul, _rows_avx2.h: 0.82-0.86x the time).
 // Runs of 256 KB: those figures came from this VM's slow-memory turns (~35 GB/s), where any run length
 // reads at the memory's speed; in its fast turns (~60 GB/s) the streams' restarts cost (a standalone
 // copy of the avx2 one-row loop, 600 MB: 32 KB runs 48, 64 KB 50, 128 KB 52, 256 KB 52 GB/s, against a
@@ -171,9 +173,10 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 }
 
 // A tile's prefetch for its weight row r (of R, rows `rs` apart) while it reads the line at k. Tiles of
-// adjacent rows (not in a run: every tile of several input rows, and one row's tiles where a row is longer
-// than a run, 256 KB: hidden sizes past 131,072 in bf16) ask for the next tile's row r, as each stream ends with
-// its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears of a bloom-1b7 token
+// adjacent rows (not in a run: tiles of several input rows, but the AVX2 builds' fp32 ones on Intel, and one
+// row's tiles where a row is longer than a run, 256 KB: hidden sizes past 131,072 in bf16) ask for the next
+// tile's row r, as each stream ends with its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears
+// of a bloom-1b7 token
 // streamed at 22 GB/s with T0 and 24-28 with T2 (avx2's int16 path 20 -> 24), bf16 rows gained ~10% (29
 // -> 33 GB/s; they had no prefetch); with T0, probably, the L1 miss buffers are the limit while the tile's
 // own loads need them. Sapphire Rapids measured T0, T1, T2 alike. The avx2 builds' fp32 loops for several
