@@ -473,24 +473,27 @@ PREFETCH = textwrap.dedent("""
     q, s = torch.randint(-127, 128, (4096, 2048), generator=g, dtype=torch.int8), torch.rand(4096, generator=g)
     out = torch.cat([k.bf16_fp32_gemv(x, w), k.int8_gemv(x, q, s.bfloat16()), k.bf16_gemv(x.bfloat16(), w).float()], 1)
     rows = torch.randn(8, 2048, generator=g)  # (several rows: tiles in runs, or of adjacent rows, and the rest)
-    many = k.bf16_fp32_gemv(rows, w)
-    alone = all(torch.equal(many[m:m + 1], k.bf16_fp32_gemv(rows[m:m + 1], w)) for m in range(8))
+    products = (lambda r: k.bf16_fp32_gemv(r, w), lambda r: k.bf16_gemv(r.bfloat16(), w).float(),
+                lambda r: k.int8_gemv(r, q, s.bfloat16()))
+    many = [torch.cat([f(rows[:n]) for f in products], 1) for n in (8, 3)]  # (3: int8 tiles of several weight rows)
+    alone = all(torch.equal(each[m:m + 1], torch.cat([f(rows[m:m + 1]) for f in products], 1))
+                for each in many for m in range(len(each)))
     print(k.prefetch, k.read_bytes(torch.tensor([1, 2, 4, 8], dtype=torch.uint8), True), out.view(torch.int32).sum().item(),
-          many.view(torch.int32).sum().item(), alone)
+          torch.cat(many).view(torch.int32).sum().item(), alone)
 """)
 
 
 def test_how_runs_ask_for_weights_changes_no_number():
     """One input row's tiles read weight rows in runs, and ask for each line ahead (Intel: its streamer stops
-    at every 4 KB page) or for their own line, non-temporal (elsewhere, as measured on Zen 4); on the AVX2
-    builds several rows' tiles take runs too where lines are asked ahead, else adjacent rows. SLOWLLM_PREFETCH
+    at every 4 KB page) or for their own line, non-temporal (elsewhere, as measured on Zen 4); tiles of
+    several rows take runs too where lines are asked ahead, else adjacent rows. SLOWLLM_PREFETCH
     forces either, and a value it does not know says so and chooses by the CPU. A prefetch is only a hint:
     both give the same numbers bit for bit, and several rows each what it gets alone."""
     from slowllm.node.kernels._kernels import kernels
 
     if kernels() is None:
         pytest.skip("needs slowllm's kernels (a compiler, SLOWLLM_ISA not none)")
-    isas = [None] + (["avx2"] if "avx2" in runnable_isas() else [])
+    isas = [None] + [isa for isa in ("avx512bf16", "avx2") if isa in runnable_isas()]  # (AMX: tiles of its own)
     for isa in isas:
         if isa:
             build(isa)  # (built here once, not in each subprocess)

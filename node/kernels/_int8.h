@@ -98,11 +98,13 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
   const int64_t M = in.M;
   if (M > Kernel::kPassRows) {
     constexpr int R = Kernel::rows_per_tile(Kernel::kPassRows);
-#define SLOWLLM_INT_PASS(I) Kernel::template tile<I, R>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N)
+#define SLOWLLM_INT_PASS(I) Kernel::template tile<I, R, decltype(run)::value>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N, rs)
 #define SLOWLLM_INT_PASS1(I) Kernel::template tile<I, 1>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N)
-    over_tiles<R>(N, 1, [&](int64_t n, int64_t) {
-      for (int64_t m0 = 0; m0 < M; m0 += Kernel::kPassRows)
-        SLOWLLM_DISPATCH(std::min<int64_t>(Kernel::kPassRows, M - m0), SLOWLLM_INT_PASS)
+    over_tiles<R>(N, several_rows_run(in.K), [&](int64_t n, int64_t rs) {
+      by_run(rs, [&](auto run) {
+        for (int64_t m0 = 0; m0 < M; m0 += Kernel::kPassRows)
+          SLOWLLM_DISPATCH(std::min<int64_t>(Kernel::kPassRows, M - m0), SLOWLLM_INT_PASS)
+      });
     }, [&](int64_t n) {
       for (int64_t m0 = 0; m0 < M; m0 += Kernel::kPassRows)
         SLOWLLM_DISPATCH(std::min<int64_t>(Kernel::kPassRows, M - m0), SLOWLLM_INT_PASS1)
@@ -121,9 +123,10 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
     });
     return;
   }
-  // several rows: tiles of adjacent weight rows (runs are one row's, above)
-#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, 1, [&](int64_t n, int64_t) { \
-    Kernel::template tile<R, Kernel::rows_per_tile(R)>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N); }, one)
+  // several rows: tiles of adjacent weight rows, or in runs where they ask ahead (several_rows_run)
+#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, several_rows_run(in.K), [&](int64_t n, int64_t rs) { \
+    by_run(rs, [&](auto run) { \
+      Kernel::template tile<R, Kernel::rows_per_tile(R), decltype(run)::value>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
   SLOWLLM_DISPATCH(M, SLOWLLM_INT_TILES)
 }
 #endif
