@@ -34,7 +34,7 @@ against memory read the way the kernels read weights (`read_bytes`: 64 bytes a s
 and not, the faster), read around each generation too: where the prefetchers stop at every page (Intel),
 torch's sum reads slower than the kernels themselves (21 against 26-29 GB/s measured), and only this is a
 floor. --prefetch runs slowllm's engines once per way the kernels' runs ask for weights (SLOWLLM_PREFETCH;
-with `ahead` the AVX2 builds' tiles of several rows take runs too, with `own` adjacent rows), each a row
+with `ahead` tiles of several rows take runs too, with `own` adjacent rows), each a row
 ("avx2/ahead", "avx2/own"; transformers once per build). slowllm's rows also say
 where the step goes (ms per step, medians): "kernels", the block linears' and the head's kernel calls
 timed inside the decode steps; "alone", the same products timed back to back right after each generation
@@ -354,8 +354,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["hf", "slowllm", "slowllm8"])
     ap.add_argument("--neighbour", action="store_true", help="also measure beside a CPU-bound process")
     ap.add_argument("--prefetch", nargs="+", choices=["ahead", "own"], default=None,
-                    help="how the kernels' runs ask for weights, and whether the AVX2 builds' tiles of several rows "
-                         "take runs (SLOWLLM_PREFETCH), each a row (default: the CPU's)")
+                    help="how the kernels' runs ask for weights, and whether tiles of several rows take runs "
+                         "(SLOWLLM_PREFETCH), each a row (default: the CPU's)")
     args = ap.parse_args()
     from slowllm.node import Checkpoint
     from slowllm.node.engine._checkpoint import SCALE

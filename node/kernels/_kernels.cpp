@@ -133,8 +133,8 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // int16 path), bf16 weights with fp32 rows (avx2) 70-81 -> 60-75, bf16 rows (avx512bf16) 1-4% faster;
 // the head alike. Only with one input row: with several the dot products are the limit, and adjacent
 // rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%; Zen 4, with
-// the row after asked for in runs). On Intel, lines asked 2 KB ahead, the AVX2 builds' fp32 tiles of
-// several rows take runs too (fp32_rows_matmul, _rows_avx2.h: 0.82-0.86x the time).
+// the row after asked for in runs). On Intel, lines asked 2 KB ahead, tiles of several rows take runs too
+// (several_rows_run, below: 0.72-0.87x the time), but AMX's and the AVX-512 builds' fp32 ones (fp32_tile).
 // Runs of 256 KB: those figures came from this VM's slow-memory turns (~35 GB/s), where any run length
 // reads at the memory's speed; in its fast turns (~60 GB/s) the streams' restarts cost (a standalone
 // copy of the avx2 one-row loop, 600 MB: 32 KB runs 48, 64 KB 50, 128 KB 52, 256 KB 52 GB/s, against a
@@ -173,7 +173,7 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 }
 
 // A tile's prefetch for its weight row r (of R, rows `rs` apart) while it reads the line at k. Tiles of
-// adjacent rows (not in a run: tiles of several input rows, but the AVX2 builds' fp32 ones on Intel, and one
+// adjacent rows (not in a run: tiles of several input rows where runs ask for their own line, and one
 // row's tiles where a row is longer than a run, 256 KB: hidden sizes past 131,072 in bf16) ask for the next
 // tile's row r, as each stream ends with its row, into L2, not L1 (T0): on Zen 4 the 96 int8 block linears
 // of a bloom-1b7 token
@@ -240,8 +240,12 @@ int run_fetch() {
 }
 
 // Rows per run for tiles of several input rows whose weight rows are `row_bytes` long: runs where they ask
-// ahead (Intel: adjacent rows restart its L2 streamer at every row; _rows_avx2.h has the figures), else 1,
-// adjacent rows with the next tile's asked for (measured faster on Zen 4: run_rows)
+// ahead (Intel: adjacent rows restart its L2 streamer at every row), else 1, adjacent rows with the next
+// tile's asked for (measured faster on Zen 4: run_rows). The Sapphire Rapids-class VM, bloom-1b7's 96 block
+// linears and head, two builds in one process in turns, runs against adjacent rows: the AVX2 builds' fp32
+// rows on bf16 weights 8 rows 0.856x the time, 4 and 2 rows 0.823x (_rows_avx2.h); int8 on avx2 (int16)
+// 8 rows 0.856x, 3 rows 0.724x; on avx512bf16 (VNNI) 0.801x and 0.720x; avx512bf16's bf16 rows 8 rows
+// 0.869x, 4 rows 0.786x.
 inline int64_t several_rows_run(int64_t row_bytes) { return run_fetch() == kAhead ? run_rows(row_bytes, 1) : 1; }
 
 // tile(kTiles) for a tile of adjacent rows, tile(run_fetch()) for one in a run (rs > 1), each an
