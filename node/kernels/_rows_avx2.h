@@ -174,9 +174,9 @@ void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weig
     float* Y = Y0 + m0 * N;
     const int64_t mr = std::min<int64_t>(kMaxTileRows, M - m0);
     over_tiles<kRowsTile>(N, run, [&](int64_t n, int64_t rs) {
-      const float* s = S ? S + n : nullptr;
-      if (rs > 1) fp32_rows_tile<kRowsTile, Weights, kAhead>(X, xs, mr, K, W + n * K, s, Y + n, N, rs);
-      else fp32_rows_tile<kRowsTile, Weights, kTiles>(X, xs, mr, K, W + n * K, s, Y + n, N, 1);
+      by_run(rs, [&](auto run) {
+        fp32_rows_tile<kRowsTile, Weights, decltype(run)::value>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs);
+      });
     }, [&](int64_t n) { fp32_rows_tile<1, Weights, kTiles>(X, xs, mr, K, W + n * K, S ? S + n : nullptr, Y + n, N, 1); });
   }
 }
