@@ -100,7 +100,7 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
     constexpr int R = Kernel::rows_per_tile(Kernel::kPassRows);
 #define SLOWLLM_INT_PASS(I) Kernel::template tile<I, R, decltype(run)::value>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N, rs)
 #define SLOWLLM_INT_PASS1(I) Kernel::template tile<I, 1>(in, m0, W + n * in.K, S ? S + n : nullptr, Y + m0 * N + n, N)
-    over_tiles<R>(N, several_rows_run(in.K), [&](int64_t n, int64_t rs) {
+    over_tiles<R>(N, run_rows(in.K, M), [&](int64_t n, int64_t rs) {
       by_run(rs, [&](auto run) {
         for (int64_t m0 = 0; m0 < M; m0 += Kernel::kPassRows)
           SLOWLLM_DISPATCH(std::min<int64_t>(Kernel::kPassRows, M - m0), SLOWLLM_INT_PASS)
@@ -123,8 +123,8 @@ void int_matmul(const Rows& in, const int8_t* W, const float* S, float* Y, int64
     });
     return;
   }
-  // several rows: tiles of adjacent weight rows, or in runs where they ask ahead (several_rows_run)
-#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, several_rows_run(in.K), [&](int64_t n, int64_t rs) { \
+  // several rows: tiles of adjacent weight rows, or in runs where they ask ahead (run_rows)
+#define SLOWLLM_INT_TILES(R) over_tiles<Kernel::rows_per_tile(R)>(N, run_rows(in.K, R), [&](int64_t n, int64_t rs) { \
     by_run(rs, [&](auto run) { \
       Kernel::template tile<R, Kernel::rows_per_tile(R), decltype(run)::value>(in, 0, W + n * in.K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
   SLOWLLM_DISPATCH(M, SLOWLLM_INT_TILES)

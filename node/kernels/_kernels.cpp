@@ -134,7 +134,7 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // the head alike. Only with one input row: with several the dot products are the limit, and adjacent
 // rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%; Zen 4, with
 // the row after asked for in runs). On Intel, lines asked 2 KB ahead, tiles of several rows take runs too
-// (several_rows_run, below: 0.72-0.87x the time), except AMX's and the AVX-512 builds' fp32 ones (fp32_tile).
+// (run_rows, below: 0.72-0.87x the time), except AMX's and the AVX-512 builds' fp32 ones (fp32_tile).
 // Runs of 256 KB: those figures came from this VM's slow-memory turns (~35 GB/s), where any run length
 // reads at the memory's speed; in its fast turns (~60 GB/s) the streams' restarts cost (a standalone
 // copy of the avx2 one-row loop, 600 MB: 32 KB runs 48, 64 KB 50, 128 KB 52, 256 KB 52 GB/s, against a
@@ -146,11 +146,6 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // 0.87-0.97x. Runs are still capped at 4 blocks per thread, so a thread on a busy core still holds up no
 // one: with a CPU-bound process beside, both alike (0.97-1.00x). 1 MB runs: as 256 KB.
 constexpr int64_t kRunBytes = 262144;
-
-// Rows per run for tiles of M input rows whose weight rows are `row_bytes` long (over_tiles)
-inline int64_t run_rows(int64_t row_bytes, int M) {
-  return M == 1 ? std::max<int64_t>(1, kRunBytes / std::max<int64_t>(1, row_bytes)) : 1;  // (K = 0: empty rows)
-}
 
 // Rows [0, N) in tiles of R weight rows `rs` apart, whole(n, rs) for the tile whose first row is n (the
 // rows left over one by one, one(n)). Rows are taken in blocks of R x L: tile t of a block has rows t,
@@ -239,14 +234,17 @@ int run_fetch() {
   return mode;
 }
 
-// Rows per run for tiles of several input rows whose weight rows are `row_bytes` long: runs where they ask
-// ahead (Intel: adjacent rows restart its L2 streamer at every row), else 1, adjacent rows with the next
-// tile's asked for (measured faster on Zen 4: run_rows). The Sapphire Rapids-class VM, bloom-1b7's 96 block
-// linears and head, two builds in one process in turns, runs against adjacent rows: the AVX2 builds' fp32
-// rows on bf16 weights 8 rows 0.856x the time, 4 and 2 rows 0.823x (_rows_avx2.h); int8 on avx2 (int16)
-// 8 rows 0.856x, 3 rows 0.724x; on avx512bf16 (VNNI) 0.801x and 0.720x; avx512bf16's bf16 rows 8 rows
-// 0.869x, 4 rows 0.786x.
-inline int64_t several_rows_run(int64_t row_bytes) { return run_fetch() == kAhead ? run_rows(row_bytes, 1) : 1; }
+// Rows per run for tiles of M input rows whose weight rows are `row_bytes` long (over_tiles): one row's
+// always; several rows' where runs ask ahead (Intel: adjacent rows restart its L2 streamer at every row), else 1,
+// adjacent rows with the next tile's asked for (measured faster on Zen 4: kRunBytes). The Sapphire Rapids-class VM,
+// bloom-1b7's 96 block linears and head, two builds in one process in turns, runs against adjacent rows: the AVX2
+// builds' fp32 rows on bf16 weights 8 rows 0.856x the time, 4 and 2 rows 0.823x (_rows_avx2.h); int8 on avx2 (int16)
+// 8 rows 0.856x, 3 rows 0.724x; on avx512bf16 (VNNI) 0.801x and 0.720x; avx512bf16's bf16 rows 8 rows 0.869x, 4 rows
+// 0.786x.
+inline int64_t run_rows(int64_t row_bytes, int M) {
+  if (M > 1 && run_fetch() != kAhead) return 1;
+  return std::max<int64_t>(1, kRunBytes / std::max<int64_t>(1, row_bytes));  // (K = 0: empty rows)
+}
 
 // tile(kTiles) for a tile of adjacent rows, tile(run_fetch()) for one in a run (rs > 1), each an
 // std::integral_constant: the loops' prefetch hint is a compile-time choice (prefetch_weights)
@@ -550,7 +548,7 @@ void bf16_matmul(const uint16_t* X0, int64_t M, int64_t K, const typename Weight
       for (int64_t m = 0; m < rows; ++m) tile<1, 1, Weights>(X + m * K, K, W + n * K, s, Y + m * N + n, N);
     };
     const int64_t row_bytes = K * sizeof(typename Weights::T);
-#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, R == 1 ? run_rows(row_bytes, 1) : several_rows_run(row_bytes), [&](int64_t n, int64_t rs) { \
+#define SLOWLLM_TILES(R) over_tiles<Weights::rows_per_tile(R)>(N, run_rows(row_bytes, R), [&](int64_t n, int64_t rs) { \
       by_run(rs, [&](auto run) { \
         tile<R, Weights::rows_per_tile(R), Weights, decltype(run)::value>(X, K, W + n * K, S ? S + n : nullptr, Y + n, N, rs); }); }, one)
     SLOWLLM_DISPATCH(rows, SLOWLLM_TILES)

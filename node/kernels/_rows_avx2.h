@@ -168,7 +168,7 @@ void fp32_rows_matmul(const float* X0, int64_t M, int64_t K, const typename Weig
   // 119. In runs (two builds in one process in turns): 8 rows 0.856x the time, 4 and 2 rows 0.823x; runs
   // without the prefetch 1.01x, lines asked ahead into L2 0.866x, 1 KB ahead as 2, 4 KB 1.08x. Adjacent rows,
   // the next tile's asked for into L2, were measured faster on Zen 4 (run_rows) and stay elsewhere.
-  const int64_t run = several_rows_run(K * sizeof(typename Weights::T));
+  const int64_t run = run_rows(K * sizeof(typename Weights::T), M);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
     const float* X = rows + m0 * xs;
     float* Y = Y0 + m0 * N;
