@@ -426,6 +426,8 @@ def main() -> None:
                f"{x_floor:>7.2f}x {x_read:>6.2f}x {x_first:>5.2f}x")
         if n != first:
             summary[key + f"_over_{first}p"] = round(x_first, 2)
+        if runs[0].get("kernels"):  # (which build ran, and how its runs asked for weights: measured or forced)
+            summary[key + "_kernels"] = runs[0]["kernels"]
         summary[key + "_gbps"] = round(row_gbps, 1)
         summary[key + "_x_floor"] = round(x_floor, 2)
         summary[key + "_x_read"] = round(x_read, 2)

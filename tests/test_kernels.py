@@ -478,16 +478,24 @@ PREFETCH = textwrap.dedent("""
     many = [torch.cat([f(rows[:n]) for f in products], 1) for n in (8, 3)]  # (3: int8 tiles of several weight rows)
     alone = all(torch.equal(each[m:m + 1], torch.cat([f(rows[m:m + 1]) for f in products], 1))
                 for each in many for m in range(len(each)))
-    print(k.prefetch, k.read_bytes(torch.tensor([1, 2, 4, 8], dtype=torch.uint8), True), out.view(torch.int32).sum().item(),
+    print(k.prefetch(), k.read_bytes(torch.tensor([1, 2, 4, 8], dtype=torch.uint8), True), out.view(torch.int32).sum().item(),
           torch.cat(many).view(torch.int32).sum().item(), alone)
 """)
+
+
+def tuned(isa: str) -> dict:
+    """What this machine measured for build `isa` (its tuning.json in the kernel cache)."""
+    root = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
+    (path,) = root.glob(f"slowllm_kernels_{isa}-*/tuning.json")
+    return json.loads(path.read_text())
 
 
 def test_how_runs_ask_for_weights_changes_no_number():
     """One input row's tiles read weight rows in runs, and ask for each line ahead (Intel: its streamer stops
     at every 4 KB page) or for their own line, non-temporal (elsewhere, as measured on Zen 4); tiles of
     several rows take runs too where lines are asked ahead, else adjacent rows. SLOWLLM_PREFETCH
-    forces either, and a value it does not know says so and chooses by the CPU. A prefetch is only a hint:
+    forces either, beating what this machine measured (else chosen, tuning.json), and a value it does not
+    know says so and takes what was measured. A prefetch is only a hint:
     both give the same numbers bit for bit, and several rows each what it gets alone."""
     from slowllm.node.kernels._kernels import kernels
 
@@ -498,8 +506,10 @@ def test_how_runs_ask_for_weights_changes_no_number():
         if isa:
             build(isa)  # (built here once, not in each subprocess)
         seen = {}
-        for mode in ("ahead", "own", "sideways") if isa is None else ("ahead", "own"):
+        for mode in ("ahead", "own", "sideways", "") if isa is None else ("ahead", "own"):
             env = {**os.environ, "SLOWLLM_PREFETCH": mode, **({"SLOWLLM_ISA": isa} if isa else {})}
+            if not mode:
+                del env["SLOWLLM_PREFETCH"]
             out = subprocess.run([sys.executable, "-c", PREFETCH], capture_output=True, text=True, timeout=120,
                                  env=env, check=True)
             seen[mode] = out.stdout.split()
@@ -507,7 +517,7 @@ def test_how_runs_ask_for_weights_changes_no_number():
                 assert "SLOWLLM_PREFETCH=sideways is neither ahead nor own" in out.stderr
         assert seen["ahead"][0] == "ahead" and seen["own"][0] == "own"
         if isa is None:
-            assert seen["sideways"][0] == ("ahead" if "GenuineIntel" in Path("/proc/cpuinfo").read_text() else "own")
+            assert seen["sideways"][0] == seen[""][0] == tuned(kernels().isa)["prefetch"]
         assert seen["ahead"][1] == seen["own"][1] == "15"  # (read_bytes: the OR of every byte)
         assert len({s[2] for s in seen.values()}) == 1 and len({s[3] for s in seen.values()}) == 1, (isa, seen)
         assert all(s[4] == "True" for s in seen.values()), (isa, seen)
@@ -678,15 +688,98 @@ def test_without_native_bf16_many_rows_widen_the_weight_in_slices(monkeypatch):
 
 
 @runnable("avx512bf16")
-def test_the_per_machine_choices_are_measured_once_and_kept(tmp_path):
-    from slowllm.node.kernels._kernels import _calibrate
+def test_the_per_machine_choices_are_measured_once_and_kept(tmp_path, monkeypatch):
+    """Measured on the first start (an older file, or one measured on another CPU, counts as none), kept
+    beside the build, read back without measuring again; SLOWLLM_PREFETCH forced skips that measurement."""
+    from slowllm.node.kernels import _kernels
 
     k = build("avx512bf16")
     path = tmp_path / "tuning.json"
-    path.write_text(json.dumps({"single_row": [2, 0], "bf16_rows": 8}))  # an older file: no int8_rows
-    tuned = _calibrate(k, path)
-    assert tuned == {"int8_rows": tuned["int8_rows"]} and tuned["int8_rows"] in (8, 16, 32)
-    assert json.loads(path.read_text()) == tuned == _calibrate(k, path)  # kept, and read back as kept
+    path.write_text(json.dumps({"single_row": [2, 0], "bf16_rows": 8}))  # an older file: no cpu, no int8_rows
+    monkeypatch.delenv("SLOWLLM_PREFETCH", raising=False)
+    before = k.prefetch()
+    tuned = _kernels._calibrate(k, path)
+    assert set(tuned) == {"cpu", "int8_rows", "prefetch"} and tuned["int8_rows"] in (8, 16, 32)
+    assert tuned["prefetch"] in ("ahead", "own") and tuned["cpu"] == _kernels.cpu_name()
+    assert k.prefetch() == before  # (measured, not applied: kernels_for applies it)
+
+    def measured_again(_k):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(_kernels, "_faster_fetch", measured_again)
+    monkeypatch.setattr(_kernels, "_int8_rows", measured_again)
+    assert json.loads(path.read_text()) == tuned == _kernels._calibrate(k, path)  # kept, and read back as kept
+
+    path.write_text(json.dumps({**tuned, "cpu": "another CPU", "prefetch": "ahead"}))
+    monkeypatch.setattr(_kernels, "_faster_fetch", lambda _k: "own")
+    monkeypatch.setattr(_kernels, "_int8_rows", lambda _k: 16)
+    assert _kernels._calibrate(k, path) == {**tuned, "int8_rows": 16, "prefetch": "own"}  # measured on this one
+
+    path.unlink()
+    monkeypatch.setenv("SLOWLLM_PREFETCH", "ahead")
+    monkeypatch.setattr(_kernels, "_faster_fetch", measured_again)
+    assert _kernels._calibrate(k, path)["prefetch"] == k.prefetch()  # (what the module read from the variable)
+    assert "prefetch" not in json.loads(path.read_text())  # (measured on a start that leaves it open)
+
+
+def test_a_build_asks_for_weights_as_measured_on_its_machine(tmp_path, monkeypatch):
+    """kernels_for applies what tuning.json beside the build says (SLOWLLM_PREFETCH forced beats it: the
+    subprocess test below), and the start-up line says it."""
+    from slowllm.node.kernels import _kernels
+
+    k = _kernels.kernels()
+    if k is None:
+        pytest.skip("needs slowllm's kernels (a compiler, SLOWLLM_ISA not none)")
+    before = k.prefetch()
+    other = "own" if before == "ahead" else "ahead"
+    (tmp_path / "tuning.json").write_text(json.dumps({"cpu": _kernels.cpu_name(), "int8_rows": 16, "prefetch": other}))
+    monkeypatch.setattr(_kernels, "_builds", {})
+    monkeypatch.setattr(_kernels, "build_extension", lambda *args, **kwargs: (k, tmp_path))
+    monkeypatch.setitem(_kernels.MAX_ROWS, k.isa, dict(_kernels.MAX_ROWS[k.isa]))
+    monkeypatch.delenv("SLOWLLM_PREFETCH", raising=False)
+    try:
+        assert _kernels.kernels_for(k.isa) is k and k.prefetch() == other
+        assert ("2 KB ahead" in _kernels.describe()) == (other == "ahead")
+        if k.isa in ("amx", "avx512bf16"):
+            assert _kernels.MAX_ROWS[k.isa]["int8"] == _kernels.MAX_ROWS[k.isa]["int8_fp32"] == 16
+    finally:
+        k.set_prefetch(before)
+
+
+class Timed:
+    """A kernel module whose products take `slow` seconds when its runs ask for weights `slow_way`, else a
+    tenth of that: what _faster_fetch must see through."""
+
+    def __init__(self, isa: str, default: str, slow_way: str, slow: float = 0.004):
+        self.isa, self.mode, self.slow_way, self.slow, self.calls = isa, default, slow_way, slow, []
+
+    def prefetch(self):
+        return self.mode
+
+    def set_prefetch(self, mode):
+        self.mode = mode
+
+    def _product(self, x, w, *rest):
+        self.calls.append((self.mode, tuple(x.shape), x.dtype, w.dtype))
+        time.sleep(self.slow if self.mode == self.slow_way else self.slow / 10)
+
+    bf16_gemv = bf16_fp32_gemv = int8_gemv = _product
+
+
+def test_the_prefetch_is_measured_both_ways_and_the_faster_kept():
+    """Each machine measures both ways the kernels' runs may ask for weights, with the products decoding
+    uses (1 and 8 input rows, bf16 weights and int8 ones: bf16 rows, fp32 ones on the AVX2 builds), past
+    the cache, and keeps the faster, the vendor's way unless the other is clearly faster; the module is
+    left as it was found."""
+    from slowllm.node.kernels._kernels import _faster_fetch
+
+    for isa, default, slow_way, want in (("avx512bf16", "ahead", "ahead", "own"), ("avx2", "own", "own", "ahead"),
+                                         ("amx", "ahead", "own", "ahead")):
+        k = Timed(isa, default, slow_way)
+        assert _faster_fetch(k) == want and k.mode == default, (isa, default, slow_way)
+        rows = torch.float32 if isa == "avx2" else torch.bfloat16
+        assert {(shape[0], dtype, w) for _, shape, dtype, w in k.calls} == \
+            {(1, rows, torch.bfloat16), (8, rows, torch.bfloat16), (1, rows, torch.int8), (8, rows, torch.int8)}
+        assert {mode for mode, *_ in k.calls} == {"ahead", "own"}
 
 
 def test_a_build_the_compiler_cannot_make_falls_back_to_the_next_one(monkeypatch):

@@ -200,8 +200,11 @@ void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
 // 18.7 -> 18.5 -> 23.4-23.5 (T0) and 24.0-24.4 (T2); avx512bf16 int8 17.8 -> 22.7, bf16 rows 20.7 -> 25.1;
 // 512 B ahead 22.7 and 25.9, 8 KB 21.6 and 24.5; NTA at a distance 11-12 (bf16). Decoding one prompt on the
 // AVX2 path (PyTorch capped too), in turns: int8 119-125 -> 107-114 ms/token, bf16 weights 295-309 -> 147-153.
-// Zen 4 keeps the own line (measured there, above) until measured ahead: SLOWLLM_PREFETCH=ahead|own forces
-// either on any CPU (bench/decode.py --prefetch compares them).
+// Zen 4 never measured ahead, so neither way is the default anywhere: each machine measures both on its
+// first start (_kernels.py's _faster_fetch: 1 and 8 rows, bf16 and int8, 256-512 MB; on this VM ahead
+// took 0.81-0.86x own's time on the avx512bf16 and AVX2 builds, 0.95x on amx, whose bf16 tiles walk their
+// own way) and keeps the faster, the vendor's (below) unless the other is clearly faster. SLOWLLM_PREFETCH=
+// ahead|own forces either on any CPU (bench/decode.py --prefetch compares them).
 enum Fetch : int { kTiles = 0, kOwnLine = 1, kAhead = 2 };  // kTiles: adjacent rows' tiles (not in a run)
 constexpr int64_t kAheadBytes = 2048;
 
@@ -213,13 +216,14 @@ inline void prefetch_weights(const T* W, int r, int R, int64_t rs, int64_t K, in
   else _mm_prefetch(reinterpret_cast<const char*>(W + (r + R) * K + k), _MM_HINT_T2);
 }
 
-// How runs ask for their weights here: SLOWLLM_PREFETCH (ahead, own), else by the CPU's vendor (above).
+// How runs ask for their weights until the per-machine measurement (set_prefetch, from _kernels.py's
+// calibration) says: SLOWLLM_PREFETCH (ahead, own), else by the CPU's vendor (above).
 int choose_run_fetch() {
   if (const char* v = std::getenv("SLOWLLM_PREFETCH")) {
     const std::string mode(v);
     if (mode == "ahead") return kAhead;
     if (mode == "own") return kOwnLine;
-    std::fprintf(stderr, "slowllm: SLOWLLM_PREFETCH=%s is neither ahead nor own; choosing by the CPU\n", v);
+    std::fprintf(stderr, "slowllm: SLOWLLM_PREFETCH=%s is neither ahead nor own; choosing for this CPU\n", v);
   }
   unsigned a = 0, b = 0, c = 0, d = 0;
   char vendor[13] = {};
@@ -229,9 +233,19 @@ int choose_run_fetch() {
   return std::string(vendor) == "GenuineIntel" ? kAhead : kOwnLine;
 }
 
-int run_fetch() {
-  static const int mode = choose_run_fetch();
+// (an atomic: the calibration sets it once, before the module is handed out, while nothing else runs)
+std::atomic<int>& run_fetch_mode() {
+  static std::atomic<int> mode{choose_run_fetch()};
   return mode;
+}
+
+int run_fetch() { return run_fetch_mode().load(std::memory_order_relaxed); }
+
+std::string prefetch() { return run_fetch() == kAhead ? "ahead" : "own"; }
+
+void set_prefetch(const std::string& mode) {
+  TORCH_CHECK(mode == "ahead" || mode == "own", "prefetch is ahead or own, not ", mode);
+  run_fetch_mode().store(mode == "ahead" ? kAhead : kOwnLine, std::memory_order_relaxed);
 }
 
 // Rows per run for tiles of M input rows whose weight rows are `row_bytes` long (over_tiles): one row's
@@ -836,7 +850,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention_bmm with b in pieces, each piece's positions at the end of `length` (or its tail there, the "
         "rest `gap` before), zero padding elsewhere");
   m.def("calls", &calls, "how many times each entry point ran in this process");
-  m.attr("prefetch") = run_fetch() == kAhead ? "ahead" : "own";  // how runs ask for weights (SLOWLLM_PREFETCH)
+  m.def("prefetch", &prefetch, "how runs ask for their weights now: ahead (2 KB ahead) or own (their own line)");
+  m.def("set_prefetch", &set_prefetch, py::arg("mode"),
+        "ahead or own from now on (the per-machine measurement's choice); the same numbers either way");
   m.def("read_bytes", &read_bytes, nogil(), py::arg("x"), py::arg("ahead"),
         "every byte of x read as the kernels read weights (ahead: asked 2 KB ahead); their OR");
   m.def("kernel_threads", &kernel_threads,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ._build import BuildUnavailable, build_extension
+from ._build import BuildUnavailable, build_extension, build_lock
 
 log = logging.getLogger("slowllm")
 _lock = threading.Lock()
@@ -185,24 +185,72 @@ def kernels_for(isa: str):
         module, where = build_extension(f"slowllm_kernels_{isa}", [here / "_kernels.cpp"],
                                         ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root,  # OpenMP: at::parallel_for
                                         headers=sorted(here.glob("*.h")))  # (every header _kernels.cpp includes)
+        tuned = _calibrate(module, where / "tuning.json")
         if isa in ("amx", "avx512bf16"):
-            MAX_ROWS[isa]["int8"] = MAX_ROWS[isa]["int8_fp32"] = _calibrate(module, where / "tuning.json")["int8_rows"]
+            MAX_ROWS[isa]["int8"] = MAX_ROWS[isa]["int8_fp32"] = tuned["int8_rows"]
+        if os.environ.get("SLOWLLM_PREFETCH") not in ("ahead", "own"):  # (forced: the module read it)
+            module.set_prefetch(tuned["prefetch"])
         _builds[isa] = module
     return _builds[isa]
 
 
 def _calibrate(k, path: Path) -> dict:
-    """What depends on the CPU rather than the build, measured once per machine at hidden 2048 (~1 s) and
-    kept beside the build: "int8_rows", up to how many input rows (8, 16 or 32) the int8 kernel beats
-    converting the weights to bf16 for PyTorch's GEMM (Sapphire Rapids, 600M weights at 32 rows: 298 ms
-    vs 144 with AMX). (Only speed: both give every row its own numbers up to the kernel's limit.) fp32
-    rows follow it: their alternative, a fp32 GEMM, is slower still."""
+    """What depends on the CPU rather than the build, measured once per machine (~2 s) and kept beside
+    the build with the CPU's name (a cache shared by several machines measures again on each):
+    - "prefetch" (every build): how the kernels' runs ask for their weights, "ahead" or "own" (_faster_fetch);
+    - "int8_rows" (amx, avx512bf16): up to how many input rows (8, 16 or 32) the int8 kernel beats
+      converting the weights to bf16 for PyTorch's GEMM (Sapphire Rapids, 600M weights at 32 rows: 298 ms
+      vs 144 with AMX). fp32 rows follow it: their alternative, a fp32 GEMM, is slower still.
+    Only speed: every choice gives each row the same numbers. SLOWLLM_PREFETCH forced skips measuring it.
+    One process measures at a time (several starting at once would slow each other's turns)."""
+    tuned = _read_tuning(path)
+    if _missing(k, tuned):
+        try:
+            with build_lock(path.with_suffix(".lock"), 120):
+                tuned = _read_tuning(path)  # (measured meanwhile by the process we waited for)
+                if _missing(k, tuned):
+                    tuned = {**tuned, "cpu": cpu_name()}
+                    if "int8_rows" in _missing(k, tuned):
+                        tuned["int8_rows"] = _int8_rows(k)
+                    if "prefetch" in _missing(k, tuned):
+                        tuned["prefetch"] = _faster_fetch(k)
+                    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                    tmp.write_text(json.dumps(tuned))
+                    tmp.replace(path)  # (a reader never sees half a file)
+        except (BuildUnavailable, OSError) as e:  # (nothing measured or kept: the defaults below)
+            log.warning("slowllm: the kernels' per-machine choices were not measured (%s); using defaults", e)
+    return {"int8_rows": 8, **tuned, "prefetch": tuned.get("prefetch", k.prefetch())}
+
+
+def _read_tuning(path: Path) -> dict:
+    """tuning.json's choices if they were measured on this CPU, else {}."""
     try:
         tuned = json.loads(path.read_text())
-        if tuned["int8_rows"] in (8, 16, 32):
-            return tuned
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    except (OSError, ValueError):
+        return {}
+    return tuned if isinstance(tuned, dict) and tuned.get("cpu") == cpu_name() else {}
+
+
+def _missing(k, tuned: dict) -> list[str]:
+    """The choices this build needs that `tuned` lacks (the prefetch only where SLOWLLM_PREFETCH leaves it open)."""
+    missing = []
+    if k.isa in ("amx", "avx512bf16") and tuned.get("int8_rows") not in (8, 16, 32):
+        missing.append("int8_rows")
+    if tuned.get("prefetch") not in ("ahead", "own") and os.environ.get("SLOWLLM_PREFETCH") not in ("ahead", "own"):
+        missing.append("prefetch")
+    return missing
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), "" where there is none: what a calibration was measured on."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+
+
+def _int8_rows(k) -> int:
     q, scale = torch.ones(65536, 2048, dtype=torch.int8), torch.ones(65536)
     int8_rows = 8
     wide = torch.empty(q.shape, dtype=torch.bfloat16)  # as int8_matmul's dense path: into a reused buffer
@@ -212,12 +260,54 @@ def _calibrate(k, path: Path) -> dict:
         if _best_seconds(lambda: k.int8_bf16_gemv(xs, q, scale)) > dense:
             break
         int8_rows = rows
-    tuned = {"int8_rows": int8_rows}
+    return int8_rows
+
+
+def _faster_fetch(k, turns: int = 3) -> str:
+    """How runs should ask for their weights on this machine: "ahead" (2 KB ahead, into L1; tiles of
+    several input rows take runs too) or "own" (each line its own, non-temporal; several rows' tiles
+    adjacent rows). Intel's L2 streamer stops at every 4 KB page, and there ahead read 1.4-1.6x faster
+    with one row and took 0.72-0.87x the time with several; Zen 4 measured its own line faster than the
+    prefetchers alone but never measured ahead. So each machine measures: rows of 4 KB (bloom-1b7's bf16
+    rows at hidden 2048) past the last-level cache, 256-512 MB, through the products decoding uses (the
+    build's bf16 one, fp32 rows on the AVX2 builds; int8 on the same bytes), 1 input row and 8 (one
+    prompt; a swarm's merged step), both ways in turns, the best turn each; the vendor's way (ahead on
+    Intel, else own) unless the other takes under 0.97x its time. (AMX's tiles walk their own way: on
+    `amx` only the int8 row and the fp32 rows take runs.)"""
+    default = k.prefetch()
+    w = torch.full((min(512 << 20, max(256 << 20, 2 * _last_level_cache_bytes())) // 4096, 2048), 0.5,
+                   dtype=torch.bfloat16)
+    q, scale = w.view(torch.int8), torch.ones(len(w), dtype=torch.bfloat16)  # (the same bytes, as int8 rows)
+    dtype = torch.float32 if k.isa.startswith("avx2") else torch.bfloat16
+    bf16 = k.bf16_fp32_gemv if dtype == torch.float32 else k.bf16_gemv
+    steps = [lambda x=torch.ones(m, 2048, dtype=dtype): bf16(x, w) for m in (1, 8)]
+    steps += [lambda x=torch.ones(m, 4096, dtype=dtype): k.int8_gemv(x, q, scale) for m in (1, 8)]
+    best = {"ahead": float("inf"), "own": float("inf")}
     try:
-        path.write_text(json.dumps(tuned))
-    except OSError:
-        pass
-    return tuned
+        for turn in range(turns + 1):  # (turn 0 warms up: the outputs' pages, the code)
+            for mode in ("ahead", "own") if turn % 2 else ("own", "ahead"):
+                k.set_prefetch(mode)
+                took = sum(_seconds(step) for step in steps)
+                best[mode] = min(best[mode], took) if turn else best[mode]
+    finally:
+        k.set_prefetch(default)
+    other = "own" if default == "ahead" else "ahead"
+    choice = other if best[other] < 0.97 * best[default] else default
+    log.info("slowllm: the kernels ask for weights %s: %d MB at 1 and 8 rows, bf16 and int8, %.1f ms ahead, "
+             "%.1f ms own", choice, w.numel() * 2 >> 20, best["ahead"] * 1e3, best["own"] * 1e3)
+    return choice
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest cache the CPU reports (Linux sysfs, e.g. "32768K"), 0 where it reports none."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=0)
 
 
 def _best_seconds(fn, repeat: int = 3) -> float:
@@ -236,8 +326,8 @@ def describe() -> str:
     k = kernels()
     if k is None:
         return f"PyTorch's kernels ({_why_not})"
-    # (how one row's runs ask for weights: 2 KB ahead on Intel, else their own line; SLOWLLM_PREFETCH)
-    return f"slowllm's {k.isa} decode kernels" + (", weights asked 2 KB ahead" if k.prefetch == "ahead" else "")
+    # (how runs ask for weights: measured per machine, or SLOWLLM_PREFETCH)
+    return f"slowllm's {k.isa} decode kernels" + (", weights asked 2 KB ahead" if k.prefetch() == "ahead" else "")
 
 
 def kernel_rows(kind: str) -> int | None:
