@@ -237,15 +237,17 @@ def test_attention_products_in_pieces_are_each_sessions_alone_bit_for_bit(isa):
 def test_each_weight_row_gets_its_own_output_however_the_rows_are_handed_out(isa):
     """The kernels hand weight rows to threads in blocks whose tiles take rows a run apart (`over_tiles`:
     blocks of R x L rows, tile t reads rows t, t + L, ...; then tiles of adjacent rows, then single rows),
-    L following the row's bytes, N and the thread count. Whatever the split, every output is the one its
-    weight row gives alone (bit for bit: each row sums in one order), with 1, 2 and 3 threads, row
-    counts that leave every kind of remainder, and input rows in one tile or in several passes."""
+    L following the row's bytes, N and the thread count; AMX's tasks of two 16-row tiles alike
+    (`amx_tasks`, from 256 rows a thread). Whatever the split, every output is the one its weight row
+    gives alone (bit for bit: each row sums in one order), with 1, 2 and 3 threads, row counts that leave
+    every kind of remainder, and input rows in one tile or in several passes."""
     k = build(isa)
     g = torch.Generator().manual_seed(5)
     threads = torch.get_num_threads()
     try:
         # (8300: one row's input longer than `by_input`'s 16 KB, so tiles of the wider kind, fp32 and planes)
-        for n, width in ((5, 64), (47, 96), (131, 64), (250, 200), (97, 2048), (29, 8300)):
+        # (1000 x 96: AMX's tasks in runs, then adjacent ones, a shorter tile; its int8 tiles' K tail)
+        for n, width in ((5, 64), (47, 96), (131, 64), (250, 200), (97, 2048), (29, 8300), (1000, 96)):
             w = torch.randn(n, width, generator=g).bfloat16()
             q, scale = quantize_rows(torch.randn(n, width, generator=g))
             for rows in (1, 3, 6):  # (6: passes of input rows, each over tiles of weight rows)

@@ -13,10 +13,18 @@
 // steps as its limits allow and every one gets its numbers alone.
 constexpr int kTileRows = 16;  // weight rows (and input rows) per tile
 constexpr int kTileK = 32;  // bf16 inputs per tile row (64 bytes)
-constexpr int kAmxBlocks = 4;  // weight tiles (of 16 rows) per task: four accumulators in flight
-// No software prefetch here: a task's 64 weight rows are adjacent, and asking for each row's line 256 B -
-// 1 KB ahead as the AVX loops do on Intel (prefetch_weights) made it slower on the Sapphire Rapids-class VM
-// (bf16, the 96 block linears of a bloom-1b7 token at one row: 21-26 -> 14-17 GB/s; int8 18-20 -> 13-14).
+// Weight tiles (of 16 rows) per task, and how a task's rows lie (amx_tasks): two tiles, 32 rows, each a
+// run apart, so that each of a task's 32 streams goes on where the previous task's ended, as the AVX
+// loops' runs do (over_tiles). Four tiles of adjacent rows (64 streams, each one row long) read slower:
+// the Sapphire Rapids-class VM, bf16, the 96 block linears and head of a bloom-1b7 token, two builds in
+// one process in turns, outputs equal: two tiles in runs 0.906x the time at 1 input row (130.0 against
+// 143.6 ms, 8 turns), 0.94x at 8, 0.92x at 16; two tiles of adjacent rows 0.946x, one 0.97x, three in runs
+// as two, four in runs 0.976x.
+// No software prefetch: asking for each row's line 256 B - 1 KB ahead as the AVX loops do on Intel
+// (prefetch_weights) made it slower (adjacent rows, bf16 at one row: 21-26 -> 14-17 GB/s; int8 18-20 ->
+// 13-14), and in runs 2 KB ahead 1.55x the time (into L1 or L2 alike): a task's loads already fill
+// the line buffers, and 64 prefetches an iteration only queue behind them.
+constexpr int kAmxBlocks = 2;
 
 bool amx_permitted() {  // Linux hands out the 8 KB of tile state only on request, once per process
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
@@ -55,24 +63,48 @@ std::vector<uint16_t> pack_inputs(const uint16_t* X, int64_t M, int64_t K) {
 }
 
 // The sums of one tile (C [weight rows][16 input rows]) into Y [M, N], with the K tail (K % 32) and scales.
+// (the tile's weight rows are n0, n0 + rs, n0 + 2 rs, ...)
 void store_tile(const float* C, int weight_rows, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
-                const float* S, int64_t n0, int64_t m0, float* Y, int64_t N) {
+                const float* S, int64_t n0, int64_t rs, int64_t m0, float* Y, int64_t N) {
   const int64_t k_tail = K / kTileK * kTileK;
   for (int i = 0; i < weight_rows; ++i)
     for (int64_t m = m0; m < std::min(M, m0 + kTileRows); ++m) {
+      const int64_t n = n0 + i * rs;
       float total = C[i * kTileRows + (m - m0)];
-      for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * bf16_to_float(W[(n0 + i) * K + j]);
-      Y[m * N + n0 + i] = S ? total * S[n0 + i] : total;
+      for (int64_t j = k_tail; j < K; ++j) total += bf16_to_float(X[m * K + j]) * bf16_to_float(W[n * K + j]);
+      Y[m * N + n] = S ? total * S[n] : total;
     }
 }
 
-// B weight tiles (16 rows each, from row n0; one of `weight_rows` where B is 1) against every block of 16
-// input rows; tile registers are immediates, hence the unrolled cases.
+// Tasks over the whole tiles of rows [0, N) (N a multiple of 16): task(B, n0, rs) for B tiles (kAmxBlocks,
+// or 1 for the tiles left over) of rows n0, n0 + rs, n0 + 2 rs, ... In blocks of L tasks of rows L apart,
+// taken by one thread in turn, each of their streams going on where the previous task's ended (L at most
+// `run_rows`', and at least 4 blocks per thread), then tasks of adjacent rows. Only where each weight row
+// lies changes: each sums alone, in the same order.
+template <typename Task>
+void amx_tasks(int64_t N, int64_t row_bytes, const Task& task) {
+  constexpr int64_t per_task = kAmxBlocks * kTileRows;
+  const int64_t L = std::max<int64_t>(1, std::min(run_rows(row_bytes, 1), N / (per_task * 4 * at::get_num_threads())));
+  const int64_t block = per_task * L, blocks = L > 1 ? N / block : 0, done = blocks * block;
+  const int64_t tasks = (N - done) / per_task, singles = (N - done) / kTileRows - tasks * kAmxBlocks;
+  parallel_slices(blocks + tasks + singles, 1, [&](int64_t g) {
+    configure_tiles();
+    if (g < blocks)
+      for (int64_t t = 0; t < L; ++t) task(std::integral_constant<int, kAmxBlocks>{}, g * block + t, L);
+    else if (g < blocks + tasks) task(std::integral_constant<int, kAmxBlocks>{}, done + (g - blocks) * per_task, 1);
+    else task(std::integral_constant<int, 1>{}, done + tasks * per_task + (g - blocks - tasks) * kTileRows, 1);
+    _tile_release();
+  });
+}
+
+// B weight tiles (16 rows each, rs apart, from row n0; one of `weight_rows` where B is 1) against every
+// block of 16 input rows; tile registers are immediates, hence the unrolled cases.
 template <int B>
 void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, const uint16_t* W,
-              const float* S, int64_t n0, float* Y, int64_t N, int weight_rows = kTileRows) {
-  const int64_t tiles = K / kTileK, stride = K * 2;
-  alignas(64) float C[kAmxBlocks][kTileRows * kTileRows];
+              const float* S, int64_t n0, int64_t rs, float* Y, int64_t N, int weight_rows = kTileRows) {
+  static_assert(B <= 4, "tmm0-3 hold the sums");
+  const int64_t tiles = K / kTileK, stride = K * 2 * rs, next = kTileRows * rs * K;  // (next: tile b to b + 1)
+  alignas(64) float C[B][kTileRows * kTileRows];
   const uint16_t* w = W + n0 * K;
   asm volatile("" ::: "memory");  // (the packed inputs are written before the tile loads read them)
   for (int64_t mb = 0; mb * kTileRows < M; ++mb) {
@@ -86,38 +118,37 @@ void amx_rows(const uint16_t* packed, const uint16_t* X, int64_t M, int64_t K, c
       _tile_loadd(4, in + t * kTileRows * kTileK, 64);
       _tile_loadd(5, w + k, stride);
       _tile_dpbf16ps(0, 5, 4);
-      if constexpr (B > 1) { _tile_loadd(6, w + kTileRows * K + k, stride); _tile_dpbf16ps(1, 6, 4); }
-      if constexpr (B > 2) { _tile_loadd(7, w + 2 * kTileRows * K + k, stride); _tile_dpbf16ps(2, 7, 4); }
-      if constexpr (B > 3) { _tile_loadd(5, w + 3 * kTileRows * K + k, stride); _tile_dpbf16ps(3, 5, 4); }
+      if constexpr (B > 1) { _tile_loadd(6, w + next + k, stride); _tile_dpbf16ps(1, 6, 4); }
+      if constexpr (B > 2) { _tile_loadd(7, w + 2 * next + k, stride); _tile_dpbf16ps(2, 7, 4); }
+      if constexpr (B > 3) { _tile_loadd(5, w + 3 * next + k, stride); _tile_dpbf16ps(3, 5, 4); }
     }
     _tile_stored(0, C[0], 64);
     if constexpr (B > 1) _tile_stored(1, C[1], 64);
     if constexpr (B > 2) _tile_stored(2, C[2], 64);
     if constexpr (B > 3) _tile_stored(3, C[3], 64);
     asm volatile("" ::: "memory");  // (the sums are stored before these reads)
-    for (int b = 0; b < B; ++b) store_tile(C[b], weight_rows, X, M, K, W, S, n0 + b * kTileRows, mb * kTileRows, Y, N);
+    for (int b = 0; b < B; ++b)
+      store_tile(C[b], weight_rows, X, M, K, W, S, n0 + b * kTileRows * rs, rs, mb * kTileRows, Y, N);
   }
 }
 
-// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs and weights, fp32 out: 64 weight rows per
-// task, the last whole tiles of 16 after them, then one shorter tile of the rows beyond. Every weight row
-// sums in one tile product's order, whatever M is and however the rows are handed out (a vocabulary in
-// chunks, one row alone). False where the OS refuses the tile state (the caller uses the AVX512 kernels).
+// Y [M, N] = X [M, K] @ W [N, K].T (times S[n]), bf16 inputs and weights, fp32 out: the whole tiles of
+// 16 weight rows (amx_tasks), then one shorter tile of the rows beyond. Every weight row sums in one tile
+// product's order, whatever M is and however the rows are handed out (a vocabulary in chunks, one row
+// alone). False where the OS refuses the tile state (the caller uses the AVX512 kernels).
 bool amx_matmul(const uint16_t* X, int64_t M, int64_t K, const uint16_t* W, const float* S, float* Y,
                 int64_t N) {
   if (K < kTileK || !amx_permitted()) return false;
   const std::vector<uint16_t> packed = pack_inputs(X, M, K);
-  const int64_t per_task = kAmxBlocks * kTileRows, tasks = N / per_task, whole = N / kTileRows;
-  const int64_t singles = whole - tasks * kAmxBlocks;  // whole tiles after the last full task
-  const int rest = static_cast<int>(N - whole * kTileRows);
-  parallel_slices(tasks + singles + (rest > 0), 1, [&](int64_t task) {
-    const int64_t n0 = task < tasks ? task * per_task : (tasks * kAmxBlocks + task - tasks) * kTileRows;
-    const int rows = task < tasks + singles ? kTileRows : rest;
-    configure_tiles(rows);
-    if (task < tasks) amx_rows<kAmxBlocks>(packed.data(), X, M, K, W, S, n0, Y, N);
-    else amx_rows<1>(packed.data(), X, M, K, W, S, n0, Y, N, rows);
-    _tile_release();
+  const int64_t whole = N / kTileRows * kTileRows;
+  amx_tasks(whole, K * 2, [&](auto B, int64_t n0, int64_t rs) {
+    amx_rows<decltype(B)::value>(packed.data(), X, M, K, W, S, n0, rs, Y, N);
   });
+  if (whole < N) {  // (on this thread: fewer than 16 rows)
+    configure_tiles(static_cast<int>(N - whole));
+    amx_rows<1>(packed.data(), X, M, K, W, S, whole, 1, Y, N, static_cast<int>(N - whole));
+    _tile_release();
+  }
   return true;
 }
 #endif

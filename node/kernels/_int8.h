@@ -350,11 +350,12 @@ std::vector<uint8_t> pack_columns(const IntRows<P>& in) {
   return out;
 }
 
-// B weight tiles (16 rows each, from row n0) against every group of columns, then the outputs.
+// B weight tiles (16 rows each, rs apart, from row n0) against every group of columns, then the outputs.
 template <int B, int P>
-void amx_int_rows(const uint8_t* packed, const IntRows<P>& in, const int8_t* W, const float* S, int64_t n0, float* Y,
-                  int64_t N) {
-  const int64_t K = in.K, tiles = K / 64, groups = int_groups<P>(in.M);
+void amx_int_rows(const uint8_t* packed, const IntRows<P>& in, const int8_t* W, const float* S, int64_t n0,
+                  int64_t rs, float* Y, int64_t N) {
+  static_assert(B <= 4, "tmm0-3 hold the sums");
+  const int64_t K = in.K, tiles = K / 64, groups = int_groups<P>(in.M), stride = K * rs, next = 16 * rs * K;
   thread_local std::vector<int32_t> sums;  // [B][groups][16 rows][16 columns]
   sums.resize(B * groups * 256);
   const int8_t* w = W + n0 * K;
@@ -367,11 +368,11 @@ void amx_int_rows(const uint8_t* packed, const IntRows<P>& in, const int8_t* W, 
     const uint8_t* cols = packed + g * tiles * 1024;
     for (int64_t t = 0; t < tiles; ++t) {
       _tile_loadd(4, cols + t * 1024, 64);
-      _tile_loadd(5, w + t * 64, K);
+      _tile_loadd(5, w + t * 64, stride);
       _tile_dpbsud(0, 5, 4);
-      if constexpr (B > 1) { _tile_loadd(6, w + 16 * K + t * 64, K); _tile_dpbsud(1, 6, 4); }
-      if constexpr (B > 2) { _tile_loadd(7, w + 32 * K + t * 64, K); _tile_dpbsud(2, 7, 4); }
-      if constexpr (B > 3) { _tile_loadd(5, w + 48 * K + t * 64, K); _tile_dpbsud(3, 5, 4); }
+      if constexpr (B > 1) { _tile_loadd(6, w + next + t * 64, stride); _tile_dpbsud(1, 6, 4); }
+      if constexpr (B > 2) { _tile_loadd(7, w + 2 * next + t * 64, stride); _tile_dpbsud(2, 7, 4); }
+      if constexpr (B > 3) { _tile_loadd(5, w + 3 * next + t * 64, stride); _tile_dpbsud(3, 5, 4); }
     }
     _tile_stored(0, sums.data() + (0 * groups + g) * 256, 64);
     if constexpr (B > 1) _tile_stored(1, sums.data() + (1 * groups + g) * 256, 64);
@@ -382,7 +383,7 @@ void amx_int_rows(const uint8_t* packed, const IntRows<P>& in, const int8_t* W, 
   const bool tail = tiles * 64 < K;
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < 16; ++i) {
-      const int64_t n = n0 + 16 * b + i;
+      const int64_t n = n0 + (16 * b + i) * rs;
       const int32_t* row = sums.data() + (b * groups * 16 + i) * 16;  // column j at row[(j / 16) * 256 + j % 16]
       auto column = [&](int64_t j) -> int64_t { return row[(j >> 4) * 256 + (j & 15)]; };
       const int64_t Q = row[0];
@@ -394,20 +395,16 @@ void amx_int_rows(const uint8_t* packed, const IntRows<P>& in, const int8_t* W, 
     }
 }
 
-// Y [M, N] = IntRows @ W [N, K].T (times S[n]) on AMX tiles: 64 weight rows per task, the last whole tiles
-// of 16 after them, the rows beyond the last whole tile through VNNI (exact integers: the same numbers).
-// False where the OS refuses the tile state or K has no whole tile (the caller uses VNNI).
+// Y [M, N] = IntRows @ W [N, K].T (times S[n]) on AMX tiles: the whole tiles of 16 weight rows (amx_tasks),
+// the rows beyond the last whole tile through VNNI (exact integers: the same numbers). False where the OS
+// refuses the tile state or K has no whole tile (the caller uses VNNI).
 template <int P>
 bool amx_int_matmul(const IntRows<P>& in, const int8_t* W, const float* S, float* Y, int64_t N) {
   if (in.K < 64 || !amx_permitted()) return false;
   const std::vector<uint8_t> packed = pack_columns(in);
-  const int64_t per_task = kAmxBlocks * kTileRows, tasks = N / per_task, whole = N / kTileRows;
-  const int64_t singles = whole - tasks * kAmxBlocks;
-  parallel_slices(tasks + singles, 1, [&](int64_t task) {
-    configure_tiles();
-    if (task < tasks) amx_int_rows<kAmxBlocks>(packed.data(), in, W, S, task * per_task, Y, N);
-    else amx_int_rows<1>(packed.data(), in, W, S, (tasks * kAmxBlocks + task - tasks) * kTileRows, Y, N);
-    _tile_release();
+  const int64_t whole = N / kTileRows;
+  amx_tasks(whole * kTileRows, in.K, [&](auto B, int64_t n0, int64_t rs) {
+    amx_int_rows<decltype(B)::value>(packed.data(), in, W, S, n0, rs, Y, N);
   });
   for (int64_t n = whole * kTileRows; n < N; ++n)
     for (int64_t m = 0; m < in.M; ++m) vnni_tile<1, 1, P>(in, m, W + n * in.K, S ? S + n : nullptr, Y + m * N + n, N);

@@ -134,7 +134,8 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // the head alike. Only with one input row: with several the dot products are the limit, and adjacent
 // rows, the next tile's prefetched, measured faster (8 bf16 rows 8%, 8 int8 rows on avx2 6%; Zen 4, with
 // the row after asked for in runs). On Intel, lines asked 2 KB ahead, tiles of several rows take runs too
-// (run_rows, below: 0.72-0.87x the time), except AMX's and the AVX-512 builds' fp32 ones (fp32_tile).
+// (run_rows, below: 0.72-0.87x the time), except the AVX-512 builds' fp32 ones (fp32_tile); AMX's tasks
+// take runs on their own terms (amx_tasks, _amx.h).
 // Runs of 256 KB: those figures came from this VM's slow-memory turns (~35 GB/s), where any run length
 // reads at the memory's speed; in its fast turns (~60 GB/s) the streams' restarts cost (a standalone
 // copy of the avx2 one-row loop, 600 MB: 32 KB runs 48, 64 KB 50, 128 KB 52, 256 KB 52 GB/s, against a
