@@ -272,8 +272,8 @@ def _faster_fetch(k, turns: int = 3) -> str:
     rows at hidden 2048) past the last-level cache, 256-512 MB, through the products decoding uses (the
     build's bf16 one, fp32 rows on the AVX2 builds; int8 on the same bytes), 1 input row and 8 (one
     prompt; a swarm's merged step), both ways in turns, the best turn each; the vendor's way (ahead on
-    Intel, else own) unless the other takes under 0.97x its time. (AMX's tiles walk their own way: on
-    `amx` only the int8 row and the fp32 rows take runs.)"""
+    Intel, else own) unless the other takes under 0.97x its time. (AMX's tiles walk their own way
+    whichever is chosen: on `amx` it reaches int8's one row and fp32 rows.)"""
     default = k.prefetch()
     w = torch.full((min(512 << 20, max(256 << 20, 2 * _last_level_cache_bytes())) // 4096, 2048), 0.5,
                    dtype=torch.bfloat16)
