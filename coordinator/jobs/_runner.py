@@ -11,6 +11,7 @@ import torch
 from slowllm.coordinator.chains._chain import Chain
 from slowllm.node import Checkpoint, default_max_ram, parse_size
 from slowllm.node.engine._memory import default_dtype
+from slowllm.node.kernels import kernels
 from slowllm.protocol import InputError
 
 from ._detokenize import Detokenizer
@@ -136,6 +137,8 @@ class LocalRunner(Runner):
         from slowllm.coordinator.chains._local import LocalChain, ResidentChain, plan_memory
 
         checkpoint = Checkpoint(model)
+        if device == "cpu":  # built and measured (~1-2 s, 0.3-0.9 GB for a moment) before the memory plan
+            kernels()  # reads this process's size, not inside the first pass, when blocks fill the budget
         if dtype is None:  # bf16 and int8 checkpoints run in bf16 where it is fast; fp32 ones stay exact
             dtype = default_dtype(checkpoint.storage_dtype(), device, checkpoint.int8)[0] if device == "cpu" else "float32"
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
