@@ -487,8 +487,9 @@ PREFETCH = textwrap.dedent("""
 
 def tuned(isa: str) -> dict:
     """What this machine measured for build `isa` (its tuning.json in the kernel cache)."""
-    root = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
-    (path,) = root.glob(f"slowllm_kernels_{isa}-*/tuning.json")
+    from slowllm.node.kernels._kernels import kernel_root
+
+    (path,) = kernel_root().glob(f"slowllm_kernels_{isa}-*/tuning.json")
     return json.loads(path.read_text())
 
 

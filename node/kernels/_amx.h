@@ -84,7 +84,7 @@ void store_tile(const float* C, int weight_rows, const uint16_t* X, int64_t M, i
 template <typename Task>
 void amx_tasks(int64_t N, int64_t row_bytes, const Task& task) {
   constexpr int64_t per_task = kAmxBlocks * kTileRows;
-  const int64_t L = std::max<int64_t>(1, std::min(run_rows(row_bytes, 1), N / (per_task * 4 * at::get_num_threads())));
+  const int64_t L = run_length(N, per_task, run_rows(row_bytes, 1));
   const int64_t block = per_task * L, blocks = L > 1 ? N / block : 0, done = blocks * block;
   const int64_t tasks = (N - done) / per_task, singles = (N - done) / kTileRows - tasks * kAmxBlocks;
   parallel_slices(blocks + tasks + singles, 1, [&](int64_t g) {

@@ -153,9 +153,14 @@ constexpr int64_t kRunBytes = 262144;
 // t + L, t + 2L, ..., so each of its R streams goes on where the previous tile's ended, L rows (at most
 // `run`, run_rows') in one run. A thread takes a block at a time (at least 4 per thread, so that a thread
 // whose core is busy holds up no one), or kSlice rows of blocks where blocks are smaller.
+// Rows per run for N weight rows taken `per_tile` at a time: at most `run`, and at least 4 blocks a thread
+inline int64_t run_length(int64_t N, int64_t per_tile, int64_t run) {
+  return std::max<int64_t>(1, std::min(run, N / (per_tile * 4 * at::get_num_threads())));
+}
+
 template <int R, typename Tile, typename One>
 void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
-  const int64_t L = std::max<int64_t>(1, std::min(run, N / (R * 4 * at::get_num_threads())));
+  const int64_t L = run_length(N, R, run);
   const int64_t block = R * L, blocks = N / block, rest = N - blocks * block;
   parallel_slices(blocks + (rest + R - 1) / R, std::max<int64_t>(1, kSlice / block), [&](int64_t g) {  // (kSlice rows a slice)
     if (g < blocks) {

@@ -82,15 +82,25 @@ INT8_MAX_INPUTS = 65536  # the VNNI builds' int32 sums hold K products of 255 x 
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty elsewhere. Read once
-    (a node asks before every pass)."""
+def _cpuinfo_field(*names: str) -> str:
+    """The first /proc/cpuinfo line's value whose key starts with one of `names`; "" elsewhere. Read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    return frozenset(line.split(":", 1)[-1].split())
+        return ""
+    return next((line.split(":", 1)[-1].strip() for line in text.splitlines() if line.startswith(names)), "")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty elsewhere. Read once
+    (a node asks before every pass)."""
+    return frozenset(_cpuinfo_field("flags", "Features").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), "" where there is none: what a calibration was measured on."""
+    return _cpuinfo_field("model name")
 
 
 def native_bf16() -> bool:
@@ -180,18 +190,27 @@ def kernels_for(isa: str):
     """The `isa` build, built first if needed (BuildUnavailable if it cannot be): what `kernels()` returns
     for the chosen ISA, and how tests reach every build this CPU runs."""
     if isa not in _builds:
-        root = Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
         here = Path(__file__).parent
         module, where = build_extension(f"slowllm_kernels_{isa}", [here / "_kernels.cpp"],
-                                        ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], root,  # OpenMP: at::parallel_for
+                                        ["-O3", *ISA_CFLAGS[isa], "-fopenmp"], ["-fopenmp"], kernel_root(),  # OpenMP: at::parallel_for
                                         headers=sorted(here.glob("*.h")))  # (every header _kernels.cpp includes)
         tuned = _calibrate(module, where / "tuning.json")
         if isa in ("amx", "avx512bf16"):
             MAX_ROWS[isa]["int8"] = MAX_ROWS[isa]["int8_fp32"] = tuned["int8_rows"]
-        if os.environ.get("SLOWLLM_PREFETCH") not in ("ahead", "own"):  # (forced: the module read it)
+        if not _prefetch_forced():  # (forced: the module read it)
             module.set_prefetch(tuned["prefetch"])
         _builds[isa] = module
     return _builds[isa]
+
+
+def kernel_root() -> Path:
+    """Where the builds live, each with what its machine measured (tuning.json): SLOWLLM_CACHE/kernels."""
+    return Path(os.environ.get("SLOWLLM_CACHE", Path.home() / ".cache" / "slowllm")) / "kernels"
+
+
+def _prefetch_forced() -> bool:
+    """Whether SLOWLLM_PREFETCH names a way (the module then reads it itself, and nothing is measured)."""
+    return os.environ.get("SLOWLLM_PREFETCH") in ("ahead", "own")
 
 
 def _calibrate(k, path: Path) -> dict:
@@ -236,18 +255,9 @@ def _missing(k, tuned: dict) -> list[str]:
     missing = []
     if k.isa in ("amx", "avx512bf16") and tuned.get("int8_rows") not in (8, 16, 32):
         missing.append("int8_rows")
-    if tuned.get("prefetch") not in ("ahead", "own") and os.environ.get("SLOWLLM_PREFETCH") not in ("ahead", "own"):
+    if tuned.get("prefetch") not in ("ahead", "own") and not _prefetch_forced():
         missing.append("prefetch")
     return missing
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), "" where there is none: what a calibration was measured on."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
 
 
 def _int8_rows(k) -> int:
