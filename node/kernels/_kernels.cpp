@@ -55,8 +55,8 @@
 #if defined(SLOWLLM_AVX512BF16) || defined(SLOWLLM_AVXVNNI)
 #define SLOWLLM_INT8_DOTS  // int8 weights as integer byte dot products (_int8.h)
 #endif
-#if !defined(SLOWLLM_INT8_DOTS) || (defined(SLOWLLM_AVX512BF16) && !defined(SLOWLLM_AMX))
-#define SLOWLLM_INT16_DOTS  // int8 weights as int16 multiply-adds (_int8.h): AVX2, and AVX-512 beyond one row
+#if !defined(SLOWLLM_AMX)
+#define SLOWLLM_INT16_DOTS  // int8 weights as int16 multiply-adds (_int8.h): avx2, and beyond one row (AMX tiles aside)
 #endif
 
 namespace {
