@@ -69,7 +69,8 @@ ISA_CFLAGS = {
 # products (_int8.h), fp32 rows as well as bf16 ones: bloom-1b7's 24 blocks of linears, bf16 rows, amx 48 /
 # 71 / 99 ms at 1 / 8 / 16 rows (converting to bf16 before: 109 / 113 / 116), avx512bf16 58 / 130 (91 /
 # 151), avx2vnni 62 / 165 / 301; avx2's int16 multiply-adds 55 / 115 / 223 (its fp32 FMAs before: 80 / ~180
-# / ~390), avx2vnni 53 / 133 / 256 the same day, both with the next tile's rows prefetched; "int8" is
+# / ~390), avx2vnni 53 / 133 / 256 the same day, both with the next tile's rows prefetched (avx2vnni's
+# several rows since take VNNI's int16 dot products: 8 rows 0.63x the time, 16 rows 0.55x); "int8" is
 # calibrated per machine on the avx512 builds, "int8_fp32" follows it. "bf16_fp32" (fp32 rows, bf16
 # weights: a float32 block that keeps a bf16 checkpoint's weights) is the fp32 FMA loops on every build.
 MAX_ROWS = {
