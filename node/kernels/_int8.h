@@ -26,8 +26,9 @@
 // 2,048 inputs, before they could overflow). Three instructions per 16 weights where converting them to
 // fp32 for FMAs took seven: the weights stream at the memory's speed, and every build gives the same exact
 // sums, so a row's numbers are the same on every x86 build. The VNNI builds but AMX take this path too
-// from 2 input rows on, with VNNI's in-place int16 dot product (vpdpwssd): fewer instructions per weight
-// and row than the byte planes (int8_matmul).
+// from 2 input rows on the 16-bit grid, with VNNI's in-place int16 dot product (vpdpwssd): fewer
+// instructions per weight and row than the byte planes; on the 24-bit grid they split each s into its
+// high 16 bits (vpdpwssd) and its low byte (vpdpbusd against the weight bytes as stored: SplitRows).
 #pragma once
 #if defined(SLOWLLM_INT8_DOTS) || defined(SLOWLLM_INT16_DOTS)
 constexpr int64_t kIntMaxK = 65536;  // |sum over K of 255 x 128| < 2^31: an int32 sum cannot overflow
@@ -605,21 +606,145 @@ struct MaddKernel {
 
 #endif
 
+#if defined(SLOWLLM_INT8_DOTS) && defined(SLOWLLM_INT16_DOTS)
+// fp32 rows on the 24-bit grid (P = 3), several at a time, on the VNNI builds but AMX: s = 256 h + l with
+// h = s >> 8 (signed, 16 bits) and l = s & 255. h meets the weights widened to int16 in vpdpwssd, l the
+// weight bytes as they are in vpdpbusd (unsigned x signed: no offset to take out, no sign flip). Per 2L
+// weights (L: the int16 lanes of a vector) and input row: two int16 dot products and one byte dot
+// product, where two int16 planes took four and three byte planes three plus the high plane's flips. A
+// row's block holds its 2L high parts, then its 2L low bytes; blocks as BlockedPlanes' ([K / 2L][M]).
+struct SplitRows {
+  static constexpr int64_t L = Shorts::kLanes, B = 2 * L;  // inputs per block
+  static constexpr int64_t kRowBytes = 3 * B;  // a row's block: B int16 high parts, then B low bytes
+  int64_t M, K;
+  BlockedPlanes<uint8_t, 1, kRowBytes> bytes;  // (its "K" counts bytes: blocks x kRowBytes)
+  std::vector<double> step;
+  SplitRows(int64_t M, int64_t K) : M(M), K(K), bytes(M, (K + B - 1) / B * kRowBytes), step(M) {}
+  const uint8_t* block(int64_t m, int64_t k) const { return bytes.plane(m, 0, k / B * kRowBytes); }
+  uint8_t* block(int64_t m, int64_t k) { return bytes.plane(m, 0, k / B * kRowBytes); }
+  int64_t block_stride() const { return M * kRowBytes; }
+  int64_t value(int64_t m, int64_t k) const {  // s
+    const uint8_t* b = block(m, k);
+    return static_cast<int64_t>(reinterpret_cast<const int16_t*>(b)[k % B]) * 256 + b[2 * B + k % B];
+  }
+};
+
+// X [M, K] (bf16 as uint16_t, or fp32) -> SplitRows: s = round(x / step) on the 24-bit grid, as
+// short_rows<3> and int_rows<3> make it (the same integers)
+template <typename In>
+SplitRows split_rows(const In* X, int64_t M, int64_t K) {
+  constexpr int32_t most = (1 << 23) - 1;
+  constexpr int64_t B = SplitRows::B;
+  SplitRows out(M, K);  // (zeros: s = 0 for a row of zeros)
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+  const int64_t body = K / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const In* x = X + m * K;
+    const RowGrid grid = row_grid<3>(x, K);
+    out.step[m] = grid.step;
+    if (grid.zeros) continue;
+    const __m256 inverse = _mm256_set1_ps(grid.inverse);
+    for (int64_t k = 0; k < body; k += 8) {  // (8 divides a block)
+      const __m256i v = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)),
+                                         _mm256_set1_epi32(most));
+      uint8_t* b = out.block(m, k);
+      const __m256i h = _mm256_srai_epi32(v, 8), l = _mm256_and_si256(v, _mm256_set1_epi32(255));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(reinterpret_cast<int16_t*>(b) + k % B),
+                       _mm_packs_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(b + 2 * B + k % B),
+                       _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(l, pick), halves)));
+    }
+    for (int64_t k = body; k < K; ++k) {
+      const int32_t v = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most);
+      uint8_t* b = out.block(m, k);
+      reinterpret_cast<int16_t*>(b)[k % B] = static_cast<int16_t>(v >> 8);
+      b[2 * B + k % B] = static_cast<uint8_t>(v & 255);
+    }
+  }
+  return out;
+}
+
+// The high parts' chains gain at most 2 x 2 x 128 x 32768 = 2^24 a step (two int16 dot products), the low
+// bytes' 4 x 255 x 128 < 2^17: moved into int64 every 64 steps, every lane stays below 2^30 and a vector's
+// low lanes summed in int32 (ByteDots::sum) below 2^31.
+constexpr int64_t kSplitFlushSteps = 64;
+
+// R weight rows against M input rows (m0 on): R x M chains of each kind; each weight row's vectors (two
+// widened, one as bytes) in turn, its input vectors loaded for it.
+template <int M, int R, int kFetch = kTiles>
+void split_tile(const SplitRows& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
+                int64_t rs = 1) {
+  using H = Shorts;
+  using D = ByteDots;
+  constexpr int64_t L = SplitRows::L, B = SplitRows::B, row_bytes = SplitRows::kRowBytes;
+  const int64_t K = in.K, body = K / B * B, next = in.block_stride();
+  H::V high[R][M];
+  D::V low[R][M];
+  int64_t total[R][M] = {};
+  const uint8_t* blocks = in.block(m0, 0);  // row m0 + m's block at blocks + m * row_bytes
+  for (int64_t k = 0; k < body;) {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) high[r][m] = H::zero(), low[r][m] = D::zero();
+    for (const int64_t end = std::min(body, k + B * kSplitFlushSteps); k < end; k += B, blocks += next) {
+      for (int r = 0; r < R; ++r) {
+        if ((k & 63) == 0) prefetch_weights<kFetch>(W, r, R, rs, K, k);
+        const int8_t* w = W + r * rs * K + k;
+        const H::V w0 = H::widen(w), w1 = H::widen(w + L);
+        const D::V wb = D::load(w);
+        for (int m = 0; m < M; ++m) {
+          const uint8_t* b = blocks + m * row_bytes;
+          high[r][m] = H::madd(high[r][m], w0, H::load(reinterpret_cast<const int16_t*>(b)));
+          high[r][m] = H::madd(high[r][m], w1, H::load(reinterpret_cast<const int16_t*>(b) + L));
+          low[r][m] = D::dot(low[r][m], D::load(b + 2 * B), wb);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) total[r][m] += H::sum(high[r][m]) * 256 + D::sum(low[r][m]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      int64_t sum = total[r][m];
+      for (int64_t k = body; k < K; ++k) sum += static_cast<int64_t>(W[r * rs * K + k]) * in.value(m0 + m, k);
+      Y[m * stride + r * rs] = int_output(sum, in.step[m0 + m], S ? S + r * rs : nullptr);
+    }
+}
+
+// R x M x 2 chains and a weight row's three vectors within the registers: 8 chains on AVX2 (passes of 4
+// input rows, one weight row a tile), 16 on AVX-512
+struct SplitKernel {
+  static constexpr int kChains = Shorts::kRegisters == 32 ? 16 : 8;
+  static constexpr int64_t kPassRows = kChains / 2;
+  static constexpr int64_t kPlaneBytes = 3;  // an input's bytes in the blocks
+  static constexpr int rows_per_tile(int M) { return std::max(1, std::min(4, kChains / (2 * M))); }
+  template <int M, int R, int kFetch = kTiles>
+  static void tile(const SplitRows& in, int64_t m0, const int8_t* W, const float* S, float* Y, int64_t stride,
+                   int64_t rs = 1) {
+    split_tile<M, R, kFetch>(in, m0, W, S, Y, stride, rs);
+  }
+};
+#endif
+
 // Y [M, N] (fp32) = X [M, K] (bf16 or fp32) @ (q [N, K] * S [N]).T, the inputs on a grid of P bytes. The
-// VNNI builds but AMX have both paths: one row takes byte dot products, more take int16 dot products.
-// Per 64 weights and input row both take two dot products (two byte planes, or one int16 plane 32 wide),
-// but the byte path also flips the high plane's sign and loads three vectors: on Zen 4 a standalone loop
-// of 8 rows took 25.7 cycles per 64 weights with byte dots and 19.0 with vpdpwssd, and the kernel went
-// from 10 to 16 G weights/s. On avx2vnni (AVX-VNNI's 256-bit vpdpwssd), the 96 block linears and head of
-// a bloom-1b7 token, bf16-grid rows, in turns on an Intel Xeon: 3 rows 0.81x the byte path's time, 6 rows
-// 0.75x, 8 rows 0.63x (178 -> 113 ms), 16 rows 0.55x, 2 rows 0.97x. fp32 rows on the 24-bit grid (the LM
-// head's) keep the byte path there: three byte planes are fewer dot products than two int16 planes (8
-// rows 1.17x the time as int16). Both sums are the same exact integers: the same numbers either way.
+// VNNI builds but AMX have three paths: one row takes byte dot products; more take int16 dot products on
+// the 16-bit grid, and split rows on the 24-bit one. Per 64 weights and input row the first two take two
+// dot products (two byte planes, or one int16 plane 32 wide), but the byte path also flips the high
+// plane's sign and loads three vectors: on Zen 4 a standalone loop of 8 rows took 25.7 cycles per 64
+// weights with byte dots and 19.0 with vpdpwssd, and the kernel went from 10 to 16 G weights/s. On
+// avx2vnni (AVX-VNNI's 256-bit vpdpwssd), the 96 block linears and head of a bloom-1b7 token, bf16-grid
+// rows, in turns on an Intel Xeon: 3 rows 0.81x the byte path's time, 6 rows 0.75x, 8 rows 0.63x (178 ->
+// 113 ms), 16 rows 0.55x, 2 rows 0.97x. On the 24-bit grid (fp32 rows: the LM head's) two int16 planes
+// took 1.17x the byte path's time at 8 rows there; split rows (SplitRows: three dot products per 2L
+// weights, no flips) 0.86x the byte path's at 8 rows, 0.87x at 2, on avx512bf16 0.92x the int16 planes'.
+// Every path sums the same exact integers: the same numbers whichever runs.
 template <int P, typename In>
 void int8_matmul(const In* X, int64_t M, int64_t K, const int8_t* W, const float* S, float* Y, int64_t N) {
   TORCH_CHECK(K <= kIntMaxK, "the int8 kernels take at most ", kIntMaxK, " inputs per row");
 #if defined(SLOWLLM_INT8_DOTS) && defined(SLOWLLM_INT16_DOTS)
-  if (M == 1 || (P == 3 && Shorts::kLanes == 16)) return byte_dots_matmul<P>(X, M, K, W, S, Y, N);
+  if (M == 1) return byte_dots_matmul<P>(X, M, K, W, S, Y, N);
+  if constexpr (P == 3) return int_matmul<SplitKernel>(split_rows(X, M, K), W, S, Y, N);
 #elif defined(SLOWLLM_INT8_DOTS)
   return byte_dots_matmul<P>(X, M, K, W, S, Y, N);
 #endif
