@@ -333,8 +333,8 @@ def test_bf16_results_come_as_fp32_and_large_outputs_in_their_own_pages(isa):
 def test_int8_products_are_exact_integer_sums_on_every_build(isa):
     """int8 weights meet the input rows as exact integer sums (node/kernels/_int8.h: VNNI byte dot products on
     amx, avx512bf16 and avx2vnni, AMX tiles from 2 rows on, int16 multiply-adds on avx2 and, from 2 rows
-    on, VNNI's int16 dot products on avx512bf16 and avx2vnni, whose 24-bit rows keep the byte dot
-    products), each row put on a power-of-two grid: 24 bits
+    on, VNNI's int16 dot products on avx512bf16 and avx2vnni, 24-bit rows split into int16 and byte dot
+    products there), each row put on a power-of-two grid: 24 bits
     below its largest element for fp32 rows, 16 for bf16. Rows already on the grid come out as the float64
     sum rounded once or twice, at any width (the widest rows' int32 sums would overflow were they not moved
     into int64 in time); any row is off by at most half a grid step per element; a row with an inf or NaN
