@@ -44,6 +44,14 @@ inline __m256 floats8(const uint16_t* x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
 }
 
+// byte 0 of each of v's eight 32-bit lanes, in order, in the low 8 bytes (the low 4 bytes of each 128-bit
+// half, then the two halves together)
+inline __m128i low_bytes8(__m256i v) {
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1)));
+}
+
 // An input row's grid for P bytes per input: x ~= s * step with |s| <= 2^(8P-1), step a power of two
 // chosen from the row's largest |x|; `inverse` = 1 / step (x * inverse is exact). A row with an inf or a
 // NaN has step NaN (its outputs are NaN, as a float sum's would be), one below 2^-100 everywhere is zeros.
@@ -189,14 +197,8 @@ struct ByteDots {
     __m256i u = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats(x), _mm256_set1_ps(scale))),
                                  _mm256_set1_epi32(offset));
     u = _mm256_min_epi32(u, _mm256_set1_epi32(most));
-    // byte 0 of each 32-bit lane to the low 4 bytes of its 128-bit half, then the two halves together
-    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
-    for (int p = 0; p < P; ++p) {
-      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(_mm256_srli_epi32(u, 8 * (P - 1 - p)), pick), halves);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + p * stride), _mm256_castsi256_si128(bytes));
-    }
+    for (int p = 0; p < P; ++p)
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + p * stride), low_bytes8(_mm256_srli_epi32(u, 8 * (P - 1 - p))));
   }
 };
 #endif
@@ -636,9 +638,6 @@ SplitRows split_rows(const In* X, int64_t M, int64_t K) {
   constexpr int32_t most = (1 << 23) - 1;
   constexpr int64_t B = SplitRows::B;
   SplitRows out(M, K);  // (zeros: s = 0 for a row of zeros)
-  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
   const int64_t body = K / 8 * 8;
   for (int64_t m = 0; m < M; ++m) {
     const In* x = X + m * K;
@@ -650,11 +649,8 @@ SplitRows split_rows(const In* X, int64_t M, int64_t K) {
       const __m256i v = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)),
                                          _mm256_set1_epi32(most));
       uint8_t* b = out.block(m, k);
-      const __m256i h = _mm256_srai_epi32(v, 8), l = _mm256_and_si256(v, _mm256_set1_epi32(255));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(reinterpret_cast<int16_t*>(b) + k % B),
-                       _mm_packs_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(b + 2 * B + k % B),
-                       _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(l, pick), halves)));
+      store_short<2>(_mm256_srai_epi32(v, 8), reinterpret_cast<int16_t*>(b) + k % B, 0);  // h
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(b + 2 * B + k % B), low_bytes8(v));  // l: v's low byte
     }
     for (int64_t k = body; k < K; ++k) {
       const int32_t v = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most);
