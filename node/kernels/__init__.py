@@ -1,6 +1,6 @@
 """slowllm.node.kernels: the decode kernels and the linear layers that call them.
 
-`_kernels.cpp` (with `_amx.h`, `_int8.h` and `_attention.h`: a decode step's attention products) is one source built per instruction set (amx, avx512bf16,
+`_kernels.cpp` (with `_amx.h`, `_int8.h`, `_int16.h`, `_rows_avx2.h`, `_cores.h` and `_attention.h`: a decode step's attention products) is one source built per instruction set (amx, avx512bf16,
 avx2vnni, avx2) by
 `_build` (a lock that a dead builder cannot leave behind, a key over source, compiler and torch);
 `_kernels` picks the build the CPU runs (SLOWLLM_ISA forces one) and says what bf16 costs here; `_linears` swaps a block's `nn.Linear`s for

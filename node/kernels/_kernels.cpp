@@ -14,7 +14,7 @@
 // - avx2 (AVX2 + FMA: every x86 PC since Haswell, 2013, and all of AMD's since Zen): the input rows are
 //   widened to fp32 once per call, and each bf16 weight is widened to fp32 in registers (a shift) for
 //   256-bit FMAs; int8 weights are sign-extended to int16 against the input rows made integers, for exact
-//   integer multiply-adds (_int8.h). The fp32 loops are also the other builds' fp32 path of one row for
+//   integer multiply-adds (_int16.h). The fp32 loops are also the other builds' fp32 path of one row for
 //   bf16 and fp32 weights (the LM head's fp32 hidden states); several rows take 512-bit register tiles
 //   there (fp32_tile), each row summed exactly as alone.
 // - avx2vnni (AVX2 PCs with AVX-VNNI: Intel Alder Lake and later, AMD Zen 5): the avx2 build with int8
@@ -56,7 +56,7 @@
 #define SLOWLLM_INT8_DOTS  // int8 weights as integer byte dot products (_int8.h)
 #endif
 #if !defined(SLOWLLM_AMX)
-#define SLOWLLM_INT16_DOTS  // int8 weights as int16 multiply-adds (_int8.h): avx2, and beyond one row (AMX tiles aside)
+#define SLOWLLM_INT16_DOTS  // int8 weights as int16 multiply-adds (_int16.h): avx2, and beyond one row (AMX tiles aside)
 #endif
 
 namespace {
@@ -719,7 +719,7 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 }
 
 // y [M, N] (bf16) = (x [M, K] (bf16) @ q [N, K].T) * scale [N] (+ bias); q int8: exact integer sums
-// (_int8.h: VNNI byte dot products on amx, avx512bf16 and avx2vnni, int16 multiply-adds on avx2), any
+// (_int8.h and _int16.h: VNNI byte dot products, AMX tiles, int16 dot products or multiply-adds), any
 // number of rows, each its own sum. fp32_out: the bf16 results held as fp32, as bf16_gemv's (an int8 LM
 // head's logits in one call, where chunks of bf16 logits were copied into a fp32 [M, V]).
 torch::Tensor int8_bf16_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
