@@ -94,6 +94,8 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     model = layout_model("st-bf16")  # also: the start-up line says which dtype the blocks are kept in
+    from slowllm.node.kernels._kernels import kernels
+    kernels()  # (built here first: on a cold cache the nodes' build would take the 10 s this test watches them retry)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [tmp_path / "http.log", tmp_path / "tls.log"]
     procs = [subprocess.Popen([sys.executable, "-m", "slowllm.node.server._cli", "--layers", "0-1", "--model", str(model),
@@ -117,7 +119,7 @@ def test_node_keeps_retrying_when_the_coordinator_url_answers_plain_http(layout_
     from slowllm.node.engine._memory import default_dtype, page_note
     dtype, why = default_dtype(torch.bfloat16, "cpu")  # (st-bf16 is a bf16 checkpoint)
     assert f"in {str(dtype).removeprefix('torch.')}" in plain and why in plain
-    from slowllm.node.kernels._kernels import kernels  # asked for fp32: the bf16 weights kept as they are
+    # asked for fp32: the bf16 weights kept as they are
     assert ("in float32 with bfloat16 weights (as asked" if kernels() else "in float32 (as asked") in tls
     from slowllm.node.kernels._kernels import describe  # the start-up line: kernels, threads, weights' pages
     assert describe() in plain and f", {torch.get_num_threads()} thread" in plain and ", 1 thread, " in tls
