@@ -80,28 +80,37 @@ void store_short(__m256i s, int16_t* out, int64_t stride) {
   }
 }
 
-// X [M, K] (bf16 as uint16_t, or fp32) -> ShortRows<P>: s = round(x / step), at most 2^(8P-1) - 1, as
-// the byte planes of the VNNI builds hold it (u - offset)
-template <int P, typename In>
-ShortRows<P> short_rows(const In* X, int64_t M, int64_t K) {
+// Each row of X (bf16 as uint16_t, or fp32) on its grid of P bytes (row_grid, its step into step[m]):
+// s = round(x / step), at most 2^(8P-1) - 1, handed to eight(m, k, s) 8 inputs at a time (8 divides a
+// block) and to one(m, k, s) for the rest. A row of zeros is skipped (s = 0: the planes start zeroed).
+// short_rows and split_rows both take their integers from here: the same integers on either path.
+template <int P, typename In, typename Eight, typename One>
+void grid_integers(const In* X, int64_t M, int64_t K, std::vector<double>& step, const Eight& eight, const One& one) {
   constexpr int32_t most = (1 << (8 * P - 1)) - 1;
-  ShortRows<P> out(M, K);  // (zeros: s = 0 for a row of zeros)
   const int64_t body = K / 8 * 8;
   for (int64_t m = 0; m < M; ++m) {
     const In* x = X + m * K;
     const RowGrid grid = row_grid<P>(x, K);
-    out.step[m] = grid.step;
+    step[m] = grid.step;
     if (grid.zeros) continue;
     const __m256 inverse = _mm256_set1_ps(grid.inverse);
-    for (int64_t k = 0; k < body; k += 8)  // (8 divides a block)
-      store_short<P>(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)),
-                                      _mm256_set1_epi32(most)), out.plane(m, 0, k), Shorts::kLanes);
-    for (int64_t k = body; k < K; ++k) {
-      const int32_t v = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most);
-      if constexpr (P == 2) *out.plane(m, 0, k) = static_cast<int16_t>(v);
-      else *out.plane(m, 0, k) = static_cast<int16_t>(v >> 8), *out.plane(m, 1, k) = static_cast<int16_t>(v & 255);
-    }
+    for (int64_t k = 0; k < body; k += 8)
+      eight(m, k, _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)), _mm256_set1_epi32(most)));
+    for (int64_t k = body; k < K; ++k)
+      one(m, k, std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most));
   }
+}
+
+// X [M, K] (bf16 as uint16_t, or fp32) -> ShortRows<P>: the integers the VNNI builds' byte planes hold (u - offset)
+template <int P, typename In>
+ShortRows<P> short_rows(const In* X, int64_t M, int64_t K) {
+  ShortRows<P> out(M, K);
+  grid_integers<P>(X, M, K, out.step, [&](int64_t m, int64_t k, __m256i s) {
+    store_short<P>(s, out.plane(m, 0, k), Shorts::kLanes);
+  }, [&](int64_t m, int64_t k, int32_t v) {
+    if constexpr (P == 2) *out.plane(m, 0, k) = static_cast<int16_t>(v);
+    else *out.plane(m, 0, k) = static_cast<int16_t>(v >> 8), *out.plane(m, 1, k) = static_cast<int16_t>(v & 255);
+  });
   return out;
 }
 
@@ -217,30 +226,17 @@ struct SplitRows {
 // short_rows<3> and int_rows<3> make it (the same integers)
 template <typename In>
 SplitRows split_rows(const In* X, int64_t M, int64_t K) {
-  constexpr int32_t most = (1 << 23) - 1;
   constexpr int64_t B = SplitRows::B;
-  SplitRows out(M, K);  // (zeros: s = 0 for a row of zeros)
-  const int64_t body = K / 8 * 8;
-  for (int64_t m = 0; m < M; ++m) {
-    const In* x = X + m * K;
-    const RowGrid grid = row_grid<3>(x, K);
-    out.step[m] = grid.step;
-    if (grid.zeros) continue;
-    const __m256 inverse = _mm256_set1_ps(grid.inverse);
-    for (int64_t k = 0; k < body; k += 8) {  // (8 divides a block)
-      const __m256i v = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(floats8(x + k), inverse)),
-                                         _mm256_set1_epi32(most));
-      uint8_t* b = out.block(m, k);
-      store_short<2>(_mm256_srai_epi32(v, 8), reinterpret_cast<int16_t*>(b) + k % B, 0);  // h
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(b + 2 * B + k % B), low_bytes8(v));  // l: v's low byte
-    }
-    for (int64_t k = body; k < K; ++k) {
-      const int32_t v = std::min(static_cast<int32_t>(std::nearbyint(as_float(x[k]) * grid.inverse)), most);
-      uint8_t* b = out.block(m, k);
-      reinterpret_cast<int16_t*>(b)[k % B] = static_cast<int16_t>(v >> 8);
-      b[2 * B + k % B] = static_cast<uint8_t>(v & 255);
-    }
-  }
+  SplitRows out(M, K);
+  grid_integers<3>(X, M, K, out.step, [&](int64_t m, int64_t k, __m256i s) {
+    uint8_t* b = out.block(m, k);
+    store_short<2>(_mm256_srai_epi32(s, 8), reinterpret_cast<int16_t*>(b) + k % B, 0);  // h
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(b + 2 * B + k % B), low_bytes8(s));  // l: s's low byte
+  }, [&](int64_t m, int64_t k, int32_t v) {
+    uint8_t* b = out.block(m, k);
+    reinterpret_cast<int16_t*>(b)[k % B] = static_cast<int16_t>(v >> 8);
+    b[2 * B + k % B] = static_cast<uint8_t>(v & 255);
+  });
   return out;
 }
 

@@ -148,16 +148,16 @@ void parallel_slices(int64_t n, int64_t grain, const Body& body) {
 // one: with a CPU-bound process beside, both alike (0.97-1.00x). 1 MB runs: as 256 KB.
 constexpr int64_t kRunBytes = 262144;
 
-// Rows [0, N) in tiles of R weight rows `rs` apart, whole(n, rs) for the tile whose first row is n (the
-// rows left over one by one, one(n)). Rows are taken in blocks of R x L: tile t of a block has rows t,
-// t + L, t + 2L, ..., so each of its R streams goes on where the previous tile's ended, L rows (at most
-// `run`, run_rows') in one run. A thread takes a block at a time (at least 4 per thread, so that a thread
-// whose core is busy holds up no one), or kSlice rows of blocks where blocks are smaller.
 // Rows per run for N weight rows taken `per_tile` at a time: at most `run`, and at least 4 blocks a thread
 inline int64_t run_length(int64_t N, int64_t per_tile, int64_t run) {
   return std::max<int64_t>(1, std::min(run, N / (per_tile * 4 * at::get_num_threads())));
 }
 
+// Rows [0, N) in tiles of R weight rows `rs` apart, whole(n, rs) for the tile whose first row is n (the
+// rows left over one by one, one(n)). Rows are taken in blocks of R x L: tile t of a block has rows t,
+// t + L, t + 2L, ..., so each of its R streams goes on where the previous tile's ended, L rows (at most
+// `run`, run_rows') in one run. A thread takes a block at a time (at least 4 per thread, so that a thread
+// whose core is busy holds up no one), or kSlice rows of blocks where blocks are smaller.
 template <int R, typename Tile, typename One>
 void over_tiles(int64_t N, int64_t run, const Tile& whole, const One& one) {
   const int64_t L = run_length(N, R, run);
