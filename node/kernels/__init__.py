@@ -1,7 +1,8 @@
 """slowllm.node.kernels: the decode kernels and the linear layers that call them.
 
-`_kernels.cpp` (with `_amx.h`, `_int8.h`, `_int16.h`, `_rows_avx2.h`, `_cores.h` and `_attention.h`: a decode step's attention products) is one source built per instruction set (amx, avx512bf16,
-avx2vnni, avx2) by
+`_kernels.cpp` (the entry points; with `_walk.h`: how products walk their weights, `_float_rows.h`: bf16 and
+fp32 weights, `_rows_avx2.h`, `_amx.h`, `_int8.h`, `_int16.h`, `_cores.h` and `_attention.h`: a decode step's
+attention products) is one source built per instruction set (amx, avx512bf16, avx2vnni, avx2) by
 `_build` (a lock that a dead builder cannot leave behind, a key over source, compiler and torch);
 `_kernels` picks the build the CPU runs (SLOWLLM_ISA forces one) and says what bf16 costs here; `_linears` swaps a block's `nn.Linear`s for
 ones that call the kernels (bf16 and int8 weights) and fall back to PyTorch where it is faster.

@@ -1,6 +1,6 @@
 // Several fp32 input rows against bf16 or fp32 weights on the AVX2 builds (fp32_rows_matmul): what a node
 // runs for a merged pass of several sessions, a drafted run of positions, or a job's batch of prompts.
-// Included by _kernels.cpp inside its anonymous namespace, after the weight types (Bf16Weights,
+// Included by _float_rows.h (inside _kernels.cpp's anonymous namespace), after the weight types (Bf16Weights,
 // Fp32Weights), the tile walk (over_tiles) and the row buffers (input_rows) it uses.
 // Its own file because it is its own idea: a register tile for 16 registers, partly in assembly.
 #pragma once
