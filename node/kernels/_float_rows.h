@@ -1,8 +1,9 @@
-// bf16 and fp32 weights (the weight types Bf16Weights and Fp32Weights, and the products that read them):
-// fp32 input rows one at a time (fp32_one_row_tile; every build's path for one row of the LM head's fp32
-// hidden states, and the AVX2 builds' for bf16 rows), several at a time (512-bit tiles, fp32_tile, on the
-// AVX-512 builds; _rows_avx2.h on the AVX2 ones), and bf16 input rows through AVX512-BF16 dot products
-// (bf16_matmul). Included by _kernels.cpp inside its anonymous namespace, after the tile walk (_walk.h).
+// bf16 and fp32 weights: the weight types (Bf16Weights, Fp32Weights) and the products that read them.
+// - fp32 input rows (fp32_matmul): one at a time (fp32_one_row_tile), several in 512-bit tiles (fp32_tile)
+//   on the AVX-512 builds or in _rows_avx2.h's tiles on the AVX2 ones. Every input row of the AVX2 builds
+//   comes this way (bf16 rows widened to fp32 once per call); on the others, fp32 rows (the LM head's).
+// - bf16 input rows on the AVX-512 builds (bf16_matmul): AVX512-BF16 dot products (AMX tiles: _amx.h).
+// Included by _kernels.cpp inside its anonymous namespace, after the tile walk (_walk.h).
 #pragma once
 
 // How a weight type is read: 16 as two fp32 vectors (`load16`: exact for both types; a bf16 value is the
