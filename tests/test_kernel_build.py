@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernelutil import build, needs_toolchain, runnable
-from slowllm.node.kernels._build import BuildUnavailable, build_extension, build_lock
+from slowllm.node.kernels._build import BuildFailed, BuildUnavailable, build_extension, build_lock
 from slowllm.node.kernels._kernels import ISA_FLAGS
 from slowllm.node.kernels._linears import quantize_rows
 
@@ -66,6 +66,41 @@ def test_a_builder_that_holds_the_lock_too_long_is_given_up_on_in_one_sentence(t
         with pytest.raises(BuildUnavailable, match=r"process \d+ has been building tinyext for over 1 s"):
             build_extension("tinyext", [src], [], [], root, timeout=1)  # gives up instead of waiting forever
 
+
+
+@needs_toolchain
+def test_a_cache_that_cannot_be_written_is_one_sentence_and_pytorchs_kernels_decode(tmp_path, monkeypatch):
+    """SLOWLLM_CACHE on a path that is no directory (or read-only, or full): no traceback from the build,
+    one sentence naming the cache and the variable, and decoding goes on with PyTorch's kernels."""
+    from slowllm.node.kernels import _kernels
+
+    src, not_a_dir = tmp_path / "tiny.cpp", tmp_path / "a-file"
+    src.write_text(TINY % 1)
+    not_a_dir.write_text("")
+    with pytest.raises(BuildUnavailable, match=r"cannot write the kernel cache .*a-file.*: set SLOWLLM_CACHE"):
+        build_extension("tinyext", [src], [], [], not_a_dir / "kernels", timeout=5)
+
+    monkeypatch.setenv("SLOWLLM_CACHE", str(not_a_dir))
+    monkeypatch.setattr(_kernels, "_builds", {})
+    monkeypatch.setattr(_kernels, "_tried", False)
+    monkeypatch.setattr(_kernels, "_module", None)
+    assert _kernels.kernels() is None  # (logged once; the start-up line says why)
+    assert "SLOWLLM_CACHE" in _kernels.describe() and "Traceback" not in _kernels.describe()
+
+
+@needs_toolchain
+def test_a_build_that_no_longer_loads_is_built_again(tmp_path):
+    """A library in the cache that does not load (a disk error, a cache copied from another machine) is
+    built again, as if it were not there, rather than failing every start."""
+    src, root = tmp_path / "tiny.cpp", tmp_path / "cache"
+    src.write_text(TINY % 7)
+    run = [sys.executable, "-c", BUILD, str(src), str(root)]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    answer, built = first.stdout.split()
+    (root / built / "tinyext.so").write_bytes(b"\x7fELF not a library")
+    again = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == ["7", built] and "does not load" in again.stderr
 
 def test_no_compiler_is_one_sentence_saying_what_to_install(tmp_path, monkeypatch):
     src = tmp_path / "tiny.cpp"
@@ -222,7 +257,7 @@ def test_a_build_the_compiler_cannot_make_falls_back_to_the_next_one(monkeypatch
     def fake_build(isa):
         tried.append(isa)
         if isa == "amx":
-            raise BuildUnavailable("g++ 10 has no -mamx-tile")
+            raise BuildFailed("g++ 10 has no -mamx-tile")
         return f"module {isa}"
     monkeypatch.setattr(_kernels, "kernels_for", fake_build)
     monkeypatch.delenv("SLOWLLM_ISA", raising=False)
@@ -230,6 +265,19 @@ def test_a_build_the_compiler_cannot_make_falls_back_to_the_next_one(monkeypatch
     monkeypatch.setenv("SLOWLLM_ISA", "amx")
     with pytest.raises(BuildUnavailable, match="no -mamx-tile"):
         _kernels._build_or_next("amx")
+
+    # what stops every build alike (no compiler, a cache that cannot be written, a held lock) is said once,
+    # rather than tried and warned about build after build
+    tried.clear()
+    monkeypatch.delenv("SLOWLLM_ISA")
+
+    def no_cache(isa):
+        tried.append(isa)
+        raise BuildUnavailable("cannot write the kernel cache /x (Read-only file system): set SLOWLLM_CACHE ...")
+    monkeypatch.setattr(_kernels, "kernels_for", no_cache)
+    with pytest.raises(BuildUnavailable, match="Read-only"):
+        _kernels._build_or_next("amx")
+    assert tried == ["amx"]
 
 
 def test_a_changed_header_is_a_new_build(tmp_path):

@@ -9,7 +9,10 @@ behind, and every later start hangs. Here instead:
   renamed into place only once the library imports: a half-written build is never found;
 - the directory's name is a hash of what the library depends on (source, flags, compiler, torch,
   Python), so an upgrade of any of them builds anew instead of loading a stale library;
-- a missing compiler or ninja is one sentence saying what to install, before torch tries.
+- a missing compiler or ninja is one sentence saying what to install, before torch tries; so is a cache
+  directory that cannot be written (SLOWLLM_CACHE on a read-only or full disk);
+- a library in the cache that no longer loads (a disk error, a cache copied from another machine) is
+  built again rather than failing every start.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -31,10 +35,16 @@ except ImportError:  # Windows: no flock; builds are rare enough to go unlocked 
     fcntl = None
 
 BUILD_TIMEOUT_S = float(os.environ.get("SLOWLLM_BUILD_TIMEOUT", 600))
+log = logging.getLogger("slowllm.kernels")
 
 
 class BuildUnavailable(RuntimeError):
     """The extension cannot be built or loaded here; str() is one sentence saying why and what to do."""
+
+
+class BuildFailed(BuildUnavailable):
+    """The compiler ran and could not make this build (its flags or intrinsics): another build may work,
+    where a missing compiler, a cache that cannot be written or a held lock stop them all alike."""
 
 
 def compiler() -> tuple[str, str]:
@@ -114,27 +124,41 @@ def build_extension(name: str, sources: list[Path], cflags: list[str], ldflags: 
     key = cache_key([*sources, *headers], cflags + ldflags, version)
     final = root / f"{name}-{key}"
     library = final / f"{name}.so"  # what torch's builder names it
-    if library.exists():
-        return _import(name, library), final
-    _check_ninja()
-    with build_lock(root / f"{name}.lock", timeout):
-        if library.exists():  # built by the process we waited for
-            return _import(name, library), final
-        _remove_abandoned(root, f"{name}-{key}")
-        tmp = root / f"{name}-{key}.tmp-{os.getpid()}"
-        tmp.mkdir(parents=True)
-        try:
-            from torch.utils.cpp_extension import load
+    try:
+        if library.exists():
+            with contextlib.suppress(ImportError, OSError):  # (does not load: built again, under the lock)
+                return _import(name, library), final
+        _check_ninja()
+        with build_lock(root / f"{name}.lock", timeout):
+            if library.exists():  # built by the process we waited for, or one that does not load
+                try:
+                    return _import(name, library), final
+                except (ImportError, OSError) as e:
+                    log.warning("slowllm: the build in %s does not load (%s); building it again", final, e)
+                    shutil.rmtree(final, ignore_errors=True)
+            return _build(name, sources, cflags, ldflags, root, final), final
+    except OSError as e:  # (the compiler's own failures are BuildFailed: here the cache's directory or lock)
+        raise BuildUnavailable(f"cannot write the kernel cache {root} ({e.strerror or e}): set SLOWLLM_CACHE to a "
+                               "writable directory") from None
 
-            module = load(name, [str(s) for s in sources], extra_cflags=cflags, extra_ldflags=ldflags,
-                          build_directory=str(tmp), verbose=False)
-            tmp.rename(final)
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            detail = str(e).strip().splitlines()
-            raise BuildUnavailable(f"building {name} failed ({detail[-1][:300] if detail else type(e).__name__}); "
-                                   "set SLOWLLM_ISA=none to skip it") from e
-        for old in root.glob(f"{name}-*"):  # builds of an older source, compiler or torch
-            if old != final and old.is_dir() and ".tmp-" not in old.name:
-                shutil.rmtree(old, ignore_errors=True)
-        return module, final
+
+def _build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], root: Path, final: Path):
+    """Build into a fresh temporary directory, renamed to `final` once the library imports (we hold the lock)."""
+    _remove_abandoned(root, final.name)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(name, [str(s) for s in sources], extra_cflags=cflags, extra_ldflags=ldflags,
+                      build_directory=str(tmp), verbose=False)
+        tmp.rename(final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = str(e).strip().splitlines()
+        raise BuildFailed(f"building {name} failed ({detail[-1][:300] if detail else type(e).__name__}); "
+                          "set SLOWLLM_ISA=none to skip it") from e
+    for old in root.glob(f"{name}-*"):  # builds of an older source, compiler or torch
+        if old != final and old.is_dir() and ".tmp-" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return module

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ._build import BuildUnavailable, build_extension, build_lock
+from ._build import BuildFailed, BuildUnavailable, build_extension, build_lock
 
 log = logging.getLogger("slowllm")
 _lock = threading.Lock()
@@ -175,13 +175,14 @@ def kernels():
 
 def _build_or_next(isa: str):
     """The `isa` build; where the compiler cannot make it (a g++ older than 11 has no AMX intrinsics) and
-    SLOWLLM_ISA did not ask for it, the next build this CPU runs, with a warning."""
+    SLOWLLM_ISA did not ask for it, the next build this CPU runs, with a warning. What stops every build
+    alike (no compiler, a cache that cannot be written) is raised at once."""
     runs = runnable_isas()
     candidates = [isa] if os.environ.get("SLOWLLM_ISA") else runs[runs.index(isa):]
     for candidate in candidates:
         try:
             return kernels_for(candidate)
-        except BuildUnavailable as e:
+        except BuildFailed as e:
             if candidate == candidates[-1]:
                 raise
             log.warning("slowllm: the %s kernels did not build (%s); trying the next build", candidate, e)
