@@ -102,6 +102,25 @@ def test_a_build_that_no_longer_loads_is_built_again(tmp_path):
     assert again.returncode == 0, again.stderr
     assert again.stdout.split() == ["7", built] and "does not load" in again.stderr
 
+
+@pytest.mark.parametrize("value", ["abc", "-5", "nan"])
+def test_a_build_timeout_that_is_no_number_is_one_sentence(tmp_path, monkeypatch, value):
+    """SLOWLLM_BUILD_TIMEOUT is read where a build waits: a bad value is one sentence there (and PyTorch's
+    kernels decode), not a traceback out of every command that imports the kernels."""
+    from slowllm.node.kernels._build import build_timeout
+
+    monkeypatch.setenv("SLOWLLM_BUILD_TIMEOUT", value)
+    with pytest.raises(BuildUnavailable, match=f"SLOWLLM_BUILD_TIMEOUT={value} is not a number of seconds"):
+        build_extension("tinyext", [tmp_path / "tiny.cpp"], [], [], tmp_path / "cache")
+    if value == "abc":  # a fresh process with it: imports, says why, decodes with PyTorch's kernels
+        run = subprocess.run([sys.executable, "-c", "from slowllm.node.kernels import _kernels as k; "
+                              "print(k.kernels() is None, k.describe())"], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "SLOWLLM_BUILD_TIMEOUT": value})
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        assert run.stdout.startswith("True PyTorch's kernels (SLOWLLM_BUILD_TIMEOUT=abc is not a number")
+    monkeypatch.setenv("SLOWLLM_BUILD_TIMEOUT", "2.5")
+    assert build_timeout() == 2.5
+
 def test_no_compiler_is_one_sentence_saying_what_to_install(tmp_path, monkeypatch):
     src = tmp_path / "tiny.cpp"
     src.write_text(TINY % 1)

@@ -34,7 +34,7 @@ try:
 except ImportError:  # Windows: no flock; builds are rare enough to go unlocked there
     fcntl = None
 
-BUILD_TIMEOUT_S = float(os.environ.get("SLOWLLM_BUILD_TIMEOUT", 600))
+BUILD_TIMEOUT_S = 600.0  # how long a start waits for another process's build (SLOWLLM_BUILD_TIMEOUT)
 log = logging.getLogger("slowllm.kernels")
 
 
@@ -110,6 +110,20 @@ def build_lock(path: Path, timeout: float):
         yield
 
 
+def build_timeout() -> float:
+    """SLOWLLM_BUILD_TIMEOUT's seconds (BUILD_TIMEOUT_S where unset), read at each build so that a bad
+    value is one sentence there, not a traceback from every import."""
+    value = os.environ.get("SLOWLLM_BUILD_TIMEOUT", "").strip()
+    try:
+        seconds = float(value) if value else BUILD_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # (NaN too)
+        raise BuildUnavailable(f"SLOWLLM_BUILD_TIMEOUT={value} is not a number of seconds: set it to one "
+                               f"(default {BUILD_TIMEOUT_S:.0f}) or unset it")
+    return seconds
+
+
 def _remove_abandoned(root: Path, prefix: str) -> None:
     """Temporary build directories whose builder died (we hold the lock: nobody is using them)."""
     for old in root.glob(prefix + ".tmp-*"):
@@ -117,9 +131,11 @@ def _remove_abandoned(root: Path, prefix: str) -> None:
 
 
 def build_extension(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], root: Path,
-                    timeout: float = BUILD_TIMEOUT_S, headers: tuple[Path, ...] = ()):
+                    timeout: float | None = None, headers: tuple[Path, ...] = ()):
     """(module, its build directory): extension `name` imported, built first into `root` if no build for
-    this key exists there. `headers`: files the sources include, part of the key like the sources."""
+    this key exists there, waiting at most `timeout` seconds (build_timeout() if None) for another
+    process's build. `headers`: files the sources include, part of the key like the sources."""
+    timeout = build_timeout() if timeout is None else timeout
     path, version = compiler()
     key = cache_key([*sources, *headers], cflags + ldflags, version)
     final = root / f"{name}-{key}"
