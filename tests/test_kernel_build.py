@@ -16,7 +16,7 @@ import torch
 
 from kernelutil import build, needs_toolchain, runnable
 from slowllm.node.kernels._build import BuildFailed, BuildUnavailable, build_extension, build_lock
-from slowllm.node.kernels._kernels import ISA_FLAGS
+from slowllm.node.kernels._kernels import ISA_FLAGS, runnable_isas
 from slowllm.node.kernels._linears import quantize_rows
 
 TINY = """#include <pybind11/pybind11.h>
@@ -80,7 +80,11 @@ def test_a_cache_that_cannot_be_written_is_one_sentence_and_pytorchs_kernels_dec
     with pytest.raises(BuildUnavailable, match=r"cannot write the kernel cache .*a-file.*: set SLOWLLM_CACHE"):
         build_extension("tinyext", [src], [], [], not_a_dir / "kernels", timeout=5)
 
+    if not _kernels.runnable_isas():
+        return  # (a CPU without AVX2: kernels() never builds)
     monkeypatch.setenv("SLOWLLM_CACHE", str(not_a_dir))
+    for forced in ("SLOWLLM_ISA", "SLOWLLM_KERNELS"):  # (a suite run with the kernels forced off)
+        monkeypatch.delenv(forced, raising=False)
     monkeypatch.setattr(_kernels, "_builds", {})
     monkeypatch.setattr(_kernels, "_tried", False)
     monkeypatch.setattr(_kernels, "_module", None)
@@ -112,10 +116,11 @@ def test_a_build_timeout_that_is_no_number_is_one_sentence(tmp_path, monkeypatch
     monkeypatch.setenv("SLOWLLM_BUILD_TIMEOUT", value)
     with pytest.raises(BuildUnavailable, match=f"SLOWLLM_BUILD_TIMEOUT={value} is not a number of seconds"):
         build_extension("tinyext", [tmp_path / "tiny.cpp"], [], [], tmp_path / "cache")
-    if value == "abc":  # a fresh process with it: imports, says why, decodes with PyTorch's kernels
+    if value == "abc" and runnable_isas():  # a fresh process with it: imports, says why, decodes with PyTorch's
+        env = {k: v for k, v in os.environ.items() if k not in ("SLOWLLM_ISA", "SLOWLLM_KERNELS")}
         run = subprocess.run([sys.executable, "-c", "from slowllm.node.kernels import _kernels as k; "
                               "print(k.kernels() is None, k.describe())"], capture_output=True, text=True,
-                             timeout=120, env={**os.environ, "SLOWLLM_BUILD_TIMEOUT": value})
+                             timeout=120, env={**env, "SLOWLLM_BUILD_TIMEOUT": value})
         assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
         assert run.stdout.startswith("True PyTorch's kernels (SLOWLLM_BUILD_TIMEOUT=abc is not a number")
     monkeypatch.setenv("SLOWLLM_BUILD_TIMEOUT", "2.5")
