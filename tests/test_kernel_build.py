@@ -88,7 +88,7 @@ def test_a_cache_that_cannot_be_written_is_one_sentence_and_pytorchs_kernels_dec
     monkeypatch.setattr(_kernels, "_builds", {})
     monkeypatch.setattr(_kernels, "_tried", False)
     monkeypatch.setattr(_kernels, "_module", None)
-    monkeypatch.setattr(_kernels, "_why_not", _kernels._why_not)  # (all three restored after the test)
+    monkeypatch.setattr(_kernels, "_why_not", _kernels._why_not)  # (each restored after the test)
     assert _kernels.kernels() is None  # (logged once; the start-up line says why)
     assert "SLOWLLM_CACHE" in _kernels.describe() and "Traceback" not in _kernels.describe()
 
